@@ -1,0 +1,64 @@
+"""`ilora` entry point: builds the parser from each command module and runs one command.
+
+Conventions shared by every command:
+
+* results printed with ``--json`` are one JSON object on stdout; logs and progress go
+  to stderr;
+* bad input ends with exit code 2 and a one-line ``error: ...`` on stderr; ``--debug``
+  shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ilora import __version__
+from ilora.errors import IloraError
+
+# Each module exposes `register(subparsers)`; the order is the order in --help.
+COMMAND_MODULES = ("ilora.cli.data", "ilora.cli.rec", "ilora.cli.teacher", "ilora.cli.demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ilora",
+        description="Instance-wise LoRA (iLoRA) teachers for sequential recommendation, distilled into SASRec.",
+    )
+    parser.add_argument("--version", action="version", version=f"ilora {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:  # command group not built yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.run(args)
+    except IloraError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Typed configuration: dataclasses that load from YAML and take overrides.
+
+Every command's options are a dataclass whose fields carry a help text
+(``option(default, "help")``). The same dataclass drives three things:
+
+* ``--help`` and the ``--flag`` options of the CLI (`add_arguments`),
+* YAML files (``--config FILE``),
+* ``key=value`` overrides (dotted keys reach nested dataclasses: ``rec.epochs=3``).
+
+Precedence, lowest to highest: dataclass defaults, YAML file, ``--flags``,
+``key=value`` overrides. Unknown keys and values of the wrong type are errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from ilora.errors import ConfigError
+
+T = TypeVar("T")
+
+
+def option(default: Any, help: str, *, flag: bool = True) -> Any:
+    """A config field with a help text. ``flag=False`` keeps it out of ``--flags``."""
+    if isinstance(default, (list, dict, set)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help, "flag": flag})
+    if dataclasses.is_dataclass(default):
+        cls = type(default)
+        return dataclasses.field(default_factory=cls, metadata={"help": help, "flag": flag})
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` (from YAML or a command line string) to the field type ``tp``."""
+    inner, optional = _strip_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise ConfigError(f"{key}: a value is required")
+    origin = get_origin(inner)
+    try:
+        if origin is Literal:
+            choices = get_args(inner)
+            if value not in choices:
+                raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+            return value
+        if origin in (list, tuple):
+            (elem, *_rest) = get_args(inner) or (str,)
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v != ""]
+            items = [coerce(v, elem, key) for v in value]
+            return tuple(items) if origin is tuple else items
+        if inner is bool:
+            if isinstance(value, bool):
+                return value
+            text = str(value).lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{key}: {value!r} is not a boolean (true/false)")
+        if inner is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if inner is float:
+            return float(value)
+        if inner is str:
+            return str(value)
+        if inner is Path:
+            return Path(value)
+        if dataclasses.is_dataclass(inner):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}: expected a mapping of options")
+            return from_dict(inner, value, prefix=f"{key}.")
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: {value!r} is not a valid {getattr(inner, '__name__', inner)}") from None
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build ``cls`` from a (possibly partial, possibly nested) mapping."""
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in names:
+            raise ConfigError(f"unknown option {prefix}{key!s} (known: {', '.join(sorted(names))})")
+        kwargs[name] = coerce(value, hints[name], f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, YAML/JSON-safe mapping of a config (Paths become strings)."""
+
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.replace("-", "_").split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a group of options")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a=1", "rec.epochs=3"]`` -> nested mapping of strings."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, value = item.split("=", 1)
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        _set_dotted(tree, key, value)
+    return tree
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of options at the top level")
+    return data
+
+
+def load_config(
+    cls: type[T],
+    *,
+    yaml_path: str | Path | None = None,
+    flags: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+) -> T:
+    """Defaults < YAML file < explicit flags < ``key=value`` overrides."""
+    tree: dict[str, Any] = {}
+    if yaml_path is not None:
+        tree = _merge(tree, read_yaml(yaml_path))
+    if flags:
+        flat: dict[str, Any] = {}
+        for key, value in flags.items():
+            _set_dotted(flat, key, value)
+        tree = _merge(tree, flat)
+    if overrides:
+        tree = _merge(tree, parse_overrides(overrides))
+    return from_dict(cls, tree)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one ``--flag`` per (non-nested) field of ``cls``, with the field's help text.
+
+    Flags default to ``None`` so that only the ones given on the command line override
+    the YAML file; `flags_from_args` collects them.
+    """
+    hints = _hints(cls)
+    group = parser.add_argument_group(f"options ({cls.__name__}; also settable as key=value or in --config YAML)")
+    for f in dataclasses.fields(cls):
+        if f.name in skip or not f.metadata.get("flag", True):
+            continue
+        tp, _ = _strip_optional(hints[f.name])
+        if dataclasses.is_dataclass(tp):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} [default: {default}]"
+        if tp is bool:
+            group.add_argument(flag, dest=f"cfg__{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif get_origin(tp) is Literal:
+            group.add_argument(flag, dest=f"cfg__{f.name}", choices=get_args(tp), default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=f"cfg__{f.name}", default=None, metavar=f.name.upper(), help=help_text)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, metavar="FILE", help="YAML file of options (same names as the flags, with underscores)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, applied last (dotted keys reach nested groups)")
+
+
+def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {k[len("cfg__"):]: v for k, v in vars(args).items() if k.startswith("cfg__") and v is not None}
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
+    return load_config(
+        cls,
+        yaml_path=getattr(args, "config", None),
+        flags=flags_from_args(args),
+        overrides=list(getattr(args, "overrides", None) or []),
+    )

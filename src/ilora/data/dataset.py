@@ -1,0 +1,153 @@
+"""The one in-memory representation of a sequential-recommendation dataset.
+
+* `Catalog`: item id -> title, ids ``0 .. num_items - 1``.
+* `Split`: samples of (history ids, history length, next id). Histories are
+  left-aligned in a fixed-width int64 matrix and padded with ``padding_id``.
+* `SeqDataset`: a catalog plus the ``train`` / ``val`` / ``test`` splits. A split
+  whose file was absent is ``None``; asking for it with `SeqDataset.split` fails
+  with a clear error, so only commands that need it fail.
+
+The padding id is explicit and always equals ``num_items`` (the iLoRA/LLaRA and
+DLLM2Rec convention: the embedding table has one extra row for padding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ilora.errors import DataError, IloraError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Item titles indexed by item id (``titles[i]`` is the title of item ``i``)."""
+
+    titles: tuple[str, ...]
+
+    @property
+    def num_items(self) -> int:
+        return len(self.titles)
+
+    @property
+    def padding_id(self) -> int:
+        return len(self.titles)
+
+    def title(self, item: int) -> str:
+        return self.titles[item]
+
+
+@dataclass
+class Split:
+    """Samples of one split.
+
+    Attributes:
+        history: int64 ``(n, max_len)``; row ``i`` holds ``length[i]`` ids on the left,
+            then ``padding_id``.
+        length: int64 ``(n,)``, between 1 and ``max_len``.
+        target: int64 ``(n,)``, the next item.
+    """
+
+    history: np.ndarray
+    length: np.ndarray
+    target: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.history = np.ascontiguousarray(self.history, dtype=np.int64)
+        self.length = np.ascontiguousarray(self.length, dtype=np.int64)
+        self.target = np.ascontiguousarray(self.target, dtype=np.int64)
+        n = len(self.target)
+        if self.history.ndim != 2 or self.history.shape[0] != n or self.length.shape != (n,):
+            raise ValueError(
+                f"Split arrays disagree: history {self.history.shape}, length {self.length.shape}, target {self.target.shape}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+    @property
+    def max_len(self) -> int:
+        return self.history.shape[1]
+
+    def subset(self, index: np.ndarray | slice) -> "Split":
+        return Split(self.history[index], self.length[index], self.target[index])
+
+
+@dataclass
+class SeqDataset:
+    """A catalog and its train/val/test splits (absent splits are ``None``)."""
+
+    catalog: Catalog
+    splits: dict[str, Split | None] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def num_items(self) -> int:
+        return self.catalog.num_items
+
+    @property
+    def padding_id(self) -> int:
+        return self.catalog.padding_id
+
+    @property
+    def max_len(self) -> int:
+        present = [s.max_len for s in self.splits.values() if s is not None]
+        if not present:
+            raise IloraError(f"{self.source or 'dataset'}: no split is present")
+        return max(present)
+
+    def split(self, name: str) -> Split:
+        """The split ``name``; a clear error if it is unknown or was absent on disk."""
+        if name not in SPLITS:
+            raise IloraError(f"unknown split {name!r} (expected one of {', '.join(SPLITS)})")
+        split = self.splits.get(name)
+        if split is None:
+            raise IloraError(f"{self.source or 'dataset'}: the {name} split is absent, but this command needs it")
+        return split
+
+    def validate(self, paths: dict[str, str | Path] | None = None) -> None:
+        """Check every split against the catalog; raise `DataError` naming file, row and id."""
+        for name, split in self.splits.items():
+            if split is not None:
+                validate_split(split, self.catalog, path=(paths or {}).get(name, f"{self.source}[{name}]"))
+
+
+def validate_split(split: Split, catalog: Catalog, path: str | Path) -> None:
+    """Ids inside the catalog, lengths consistent with the padded history, no empty histories."""
+    n_items, pad = catalog.num_items, catalog.padding_id
+    if len(split) == 0:
+        return
+    length, hist, target = split.length, split.history, split.target
+    bad = np.flatnonzero((length < 1) | (length > split.max_len))
+    if bad.size:
+        r = int(bad[0])
+        if length[r] < 1:
+            raise DataError(path, f"empty history (len_seq={int(length[r])})", row=r, expected="len_seq >= 1")
+        raise DataError(path, f"len_seq={int(length[r])} is longer than the history width {split.max_len}", row=r)
+    bad = np.flatnonzero((target < 0) | (target >= n_items))
+    if bad.size:
+        r = int(bad[0])
+        raise DataError(path, "next item outside the catalog", row=r, item=int(target[r]), expected=f"0 <= id < {n_items}")
+    positions = np.arange(split.max_len)[None, :]
+    valid = positions < length[:, None]
+    in_range = (hist >= 0) & (hist < n_items)
+    wrong_valid = valid & ~in_range
+    if wrong_valid.any():
+        r, c = map(int, np.argwhere(wrong_valid)[0])
+        item = int(hist[r, c])
+        what = "the padding id inside the first len_seq positions" if item == pad else "history item outside the catalog"
+        raise DataError(path, what, row=r, item=item, expected=f"len_seq={int(length[r])} ids in 0..{n_items - 1}")
+    wrong_pad = ~valid & (hist != pad)
+    if wrong_pad.any():
+        r, c = map(int, np.argwhere(wrong_pad)[0])
+        raise DataError(
+            path,
+            f"history position {c} holds an item after len_seq={int(length[r])}",
+            row=r,
+            item=int(hist[r, c]),
+            expected=f"padding id {pad} after the first len_seq positions",
+        )
