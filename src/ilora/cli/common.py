@@ -42,7 +42,54 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         help="allow reading legacy pandas pickles (.df); they are read by a restricted unpickler "
         "that refuses anything but pandas/NumPy data",
     )
+    parser.add_argument(
+        "--min-len",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="drop samples with fewer than N history items, in every split (the iLoRA/LLaRA loaders use 3); "
+        "default 1 keeps every sample that has a history",
+    )
+    parser.add_argument(
+        "--max-len",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="interactions logs only: each sample's history is at most the N previous items (default 10); "
+        "other formats keep the width they were saved with",
+    )
+    parser.add_argument(
+        "--items",
+        default=None,
+        metavar="FILE",
+        help="interactions logs only: the items file (columns item,title); default: items.csv or items.parquet "
+        "next to the interactions file",
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def add_json_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+
+
+def load_data(args: argparse.Namespace):
+    """The dataset named by the DATA / --format / --allow-pickle (and loading) arguments."""
+    from ilora.data import load_dataset
+
+    return load_dataset(
+        args.data,
+        format=args.data_format,
+        allow_pickle=args.allow_pickle,
+        min_len=args.min_len,
+        max_len=args.max_len,
+        items=args.items,
+    )

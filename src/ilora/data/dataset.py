@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -79,11 +80,18 @@ class Split:
 
 @dataclass
 class SeqDataset:
-    """A catalog and its train/val/test splits (absent splits are ``None``)."""
+    """A catalog and its train/val/test splits (absent splits are ``None``).
+
+    ``load_info`` records how the reader got here (filled by `ilora.data.load_dataset`):
+    ``{"format": ..., "min_len": ..., "splits": {name: {"rows_in_source": N,
+    "dropped_no_history": K, "dropped_below_min_len": M}}}``; empty for datasets built
+    in memory.
+    """
 
     catalog: Catalog
     splits: dict[str, Split | None] = field(default_factory=dict)
     source: str = ""
+    load_info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_items(self) -> int:
@@ -116,22 +124,32 @@ class SeqDataset:
                 validate_split(split, self.catalog, path=(paths or {}).get(name, f"{self.source}[{name}]"))
 
 
-def validate_split(split: Split, catalog: Catalog, path: str | Path) -> None:
-    """Ids inside the catalog, lengths consistent with the padded history, no empty histories."""
+def validate_split(split: Split, catalog: Catalog, path: str | Path, rows: np.ndarray | None = None) -> None:
+    """Ids inside the catalog, lengths consistent with the padded history, no empty histories.
+
+    ``rows`` optionally maps sample index -> row number in the source file, so that a
+    reader that dropped rows still reports the file's row.
+    """
     n_items, pad = catalog.num_items, catalog.padding_id
     if len(split) == 0:
         return
+
+    def row_of(r: int) -> int:
+        return int(rows[r]) if rows is not None else r
+
     length, hist, target = split.length, split.history, split.target
     bad = np.flatnonzero((length < 1) | (length > split.max_len))
     if bad.size:
         r = int(bad[0])
         if length[r] < 1:
-            raise DataError(path, f"empty history (len_seq={int(length[r])})", row=r, expected="len_seq >= 1")
-        raise DataError(path, f"len_seq={int(length[r])} is longer than the history width {split.max_len}", row=r)
+            raise DataError(path, f"empty history (len_seq={int(length[r])})", row=row_of(r), expected="len_seq >= 1")
+        raise DataError(path, f"len_seq={int(length[r])} is longer than the history width {split.max_len}", row=row_of(r))
     bad = np.flatnonzero((target < 0) | (target >= n_items))
     if bad.size:
         r = int(bad[0])
-        raise DataError(path, "next item outside the catalog", row=r, item=int(target[r]), expected=f"0 <= id < {n_items}")
+        raise DataError(
+            path, "next item outside the catalog", row=row_of(r), item=int(target[r]), expected=f"0 <= id < {n_items}"
+        )
     positions = np.arange(split.max_len)[None, :]
     valid = positions < length[:, None]
     in_range = (hist >= 0) & (hist < n_items)
@@ -140,14 +158,14 @@ def validate_split(split: Split, catalog: Catalog, path: str | Path) -> None:
         r, c = map(int, np.argwhere(wrong_valid)[0])
         item = int(hist[r, c])
         what = "the padding id inside the first len_seq positions" if item == pad else "history item outside the catalog"
-        raise DataError(path, what, row=r, item=item, expected=f"len_seq={int(length[r])} ids in 0..{n_items - 1}")
+        raise DataError(path, what, row=row_of(r), item=item, expected=f"len_seq={int(length[r])} ids in 0..{n_items - 1}")
     wrong_pad = ~valid & (hist != pad)
     if wrong_pad.any():
         r, c = map(int, np.argwhere(wrong_pad)[0])
         raise DataError(
             path,
             f"history position {c} holds an item after len_seq={int(length[r])}",
-            row=r,
+            row=row_of(r),
             item=int(hist[r, c]),
             expected=f"padding id {pad} after the first len_seq positions",
         )

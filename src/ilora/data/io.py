@@ -1,0 +1,125 @@
+"""`load_dataset`: one entry point for every on-disk dataset format.
+
+Formats (``format="auto"`` picks one from what is at ``path``):
+
+* ``native``: a directory with ``dataset.json`` (`ilora.data.native`), or that file;
+* ``llara``: an iLoRA/LLaRA directory with ``train_data.df`` / ``Val_data.df`` /
+  ``Test_data.df`` (`ilora.data.legacy`), or one of those files; needs ``allow_pickle``;
+* ``interactions``: a directory with ``interactions.csv|parquet``, or a ``.csv`` /
+  ``.parquet`` log (`ilora.data.interactions`).
+
+A directory that matches more than one format is an error (name the format explicitly).
+
+``min_len`` drops samples with fewer history items in every split (the reference
+iLoRA/LLaRA loaders use ``len_seq >= 3``: ``min_len=3``); the default 1 keeps every
+sample. Filtering renumbers samples, and candidate sets are keyed by sample index, so
+compare runs only at the same ``min_len``. ``load_info`` on the result records, per
+split, ``rows_in_source``, ``rows_len_ge_3`` (before the filter), ``dropped_no_history``
+and ``dropped_below_min_len``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from ilora.data.dataset import SeqDataset
+from ilora.data.interactions import is_interactions_path, read_interactions
+from ilora.data.legacy import LEGACY_SPLIT_FILES, is_legacy_dir, read_legacy
+from ilora.data.native import META_FILE, is_native_dir, read_native
+from ilora.errors import ConfigError, DataError
+
+Format = Literal["auto", "native", "llara", "interactions"]
+FORMATS: tuple[str, ...] = ("auto", "native", "llara", "interactions")
+
+
+def detect_format(path: str | Path) -> str:
+    """``native``, ``llara`` or ``interactions`` for ``path``; a `DataError` if none or several fit."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "not found")
+    if path.is_file():
+        if path.name == META_FILE:
+            return "native"
+        if path.name in LEGACY_SPLIT_FILES.values() or path.suffix == ".df":
+            return "llara"
+        if is_interactions_path(path):
+            return "interactions"
+        raise DataError(path, "unknown dataset file", expected=f"{META_FILE}, a .df split file, or a .csv/.parquet log")
+    found = [
+        name
+        for name, test in (("native", is_native_dir), ("llara", is_legacy_dir), ("interactions", is_interactions_path))
+        if test(path)
+    ]
+    if not found:
+        raise DataError(
+            path,
+            "no dataset found",
+            expected=f"{META_FILE} (native), {', '.join(LEGACY_SPLIT_FILES.values())} (llara) "
+            "or interactions.csv|parquet (interactions)",
+        )
+    if len(found) > 1:
+        raise DataError(path, f"looks like several formats ({', '.join(found)}); choose one with --format / format=")
+    return found[0]
+
+
+def _dataset_dir(path: Path) -> Path:
+    return path.parent if path.is_file() else path
+
+
+def filter_min_len(ds: SeqDataset, min_len: int) -> SeqDataset:
+    """Drop samples with fewer than ``min_len`` history items (in place); record the counts."""
+    if min_len < 1:
+        raise ConfigError(f"min_len must be >= 1, got {min_len}")
+    info = ds.load_info.setdefault("splits", {})
+    for name, split in ds.splits.items():
+        if split is None:
+            info[name] = None
+            continue
+        counts = info.get(name) or {"rows_in_source": len(split), "dropped_no_history": 0}
+        counts["rows_len_ge_3"] = int((split.length >= 3).sum())
+        keep = split.length >= min_len
+        counts["dropped_below_min_len"] = int((~keep).sum())
+        info[name] = counts
+        if not keep.all():
+            ds.splits[name] = split.subset(np.flatnonzero(keep))
+    ds.load_info["min_len"] = min_len
+    return ds
+
+
+def load_dataset(
+    path: str | Path,
+    *,
+    format: Format | str = "auto",
+    allow_pickle: bool = False,
+    min_len: int = 1,
+    max_len: int = 10,
+    items: str | Path | None = None,
+) -> SeqDataset:
+    """Read the dataset at ``path`` (see the module docstring).
+
+    Args:
+        format: ``auto`` (detect), ``native``, ``llara`` or ``interactions``.
+        allow_pickle: needed to read legacy ``.df`` pickles (restricted unpickler).
+        min_len: drop samples with fewer history items (1: keep all; 3: the reference filter).
+        max_len: history window for ``interactions`` logs (other formats store theirs).
+        items: explicit items file for ``interactions`` logs.
+    """
+    path = Path(path)
+    if format not in FORMATS:
+        raise ConfigError(f"unknown dataset format {format!r} (expected one of {', '.join(FORMATS)})")
+    if min_len < 1:
+        raise ConfigError(f"min_len must be >= 1, got {min_len}")
+    if not path.exists():
+        raise DataError(path, "not found")
+    chosen = detect_format(path) if format == "auto" else format
+    if chosen == "native":
+        ds = read_native(_dataset_dir(path))
+    elif chosen == "llara":
+        ds = read_legacy(_dataset_dir(path), allow_pickle=allow_pickle)
+    else:
+        ds = read_interactions(path, items=items, max_len=max_len)
+    ds.source = str(path)
+    return filter_min_len(ds, min_len)

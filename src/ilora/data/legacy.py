@@ -1,0 +1,360 @@
+"""Reader for iLoRA / LLaRA dataset directories (legacy pandas pickles).
+
+Layout of a directory (as published in the iLoRA and LLaRA repositories, ``data/ref/<name>/``):
+
+* ``train_data.df``, ``Val_data.df``, ``Test_data.df``: pandas DataFrames saved with
+  ``to_pickle``. Columns ``seq``, ``len_seq``, ``next`` in any order (extra columns are
+  ignored). ``seq`` is the history, left-aligned and padded to a fixed width with the id
+  ``num_items``; ``len_seq`` is the number of real items; ``next`` is the target.
+  A missing file means that split is absent (``None``).
+* The catalog, one of (``id2name.txt`` wins if both exist):
+
+  - ``id2name.txt`` (LastFM, Steam): UTF-8 lines ``id::name`` with ids ``0 .. n-1``;
+  - ``u.item`` (MovieLens 100K): latin-1 lines ``id|title|...`` with ids ``1 .. n``; the
+    ``.df`` files use ``id - 1``. Titles lose a trailing year ``" (1995)"`` and a trailing
+    article moves to the front (``"Usual Suspects, The"`` -> ``"The Usual Suspects"``),
+    as the reference loaders do (they cut the last 7 characters; we only cut a real year).
+
+MovieLens variant: each history element is an ``(item_id, rating)`` tuple of NumPy ints,
+padded with ``(num_items, 0)``, and ``next`` is such a tuple too; only the item id is kept.
+
+Rows without any history item (the reference files store one per user, for the user's first
+item: ``len_seq == 1`` and an all-padding ``seq``) cannot be a sample; they are dropped and
+counted (``dropped_no_history`` in `read_legacy`'s ``load_info``). Every other inconsistency
+is a `DataError` naming the file, the row (0-based position in the DataFrame) and the id.
+
+Pickles can run code, so reading needs ``allow_pickle=True`` and then goes through
+`RestrictedUnpickler` with exactly these globals (a DataFrame of ints, lists and tuples of
+NumPy ints needs nothing else):
+
+* pandas: ``pandas.core.frame.DataFrame``, ``pandas.core.internals.managers.BlockManager``,
+  ``pandas._libs.internals._unpickle_block`` (also under its pandas <= 1.3 name
+  ``pandas.core.internals.blocks.new_block``), ``pandas.core.indexes.base._new_Index``,
+  ``pandas.core.indexes.base.Index`` (also the removed ``pandas.core.indexes.numeric``
+  ``Int64Index`` / ``UInt64Index``, read as ``Index``), ``pandas.core.indexes.range.RangeIndex``;
+* NumPy, under both ``numpy.core`` (NumPy 1) and ``numpy._core`` (NumPy 2):
+  ``multiarray._reconstruct``, ``multiarray.scalar``, ``numeric._frombuffer``; and
+  ``numpy.ndarray``, ``numpy.dtype``;
+* ``builtins.slice`` (block placements), ``builtins.bytearray`` (protocol-4 buffers);
+* pandas >= 3 writes the public names ``pandas.DataFrame`` / ``pandas.Index`` /
+  ``pandas.RangeIndex`` and stores string column labels as Arrow arrays:
+  ``pandas.StringDtype``, ``pandas.arrays.ArrowStringArray``, ``pyarrow.lib.py_buffer``,
+  ``pyarrow.lib.type_for_alias`` and ``pyarrow.lib._restore_array`` (wrapped: every
+  restored array is fully validated, so bad offsets cannot reach memory).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from ilora.data.dataset import Catalog, SeqDataset, Split, validate_split
+from ilora.data.safe_pickle import require_opt_in, restricted_loads
+from ilora.errors import DataError
+
+log = logging.getLogger(__name__)
+
+LEGACY_SPLIT_FILES = {"train": "train_data.df", "val": "Val_data.df", "test": "Test_data.df"}
+ID2NAME = "id2name.txt"
+MOVIELENS_ITEMS = "u.item"
+COLUMNS = ("seq", "len_seq", "next")
+
+
+def is_legacy_dir(path: Path) -> bool:
+    """True if ``path`` is a directory holding at least one iLoRA/LLaRA split file."""
+    return path.is_dir() and any((path / name).is_file() for name in LEGACY_SPLIT_FILES.values())
+
+
+# --------------------------------------------------------------------------- pickles
+
+
+def _numpy_core_modules() -> list[Any]:
+    """The NumPy core package under its current name, for both pickled spellings."""
+    try:
+        from numpy._core import multiarray, numeric  # NumPy >= 2
+    except ImportError:  # pragma: no cover - NumPy 1.x
+        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
+    return [multiarray, numeric]
+
+
+def _restore_validated_array(data: Any) -> pa.Array:
+    """``pyarrow.lib._restore_array`` followed by a full validation of offsets and buffers."""
+    array = pa.lib._restore_array(data)
+    try:
+        array.validate(full=True)
+    except pa.ArrowInvalid as exc:
+        raise ValueError(f"invalid Arrow array in pickle: {exc}") from None
+    return array
+
+
+@functools.cache
+def dataframe_pickle_globals() -> dict[tuple[str, str], Any]:
+    """The allow-list (module, name) -> object for DataFrame pickles (see the module docstring)."""
+    from pandas._libs.internals import _unpickle_block
+    from pandas.core.indexes.base import Index, _new_Index
+    from pandas.core.indexes.range import RangeIndex
+    from pandas.core.internals.managers import BlockManager
+
+    multiarray, numeric = _numpy_core_modules()
+    allowed: dict[tuple[str, str], Any] = {
+        ("pandas.core.frame", "DataFrame"): pd.DataFrame,
+        ("pandas", "DataFrame"): pd.DataFrame,
+        ("pandas.core.internals.managers", "BlockManager"): BlockManager,
+        ("pandas._libs.internals", "_unpickle_block"): _unpickle_block,
+        ("pandas.core.internals.blocks", "new_block"): _unpickle_block,
+        ("pandas.core.indexes.base", "_new_Index"): _new_Index,
+        ("pandas.core.indexes.base", "Index"): Index,
+        ("pandas", "Index"): Index,
+        ("pandas.core.indexes.numeric", "Int64Index"): Index,
+        ("pandas.core.indexes.numeric", "UInt64Index"): Index,
+        ("pandas.core.indexes.range", "RangeIndex"): RangeIndex,
+        ("pandas", "RangeIndex"): RangeIndex,
+        # pandas 3 pickles string column labels as Arrow-backed arrays.
+        ("pandas", "StringDtype"): pd.StringDtype,
+        ("pandas.arrays", "ArrowStringArray"): pd.arrays.ArrowStringArray,
+        ("pyarrow.lib", "_restore_array"): _restore_validated_array,
+        ("pyarrow.lib", "py_buffer"): pa.py_buffer,
+        ("pyarrow.lib", "type_for_alias"): pa.lib.type_for_alias,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("builtins", "slice"): slice,
+        ("builtins", "bytearray"): bytearray,
+    }
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        allowed[(f"{core}.multiarray", "scalar")] = multiarray.scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer
+    return allowed
+
+
+def read_dataframe_pickle(path: Path, *, allow_pickle: bool) -> pd.DataFrame:
+    """Read a ``.df`` pickle with the restricted unpickler; opt-in required."""
+    require_opt_in(path, allow_pickle)
+    frame = restricted_loads(path.read_bytes(), dataframe_pickle_globals(), path)
+    if not isinstance(frame, pd.DataFrame):
+        raise DataError(path, f"the pickle holds a {type(frame).__name__}", expected="a pandas DataFrame")
+    return frame
+
+
+# --------------------------------------------------------------------------- catalogs
+
+
+def _decode(path: Path, encoding: str) -> list[str]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n")
+        raise DataError(
+            path, f"undecodable text at byte {exc.start} (line {line + 1})", row=line, expected=f"{encoding} text"
+        ) from None
+    return text.removeprefix("\ufeff").split("\n")
+
+
+def _catalog_from_pairs(path: Path, pairs: list[tuple[int, int, str]], first_id: int) -> Catalog:
+    """``(line index, id, title)`` -> Catalog; ids must be ``first_id .. first_id + n - 1``."""
+    if not pairs:
+        raise DataError(path, "the item catalog is empty", expected="at least one item")
+    seen: dict[int, int] = {}
+    for line, item, _ in pairs:
+        if item in seen:
+            raise DataError(
+                path, f"duplicate catalog id (line {line + 1}; first on line {seen[item] + 1})", row=line, item=item
+            )
+        seen[item] = line
+    titles: list[str | None] = [None] * len(pairs)
+    for line, item, title in pairs:
+        index = item - first_id
+        if not 0 <= index < len(pairs):
+            raise DataError(
+                path,
+                f"catalog id out of range (line {line + 1}; ids must have no gaps)",
+                row=line,
+                item=item,
+                expected=f"ids {first_id}..{first_id + len(pairs) - 1}",
+            )
+        titles[index] = title
+    return Catalog(tuple(t for t in titles if t is not None))
+
+
+def read_id2name(path: Path) -> Catalog:
+    """``id::name`` lines (UTF-8, ids 0-based, no gaps); blank lines are skipped."""
+    pairs = []
+    for line, text in enumerate(_decode(path, "utf-8")):
+        text = text.rstrip("\r")
+        if not text.strip():
+            continue
+        key, sep, name = text.partition("::")
+        if not sep:
+            raise DataError(path, f"line {line + 1} has no '::' separator: {text[:60]!r}", row=line, expected="id::name")
+        try:
+            item = int(key.strip())
+        except ValueError:
+            raise DataError(path, f"non-integer id {key.strip()!r} (line {line + 1})", row=line, expected="id::name") from None
+        pairs.append((line, item, name.strip()))
+    return _catalog_from_pairs(path, pairs, first_id=0)
+
+
+_YEAR = re.compile(r"\s*\(\d{4}\)\s*$")
+_ARTICLE = re.compile(r"^(.*), (The|A|An)$")
+
+
+def movielens_title(raw: str) -> str:
+    """``"Usual Suspects, The (1995)"`` -> ``"The Usual Suspects"``."""
+    title = _YEAR.sub("", raw.strip())
+    match = _ARTICLE.match(title)
+    return f"{match.group(2)} {match.group(1)}" if match else title
+
+
+def read_movielens_items(path: Path) -> Catalog:
+    """MovieLens ``u.item`` (latin-1, ``id|title|...``, ids 1-based) -> 0-based catalog."""
+    pairs = []
+    for line, text in enumerate(_decode(path, "latin-1")):
+        text = text.rstrip("\r")
+        if not text.strip():
+            continue
+        fields = text.split("|")
+        if len(fields) < 2:
+            raise DataError(path, f"line {line + 1} has no '|' separator: {text[:60]!r}", row=line, expected="id|title|...")
+        try:
+            item = int(fields[0].strip())
+        except ValueError:
+            raise DataError(path, f"non-integer id {fields[0]!r} (line {line + 1})", row=line, expected="id|title|...") from None
+        pairs.append((line, item - 1, movielens_title(fields[1])))
+    return _catalog_from_pairs(path, pairs, first_id=0)
+
+
+def read_legacy_catalog(directory: Path) -> Catalog:
+    """``id2name.txt`` if present, else ``u.item``; a `DataError` if neither exists."""
+    if (directory / ID2NAME).is_file():
+        return read_id2name(directory / ID2NAME)
+    if (directory / MOVIELENS_ITEMS).is_file():
+        return read_movielens_items(directory / MOVIELENS_ITEMS)
+    raise DataError(directory, "no item catalog", expected=f"{ID2NAME} (id::name) or {MOVIELENS_ITEMS} (MovieLens)")
+
+
+# --------------------------------------------------------------------------- frames -> arrays
+
+
+def _is_int(value: Any) -> bool:
+    """An integer id: an int, a NumPy integer, or a float holding a whole number (not bool)."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    if isinstance(value, (float, np.floating)):
+        return bool(np.isfinite(value)) and float(value).is_integer()
+    return isinstance(value, (int, np.integer))
+
+
+def _as_ids(array: np.ndarray) -> np.ndarray | None:
+    """int64 view of an integer array, or of a float array of whole numbers; None otherwise."""
+    if array.dtype.kind in "iu":
+        return array.astype(np.int64, copy=False)
+    if array.dtype.kind == "f" and np.isfinite(array).all() and (array == np.round(array)).all():
+        return array.astype(np.int64)
+    return None
+
+
+def _first_non_int(path: Path, column: str, values: list[Any], *, pairs: bool) -> DataError:
+    """The error for the first element of ``values`` (rows of a column) that is not an integer id."""
+    for row, value in enumerate(values):
+        elements = value if column == "seq" else [value]
+        if not isinstance(elements, (list, tuple, np.ndarray)):
+            return DataError(path, f"{column} is a {type(value).__name__}, not a list", row=row, expected="a list of ids")
+        for element in elements:
+            if pairs and not (isinstance(element, (tuple, list)) and len(element) == 2):
+                return DataError(path, f"{element!r} in column {column} is not an (id, rating) pair", row=row)
+            item = element[0] if pairs else element
+            if not _is_int(item):
+                return DataError(path, f"non-integer value {item!r} in column {column}", row=row, expected="integers")
+            if not -(2**63) <= int(item) < 2**63:
+                return DataError(path, f"value {item} in column {column} does not fit in int64", row=row)
+    return DataError(path, f"column {column} cannot be read as integer ids", expected="integers of one shape")
+
+
+def _history_matrix(path: Path, values: list[Any], pairs: bool) -> np.ndarray:
+    """The ``seq`` column -> int64 ``(n, width)``, or a `DataError` for ragged / non-integer rows."""
+    if not values:
+        return np.zeros((0, 0), dtype=np.int64)
+    widths = [len(v) if isinstance(v, (list, tuple, np.ndarray)) else -1 for v in values]
+    for row, width in enumerate(widths):
+        if width == -1:
+            kind = type(values[row]).__name__
+            raise DataError(path, f"seq is a {kind}, not a list", row=row, expected="a padded list of ids")
+        if width == 0:
+            raise DataError(path, "empty history list", row=row, expected="a padded list of ids")
+        if width != widths[0]:
+            raise DataError(path, f"seq has {width} entries, row 0 has {widths[0]}", row=row, expected="one padded width")
+    try:
+        matrix = np.array(values)
+    except (ValueError, TypeError):
+        matrix = np.array([[0]], dtype=object)
+    if pairs:
+        matrix = matrix[:, :, 0] if matrix.ndim == 3 and matrix.shape[2] >= 1 else np.array([[0]], dtype=object)
+    ids = _as_ids(matrix)
+    if ids is None:
+        raise _first_non_int(path, "seq", values, pairs=pairs)
+    return ids
+
+
+def _id_column(path: Path, series: pd.Series, column: str) -> np.ndarray:
+    """An integer column (``len_seq`` / ``next``; MovieLens ``next`` tuples -> their item id)."""
+    if series.dtype.kind in "iu":
+        return series.to_numpy(dtype=np.int64)
+    values = series.tolist()
+    pairs = bool(values) and isinstance(values[0], (tuple, list))
+    try:
+        array = np.array([v[0] for v in values] if pairs else values)
+    except (TypeError, IndexError, KeyError, ValueError):
+        array = np.array([None], dtype=object)
+    ids = _as_ids(array) if array.ndim == 1 else None
+    if ids is None:
+        raise _first_non_int(path, column, values, pairs=pairs)
+    return ids
+
+
+def frame_to_split(frame: pd.DataFrame, path: Path, catalog: Catalog) -> tuple[Split, dict[str, int]]:
+    """Validate a legacy DataFrame and convert it; returns the split and its row counts.
+
+    Rows with no history item (``len_seq == 1`` and an all-padding ``seq``) are dropped and
+    counted as ``dropped_no_history``; any other problem raises `DataError`.
+    """
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataError(path, f"missing column(s) {', '.join(missing)}", expected=f"columns {', '.join(COLUMNS)}")
+    seq = frame["seq"].tolist()
+    first = next((v[0] for v in seq if isinstance(v, (list, tuple, np.ndarray)) and len(v)), None)
+    pairs = isinstance(first, (tuple, list))
+    history = _history_matrix(path, seq, pairs)
+    length = _id_column(path, frame["len_seq"], "len_seq")
+    target = _id_column(path, frame["next"], "next")
+    no_history = (length == 1) & (history == catalog.padding_id).all(axis=1) if history.size else np.zeros(0, bool)
+    keep = np.flatnonzero(~no_history)
+    split = Split(history[keep], length[keep], target[keep])
+    validate_split(split, catalog, path, rows=keep)
+    return split, {"rows_in_source": len(frame), "dropped_no_history": int(no_history.sum())}
+
+
+def read_legacy(directory: str | Path, *, allow_pickle: bool = False) -> SeqDataset:
+    """Read an iLoRA/LLaRA directory (see the module docstring) into a `SeqDataset`."""
+    directory = Path(directory)
+    if not is_legacy_dir(directory):
+        raise DataError(directory, "no iLoRA/LLaRA split file", expected=", ".join(LEGACY_SPLIT_FILES.values()))
+    present = {name: directory / f for name, f in LEGACY_SPLIT_FILES.items() if (directory / f).is_file()}
+    for path in present.values():
+        require_opt_in(path, allow_pickle)
+    catalog = read_legacy_catalog(directory)
+    splits: dict[str, Split | None] = dict.fromkeys(LEGACY_SPLIT_FILES)
+    counts: dict[str, dict[str, int] | None] = dict.fromkeys(LEGACY_SPLIT_FILES)
+    for name, path in present.items():
+        frame = read_dataframe_pickle(path, allow_pickle=allow_pickle)
+        splits[name], counts[name] = frame_to_split(frame, path, catalog)
+        if counts[name]["dropped_no_history"]:
+            log.info("%s: dropped %d rows without any history item", path, counts[name]["dropped_no_history"])
+    return SeqDataset(catalog, splits, source=str(directory), load_info={"format": "llara", "splits": counts})

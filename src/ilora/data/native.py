@@ -1,0 +1,264 @@
+"""The project's own on-disk format (written by ``ilora data convert`` / ``ilora data synth``).
+
+A directory holding:
+
+* ``dataset.json``: ``{"format": "ilora-native", "version": 1, "num_items": N,
+  "padding_id": N, "max_len": L, "splits": {"train": {"rows": R} | null, ...},
+  "items_file": "items.csv", "source": "..."}``. It is the source of truth: a split
+  listed as ``null`` is absent and must have no file.
+* ``train.parquet`` / ``val.parquet`` / ``test.parquet``: columns ``history``
+  (``list<int64>``: only the real items, oldest first, no padding), ``length`` (int64,
+  equal to the list's length) and ``target`` (int64). Row ``i`` is sample ``i``.
+* ``items.csv`` (UTF-8, header ``id,title``, ids ``0 .. N-1`` in order) or ``items.json``
+  (a JSON list of ``{"id": i, "title": "..."}``).
+
+No pickles anywhere. `write_native` writes into a temporary sibling directory and renames
+it into place, so a failure never leaves partial output behind.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from ilora.data.dataset import SPLITS, Catalog, SeqDataset, Split, validate_split
+from ilora.errors import DataError, IloraError
+
+NATIVE_FORMAT = "ilora-native"
+NATIVE_VERSION = 1
+META_FILE = "dataset.json"
+ITEMS_CSV = "items.csv"
+ITEMS_JSON = "items.json"
+
+
+def is_native_dir(path: Path) -> bool:
+    return path.is_dir() and (path / META_FILE).is_file()
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _split_table(split: Split) -> pa.Table:
+    """Split -> Arrow table with unpadded ``history`` lists."""
+    mask = np.arange(split.max_len)[None, :] < split.length[:, None]
+    offsets = np.zeros(len(split) + 1, dtype=np.int32)
+    np.cumsum(split.length, out=offsets[1:])
+    history = pa.ListArray.from_arrays(pa.array(offsets), pa.array(split.history[mask], type=pa.int64()))
+    return pa.table({"history": history, "length": split.length, "target": split.target})
+
+
+def _write_items_csv(catalog: Catalog, path: Path) -> None:
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "title"])
+        writer.writerows(enumerate(catalog.titles))
+
+
+def _write_files(ds: SeqDataset, directory: Path) -> None:
+    splits_meta: dict[str, Any] = {}
+    for name in SPLITS:
+        split = ds.splits.get(name)
+        splits_meta[name] = None if split is None else {"rows": len(split)}
+        if split is not None:
+            pq.write_table(_split_table(split), directory / f"{name}.parquet")
+    _write_items_csv(ds.catalog, directory / ITEMS_CSV)
+    meta = {
+        "format": NATIVE_FORMAT,
+        "version": NATIVE_VERSION,
+        "num_items": ds.num_items,
+        "padding_id": ds.padding_id,
+        "max_len": ds.max_len,
+        "splits": splits_meta,
+        "items_file": ITEMS_CSV,
+        "source": ds.source,
+    }
+    (directory / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_native(ds: SeqDataset, out_dir: str | Path, *, overwrite: bool = False) -> Path:
+    """Validate ``ds`` and write it to ``out_dir`` atomically (temp dir + rename).
+
+    ``out_dir`` must not exist, unless ``overwrite`` is set and it is empty or a native
+    dataset (never some other directory); then it is replaced as a whole.
+    """
+    out = Path(out_dir)
+    if out.exists():
+        if not overwrite:
+            raise IloraError(f"{out}: already exists (pass --overwrite / overwrite=True to replace it)")
+        if not out.is_dir() or not (is_native_dir(out) or not any(out.iterdir())):
+            raise IloraError(f"{out}: refusing to overwrite: it is not an ilora native dataset directory")
+    ds.validate()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()  # unlike tempfile.mkdtemp, honours the umask
+    try:
+        _write_files(ds, tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+    path = directory / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != NATIVE_FORMAT:
+        raise DataError(path, "not an ilora native dataset description", expected=f'"format": "{NATIVE_FORMAT}"')
+    if meta.get("version") != NATIVE_VERSION:
+        raise DataError(path, f"unsupported version {meta.get('version')!r}", expected=f"version {NATIVE_VERSION}")
+    for key in ("num_items", "padding_id", "max_len"):
+        if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool):
+            raise DataError(path, f"{key} is missing or not an integer")
+    if not isinstance(meta.get("splits"), dict):
+        raise DataError(path, "splits is missing", expected='"splits": {"train": {"rows": N} | null, ...}')
+    return meta
+
+
+def _titles_from_rows(path: Path, rows: list[tuple[Any, Any]]) -> Catalog:
+    titles = []
+    for row, (item, title) in enumerate(rows):
+        try:
+            item_id = int(item)
+        except (TypeError, ValueError):
+            raise DataError(path, f"non-integer id {item!r}", row=row, expected="integer ids 0..n-1 in order") from None
+        if item_id != row:
+            raise DataError(path, "ids must be 0..n-1 in order", row=row, item=item_id, expected=f"id {row}")
+        if not isinstance(title, str):
+            raise DataError(path, f"title is a {type(title).__name__}", row=row, item=item_id, expected="a string")
+        titles.append(title)
+    return Catalog(tuple(titles))
+
+
+def read_items_csv(path: Path) -> Catalog:
+    """``id,title`` CSV (UTF-8) -> Catalog; ids must be 0..n-1 in file order."""
+    try:
+        with open(path, encoding="utf-8", newline="") as handle:
+            rows = list(csv.reader(handle))
+    except UnicodeDecodeError as exc:
+        raise DataError(path, f"undecodable text at byte {exc.start}", expected="UTF-8") from None
+    if not rows or [c.strip() for c in rows[0][:2]] != ["id", "title"]:
+        raise DataError(path, f"header is {rows[0] if rows else 'missing'}", expected="header id,title")
+    body = rows[1:]
+    for row, fields in enumerate(body):
+        if len(fields) != 2:
+            raise DataError(path, f"{len(fields)} fields", row=row, expected="2 fields: id,title")
+    return _titles_from_rows(path, [(f[0], f[1]) for f in body])
+
+
+def read_items_json(path: Path) -> Catalog:
+    """JSON list of ``{"id", "title"}`` -> Catalog; ids must be 0..n-1 in list order."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(path, f"not valid JSON ({exc})") from None
+    if not isinstance(data, list) or not all(isinstance(d, dict) and {"id", "title"} <= d.keys() for d in data):
+        raise DataError(path, "not a list of items", expected='[{"id": 0, "title": "..."}, ...]')
+    return _titles_from_rows(path, [(d["id"], d["title"]) for d in data])
+
+
+def _int_column(path: Path, table: pa.Table, name: str) -> np.ndarray:
+    column = table.column(name)
+    if not pa.types.is_integer(column.type):
+        raise DataError(path, f"column {name} has type {column.type}", expected="integers")
+    if column.null_count:
+        row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(path, f"null {name}", row=row)
+    return column.to_numpy().astype(np.int64, copy=False)
+
+
+def read_split_parquet(path: Path, catalog: Catalog, max_len: int) -> Split:
+    """One ``<split>.parquet`` -> padded, validated `Split`."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(path, f"not a readable Parquet file ({exc})") from None
+    missing = [c for c in ("history", "length", "target") if c not in table.column_names]
+    if missing:
+        raise DataError(path, f"missing column(s) {', '.join(missing)}", expected="columns history, length, target")
+    history = table.column("history").combine_chunks()
+    if not (pa.types.is_list(history.type) or pa.types.is_large_list(history.type)) or not pa.types.is_integer(
+        history.type.value_type
+    ):
+        raise DataError(path, f"column history has type {history.type}", expected="list<int64>")
+    if history.null_count:
+        row = int(np.flatnonzero(history.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(path, "null history", row=row)
+    length = _int_column(path, table, "length")
+    target = _int_column(path, table, "target")
+    counts = pc.list_value_length(history).to_numpy().astype(np.int64)
+    values = pc.list_flatten(history)
+    if values.null_count:
+        row = int(np.repeat(np.arange(len(counts)), counts)[np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0]])
+        raise DataError(path, "null id in history", row=row)
+    bad = np.flatnonzero(counts != length)
+    if bad.size:
+        r = int(bad[0])
+        raise DataError(path, f"length={int(length[r])} but the history holds {int(counts[r])} ids", row=r)
+    bad = np.flatnonzero(counts > max_len)
+    if bad.size:
+        r = int(bad[0])
+        raise DataError(path, f"history of {int(counts[r])} ids", row=r, expected=f"at most max_len={max_len}")
+    matrix = np.full((len(counts), max_len), catalog.padding_id, dtype=np.int64)
+    rows = np.repeat(np.arange(len(counts)), counts)
+    cols = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+    matrix[rows, cols] = values.to_numpy().astype(np.int64, copy=False)
+    split = Split(matrix, length, target)
+    validate_split(split, catalog, path)
+    return split
+
+
+def read_native(directory: str | Path) -> SeqDataset:
+    """Read a native dataset directory (see the module docstring)."""
+    directory = Path(directory)
+    if not is_native_dir(directory):
+        raise DataError(directory, "not an ilora native dataset", expected=f"a directory with {META_FILE}")
+    meta = _read_meta(directory)
+    items_file = directory / str(meta.get("items_file", ITEMS_CSV))
+    if not items_file.is_file():
+        raise DataError(items_file, "item catalog not found", expected=f"{ITEMS_CSV} or {ITEMS_JSON}")
+    catalog = read_items_json(items_file) if items_file.suffix == ".json" else read_items_csv(items_file)
+    meta_path = directory / META_FILE
+    if catalog.num_items != meta["num_items"] or meta["padding_id"] != meta["num_items"]:
+        raise DataError(
+            meta_path,
+            f"num_items={meta['num_items']}, padding_id={meta['padding_id']} but {items_file.name} has {catalog.num_items} items",
+            expected="num_items == padding_id == number of catalog items",
+        )
+    splits: dict[str, Split | None] = {}
+    for name in SPLITS:
+        path, entry = directory / f"{name}.parquet", meta["splits"].get(name)
+        if entry is None:
+            if path.exists():
+                raise DataError(path, f"{META_FILE} lists the {name} split as absent, but its file exists")
+            splits[name] = None
+            continue
+        if not path.is_file():
+            raise DataError(path, f"the {name} split is missing (listed in {META_FILE})")
+        splits[name] = read_split_parquet(path, catalog, meta["max_len"])
+        if isinstance(entry, dict) and entry.get("rows") not in (None, len(splits[name])):
+            raise DataError(path, f"{len(splits[name])} rows, but {META_FILE} says {entry['rows']}")
+    counts = {name: None if s is None else {"rows_in_source": len(s), "dropped_no_history": 0} for name, s in splits.items()}
+    return SeqDataset(catalog, splits, source=str(directory), load_info={"format": "native", "splits": counts})

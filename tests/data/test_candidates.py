@@ -1,0 +1,105 @@
+"""Candidate sets: contents, determinism, independence from batching, persistence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ilora.data.candidates import candidate_sets, load_candidates, save_candidates
+from ilora.data.dataset import Split
+from ilora.data.synthetic import make_synthetic
+from ilora.errors import ConfigError, DataError
+
+
+@pytest.fixture(scope="module")
+def split_and_items() -> tuple[Split, int]:
+    ds = make_synthetic(users=300, items=80, seed=11)
+    return ds.splits["train"], ds.num_items
+
+
+def check_row(row: np.ndarray, history: set[int], target: int, num_items: int) -> None:
+    """The contract, checked one row at a time with Python sets."""
+    assert len(set(row.tolist())) == len(row), "duplicates"
+    assert row.tolist().count(target) == 1, "target exactly once"
+    negatives = set(row.tolist()) - {target}
+    assert not negatives & history, "a history item became a negative"
+    assert all(0 <= x < num_items for x in row)
+
+
+def test_contract_on_every_row(split_and_items) -> None:
+    split, n = split_and_items
+    cands = candidate_sets(split, n, count=20, seed=3, split_name="train")
+    assert cands.shape == (len(split), 20) and cands.dtype == np.int64
+    for i in range(len(split)):
+        check_row(cands[i], set(split.history[i, : split.length[i]].tolist()), int(split.target[i]), n)
+
+
+def test_same_seed_same_sets_and_other_seed_or_split_differs(split_and_items) -> None:
+    split, n = split_and_items
+    a = candidate_sets(split, n, count=20, seed=3, split_name="train")
+    b = candidate_sets(split, n, count=20, seed=3, split_name="train")
+    np.testing.assert_array_equal(a, b)
+    c = candidate_sets(split, n, count=20, seed=4, split_name="train")
+    d = candidate_sets(split, n, count=20, seed=3, split_name="val")
+    assert (a != c).any(axis=1).mean() > 0.9
+    assert (a != d).any(axis=1).mean() > 0.9
+
+
+def test_independent_of_subset_order_and_chunking(split_and_items, np_rng: np.random.Generator) -> None:
+    split, n = split_and_items
+    full = candidate_sets(split, n, count=15, seed=7, split_name="test")
+    index = np_rng.permutation(len(split))[:200]
+    part = candidate_sets(split.subset(index), n, count=15, seed=7, split_name="test", index=index)
+    np.testing.assert_array_equal(part, full[index])
+    chunked = candidate_sets(split, n, count=15, seed=7, split_name="test", chunk=37)
+    np.testing.assert_array_equal(chunked, full)
+
+
+def test_target_position_and_negatives_look_uniform() -> None:
+    # 4000 samples with an empty-ish history: every position and item should appear often
+    n, count, rows = 30, 10, 4000
+    split = Split(np.tile([[0, n]], (rows, 1)), np.ones(rows, dtype=np.int64), np.ones(rows, dtype=np.int64))
+    cands = candidate_sets(split, n, count=count, seed=0, split_name="train")
+    positions = np.argmax(cands == 1, axis=1)
+    assert np.bincount(positions, minlength=count).min() > rows / count * 0.8
+    counts = np.bincount(cands[cands != 1], minlength=n)
+    assert counts[0] == 0 and counts[1] == 0
+    expected = rows * (count - 1) / (n - 2)
+    assert np.all(np.abs(counts[2:] - expected) < 0.15 * expected)
+
+
+def test_tight_catalog_takes_every_allowed_item() -> None:
+    # 12 items, history of 2 distinct + target: exactly 9 negatives are possible
+    split = Split(np.array([[3, 4, 3, 12]]), np.array([3]), np.array([5]))
+    cands = candidate_sets(split, 12, count=10, seed=1, split_name="val")
+    assert sorted(cands[0].tolist()) == [0, 1, 2, 5, 6, 7, 8, 9, 10, 11]
+
+
+def test_too_many_candidates_names_the_row() -> None:
+    split = Split(np.array([[0, 1, 12], [3, 4, 5]]), np.array([2, 3]), np.array([2, 6]))
+    with pytest.raises(DataError, match=r"val split, row 1: only 8 items are neither in the history nor the target"):
+        candidate_sets(split, 12, count=10, seed=1, split_name="val")
+    with pytest.raises(ConfigError):
+        candidate_sets(split, 12, count=0, seed=1, split_name="val")
+
+
+def test_save_and_load(tmp_path: Path, split_and_items) -> None:
+    split, n = split_and_items
+    cands = candidate_sets(split, n, count=5, seed=0, split_name="val")
+    path = save_candidates(tmp_path / "eval" / "val_candidates.npy", cands)
+    np.testing.assert_array_equal(load_candidates(path, rows=len(split), num_items=n), cands)
+    with pytest.raises(DataError, match="rows"):
+        load_candidates(path, rows=len(split) + 1)
+    with pytest.raises(DataError, match=r"row \d+, id \d+: candidate outside the catalog"):
+        load_candidates(path, num_items=3)
+    with pytest.raises(ConfigError):
+        save_candidates(tmp_path / "c.pkl", cands)
+
+
+def test_load_refuses_pickled_arrays(tmp_path: Path) -> None:
+    path = tmp_path / "obj.npy"
+    np.save(path, np.array([[{"a": 1}]], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match="not a plain .npy array"):
+        load_candidates(path)

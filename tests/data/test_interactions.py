@@ -1,0 +1,146 @@
+"""Interaction logs: file discovery, id mapping, and the leave-one-out / sliding-window split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ilora.data.interactions import leave_one_out, read_interactions, sequences_to_splits
+from ilora.errors import ConfigError, DataError
+
+
+def reference_samples(users: list, items: list, times: list, item_id: dict, max_len: int) -> dict[str, list]:
+    """Obviously-correct split: one user at a time, a plain loop over positions."""
+    order_of_users: list = []
+    events: dict = {}
+    for row, (u, i, ts) in enumerate(zip(users, items, times)):
+        if u not in events:
+            order_of_users.append(u)
+            events[u] = []
+        events[u].append((ts, row, item_id[i]))
+    out: dict[str, list] = {"train": [], "val": [], "test": []}
+    for u in order_of_users:
+        seq = [item for _, _, item in sorted(events[u])]
+        big_t = len(seq)
+        for t in range(1, big_t):
+            sample = (seq[max(0, t - max_len) : t], seq[t])
+            if t == big_t - 1:
+                out["test"].append(sample)
+            elif t == big_t - 2:
+                out["val"].append(sample)
+            else:
+                out["train"].append(sample)
+    return out
+
+
+def samples(split) -> list:
+    return [(list(map(int, split.history[i, : split.length[i]])), int(split.target[i])) for i in range(len(split))]
+
+
+def random_log(rng: np.random.Generator, n_users: int, n_items: int, n_rows: int) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "user": [f"user{u}" for u in rng.integers(0, n_users, n_rows)],
+            "item": [f"k{i:03d}" for i in rng.integers(0, n_items, n_rows)],
+            "timestamp": rng.integers(0, 50, n_rows),  # many ties: file order must break them
+        }
+    )
+
+
+@pytest.mark.parametrize("max_len", [1, 3, 10])
+def test_split_matches_reference_csv(tmp_path: Path, np_rng: np.random.Generator, max_len: int) -> None:
+    log = random_log(np_rng, 25, 30, 400)
+    items = pd.DataFrame({"item": [f"k{i:03d}" for i in range(30)][::-1], "title": [f"Title {i}" for i in range(30)]})
+    log.to_csv(tmp_path / "interactions.csv", index=False)
+    items.to_csv(tmp_path / "items.csv", index=False)
+    ds = read_interactions(tmp_path, max_len=max_len)
+    item_id = {k: i for i, k in enumerate(items["item"])}
+    expected = reference_samples(log["user"].tolist(), log["item"].tolist(), log["timestamp"].tolist(), item_id, max_len)
+    for name in ("train", "val", "test"):
+        assert samples(ds.splits[name]) == expected[name], name
+        assert ds.splits[name].max_len == max_len
+    assert ds.catalog.titles == tuple(items["title"])
+    ds.validate()
+
+
+def test_parquet_with_integer_keys_and_items_beside(tmp_path: Path, np_rng: np.random.Generator) -> None:
+    log = pd.DataFrame({"user": np_rng.integers(0, 8, 120), "item": np_rng.integers(100, 120, 120), "timestamp": np_rng.random(120)})
+    log.to_parquet(tmp_path / "clicks.parquet")
+    items = pd.DataFrame({"item": np.arange(100, 125), "title": [f"Song {i}" for i in range(25)]})
+    items.to_parquet(tmp_path / "items.parquet")
+    ds = read_interactions(tmp_path / "clicks.parquet")  # items.parquet found beside the file
+    item_id = {k: k - 100 for k in range(100, 125)}
+    expected = reference_samples(log["user"].tolist(), log["item"].tolist(), log["timestamp"].tolist(), item_id, 10)
+    assert {n: samples(ds.splits[n]) for n in expected} == expected
+    assert ds.num_items == 25  # unused catalog items stay in the catalog
+
+
+def test_without_items_file_ids_follow_first_appearance(tmp_path: Path) -> None:
+    pd.DataFrame(
+        {"user": ["a", "a", "a", "b", "b"], "item": ["z", "y", "z", "x", "y"], "timestamp": [3, 1, 2, 1, 2]}
+    ).to_csv(tmp_path / "interactions.csv", index=False)
+    ds = read_interactions(tmp_path)
+    assert ds.catalog.titles == ("z", "y", "x")  # file order, not time order
+    # user a by time: y(1) z(0) z(0) ; user b: x(2) y(1)
+    assert samples(ds.splits["val"]) == [([1], 0)]
+    assert samples(ds.splits["test"]) == [([1, 0], 0), ([2], 1)]
+    assert samples(ds.splits["train"]) == []
+
+
+def test_iso_datetimes_and_explicit_items_file(tmp_path: Path) -> None:
+    pd.DataFrame(
+        {"user": [1, 1, 1], "item": [5, 6, 7], "timestamp": ["2024-01-03T10:00:00", "2024-01-01", "2024-01-02 08:00"]}
+    ).to_csv(tmp_path / "log.csv", index=False)
+    pd.DataFrame({"item": [7, 6, 5], "title": ["seven", "six", "five"]}).to_csv(tmp_path / "catalog.csv", index=False)
+    ds = read_interactions(tmp_path / "log.csv", items=tmp_path / "catalog.csv")
+    # time order: 6, 7, 5 -> ids 1, 0, 2
+    assert samples(ds.splits["test"]) == [([1, 0], 2)]
+    assert samples(ds.splits["val"]) == [([1], 0)]
+
+
+def test_titles_that_look_like_missing_values_stay_text(tmp_path: Path) -> None:
+    pd.DataFrame({"user": [1, 1], "item": ["NA", "None"], "timestamp": [1, 2]}).to_csv(tmp_path / "interactions.csv", index=False)
+    pd.DataFrame({"item": ["NA", "None"], "title": ["NA", "null"]}).to_csv(tmp_path / "items.csv", index=False)
+    ds = read_interactions(tmp_path)
+    assert ds.catalog.titles == ("NA", "null")
+
+
+@pytest.mark.parametrize(
+    ("log", "items", "pattern"),
+    [
+        ("user,item\n1,a\n", None, r"interactions.csv: missing column\(s\) timestamp"),
+        ("user,item,timestamp\n1,a,1\n1,,2\n", None, r"interactions.csv, row 1: missing item"),
+        ("user,item,timestamp\n1,a,1\n1,b,yesterday\n", None, r"interactions.csv, row 1: timestamp 'yesterday'"),
+        ("user,item,timestamp\n1,a,1\n1,q,2\n", "item,title\na,A\nb,B\n", r"interactions.csv, row 1: item 'q' is not in items.csv"),
+        ("user,item,timestamp\n1,a,1\n", "item,title\na,A\na,B\n", r"items.csv, row 1: duplicate item key 'a' \(first in row 0\)"),
+        ("user,item,timestamp\n1,a,1\n", "item,name\na,A\n", r"items.csv: missing column\(s\) title"),
+    ],
+)
+def test_errors_name_file_and_row(tmp_path: Path, log: str, items: str | None, pattern: str) -> None:
+    (tmp_path / "interactions.csv").write_text(log)
+    if items is not None:
+        (tmp_path / "items.csv").write_text(items)
+    with pytest.raises(DataError, match=pattern):
+        read_interactions(tmp_path)
+
+
+def test_directory_without_or_with_two_logs(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no interactions file"):
+        read_interactions(tmp_path)
+    (tmp_path / "interactions.csv").write_text("user,item,timestamp\n")
+    pd.DataFrame({"user": [1], "item": [1], "timestamp": [1]}).to_parquet(tmp_path / "interactions.parquet")
+    with pytest.raises(DataError, match="both interactions.csv and interactions.parquet"):
+        read_interactions(tmp_path)
+
+
+def test_leave_one_out_small_users_and_bad_max_len() -> None:
+    splits = sequences_to_splits([[4], [1, 2], [1, 2, 3], [0, 1, 2, 3, 4]], num_items=5, max_len=2)
+    assert samples(splits["test"]) == [([1], 2), ([1, 2], 3), ([2, 3], 4)]
+    assert samples(splits["val"]) == [([1], 2), ([1, 2], 3)]
+    assert samples(splits["train"]) == [([0], 1), ([0, 1], 2)]
+    assert splits["train"].history[0].tolist() == [0, 5]  # padded with num_items
+    with pytest.raises(ConfigError):
+        leave_one_out(np.array([2]), np.array([0, 1]), max_len=0, padding_id=2)
