@@ -1,0 +1,241 @@
+"""Train SASRec on a dataset's train split, selecting weights on the validation split only.
+
+`train_sasrec` runs Adam over shuffled mini-batches, one loss per sample at the last
+valid position: ``ce`` (softmax cross-entropy over all items) or ``bce`` (the
+DLLM2Rec/LLaRA objective: the target against ``negatives`` items sampled uniformly
+among those neither in the history nor the target). After every epoch it evaluates
+the validation split, logs a row to ``metrics.csv`` and TensorBoard (``tb/``), and keeps
+the best weights by ``cfg.monitor``; ``patience`` epochs without improvement stop it.
+The test split is never used for any decision; its metrics are only reported at the end.
+The output directory then holds ``model.safetensors``, ``config.json`` (the
+architecture, what `ilora.rec.sasrec.load_sasrec` reads), ``train_config.json`` and
+``result.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+from tqdm import tqdm
+
+from ilora.config import option, to_dict
+from ilora.metrics_log import MetricsLog
+from ilora.data.dataset import SeqDataset, Split
+from ilora.errors import ConfigError, IloraError
+from ilora.rec.evaluate import evaluate_sasrec, fixed_candidates
+from ilora.rec.sasrec import SASRec, SASRecConfig
+
+log = logging.getLogger(__name__)
+
+MONITORS = ("ndcg@10", "hr@10", "ndcg@20", "hr@20", "cand_hr@1")
+
+
+@dataclass
+class RecTrainConfig:
+    """Options of `train_sasrec` / ``ilora rec train``."""
+
+    epochs: int = option(30, "maximum number of passes over the train split")
+    max_steps: int | None = option(None, "stop after this many optimizer steps in total (none: no limit)")
+    batch_size: int = option(256, "training samples per optimizer step")
+    lr: float = option(1e-3, "Adam learning rate")
+    weight_decay: float = option(0.0, "Adam weight decay (L2)")
+    loss: Literal["ce", "bce"] = option("ce", "ce: softmax cross-entropy over all items; bce: target vs sampled negatives (DLLM2Rec)")
+    negatives: int = option(1, "negatives per sample for loss=bce (uniform over items not in the history or target)")
+    hidden: int = option(64, "embedding / hidden size")
+    heads: int = option(1, "attention heads")
+    blocks: int = option(1, "attention + feed-forward blocks")
+    dropout: float = option(0.1, "dropout rate")
+    seed: int = option(0, "random seed (init, shuffling, negatives, dropout)")
+    device: Literal["cpu", "cuda"] = option("cpu", "device to train on")
+    patience: int = option(5, "stop after this many epochs without a better validation score (0: never stop early)")
+    monitor: Literal["ndcg@10", "hr@10", "ndcg@20", "hr@20", "cand_hr@1"] = option(
+        "ndcg@10", "validation metric that selects the best epoch"
+    )
+    eval_candidates: int = option(20, "candidate-set size for val/test cand_hr@1 (0: skip candidate metrics)")
+    cand_seed: int = option(0, "seed of the fixed val/test candidate sets (kept apart from `seed` so runs compare)")
+    mask_history: bool = option(False, "leave history items out of the full ranking during evaluation")
+    train_min_len: int = option(1, "train only on samples with at least this many history items (--min-len filters every split at load time)")
+    eval_batch_size: int = option(1024, "samples per evaluation batch")
+    threads: int | None = option(None, "CPU threads for torch (none: torch's default)")
+
+    def validate(self) -> None:
+        checks = [
+            (self.epochs >= 1, "epochs must be >= 1"),
+            (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.lr > 0, "lr must be > 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (self.negatives >= 1, "negatives must be >= 1"),
+            (self.patience >= 0, "patience must be >= 0"),
+            (self.eval_candidates >= 0, "eval_candidates must be >= 0"),
+            (self.train_min_len >= 1, "train_min_len must be >= 1"),
+            (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
+        ]
+        for ok, problem in checks:
+            if not ok:
+                raise ConfigError(problem)
+        if self.monitor == "cand_hr@1" and self.eval_candidates == 0:
+            raise ConfigError("monitor=cand_hr@1 needs eval_candidates > 0")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device=cuda but torch sees no CUDA device")
+
+
+def sample_negatives(
+    history: torch.Tensor, length: torch.Tensor, target: torch.Tensor, num_items: int, count: int, generator: torch.Generator
+) -> torch.Tensor:
+    """``(B, count)`` items drawn uniformly (with replacement) from those not in the history nor the target."""
+    b, width = history.shape
+    valid = torch.arange(width, device=history.device)[None, :] < length[:, None]
+    allowed = torch.ones(b, num_items + 1, device=history.device)
+    allowed.scatter_(1, history.masked_fill(~valid, num_items), 0.0)
+    allowed[torch.arange(b, device=history.device), target] = 0.0
+    allowed = allowed[:, :num_items]
+    if bool((allowed.sum(dim=1) == 0).any()):
+        raise IloraError("a sample's history and target cover every item; no negative can be sampled")
+    return torch.multinomial(allowed, count, replacement=True, generator=generator)
+
+
+def sasrec_loss(
+    model: SASRec,
+    history: torch.Tensor,
+    length: torch.Tensor,
+    target: torch.Tensor,
+    cfg: RecTrainConfig,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """Mean training loss of one batch (``cfg.loss``)."""
+    logits = model.scores(history, length)
+    if cfg.loss == "ce":
+        return F.cross_entropy(logits, target)
+    negs = sample_negatives(history, length, target, model.num_items, cfg.negatives, generator)
+    pos = logits.gather(1, target[:, None])
+    neg = logits.gather(1, negs)
+    scores = torch.cat([pos.reshape(-1), neg.reshape(-1)])
+    labels = torch.cat([torch.ones(pos.numel(), device=logits.device), torch.zeros(neg.numel(), device=logits.device)])
+    return F.binary_cross_entropy_with_logits(scores, labels)
+
+
+def _train_split(dataset: SeqDataset, min_len: int) -> Split:
+    train = dataset.split("train")
+    keep = np.flatnonzero(train.length >= min_len)
+    if keep.size == 0:
+        raise IloraError(f"{dataset.source or 'dataset'}: no train sample has at least min_len={min_len} history items")
+    return train if keep.size == len(train) else train.subset(keep)
+
+
+def _metric_subset(metrics: dict[str, object], prefix: str) -> dict[str, float]:
+    return {f"{prefix}{k}": float(v) for k, v in metrics.items() if "@" in k}  # type: ignore[arg-type]
+
+
+def train_sasrec(dataset: SeqDataset, cfg: RecTrainConfig, out_dir: str | Path) -> dict[str, object]:
+    """Train, keep the best-by-validation weights, save them to ``out_dir``; return final metrics.
+
+    Without a validation split the weights of the last epoch are kept.
+    """
+    cfg.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    sample_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+
+    train = _train_split(dataset, cfg.train_min_len)
+    has_val = dataset.splits.get("val") is not None and len(dataset.split("val")) > 0
+    arch = SASRecConfig(
+        num_items=dataset.num_items, max_len=dataset.max_len, hidden=cfg.hidden, heads=cfg.heads, blocks=cfg.blocks, dropout=cfg.dropout
+    )
+    model = SASRec(arch).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
+
+    val_cands = None
+    if has_val and cfg.eval_candidates:
+        val_cands = fixed_candidates(
+            dataset.split("val"), dataset.num_items, split_name="val", count=cfg.eval_candidates, seed=cfg.cand_seed
+        )
+
+    history = torch.from_numpy(train.history)
+    length = torch.from_numpy(train.length)
+    target = torch.from_numpy(train.target)
+    n = len(train)
+    steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
+    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    logger = MetricsLog(out)
+    best_score, best_epoch, best_state, bad_epochs, step, epoch = -1.0, 0, None, 0, 0, 0
+    bar = tqdm(total=total, desc="train sasrec", unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            order = torch.randperm(n, generator=generator)
+            loss_sum, batches = 0.0, 0
+            for start in range(0, n, cfg.batch_size):
+                idx = order[start : start + cfg.batch_size]
+                loss = sasrec_loss(
+                    model, history[idx].to(device), length[idx].to(device), target[idx].to(device), cfg, sample_gen
+                )
+                if not torch.isfinite(loss.detach()):
+                    raise IloraError(f"training diverged at step {step + 1} (loss {loss.item()}); lower lr")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum, batches, step = loss_sum + loss.item(), batches + 1, step + 1
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{loss_sum / batches:.4f}")
+                if cfg.max_steps is not None and step >= cfg.max_steps:
+                    break
+            row: dict[str, float | int] = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(batches, 1)}
+            if has_val:
+                val = evaluate_sasrec(
+                    model, dataset, "val", candidates=val_cands, count=0, mask_history=cfg.mask_history, batch_size=cfg.eval_batch_size
+                )
+                row.update(_metric_subset(val, "val_"))
+                score = float(val[cfg.monitor])  # type: ignore[arg-type]
+                if score > best_score:
+                    best_score, best_epoch, bad_epochs = score, epoch, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                else:
+                    bad_epochs += 1
+            logger.log(row, step)
+            log.info("epoch %d step %d " + " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "step")), epoch, step)
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
+            if has_val and cfg.patience and bad_epochs >= cfg.patience:
+                log.info("early stop: no better val %s for %d epochs", cfg.monitor, bad_epochs)
+                break
+    finally:
+        bar.close()
+        logger.close()
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    else:
+        best_epoch = epoch
+    model.eval()
+    model.to("cpu").save(out)
+    result: dict[str, object] = {
+        "best_epoch": best_epoch,
+        "epochs_run": epoch,
+        "steps": step,
+        "selected_by": f"val {cfg.monitor}" if best_state is not None else "last epoch (no validation split)",
+        "out": str(out),
+    }
+    model.to(device)
+    eval_kw = dict(mask_history=cfg.mask_history, batch_size=cfg.eval_batch_size)
+    if has_val:
+        result["val"] = evaluate_sasrec(model, dataset, "val", candidates=val_cands, count=0, **eval_kw)  # type: ignore[arg-type]
+    if dataset.splits.get("test") is not None and len(dataset.split("test")) > 0:
+        result["test"] = evaluate_sasrec(model, dataset, "test", count=cfg.eval_candidates, cand_seed=cfg.cand_seed, **eval_kw)  # type: ignore[arg-type]
+    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result

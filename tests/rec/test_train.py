@@ -1,0 +1,168 @@
+"""SASRec training: losses, negative sampling, selection on val only, outputs, determinism."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ilora.data.dataset import Catalog, SeqDataset, Split
+from ilora.errors import ConfigError
+from ilora.rec.evaluate import evaluate_popularity, evaluate_sasrec
+from ilora.rec.sasrec import SASRec, SASRecConfig, load_sasrec
+from ilora.rec.train import RecTrainConfig, sample_negatives, sasrec_loss, train_sasrec
+
+N_ITEMS, WIDTH = 40, 6
+
+
+def make_split(n: int, seed: int) -> Split:
+    """Sequences that mostly step to the next id (``next = last + 1 mod N``)."""
+    rng = np.random.default_rng(seed)
+    length = rng.integers(1, WIDTH + 1, n)
+    history = np.full((n, WIDTH), N_ITEMS)
+    target = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        item = int(rng.integers(N_ITEMS))
+        for j in range(int(length[i])):
+            history[i, j] = item
+            item = (item + 1) % N_ITEMS if rng.random() < 0.9 else int(rng.integers(N_ITEMS))
+        target[i] = item
+    return Split(history, length, target)
+
+
+def make_dataset(with_val: bool = True) -> SeqDataset:
+    catalog = Catalog(tuple(f"item {i}" for i in range(N_ITEMS)))
+    splits = {"train": make_split(800, 0), "val": make_split(80, 1) if with_val else None, "test": make_split(80, 2)}
+    return SeqDataset(catalog, splits, source="synthetic")
+
+
+def quick_cfg(**kw) -> RecTrainConfig:
+    base = dict(epochs=6, batch_size=64, hidden=16, lr=5e-3, eval_candidates=5, patience=0, threads=1)
+    base.update(kw)
+    return RecTrainConfig(**base)
+
+
+def test_ce_loss_is_softmax_cross_entropy() -> None:
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(num_items=N_ITEMS, max_len=WIDTH, hidden=8)).eval()
+    s = make_split(10, 3)
+    hist, length, target = (torch.from_numpy(a) for a in (s.history, s.length, s.target))
+    loss = sasrec_loss(model, hist, length, target, quick_cfg(loss="ce"), torch.Generator())
+    scores = model.scores(hist, length).tolist()
+    manual = 0.0
+    for row, t in zip(scores, target.tolist()):
+        manual += math.log(sum(math.exp(x) for x in row)) - row[t]
+    assert loss.item() == pytest.approx(manual / len(scores), rel=1e-5)
+
+
+def test_bce_loss_is_target_vs_sampled_negatives() -> None:
+    torch.manual_seed(0)
+    model = SASRec(SASRecConfig(num_items=N_ITEMS, max_len=WIDTH, hidden=8)).eval()
+    s = make_split(10, 3)
+    hist, length, target = (torch.from_numpy(a) for a in (s.history, s.length, s.target))
+    cfg = quick_cfg(loss="bce", negatives=3)
+    loss = sasrec_loss(model, hist, length, target, cfg, torch.Generator().manual_seed(7))
+    negs = sample_negatives(hist, length, target, N_ITEMS, 3, torch.Generator().manual_seed(7)).tolist()
+    scores = model.scores(hist, length).tolist()
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    terms = []
+    for row, t, ns in zip(scores, target.tolist(), negs):
+        terms.append(-math.log(sig(row[t])))
+        terms.extend(-math.log(1 - sig(row[j])) for j in ns)
+    assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_negatives_avoid_history_and_target() -> None:
+    s = make_split(20, 4)
+    hist, length, target = (torch.from_numpy(a) for a in (s.history, s.length, s.target))
+    negs = sample_negatives(hist, length, target, N_ITEMS, 500, torch.Generator().manual_seed(0))
+    assert negs.shape == (20, 500)
+    for i in range(20):
+        forbidden = set(s.history[i, : s.length[i]].tolist()) | {int(s.target[i])}
+        drawn = set(negs[i].tolist())
+        assert not drawn & forbidden
+        assert drawn == set(range(N_ITEMS)) - forbidden  # every allowed item can be drawn
+
+
+def read_csv(path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_training_learns_selects_on_val_and_writes_outputs(tmp_path) -> None:
+    ds = make_dataset()
+    cfg = quick_cfg()
+    result = train_sasrec(ds, cfg, tmp_path / "run")
+    out = tmp_path / "run"
+    for name in ("model.safetensors", "config.json", "train_config.json", "metrics.csv", "result.json"):
+        assert (out / name).is_file(), name
+    assert any((out / "tb").iterdir())
+    rows = read_csv(out / "metrics.csv")
+    assert len(rows) == result["epochs_run"] == 6
+    best = max(range(len(rows)), key=lambda i: (float(rows[i]["val_ndcg@10"]), -i))
+    assert result["best_epoch"] == best + 1
+    assert result["val"]["ndcg@10"] == pytest.approx(float(rows[best]["val_ndcg@10"]))
+    # The saved model is the selected one.
+    model = load_sasrec(out)
+    again = evaluate_sasrec(model, ds, "val", count=5)
+    assert again["ndcg@10"] == pytest.approx(result["val"]["ndcg@10"])
+    assert again["cand_hr@1"] == pytest.approx(result["val"]["cand_hr@1"])
+    # It learned the successor pattern, far beyond popularity.
+    pop = evaluate_popularity(ds, "val", count=5)
+    assert result["val"]["hr@1"] > 0.5 > pop["hr@1"] + 0.3
+    assert result["val"]["cand_hr@1"] > pop["cand_hr@1"] + 0.3
+    assert "test" in result and result["test"]["num_samples"] == 80
+
+
+def test_test_split_does_not_influence_training(tmp_path) -> None:
+    ds = make_dataset()
+    cfg = quick_cfg(epochs=3)
+    first = train_sasrec(ds, cfg, tmp_path / "a")
+    test = ds.splits["test"]
+    ds.splits["test"] = Split(test.history, test.length, (test.target + 1) % N_ITEMS)
+    second = train_sasrec(ds, cfg, tmp_path / "b")
+    assert first["best_epoch"] == second["best_epoch"]
+    a, b = load_sasrec(tmp_path / "a").state_dict(), load_sasrec(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert first["test"]["hr@1"] != second["test"]["hr@1"]
+
+
+def test_deterministic_given_seed_and_max_steps(tmp_path) -> None:
+    ds = make_dataset()
+    runs = [train_sasrec(ds, quick_cfg(max_steps=15, loss="bce", negatives=2, seed=s), tmp_path / f"r{i}") for i, s in enumerate((3, 3, 4))]
+    assert all(r["steps"] == 15 for r in runs)
+    models = [load_sasrec(tmp_path / f"r{i}").state_dict() for i in range(3)]
+    assert all(torch.equal(models[0][k], models[1][k]) for k in models[0])
+    assert not all(torch.equal(models[0][k], models[2][k]) for k in models[0])
+
+
+def test_bce_training_reduces_loss(tmp_path) -> None:
+    ds = make_dataset()
+    train_sasrec(ds, quick_cfg(epochs=4, loss="bce", negatives=4, eval_candidates=0), tmp_path / "bce")
+    rows = read_csv(tmp_path / "bce" / "metrics.csv")
+    assert float(rows[-1]["train_loss"]) < 0.8 * float(rows[0]["train_loss"])
+    assert "val_cand_hr@1" not in rows[0]
+
+
+def test_without_val_split_keeps_last_epoch(tmp_path) -> None:
+    ds = make_dataset(with_val=False)
+    result = train_sasrec(ds, quick_cfg(epochs=2), tmp_path / "noval")
+    assert result["best_epoch"] == 2 and "last epoch" in result["selected_by"] and "val" not in result
+
+
+def test_early_stopping(tmp_path) -> None:
+    ds = make_dataset()
+    # A vanishing learning rate keeps the val score flat, so patience triggers.
+    result = train_sasrec(ds, quick_cfg(epochs=50, lr=1e-9, patience=2, eval_candidates=0), tmp_path / "es")
+    assert result["epochs_run"] < 50
+    assert result["epochs_run"] - result["best_epoch"] == 2
+
+
+def test_config_validation(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="monitor"):
+        train_sasrec(make_dataset(), quick_cfg(monitor="cand_hr@1", eval_candidates=0), tmp_path / "x")
+    with pytest.raises(ConfigError, match="batch_size"):
+        quick_cfg(batch_size=0).validate()
