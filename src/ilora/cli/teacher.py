@@ -1,0 +1,102 @@
+"""`ilora teacher train|eval`: the iLoRA teacher from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ilora.cli.common import add_data_arguments, add_json_argument, load_data, print_json
+from ilora.config import add_arguments, add_config_arguments, config_from_args
+from ilora.errors import IloraError
+from ilora.teacher.config import TeacherConfig
+
+SPLIT_CHOICES = ("train", "val", "test")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ilora.teacher.train import train_teacher
+
+    cfg = config_from_args(TeacherConfig, args)
+    if not Path(args.rec).is_dir():
+        raise IloraError(f"{args.rec}: SASRec directory not found (train one with `ilora rec train`)")
+    dataset = load_data(args)
+    summary = train_teacher(dataset, cfg, args.rec, args.out)
+    if args.json:
+        print_json(summary)
+    else:
+        best = summary["best_val"] or {}
+        print(f"teacher written to {args.out}; best val {cfg.select_metric} = {best.get(cfg.select_metric, float('nan')):.4f}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ilora.data.candidates import candidate_sets, save_candidates
+    from ilora.teacher.build import load_teacher
+    from ilora.teacher.evaluate import evaluate_teacher
+
+    dataset = load_data(args)
+    split = dataset.split(args.split)
+    if args.limit:
+        split = split.subset(slice(0, args.limit))
+    bundle = load_teacher(args.teacher, dataset.catalog, device=args.device)
+    candidates = candidate_sets(split, dataset.num_items, count=args.candidates, seed=args.seed, split_name=args.split)
+    result = {"split": args.split, "protocol": args.protocol, "gate": args.gate, "candidates": args.candidates, "candidate_seed": args.seed}
+    result.update(
+        evaluate_teacher(bundle, split, candidates, dataset.catalog.titles, protocol=args.protocol, gate_mode=args.gate, batch_size=args.batch_size, device=args.device)
+    )
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_candidates(out / f"candidates_{args.split}.npy", candidates)
+        (out / f"eval_{args.split}_{args.protocol}_{args.gate.replace(':', '')}.json").write_text(json.dumps(result, indent=2))
+    if args.json:
+        print_json(result)
+    else:
+        for key, value in result.items():
+            if key != "gate_stats":
+                print(f"{key:<22} {value}")
+        stats = result["gate_stats"]
+        print(f"{'gate mean weight':<22} {[round(w, 4) for w in stats['mean_weight']]}")
+        print(f"{'gate mean entropy':<22} {stats['mean_entropy']:.4f} (max {stats['max_entropy']:.4f})")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    group = subparsers.add_parser("teacher", help="train and evaluate the iLoRA teacher", description="The iLoRA teacher: an LLM with per-sample gated LoRA experts.")
+    sub = group.add_subparsers(dest="teacher_command", metavar="COMMAND", required=True)
+
+    train = sub.add_parser(
+        "train",
+        help="train a teacher on DATA with a trained SASRec",
+        description="Train the iLoRA teacher (LoRA experts, gate network, projector) on DATA's train split; "
+        "validate by the score protocol each epoch; write the best checkpoint to --out.",
+    )
+    add_data_arguments(train)
+    train.add_argument("--rec", required=True, metavar="DIR", help="trained SASRec directory (ilora rec train / rec import-llara)")
+    train.add_argument("--out", required=True, metavar="DIR", help="output directory for the teacher checkpoint and logs")
+    add_json_argument(train)
+    add_arguments(train, TeacherConfig)
+    add_config_arguments(train)
+    train.set_defaults(run=run_train)
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a teacher on fixed candidate sets",
+        description="Evaluate a teacher on a split with fixed candidate sets (target + N-1 items not in the history). "
+        "score: exact log-likelihood of every candidate title, ranked; generate: greedy generation and the "
+        "iLoRA/LLaRA validity rule (exactly one candidate title in the output; hr@1 = correct / valid).",
+    )
+    add_data_arguments(ev)
+    ev.add_argument("--teacher", required=True, metavar="DIR", help="teacher checkpoint directory (ilora teacher train --out)")
+    ev.add_argument("--split", default="test", choices=SPLIT_CHOICES, help="split to evaluate [default: test]")
+    ev.add_argument("--protocol", default="score", choices=("score", "generate"), help="score (default) or generate")
+    ev.add_argument("--gate", default="learned", metavar="MODE", help="learned (default), uniform (plain LoRA) or expert:N (all weight on expert N)")
+    ev.add_argument("--candidates", type=int, default=20, metavar="N", help="candidates per sample, target included [default: 20]")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the fixed candidate sets [default: 0]")
+    ev.add_argument("--batch-size", type=int, default=16, metavar="N", help="prompts per batch [default: 16]")
+    ev.add_argument("--limit", type=int, default=0, metavar="N", help="evaluate only the first N samples (0: all)")
+    ev.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device [default: cpu]")
+    ev.add_argument("--out", default=None, metavar="DIR", help="also write the metrics and the candidate sets used here")
+    add_json_argument(ev)
+    ev.set_defaults(run=run_eval)

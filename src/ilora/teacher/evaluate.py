@@ -1,0 +1,128 @@
+"""Teacher evaluation: the score protocol and the generate protocol (iLoRA/LLaRA).
+
+* score (default): every candidate's exact answer log-likelihood; the candidates are
+  ranked by it (ties never favour the target). Reports ``hr@1``, ``ndcg@5``,
+  ``ndcg@10``, ``mrr``, ``mean_target_logprob`` and ``valid_ratio`` = 1.
+* generate: greedy generation, then the reference rule: an output is *valid* if exactly
+  one candidate title occurs in it (case-insensitive substring, first line only).
+  ``valid_ratio`` = valid / all; ``hr@1`` = correct / valid (the iLoRA/LLaRA
+  definition, which ignores invalid outputs) and ``hr@1_all`` = correct / all.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ilora.data.dataset import Split
+
+
+def rank_of_target(scores: torch.Tensor, target_col: torch.Tensor) -> torch.Tensor:
+    """0-based rank of the target among candidates; ties count against the target."""
+    target = scores.gather(1, target_col[:, None])
+    others = torch.ones_like(scores, dtype=torch.bool).scatter_(1, target_col[:, None], False)
+    return ((scores >= target) & others).sum(1)
+
+
+def score_metrics(scores: torch.Tensor, target_col: torch.Tensor) -> dict[str, float]:
+    """Ranking metrics of the score protocol from (N, C) scores and the target's column."""
+    rank = rank_of_target(scores, target_col).double()
+    gain = 1.0 / torch.log2(rank + 2.0)
+    return {
+        "hr@1": float((rank < 1).double().mean()),
+        "hr@5": float((rank < 5).double().mean()),
+        "ndcg@5": float(torch.where(rank < 5, gain, 0.0).mean()),
+        "ndcg@10": float(torch.where(rank < 10, gain, 0.0).mean()),
+        "mrr": float((1.0 / (rank + 1.0)).mean()),
+        "mean_target_logprob": float(scores.gather(1, target_col[:, None]).double().mean()),
+        "valid_ratio": 1.0,
+    }
+
+
+def matched_candidates(text: str, candidate_titles: Sequence[str]) -> list[int]:
+    """Indices of candidate titles occurring in the first line of ``text`` (case-insensitive)."""
+    first_line = text.strip().split("\n")[0].strip().lower()
+    return [i for i, title in enumerate(candidate_titles) if title.strip().lower() in first_line]
+
+
+def generate_metrics(texts: Sequence[str], candidate_titles: Sequence[Sequence[str]], target_col: Sequence[int]) -> dict[str, float]:
+    """valid_ratio, hr@1 (correct / valid) and hr@1_all (correct / all)."""
+    valid = correct = 0
+    for text, titles, target in zip(texts, candidate_titles, target_col, strict=True):
+        hits = matched_candidates(text, titles)
+        if len(hits) == 1:
+            valid += 1
+            correct += int(titles[hits[0]].strip().lower() == titles[target].strip().lower())
+    total = len(texts)
+    return {
+        "valid_ratio": valid / total if total else math.nan,
+        "hr@1": correct / valid if valid else 0.0,
+        "hr@1_all": correct / total if total else math.nan,
+    }
+
+
+def _batches(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def target_columns(candidates: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Column of the target in each candidate row (it occurs exactly once)."""
+    hits = candidates == target[:, None]
+    if not hits.any(1).all():
+        row = int(np.flatnonzero(~hits.any(1))[0])
+        raise ValueError(f"candidate row {row} does not contain the target {int(target[row])}")
+    return hits.argmax(1)
+
+
+@torch.no_grad()
+def score_split(bundle, split: Split, candidates: np.ndarray, gate_mode: str = "learned", batch_size: int = 16, device: str = "cpu", desc: str = "score") -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C) candidate log-likelihoods and the (N, E) gates used, batch by batch."""
+    teacher = bundle.teacher.eval()
+    scores, gates = [], []
+    for sl in tqdm(list(_batches(len(split), batch_size)), desc=desc, unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True):
+        batch = bundle.prompt_collator.build(split.history[sl], split.length[sl], candidates[sl]).to(device)
+        cands = batch.candidates
+        scores.append(teacher.score_candidates(batch, cands, gate_mode).float().cpu())
+        gates.append(teacher.gates(batch.history, batch.length, gate_mode).float().cpu())
+    return torch.cat(scores), torch.cat(gates)
+
+
+@torch.no_grad()
+def generate_split(bundle, split: Split, candidates: np.ndarray, gate_mode: str = "learned", batch_size: int = 16, device: str = "cpu", max_new_tokens: int | None = None) -> list[str]:
+    """Greedy generations for every sample (prompt without answer)."""
+    teacher = bundle.teacher.eval()
+    limit = max_new_tokens or int(teacher.title_table.length.max()) + 8
+    texts: list[str] = []
+    for sl in tqdm(list(_batches(len(split), batch_size)), desc="generate", unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True):
+        batch = bundle.prompt_collator.build(split.history[sl], split.length[sl], candidates[sl]).to(device)
+        texts += teacher.generate(batch, gate_mode, max_new_tokens=limit)
+    return texts
+
+
+def evaluate_teacher(bundle, split: Split, candidates: np.ndarray, titles: Sequence[str], *, protocol: str = "score", gate_mode: str = "learned", batch_size: int = 16, device: str = "cpu") -> dict:
+    """Metrics of one protocol on one split with fixed candidates, plus gate statistics."""
+    from ilora.teacher.gate import gate_statistics
+
+    cols = target_columns(candidates, split.target)
+    if protocol == "score":
+        scores, gates = score_split(bundle, split, candidates, gate_mode, batch_size, device)
+        metrics = score_metrics(scores, torch.as_tensor(cols))
+    elif protocol == "generate":
+        texts = generate_split(bundle, split, candidates, gate_mode, batch_size, device)
+        cand_titles = [[titles[int(i)] for i in row] for row in candidates]
+        metrics = generate_metrics(texts, cand_titles, cols.tolist())
+        gates = torch.cat([
+            bundle.teacher.gates(torch.as_tensor(split.history[sl]).to(device), torch.as_tensor(split.length[sl]).to(device), gate_mode).float().cpu()
+            for sl in _batches(len(split), batch_size)
+        ])
+    else:
+        raise ValueError(f"unknown protocol {protocol!r}")
+    metrics["num_samples"] = len(split)
+    metrics["gate_stats"] = gate_statistics(gates)
+    return metrics

@@ -1,0 +1,203 @@
+"""The iLoRA teacher: a frozen causal LM with gated LoRA experts, driven by SASRec.
+
+One forward path. `ILoRATeacher.run` turns a `PromptBatch` into
+``(inputs_embeds, attention_mask, position_ids, gates)`` and runs the LLM's decoder with
+the per-sample gate in scope. Everything else calls it:
+
+* `loss`: next-token cross-entropy on the answer tokens only; LM-head logits are
+  computed only at the positions that predict an answer token.
+* `score_candidates`: exact log-likelihood of each candidate title (+ eos) given the
+  prompt. The prompt is encoded once; its KV cache is repeated for the C candidates
+  and the C continuations run as one batch.
+* `generate`: greedy decoding from the prompt, logits only at the last position.
+* teacher-output export (later) uses `score_candidates` and `run`.
+
+Gates: ``learned`` (the gate network on SASRec's user representation), ``uniform``
+(every expert 1/E: plain LoRA) or ``expert:N`` (all weight on expert N).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ilora.errors import ConfigError
+
+
+@dataclass
+class DecoderOutput:
+    hidden: torch.Tensor  # (B, T, H) last hidden states
+    past_key_values: object | None
+    gates: torch.Tensor  # (B, E) the gate that was applied
+
+
+def _cache_argument(decoder: nn.Module) -> str:
+    """The KV-cache keyword of this transformers version: ``cache`` (5.x) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def parse_gate_mode(mode: str, num_experts: int) -> tuple[str, int | None]:
+    """``learned`` | ``uniform`` | ``expert:N`` -> (kind, N)."""
+    if mode in ("learned", "uniform"):
+        return mode, None
+    if mode.startswith("expert:"):
+        try:
+            n = int(mode.split(":", 1)[1])
+        except ValueError:
+            n = -1
+        if not 0 <= n < num_experts:
+            raise ConfigError(f"gate {mode!r}: expert index must be in 0..{num_experts - 1}")
+        return "expert", n
+    raise ConfigError(f"gate {mode!r}: expected learned, uniform or expert:N")
+
+
+class ILoRATeacher(nn.Module):
+    """Frozen LLM + gated LoRA experts + gate network + projector, reading a frozen SASRec.
+
+    Trainable: the LoRA experts (inside ``llm``), ``gate_net`` and ``projector``.
+    """
+
+    def __init__(self, llm, tokenizer, rec, gate_net, projector, gate_state, title_table, num_experts: int) -> None:
+        super().__init__()
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.rec = rec
+        self.gate_net = gate_net
+        self.projector = projector
+        self.gate_state = gate_state
+        self.title_table = title_table
+        self.num_experts = num_experts
+        for p in self.rec.parameters():
+            p.requires_grad_(False)
+        self.rec.eval()
+
+    # -- the one forward path ------------------------------------------------------------------
+    def gates(self, history: torch.Tensor, length: torch.Tensor, mode: str = "learned") -> torch.Tensor:
+        """(B, E) expert weights for each sample."""
+        kind, n = parse_gate_mode(mode, self.num_experts)
+        batch = history.shape[0]
+        if kind == "learned":
+            with torch.no_grad():
+                user = self.rec.user_representation(history, length)
+            return self.gate_net(user.float())
+        weights = torch.zeros(batch, self.num_experts, device=history.device)
+        if kind == "uniform":
+            return weights + 1.0 / self.num_experts
+        weights[:, n] = 1.0
+        return weights
+
+    def embed(self, batch) -> torch.Tensor:
+        """Token embeddings with every placeholder replaced by its projected SASRec item embedding."""
+        from ilora.teacher.batch import substitute_placeholders
+
+        embeds = self.llm.get_input_embeddings()(batch.input_ids)
+        if batch.ph_item.numel() == 0:
+            return embeds
+        with torch.no_grad():
+            item_vectors = self.rec.item_embeddings(batch.ph_item)
+        projected = self.projector(item_vectors.float()).to(embeds.dtype)
+        return substitute_placeholders(embeds, batch, projected)
+
+    def decode(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        gates: torch.Tensor,
+        past_key_values=None,
+        use_cache: bool = False,
+    ) -> DecoderOutput:
+        """Run the LLM's decoder stack with ``gates`` in scope for every adapted layer."""
+        decoder = self.llm.get_decoder()
+        cache_kwarg = _cache_argument(decoder)
+        with self.gate_state.use(gates):
+            out = decoder(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=use_cache,
+                **{cache_kwarg: past_key_values},
+            )
+        return DecoderOutput(out.last_hidden_state, out[cache_kwarg] if use_cache else None, gates)
+
+    def run(self, batch, gate_mode: str = "learned", use_cache: bool = False) -> DecoderOutput:
+        """Batch -> (inputs_embeds, attention_mask, position_ids, gates) -> decoder hidden states."""
+        gates = self.gates(batch.history, batch.length, gate_mode)
+        embeds = self.embed(batch)
+        position_ids = (batch.attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+        return self.decode(embeds, batch.attention_mask, position_ids, gates, use_cache=use_cache)
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.llm.get_output_embeddings()(hidden)
+
+    # -- what the one path is used for ---------------------------------------------------------
+    def loss(self, batch, gate_mode: str = "learned") -> torch.Tensor:
+        """Mean next-token cross-entropy over the answer tokens (labels != -100).
+
+        The hidden state at position t predicts token t + 1, so logits are computed only
+        at the positions just before an answer token.
+        """
+        out = self.run(batch, gate_mode)
+        rows, cols = (batch.labels[:, 1:] != -100).nonzero(as_tuple=True)
+        logits = self.lm_logits(out.hidden[rows, cols])
+        return F.cross_entropy(logits.float(), batch.labels[rows, cols + 1])
+
+    @torch.no_grad()
+    def score_candidates(self, batch, candidates: torch.Tensor, gate_mode: str = "learned", chunk: int = 256) -> torch.Tensor:
+        """(B, C) exact log-likelihood of each candidate's answer tokens given the prompt.
+
+        ``batch`` holds prompts without answers (left-padded). The prompt is encoded once;
+        its KV cache is repeated C times and the C answer continuations run as one batch.
+        """
+        b, c = candidates.shape
+        out = self.run(batch, gate_mode, use_cache=True)
+        cont_ids, cont_mask = self.title_table.answer_tokens(candidates.reshape(-1))
+        cont_ids, cont_mask = cont_ids.to(candidates.device), cont_mask.to(candidates.device)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(c)
+        prompt_mask = batch.attention_mask.repeat_interleave(c, dim=0)
+        attention = torch.cat([prompt_mask, cont_mask.to(prompt_mask.dtype)], dim=1)
+        start = prompt_mask.long().sum(1, keepdim=True)
+        positions = start + torch.arange(cont_ids.shape[1], device=start.device)
+        embeds = self.llm.get_input_embeddings()(cont_ids)
+        cont = self.decode(embeds, attention, positions, out.gates.repeat_interleave(c, dim=0), past_key_values=cache)
+        first = out.hidden[:, -1].repeat_interleave(c, dim=0)[:, None]
+        predictors = torch.cat([first, cont.hidden[:, :-1]], dim=1)  # (B*C, L, H)
+        logp = torch.empty(cont_ids.shape, device=cont_ids.device)
+        for i in range(0, predictors.shape[0], chunk):
+            logits = self.lm_logits(predictors[i : i + chunk]).float()
+            logp[i : i + chunk] = torch.log_softmax(logits, -1).gather(-1, cont_ids[i : i + chunk, :, None]).squeeze(-1)
+        return (logp * cont_mask).sum(1).view(b, c)
+
+    @torch.no_grad()
+    def generate(self, batch, gate_mode: str = "learned", max_new_tokens: int = 32) -> list[str]:
+        """Greedy decoding from prompts without answers; returns the decoded texts."""
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        out = self.run(batch, gate_mode, use_cache=True)
+        cache, gates, attention = out.past_key_values, out.gates, batch.attention_mask
+        position = attention.long().sum(1, keepdim=True)
+        last = out.hidden[:, -1]
+        done = torch.zeros(last.shape[0], dtype=torch.bool, device=last.device)
+        steps = []
+        for _ in range(max_new_tokens):
+            token = self.lm_logits(last).argmax(-1)
+            token = torch.where(done, torch.full_like(token, pad), token)
+            steps.append(token)
+            done |= token == eos
+            if bool(done.all()):
+                break
+            attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
+            embeds = self.llm.get_input_embeddings()(token[:, None])
+            step = self.decode(embeds, attention, position, gates, past_key_values=cache, use_cache=True)
+            cache, last, position = step.past_key_values, step.hidden[:, -1], position + 1
+        tokens = torch.stack(steps, dim=1).tolist()
+        texts = []
+        for row in tokens:
+            if eos in row:
+                row = row[: row.index(eos)]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True))
+        return texts

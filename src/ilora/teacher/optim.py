@@ -1,0 +1,37 @@
+"""Optimiser and schedule for the teacher, as in iLoRA.
+
+* Param groups: LoRA experts and projector at ``lr``; the gate network (router) at
+  ``router_lr_scale * lr`` (iLoRA uses 0.3).
+* Schedule: linear warm-up from 0 over ``warmup_steps``, then cosine decay to
+  ``min_lr_ratio * lr`` at ``total_steps``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def param_groups(adapters: list[nn.Parameter], gate: nn.Module, projector: nn.Module, lr: float, router_lr_scale: float, weight_decay: float) -> list[dict]:
+    return [
+        {"name": "adapters", "params": adapters, "lr": lr, "weight_decay": weight_decay},
+        {"name": "projector", "params": list(projector.parameters()), "lr": lr, "weight_decay": weight_decay},
+        {"name": "gate", "params": list(gate.parameters()), "lr": lr * router_lr_scale, "weight_decay": weight_decay},
+    ]
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
+    """Multiplier of the base lr at optimiser step ``step`` (0-based)."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_lr_ratio)
+    )

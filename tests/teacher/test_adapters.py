@@ -1,0 +1,442 @@
+"""Gated LoRA experts: the layer against a slow per-sample/per-expert reference, the gate's
+plumbing (scope, checks, gradient checkpointing), injection into tiny HF models, and peft's
+file format."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers_tiny_models import padded_batch, tiny_llama, tiny_qwen2  # noqa: E402
+
+from ilora.config import from_dict  # noqa: E402
+from ilora.errors import ConfigError, IloraError  # noqa: E402
+from ilora.teacher.adapters import (  # noqa: E402
+    GatedLoraLinear,
+    GateNotSetError,
+    GateState,
+    MoELoraConfig,
+    adapter_parameters,
+    adapter_state_dict,
+    enable_gradient_checkpointing,
+    find_target_modules,
+    gated_lora_modules,
+    inject_gated_lora,
+    load_adapters,
+    save_adapters,
+)
+from ilora.teacher.gate import uniform_gate  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_layer(in_f=6, out_f=5, experts=3, rank=2, convention="per_expert", seed=0, bias=True):
+    torch.manual_seed(seed)
+    cfg = MoELoraConfig(num_experts=experts, rank_per_expert=rank, alpha=8.0, scaling_convention=convention, dropout=0.0, init="random")
+    state = GateState(experts)
+    layer = GatedLoraLinear(nn.Linear(in_f, out_f, bias=bias), cfg, state)
+    return layer, state, cfg
+
+
+def reference_forward(x, weight, bias, A, B, gate, experts, rank, scaling):
+    """W x + b + s * sum_e g[b, e] * B_e A_e x, one sample, one token, one expert at a time.
+
+    ``gate`` is (B, E) or per-token (B, T, E); x is (B, T, in) or (B, in).
+    """
+    squeeze = x.dim() == 2
+    if squeeze:
+        x = x[:, None, :]
+    rows = []
+    for b in range(x.shape[0]):
+        tokens = []
+        for t in range(x.shape[1]):
+            xt = x[b, t]
+            y = weight @ xt + (bias if bias is not None else 0.0)
+            for e in range(experts):
+                g = gate[b, t, e] if gate.dim() == 3 else gate[b, e]
+                A_e = A[e * rank : (e + 1) * rank, :]
+                B_e = B[:, e * rank : (e + 1) * rank]
+                y = y + scaling * g * (B_e @ (A_e @ xt))
+            tokens.append(y)
+        rows.append(torch.stack(tokens))
+    out = torch.stack(rows)
+    return out[:, 0] if squeeze else out
+
+
+def padded_input(batch=3, tokens=4, in_f=6, seed=3):
+    """Inputs whose trailing positions are padding (a fixed pad vector) and the mask of real ones."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, tokens, in_f, generator=gen)
+    mask = torch.ones(batch, tokens)
+    for b in range(batch):
+        x[b, tokens - b :] = 0.5
+        mask[b, tokens - b :] = 0.0
+    return x, mask
+
+
+# -- config ---------------------------------------------------------------------------------------
+
+
+def test_config_defaults_are_ilora_and_scaling_conventions():
+    cfg = MoELoraConfig()
+    assert (cfg.num_experts, cfg.rank_per_expert, cfg.total_rank) == (4, 2, 8)
+    assert cfg.scaling == 32.0 / 2
+    assert MoELoraConfig(scaling_convention="total").scaling == 32.0 / 8
+
+
+@pytest.mark.parametrize("bad", [{"num_experts": 0}, {"rank_per_expert": 0}, {"dropout": 1.0}, {"alpha": -1}, {"scaling_convention": "x"}])
+def test_config_validation(bad):
+    with pytest.raises(ConfigError):
+        from_dict(MoELoraConfig, bad)
+
+
+# -- the layer against the slow reference -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("convention", ["per_expert", "total"])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_layer_matches_reference_outputs_and_gradients(convention, per_token):
+    layer, state, cfg = make_layer(convention=convention)
+    assert layer.lora_B.weight.abs().min() > 0  # B non-zero, else the gate gradient is trivially 0
+    x, mask = padded_input()
+    gen = torch.Generator().manual_seed(7)
+    shape = (3, 4, 3) if per_token else (3, 3)
+    logits = torch.randn(*shape, generator=gen, requires_grad=True)
+    weights_out = torch.randn(3, 4, 5, generator=gen)
+
+    with state.use(torch.softmax(logits, dim=-1)):
+        out = layer(x)
+    loss = (out * weights_out * mask[..., None]).sum()
+    loss.backward()
+
+    A = layer.lora_A.weight.detach().clone().requires_grad_(True)
+    B = layer.lora_B.weight.detach().clone().requires_grad_(True)
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    expected_scaling = 8.0 / 2 if convention == "per_expert" else 8.0 / 6
+    ref = reference_forward(
+        x, layer.base_layer.weight.detach(), layer.base_layer.bias.detach(), A, B,
+        torch.softmax(ref_logits, dim=-1), 3, 2, expected_scaling,
+    )
+    (ref * weights_out * mask[..., None]).sum().backward()
+
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_A.weight.grad, A.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.lora_B.weight.grad, B.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-5)
+    assert ref_logits.grad.abs().max() > 1e-3
+    assert layer.base_layer.weight.grad is None
+
+
+def test_layer_two_dimensional_input_matches_reference():
+    layer, state, _ = make_layer(bias=False)
+    x = torch.randn(4, 6)
+    gate = torch.softmax(torch.randn(4, 3), dim=-1)
+    with state.use(gate), torch.no_grad():
+        out = layer(x)
+    ref = reference_forward(x, layer.base_layer.weight, None, layer.lora_A.weight, layer.lora_B.weight, gate, 3, 2, 4.0)
+    torch.testing.assert_close(out, ref.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_uniform_gate_with_identical_experts_is_plain_lora():
+    layer, state, cfg = make_layer(experts=4, rank=2)
+    A0, B0 = torch.randn(2, 6), torch.randn(5, 2)
+    with torch.no_grad():
+        layer.lora_A.weight.copy_(A0.repeat(4, 1))
+        layer.lora_B.weight.copy_(B0.repeat(1, 4))
+    x, _ = padded_input()
+    with state.use(uniform_gate(3, 4)), torch.no_grad():
+        out = layer(x)
+    plain = x @ layer.base_layer.weight.T + layer.base_layer.bias + cfg.scaling * (x @ A0.T) @ B0.T
+    torch.testing.assert_close(out, plain.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_base_with_fp32_gate_and_adapters():
+    layer, state, _ = make_layer()
+    x = torch.randn(2, 3, 6)
+    gate = torch.softmax(torch.randn(2, 3), dim=-1)
+    with state.use(gate), torch.no_grad():
+        ref = layer(x)
+    layer.base_layer.to(torch.bfloat16)  # adapters stay float32
+    with state.use(gate), torch.no_grad():
+        out = layer(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+    layer.to(torch.bfloat16)  # everything bf16, the gate still float32
+    with state.use(gate), torch.no_grad():
+        out = layer(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
+
+
+def test_no_batch_tokens_experts_out_tensor_is_saved():
+    layer, state, _ = make_layer(in_f=8, out_f=16, experts=4, rank=2)
+    batch, tokens = 2, 3
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    x = torch.randn(batch, tokens, 8)
+    logits = torch.randn(batch, 4, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), state.use(torch.softmax(logits, -1)):
+        out = layer(x)
+    out.sum().backward()
+    assert shapes, "no tensor was saved: the hook did not see the forward"
+    big = batch * tokens * 4 * 16
+    assert all(len(s) <= 3 for s in shapes), shapes
+    assert all(torch.Size(s).numel() < big for s in shapes), shapes
+
+
+# -- the gate's scope ----------------------------------------------------------------------------
+
+
+def test_missing_gate_wrong_batch_and_nesting_raise():
+    layer, state, _ = make_layer()
+    x = torch.randn(2, 4, 6)
+    with pytest.raises(GateNotSetError, match="no gate set"):
+        layer(x)
+    with state.use(uniform_gate(3, 3)), pytest.raises(RuntimeError, match="batch size 3 does not match"):
+        layer(x)
+    with state.use(uniform_gate(2, 3)), pytest.raises(RuntimeError, match="nested"):
+        with state.use(uniform_gate(2, 3)):
+            pass
+    with pytest.raises(ValueError, match="batch, 3"):
+        with state.use(uniform_gate(2, 4)):
+            pass
+    with pytest.raises(RuntimeError, match="per-token gate"):
+        with state.use(torch.full((2, 5, 3), 1 / 3)):
+            layer(x)
+    with pytest.raises(KeyError):
+        with state.use(uniform_gate(2, 3)):
+            raise KeyError("boom")
+    assert not state.is_set  # cleared even after an exception
+    with pytest.raises(GateNotSetError):
+        layer(x)
+
+
+def test_changing_one_samples_gate_changes_only_that_sample():
+    model, state = injected(tiny_llama)
+    ids, mask = padded_batch()
+    gate = torch.softmax(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    other = gate.clone()
+    other[1] = torch.tensor([0.7, 0.1, 0.1, 0.1])
+    with torch.no_grad():
+        with state.use(gate):
+            a = model(input_ids=ids, attention_mask=mask).logits
+        with state.use(other):
+            b = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(a[[0, 2]], b[[0, 2]], rtol=1e-6, atol=1e-6)
+    assert (a[1] - b[1]).abs().max() > 1e-3
+
+
+# -- injection ------------------------------------------------------------------------------------
+
+
+def injected(make_model, seed=0, **cfg_kwargs):
+    model = make_model()
+    cfg = MoELoraConfig(**{"init": "random", "dropout": 0.0, **cfg_kwargs})
+    state = GateState(cfg.num_experts)
+    torch.manual_seed(seed)
+    inject_gated_lora(model, cfg, state)
+    return model, state
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_qwen2])
+def test_injection_is_architecture_independent(make_model):
+    model = make_model()
+    assert find_target_modules(model) == TARGETS
+    state = GateState(4)
+    paths = inject_gated_lora(model, MoELoraConfig(), state)
+    expected = [f"model.layers.{i}.{part}.{name}" for i in range(2) for part, names in
+                (("self_attn", TARGETS[:4]), ("mlp", TARGETS[4:])) for name in names]
+    assert sorted(paths) == sorted(expected)
+    assert sorted(gated_lora_modules(model)) == sorted(expected)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{p}.lora_{ab}.weight" for p in expected for ab in "AB"}
+    assert isinstance(model.lm_head, nn.Linear) and isinstance(model.model.embed_tokens, nn.Embedding)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        base = make_model()(input_ids=ids, attention_mask=mask).logits
+        with state.use(uniform_gate(3, 4)):
+            adapted = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(adapted, base)  # B = 0 at init: the base model
+
+
+def test_target_module_errors():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=16))
+    with pytest.raises(ConfigError, match="cannot auto-detect"):
+        find_target_modules(gpt2)
+    model = tiny_llama()
+    with pytest.raises(ConfigError, match="matches no layer.*q_proj"):
+        inject_gated_lora(model, MoELoraConfig(target_modules=["qkv"]), GateState(4))
+    for name in ("lm_head", "embed_tokens"):
+        with pytest.raises(ConfigError, match="cannot be adapted"):
+            inject_gated_lora(model, MoELoraConfig(target_modules=[name]), GateState(4))
+    assert not gated_lora_modules(model)  # failed injections changed nothing
+    paths = inject_gated_lora(model, MoELoraConfig(target_modules=["layers.1.self_attn.q_proj", "down_proj"]), GateState(4))
+    assert paths == ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    with pytest.raises(ConfigError, match="already"):
+        inject_gated_lora(model, MoELoraConfig(), GateState(4))
+    with pytest.raises(ConfigError, match="experts"):
+        inject_gated_lora(tiny_llama(), MoELoraConfig(num_experts=3), GateState(4))
+
+
+# -- gradient checkpointing -----------------------------------------------------------------------
+
+
+def llama_grads(checkpointing: bool):
+    """Gradients of a loss on batch 1, backward run after batch 2 (same size, other gate) ran."""
+    model, state = injected(tiny_llama)
+    model.train()
+    if checkpointing:
+        enable_gradient_checkpointing(model, state)
+    layer = gated_lora_modules(model)["model.layers.0.self_attn.q_proj"]
+    calls = []
+    layer.register_forward_pre_hook(lambda *_: calls.append(1))
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(3, 4, generator=gen, requires_grad=True)
+    ids, mask = padded_batch()
+    with state.use(torch.softmax(logits, dim=-1)):
+        out = model(input_ids=ids, attention_mask=mask).logits
+    loss = (out * torch.randn(out.shape, generator=gen) * mask[..., None]).sum()
+    other_ids, other_mask = padded_batch(seed=5)
+    with state.use(torch.softmax(torch.randn(3, 4, generator=gen), dim=-1)):
+        model(input_ids=other_ids, attention_mask=other_mask)
+    forward_calls = len(calls)
+    loss.backward()
+    recomputed = len(calls) - forward_calls
+    return logits.grad, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, recomputed
+
+
+def test_gradient_checkpointing_restores_the_forward_gate():
+    ref_logit_grad, ref_grads, ref_recomputed = llama_grads(checkpointing=False)
+    logit_grad, grads, recomputed = llama_grads(checkpointing=True)
+    assert ref_recomputed == 0 and recomputed == 1  # checkpointing really recomputed the layer in backward
+    assert ref_logit_grad.abs().max() > 1e-4
+    torch.testing.assert_close(logit_grad, ref_logit_grad, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_checkpointing_without_our_context_fn_fails_loudly(use_reentrant):
+    model, state = injected(tiny_llama)
+    model.train()
+    with pytest.raises(ConfigError, match="reentrant"):
+        enable_gradient_checkpointing(model, state, use_reentrant=True)
+    with pytest.raises(ConfigError, match="another GateState"):
+        enable_gradient_checkpointing(model, GateState(4))
+    model.gradient_checkpointing_enable({"use_reentrant": use_reentrant})  # plain HF: no gate restore
+    ids, mask = padded_batch()
+    logits = torch.randn(3, 4, requires_grad=True)
+    with state.use(torch.softmax(logits, dim=-1)):
+        out = model(input_ids=ids, attention_mask=mask).logits
+    with pytest.raises(RuntimeError, match="recomputed during backward without its gate"):
+        out.sum().backward()
+
+
+# -- files ----------------------------------------------------------------------------------------
+
+
+def test_saved_files_use_peft_keys_and_config(tmp_path):
+    model, _ = injected(tiny_llama)
+    cfg = MoELoraConfig(init="random", dropout=0.0)
+    save_adapters(model, cfg, tmp_path, base_model_name_or_path="tiny-llama")
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    expected = {f"base_model.model.model.layers.{i}.{part}.{name}.lora_{ab}.weight"
+                for i in range(2) for part, names in (("self_attn", TARGETS[:4]), ("mlp", TARGETS[4:]))
+                for name in names for ab in "AB"}
+    assert set(tensors) == expected
+    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (8, 32)
+    assert tensors["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].shape == (32, 8)
+    peft_cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert peft_cfg["peft_type"] == "LORA" and peft_cfg["r"] == 8 and peft_cfg["task_type"] == "CAUSAL_LM"
+    assert peft_cfg["lora_alpha"] == pytest.approx(16.0 * 8 / 4)
+    assert sorted(peft_cfg["target_modules"]) == sorted(TARGETS)
+    assert peft_cfg["base_model_name_or_path"] == "tiny-llama" and peft_cfg["bias"] == "none"
+    ours = json.loads((tmp_path / "ilora_adapter.json").read_text())
+    assert (ours["num_experts"], ours["rank_per_expert"], ours["alpha"], ours["scaling_convention"]) == (4, 2, 32.0, "per_expert")
+
+
+@pytest.mark.parametrize("targets", [[], ["layers.1.self_attn.q_proj", "down_proj"]])
+def test_peft_reads_our_files_as_the_uniform_gate_model(tmp_path, targets):
+    from peft import PeftModel
+
+    model, state = injected(tiny_llama, target_modules=targets)
+    save_adapters(model, MoELoraConfig(init="random", dropout=0.0, target_modules=targets), tmp_path)
+    peft_model = PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    peft_adapted = {n[len("base_model.model."):-len(".lora_A")] for n, _ in peft_model.named_modules() if n.endswith(".lora_A")}
+    assert peft_adapted == set(gated_lora_modules(model))  # peft adapts exactly our layers
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        with state.use(uniform_gate(3, 4)):
+            ours = model(input_ids=ids, attention_mask=mask).logits
+        theirs = peft_model(input_ids=ids, attention_mask=mask).logits
+        base = tiny_llama()(input_ids=ids, attention_mask=mask).logits
+    assert (ours - base).abs().max() > 1e-2  # the adapters do something
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_qwen2])
+def test_save_load_round_trip_is_bit_identical(tmp_path, make_model):
+    model, state = injected(make_model, seed=4)
+    cfg = MoELoraConfig(init="random", dropout=0.0)
+    save_adapters(model, cfg, tmp_path)
+    fresh, fresh_state = make_model(), GateState(4)
+    loaded_cfg = load_adapters(fresh, tmp_path, fresh_state)
+    assert loaded_cfg == cfg
+    saved, loaded = adapter_state_dict(model), adapter_state_dict(fresh)
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[k], loaded[k]) for k in saved)
+    assert [p.requires_grad for p in adapter_parameters(fresh)] == [True] * 28
+    ids, mask = padded_batch()
+    gate = torch.softmax(torch.randn(3, 4), dim=-1)
+    with torch.no_grad():
+        with state.use(gate):
+            a = model(input_ids=ids, attention_mask=mask).logits
+        with fresh_state.use(gate):
+            b = fresh(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(a, b)
+
+
+def test_load_rejects_bad_keys_and_shapes(tmp_path):
+    model, _ = injected(tiny_llama)
+    save_adapters(model, MoELoraConfig(init="random", dropout=0.0), tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    good = load_file(str(weights))
+    key = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+
+    renamed = dict(good)
+    renamed[key.replace("up_proj", "upp_proj")] = renamed.pop(key)
+    save_file(renamed, str(weights))
+    with pytest.raises(IloraError, match="missing key .*up_proj.lora_B"):
+        load_adapters(tiny_llama(), tmp_path, GateState(4))
+
+    reshaped = dict(good)
+    reshaped[key] = torch.zeros(48, 6)
+    save_file(reshaped, str(weights))
+    with pytest.raises(IloraError, match=r"up_proj.lora_B.weight has shape \(48, 6\), the model expects \(48, 8\)"):
+        load_adapters(tiny_llama(), tmp_path, GateState(4))
+
+    extra = dict(good)
+    extra["base_model.model.model.layers.1.mlp.extra.lora_A.weight"] = torch.zeros(8, 32)
+    save_file(extra, str(weights))
+    with pytest.raises(IloraError, match="unexpected key .*mlp.extra"):
+        load_adapters(tiny_llama(), tmp_path, GateState(4))
+
+    with pytest.raises(ConfigError, match="experts"):
+        load_adapters(tiny_llama(), tmp_path, GateState(3))
+    (tmp_path / "ilora_adapter.json").unlink()
+    with pytest.raises(IloraError, match="ilora_adapter.json: file not found"):
+        load_adapters(tiny_llama(), tmp_path, GateState(4))

@@ -1,0 +1,94 @@
+"""Tiny offline tokenizers/LLMs, placeholder tokens, and loading saved models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ilora.errors import IloraError
+from ilora.teacher.tiny import (
+    PLACEHOLDER_TOKENS,
+    add_placeholder_tokens,
+    build_tiny_llm,
+    build_tiny_tokenizer,
+    load_llm,
+)
+
+TEXTS = ["This user listened to", "in this order", "Morcheeba", "Enigma", "Café Del Mar", "Fleetwood Mac", "AC/DC"] * 5
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_llm_with_placeholders(arch):
+    tok = build_tiny_tokenizer(TEXTS, vocab_size=200, style=arch)
+    model = build_tiny_llm(tok, arch=arch, hidden=32, layers=1, heads=4)
+    assert model.config.model_type == arch
+    assert model.get_input_embeddings().weight.shape[0] == len(tok)
+    before = len(tok)
+
+    ids = add_placeholder_tokens(tok, model)
+
+    assert len(tok) == before + 3
+    assert [ids.history, ids.candidate, ids.text] == [tok.convert_tokens_to_ids(t) for t in PLACEHOLDER_TOKENS]
+    assert len({ids.history, ids.candidate, ids.text}) == 3 and min(ids.history, ids.candidate, ids.text) >= before
+    assert model.get_input_embeddings().weight.shape == (len(tok), 32)
+    assert model.get_output_embeddings().weight.shape == (len(tok), 32)
+    # the placeholder text is one special token, and is skipped when decoding
+    assert tok("Enigma [CansEmb]", add_special_tokens=False)["input_ids"][-1] == ids.candidate
+    assert tok.decode([ids.history, ids.text], skip_special_tokens=True) == ""
+    out = model(input_ids=torch.tensor([[ids.history, ids.candidate, ids.text, tok.eos_token_id]]))
+    assert out.logits.shape == (1, 4, len(tok))
+    # idempotent: same ids, no further growth
+    assert add_placeholder_tokens(tok, model) == ids
+    assert len(tok) == before + 3 and model.get_input_embeddings().weight.shape[0] == len(tok)
+
+
+def test_tokenizer_styles():
+    llama = build_tiny_tokenizer(TEXTS, vocab_size=200, style="llama")
+    qwen = build_tiny_tokenizer(TEXTS, vocab_size=200, style="qwen2")
+    assert llama("Enigma")["input_ids"][0] == llama.bos_token_id  # Llama adds bos
+    assert qwen.bos_token_id is None and qwen("Enigma")["input_ids"] == qwen("Enigma", add_special_tokens=False)["input_ids"]
+    for tok in (llama, qwen):
+        for text in ["Enigma", "Sigur Rós ☃ 日本語", "Mötley Crüe!"]:  # unseen characters: byte fallback / byte level
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            assert tok.unk_token_id not in ids
+            assert tok.decode(ids) == text
+    assert "▁Enigma" in llama.convert_ids_to_tokens(llama("Enigma", add_special_tokens=False)["input_ids"])
+
+
+def test_tiny_llm_is_seeded():
+    tok = build_tiny_tokenizer(TEXTS, vocab_size=200)
+    state = torch.get_rng_state()
+    a, b = build_tiny_llm(tok, seed=3), build_tiny_llm(tok, seed=3)
+    c = build_tiny_llm(tok, seed=4)
+    assert torch.equal(torch.get_rng_state(), state)
+    wa, wb, wc = (m.get_input_embeddings().weight for m in (a, b, c))
+    assert torch.equal(wa, wb) and not torch.equal(wa, wc)
+
+
+def test_load_llm_round_trip(tmp_path):
+    tok = build_tiny_tokenizer(TEXTS, vocab_size=200, style="qwen2")
+    model = build_tiny_llm(tok, arch="qwen2", hidden=32, layers=1)
+    ids = add_placeholder_tokens(tok, model)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+
+    loaded, loaded_tok = load_llm(tmp_path, device="cpu")
+
+    assert next(loaded.parameters()).dtype == torch.float32
+    assert loaded_tok.convert_tokens_to_ids("[CansEmb]") == ids.candidate
+    x = torch.tensor([[ids.history, 5, 6, ids.candidate]])
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=x).logits, model(input_ids=x).logits)
+    bf16, _ = load_llm(tmp_path, device="cpu", dtype=torch.bfloat16)
+    assert next(bf16.parameters()).dtype == torch.bfloat16
+
+
+def test_load_llm_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(IloraError, match="offline"):
+        load_llm("no-such-org/no-such-model-ilora", device="cpu")
+    with pytest.raises(IloraError, match="offline"):
+        load_llm(tmp_path / "absent", device="cpu")
+    (tmp_path / "weights.bin").write_text("x")
+    with pytest.raises(IloraError, match="directory"):
+        load_llm(tmp_path / "weights.bin", device="cpu")
