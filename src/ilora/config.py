@@ -150,11 +150,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge_trees(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_trees(out[key], value)
         else:
             out[key] = value
     return out
@@ -185,14 +185,14 @@ def load_config(
     """Defaults < YAML file < explicit flags < ``key=value`` overrides."""
     tree: dict[str, Any] = {}
     if yaml_path is not None:
-        tree = _merge(tree, read_yaml(yaml_path))
+        tree = merge_trees(tree, read_yaml(yaml_path))
     if flags:
         flat: dict[str, Any] = {}
         for key, value in flags.items():
             _set_dotted(flat, key, value)
-        tree = _merge(tree, flat)
+        tree = merge_trees(tree, flat)
     if overrides:
-        tree = _merge(tree, parse_overrides(overrides))
+        tree = merge_trees(tree, parse_overrides(overrides))
     return from_dict(cls, tree)
 
 

@@ -20,7 +20,7 @@ from ilora import __version__
 from ilora.errors import IloraError
 
 # Each module exposes `register(subparsers)`; the order is the order in --help.
-COMMAND_MODULES = ("ilora.cli.data", "ilora.cli.rec", "ilora.cli.teacher", "ilora.cli.demo")
+COMMAND_MODULES = ("ilora.cli.data", "ilora.cli.rec", "ilora.cli.teacher", "ilora.cli.run", "ilora.cli.demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

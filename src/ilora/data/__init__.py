@@ -5,7 +5,7 @@ from ilora.data.dataset import SPLITS, Catalog, SeqDataset, Split, validate_spli
 from ilora.data.io import detect_format, load_dataset
 from ilora.data.native import read_native, write_native
 from ilora.data.stats import dataset_stats
-from ilora.data.synthetic import SynthConfig, make_synthetic
+from ilora.data.synthetic import SynthConfig, make_synthetic, synthetic_from_config
 
 __all__ = [
     "SPLITS",
@@ -21,6 +21,7 @@ __all__ = [
     "make_synthetic",
     "read_native",
     "save_candidates",
+    "synthetic_from_config",
     "validate_split",
     "write_native",
 ]

@@ -1,0 +1,40 @@
+"""`ilora run CONFIG.yaml [key=value ...]`: the whole pipeline, resumable."""
+
+from __future__ import annotations
+
+import argparse
+
+from ilora.cli.common import add_json_argument, print_json
+from ilora.config import load_config
+from ilora.pipeline.config import RunConfig
+
+
+def run_run(args: argparse.Namespace) -> int:
+    from ilora.pipeline.report import summary_table
+    from ilora.pipeline.run import run_pipeline
+
+    cfg = load_config(RunConfig, yaml_path=args.config, overrides=args.overrides)
+    if args.out:
+        cfg.out = args.out
+    summary = run_pipeline(cfg)
+    if args.json:
+        print_json(summary)
+    else:
+        print(summary_table(summary))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "run",
+        help="run the whole pipeline from a YAML config (resumable)",
+        description="data -> SASRec -> teacher -> evaluation -> teacher outputs -> baseline and distilled students "
+        "-> report.md + plots in the run directory. Stages whose outputs already exist and match the config are "
+        "skipped, so an interrupted run continues. Sections of the YAML: out, data, rec, teacher, eval, export, "
+        "distill (the options of the matching commands); key=value overrides use dotted keys (teacher.max_steps=100).",
+    )
+    p.add_argument("config", metavar="CONFIG.yaml", help="run configuration (see configs/ for examples)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, applied last")
+    p.add_argument("--out", default=None, metavar="DIR", help="run directory (overrides `out` in the config)")
+    add_json_argument(p)
+    p.set_defaults(run=run_run)

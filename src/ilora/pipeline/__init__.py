@@ -1,0 +1,1 @@
+"""`ilora run`: the whole pipeline as resumable stages, and its report."""

@@ -1,0 +1,62 @@
+"""`RunConfig`: every stage's options in one YAML file (`ilora run CONFIG.yaml key=value ...`).
+
+Sections: ``data``, ``rec`` (`RecTrainConfig`), ``teacher`` (`TeacherConfig`), ``eval``,
+``export`` and ``distill``; dotted overrides reach them (``teacher.max_steps=100``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ilora.config import option
+from ilora.data.synthetic import SynthConfig
+from ilora.errors import ConfigError
+from ilora.rec.train import RecTrainConfig
+from ilora.teacher.config import TeacherConfig
+
+
+@dataclass
+class DataSection:
+    path: str = option("", "dataset path (any format `ilora data stats` reads); empty: synthetic data from `synth`")
+    format: str = option("auto", "auto, native, llara or interactions")
+    allow_pickle: bool = option(False, "allow legacy .df pickles (restricted unpickler)")
+    min_len: int = option(1, "drop samples with fewer history items (the reference loaders use 3)")
+    synth: SynthConfig = field(default_factory=SynthConfig, metadata={"help": "synthetic data options (when path is empty)"})
+
+
+@dataclass
+class EvalSection:
+    split: str = option("test", "split the teacher is evaluated on")
+    candidates: int = option(20, "candidates per sample (target included)")
+    seed: int = option(0, "seed of the fixed candidate sets")
+    limit: int = option(0, "evaluate the teacher on the first N samples only (0: all)")
+    protocols: list[str] = option(["score"], "score and/or generate")
+    gates: list[str] = option(["learned", "uniform", "experts"], "learned, uniform, expert:N, or experts (every expert:N)")
+    batch_size: int = option(16, "prompts per batch")
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.protocols if p not in ("score", "generate")]
+        if bad:
+            raise ConfigError(f"eval.protocols: {bad[0]!r} is not score or generate")
+
+
+@dataclass
+class RunConfig:
+    out: str = option("runs/run", "run directory; stages whose outputs there match the config are skipped")
+    data: DataSection = field(default_factory=DataSection, metadata={"help": "dataset"})
+    rec: RecTrainConfig = field(default_factory=RecTrainConfig, metadata={"help": "SASRec (ilora rec train options)"})
+    teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata={"help": "teacher (ilora teacher train options)"})
+    eval: EvalSection = field(default_factory=EvalSection, metadata={"help": "teacher evaluation"})
+
+
+def demo_config(out: str = "demo_out") -> RunConfig:
+    """The embedded default of `ilora demo`: synthetic data, tiny models, CPU, a few minutes."""
+    cfg = RunConfig(out=out)
+    cfg.rec.epochs = 20
+    cfg.teacher.max_steps = 150
+    cfg.teacher.batch_size = 16
+    cfg.teacher.lr = 2e-3
+    cfg.teacher.val_samples = 100
+    cfg.eval.limit = 200
+    cfg.eval.batch_size = 32
+    return cfg

@@ -1,0 +1,177 @@
+"""The run report: ``report.md`` plus PNG plots in the run directory.
+
+Plots (each only when its inputs exist):
+* ``curves.png``: SASRec training loss and validation NDCG@10 per epoch; teacher
+  training loss per step; student losses when distillation ran;
+* ``gate.png``: the learned gate's mean weight per expert (with the spread across
+  samples) and its mean entropy against the uniform gate's;
+* ``students.png``: baseline vs distilled student, full-ranking metrics on test.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+FULL_KEYS = ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20")
+
+
+def _read_csv(path: Path) -> list[dict[str, float]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as fh:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
+
+
+def plot_curves(run: Path, out: Path) -> bool:
+    rec = _read_csv(run / "sasrec" / "model" / "metrics.csv")
+    teacher = _read_csv(run / "teacher" / "model" / "train_steps.csv")
+    students = {name: _read_csv(run / "distill" / name / "metrics.csv") for name in ("baseline", "distilled")}
+    panels = [p for p in (rec, teacher) if p] + ([1] if any(students.values()) else [])
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    i = 0
+    if rec:
+        ax = axes[0][i]
+        ax.plot([r["epoch"] for r in rec], [r["train_loss"] for r in rec], label="train loss")
+        ax.set_xlabel("epoch")
+        ax.set_title("SASRec")
+        twin = ax.twinx()
+        twin.plot([r["epoch"] for r in rec], [r.get("val_ndcg@10", float("nan")) for r in rec], color="C1", label="val ndcg@10")
+        ax.legend(loc="upper left", fontsize=8)
+        twin.legend(loc="upper right", fontsize=8)
+        i += 1
+    if teacher:
+        ax = axes[0][i]
+        ax.plot([r["step"] for r in teacher], [r["loss"] for r in teacher], lw=0.8)
+        ax.set_xlabel("optimiser step")
+        ax.set_title("teacher training loss (answer tokens)")
+        i += 1
+    if any(students.values()):
+        ax = axes[0][i]
+        for name, rows in students.items():
+            if rows:
+                ax.plot([r["epoch"] for r in rows], [r.get("val_ndcg@10", float("nan")) for r in rows], label=name)
+        ax.set_xlabel("epoch")
+        ax.set_title("students: val ndcg@10")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_gate(stats: dict, uniform_entropy: float, out: Path) -> None:
+    mean, std = stats["mean_weight"], stats["weight_std"]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    axes[0].bar(range(len(mean)), mean, yerr=std, capsize=4)
+    axes[0].axhline(1 / len(mean), color="grey", ls="--", lw=1, label="uniform")
+    axes[0].set_xticks(range(len(mean)))
+    axes[0].set_xlabel("expert")
+    axes[0].set_title("learned gate: mean weight (± std over samples)")
+    axes[0].legend(fontsize=8)
+    axes[1].bar(["learned", "uniform"], [stats["mean_entropy"], uniform_entropy], color=["C0", "grey"])
+    axes[1].set_title("mean gate entropy (nats)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_students(baseline: dict, distilled: dict, out: Path) -> None:
+    keys = [k for k in FULL_KEYS if k in baseline and k in distilled]
+    x = range(len(keys))
+    fig, ax = plt.subplots(figsize=(8, 3.4))
+    ax.bar([i - 0.2 for i in x], [baseline[k] for k in keys], width=0.4, label="baseline")
+    ax.bar([i + 0.2 for i in x], [distilled[k] for k in keys], width=0.4, label="distilled")
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(keys)
+    ax.set_title("student SASRec on test (full ranking)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def write_report(run: Path, summary: dict) -> Path:
+    lines = ["# ilora run report", "", f"Run directory: `{run}`", ""]
+    data = summary.get("data", {})
+    lines += ["## Data", "", "| " + " | ".join(data) + " |", "|" + "---|" * len(data), "| " + " | ".join(_fmt(v) for v in data.values()) + " |", ""]
+    rec = summary.get("sasrec", {})
+    if rec:
+        lines += ["## SASRec (full ranking and candidates)", "", "| model | " + " | ".join((*FULL_KEYS, "cand_hr@1")) + " |", "|---" * (len(FULL_KEYS) + 2) + "|"]
+        for name in ("popularity", "sasrec"):
+            lines.append(f"| {name} | " + " | ".join(_fmt(rec[name].get(k)) for k in (*FULL_KEYS, "cand_hr@1")) + " |")
+        lines.append("")
+    ev = summary.get("eval", {})
+    if ev:
+        lines += [f"## Teacher on {ev['split']} ({ev['samples']} samples, fixed candidates)", "",
+                  "| protocol/gate | hr@1 | ndcg@5 | ndcg@10 | mrr | valid_ratio | hr@1_all | gate entropy |", "|---" * 8 + "|"]
+        for name, m in ev["teacher"].items():
+            lines.append(
+                f"| {name} | " + " | ".join(_fmt(m.get(k, "")) for k in ("hr@1", "ndcg@5", "ndcg@10", "mrr", "valid_ratio", "hr@1_all"))
+                + f" | {m['gate_stats']['mean_entropy']:.3f} |"
+            )
+        lines += [f"| SASRec, same candidates | {_fmt(ev['sasrec_same_candidates']['cand_hr@1'])} | | | | | | |", ""]
+        learned = ev["teacher"].get("score/learned") or next(iter(ev["teacher"].values()))
+        uniform = ev["teacher"].get("score/uniform", learned)
+        plot_gate(learned["gate_stats"], uniform["gate_stats"]["mean_entropy"], run / "gate.png")
+        lines += ["![gate](gate.png)", ""]
+    distill = summary.get("distill")
+    if distill:
+        base, dist, gain = distill["baseline"], distill["distilled"], distill.get("gain", {})
+        lines += ["## Students: baseline vs distilled (test, full ranking)", "", "| metric | baseline | distilled | gain |", "|---|---|---|---|"]
+        for k in FULL_KEYS:
+            if k in base:
+                g = gain.get(k)
+                lines.append(f"| {k} | {base[k]:.4f} | {dist[k]:.4f} | {'n/a' if g is None else f'{100 * g:+.1f} %'} |")
+        plot_students(base, dist, run / "students.png")
+        lines += ["", "![students](students.png)", ""]
+    if plot_curves(run, run / "curves.png"):
+        lines += ["## Training curves", "", "![curves](curves.png)", ""]
+    stages = {k: v.get("seconds") for k, v in summary.items() if isinstance(v, dict) and "seconds" in v}
+    lines += ["## Stage times (s)", "", "| " + " | ".join(stages) + " |", "|" + "---|" * len(stages), "| " + " | ".join(_fmt(v) for v in stages.values()) + " |", ""]
+    path = run / "report.md"
+    path.write_text("\n".join(lines), encoding="utf-8")
+    (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    return path
+
+
+def summary_table(summary: dict) -> str:
+    """The final table printed by `ilora run` / `ilora demo`."""
+    lines = []
+    rec = summary.get("sasrec", {})
+    keys = ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@10", "cand_hr@1")
+    if rec:
+        lines.append(f"{'model (test, full ranking)':<30}" + "".join(f"{k:>10}" for k in keys))
+        for name in ("popularity", "sasrec"):
+            lines.append(f"{name:<30}" + "".join(f"{rec[name][k]:>10.4f}" for k in keys))
+    distill = summary.get("distill")
+    if distill:
+        for name in ("baseline", "distilled"):
+            lines.append(f"{'student ' + name:<30}" + "".join(f"{distill[name].get(k, float('nan')):>10.4f}" for k in keys))
+        gain = distill.get("gain", {}).get("ndcg@10")
+        if gain is not None:
+            lines.append(f"{'distillation gain (ndcg@10)':<30}{100 * gain:>+9.1f}%")
+    ev = summary.get("eval")
+    if ev:
+        lines += ["", f"teacher on {ev['samples']} {ev['split']} samples, fixed candidates:",
+                  f"{'protocol/gate':<30}{'hr@1':>10}{'ndcg@5':>10}{'mrr':>10}{'valid':>10}{'entropy':>10}"]
+        for name, m in ev["teacher"].items():
+            lines.append(
+                f"{name:<30}{m['hr@1']:>10.4f}{m.get('ndcg@5', float('nan')):>10.4f}{m.get('mrr', float('nan')):>10.4f}"
+                f"{m['valid_ratio']:>10.4f}{m['gate_stats']['mean_entropy']:>10.3f}"
+            )
+        lines.append(f"{'SASRec cand_hr@1, same cands':<30}{ev['sasrec_same_candidates']['cand_hr@1']:>10.4f}")
+    lines += ["", f"report: {summary['out']}/report.md"]
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""The pipeline: data -> SASRec -> teacher -> evaluation -> teacher outputs -> students -> report.
+
+Every stage runs through `ilora.pipeline.stages.run_stage`, so an interrupted run
+continues where it stopped and a changed option reruns exactly the stages it affects.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from ilora.config import to_dict
+from ilora.data import SeqDataset, candidate_sets, load_dataset, read_native, synthetic_from_config, write_native
+from ilora.pipeline.config import RunConfig
+from ilora.pipeline.stages import run_stage
+from ilora.state_io import atomic_write_text
+
+
+def _gate_modes(cfg: RunConfig) -> list[str]:
+    modes: list[str] = []
+    for gate in cfg.eval.gates:
+        modes += [f"expert:{e}" for e in range(cfg.teacher.num_experts)] if gate == "experts" else [gate]
+    return modes
+
+
+def stage_data(cfg: RunConfig, directory: Path) -> dict:
+    if cfg.data.path:
+        ds = load_dataset(cfg.data.path, format=cfg.data.format, allow_pickle=cfg.data.allow_pickle, min_len=cfg.data.min_len)
+    else:
+        ds = synthetic_from_config(cfg.data.synth)
+    write_native(ds, directory / "dataset", overwrite=True)
+    return {"source": cfg.data.path or "synthetic", **{f"{k}_rows": (len(v) if v is not None else None) for k, v in ds.splits.items()}, "num_items": ds.num_items}
+
+
+def stage_sasrec(cfg: RunConfig, dataset: SeqDataset, directory: Path) -> dict:
+    from ilora.rec.evaluate import evaluate_popularity, evaluate_sasrec
+    from ilora.rec.sasrec import load_sasrec
+    from ilora.rec.train import train_sasrec
+
+    train_sasrec(dataset, cfg.rec, directory / "model")
+    model = load_sasrec(directory / "model")
+    split = cfg.eval.split
+    cands = candidate_sets(dataset.split(split), dataset.num_items, count=cfg.eval.candidates, seed=cfg.eval.seed, split_name=split)
+    return {
+        "sasrec": evaluate_sasrec(model, dataset, split, candidates=cands),
+        "popularity": evaluate_popularity(dataset, split, candidates=cands),
+    }
+
+
+def stage_teacher(cfg: RunConfig, dataset: SeqDataset, rec_dir: Path, directory: Path) -> dict:
+    from ilora.teacher.train import train_teacher
+
+    summary = train_teacher(dataset, cfg.teacher, rec_dir, directory / "model")
+    return {"best_val": summary["best_val"], "steps": summary["steps"]}
+
+
+def stage_eval(cfg: RunConfig, dataset: SeqDataset, teacher_dir: Path, rec_dir: Path, directory: Path) -> dict:
+    from ilora.data import save_candidates
+    from ilora.rec.evaluate import evaluate_sasrec
+    from ilora.rec.sasrec import load_sasrec
+    from ilora.teacher.build import load_teacher
+    from ilora.teacher.evaluate import evaluate_teacher
+
+    split = dataset.split(cfg.eval.split)
+    cands = candidate_sets(split, dataset.num_items, count=cfg.eval.candidates, seed=cfg.eval.seed, split_name=cfg.eval.split)
+    if cfg.eval.limit:
+        split, cands = split.subset(slice(0, cfg.eval.limit)), cands[: cfg.eval.limit]
+    save_candidates(directory / f"candidates_{cfg.eval.split}.npy", cands)
+    bundle = load_teacher(teacher_dir, dataset.catalog, device=cfg.teacher.device)
+    results: dict = {"split": cfg.eval.split, "samples": len(split), "teacher": {}}
+    for protocol in cfg.eval.protocols:
+        for gate in _gate_modes(cfg):
+            results["teacher"][f"{protocol}/{gate}"] = evaluate_teacher(
+                bundle, split, cands, dataset.catalog.titles, protocol=protocol, gate_mode=gate,
+                batch_size=cfg.eval.batch_size, device=cfg.teacher.device,
+            )
+    same = SeqDataset(dataset.catalog, {cfg.eval.split: split}, dataset.source)
+    results["sasrec_same_candidates"] = evaluate_sasrec(load_sasrec(rec_dir), same, cfg.eval.split, candidates=cands)
+    return results
+
+
+def run_pipeline(cfg: RunConfig) -> dict:
+    """Run (or resume) every stage; write ``report.md`` and plots; return the summary."""
+    from ilora.pipeline.report import write_report
+
+    run_dir = Path(cfg.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
+    results: dict = {}
+
+    data_key, results["data"] = run_stage(run_dir, "data", to_dict(cfg.data), [], lambda d: stage_data(cfg, d))
+    dataset = read_native(run_dir / "data" / "dataset")
+    rec_key, results["sasrec"] = run_stage(run_dir, "sasrec", to_dict(cfg.rec) | {"eval": to_dict(cfg.eval)}, [data_key], lambda d: stage_sasrec(cfg, dataset, d))
+    rec_dir = run_dir / "sasrec" / "model"
+    teacher_key, results["teacher"] = run_stage(run_dir, "teacher", to_dict(cfg.teacher), [rec_key], lambda d: stage_teacher(cfg, dataset, rec_dir, d))
+    teacher_dir = run_dir / "teacher" / "model"
+    _, results["eval"] = run_stage(run_dir, "eval", to_dict(cfg.eval), [teacher_key], lambda d: stage_eval(cfg, dataset, teacher_dir, rec_dir, d))
+    summary = {"out": str(run_dir), **results}
+    write_report(run_dir, summary)
+    print(f"[run] report: {run_dir / 'report.md'}", file=sys.stderr, flush=True)
+    return summary

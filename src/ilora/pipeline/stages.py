@@ -1,0 +1,72 @@
+"""Resumable stages: a stage is skipped when its outputs exist and match its inputs.
+
+Each stage writes its outputs into ``<run>/<stage>/`` and, last, ``stage.json`` holding
+a key (a hash of the stage's config and of the keys of the stages it reads) and the
+stage's result. A stage whose ``stage.json`` holds the current key is skipped and its
+recorded result reused; any other stage (never run, interrupted, or configured
+differently) is run again from a clean directory, and so is everything downstream of
+it, because downstream keys include its key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ilora.state_io import atomic_write_text
+
+MARKER = "stage.json"
+
+
+def stage_key(config: Any, upstream: list[str]) -> str:
+    text = json.dumps({"config": config, "upstream": upstream}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def read_marker(directory: Path) -> dict | None:
+    path = directory / MARKER
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+
+
+def run_stage(
+    run_dir: Path,
+    name: str,
+    config: Any,
+    upstream: list[str],
+    fn: Callable[[Path], dict],
+    *,
+    keep_partial: bool = False,
+) -> tuple[str, dict]:
+    """Run ``fn(stage_dir)`` unless ``stage.json`` already records the same key.
+
+    ``keep_partial`` leaves an interrupted stage's files in place for ``fn`` to resume
+    (teacher-output export resumes its own shards); otherwise they are removed first.
+    Returns ``(key, result)``.
+    """
+    directory = run_dir / name
+    key = stage_key(config, upstream)
+    marker = read_marker(directory)
+    if marker is not None and marker.get("key") == key:
+        print(f"[run] {name}: up to date, skipped", file=sys.stderr, flush=True)
+        return key, marker["result"]
+    if directory.exists() and not keep_partial:
+        shutil.rmtree(directory)
+    (directory / MARKER).unlink(missing_ok=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    print(f"[run] {name}: running", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    result = fn(directory)
+    result = {**result, "seconds": round(time.perf_counter() - started, 2)}
+    atomic_write_text(directory / MARKER, json.dumps({"key": key, "config": config, "result": result}, indent=2, default=str))
+    return key, result

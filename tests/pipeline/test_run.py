@@ -1,0 +1,63 @@
+"""`ilora run`: stages run once, are skipped when up to date, rerun when their config changes."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from ilora.cli.main import main
+
+SMALL = {
+    "data": {"synth": {"users": 60, "items": 40, "seed": 1}},
+    "rec": {"epochs": 2},
+    "teacher": {"max_steps": 2, "batch_size": 4, "val_samples": 6, "tiny_hidden": 32, "tiny_vocab": 300},
+    "eval": {"limit": 6, "gates": ["learned", "expert:1"]},
+}
+
+
+def _stage_keys(run):
+    return {p.parent.name: json.loads(p.read_text())["key"] for p in run.glob("*/stage.json")}
+
+
+def test_run_skips_up_to_date_stages_and_reruns_changed_ones(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run")}))
+    assert main(["run", str(config), "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    run = tmp_path / "run"
+    assert set(first["eval"]["teacher"]) == {"score/learned", "score/expert:1"}
+    assert (run / "report.md").is_file() and (run / "gate.png").is_file() and (run / "curves.png").is_file()
+    keys = _stage_keys(run)
+    mtimes = {name: (run / name / "stage.json").stat().st_mtime_ns for name in keys}
+
+    assert main(["run", str(config)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("up to date, skipped") == len(keys)
+    assert "report:" in captured.out
+    assert {name: (run / name / "stage.json").stat().st_mtime_ns for name in keys} == mtimes
+
+    assert main(["run", str(config), "teacher.max_steps=3"]) == 0
+    capsys.readouterr()
+    changed = _stage_keys(run)
+    assert changed["data"] == keys["data"] and changed["sasrec"] == keys["sasrec"]
+    assert changed["teacher"] != keys["teacher"] and changed["eval"] != keys["eval"]
+
+
+def test_interrupted_stage_is_rerun(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run")}))
+    assert main(["run", str(config)]) == 0
+    run = tmp_path / "run"
+    (run / "eval" / "stage.json").unlink()  # as if killed before the stage finished
+    capsys.readouterr()
+    assert main(["run", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert "eval: running" in err and "teacher: up to date" in err
+
+
+def test_bad_override_is_a_clear_error(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(SMALL))
+    assert main(["run", str(config), "teacher.no_such_option=1"]) == 2
+    assert "no_such_option" in capsys.readouterr().err
