@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import inspect
+import os
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -182,7 +183,8 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 def load_llm(name_or_path: str | Path, *, device: str | torch.device, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     """Load ``(model, tokenizer)`` from a local directory or the local Hugging Face cache.
 
-    Never downloads: a hub id that is not cached raises `IloraError`.
+    A hub id is fetched by transformers as usual (set ``HF_HUB_OFFLINE=1`` to use only the
+    local cache); a path or id that cannot be loaded raises `IloraError`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -190,7 +192,8 @@ def load_llm(name_or_path: str | Path, *, device: str | torch.device, dtype: tor
     local = Path(source).expanduser()
     if local.exists() and not local.is_dir():
         raise IloraError(f"{source}: an LLM must be a directory with config.json, not a file")
-    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": True}
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": offline}
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
@@ -198,6 +201,6 @@ def load_llm(name_or_path: str | Path, *, device: str | torch.device, dtype: tor
         )
     except (OSError, ValueError) as err:
         raise IloraError(
-            f"cannot load LLM {source!r} offline: not a model directory and not in the local Hugging Face cache ({err})"
+            f"cannot load LLM {source!r}: not a model directory, and not a hub id that can be fetched or found in the local cache ({err})"
         ) from err
     return model.to(device), tokenizer
