@@ -116,3 +116,17 @@ def load_state(path_stem: str | Path) -> Any:
     except json.JSONDecodeError as exc:
         raise IloraError(f"{js}: not valid JSON ({exc})") from None
     return _unflatten(skeleton, load_file(str(st)))
+
+
+def read_json(path: str | Path, what: str = "file") -> dict[str, Any]:
+    """A JSON object from ``path``; `IloraError` naming the file if it is missing or not an object."""
+    path = Path(path)
+    if not path.is_file():
+        raise IloraError(f"{path}: {what} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IloraError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise IloraError(f"{path}: expected a JSON object")
+    return data

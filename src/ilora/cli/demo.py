@@ -9,24 +9,19 @@ from __future__ import annotations
 
 import argparse
 
-from ilora.cli.common import add_json_argument, print_json
+from ilora.cli.common import add_json_argument
+from ilora.cli.run import print_summary
 
 
 def run_demo(args: argparse.Namespace) -> int:
     from ilora.config import from_dict, merge_trees, parse_overrides, to_dict
     from ilora.pipeline.config import RunConfig, demo_config
-    from ilora.pipeline.report import summary_table
     from ilora.pipeline.run import run_pipeline
 
     base = to_dict(demo_config(args.out))
     tree = parse_overrides(args.overrides)
     cfg = from_dict(RunConfig, merge_trees(base, tree))
-    summary = run_pipeline(cfg)
-    if args.json:
-        print_json(summary)
-    else:
-        print(summary_table(summary))
-    return 0
+    return print_summary(args, run_pipeline(cfg))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

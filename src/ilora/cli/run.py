@@ -10,13 +10,18 @@ from ilora.pipeline.config import RunConfig
 
 
 def run_run(args: argparse.Namespace) -> int:
-    from ilora.pipeline.report import summary_table
     from ilora.pipeline.run import run_pipeline
 
     cfg = load_config(RunConfig, yaml_path=args.config, overrides=args.overrides)
     if args.out:
         cfg.out = args.out
-    summary = run_pipeline(cfg)
+    return print_summary(args, run_pipeline(cfg))
+
+
+def print_summary(args: argparse.Namespace, summary: dict) -> int:
+    """The run's summary as JSON (``--json``) or as the final table."""
+    from ilora.pipeline.report import summary_table
+
     if args.json:
         print_json(summary)
     else:

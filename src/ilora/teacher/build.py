@@ -32,7 +32,7 @@ from ilora.config import from_dict, to_dict
 from ilora.data.dataset import Catalog
 from ilora.errors import IloraError
 from ilora.rec.sasrec import SASRec, load_sasrec
-from ilora.state_io import atomic_write_text, save_tensors
+from ilora.state_io import atomic_write_text, read_json, save_tensors
 from ilora.teacher.adapters import GateState, adapter_parameters, inject_gated_lora, load_adapters, save_adapters
 from ilora.teacher.batch import PromptCollator, TitleTable
 from ilora.teacher.config import TeacherConfig
@@ -154,12 +154,7 @@ def _base_copy(teacher: ILoRATeacher):
 
 def read_teacher_config(ckpt: str | Path) -> tuple[TeacherConfig, dict]:
     path = Path(ckpt) / "teacher_config.json"
-    if not path.is_file():
-        raise IloraError(f"{ckpt}: not a teacher checkpoint (no teacher_config.json)")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise IloraError(f"{path}: not valid JSON ({exc})") from None
+    meta = read_json(path, "teacher checkpoint config (is this a teacher directory?)")
     if meta.get("format") != FORMAT:
         raise IloraError(f"{path}: not an ilora teacher checkpoint")
     return from_dict(TeacherConfig, meta["config"]), meta
