@@ -5,7 +5,9 @@ Conventions shared by every command:
 * results printed with ``--json`` are one JSON object on stdout; logs and progress go
   to stderr;
 * bad input ends with exit code 2 and a one-line ``error: ...`` on stderr; ``--debug``
-  shows the traceback instead.
+  shows the traceback instead. Bad input is an `IloraError`, or an ``OSError`` from the
+  file system (a path that is not a directory, a full disk, no permission: the message
+  names the path); any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ilora import __version__
 from ilora.errors import IloraError
 
 # Each module exposes `register(subparsers)`; the order is the order in --help.
-COMMAND_MODULES = ("ilora.cli.data", "ilora.cli.rec", "ilora.cli.teacher", "ilora.cli.run", "ilora.cli.demo")
+COMMAND_MODULES = ("ilora.cli.data", "ilora.cli.rec", "ilora.cli.teacher", "ilora.cli.distill", "ilora.cli.run", "ilora.cli.demo", "ilora.cli.bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +59,12 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argpars
     return args
 
 
+def _one_line(exc: BaseException) -> str:
+    """The error message on one line (embedded newlines, e.g. from a library, become spaces)."""
+    text = str(exc) if str(exc) else type(exc).__name__
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -65,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_arguments(parser, argv)
     try:
         result = args.run(args)
-    except IloraError as exc:
+    except (IloraError, OSError) as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

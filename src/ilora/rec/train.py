@@ -7,6 +7,9 @@ among those neither in the history nor the target). After every epoch it evaluat
 the validation split, logs a row to ``metrics.csv`` and TensorBoard (``tb/``), and keeps
 the best weights by ``cfg.monitor``; ``patience`` epochs without improvement stop it.
 The test split is never used for any decision; its metrics are only reported at the end.
+The same loop trains a distilled student (`ilora.distill`): ``model_factory`` builds the
+model in place of a plain `SASRec` and ``extra_loss`` adds a term to each batch's loss,
+computed from the same forward pass (see `TrainBatch`).
 The output directory then holds ``model.safetensors``, ``config.json`` (the
 architecture, what `ilora.rec.sasrec.load_sasrec` reads), ``train_config.json`` and
 ``result.json``.
@@ -18,6 +21,7 @@ import copy
 import json
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -104,6 +108,27 @@ def sample_negatives(
     return torch.multinomial(allowed, count, replacement=True, generator=generator)
 
 
+@dataclass
+class TrainBatch:
+    """One training batch as an ``extra_loss`` hook sees it (all tensors on the training device).
+
+    ``rows`` are the samples' positions in the dataset's full train split (before the
+    ``train_min_len`` filter), i.e. the row numbers of per-sample side data such as
+    teacher outputs. ``logits`` are the model's scores from the forward pass the
+    recommendation loss uses (same dropout draw), with gradient.
+    """
+
+    logits: torch.Tensor  # (B, num_items)
+    history: torch.Tensor  # (B, L)
+    length: torch.Tensor  # (B,)
+    target: torch.Tensor  # (B,)
+    rows: torch.Tensor  # (B,) int64
+
+
+ExtraLoss = Callable[[TrainBatch], torch.Tensor]
+ModelFactory = Callable[[SASRecConfig], SASRec]
+
+
 def sasrec_loss(
     model: SASRec,
     history: torch.Tensor,
@@ -113,10 +138,21 @@ def sasrec_loss(
     generator: torch.Generator,
 ) -> torch.Tensor:
     """Mean training loss of one batch (``cfg.loss``)."""
-    logits = model.scores(history, length)
+    return recommendation_loss(model.scores(history, length), history, length, target, cfg, generator)
+
+
+def recommendation_loss(
+    logits: torch.Tensor,
+    history: torch.Tensor,
+    length: torch.Tensor,
+    target: torch.Tensor,
+    cfg: RecTrainConfig,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """`sasrec_loss` from already computed ``logits`` ``(B, num_items)``."""
     if cfg.loss == "ce":
         return F.cross_entropy(logits, target)
-    negs = sample_negatives(history, length, target, model.num_items, cfg.negatives, generator)
+    negs = sample_negatives(history, length, target, logits.shape[1], cfg.negatives, generator)
     pos = logits.gather(1, target[:, None])
     neg = logits.gather(1, negs)
     scores = torch.cat([pos.reshape(-1), neg.reshape(-1)])
@@ -124,22 +160,52 @@ def sasrec_loss(
     return F.binary_cross_entropy_with_logits(scores, labels)
 
 
-def _train_split(dataset: SeqDataset, min_len: int) -> Split:
+def _train_split(dataset: SeqDataset, min_len: int) -> tuple[Split, np.ndarray]:
+    """The train samples with at least ``min_len`` history items and their rows in the full split."""
     train = dataset.split("train")
     keep = np.flatnonzero(train.length >= min_len)
     if keep.size == 0:
         raise IloraError(f"{dataset.source or 'dataset'}: no train sample has at least min_len={min_len} history items")
-    return train if keep.size == len(train) else train.subset(keep)
+    return (train if keep.size == len(train) else train.subset(keep)), keep
+
+
+def _batch_loss(
+    model: SASRec,
+    history: torch.Tensor,
+    length: torch.Tensor,
+    target: torch.Tensor,
+    rows: torch.Tensor,
+    cfg: RecTrainConfig,
+    generator: torch.Generator,
+    extra_loss: ExtraLoss | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """Recommendation loss of one batch plus ``extra_loss`` (if any) from the same forward pass."""
+    history, length, target = history.to(device), length.to(device), target.to(device)
+    logits = model.scores(history, length)
+    loss = recommendation_loss(logits, history, length, target, cfg, generator)
+    if extra_loss is not None:
+        loss = loss + extra_loss(TrainBatch(logits, history, length, target, rows.to(device)))
+    return loss
 
 
 def _metric_subset(metrics: dict[str, object], prefix: str) -> dict[str, float]:
     return {f"{prefix}{k}": float(v) for k, v in metrics.items() if "@" in k}  # type: ignore[arg-type]
 
 
-def train_sasrec(dataset: SeqDataset, cfg: RecTrainConfig, out_dir: str | Path) -> dict[str, object]:
+def train_sasrec(
+    dataset: SeqDataset,
+    cfg: RecTrainConfig,
+    out_dir: str | Path,
+    *,
+    extra_loss: ExtraLoss | None = None,
+    model_factory: ModelFactory | None = None,
+) -> dict[str, object]:
     """Train, keep the best-by-validation weights, save them to ``out_dir``; return final metrics.
 
-    Without a validation split the weights of the last epoch are kept.
+    Without a validation split the weights of the last epoch are kept. ``model_factory``
+    (default `SASRec`) builds the model from its architecture, right after the global
+    seed is set; ``extra_loss`` is added to every batch's recommendation loss.
     """
     cfg.validate()
     out = Path(out_dir)
@@ -151,12 +217,12 @@ def train_sasrec(dataset: SeqDataset, cfg: RecTrainConfig, out_dir: str | Path) 
     generator = torch.Generator().manual_seed(cfg.seed)
     sample_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
 
-    train = _train_split(dataset, cfg.train_min_len)
+    train, train_rows = _train_split(dataset, cfg.train_min_len)
     has_val = dataset.splits.get("val") is not None and len(dataset.split("val")) > 0
     arch = SASRecConfig(
         num_items=dataset.num_items, max_len=dataset.max_len, hidden=cfg.hidden, heads=cfg.heads, blocks=cfg.blocks, dropout=cfg.dropout
     )
-    model = SASRec(arch).to(device)
+    model = (model_factory or SASRec)(arch).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
 
@@ -169,6 +235,7 @@ def train_sasrec(dataset: SeqDataset, cfg: RecTrainConfig, out_dir: str | Path) 
     history = torch.from_numpy(train.history)
     length = torch.from_numpy(train.length)
     target = torch.from_numpy(train.target)
+    rows = torch.from_numpy(train_rows)
     n = len(train)
     steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
@@ -182,9 +249,7 @@ def train_sasrec(dataset: SeqDataset, cfg: RecTrainConfig, out_dir: str | Path) 
             loss_sum, batches = 0.0, 0
             for start in range(0, n, cfg.batch_size):
                 idx = order[start : start + cfg.batch_size]
-                loss = sasrec_loss(
-                    model, history[idx].to(device), length[idx].to(device), target[idx].to(device), cfg, sample_gen
-                )
+                loss = _batch_loss(model, history[idx], length[idx], target[idx], rows[idx], cfg, sample_gen, extra_loss, device)
                 if not torch.isfinite(loss.detach()):
                     raise IloraError(f"training diverged at step {step + 1} (loss {loss.item()}); lower lr")
                 optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,59 @@
+"""`ilora distill DATA --teacher-outputs DIR --out DIR`: DLLM2Rec distillation into SASRec.
+
+Trains the undistilled baseline and the distilled student with the same seed, split,
+epochs and early stopping on the validation split, then reports both students' test
+metrics and the relative gain per metric (``ilora.distill.train``). The output
+directory holds ``baseline/`` and ``distilled/`` (SASRec model directories, what
+``ilora rec eval --model`` reads), ``distill_config.json`` and ``result.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ilora.cli.common import add_data_arguments, add_json_argument, load_data, print_json
+from ilora.config import add_arguments, add_config_arguments, config_from_args
+
+
+def _print_table(result: dict) -> None:
+    base, dist, gain = result["baseline"]["test"], result["distilled"]["test"], result["gain"]
+    print(f"{'metric':<14}{'baseline':>10}{'distilled':>11}{'gain':>9}")
+    for key, g in gain.items():
+        shown = "n/a" if g is None else f"{100 * g:+.1f}%"
+        print(f"{key:<14}{base[key]:>10.4f}{dist[key]:>11.4f}{shown:>9}")
+    print(f"out: {result['out']}")
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    from ilora.distill.train import DistillConfig, distill
+    from ilora.outputs.format import read_teacher_outputs
+
+    cfg = config_from_args(DistillConfig, args)
+    cfg.validate()
+    dataset = load_data(args)
+    outputs = read_teacher_outputs(args.teacher_outputs, ("train",))
+    result = distill(dataset, outputs, cfg, args.out, source=str(args.teacher_outputs))
+    if args.json:
+        print_json(result)
+    else:
+        _print_table(result)
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from ilora.distill.train import DistillConfig
+
+    parser = subparsers.add_parser(
+        "distill",
+        help="distil teacher outputs into SASRec (DLLM2Rec) and compare with the undistilled baseline",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_data_arguments(parser)
+    parser.add_argument("--teacher-outputs", required=True, type=Path, metavar="DIR", help="directory written by `ilora teacher export`")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (baseline/, distilled/, result.json)")
+    add_json_argument(parser)
+    add_arguments(parser, DistillConfig)
+    add_config_arguments(parser)
+    parser.set_defaults(run=run_distill)

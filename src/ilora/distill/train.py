@@ -1,0 +1,252 @@
+"""Distil a teacher's outputs into SASRec (DLLM2Rec) and compare with the undistilled baseline.
+
+`distill` trains two students with `ilora.rec.train.train_sasrec` (one training loop for
+both), with the same seed, split, epochs and early stopping on the validation split:
+
+* ``baseline``: SASRec with the recommendation loss only (plus the DRO term when
+  ``dro_alpha > 0``, as DLLM2Rec's baseline);
+* ``distilled``: the same loss plus ``lambda_d`` x importance-aware ranking distillation
+  over the teacher's top-``top_k`` items (`ilora.distill.losses`), and, when
+  ``w_ed > 0``, the teacher's item embeddings added to the student's
+  (`ilora.distill.student`).
+
+Each model directory (``baseline/``, ``distilled/``) is what ``ilora rec train`` writes
+(the distilled student saved folded, as a plain SASRec). ``result.json`` holds both
+runs' test metrics (full-ranking HR/NDCG@1,5,10,20, plus candidate metrics when
+``eval_candidates > 0``) and the relative gain per metric,
+``(distilled - baseline) / baseline`` (``null`` when the baseline is 0).
+
+Teacher outputs are matched to the dataset before training: the same number of items
+(and the same catalog, when the manifest records its fingerprint), one train row per
+train sample, ids inside the catalog, at least ``top_k`` items per row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ilora.config import option, to_dict
+from ilora.data.dataset import SeqDataset
+from ilora.distill.losses import dro_loss, importance_weights, propensity_scores, ranking_distillation_loss
+from ilora.distill.student import student_factory
+from ilora.errors import ConfigError, IloraError
+from ilora.outputs.format import TeacherOutputs
+from ilora.rec.train import RecTrainConfig, TrainBatch, train_sasrec
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class DistillConfig(RecTrainConfig):
+    """Options of `distill` / ``ilora distill``: SASRec training plus DLLM2Rec's distillation."""
+
+    loss: Literal["ce", "bce"] = option("bce", "recommendation loss: bce = target vs sampled negatives (DLLM2Rec); ce = softmax cross-entropy")
+    top_k: int = option(10, "teacher top-K items distilled per sample (the first K of the exported list)")
+    lambda_d: float = option(0.8, "weight of the importance-aware ranking distillation loss (0: none)")
+    beta: float = option(1.0, "position weight temperature: w_position ~ exp(-rank / beta)")
+    gamma_position: float = option(0.3, "share of the position-aware weight in the importance weights")
+    gamma_confidence: float = option(0.5, "share of the teacher-confidence weight in the importance weights")
+    gamma_consistency: float = option(0.1, "share of the teacher/student top-K agreement weight in the importance weights")
+    w_ed: float = option(0.2, "weight of the teacher's projected item embedding added to the student's (0: no embedding distillation)")
+    dro_alpha: float = option(0.0, "weight of DLLM2Rec's DRO term on the recommendation and distillation losses (0: off; DLLM2Rec uses 1)")
+    dro_beta: float = option(1.0, "DRO robustness radius (temperature of its log-sum-exp)")
+
+    def validate(self) -> None:
+        super().validate()
+        checks = [
+            (self.top_k >= 1, "top_k must be >= 1"),
+            (self.lambda_d >= 0, "lambda_d must be >= 0"),
+            (self.beta > 0, "beta must be > 0"),
+            (min(self.gamma_position, self.gamma_confidence, self.gamma_consistency) >= 0, "gamma_* must be >= 0"),
+            (self.gamma_position + self.gamma_confidence + self.gamma_consistency > 0, "at least one gamma_* must be > 0"),
+            (self.w_ed >= 0, "w_ed must be >= 0"),
+            (self.dro_alpha >= 0, "dro_alpha must be >= 0"),
+            (self.dro_beta > 0, "dro_beta must be > 0"),
+        ]
+        for ok, problem in checks:
+            if not ok:
+                raise ConfigError(problem)
+
+    def rec_config(self) -> RecTrainConfig:
+        """The SASRec training options alone."""
+        return RecTrainConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RecTrainConfig)})
+
+
+@dataclass
+class TeacherTargets:
+    """The teacher outputs one distillation run reads, checked against the dataset."""
+
+    items: torch.Tensor  # int64 (n_train, top_k)
+    confidence: torch.Tensor  # float32 (n_train, top_k)
+    embeddings: torch.Tensor | None  # float32 (num_items, H) or None
+
+
+def check_teacher_outputs(dataset: SeqDataset, outputs: TeacherOutputs, cfg: DistillConfig, source: str = "teacher outputs") -> TeacherTargets:
+    """The train top-K, confidences and item embeddings, after checking they belong to ``dataset``."""
+    manifest_data = outputs.manifest.get("dataset", {}) if isinstance(outputs.manifest, dict) else {}
+    exported_items = manifest_data.get("num_items")
+    if exported_items is not None and int(exported_items) != dataset.num_items:
+        raise IloraError(f"{source}: exported for {exported_items} items, but {dataset.source or 'the dataset'} has {dataset.num_items}")
+    if manifest_data.get("catalog") is not None:
+        from ilora.teacher.build import catalog_fingerprint
+
+        if manifest_data["catalog"] != catalog_fingerprint(dataset.catalog):
+            raise IloraError(f"{source}: exported for a different item catalog than {dataset.source or 'the dataset'}'s")
+    train = outputs.split("train")
+    n = len(dataset.split("train"))
+    items = np.asarray(train.topk_items)
+    conf = np.asarray(train.topk_confidence)
+    if items.ndim != 2 or items.shape[0] != n:
+        raise IloraError(
+            f"{source}: train top-K items have shape {items.shape}, expected ({n}, K) (one row per train sample; "
+            "exported from another dataset or another --min-len?)"
+        )
+    if items.shape[1] < cfg.top_k:
+        raise IloraError(f"{source}: {items.shape[1]} items per train row, but top_k={cfg.top_k}")
+    if conf.shape != items.shape:
+        raise IloraError(f"{source}: train confidences have shape {conf.shape}, the top-K items {items.shape}")
+    items, conf = items[:, : cfg.top_k], conf[:, : cfg.top_k]
+    bad = np.argwhere((items < 0) | (items >= dataset.num_items))
+    if bad.size:
+        r, c = map(int, bad[0])
+        raise IloraError(f"{source}: train row {r}, position {c}: id {int(items[r, c])} is not an item (0..{dataset.num_items - 1})")
+    bad = np.argwhere(~np.isfinite(conf) | (conf < 0))
+    if bad.size:
+        r, c = map(int, bad[0])
+        raise IloraError(f"{source}: train row {r}, position {c}: confidence {conf[r, c]} is not a finite number >= 0")
+    return TeacherTargets(
+        torch.from_numpy(items.astype(np.int64)),
+        torch.from_numpy(conf.astype(np.float32)),
+        _checked_embeddings(outputs, dataset, cfg, source),
+    )
+
+
+def _checked_embeddings(outputs: TeacherOutputs, dataset: SeqDataset, cfg: DistillConfig, source: str) -> torch.Tensor | None:
+    if cfg.w_ed == 0:
+        return None
+    emb = outputs.item_embeddings
+    if emb is None:
+        raise IloraError(f"{source}: no item embeddings (needed for w_ed={cfg.w_ed}; set w_ed=0 to distil the ranking only)")
+    emb = np.asarray(emb)
+    if emb.ndim != 2 or emb.shape[0] != dataset.num_items or emb.shape[1] < 1:
+        raise IloraError(f"{source}: item embeddings have shape {emb.shape}, expected ({dataset.num_items}, H)")
+    dim = (outputs.manifest.get("item_embeddings") or {}).get("dim")
+    if dim is not None and int(dim) != emb.shape[1]:
+        raise IloraError(f"{source}: item embeddings are {emb.shape[1]} wide, the manifest says {dim}")
+    if not np.isfinite(emb).all():
+        raise IloraError(f"{source}: item embeddings contain NaN or infinite values")
+    return torch.from_numpy(emb.astype(np.float32))
+
+
+class DistillationLoss:
+    """The ``extra_loss`` hook of `train_sasrec`: ``lambda_d`` x ranking distillation, plus DRO terms.
+
+    Per batch: ``dro_alpha * mean_b dro(target)`` (when ``dro_alpha > 0``) and, given
+    teacher ``targets``, ``lambda_d * (RD + dro_alpha * mean_b sum_k w[b, k] dro(items[b, k]))``
+    with RD and the weights ``w`` of `ilora.distill.losses` (computed even for
+    ``lambda_d = 0``, which then adds exactly nothing). Draws no random numbers.
+    """
+
+    def __init__(self, targets: TeacherTargets | None, cfg: DistillConfig, propensity: torch.Tensor | None) -> None:
+        if cfg.dro_alpha and propensity is None:
+            raise IloraError("the DRO term needs the items' propensity scores")
+        self.cfg, self.lambda_d = cfg, cfg.lambda_d
+        self.targets = targets
+        self.propensity = propensity
+        self._device: torch.device | None = None
+
+    def _to(self, device: torch.device) -> None:
+        if self._device != device:
+            if self.targets is not None:
+                self.targets = dataclasses.replace(
+                    self.targets, items=self.targets.items.to(device), confidence=self.targets.confidence.to(device)
+                )
+            if self.propensity is not None:
+                self.propensity = self.propensity.to(device)
+            self._device = device
+
+    def __call__(self, batch: TrainBatch) -> torch.Tensor:
+        cfg = self.cfg
+        self._to(batch.logits.device)
+        total = batch.logits.new_zeros(())
+        if cfg.dro_alpha:
+            total = total + cfg.dro_alpha * dro_loss(batch.logits, batch.target, self.propensity, cfg.dro_beta).mean()
+        if self.targets is not None:
+            items = self.targets.items[batch.rows]
+            weights = importance_weights(
+                items,
+                self.targets.confidence[batch.rows],
+                batch.logits,
+                beta=cfg.beta,
+                gamma_position=cfg.gamma_position,
+                gamma_confidence=cfg.gamma_confidence,
+                gamma_consistency=cfg.gamma_consistency,
+            )
+            rd = ranking_distillation_loss(batch.logits, items, weights)
+            if cfg.dro_alpha:
+                dro = dro_loss(batch.logits, items, self.propensity, cfg.dro_beta)
+                rd = rd + cfg.dro_alpha * (weights * dro).sum(dim=1).mean()
+            total = total + self.lambda_d * rd
+        return total
+
+
+def relative_gain(baseline: dict[str, object], distilled: dict[str, object]) -> dict[str, float | None]:
+    """``(distilled - baseline) / baseline`` per metric (keys with ``@``); None where the baseline is 0."""
+    gain: dict[str, float | None] = {}
+    for key, base in baseline.items():
+        if "@" in key and key in distilled:
+            b, d = float(base), float(distilled[key])  # type: ignore[arg-type]
+            gain[key] = None if b == 0 else (d - b) / b
+    return gain
+
+
+def _run_summary(result: dict[str, object]) -> dict[str, object]:
+    keep = ("best_epoch", "epochs_run", "steps", "selected_by", "out", "val", "test")
+    return {k: result[k] for k in keep if k in result}
+
+
+def distill(dataset: SeqDataset, teacher_outputs: TeacherOutputs, cfg: DistillConfig, out_dir: str | Path, *, source: str = "teacher outputs") -> dict[str, object]:
+    """Train the baseline and the distilled student; write and return their test metrics and the gains."""
+    cfg.validate()
+    if dataset.splits.get("test") is None or len(dataset.split("test")) == 0:
+        raise IloraError(f"{dataset.source or 'dataset'}: distillation is evaluated on the test split, which is absent or empty")
+    targets = check_teacher_outputs(dataset, teacher_outputs, cfg, source)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "distill_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
+    propensity = propensity_scores(dataset.split("train").target, dataset.num_items) if cfg.dro_alpha else None
+    rec_cfg = cfg.rec_config()
+
+    log.info("training the baseline student (no distillation)")
+    base_hook = DistillationLoss(None, cfg, propensity) if cfg.dro_alpha else None
+    baseline = train_sasrec(dataset, rec_cfg, out / "baseline", extra_loss=base_hook)
+
+    log.info("training the distilled student (lambda_d=%s, w_ed=%s)", cfg.lambda_d, cfg.w_ed)
+    hook = DistillationLoss(targets, cfg, propensity)
+    factory = student_factory(targets.embeddings, w_ed=cfg.w_ed, seed=cfg.seed)
+    distilled = train_sasrec(dataset, rec_cfg, out / "distilled", extra_loss=hook, model_factory=factory)
+
+    result: dict[str, object] = {
+        "baseline": _run_summary(baseline),
+        "distilled": _run_summary(distilled),
+        "gain": relative_gain(baseline["test"], distilled["test"]),  # type: ignore[arg-type]
+        "teacher": {
+            "source": source,
+            "top_k_exported": int(np.asarray(teacher_outputs.split("train").topk_items).shape[1]),
+            "embedding_dim": None if targets.embeddings is None else int(targets.embeddings.shape[1]),
+        },
+        "config": to_dict(cfg),
+        "out": str(out),
+    }
+    (out / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
