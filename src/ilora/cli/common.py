@@ -82,10 +82,16 @@ def add_json_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def load_data(args: argparse.Namespace):
-    """The dataset named by the DATA / --format / --allow-pickle (and loading) arguments."""
-    from ilora.data import load_dataset
+    """The dataset named by the DATA / --format / --allow-pickle (and loading) arguments.
 
-    return load_dataset(
+    A command with a ``--split`` option evaluates that split: if it is absent, or empty
+    (no row at all, or none left after ``--min-len``), this fails here, before any model is
+    loaded, instead of reporting metrics over zero samples.
+    """
+    from ilora.data import load_dataset
+    from ilora.errors import IloraError
+
+    dataset = load_dataset(
         args.data,
         format=args.data_format,
         allow_pickle=args.allow_pickle,
@@ -93,3 +99,7 @@ def load_data(args: argparse.Namespace):
         max_len=args.max_len,
         items=args.items,
     )
+    name = getattr(args, "split", None)
+    if name is not None and len(dataset.split(name)) == 0:
+        raise IloraError(f"{args.data}: the {name} split has no samples (min_len={args.min_len}); nothing to evaluate")
+    return dataset

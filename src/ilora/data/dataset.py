@@ -9,10 +9,22 @@
 
 The padding id is explicit and always equals ``num_items`` (the iLoRA/LLaRA and
 DLLM2Rec convention: the embedding table has one extra row for padding).
+
+Titles are stored verbatim: the readers and the native format keep any text (empty
+titles, newlines, control characters) and never clean it. Only the teacher, which puts
+titles into prompts, requires prompt-safe titles (`check_prompt_title`, run by
+`validate_prompt_titles` when a teacher is built or loaded): at least one non-space
+character, one line (no character that ``str.splitlines`` breaks on) and no other control
+character but tab (NUL, ESC, DEL, ...). They are refused, not cleaned: a title is part of
+the catalog fingerprint, and the generate protocol matches titles in the output's first
+line. `load_dataset` logs a warning for the first such title. Text that looks like a
+special token (``[HistoryEmb]``, ``</s>``) is an ordinary title; the prompt builder never
+turns title text into placeholders.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,12 +35,48 @@ from ilora.errors import DataError, IloraError
 
 SPLITS = ("train", "val", "test")
 
+# C0 controls but tab, DEL, and the line breaks of str.splitlines beyond C0 (NEL, LS, PS).
+_NOT_IN_PROMPT = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+
+
+def check_prompt_title(title: str, path: str | Path | None, *, item: int) -> None:
+    """A `DataError` naming the file, the item and the character unless ``title`` is prompt-safe.
+
+    Prompt-safe: a string with a non-space character, on one line, with no control
+    character but tab (see the module docstring). The row reported is the item id.
+    """
+    if not isinstance(title, str):
+        raise DataError(path, f"title is a {type(title).__name__}", row=item, item=item, expected="a string")
+    if not title.strip():
+        raise DataError(path, f"empty title {title!r}", row=item, item=item, expected="a title with a non-space character")
+    bad = _NOT_IN_PROMPT.search(title)
+    if bad:
+        raise DataError(
+            path,
+            f"title {title[:60]!r} holds the control character {bad.group()!r} at position {bad.start()}, "
+            "which cannot go into a prompt",
+            row=item,
+            item=item,
+            expected="one line of printable text",
+        )
+
+
+def validate_prompt_titles(catalog: Catalog) -> None:
+    """`check_prompt_title` on every title of ``catalog`` (its ``source`` names the file)."""
+    for item, title in enumerate(catalog.titles):
+        check_prompt_title(title, catalog.source or "item catalog", item=item)
+
 
 @dataclass(frozen=True)
 class Catalog:
-    """Item titles indexed by item id (``titles[i]`` is the title of item ``i``)."""
+    """Item titles indexed by item id (``titles[i]`` is the title of item ``i``).
+
+    ``source`` names the file the titles were read from (for error messages; not part of
+    equality).
+    """
 
     titles: tuple[str, ...]
+    source: str = field(default="", compare=False)
 
     @property
     def num_items(self) -> int:
@@ -119,6 +167,8 @@ class SeqDataset:
 
     def validate(self, paths: dict[str, str | Path] | None = None) -> None:
         """Check every split against the catalog; raise `DataError` naming file, row and id."""
+        if self.catalog.num_items < 1:
+            raise DataError(self.source or None, "the item catalog is empty", expected="at least one item")
         for name, split in self.splits.items():
             if split is not None:
                 validate_split(split, self.catalog, path=(paths or {}).get(name, f"{self.source}[{name}]"))
@@ -143,7 +193,12 @@ def validate_split(split: Split, catalog: Catalog, path: str | Path, rows: np.nd
         r = int(bad[0])
         if length[r] < 1:
             raise DataError(path, f"empty history (len_seq={int(length[r])})", row=row_of(r), expected="len_seq >= 1")
-        raise DataError(path, f"len_seq={int(length[r])} is longer than the history width {split.max_len}", row=row_of(r))
+        raise DataError(
+            path,
+            f"len_seq={int(length[r])} is longer than the history width {split.max_len}",
+            row=row_of(r),
+            expected=f"1 <= len_seq <= {split.max_len}",
+        )
     bad = np.flatnonzero((target < 0) | (target >= n_items))
     if bad.size:
         r = int(bad[0])

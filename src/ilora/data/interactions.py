@@ -8,6 +8,9 @@ Input files
   Timestamps are numbers or ISO-8601 date-times (all rows of one kind).
 * Items (optional): CSV or Parquet with columns ``item``, ``title``.
 
+Every CSV line must have as many fields as the header. A log that yields no sample at all
+(no user with two interactions) is an error.
+
 ``path`` may be a directory holding ``interactions.csv`` or ``interactions.parquet`` and,
 optionally, ``items.csv`` or ``items.parquet``; or the interactions file itself, with the
 items file looked up beside it under those names; or the items file is given explicitly.
@@ -125,17 +128,44 @@ def find_interaction_files(path: str | Path, items: str | Path | None = None) ->
     return interactions, (beside[0] if beside else None)
 
 
+def _undecodable(path: Path, encoding: str) -> DataError:
+    """The error for the first byte of ``path`` that is not ``encoding`` text, with its line."""
+    raw = path.read_bytes()
+    try:
+        raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        return DataError(path, f"undecodable text at byte {exc.start} (line {line})", expected=f"{encoding} text")
+    return DataError(path, "undecodable text", expected=f"{encoding} text")
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """Every cell as text; every line must have as many fields as the header (line numbers in errors)."""
+    try:
+        # header=None: pandas then checks every line against the first one, including the
+        # first data line (with a header row, an extra field there silently becomes the index).
+        cells = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8", header=None)
+    except UnicodeDecodeError:
+        raise _undecodable(path, "utf-8") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(path, "the file is empty", expected="a header line and rows") from None
+    header = [str(c) for c in cells.iloc[0].tolist()]
+    if len(set(header)) != len(header):
+        raise DataError(path, f"duplicate column names in the header {header}", expected="distinct column names")
+    frame = cells.iloc[1:].reset_index(drop=True)
+    frame.columns = header
+    return frame
+
+
 def read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame:
     """CSV (every cell as text, nothing turned into NaN but empty cells) or Parquet; checks columns."""
     try:
         if path.suffix == ".parquet":
             frame = pd.read_parquet(path)
         else:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(path, f"undecodable text at byte {exc.start}", expected="UTF-8") from None
+            frame = _read_csv(path)
     except (ValueError, OSError, pd.errors.ParserError) as exc:
-        raise DataError(path, f"not a readable table ({str(exc).splitlines()[0]})") from None
+        raise DataError(path, f"not a readable table ({str(exc).strip().splitlines()[0]})") from None
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise DataError(
@@ -211,7 +241,7 @@ def read_items_table(path: Path) -> tuple[pd.Index, Catalog]:
         row = int(np.flatnonzero(duplicated)[0])
         first = int(np.flatnonzero(keys == keys[row])[0])
         raise DataError(path, f"duplicate item key {keys[row]!r} (first in row {first})", row=row)
-    return pd.Index(keys), Catalog(tuple(str(t) for t in frame["title"].tolist()))
+    return pd.Index(keys), Catalog(tuple(str(t) for t in frame["title"].tolist()), source=str(path))
 
 
 def read_interactions(path: str | Path, *, items: str | Path | None = None, max_len: int = 10) -> SeqDataset:
@@ -227,15 +257,21 @@ def read_interactions(path: str | Path, *, items: str | Path | None = None, max_
         unknown = np.flatnonzero(item_ids < 0)
         if unknown.size:
             row = int(unknown[0])
-            raise DataError(log_path, f"item {item_keys[row]!r} is not in {items_path.name}", row=row)
+            raise DataError(
+                log_path, f"item {item_keys[row]!r} is not in {items_path.name}", row=row, expected=f"an item key listed in {items_path}"
+            )
     else:
         item_ids, uniques = pd.factorize(item_keys, sort=False)
-        catalog = Catalog(tuple(str(k) for k in uniques))
+        catalog = Catalog(tuple(str(k) for k in uniques), source=str(log_path))
         log.info("%s: no items file; titles are the item keys", log_path)
     user_codes, user_uniques = pd.factorize(users, sort=False)
     order = np.lexsort((times, user_codes))
     lengths = np.bincount(user_codes, minlength=len(user_uniques))
     splits = leave_one_out(lengths, np.asarray(item_ids)[order], max_len=max_len, padding_id=catalog.padding_id)
+    if not any(len(s) for s in splits.values()):
+        raise DataError(
+            log_path, f"no samples: {len(frame)} interactions, and no user has two", expected="users with at least 2 interactions"
+        )
     source = Path(path)
     counts = {name: {"rows_in_source": len(s), "dropped_no_history": 0} for name, s in splits.items()}
     info = {"format": "interactions", "users": len(user_uniques), "interactions": len(frame), "splits": counts}

@@ -9,6 +9,8 @@ Formats (``format="auto"`` picks one from what is at ``path``):
   ``.parquet`` log (`ilora.data.interactions`).
 
 A directory that matches more than one format is an error (name the format explicitly).
+So is a dataset without a single sample in any split; one empty split is fine (commands
+that evaluate a split refuse an empty one, see `ilora.cli.common.load_data`).
 
 ``min_len`` drops samples with fewer history items in every split (the reference
 iLoRA/LLaRA loaders use ``len_seq >= 3``: ``min_len=3``); the default 1 keeps every
@@ -20,16 +22,19 @@ and ``dropped_below_min_len``.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from ilora.data.dataset import SeqDataset
+from ilora.data.dataset import SeqDataset, validate_prompt_titles
 from ilora.data.interactions import is_interactions_path, read_interactions
 from ilora.data.legacy import LEGACY_SPLIT_FILES, is_legacy_dir, read_legacy
 from ilora.data.native import META_FILE, is_native_dir, read_native
 from ilora.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 Format = Literal["auto", "native", "llara", "interactions"]
 FORMATS: tuple[str, ...] = ("auto", "native", "llara", "interactions")
@@ -122,4 +127,15 @@ def load_dataset(
     else:
         ds = read_interactions(path, items=items, max_len=max_len)
     ds.source = str(path)
+    if not any(len(split) for split in ds.splits.values() if split is not None):
+        raise DataError(path, "no samples in any split", expected="at least one sample with a history")
+    _warn_about_titles(ds)
     return filter_min_len(ds, min_len)
+
+
+def _warn_about_titles(ds: SeqDataset) -> None:
+    """Log (not raise) the first title the teacher would refuse; the data itself is kept verbatim."""
+    try:
+        validate_prompt_titles(ds.catalog)
+    except DataError as exc:
+        log.warning("warning: %s; the dataset is read as it is, but `ilora teacher` will refuse it", exc)

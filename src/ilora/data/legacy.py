@@ -33,8 +33,11 @@ NumPy ints needs nothing else):
   ``pandas.core.indexes.base.Index`` (also the removed ``pandas.core.indexes.numeric``
   ``Int64Index`` / ``UInt64Index``, read as ``Index``), ``pandas.core.indexes.range.RangeIndex``;
 * NumPy, under both ``numpy.core`` (NumPy 1) and ``numpy._core`` (NumPy 2):
-  ``multiarray._reconstruct``, ``multiarray.scalar``, ``numeric._frombuffer``; and
-  ``numpy.ndarray``, ``numpy.dtype``;
+  ``multiarray._reconstruct`` (our `_reconstruct`: plain ndarrays only, whose pickled
+  state is checked before NumPy applies it, see `_CheckedArray`), ``multiarray.scalar``
+  and ``numeric._frombuffer`` (dtype checked, no object buffers); and ``numpy.ndarray``,
+  ``numpy.dtype`` (always a private copy: NumPy's ``dtype.__setstate__`` rewrites a
+  descriptor in place, and every dtype is compared with a fresh one before use);
 * ``builtins.slice`` (block placements), ``builtins.bytearray`` (protocol-4 buffers);
 * pandas >= 3 writes the public names ``pandas.DataFrame`` / ``pandas.Index`` /
   ``pandas.RangeIndex`` and stores string column labels as Arrow arrays:
@@ -56,7 +59,7 @@ import pandas as pd
 import pyarrow as pa
 
 from ilora.data.dataset import Catalog, SeqDataset, Split, validate_split
-from ilora.data.safe_pickle import require_opt_in, restricted_loads
+from ilora.data.safe_pickle import canonical_dtype, private_dtype, require_opt_in, restricted_loads
 from ilora.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -94,6 +97,53 @@ def _restore_validated_array(data: Any) -> pa.Array:
     return array
 
 
+def _scalar(dtype: Any, data: Any = None) -> Any:
+    """``multiarray.scalar`` with a checked dtype."""
+    return _numpy_core_modules()[0].scalar(canonical_dtype(dtype), *(() if data is None else (data,)))
+
+
+def _frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    """``numeric._frombuffer`` with a checked, non-object dtype (NumPy checks the sizes)."""
+    dtype = canonical_dtype(dtype)
+    if dtype.hasobject or order not in ("C", "F"):
+        raise ValueError("refused an object or oddly ordered buffer array in pickle")
+    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order).copy()
+
+
+class _CheckedArray(np.ndarray):
+    """The arrays a DataFrame pickle rebuilds: ``ndarray.__setstate__`` after checking the state.
+
+    NumPy's own ``__setstate__`` trusts an object array's element list to match the shape;
+    a shorter list crashes the interpreter (NumPy 2.4). Here the state must be
+    ``(version, shape, dtype, fortran, data)`` with a plain shape, and ``data`` exactly
+    ``prod(shape)`` objects (plain object dtype) or ``prod(shape) * itemsize`` bytes.
+    """
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1):
+            raise ValueError("unsupported ndarray state in pickle")
+        _version, shape, dtype, fortran, data = state
+        if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)):
+            raise ValueError(f"bad ndarray shape {shape!r:.80} in pickle")
+        if not isinstance(fortran, bool):
+            raise ValueError("bad ndarray order in pickle")
+        dtype = canonical_dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if dtype.hasobject:
+            if dtype != np.dtype(object) or not isinstance(data, list) or len(data) != count:
+                raise ValueError(f"object array of shape {shape} with {type(data).__name__} data in pickle")
+        elif not isinstance(data, (bytes, bytearray)) or len(data) != count * dtype.itemsize:
+            raise ValueError(f"array of shape {shape} and dtype {dtype} with {len(data) if isinstance(data, (bytes, bytearray)) else type(data).__name__} bytes")
+        super().__setstate__((1, shape, dtype, fortran, data))
+
+
+def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
+    """``numpy.core.multiarray._reconstruct`` for plain ndarrays only, giving a `_CheckedArray`."""
+    if subtype is not np.ndarray:
+        raise ValueError(f"refused to rebuild an array of type {subtype!r:.80}")
+    return np.ndarray.__new__(_CheckedArray, shape, dtype)
+
+
 @functools.cache
 def dataframe_pickle_globals() -> dict[tuple[str, str], Any]:
     """The allow-list (module, name) -> object for DataFrame pickles (see the module docstring)."""
@@ -102,7 +152,6 @@ def dataframe_pickle_globals() -> dict[tuple[str, str], Any]:
     from pandas.core.indexes.range import RangeIndex
     from pandas.core.internals.managers import BlockManager
 
-    multiarray, numeric = _numpy_core_modules()
     allowed: dict[tuple[str, str], Any] = {
         ("pandas.core.frame", "DataFrame"): pd.DataFrame,
         ("pandas", "DataFrame"): pd.DataFrame,
@@ -123,14 +172,14 @@ def dataframe_pickle_globals() -> dict[tuple[str, str], Any]:
         ("pyarrow.lib", "py_buffer"): pa.py_buffer,
         ("pyarrow.lib", "type_for_alias"): pa.lib.type_for_alias,
         ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
+        ("numpy", "dtype"): private_dtype,
         ("builtins", "slice"): slice,
         ("builtins", "bytearray"): bytearray,
     }
     for core in ("numpy.core", "numpy._core"):
-        allowed[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
-        allowed[(f"{core}.multiarray", "scalar")] = multiarray.scalar
-        allowed[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer
+        allowed[(f"{core}.multiarray", "_reconstruct")] = _reconstruct
+        allowed[(f"{core}.multiarray", "scalar")] = _scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = _frombuffer
     return allowed
 
 
@@ -140,6 +189,10 @@ def read_dataframe_pickle(path: Path, *, allow_pickle: bool) -> pd.DataFrame:
     frame = restricted_loads(path.read_bytes(), dataframe_pickle_globals(), path)
     if not isinstance(frame, pd.DataFrame):
         raise DataError(path, f"the pickle holds a {type(frame).__name__}", expected="a pandas DataFrame")
+    try:  # a damaged stream can give a DataFrame without its internals
+        frame = pd.DataFrame({c: frame[c].tolist() for c in frame.columns if c in COLUMNS})
+    except Exception as exc:  # noqa: BLE001 - any failure here is a damaged file, not a bug
+        raise DataError(path, f"damaged DataFrame ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
     return frame
 
 
@@ -181,7 +234,7 @@ def _catalog_from_pairs(path: Path, pairs: list[tuple[int, int, str]], first_id:
                 expected=f"ids {first_id}..{first_id + len(pairs) - 1}",
             )
         titles[index] = title
-    return Catalog(tuple(t for t in titles if t is not None))
+    return Catalog(tuple(t for t in titles if t is not None), source=str(path))
 
 
 def read_id2name(path: Path) -> Catalog:

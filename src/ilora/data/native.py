@@ -5,7 +5,8 @@ A directory holding:
 * ``dataset.json``: ``{"format": "ilora-native", "version": 1, "num_items": N,
   "padding_id": N, "max_len": L, "splits": {"train": {"rows": R} | null, ...},
   "items_file": "items.csv", "source": "..."}``. It is the source of truth: a split
-  listed as ``null`` is absent and must have no file.
+  listed as ``null`` is absent and must have no file. ``items_file`` is ``items.csv`` or
+  ``items.json`` inside the directory, nothing else (no path can point elsewhere).
 * ``train.parquet`` / ``val.parquet`` / ``test.parquet``: columns ``history``
   (``list<int64>``: only the real items, oldest first, no padding), ``length`` (int64,
   equal to the list's length) and ``target`` (int64). Row ``i`` is sample ``i``.
@@ -132,8 +133,18 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     for key in ("num_items", "padding_id", "max_len"):
         if not isinstance(meta.get(key), int) or isinstance(meta.get(key), bool):
             raise DataError(path, f"{key} is missing or not an integer")
-    if not isinstance(meta.get("splits"), dict):
-        raise DataError(path, "splits is missing", expected='"splits": {"train": {"rows": N} | null, ...}')
+    if meta["max_len"] < 1 or meta["num_items"] < 1:
+        raise DataError(path, f"max_len={meta['max_len']}, num_items={meta['num_items']}", expected="both >= 1")
+    splits = meta.get("splits")
+    if not isinstance(splits, dict) or not set(splits) <= set(SPLITS):
+        raise DataError(path, f"splits is {splits!r:.80}", expected='"splits": {"train": {"rows": N} | null, ...}')
+    for name, entry in splits.items():
+        rows = entry.get("rows") if isinstance(entry, dict) else None
+        if entry is not None and not (isinstance(rows, int) and not isinstance(rows, bool) and rows >= 0):
+            raise DataError(path, f"splits.{name} is {entry!r:.80}", expected='null or {"rows": N} with N >= 0')
+    items_file = meta.get("items_file", ITEMS_CSV)
+    if items_file not in (ITEMS_CSV, ITEMS_JSON):
+        raise DataError(path, f"items_file is {items_file!r:.80}", expected=f"{ITEMS_CSV!r} or {ITEMS_JSON!r} (a file in the dataset directory)")
     return meta
 
 
@@ -149,7 +160,7 @@ def _titles_from_rows(path: Path, rows: list[tuple[Any, Any]]) -> Catalog:
         if not isinstance(title, str):
             raise DataError(path, f"title is a {type(title).__name__}", row=row, item=item_id, expected="a string")
         titles.append(title)
-    return Catalog(tuple(titles))
+    return Catalog(tuple(titles), source=str(path))
 
 
 def read_items_csv(path: Path) -> Catalog:
@@ -179,6 +190,16 @@ def read_items_json(path: Path) -> Catalog:
     return _titles_from_rows(path, [(d["id"], d["title"]) for d in data])
 
 
+def _as_int64(path: Path, values: pa.Array | pa.ChunkedArray, name: str) -> np.ndarray:
+    """An integer Arrow array as int64; a `DataError` naming the first value that does not fit."""
+    array = values.to_numpy()
+    if array.dtype == np.uint64:
+        big = np.flatnonzero(array > np.iinfo(np.int64).max)
+        if big.size:
+            raise DataError(path, f"{name} value {int(array[big[0]])} does not fit in int64", expected="ids below 2**63")
+    return array.astype(np.int64, copy=False)
+
+
 def _int_column(path: Path, table: pa.Table, name: str) -> np.ndarray:
     column = table.column(name)
     if not pa.types.is_integer(column.type):
@@ -186,7 +207,7 @@ def _int_column(path: Path, table: pa.Table, name: str) -> np.ndarray:
     if column.null_count:
         row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
         raise DataError(path, f"null {name}", row=row)
-    return column.to_numpy().astype(np.int64, copy=False)
+    return _as_int64(path, column, name)
 
 
 def read_split_parquet(path: Path, catalog: Catalog, max_len: int) -> Split:
@@ -224,7 +245,7 @@ def read_split_parquet(path: Path, catalog: Catalog, max_len: int) -> Split:
     matrix = np.full((len(counts), max_len), catalog.padding_id, dtype=np.int64)
     rows = np.repeat(np.arange(len(counts)), counts)
     cols = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-    matrix[rows, cols] = values.to_numpy().astype(np.int64, copy=False)
+    matrix[rows, cols] = _as_int64(path, values, "history")
     split = Split(matrix, length, target)
     validate_split(split, catalog, path)
     return split
@@ -236,7 +257,7 @@ def read_native(directory: str | Path) -> SeqDataset:
     if not is_native_dir(directory):
         raise DataError(directory, "not an ilora native dataset", expected=f"a directory with {META_FILE}")
     meta = _read_meta(directory)
-    items_file = directory / str(meta.get("items_file", ITEMS_CSV))
+    items_file = directory / meta.get("items_file", ITEMS_CSV)
     if not items_file.is_file():
         raise DataError(items_file, "item catalog not found", expected=f"{ITEMS_CSV} or {ITEMS_JSON}")
     catalog = read_items_json(items_file) if items_file.suffix == ".json" else read_items_csv(items_file)

@@ -5,6 +5,13 @@ opted in (``--allow-pickle`` / ``allow_pickle=True``), and even then only throug
 `RestrictedUnpickler`, which resolves a global only if it is in an explicit allow-list
 (module, name) -> object. Anything else is refused with an `UnsafePickleError` that
 names the file and the refused global; nothing from the file runs.
+
+Allow-listed globals must also be safe on hostile arguments. NumPy's ``dtype`` is the
+trap: its ``__setstate__`` trusts the pickled state (a malformed one crashes the
+interpreter; on ``numpy.dtype("i8", False, False)``, the process-wide builtin descriptor,
+it rewrites that descriptor in place). The allow-lists map ``numpy.dtype`` to
+`private_dtype`, a `PickledDtype` stand-in whose own ``__setstate__`` checks the state,
+and `canonical_dtype` turns it into a real dtype where an array or scalar is built.
 """
 
 from __future__ import annotations
@@ -14,6 +21,8 @@ import pickle
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
+
+import numpy as np
 
 from ilora.errors import IloraError
 
@@ -60,6 +69,63 @@ class RestrictedUnpickler(pickle.Unpickler):
             ) from None
 
 
+_DTYPE_KINDS = "biufcOUS"
+
+
+class PickledDtype:
+    """What a pickle's ``numpy.dtype(spec, align, copy)`` gives here: a stand-in, not a dtype.
+
+    NumPy's ``dtype.__setstate__`` trusts its state: a malformed one crashes the
+    interpreter, and on a builtin descriptor it rewrites the process-wide dtype. So the
+    pickle's ``BUILD`` state lands in this object's `__setstate__`, which checks it and
+    derives a fresh dtype (`dtype`) from the spec, the byte order and the element size.
+    Plain numbers, bytes / unicode strings and objects only; records, sub-arrays and
+    dates are refused.
+    """
+
+    def __init__(self, spec: Any, align: Any = False, copy: Any = True) -> None:
+        if not isinstance(spec, str) or len(spec) > 8:
+            raise ValueError(f"refused dtype spec {spec!r:.40} in pickle")
+        base = np.dtype(spec)
+        if base.kind not in _DTYPE_KINDS or base.fields is not None or base.subdtype is not None:
+            raise ValueError(f"refused dtype {spec!r} in pickle (plain numbers, strings and objects only)")
+        self.dtype = base
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) in (8, 9) and state[0] in (3, 4)):
+            raise ValueError(f"malformed dtype state {state!r:.80} in pickle")
+        _version, order, subarray, names, fields, elsize, alignment, flags, *_meta = state
+        if subarray is not None or names is not None or fields is not None or order not in ("<", ">", "|", "="):
+            raise ValueError(f"refused dtype state {state!r:.80} in pickle")
+        if not all(type(v) is int for v in (elsize, alignment, flags)):
+            raise ValueError(f"malformed dtype state {state!r:.80} in pickle")
+        dtype = self.dtype
+        if flags != dtype.flags or (dtype.itemsize and (elsize not in (-1, dtype.itemsize) or alignment not in (-1, dtype.alignment))):
+            raise ValueError(f"dtype state {state!r:.80} does not match {dtype.str!r} in pickle")
+        if dtype.itemsize == 0 and dtype.kind in "US":  # flexible: the size comes with the state
+            width = elsize // (4 if dtype.kind == "U" else 1)
+            if width < 1 or width > 2**20 or elsize % (4 if dtype.kind == "U" else 1):
+                raise ValueError(f"bad string dtype size {elsize} in pickle")
+            dtype = np.dtype(f"{dtype.kind}{width}")
+        if order in "<>" and dtype.itemsize > 1:
+            dtype = dtype.newbyteorder(order)
+        self.dtype = dtype
+
+
+def private_dtype(spec: Any, align: Any = False, copy: Any = True) -> PickledDtype:
+    """What the allow-lists map ``numpy.dtype`` to (see `PickledDtype`)."""
+    return PickledDtype(spec, align, copy)
+
+
+def canonical_dtype(dtype: Any) -> np.dtype:
+    """The checked NumPy dtype of a pickled dtype (a `PickledDtype`, or a plain dtype given as such)."""
+    if isinstance(dtype, PickledDtype):
+        return dtype.dtype
+    if not isinstance(dtype, np.dtype) or dtype.kind not in _DTYPE_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise ValueError(f"refused dtype {dtype!r:.80} in pickle (plain numbers, strings and objects only)")
+    return np.dtype(dtype.str)
+
+
 def require_opt_in(path: str | Path, allow_pickle: bool) -> None:
     """Raise a clear error unless the user explicitly allowed pickles."""
     if not allow_pickle:
@@ -70,7 +136,11 @@ def restricted_loads(data: bytes, allowed: Mapping[tuple[str, str], Any], path: 
     """Unpickle ``data`` with only the ``allowed`` globals resolvable."""
     try:
         return RestrictedUnpickler(io.BytesIO(data), allowed, path).load()
-    except UnsafePickleError:
+    except IloraError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
-        raise IloraError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # noqa: BLE001 - any failure on a malformed stream is bad input, not a bug
+        # A damaged stream fails in many ways: UnpicklingError, EOFError, OverflowError for an
+        # absurd length, MemoryError, or an allow-listed constructor (pandas, NumPy) rejecting
+        # its arguments with ValueError / AssertionError / SystemError.
+        detail = " ".join(str(exc).split())[:200]
+        raise IloraError(f"{path}: not a readable pickle ({type(exc).__name__}: {detail})") from None

@@ -9,8 +9,24 @@ the ``data.pkl`` inside is read by `ilora.data.safe_pickle.RestrictedUnpickler`:
   pickled ``__dict__`` (``_parameters``, ``_modules``, hyper-parameters);
 * tensors are rebuilt by this file's own ``_rebuild_tensor_v2`` / ``_rebuild_parameter``
   from the raw storages in the zip (``persistent_load``), never by torch's unpickling;
-* the few other globals (``OrderedDict``, ``set``, NumPy integer scalars, ``torch.device``)
-  map to harmless equivalents; anything else is refused and nothing executes.
+* the few other globals map to harmless equivalents; anything else is refused and
+  nothing executes.
+
+The complete allow-list (`_allowed_globals`):
+
+* module classes -> `ModuleRecord` subclasses: ``__main__.SASRec``,
+  ``A_SASRec_final_bce_llm.SASRec``, ``recommender.A_SASRec_final_bce_llm.SASRec``,
+  ``SASRecModules_ori.MultiHeadAttention``, ``SASRecModules_ori.PositionwiseFeedForward``,
+  and from ``torch.nn.modules``: ``dropout.Dropout``, ``sparse.Embedding``,
+  ``normalization.LayerNorm``, ``linear.Linear``, ``activation.Softmax``, ``conv.Conv1d``;
+* ``torch._utils._rebuild_tensor_v2``, ``_rebuild_parameter`` and
+  ``_rebuild_parameter_with_state`` -> this file's checked rebuilders;
+* ``torch.FloatStorage``, ``DoubleStorage``, ``HalfStorage``, ``BFloat16Storage``,
+  ``LongStorage``, ``IntStorage`` -> dtype markers for ``persistent_load``;
+* ``collections.OrderedDict``; ``builtins.set`` / ``__builtin__.set``; ``torch.device`` -> a
+  string; ``numpy.dtype`` -> `ilora.data.safe_pickle.private_dtype`;
+  ``numpy.core.multiarray.scalar`` / ``numpy._core.multiarray.scalar`` -> plain numbers only;
+  ``_codecs.encode`` -> latin-1 text to bytes only.
 
 The records are then checked (classes, hyper-parameters, every tensor's shape) and
 copied into `ilora.rec.sasrec.SASRec` (one block; ``Conv1d`` kernels of size 1 become
@@ -27,7 +43,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ilora.data.safe_pickle import RestrictedUnpickler, UnsafePickleError, require_opt_in
+from ilora.data.safe_pickle import RestrictedUnpickler, UnsafePickleError, canonical_dtype, private_dtype, require_opt_in
 from ilora.errors import IloraError
 from ilora.rec.sasrec import SASRec, SASRecConfig, load_state_checked
 
@@ -110,7 +126,8 @@ def _rebuild_parameter(data: Any, requires_grad: Any, hooks: Any, state: Any = N
 
 def _numpy_scalar(dtype: Any, data: Any = None) -> int | float | bool:
     """NumPy's ``scalar(dtype, bytes)`` for plain numeric dtypes only, returned as a Python number."""
-    if not isinstance(dtype, np.dtype) or dtype.kind not in "biuf" or not isinstance(data, bytes):
+    dtype = canonical_dtype(dtype)
+    if dtype.kind not in "biuf" or not isinstance(data, bytes):
         raise IloraError(f"refused a NumPy scalar of dtype {dtype!r} (only plain numbers are accepted)")
     if len(data) != dtype.itemsize:
         raise IloraError("malformed NumPy scalar")
@@ -138,7 +155,7 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
             ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
             ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
             ("torch", "device"): _device,
-            ("numpy", "dtype"): np.dtype,
+            ("numpy", "dtype"): private_dtype,
             ("numpy.core.multiarray", "scalar"): _numpy_scalar,
             ("numpy._core.multiarray", "scalar"): _numpy_scalar,
             ("_codecs", "encode"): _latin1_encode,

@@ -16,6 +16,10 @@ Checkpoint directory layout (everything needed to run the teacher offline):
 `load_teacher` is the only way to load one: it rebuilds the model, injects the adapters,
 loads the gate network and projector together, so a reloaded teacher can never run
 without its gate.
+
+Both `build_teacher` and `load_teacher` first check that every catalog title can go
+into a prompt (`ilora.data.dataset.validate_prompt_titles`: not empty, one line, no
+control character), before any model is built or read.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ilora.config import from_dict, to_dict
-from ilora.data.dataset import Catalog
+from ilora.data.dataset import Catalog, validate_prompt_titles
 from ilora.errors import IloraError
 from ilora.rec.sasrec import SASRec, load_sasrec
 from ilora.state_io import atomic_write_text, read_json, save_tensors
@@ -95,6 +99,7 @@ def assemble(cfg: TeacherConfig, catalog: Catalog, rec: SASRec, llm, tokenizer, 
 
 def build_teacher(cfg: TeacherConfig, catalog: Catalog, rec: SASRec, device: str = "cpu") -> TeacherBundle:
     """A fresh teacher: base LLM (frozen) + new adapters, gate network and projector."""
+    validate_prompt_titles(catalog)
     if rec.config.num_items != catalog.num_items:
         raise IloraError(f"SASRec was trained on {rec.config.num_items} items but the dataset has {catalog.num_items}")
     torch.manual_seed(cfg.seed)
@@ -166,6 +171,7 @@ def load_teacher(ckpt: str | Path, catalog: Catalog, device: str = "cpu") -> Tea
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ckpt = Path(ckpt)
+    validate_prompt_titles(catalog)
     cfg, meta = read_teacher_config(ckpt)
     if meta.get("catalog") != catalog_fingerprint(catalog):
         raise IloraError(f"{ckpt}: the teacher was trained on another item catalog than this dataset's")

@@ -1,0 +1,305 @@
+"""Untrusted files: no pickle runs code, with or without ``--allow-pickle``.
+
+* Without the opt-in no pickle is read at all; with it, legacy ``.df`` DataFrames and LLaRA
+  SASRec checkpoints go through restricted unpicklers whose allow-lists are spelled out in
+  the module docstrings. Planted pickles whose loading would run ``os.system``,
+  ``builtins.exec`` or ``subprocess.Popen`` (alone, nested in a real DataFrame, inside a
+  torch zip checkpoint's ``data.pkl``) are refused with the file and the global named, and
+  the marker file they would create never appears.
+* The source never calls ``torch.load`` without ``weights_only=True``, never unpickles
+  outside the restricted unpickler, and never trusts remote model code unless asked.
+* The project's own outputs (``data synth``, ``rec train``, ``teacher train``) hold no pickle.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import io
+import os
+import pickle
+import re
+import subprocess
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ilora.cli.main import main
+from ilora.data import legacy, safe_pickle
+from ilora.rec import llara_import
+
+SRC = Path(__file__).resolve().parents[2] / "src" / "ilora"
+TITLES = "".join(f"{i}::t{i}\n" for i in range(5))
+
+
+class _Payload:
+    """An object whose unpickling calls ``func(*args)``."""
+
+    def __init__(self, func, *args) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def payloads(marker: Path) -> dict[str, tuple[object, str]]:
+    """name -> (object whose unpickling creates ``marker``, the global it needs)."""
+    return {
+        "os.system": (_Payload(os.system, f"touch {marker}"), f"{os.system.__module__}.system"),
+        "builtins.exec": (_Payload(builtins.exec, f"open({str(marker)!r}, 'w').close()"), "builtins.exec"),
+        "subprocess.Popen": (_Payload(subprocess.Popen, ["touch", str(marker)]), "subprocess.Popen"),
+        "builtins.eval": (_Payload(builtins.eval, f"open({str(marker)!r}, 'w')"), "builtins.eval"),
+    }
+
+
+PAYLOADS = ["os.system", "builtins.exec", "subprocess.Popen", "builtins.eval"]
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: ") and sum(l.startswith("error: ") for l in lines) == 1, err
+    assert "Traceback" not in err
+    return code, lines[-1]
+
+
+def legacy_dir(directory: Path, train_bytes: bytes) -> Path:
+    directory.mkdir()
+    (directory / "id2name.txt").write_text(TITLES, encoding="utf-8")
+    (directory / "train_data.df").write_bytes(train_bytes)
+    return directory
+
+
+# --------------------------------------------------------------------------- .df pickles
+
+
+@pytest.mark.parametrize("name", PAYLOADS)
+def test_df_payload_refused_with_and_without_opt_in(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    marker = tmp_path / "ran"
+    payload, refused = payloads(marker)[name]
+    directory = legacy_dir(tmp_path / "ds", pickle.dumps(payload, protocol=4))
+    code, line = run_cli(capsys, "data", "stats", str(directory))
+    assert code == 2 and "train_data.df: is a pickle" in line and "--allow-pickle" in line
+    code, line = run_cli(capsys, "data", "convert", str(directory), str(tmp_path / "out"), "--allow-pickle")
+    assert code == 2
+    assert f"{directory / 'train_data.df'}: refused to load global {refused}" in line
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", PAYLOADS)
+def test_payload_nested_in_a_real_dataframe_is_refused(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    marker = tmp_path / "ran"
+    payload, refused = payloads(marker)[name]
+    frame = pd.DataFrame({"seq": [[0, 1, 5, 5], [1, 2, 5, 5]], "len_seq": [2, 2], "next": [2, 3]})
+    frame["extra"] = pd.Series([1, payload], dtype=object)  # deep inside an object block
+    buffer = io.BytesIO()
+    frame.to_pickle(buffer)
+    assert refused.split(".")[-1].encode() in buffer.getvalue()
+    directory = legacy_dir(tmp_path / "ds", buffer.getvalue())
+    code, line = run_cli(capsys, "data", "stats", str(directory), "--allow-pickle", "--json")
+    assert code == 2 and f"refused to load global {refused}" in line and "train_data.df" in line
+    assert not marker.exists()
+
+
+def test_persistent_ids_and_non_dataframes_are_refused(tmp_path: Path) -> None:
+    class WithPersistentId(pickle.Pickler):
+        def persistent_id(self, obj):
+            return "ext" if obj == "x" else None
+
+    buffer = io.BytesIO()
+    WithPersistentId(buffer, protocol=4).dump(["x"])
+    (tmp_path / "pid.df").write_bytes(buffer.getvalue())
+    with pytest.raises(safe_pickle.IloraError, match=r"pid\.df: not a readable pickle"):
+        legacy.read_dataframe_pickle(tmp_path / "pid.df", allow_pickle=True)
+    (tmp_path / "list.df").write_bytes(pickle.dumps([1, 2]))
+    with pytest.raises(safe_pickle.IloraError, match=r"list\.df: the pickle holds a list"):
+        legacy.read_dataframe_pickle(tmp_path / "list.df", allow_pickle=True)
+
+
+def test_dtype_state_cannot_rewrite_numpy_builtins(tmp_path: Path) -> None:
+    """A pickle that BUILDs a bogus state onto ``numpy.dtype('i8', False, False)`` is refused and int64 is intact."""
+    data = (
+        b"\x80\x04cnumpy\ndtype\n(X\x02\x00\x00\x00i8\x89\x89tR"
+        b"(K\x03X\x01\x00\x00\x00<NNNK\x01K\x01K\x00tb."
+    )
+    (tmp_path / "dtype.df").write_bytes(data)
+    with pytest.raises(safe_pickle.IloraError, match=r"dtype\.df: not a readable pickle"):
+        legacy.read_dataframe_pickle(tmp_path / "dtype.df", allow_pickle=True)
+    assert np.dtype("i8").itemsize == 8 and np.arange(3, dtype=np.int64).sum() == 3
+
+
+def test_short_object_list_cannot_crash_the_interpreter(tmp_path: Path) -> None:
+    """NumPy's own ndarray.__setstate__ segfaults on this; the restricted unpickler refuses it."""
+    obj = np.empty((2, 1), dtype=object)
+    obj[0, 0], obj[1, 0] = [0, 1], [1, 2]
+    raw = pickle.dumps(obj, protocol=4)
+    assert raw.count(b"K\x02K\x01\x86") == 1  # the shape (2, 1) in the array's state; make it (2, 9)
+    (tmp_path / "array.df").write_bytes(raw.replace(b"K\x02K\x01\x86", b"K\x02K\x09\x86"))
+    script = (
+        "import sys; from pathlib import Path; from ilora.data.legacy import read_dataframe_pickle\n"
+        "from ilora.errors import IloraError\n"
+        f"try:\n    read_dataframe_pickle(Path({str(tmp_path / 'array.df')!r}), allow_pickle=True)\n"
+        "except IloraError as e:\n    print('refused:', e)\n"
+    )
+    result = subprocess.run([os.sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-500:]  # a crash would be a negative return code
+    assert "refused:" in result.stdout and "object array of shape (2, 9)" in result.stdout
+
+
+# --------------------------------------------------------------------------- torch checkpoints
+
+
+def _checkpoint_with(obj: object, path: Path) -> Path:
+    torch.save(obj, path)
+    assert zipfile.is_zipfile(path)
+    return path
+
+
+@pytest.mark.parametrize("name", PAYLOADS)
+def test_checkpoint_payload_refused(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    marker = tmp_path / "ran"
+    payload, refused = payloads(marker)[name]
+    ckpt = _checkpoint_with({"model": payload, "weights": torch.zeros(2)}, tmp_path / "evil.pt")
+    code, line = run_cli(capsys, "rec", "import-llara", str(ckpt), "--out", str(tmp_path / "out"))
+    assert code == 2 and "evil.pt: is a pickle" in line
+    code, line = run_cli(capsys, "rec", "import-llara", str(ckpt), "--out", str(tmp_path / "out"), "--allow-pickle")
+    assert code == 2 and "evil.pt: " in line
+    # torch writes protocol 2, whose Python 2 spellings rename modules (builtins -> __builtin__,
+    # subprocess -> commands); the refused name is the same
+    assert re.search(rf"refused to load global [\w.]+\.{refused.rsplit('.', 1)[1]} ", line), line
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_hand_made_zip_data_pkl_payload_refused(tmp_path: Path) -> None:
+    marker = tmp_path / "ran"
+    payload, refused = payloads(marker)["os.system"]
+    path = tmp_path / "ckpt.pt"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps(payload, protocol=2))
+        archive.writestr("archive/byteorder", "little")
+    with pytest.raises(safe_pickle.UnsafePickleError, match=rf"ckpt\.pt: refused to load global {re.escape(refused)}"):
+        llara_import.read_module_pickle(path, allow_pickle=True)
+    assert not marker.exists()
+
+
+def test_whole_torch_module_checkpoint_is_not_a_sasrec(tmp_path: Path) -> None:
+    ckpt = _checkpoint_with(torch.nn.Linear(2, 2), tmp_path / "linear.pt")
+    with pytest.raises(safe_pickle.IloraError, match=r"linear\.pt: the checkpoint holds .*expected a pickled SASRec module"):
+        llara_import.import_llara_checkpoint(ckpt, allow_pickle=True)
+
+
+# --------------------------------------------------------------------------- allow-lists are documented
+
+
+def test_dataframe_allow_list_is_in_the_docstring() -> None:
+    doc = " ".join(legacy.__doc__.split())
+    for module, name in legacy.dataframe_pickle_globals():
+        assert name in doc, (module, name)
+        assert module.split(".")[-1] in doc or module in ("builtins", "pandas", "numpy", "pyarrow.lib"), (module, name)
+
+
+def test_checkpoint_allow_list_is_in_the_docstring() -> None:
+    doc = " ".join(llara_import.__doc__.split())
+    for module, name in llara_import._allowed_globals():
+        assert name in doc, (module, name)
+
+
+# --------------------------------------------------------------------------- the source itself
+
+
+def _calls(tree: ast.AST):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            yield node, ast.unparse(node.func)
+
+
+def test_source_never_unpickles_unsafely() -> None:
+    problems = []
+    for path in sorted(SRC.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for call, func in _calls(tree):
+            kwargs = {k.arg: ast.unparse(k.value) for k in call.keywords}
+            where = f"{path.relative_to(SRC)}:{call.lineno} {func}"
+            if func.endswith("torch.load") or func == "load" and "weights_only" in kwargs:
+                if kwargs.get("weights_only") != "True":
+                    problems.append(where + " without weights_only=True")
+            if func in ("pickle.load", "pickle.loads", "pickle.Unpickler", "pd.read_pickle", "pandas.read_pickle", "joblib.load", "dill.load"):
+                problems.append(where)
+            if func in ("np.load", "numpy.load") and kwargs.get("allow_pickle") != "False":
+                problems.append(where + " without allow_pickle=False")
+            if kwargs.get("trust_remote_code") == "True":
+                problems.append(where + " with trust_remote_code=True")
+    assert problems == []
+    unpicklers = [p.name for p in SRC.rglob("*.py") if "pickle.Unpickler" in p.read_text(encoding="utf-8")]
+    assert unpicklers == ["safe_pickle.py"]
+
+
+def test_remote_code_is_not_trusted_by_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers
+
+    from ilora.teacher import build
+    from ilora.teacher.config import TeacherConfig
+    from ilora.teacher.tiny import load_llm
+
+    assert TeacherConfig().trust_remote_code is False
+    seen: list[dict] = []
+
+    class Fake:
+        def to(self, device):
+            return self
+
+    def record(*args, **kwargs):
+        seen.append(kwargs)
+        return Fake()
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", record)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", record)
+    (tmp_path / "llm").mkdir()
+    load_llm(tmp_path / "llm", device="cpu")
+    assert [k["trust_remote_code"] for k in seen] == [False, False]
+
+    asked: list[bool] = []
+    monkeypatch.setattr(build, "load_llm", lambda name, *, device, trust_remote_code: asked.append(trust_remote_code) or (None, None))
+    build._base_llm(TeacherConfig(llm=str(tmp_path / "llm")), None, "cpu")  # type: ignore[arg-type]
+    build._base_llm(TeacherConfig(llm=str(tmp_path / "llm"), trust_remote_code=True), None, "cpu")  # type: ignore[arg-type]
+    assert asked == [False, True]
+
+
+# --------------------------------------------------------------------------- our own outputs
+
+
+PICKLE_SUFFIXES = {".pt", ".pth", ".pkl", ".pickle", ".df", ".joblib", ".bin", ".ckpt"}
+
+
+def _pickle_like(path: Path) -> str | None:
+    head = path.read_bytes()[:2]
+    if path.suffix in PICKLE_SUFFIXES:
+        return "suffix"
+    if len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "pickle protocol header"
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(n.endswith(".pkl") for n in archive.namelist()):
+                return "zip with a pickle"
+    return None
+
+
+@pytest.mark.slow
+def test_pipeline_outputs_hold_no_pickle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data, rec, teacher = tmp_path / "data", tmp_path / "rec", tmp_path / "teacher"
+    assert main(["data", "synth", str(data), "--users", "40", "--items", "40", "--seed", "3"]) == 0
+    assert main(["rec", "train", str(data), "--out", str(rec), "--epochs", "1", "--hidden", "16", "--eval-candidates", "10"]) == 0
+    assert main([
+        "teacher", "train", str(data), "--rec", str(rec), "--out", str(teacher), "--max-steps", "1", "--batch-size", "4",
+        "--val-samples", "4", "--num-candidates", "5", "--tiny-hidden", "32", "--tiny-layers", "1", "--tiny-vocab", "300",
+    ]) == 0  # fmt: skip
+    capsys.readouterr()
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} >= {".parquet", ".csv", ".json", ".safetensors"}
+    flagged = {str(p.relative_to(tmp_path)): why for p in files if (why := _pickle_like(p))}
+    assert flagged == {}
