@@ -7,8 +7,8 @@ the per-sample gate in scope. Everything else calls it:
 * `loss`: next-token cross-entropy on the answer tokens only; LM-head logits are
   computed only at the positions that predict an answer token.
 * `score_candidates`: exact log-likelihood of each candidate title (+ eos) given the
-  prompt. The prompt is encoded once; its KV cache is repeated for the C candidates
-  and the C continuations run as one batch.
+  prompt. The prompt is encoded once by `run`; all C answers then run as one
+  continuation of its KV cache under a block attention mask (nothing copied per candidate).
 * `generate`: greedy decoding from the prompt, logits only at the last position.
 * teacher-output export (later) uses `score_candidates` and `run`.
 
@@ -53,6 +53,28 @@ def parse_gate_mode(mode: str, num_experts: int) -> tuple[str, int | None]:
             raise ConfigError(f"gate {mode!r}: expert index must be in 0..{num_experts - 1}")
         return "expert", n
     raise ConfigError(f"gate {mode!r}: expected learned, uniform or expert:N")
+
+
+def candidate_mask(prompt_valid: torch.Tensor, candidates: int, length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (B, 1, S, S) attention mask for ``prompt + C answers of `length` tokens``.
+
+    Prompt tokens attend causally to valid prompt tokens; answer token j of candidate p
+    attends to every valid prompt token and to tokens 0..j of answer p. Every query also
+    attends to itself, so padded rows never see an empty set.
+    """
+    b, t = prompt_valid.shape
+    s = t + candidates * length
+    device = prompt_valid.device
+    idx = torch.arange(s, device=device)
+    segment = torch.where(idx < t, -1, (idx - t) // length)
+    offset = torch.where(idx < t, idx, (idx - t) % length)
+    q, k = idx[:, None], idx[None, :]
+    prompt_keys = (k < t) & ((q >= t) | (k <= q))
+    same_answer = (segment[:, None] == segment[None, :]) & (segment[None, :] >= 0) & (offset[None, :] <= offset[:, None])
+    key_valid = torch.cat([prompt_valid, torch.ones(b, s - t, dtype=torch.bool, device=device)], dim=1)
+    allowed = (prompt_keys[None] & key_valid[:, None, :]) | same_answer[None] | (q == k)[None]
+    zero = torch.zeros((), dtype=dtype, device=device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
 
 
 class ILoRATeacher(nn.Module):
@@ -147,31 +169,38 @@ class ILoRATeacher(nn.Module):
         return F.cross_entropy(logits.float(), batch.labels[rows, cols + 1])
 
     @torch.no_grad()
-    def score_candidates(self, batch, candidates: torch.Tensor, gate_mode: str = "learned", chunk: int = 256) -> torch.Tensor:
-        """(B, C) exact log-likelihood of each candidate's answer tokens given the prompt.
+    def score_candidates(self, batch, candidates: torch.Tensor, gate_mode: str = "learned", chunk: int = 4096) -> torch.Tensor:
+        """(B, C) exact log-likelihood of each candidate's answer tokens (title + eos) given the prompt.
 
-        ``batch`` holds prompts without answers (left-padded). The prompt is encoded once;
-        its KV cache is repeated C times and the C answer continuations run as one batch.
+        ``batch`` holds prompts without answers (left-padded). The prompts run through `run`
+        (the training forward) once, keeping their KV cache; then all C answers of a row run
+        as one continuation ``answer_1 + ... + answer_C`` under the block mask of
+        `candidate_mask`: each answer attends to the cached prompt and to its own earlier
+        tokens only, at positions continuing from the prompt's end. Nothing is copied per
+        candidate and the gate stays one per sample. LM-head logits are computed only at the
+        positions that predict an answer token, ``chunk`` rows at a time.
         """
         b, c = candidates.shape
-        out = self.run(batch, gate_mode, use_cache=True)
-        cont_ids, cont_mask = self.title_table.answer_tokens(candidates.reshape(-1))
-        cont_ids, cont_mask = cont_ids.to(candidates.device), cont_mask.to(candidates.device)
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(c)
-        prompt_mask = batch.attention_mask.repeat_interleave(c, dim=0)
-        attention = torch.cat([prompt_mask, cont_mask.to(prompt_mask.dtype)], dim=1)
-        start = prompt_mask.long().sum(1, keepdim=True)
-        positions = start + torch.arange(cont_ids.shape[1], device=start.device)
-        embeds = self.llm.get_input_embeddings()(cont_ids)
-        cont = self.decode(embeds, attention, positions, out.gates.repeat_interleave(c, dim=0), past_key_values=cache)
-        first = out.hidden[:, -1].repeat_interleave(c, dim=0)[:, None]
-        predictors = torch.cat([first, cont.hidden[:, :-1]], dim=1)  # (B*C, L, H)
-        logp = torch.empty(cont_ids.shape, device=cont_ids.device)
-        for i in range(0, predictors.shape[0], chunk):
-            logits = self.lm_logits(predictors[i : i + chunk]).float()
-            logp[i : i + chunk] = torch.log_softmax(logits, -1).gather(-1, cont_ids[i : i + chunk, :, None]).squeeze(-1)
-        return (logp * cont_mask).sum(1).view(b, c)
+        t = batch.input_ids.shape[1]
+        ids, mask = self.title_table.answer_tokens(candidates.reshape(-1))
+        length = ids.shape[1]
+        ids, mask = ids.to(candidates.device).view(b, c, length), mask.to(candidates.device).view(b, c, length)
+        prompt = self.run(batch, gate_mode, use_cache=True)
+        embeds = self.llm.get_input_embeddings()(ids.view(b, c * length)).to(prompt.hidden.dtype)
+        start = batch.attention_mask.long().sum(1, keepdim=True)
+        positions = start + torch.arange(length, device=start.device).repeat(c)
+        attention = candidate_mask(batch.attention_mask.bool(), c, length, embeds.dtype)[:, :, t:]
+        answers = self.decode(embeds, attention, positions, prompt.gates, past_key_values=prompt.past_key_values)
+        hidden = torch.cat([prompt.hidden, answers.hidden], dim=1)
+        j = torch.arange(c * length, device=hidden.device) % length
+        predictor = torch.where(j == 0, t - 1, t + torch.arange(c * length, device=hidden.device) - 1)
+        flat_hidden = hidden[:, predictor].reshape(b * c * length, -1)
+        flat_ids = ids.reshape(-1)
+        logp = torch.empty(flat_ids.shape, device=hidden.device)
+        for i in range(0, flat_ids.numel(), chunk):
+            logits = self.lm_logits(flat_hidden[i : i + chunk]).float()
+            logp[i : i + chunk] = torch.log_softmax(logits, -1).gather(-1, flat_ids[i : i + chunk, None]).squeeze(-1)
+        return (logp.view(b, c, length) * mask).sum(-1)
 
     @torch.no_grad()
     def generate(self, batch, gate_mode: str = "learned", max_new_tokens: int = 32) -> list[str]:
