@@ -1,0 +1,284 @@
+"""`ilora bench adapter`: one adapted linear layer, forward + backward.
+
+A frozen ``hidden x hidden`` linear layer with E = 4 LoRA experts of rank 2 and 8,
+on 8 sequences of 256 tokens whose input requires grad (as inside a model). Variants:
+
+* ``reference``: the iLoRA formulation. Each expert's output ``B_e A_e x`` is
+  computed, the E outputs are stacked into a ``(batch, tokens, E, out)`` tensor, then
+  weighted by the gate and summed (``einsum("bteo,be->bto")``).
+* ``ours``: `GatedLoraLinear` (one rank ``E*r`` LoRA, the gate applied in rank space).
+* ``lora``: plain LoRA of the same total rank as peft computes it,
+  ``base(x) + lora_B(lora_A(dropout(x))) * scaling``: the floor.
+
+All three share the frozen base layer; the reference reads the very parameters of
+``ours`` (per-expert slices), so they compute the same function, which is checked
+(outputs and gradients, dropout off) before timing. Memory: the bytes autograd saves
+in forward (weights excluded) and, on CUDA, the peak allocated; "extra" is what a
+variant saves beyond the frozen base layer alone.
+
+`ReferenceGatedLinear` and `reference_adapters` are also used by the ``step`` benchmark
+to run a whole model with the reference formulation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ilora.bench.common import cuda_peak, interleave, machine_info, mib, ms, now_utc, saved_activation_bytes
+from ilora.errors import IloraError
+from ilora.teacher.adapters import GatedLoraLinear, GateState, MoELoraConfig, gated_lora_modules
+
+NUM_EXPERTS = 4
+RANKS = (2, 8)
+TOKENS, BATCH = 256, 8
+HIDDEN, QUICK_HIDDEN = 4096, 1024
+DROPOUT = 0.05
+ALPHA = 32.0
+
+
+class ReferenceGatedLinear(nn.Module):
+    """iLoRA's formulation over the parameters of a `GatedLoraLinear` (expert e = rows/cols e*r:(e+1)*r).
+
+    ``base(x) + scaling * einsum("bteo,be->bto", stack_e(B_e A_e dropout(x)), gate)``:
+    materialises the ``(batch, tokens, E, out)`` tensor of per-expert outputs.
+    """
+
+    def __init__(self, layer: GatedLoraLinear) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        gate = layer.gate_state.gate_for(x)
+        if gate.dim() != 2:
+            raise IloraError("the reference formulation takes a per-sample (batch, E) gate")
+        result = layer.base_layer(x)
+        a, b, r = layer.lora_A.weight, layer.lora_B.weight, layer.rank_per_expert
+        x_d = layer.lora_dropout(x.to(a.dtype))
+        experts = [F.linear(F.linear(x_d, a[e * r : (e + 1) * r]), b[:, e * r : (e + 1) * r]) for e in range(layer.num_experts)]
+        stacked = torch.stack(experts, dim=-2)  # (batch, tokens, E, out)
+        delta = torch.einsum("b...eo,be->b...o", stacked, gate.to(stacked.dtype)) * layer.scaling
+        return result + delta.to(result.dtype)
+
+
+class PlainLora(nn.Module):
+    """peft's LoRA forward: ``base(x) + lora_B(lora_A(dropout(x))) * scaling`` (input cast to the adapter dtype)."""
+
+    def __init__(self, base: nn.Linear, rank: int, scaling: float, dropout: float, adapter_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.base_layer = base
+        self.scaling = scaling
+        factory = {"device": base.weight.device, "dtype": adapter_dtype}
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, **factory)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, **factory)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=5**0.5)
+        nn.init.kaiming_uniform_(self.lora_B.weight, a=5**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base_layer(x)
+        delta = self.lora_B(self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))) * self.scaling
+        return result + delta.to(result.dtype)
+
+
+@contextlib.contextmanager
+def reference_adapters(model: nn.Module) -> Iterator[int]:
+    """Within the block every `GatedLoraLinear` of ``model`` runs as `ReferenceGatedLinear` (same parameters)."""
+    layers = gated_lora_modules(model)
+    swapped = []
+    for path, layer in layers.items():
+        parent_path, _, leaf = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, leaf, ReferenceGatedLinear(layer))
+        swapped.append((parent, leaf, layer))
+    try:
+        yield len(swapped)
+    finally:
+        for parent, leaf, layer in swapped:
+            setattr(parent, leaf, layer)
+
+
+# -- setup -----------------------------------------------------------------------------------
+
+
+def build_layers(hidden: int, rank: int, device: torch.device, base_dtype: torch.dtype, adapter_dtype: torch.dtype, seed: int = 0):
+    """(base, ours, reference, plain LoRA, gate state) on ``device``; B random so the adapters are not zero."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        base = nn.Linear(hidden, hidden, bias=False, device=device, dtype=base_dtype).requires_grad_(False)
+        cfg = MoELoraConfig(num_experts=NUM_EXPERTS, rank_per_expert=rank, alpha=ALPHA, dropout=DROPOUT, init="random")
+        state = GateState(NUM_EXPERTS)
+        ours = GatedLoraLinear(base, cfg, state, adapter_dtype=adapter_dtype)
+        plain = PlainLora(base, cfg.total_rank, cfg.scaling, DROPOUT, adapter_dtype)
+    return base, ours, ReferenceGatedLinear(ours), plain, state
+
+
+def make_inputs(hidden: int, device: torch.device, dtype: torch.dtype, seed: int = 1) -> dict[str, torch.Tensor]:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(BATCH, TOKENS, hidden, device=device, generator=gen).to(dtype)
+    grad_out = torch.randn(BATCH, TOKENS, hidden, device=device, generator=gen).to(dtype)
+    gate = torch.softmax(torch.randn(BATCH, NUM_EXPERTS, device=device, generator=gen), -1)
+    return {"x": x, "grad_out": grad_out, "gate": gate}
+
+
+def check_equal(ours: GatedLoraLinear, reference: ReferenceGatedLinear, state: GateState, inputs: dict[str, torch.Tensor]) -> None:
+    """Raise `IloraError` unless reference and ours agree (dropout off) on output and all gradients."""
+    results = []
+    was_training = ours.training
+    ours.eval()
+    for module, params in ((reference, reference.layer), (ours, ours)):
+        x = inputs["x"].detach().clone().requires_grad_(True)
+        gate = inputs["gate"].detach().clone().requires_grad_(True)
+        params.zero_grad(set_to_none=True)
+        with state.use(gate):
+            out = module(x)
+        out.backward(inputs["grad_out"])
+        results.append([out.detach().float(), x.grad.float(), gate.grad.float(), params.lora_A.weight.grad.float(), params.lora_B.weight.grad.float()])
+        params.zero_grad(set_to_none=True)
+    ours.train(was_training)
+    names = ("output", "input gradient", "gate gradient", "lora_A gradient", "lora_B gradient")
+    loose = inputs["x"].dtype != torch.float32 or ours.lora_A.weight.dtype != torch.float32
+    for name, r, o in zip(names, *results):
+        scale = float(r.abs().max()) or 1.0
+        if not torch.allclose(r, o, rtol=0, atol=(2e-2 if loose else 1e-4) * scale):
+            raise IloraError(f"adapter bench: reference and ours differ in the {name} (max abs diff {float((r - o).abs().max()):.3g})")
+
+
+# -- measuring -------------------------------------------------------------------------------
+
+
+def _step(module: nn.Module, state: GateState, inputs: dict[str, torch.Tensor], autocast: bool) -> None:
+    """Forward + backward; input and gate require grad, as inside a model with a trained gate network."""
+    x = inputs["x"].detach().requires_grad_(True)
+    gate = inputs["gate"].detach().requires_grad_(True)
+    context = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    with context, state.use(gate):
+        out = module(x)
+    out.backward(inputs["grad_out"])
+
+
+def _runner(module: nn.Module, state: GateState, inputs: dict[str, torch.Tensor], autocast: bool):
+    def run(parts) -> None:
+        _step(module, state, inputs, autocast)
+        module.zero_grad(set_to_none=True)
+
+    return run
+
+
+def memory(variants: dict[str, nn.Module], base: nn.Linear, state: GateState, inputs: dict[str, torch.Tensor], autocast: bool) -> dict[str, dict[str, int]]:
+    """Saved-activation bytes (and CUDA peak) per variant, and the same beyond the frozen base layer."""
+    params = [p for m in (*variants.values(), base) for p in m.parameters()]
+    context = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    out: dict[str, dict[str, int]] = {}
+    for name, module in {"base_only": base, **variants}.items():
+        x = inputs["x"].detach().requires_grad_(True)
+        gate = inputs["gate"].detach().requires_grad_(True)
+        with cuda_peak(x.device) as peak:
+            with context, state.use(gate):
+                saved, y = saved_activation_bytes(lambda module=module: module(x), params)
+            if x.device.type == "cuda":  # the peak includes backward; on CPU the graph is just dropped
+                y.backward(inputs["grad_out"])
+            del y
+        out[name] = {"saved_activation_bytes": saved, **{f"cuda_{k}": v for k, v in peak.items()}}
+        for m in variants.values():
+            m.zero_grad(set_to_none=True)
+    for name in variants:
+        out[name]["extra_saved_bytes"] = out[name]["saved_activation_bytes"] - out["base_only"]["saved_activation_bytes"]
+        out[name]["beyond_lora_saved_bytes"] = out[name]["saved_activation_bytes"] - out["lora"]["saved_activation_bytes"]
+        if "cuda_peak_minus_start_bytes" in out[name]:
+            out[name]["extra_cuda_peak_bytes"] = out[name]["cuda_peak_minus_start_bytes"] - out["base_only"]["cuda_peak_minus_start_bytes"]
+    return out
+
+
+def configs(device: torch.device) -> list[dict[str, Any]]:
+    """CPU: fp32 everything. CUDA: bf16 base with fp32 adapters, bf16 adapters, and fp32 adapters under bf16 autocast."""
+    if device.type != "cuda":
+        return [{"base_dtype": torch.float32, "adapter_dtype": torch.float32, "autocast": False}]
+    return [
+        {"base_dtype": torch.bfloat16, "adapter_dtype": torch.float32, "autocast": False},
+        {"base_dtype": torch.bfloat16, "adapter_dtype": torch.bfloat16, "autocast": False},
+        {"base_dtype": torch.bfloat16, "adapter_dtype": torch.float32, "autocast": True},
+    ]
+
+
+def run_bench(device: torch.device, *, quick: bool = False, hidden: int | None = None, warmup: int = 1, repeats: int = 7, budget_s: float | None = None) -> dict[str, Any]:
+    """Time reference / ours / plain LoRA for each rank (and, on CUDA, each adapter dtype)."""
+    hidden = hidden or (QUICK_HIDDEN if quick else HIDDEN)
+    if quick:
+        repeats = min(repeats, 3)
+    budget_s = budget_s if budget_s is not None else (5.0 if quick else 60.0)
+    rows = []
+    for cfg in configs(device):
+        inputs = make_inputs(hidden, device, cfg["base_dtype"])
+        for rank in RANKS:
+            base, ours, reference, plain, state = build_layers(hidden, rank, device, cfg["base_dtype"], cfg["adapter_dtype"])
+            check_equal(ours, reference, state, inputs)
+            variants = {"reference": reference, "ours": ours, "lora": plain}
+            for m in variants.values():
+                m.train()
+            runs = {name: _runner(m, state, inputs, cfg["autocast"]) for name, m in variants.items()}
+            times = interleave(runs, device, warmup=warmup, repeats=repeats, budget_s=budget_s)
+            mem = memory(variants, base, state, inputs, cfg["autocast"])
+            ref_extra = mem["reference"]["extra_saved_bytes"]
+            rows.append(
+                {
+                    "rank_per_expert": rank,
+                    "total_rank": rank * NUM_EXPERTS,
+                    "base_dtype": str(cfg["base_dtype"]).removeprefix("torch."),
+                    "adapter_dtype": str(cfg["adapter_dtype"]).removeprefix("torch."),
+                    "autocast_bf16": cfg["autocast"],
+                    **{name: t.summary() for name, t in times.items()},
+                    "vs_reference": times["reference"].median / times["ours"].median,
+                    "vs_lora": times["ours"].median / times["lora"].median,
+                    "extra_saved_ours_over_reference": mem["ours"]["extra_saved_bytes"] / ref_extra if ref_extra else None,
+                    "gate_saved_ours_over_reference": (
+                        mem["ours"]["beyond_lora_saved_bytes"] / mem["reference"]["beyond_lora_saved_bytes"]
+                        if mem["reference"]["beyond_lora_saved_bytes"] else None
+                    ),
+                    "memory": mem,
+                }
+            )
+    headline = [r for r in rows if r["adapter_dtype"] == "float32" and not r["autocast_bf16"]]
+    return {
+        "name": "adapter",
+        "time": now_utc(),
+        "quick": quick,
+        "machine": machine_info(device),
+        "sizes": {"hidden_in": hidden, "hidden_out": hidden, "experts": NUM_EXPERTS, "ranks_per_expert": list(RANKS), "batch": BATCH, "tokens": TOKENS, "dropout": DROPOUT},
+        "equal_work_checked": "reference vs ours: output and gradients of input, gate, lora_A, lora_B (dropout off)",
+        "goals": "ours <= 1.05x plain LoRA time (vs_lora), >= 1.5x faster than reference (vs_reference), extra saved memory <= 1/E of reference's",
+        "memory_note": "extra_saved = saved-activation bytes beyond the frozen base layer alone (dropout mask and "
+        "dropped input, which plain LoRA saves too, included; on CPU torch's dropout saves a float mask, on CUDA a bool one); "
+        "beyond_lora_saved = beyond plain LoRA of the same rank, i.e. what the gating itself costs",
+        "rows": rows,
+        "extra_saved_ours_over_reference": max(r["extra_saved_ours_over_reference"] for r in headline),
+        "gate_saved_ours_over_reference": max(r["gate_saved_ours_over_reference"] for r in headline),
+        "vs_reference": min(r["vs_reference"] for r in headline),
+        "vs_lora": max(r["vs_lora"] for r in headline),
+        "ratio": min(r["vs_reference"] for r in headline),
+        "ratio_means": "reference / ours median forward+backward time (vs_reference), the smallest over the ranks, fp32 adapters without autocast",
+    }
+
+
+def markdown_table(result: dict[str, Any]) -> list[str]:
+    lines = [
+        "| r x E | base / adapter dtype | reference ms | ours ms | plain LoRA ms | vs_reference | vs_lora "
+        "| extra saved MiB ref / ours / lora | gating's saved MiB ref / ours |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in result["rows"]:
+        mem = r["memory"]
+        dtype = f"{r['base_dtype']} / {r['adapter_dtype']}" + (" (autocast)" if r["autocast_bf16"] else "")
+        lines.append(
+            f"| {r['rank_per_expert']} x {NUM_EXPERTS} | {dtype} | {ms(r['reference']['median_s'])} | {ms(r['ours']['median_s'])} "
+            f"| {ms(r['lora']['median_s'])} | {r['vs_reference']:.2f} | {r['vs_lora']:.3f} "
+            f"| {mib(mem['reference']['extra_saved_bytes'])} / {mib(mem['ours']['extra_saved_bytes'])} / {mib(mem['lora']['extra_saved_bytes'])} "
+            f"| {mib(mem['reference']['beyond_lora_saved_bytes'])} / {mib(mem['ours']['beyond_lora_saved_bytes'])} |"
+        )
+    return lines

@@ -1,0 +1,171 @@
+"""`ilora bench eval`: candidate scoring vs generation-based evaluation of the same samples.
+
+A tiny random teacher (``--llm tiny``: 2-layer Llama, hidden 64) on the CPU, the LastFM
+titles, N samples with 10 history items and 20 candidates. Variants, each evaluating
+all N samples in batches of 16 and computing its metrics:
+
+* ``score``: the score protocol (`ilora.teacher.evaluate`, protocol ``score``): the
+  prompt is encoded once, its KV cache repeated for the 20 candidates.
+* ``generate``: the generate protocol as ``ilora teacher eval --protocol generate`` runs
+  it: greedy decoding up to the longest title + 8 tokens, then the iLoRA/LLaRA
+  title-matching rule. A random teacher rarely emits eos, so it decodes to the limit.
+* ``generate_min``: greedy decoding of only as many tokens as the longest target answer
+  (title + eos) in each batch: what a perfect model would need at least. It is the
+  lower bound of the generation cost.
+* ``generate_llara``: the research code's generation-based evaluation: Hugging Face
+  ``generate`` on the prompts' input embeddings with LLaRA's settings (greedy,
+  ``max_new_tokens=64``, ``min_new_tokens=1``), decode, first line, title matching.
+
+``ratio`` = generate_llara / score (the evaluation the score protocol replaces);
+``ratio_generate`` = generate (our generate protocol) / score; ``ratio_min`` =
+generate_min / score. With a tiny model the work per token is small, so what generation
+costs is its sequential steps; scoring does more token work (every candidate's title)
+in two passes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ilora.bench.common import interleave, load_titles, machine_info, ms, now_utc, random_samples
+from ilora.bench.inputs import CANDIDATES, HISTORY_ITEMS
+from ilora.errors import IloraError
+
+BATCH = 16
+
+
+def build(device: torch.device, num_samples: int) -> tuple[Any, Any, np.ndarray, list[str], str]:
+    """(bundle, split, candidates, titles, titles source) for a random tiny teacher."""
+    from ilora.data.dataset import Catalog, Split
+    from ilora.rec.sasrec import SASRec, SASRecConfig
+    from ilora.teacher.build import build_teacher
+    from ilora.teacher.config import TeacherConfig
+
+    titles, source = load_titles()
+    catalog = Catalog(tuple(titles))
+    torch.manual_seed(0)
+    rec = SASRec(SASRecConfig(num_items=len(titles), max_len=HISTORY_ITEMS)).eval()
+    bundle = build_teacher(TeacherConfig(llm="tiny", device=device.type), catalog, rec, str(device))
+    bundle.teacher.eval()
+    s = random_samples(len(titles), num_samples, HISTORY_ITEMS, CANDIDATES, seed=0)
+    split = Split(history=s["history"].numpy(), length=s["length"].numpy(), target=s["target"].numpy())
+    return bundle, split, s["candidates"].numpy(), titles, source
+
+
+@torch.no_grad()
+def generate_min(bundle, split, candidates: np.ndarray, titles: list[str], device: torch.device) -> dict[str, float]:
+    """Generate-protocol metrics with decoding cut at each batch's longest target answer."""
+    from ilora.teacher.evaluate import generate_metrics, target_columns
+
+    teacher = bundle.teacher
+    texts: list[str] = []
+    for lo in range(0, len(split), BATCH):
+        sl = slice(lo, lo + BATCH)
+        batch = bundle.prompt_collator.build(split.history[sl], split.length[sl], candidates[sl]).to(device)
+        longest = int(teacher.title_table.length[torch.as_tensor(split.target[sl])].max()) + 1
+        texts += teacher.generate(batch, "learned", max_new_tokens=longest)
+    cand_titles = [[titles[int(i)] for i in row] for row in candidates]
+    return generate_metrics(texts, cand_titles, target_columns(candidates, split.target).tolist())
+
+
+@torch.no_grad()
+def generate_llara(bundle, split, candidates: np.ndarray, titles: list[str], device: torch.device, max_new_tokens: int = 64) -> dict[str, float]:
+    """LLaRA's evaluation: HF ``generate`` from input embeddings (greedy, up to 64 new tokens), first line, matching."""
+    from ilora.teacher.evaluate import generate_metrics, target_columns
+
+    teacher = bundle.teacher
+    tok = teacher.tokenizer
+    texts: list[str] = []
+    for lo in range(0, len(split), BATCH):
+        sl = slice(lo, lo + BATCH)
+        batch = bundle.prompt_collator.build(split.history[sl], split.length[sl], candidates[sl]).to(device)
+        gates = teacher.gates(batch.history, batch.length)
+        embeds = teacher.embed(batch)
+        with teacher.gate_state.use(gates):
+            ids = teacher.llm.generate(
+                inputs_embeds=embeds,
+                attention_mask=batch.attention_mask,
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=1,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        texts += [t.strip().split("\n")[0] for t in tok.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)]
+    cand_titles = [[titles[int(i)] for i in row] for row in candidates]
+    return generate_metrics(texts, cand_titles, target_columns(candidates, split.target).tolist())
+
+
+def run_bench(device: torch.device, *, quick: bool = False, num_samples: int | None = None, warmup: int = 1, repeats: int = 3, budget_s: float | None = None) -> dict[str, Any]:
+    from ilora.teacher.evaluate import evaluate_teacher
+
+    num_samples = num_samples or (16 if quick else 64)
+    if quick:
+        repeats = min(repeats, 2)
+    budget_s = budget_s if budget_s is not None else (10.0 if quick else 60.0)
+    bundle, split, candidates, titles, source = build(device, num_samples)
+    metrics: dict[str, dict] = {}
+
+    def score(parts) -> None:
+        metrics["score"] = evaluate_teacher(bundle, split, candidates, titles, protocol="score", batch_size=BATCH, device=device.type)
+
+    def generate(parts) -> None:
+        metrics["generate"] = evaluate_teacher(bundle, split, candidates, titles, protocol="generate", batch_size=BATCH, device=device.type)
+
+    def generate_lower(parts) -> None:
+        metrics["generate_min"] = generate_min(bundle, split, candidates, titles, device)
+
+    def llara(parts) -> None:
+        metrics["generate_llara"] = generate_llara(bundle, split, candidates, titles, device)
+
+    variants = {"score": score, "generate": generate, "generate_min": generate_lower, "generate_llara": llara}
+    times = interleave(variants, device, warmup=warmup, repeats=repeats, budget_s=budget_s)
+    for name in ("score", "generate"):
+        if metrics[name]["num_samples"] != num_samples:
+            raise IloraError(f"eval bench: {name} evaluated {metrics[name]['num_samples']} samples, expected {num_samples}")
+    limit = int(bundle.teacher.title_table.length.max()) + 8
+    return {
+        "name": "eval",
+        "time": now_utc(),
+        "quick": quick,
+        "machine": machine_info(device),
+        "sizes": {
+            "samples": num_samples,
+            "batch": BATCH,
+            "history_items": HISTORY_ITEMS,
+            "candidates": CANDIDATES,
+            "llm": "tiny (random Llama, hidden 64, 2 layers)",
+            "generate_max_new_tokens": limit,
+        },
+        "titles": source,
+        "equal_work_checked": "both protocols evaluate the same samples and candidates (metrics below)",
+        "variants": {name: t.summary() for name, t in times.items()},
+        "metrics": {
+            "score": {k: metrics["score"][k] for k in ("hr@1", "mrr", "num_samples")},
+            "generate": {k: metrics["generate"][k] for k in ("valid_ratio", "hr@1", "num_samples")},
+            "generate_min": metrics["generate_min"],
+            "generate_llara": metrics["generate_llara"],
+        },
+        "ratio": times["generate_llara"].median / times["score"].median,
+        "ratio_generate": times["generate"].median / times["score"].median,
+        "ratio_min": times["generate_min"].median / times["score"].median,
+        "ratio_means": "LLaRA-style generation (HF generate, 64 new tokens) / score protocol, median time over the same "
+        "samples; ratio_generate: our generate protocol / score; ratio_min: generation cut at the longest target answer / score",
+    }
+
+
+def markdown_table(result: dict[str, Any]) -> list[str]:
+    lines = ["| variant | median ms | per sample ms |", "|---|---:|---:|"]
+    n = result["sizes"]["samples"]
+    for name, v in result["variants"].items():
+        lines.append(f"| {name} | {ms(v['median_s'])} | {ms(v['median_s'] / n)} |")
+    lines += [
+        "",
+        f"`ratio_generate` (our generate protocol / score) = {result['ratio_generate']:.2f}; "
+        f"`ratio_min` (generation cut at the longest target answer / score) = {result['ratio_min']:.2f}.",
+    ]
+    return lines

@@ -1,0 +1,348 @@
+"""`ilora bench step`: one full teacher training step (inputs, forward, loss, backward, AdamW).
+
+A Llama-architecture LLM with random weights, built from a config (no download):
+``tiny`` on CPU, and on CUDA the shapes of a 1B model (Llama-3.2-1B) and of
+Llama-2-7B in bf16. The tokenizer is trained in-process on the LastFM titles, with a
+vocabulary sized so a prompt (10 history items, 20 candidates, answer) is about 220
+tokens as with Llama's tokenizer; the model's embedding table has the real model's
+vocabulary size, so the LM head costs what it costs there. Both variants train the same
+teacher (LoRA experts E = 4 x r = 2 on q,k,v,o,gate,up,down, gate network, projector)
+with AdamW, gradient clipping and (CUDA) bf16 autocast, as ``ilora teacher train`` does:
+
+* ``reference``: the research-code step. Per-sample f-string prompts and one tokenizer
+  call, LLaRA's per-sample placeholder loop (`ilora.bench.inputs`), the iLoRA einsum
+  adapters (`ilora.bench.adapter.reference_adapters`), right padding, and the loss from
+  HF ``labels`` (logits over the full sequence and vocabulary).
+* ``ours``: ``PromptCollator.build`` + ``ILoRATeacher.loss`` (logits only where an
+  answer token is predicted).
+
+Before timing, both losses are checked equal on the same batch (dropout off).
+MFU counts useful FLOPs only: ``(4 + 2 if checkpointing) * N * tokens`` with ``N`` the
+decoder layers' linear weights and ``tokens`` the non-padding tokens (frozen weights:
+forward 2N, input gradients 2N, no weight gradients; a recomputed forward 2N more),
+plus ``4 * H * V`` per answer token for the LM head. Attention-score FLOPs and the LoRA
+adapters are not counted. Peak FLOP/s come from `ilora.bench.common.PEAK_BF16_FLOPS`;
+on CPU MFU is null.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ilora.bench.adapter import reference_adapters
+from ilora.bench.common import Parts, cuda_peak, interleave, load_titles, machine_info, mib, ms, now_utc, peak_flops, random_samples, saved_activation_bytes
+from ilora.bench.inputs import CANDIDATES, HISTORY_ITEMS, InputsSetup, reference_embeds, reference_tokenizer, reference_tokens
+from ilora.errors import ConfigError, IloraError
+
+TOKENIZER_VOCAB = 5000  # gives LastFM prompts of about 220 tokens
+
+# Llama-architecture shapes (random weights). vocab None = the tokenizer's size.
+SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": None, "tie_word_embeddings": False},
+    "tiny-quick": {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": None, "tie_word_embeddings": False},
+    # Llama-3.2-1B
+    "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": True, "rope_theta": 500000.0},
+    # Llama-2-7B
+    "7b": {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000, "tie_word_embeddings": False},
+}
+
+
+@dataclass
+class StepSetup:
+    bundle: Any  # TeacherBundle
+    inputs: InputsSetup  # what the reference's input code reads (tokenizers, titles, modules)
+    optimizer: torch.optim.Optimizer
+    params: list[nn.Parameter]
+    device: torch.device
+    autocast: bool
+    shape: str
+
+
+def build_llm(shape: str, tokenizer, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """A random-weight LlamaForCausalLM of ``shape`` built directly on ``device`` in ``dtype``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = dict(SHAPES[shape])
+    vocab = spec.pop("vocab_size") or len(tokenizer) + 3
+    if vocab < len(tokenizer) + 3:
+        raise ConfigError(f"shape {shape}: vocab {vocab} is smaller than the tokenizer ({len(tokenizer)} + 3 placeholders)")
+    config = LlamaConfig(
+        vocab_size=vocab,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **spec,
+    )
+    previous = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+        torch.manual_seed(seed)
+        torch.set_default_dtype(dtype)
+        try:
+            model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(previous)
+        # as ilora.teacher.tiny: a head of std 1/sqrt(hidden) gives logits of order 1
+        nn.init.normal_(model.get_output_embeddings().weight, std=config.hidden_size**-0.5)
+    return model
+
+
+def build_setup(shape: str, device: torch.device, *, gradient_checkpointing: bool = False, compile_layers: bool = False) -> tuple[StepSetup, str]:
+    from ilora.data.dataset import Catalog
+    from ilora.rec.sasrec import SASRec, SASRecConfig
+    from ilora.teacher.adapters import enable_gradient_checkpointing
+    from ilora.teacher.build import assemble, trainable_parameters
+    from ilora.teacher.config import TeacherConfig
+    from ilora.teacher.prompts import load_template
+    from ilora.teacher.tiny import build_tiny_tokenizer
+
+    if shape not in SHAPES:
+        raise ConfigError(f"shape {shape!r}: expected one of {', '.join(SHAPES)}")
+    if compile_layers and gradient_checkpointing:
+        raise ConfigError("--compile with --gradient-checkpointing is not supported (see enable_gradient_checkpointing)")
+    titles, source = load_titles()
+    template = load_template("music")
+    tokenizer = build_tiny_tokenizer(titles + list(template.pieces) * 50, vocab_size=TOKENIZER_VOCAB)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    llm = build_llm(shape, tokenizer, device, dtype)
+    torch.manual_seed(0)
+    rec = SASRec(SASRecConfig(num_items=len(titles), max_len=HISTORY_ITEMS)).eval()
+    # no title truncation: the reference's f-strings carry whole titles
+    cfg = TeacherConfig(llm=f"random-{shape}", max_title_tokens=1024)
+    bundle = assemble(cfg, Catalog(tuple(titles)), rec.to(device), llm, tokenizer, str(device))
+    teacher = bundle.teacher
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(teacher.llm, teacher.gate_state)
+    if compile_layers:
+        for layer in teacher.llm.get_decoder().layers:
+            layer.compile()
+    groups = trainable_parameters(teacher)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": groups["adapters"], "lr": cfg.lr},
+            {"params": groups["projector"], "lr": cfg.lr},
+            {"params": groups["gate"], "lr": cfg.lr * cfg.router_lr_scale},
+        ]
+    )
+    inputs = InputsSetup(
+        tokenizer=tokenizer,
+        ref_tokenizer=reference_tokenizer(tokenizer),
+        template=template,
+        titles=titles,
+        collator=bundle.train_collator,
+        item_emb=teacher.rec.item_emb,
+        token_emb=teacher.llm.get_input_embeddings(),
+        projector=teacher.projector,
+        probe=torch.empty(0),
+        device=device,
+    )
+    params = [p for g in groups.values() for p in g]
+    return StepSetup(bundle, inputs, optimizer, params, device, device.type == "cuda", shape), source
+
+
+def _autocast(setup: StepSetup):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if setup.autocast else contextlib.nullcontext()
+
+
+# -- the two losses --------------------------------------------------------------------------
+
+
+def reference_loss(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts) -> torch.Tensor:
+    """Strings + one tokenizer call + per-sample loop, einsum adapters, HF labels loss (full logits)."""
+    teacher = setup.bundle.teacher
+    with parts("inputs"):
+        tokens = reference_tokens(setup.inputs, samples)
+    with parts("forward"), _autocast(setup):
+        embeds = reference_embeds(setup.inputs, tokens, samples)
+        history, length = samples["history"].to(setup.device), samples["length"].to(setup.device)
+        gates = teacher.gates(history, length)
+        with teacher.gate_state.use(gates):
+            out = teacher.llm(inputs_embeds=embeds, attention_mask=tokens["attention_mask"], labels=tokens["labels"], use_cache=False)
+    return out.loss
+
+
+def our_loss(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts) -> torch.Tensor:
+    collator = setup.bundle.train_collator
+    with parts("inputs"):
+        batch = collator.build(samples["history"], samples["length"], samples["candidates"], samples["target"]).to(setup.device)
+    with parts("forward"), _autocast(setup):
+        loss = setup.bundle.teacher.loss(batch)
+    return loss
+
+
+def train_step(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts, variant: str) -> float:
+    """One optimiser step of ``variant``; the reference runs (and backpropagates) with the einsum adapters."""
+    context = reference_adapters(setup.bundle.teacher.llm) if variant == "reference" else contextlib.nullcontext()
+    with context:  # backward too: a checkpointed layer is recomputed with the modules in place then
+        loss = (reference_loss if variant == "reference" else our_loss)(setup, samples, parts)
+        with parts("backward"):
+            loss.backward()
+    with parts("optimizer"):
+        torch.nn.utils.clip_grad_norm_(setup.params, 1.0)
+        setup.optimizer.step()
+        setup.optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def check_equal(setup: StepSetup, samples: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Both losses on the same batch with dropout off; raises `IloraError` if they differ."""
+    teacher = setup.bundle.teacher
+    teacher.eval()
+    losses = {}
+    with torch.no_grad():
+        for variant in ("reference", "ours"):
+            context = reference_adapters(teacher.llm) if variant == "reference" else contextlib.nullcontext()
+            with context:
+                losses[variant] = float((reference_loss if variant == "reference" else our_loss)(setup, samples, Parts(setup.device)))
+    teacher.train()
+    teacher.rec.eval()
+    tol = 3e-2 if setup.autocast else 1e-4
+    if abs(losses["reference"] - losses["ours"]) > tol * max(1.0, abs(losses["ours"])):
+        raise IloraError(f"step bench: reference loss {losses['reference']:.6f} != ours {losses['ours']:.6f}")
+    return losses
+
+
+# -- counting --------------------------------------------------------------------------------
+
+
+def decoder_linear_params(llm: nn.Module) -> int:
+    """Elements of the decoder layers' frozen linear weights (LoRA experts excluded)."""
+    from ilora.teacher.adapters import gated_lora_modules
+
+    lora = {id(m) for layer in gated_lora_modules(llm).values() for m in (layer.lora_A, layer.lora_B)}
+    return sum(
+        m.weight.numel() for m in llm.get_decoder().layers.modules() if isinstance(m, nn.Linear) and id(m) not in lora
+    )
+
+
+def useful_flops(setup: StepSetup, tokens: int, answer_tokens: int, gradient_checkpointing: bool) -> float:
+    llm = setup.bundle.teacher.llm
+    n = decoder_linear_params(llm)
+    head = llm.get_output_embeddings().weight.numel()
+    return (4 + (2 if gradient_checkpointing else 0)) * n * tokens + 4 * head * answer_tokens
+
+
+def memory(setup: StepSetup, samples: dict[str, torch.Tensor]) -> dict[str, dict[str, int]]:
+    """Per variant: saved-activation bytes of the forward (both devices) and the CUDA peak of a full step."""
+    teacher = setup.bundle.teacher
+    exclude = [*teacher.parameters(), *teacher.buffers()]
+    out: dict[str, dict[str, int]] = {}
+    for variant in ("reference", "ours"):
+        loss_fn = reference_loss if variant == "reference" else our_loss
+        context = reference_adapters(teacher.llm) if variant == "reference" else contextlib.nullcontext()
+        with context:
+            saved, loss = saved_activation_bytes(lambda: loss_fn(setup, samples, Parts(setup.device)), exclude)
+            del loss
+        stats: dict[str, int] = {"saved_activation_bytes": saved}
+        if setup.device.type == "cuda":
+            with cuda_peak(setup.device) as peak:
+                train_step(setup, samples, Parts(setup.device), variant)
+            stats.update({f"cuda_{k}": v for k, v in peak.items()})
+        out[variant] = stats
+    return out
+
+
+# -- the benchmark ---------------------------------------------------------------------------
+
+
+def run_bench(
+    device: torch.device,
+    *,
+    quick: bool = False,
+    shape: str | None = None,
+    batch_size: int = 8,
+    gradient_checkpointing: bool = False,
+    compile_layers: bool = False,
+    warmup: int | None = None,
+    repeats: int = 5,
+    budget_s: float | None = None,
+) -> dict[str, Any]:
+    shape = shape or ("tiny-quick" if quick else "tiny")
+    if device.type == "cpu" and shape in ("1b", "7b"):
+        raise ConfigError(f"shape {shape} is for CUDA; on CPU use tiny")
+    if quick:
+        repeats = min(repeats, 3)
+    warmup = warmup if warmup is not None else (2 if compile_layers else 1)
+    budget_s = budget_s if budget_s is not None else (10.0 if quick else 120.0)
+    setup, source = build_setup(shape, device, gradient_checkpointing=gradient_checkpointing, compile_layers=compile_layers)
+    samples = random_samples(len(setup.inputs.titles), batch_size, HISTORY_ITEMS, CANDIDATES, seed=0)
+    losses = check_equal(setup, samples)
+    probe = setup.bundle.train_collator.build(samples["history"], samples["length"], samples["candidates"], samples["target"])
+    tokens = int(probe.attention_mask.sum())
+    answer_tokens = int((probe.labels != -100).sum())
+    padded_width = {"ours": probe.input_ids.shape[1], "reference": reference_tokens(setup.inputs, samples)["input_ids"].shape[1]}
+
+    runs = {variant: (lambda parts, v=variant: train_step(setup, samples, parts, v)) for variant in ("reference", "ours")}
+    times = interleave(runs, device, warmup=warmup, repeats=repeats, budget_s=budget_s)
+    mem = memory(setup, samples)
+    flops = useful_flops(setup, tokens, answer_tokens, gradient_checkpointing)
+    peak = peak_flops(device)
+    variants = {}
+    for name, t in times.items():
+        variants[name] = {
+            **t.summary(),
+            "samples_per_s": batch_size / t.median,
+            "tokens_per_s": tokens / t.median,
+            "mfu": flops / t.median / peak if peak else None,
+            "memory": mem[name],
+        }
+    llm = setup.bundle.teacher.llm
+    cfg = llm.config
+    return {
+        "name": "step",
+        "time": now_utc(),
+        "quick": quick,
+        "machine": machine_info(device),
+        "sizes": {
+            "shape": shape,
+            "hidden": cfg.hidden_size,
+            "layers": cfg.num_hidden_layers,
+            "heads": cfg.num_attention_heads,
+            "kv_heads": cfg.num_key_value_heads,
+            "intermediate": cfg.intermediate_size,
+            "vocab": cfg.vocab_size,
+            "decoder_linear_params": decoder_linear_params(llm),
+            "dtype": "bfloat16 (adapters float32, bf16 autocast)" if setup.autocast else "float32",
+            "batch_size": batch_size,
+            "tokens_per_sample": tokens / batch_size,
+            "answer_tokens_per_sample": answer_tokens / batch_size,
+            "padded_width": padded_width,
+            "experts": setup.bundle.teacher.num_experts,
+            "gradient_checkpointing": gradient_checkpointing,
+            "compile": compile_layers,
+        },
+        "titles": source,
+        "equal_work_checked": {"losses_dropout_off": losses},
+        "flops_per_step": flops,
+        "flops_counted": "useful FLOPs: (4 + 2 if gradient checkpointing) x decoder linear weights x non-padding tokens "
+        "+ 4 x H x V per answer token (LM head); attention scores and LoRA not counted",
+        "peak_flops": peak,
+        "variants": variants,
+        "ratio": times["reference"].median / times["ours"].median,
+        "ratio_means": "reference / ours median time of a full training step",
+    }
+
+
+def markdown_table(result: dict[str, Any]) -> list[str]:
+    s = result["sizes"]
+    lines = [
+        f"Shape `{s['shape']}` ({s['layers']} layers, hidden {s['hidden']}, vocab {s['vocab']}, {s['dtype']}), batch {s['batch_size']}, "
+        f"{s['tokens_per_sample']:.0f} tokens/sample, checkpointing {s['gradient_checkpointing']}, compile {s['compile']}.",
+        "",
+        "| variant | step ms (inputs / forward / backward / optimizer) | samples/s | tokens/s | MFU | saved MiB | CUDA peak MiB |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, v in result["variants"].items():
+        p = v.get("parts_median_s", {})
+        mfu = "-" if v["mfu"] is None else f"{100 * v['mfu']:.1f}%"
+        lines.append(
+            f"| {name} | {ms(v['median_s'])} ({ms(p.get('inputs'))} / {ms(p.get('forward'))} / {ms(p.get('backward'))} / {ms(p.get('optimizer'))}) "
+            f"| {v['samples_per_s']:.2f} | {v['tokens_per_s']:.0f} | {mfu} | {mib(v['memory']['saved_activation_bytes'])} "
+            f"| {mib(v['memory'].get('cuda_peak_bytes'))} |"
+        )
+    return lines

@@ -1,0 +1,91 @@
+"""`ilora bench NAME`: run one benchmark, print its result, append it to bench/RESULTS.md."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ilora.cli.common import add_json_argument, print_json
+
+DEFAULT_RESULTS = Path("bench") / "RESULTS.md"
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
+    return sizes
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    from ilora.bench import benchmark_module
+    from ilora.bench.common import check_device, record_markdown
+
+    device = check_device(args.device)
+    module = benchmark_module(args.benchmark)
+    kwargs = {"quick": args.quick}
+    for key in ("repeats", "warmup", "budget_s"):
+        if getattr(args, key) is not None:
+            kwargs[key] = getattr(args, key)
+    if args.benchmark in ("inputs", "adapter") and args.hidden:
+        kwargs["hidden"] = args.hidden
+    if args.benchmark == "inputs" and args.batch_sizes:
+        kwargs["batch_sizes"] = args.batch_sizes
+    if args.benchmark == "step":
+        kwargs.update(
+            shape=args.shape, batch_size=args.batch_size, gradient_checkpointing=args.gradient_checkpointing, compile_layers=args.compile
+        )
+    if args.benchmark == "eval" and args.samples:
+        kwargs["num_samples"] = args.samples
+    result = module.run_bench(device, **kwargs)
+    if args.note:
+        result["note"] = args.note
+    if not args.no_record:
+        path = Path(args.results) if args.results else DEFAULT_RESULTS
+        if args.results or path.parent.is_dir():
+            record_markdown(result, module.markdown_table(result), path)
+            print(f"appended to {path}", file=sys.stderr)
+        else:
+            print(f"not recorded: {path.parent}/ does not exist here (use --results FILE)", file=sys.stderr)
+    if args.json:
+        print_json(result)
+    else:
+        print("\n".join(module.markdown_table(result)))
+        print(f"ratio: {result['ratio']:.2f} ({result['ratio_means']})")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark our fast paths against the research code's formulations",
+        description="Run one benchmark: inputs (batch assembly + placeholder substitution), adapter (one gated LoRA "
+        "layer), step (a full teacher training step), eval (candidate scoring vs generation). Variants run "
+        "interleaved after warm-up; medians are reported. The result (one JSON object with --json) is appended "
+        "to bench/RESULTS.md when that directory exists.",
+    )
+    p.add_argument("benchmark", metavar="NAME", choices=("inputs", "adapter", "step", "eval"), help="inputs, adapter, step or eval")
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats (CI smoke run)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu (default) or cuda")
+    p.add_argument("--repeats", type=int, default=None, metavar="N", help="measured rounds per variant (default per benchmark)")
+    p.add_argument("--warmup", type=int, default=None, metavar="N", help="discarded warm-up rounds (default per benchmark)")
+    p.add_argument(
+        "--budget-s", dest="budget_s", type=float, default=None, metavar="S",
+        help="start no new measured round after S seconds (beyond the minimum rounds; default per benchmark)",
+    )
+    p.add_argument("--hidden", type=int, default=None, metavar="H", help="inputs/adapter: hidden size (default 4096; 1024 with --quick)")
+    p.add_argument("--batch-sizes", type=_batch_sizes, default=None, metavar="B,B", help="inputs: batch sizes (default 8,32,128 on CUDA, 8,32 on CPU)")
+    p.add_argument("--shape", default=None, choices=("tiny", "tiny-quick", "1b", "7b"), help="step: model shape (default tiny; 1b/7b on CUDA)")
+    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="step: samples per step (default 8)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="step: recompute decoder layers in backward")
+    p.add_argument("--compile", action="store_true", help="step: torch.compile each decoder layer")
+    p.add_argument("--samples", type=int, default=None, metavar="N", help="eval: samples to evaluate (default 64; 16 with --quick)")
+    p.add_argument("--results", default=None, metavar="FILE", help=f"append the result here (default {DEFAULT_RESULTS} if bench/ exists)")
+    p.add_argument("--no-record", action="store_true", help="do not append the result to any file")
+    p.add_argument("--note", default=None, help="a note recorded with the result (e.g. 'shared machine')")
+    add_json_argument(p)
+    p.set_defaults(run=run_bench_command)

@@ -1,0 +1,279 @@
+"""The benchmarks' reference variants compute what ours compute, and every benchmark runs.
+
+No timing is asserted anywhere: the CPU is shared and the numbers are noise here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ilora.bench import adapter as adapter_bench
+from ilora.bench import common
+from ilora.bench import inputs as inputs_bench
+from ilora.bench import step as step_bench
+from ilora.cli.main import main
+from ilora.errors import IloraError
+from ilora.teacher.adapters import GatedLoraLinear, GateState, MoELoraConfig, gated_lora_modules
+
+SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
+LASTFM_TITLES = SHARED / "datasets" / "lastfm" / "id2name.txt"
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def synthetic_titles(monkeypatch):
+    """Make the benchmarks use 300 synthetic titles (fast, no shared data needed)."""
+    titles = common.synthetic_titles(300, seed=3)
+    for module in (inputs_bench, step_bench):
+        monkeypatch.setattr(module, "load_titles", lambda: (titles, "synthetic (test)"))
+    return titles
+
+
+# -- common -----------------------------------------------------------------------------------
+
+
+def test_interleave_rotates_order_and_discards_warmup():
+    calls = []
+    variants = {name: (lambda parts, name=name: calls.append(name)) for name in "abc"}
+    times = common.interleave(variants, CPU, warmup=1, repeats=3)
+    assert calls == list("abc" + "bca" + "cab" + "abc")
+    assert all(len(t.totals) == 3 for t in times.values())
+
+
+def test_saved_activation_bytes_counts_saved_tensors_not_weights():
+    lin = nn.Linear(16, 8, bias=False)
+    x = torch.randn(4, 16, requires_grad=True)
+    saved, out = common.saved_activation_bytes(lambda: torch.tanh(lin(x)), exclude=list(lin.parameters()))
+    # linear saves x (4x16) and its weight (excluded); tanh saves its output (4x8)
+    assert saved == (4 * 16 + 4 * 8) * 4
+    out.sum().backward()
+
+
+def test_synthetic_titles_are_distinct():
+    titles = common.synthetic_titles(500, seed=1)
+    assert len(set(titles)) == 500 and all(t.strip() == t and t for t in titles)
+
+
+# -- inputs: LLaRA's strings + loop vs ours -------------------------------------------------
+
+
+def _inputs_setup_and_samples(batch: int):
+    setup, _ = inputs_bench.build_setup(64, CPU)
+    samples = common.random_samples(len(setup.titles), batch, 10, 20, seed=batch)
+    return setup, samples
+
+
+def test_inputs_reference_equals_ours_on_synthetic_titles(synthetic_titles):
+    setup, samples = _inputs_setup_and_samples(5)
+    inputs_bench.check_equal(setup, samples)  # raises on any difference
+
+
+@pytest.mark.skipif(not LASTFM_TITLES.is_file(), reason="shared LastFM data not present")
+def test_inputs_reference_equals_ours_on_lastfm_titles(monkeypatch):
+    titles = common.load_titles()[0]
+    assert len(titles) == 4606
+    # every title in some sample (4606 titles over 154 samples of 30 items): same ids and labels;
+    # embeddings and gradients on a few samples
+    monkeypatch.setattr(inputs_bench, "load_titles", lambda: (titles, "LastFM"))
+    setup, _ = inputs_bench.build_setup(32, CPU)
+    perm = torch.randperm(len(titles), generator=torch.Generator().manual_seed(0))
+    perm = torch.cat([perm, perm[: (-len(perm)) % 30]]).view(-1, 30)
+    samples = {"history": perm[:, :10], "length": torch.full((len(perm),), 10), "candidates": perm[:, 10:], "target": perm[:, 10]}
+    inputs_bench.check_tokens_equal(setup, samples)
+    inputs_bench.check_equal(setup, {k: v[:4] for k, v in samples.items()})
+
+
+def test_inputs_reference_matches_an_independent_placeholder_write(synthetic_titles):
+    """The reference's loop writes projected item k of sample b at the k-th placeholder of b."""
+    setup, samples = _inputs_setup_and_samples(3)
+    tokens = inputs_bench.reference_tokens(setup, samples)
+    with torch.no_grad():
+        embeds = inputs_bench.reference_embeds(setup, tokens, samples)
+        plain = setup.token_emb(tokens["input_ids"])
+        hist = setup.projector(setup.item_emb(samples["history"]))
+        cans = setup.projector(setup.item_emb(samples["candidates"]))
+    ids = tokens["input_ids"].tolist()
+    his_id, cans_id = setup.tokenizer.convert_tokens_to_ids(["[HistoryEmb]", "[CansEmb]"])
+    for b in range(3):
+        expected = plain[b].clone()
+        h_pos = [p for p, t in enumerate(ids[b]) if t == his_id]
+        c_pos = [p for p, t in enumerate(ids[b]) if t == cans_id]
+        assert len(h_pos) == 10 and len(c_pos) == 20
+        for k, p in enumerate(h_pos):
+            expected[p] = hist[b, k]
+        for k, p in enumerate(c_pos):
+            expected[p] = cans[b, k]
+        torch.testing.assert_close(embeds[b], expected)
+
+
+def test_inputs_check_detects_a_difference(synthetic_titles, monkeypatch):
+    setup, samples = _inputs_setup_and_samples(2)
+    original = inputs_bench.our_embeds
+    monkeypatch.setattr(inputs_bench, "our_embeds", lambda s, batch: original(s, batch) * 1.001)
+    with pytest.raises(IloraError, match="embeddings"):
+        inputs_bench.check_equal(setup, samples)
+
+
+# -- adapter: iLoRA's einsum, ours, plain LoRA ---------------------------------------------------
+
+
+def _naive(layer: GatedLoraLinear, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """Per sample, per expert: base(x_b) + scaling * sum_e g_be B_e A_e x_b."""
+    r = layer.rank_per_expert
+    out = []
+    for b in range(x.shape[0]):
+        y = layer.base_layer(x[b])
+        for e in range(layer.num_experts):
+            a = layer.lora_A.weight[e * r : (e + 1) * r]
+            bb = layer.lora_B.weight[:, e * r : (e + 1) * r]
+            y = y + layer.scaling * gate[b, e] * (x[b] @ a.T @ bb.T)
+        out.append(y)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 8])
+def test_reference_adapter_equals_naive_and_ours(rank):
+    base, ours, reference, _, state = adapter_bench.build_layers(24, rank, CPU, torch.float32, torch.float32)
+    ours.eval()
+    x = torch.randn(3, 5, 24)
+    gate = torch.softmax(torch.randn(3, adapter_bench.NUM_EXPERTS), -1)
+    with torch.no_grad(), state.use(gate):
+        naive = _naive(ours, x, gate)
+        torch.testing.assert_close(reference(x), naive, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours(x), naive, rtol=1e-5, atol=1e-5)
+    inputs = {"x": x, "gate": gate, "grad_out": torch.randn(3, 5, 24)}
+    adapter_bench.check_equal(ours, reference, state, inputs)
+
+
+def test_adapter_check_detects_a_difference():
+    base, ours, reference, _, state = adapter_bench.build_layers(16, 2, CPU, torch.float32, torch.float32)
+    inputs = adapter_bench.make_inputs(16, CPU, torch.float32)
+    inputs = {k: v[:, :4] if k != "gate" else v for k, v in inputs.items()}
+    reference.layer = GatedLoraLinear(base, MoELoraConfig(num_experts=4, rank_per_expert=2, init="random"), state)
+    with pytest.raises(IloraError, match="differ"):
+        adapter_bench.check_equal(ours, reference, state, inputs)
+
+
+def test_plain_lora_equals_ours_under_the_uniform_gate():
+    base, ours, _, plain, state = adapter_bench.build_layers(20, 2, CPU, torch.float32, torch.float32)
+    ours.eval()
+    plain.eval()
+    plain.lora_A.weight.data.copy_(ours.lora_A.weight)
+    plain.lora_B.weight.data.copy_(ours.lora_B.weight)
+    plain.scaling = ours.scaling / ours.num_experts
+    x = torch.randn(2, 3, 20)
+    with torch.no_grad(), state.use(torch.full((2, ours.num_experts), 1 / ours.num_experts)):
+        torch.testing.assert_close(plain(x), ours(x))
+
+
+def test_reference_adapters_swap_and_restore():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8)))
+    state = GateState(2)
+    cfg = MoELoraConfig(num_experts=2, rank_per_expert=2, dropout=0.0, init="random")
+    model[0] = GatedLoraLinear(model[0], cfg, state)
+    model[1][0] = GatedLoraLinear(model[1][0], cfg, state)
+    before = dict(gated_lora_modules(model))
+    x, gate = torch.randn(3, 8), torch.softmax(torch.randn(3, 2), -1)
+    with state.use(gate):
+        expected = model(x)
+    with adapter_bench.reference_adapters(model) as n:
+        assert n == 2
+        assert isinstance(model[0], adapter_bench.ReferenceGatedLinear)
+        with state.use(gate):
+            torch.testing.assert_close(model(x), expected)
+    assert gated_lora_modules(model) == before
+
+
+# -- step -------------------------------------------------------------------------------------
+
+
+def test_step_reference_and_ours_losses_agree_and_flops_are_counted(synthetic_titles):
+    setup, _ = step_bench.build_setup("tiny-quick", CPU)
+    samples = common.random_samples(len(synthetic_titles), 3, 10, 20, seed=0)
+    losses = step_bench.check_equal(setup, samples)
+    assert abs(losses["reference"] - losses["ours"]) < 1e-4
+    assert gated_lora_modules(setup.bundle.teacher.llm)  # the swap was undone
+    spec = step_bench.SHAPES["tiny-quick"]
+    h, i, layers = spec["hidden_size"], spec["intermediate_size"], spec["num_hidden_layers"]
+    assert step_bench.decoder_linear_params(setup.bundle.teacher.llm) == layers * (4 * h * h + 3 * h * i)
+    vocab = setup.bundle.teacher.llm.config.vocab_size
+    n = layers * (4 * h * h + 3 * h * i)
+    assert step_bench.useful_flops(setup, 100, 7, False) == 4 * n * 100 + 4 * h * vocab * 7
+    assert step_bench.useful_flops(setup, 100, 7, True) == 6 * n * 100 + 4 * h * vocab * 7
+    # a training step of each variant runs and changes the adapters
+    before = [p.detach().clone() for p in setup.params]
+    for variant in ("reference", "ours"):
+        loss = step_bench.train_step(setup, samples, common.Parts(CPU), variant)
+        assert loss == loss  # finite-ish: not NaN
+    assert any(not torch.equal(b, p) for b, p in zip(before, setup.params))
+
+
+# -- every benchmark runs and prints one JSON object ---------------------------------------------
+
+
+def _run_cli(capsys, *argv: str) -> dict:
+    assert main(["bench", *argv, "--json"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1
+    return json.loads(out)
+
+
+def _check_common(result: dict, name: str) -> None:
+    assert result["name"] == name
+    assert result["machine"]["cpu"] and result["machine"]["torch"] == torch.__version__
+    assert result["machine"]["device"] == "cpu"
+    assert result["ratio"] > 0 and result["sizes"]
+
+
+@pytest.mark.slow
+def test_bench_inputs_quick_json(capsys, tmp_path):
+    results = tmp_path / "RESULTS.md"
+    r = _run_cli(capsys, "inputs", "--quick", "--hidden", "128", "--repeats", "1", "--results", str(results), "--note", "test")
+    _check_common(r, "inputs")
+    row = r["rows"][0]
+    assert set(row["reference"]["parts_median_s"]) == {"tokenise", "substitute", "backward"}
+    assert set(row["ours"]["parts_median_s"]) == {"assemble", "substitute", "backward"}
+    assert row["memory"]["ours"]["saved_activation_bytes"] > 0
+    text = results.read_text()
+    assert "### `inputs` (--quick), cpu" in text and "test" in text and '"name": "inputs"' in text
+
+
+@pytest.mark.slow
+def test_bench_adapter_quick_json(capsys):
+    r = _run_cli(capsys, "adapter", "--quick", "--hidden", "128", "--repeats", "1", "--no-record")
+    _check_common(r, "adapter")
+    assert {row["rank_per_expert"] for row in r["rows"]} == set(adapter_bench.RANKS)
+    assert r["ratio"] == r["vs_reference"] and r["vs_lora"] > 0
+    mem = r["rows"][0]["memory"]
+    # the reference saves the (batch, tokens, E, out) stack that ours never makes
+    assert mem["reference"]["extra_saved_bytes"] > mem["ours"]["extra_saved_bytes"]
+
+
+@pytest.mark.slow
+def test_bench_step_quick_json(capsys, synthetic_titles):
+    r = _run_cli(capsys, "step", "--quick", "--batch-size", "2", "--repeats", "1", "--no-record")
+    _check_common(r, "step")
+    assert set(r["variants"]) == {"reference", "ours"}
+    assert all(v["mfu"] is None and v["samples_per_s"] > 0 for v in r["variants"].values())
+
+
+@pytest.mark.slow
+def test_bench_eval_quick_json(capsys, monkeypatch, synthetic_titles):
+    from ilora.bench import evaluation
+
+    monkeypatch.setattr(evaluation, "load_titles", lambda: (synthetic_titles, "synthetic (test)"))
+    r = _run_cli(capsys, "eval", "--quick", "--samples", "4", "--repeats", "1", "--no-record")
+    _check_common(r, "eval")
+    assert r["metrics"]["score"]["num_samples"] == 4 and r["ratio_min"] > 0
+
+
+def test_bench_cuda_without_gpu_is_a_one_line_error(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert main(["bench", "adapter", "--device", "cuda", "--quick", "--no-record"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
