@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
 
@@ -10,17 +11,18 @@ class MetricsLog:
     """Appends rows to ``<dir>/<name>.csv`` and the same scalars to TensorBoard (``<dir>/tb``).
 
     The CSV columns are the keys of the first row; later rows may omit some (left empty)
-    but may not add new ones.
+    but may not add new ones. A resumed run passes ``purge_step`` (TensorBoard then hides
+    the interrupted run's events from that step on) and puts the CSV back with `restore`.
     """
 
-    def __init__(self, out_dir: str | Path, name: str = "metrics", writer=None) -> None:
+    def __init__(self, out_dir: str | Path, name: str = "metrics", writer=None, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / f"{name}.csv"
         self.prefix = "" if name == "metrics" else f"{name}/"
-        self.writer = writer or SummaryWriter(log_dir=str(out_dir / "tb"))
+        self.writer = writer or SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=purge_step)
         self.fields: list[str] | None = None
 
     def log(self, row: dict[str, float | int | str], step: int) -> None:
@@ -34,6 +36,23 @@ class MetricsLog:
             if key not in ("epoch", "step") and isinstance(value, (int, float)):
                 self.writer.add_scalar(self.prefix + key.replace("@", "_at_"), value, step)
         self.writer.flush()
+
+    def text(self) -> str:
+        """The CSV written so far ("" before the first row): what a checkpoint stores."""
+        if self.fields is None or not self.path.is_file():
+            return ""
+        with self.path.open(newline="", encoding="utf-8") as fh:
+            return fh.read()
+
+    def restore(self, text: str) -> None:
+        """Put the CSV back as `text` returned it (a resumed run appends after those rows only)."""
+        if not text:
+            self.fields = None
+            self.path.unlink(missing_ok=True)
+            return
+        with self.path.open("w", newline="", encoding="utf-8") as fh:
+            fh.write(text)
+        self.fields = next(csv.reader(io.StringIO(text)))
 
     def close(self) -> None:
         self.writer.close()

@@ -33,7 +33,7 @@ def run_distill(args: argparse.Namespace) -> int:
     cfg.validate()
     dataset = load_data(args)
     outputs = read_teacher_outputs(args.teacher_outputs, ("train",))
-    result = distill(dataset, outputs, cfg, args.out, source=str(args.teacher_outputs))
+    result = distill(dataset, outputs, cfg, args.out, source=str(args.teacher_outputs), resume=args.resume)
     if args.json:
         print_json(result)
     else:
@@ -53,6 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_data_arguments(parser)
     parser.add_argument("--teacher-outputs", required=True, type=Path, metavar="DIR", help="directory written by `ilora teacher export`")
     parser.add_argument("--out", required=True, type=Path, help="output directory (baseline/, distilled/, result.json)")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue each student from its newest intact checkpoint in --out (see --checkpoint-every)"
+    )
     add_json_argument(parser)
     add_arguments(parser, DistillConfig)
     add_config_arguments(parser)

@@ -39,7 +39,7 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(RecTrainConfig, args)
     cfg.validate()
     dataset = load_data(args)
-    result = train_sasrec(dataset, cfg, args.out)
+    result = train_sasrec(dataset, cfg, args.out, resume=args.resume)
     _print_result(args, result)
     return 0
 
@@ -90,6 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train SASRec (selection on val only) and save the model directory")
     add_data_arguments(train)
     train.add_argument("--out", required=True, type=Path, help="output directory (model.safetensors, config.json, metrics.csv, tb/)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out (see --checkpoint-every)")
     add_json_argument(train)
     from ilora.rec.train import RecTrainConfig
 

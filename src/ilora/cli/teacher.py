@@ -1,4 +1,4 @@
-"""`ilora teacher train|eval`: the iLoRA teacher from the command line."""
+"""`ilora teacher train|eval|export`: the iLoRA teacher from the command line."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def run_train(args: argparse.Namespace) -> int:
     if not Path(args.rec).is_dir():
         raise IloraError(f"{args.rec}: SASRec directory not found (train one with `ilora rec train`)")
     dataset = load_data(args)
-    summary = train_teacher(dataset, cfg, args.rec, args.out)
+    summary = train_teacher(dataset, cfg, args.rec, args.out, resume=args.resume)
     if args.json:
         print_json(summary)
     else:
@@ -62,6 +62,31 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace) -> int:
+    from ilora.outputs.export import ExportOptions, export_teacher_outputs
+    from ilora.teacher.build import load_teacher
+
+    opts = ExportOptions(
+        splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
+        top_k=args.top_k,
+        pool_sasrec=args.pool_sasrec,
+        pool_candidates=args.pool_candidates,
+        shard_rows=args.shard_rows,
+        batch_size=args.batch_size,
+        gate=args.gate,
+        device=args.device,
+        limit=args.limit,
+    )
+    dataset = load_data(args)
+    bundle = load_teacher(args.teacher, dataset.catalog, device=args.device)
+    result = export_teacher_outputs(bundle, dataset, args.out, opts, teacher_dir=args.teacher, overwrite=args.overwrite).to_dict()
+    if args.json:
+        print_json(result)
+    else:
+        print(f"teacher outputs written to {result['out']}: {result['splits']} rows; {result['written']} exported now at {result['samples_per_s']} samples/s")
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     group = subparsers.add_parser("teacher", help="train and evaluate the iLoRA teacher", description="The iLoRA teacher: an LLM with per-sample gated LoRA experts.")
     sub = group.add_subparsers(dest="teacher_command", metavar="COMMAND", required=True)
@@ -75,6 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_data_arguments(train)
     train.add_argument("--rec", required=True, metavar="DIR", help="trained SASRec directory (ilora rec train / rec import-llara)")
     train.add_argument("--out", required=True, metavar="DIR", help="output directory for the teacher checkpoint and logs")
+    train.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out (see --checkpoint-every)")
     add_json_argument(train)
     add_arguments(train, TeacherConfig)
     add_config_arguments(train)
@@ -100,3 +126,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--out", default=None, metavar="DIR", help="also write the metrics and the candidate sets used here")
     add_json_argument(ev)
     ev.set_defaults(run=run_eval)
+
+    ex = sub.add_parser(
+        "export",
+        help="export the teacher's top-K, confidences, gates and item embeddings (for distillation)",
+        description="For every sample of the requested splits: the teacher's top-K items ranked by exact log-likelihood "
+        "over a candidate pool (SASRec's top-N unseen items + the sample's fixed candidates), their softmax confidences "
+        "over the pool, the gate weights and SASRec's user embedding; plus every item's LLM embedding (mean last hidden "
+        "state over its title tokens, uniform gate) and DLLM2Rec's files. Written in Parquet shards with a manifest; "
+        "re-running the same command resumes an interrupted export.",
+    )
+    add_data_arguments(ex)
+    ex.add_argument("--teacher", required=True, metavar="DIR", help="teacher checkpoint directory (ilora teacher train --out)")
+    ex.add_argument("--out", required=True, metavar="DIR", help="output directory (layout: ilora/outputs/format.py)")
+    ex.add_argument("--splits", default="train", metavar="LIST", help="comma-separated splits to export [default: train]")
+    ex.add_argument("--top-k", type=int, default=10, metavar="K", help="items kept per sample [default: 10]")
+    ex.add_argument("--pool-sasrec", type=int, default=50, metavar="N", help="SASRec's top-N unseen items in the pool (0: none) [default: 50]")
+    ex.add_argument("--pool-candidates", type=int, default=20, metavar="N", help="fixed candidates in the pool and the prompt (0: none in the pool) [default: 20]")
+    ex.add_argument("--shard-rows", type=int, default=8192, metavar="N", help="rows per Parquet shard [default: 8192]")
+    ex.add_argument("--batch-size", type=int, default=16, metavar="N", help="prompts per batch [default: 16]")
+    ex.add_argument("--gate", default="learned", metavar="MODE", help="learned (default), uniform or expert:N")
+    ex.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device [default: cpu]")
+    ex.add_argument("--limit", type=int, default=0, metavar="N", help="export only the first N samples of each split (0: all; smoke runs)")
+    ex.add_argument("--overwrite", action="store_true", help="replace an export of another teacher, dataset or options in --out")
+    add_json_argument(ex)
+    ex.set_defaults(run=run_export)

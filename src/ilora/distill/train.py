@@ -10,7 +10,8 @@ both), with the same seed, split, epochs and early stopping on the validation sp
   ``w_ed > 0``, the teacher's item embeddings added to the student's
   (`ilora.distill.student`).
 
-Each model directory (``baseline/``, ``distilled/``) is what ``ilora rec train`` writes
+Each student is checkpointed and resumed on its own (``checkpoint_every``, ``resume``;
+`ilora.checkpointing`). Each model directory (``baseline/``, ``distilled/``) is what ``ilora rec train`` writes
 (the distilled student saved folded, as a plain SASRec). ``result.json`` holds both
 runs' test metrics (full-ranking HR/NDCG@1,5,10,20, plus candidate metrics when
 ``eval_candidates > 0``) and the relative gain per metric,
@@ -211,12 +212,18 @@ def relative_gain(baseline: dict[str, object], distilled: dict[str, object]) -> 
 
 
 def _run_summary(result: dict[str, object]) -> dict[str, object]:
-    keep = ("best_epoch", "epochs_run", "steps", "selected_by", "out", "val", "test")
+    keep = ("best_epoch", "epochs_run", "steps", "selected_by", "skipped_steps", "resumed_from", "out", "val", "test")
     return {k: result[k] for k in keep if k in result}
 
 
-def distill(dataset: SeqDataset, teacher_outputs: TeacherOutputs, cfg: DistillConfig, out_dir: str | Path, *, source: str = "teacher outputs") -> dict[str, object]:
-    """Train the baseline and the distilled student; write and return their test metrics and the gains."""
+def distill(
+    dataset: SeqDataset, teacher_outputs: TeacherOutputs, cfg: DistillConfig, out_dir: str | Path, *, source: str = "teacher outputs", resume: bool = False
+) -> dict[str, object]:
+    """Train the baseline and the distilled student; write and return their test metrics and the gains.
+
+    ``resume`` resumes each student from its own checkpoints (``baseline/checkpoints``,
+    ``distilled/checkpoints``; a student that had finished is not trained again).
+    """
     cfg.validate()
     if dataset.splits.get("test") is None or len(dataset.split("test")) == 0:
         raise IloraError(f"{dataset.source or 'dataset'}: distillation is evaluated on the test split, which is absent or empty")
@@ -229,12 +236,12 @@ def distill(dataset: SeqDataset, teacher_outputs: TeacherOutputs, cfg: DistillCo
 
     log.info("training the baseline student (no distillation)")
     base_hook = DistillationLoss(None, cfg, propensity) if cfg.dro_alpha else None
-    baseline = train_sasrec(dataset, rec_cfg, out / "baseline", extra_loss=base_hook)
+    baseline = train_sasrec(dataset, rec_cfg, out / "baseline", extra_loss=base_hook, resume=resume)
 
     log.info("training the distilled student (lambda_d=%s, w_ed=%s)", cfg.lambda_d, cfg.w_ed)
     hook = DistillationLoss(targets, cfg, propensity)
     factory = student_factory(targets.embeddings, w_ed=cfg.w_ed, seed=cfg.seed)
-    distilled = train_sasrec(dataset, rec_cfg, out / "distilled", extra_loss=hook, model_factory=factory)
+    distilled = train_sasrec(dataset, rec_cfg, out / "distilled", extra_loss=hook, model_factory=factory, resume=resume)
 
     result: dict[str, object] = {
         "baseline": _run_summary(baseline),

@@ -13,6 +13,20 @@ computed from the same forward pass (see `TrainBatch`).
 The output directory then holds ``model.safetensors``, ``config.json`` (the
 architecture, what `ilora.rec.sasrec.load_sasrec` reads), ``train_config.json`` and
 ``result.json``.
+
+Gradients are clipped to ``grad_clip`` (default 10: SASRec's gradient norm stays below 5
+on LastFM and the synthetic data, so the default changes no ordinary run; clipping that
+does not bind leaves every gradient bit for bit as it is). A step whose loss or gradient
+norm is NaN/inf stops the run with `IloraError` naming the step, after a checkpoint of
+the state before it (`ilora.checkpointing`); ``skip_nonfinite`` drops the step instead.
+
+With ``checkpoint_every = N`` a checkpoint is written after every N-th optimizer step
+(at an epoch's last step: after its validation) into ``checkpoints/``; ``resume=True``
+continues from the newest intact one: weights, Adam state, best-so-far weights and
+score, patience counter, the epoch's sample order and position in it, the running
+train loss, every RNG (global, shuffling, negatives) and ``metrics.csv`` as it was then,
+so the result is bit for bit that of an uninterrupted run. A run without ``resume``
+starts over and removes older checkpoints; resuming a finished run returns its result.
 """
 
 from __future__ import annotations
@@ -20,9 +34,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +46,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
+from ilora.checkpointing import CheckpointManager, NonFiniteGuard, check_resume_config, restore_rng_state, rng_state
 from ilora.config import option, to_dict
 from ilora.metrics_log import MetricsLog
 from ilora.data.dataset import SeqDataset, Split
@@ -70,6 +86,11 @@ class RecTrainConfig:
     train_min_len: int = option(1, "train only on samples with at least this many history items (--min-len filters every split at load time)")
     eval_batch_size: int = option(1024, "samples per evaluation batch")
     threads: int | None = option(None, "CPU threads for torch (none: torch's default)")
+    grad_clip: float = option(
+        10.0, "clip the gradient norm to this (0: off); the default only stops blow-ups (ordinary SASRec steps stay below 5)"
+    )
+    checkpoint_every: int = option(0, "write a resumable checkpoint every N optimizer steps into OUT/checkpoints (0: off)")
+    skip_nonfinite: bool = option(False, "skip a step whose loss or gradient is NaN/inf instead of stopping the run")
 
     def validate(self) -> None:
         checks = [
@@ -83,6 +104,8 @@ class RecTrainConfig:
             (self.eval_candidates >= 0, "eval_candidates must be >= 0"),
             (self.train_min_len >= 1, "train_min_len must be >= 1"),
             (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
+            (math.isfinite(self.grad_clip) and self.grad_clip >= 0, "grad_clip must be a finite number >= 0"),
+            (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
         ]
         for ok, problem in checks:
             if not ok:
@@ -193,6 +216,70 @@ def _metric_subset(metrics: dict[str, object], prefix: str) -> dict[str, float]:
     return {f"{prefix}{k}": float(v) for k, v in metrics.items() if "@" in k}  # type: ignore[arg-type]
 
 
+@dataclass
+class _Progress:
+    """Where the loop is: everything besides weights, optimiser and RNGs that a checkpoint restores."""
+
+    epoch: int = 1  # the current epoch (1-based)
+    position: int = 0  # batches of this epoch done
+    step: int = 0
+    loss_sum: float = 0.0  # train loss summed over this epoch's batches
+    batches: int = 0
+    best_score: float = -1.0
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    skipped: list[int] = field(default_factory=list)
+
+
+class _Run:
+    """The objects of one training run whose state a checkpoint holds."""
+
+    def __init__(self, cfg: RecTrainConfig, model: SASRec, optimizer: torch.optim.Optimizer, order_gen: torch.Generator, sample_gen: torch.Generator) -> None:
+        self.cfg, self.model, self.optimizer = cfg, model, optimizer
+        self.order_gen, self.sample_gen = order_gen, sample_gen
+        self.progress = _Progress()
+        self.order: torch.Tensor | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.logger: MetricsLog | None = None
+
+    def volatile(self) -> dict[str, object]:
+        """The part of the state that changes within a step (taken before it, for the last good state)."""
+        return {"progress": asdict(self.progress), "rng": rng_state(), "sample_rng": self.sample_gen.get_state()}
+
+    def state(self, volatile: dict[str, object] | None = None) -> dict[str, object]:
+        return {
+            "config": to_dict(self.cfg),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "best_state": self.best_state,
+            "order": self.order,
+            "order_rng": self.order_gen.get_state(),
+            "metrics_csv": self.logger.text() if self.logger is not None else "",
+            **(volatile or self.volatile()),
+        }
+
+    def restore(self, state: dict, where: Path) -> None:
+        check_resume_config(state["config"], to_dict(self.cfg), where)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.best_state = state["best_state"]
+        self.order = state["order"]
+        self.order_gen.set_state(state["order_rng"])
+        self.sample_gen.set_state(state["sample_rng"])
+        restore_rng_state(state["rng"])
+        self.progress = _Progress(**state["progress"])
+
+
+def _finished_result(out: Path, cfg: RecTrainConfig) -> dict[str, object] | None:
+    """The result of a run that already finished in ``out`` with the same options, if any."""
+    result, config = out / "result.json", out / "train_config.json"
+    if not (result.is_file() and config.is_file()):
+        return None
+    check_resume_config(json.loads(config.read_text(encoding="utf-8")), to_dict(cfg), out)
+    log.info("%s: training already finished; returning its result", out)
+    return json.loads(result.read_text(encoding="utf-8"))
+
+
 def train_sasrec(
     dataset: SeqDataset,
     cfg: RecTrainConfig,
@@ -200,16 +287,27 @@ def train_sasrec(
     *,
     extra_loss: ExtraLoss | None = None,
     model_factory: ModelFactory | None = None,
+    resume: bool = False,
 ) -> dict[str, object]:
     """Train, keep the best-by-validation weights, save them to ``out_dir``; return final metrics.
 
     Without a validation split the weights of the last epoch are kept. ``model_factory``
     (default `SASRec`) builds the model from its architecture, right after the global
     seed is set; ``extra_loss`` is added to every batch's recommendation loss.
+    ``resume`` continues from the newest intact checkpoint in ``out_dir`` (none: from
+    the start).
     """
     cfg.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    checkpoints = CheckpointManager(out, cfg.checkpoint_every)
+    if resume:
+        finished = _finished_result(out, cfg)
+        if finished is not None:
+            return finished
+    else:
+        checkpoints.clear()
+        (out / "result.json").unlink(missing_ok=True)
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
@@ -224,6 +322,16 @@ def train_sasrec(
     )
     model = (model_factory or SASRec)(arch).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run = _Run(cfg, model, optimizer, generator, sample_gen)
+    resumed_from, saved = None, None
+    checkpoint = checkpoints.latest() if resume else None
+    if checkpoint is not None:
+        saved = checkpoint.load()
+        run.restore(saved, checkpoint.path)
+        resumed_from = checkpoint.step
+        log.info("resuming from %s (step %d)", checkpoint.path, checkpoint.step)
+    elif resume:
+        log.warning("%s: no intact checkpoint to resume from; training from the start", out)
     (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
 
     val_cands = None
@@ -239,50 +347,68 @@ def train_sasrec(
     n = len(train)
     steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
-    logger = MetricsLog(out)
-    best_score, best_epoch, best_state, bad_epochs, step, epoch = -1.0, 0, None, 0, 0, 0
-    bar = tqdm(total=total, desc="train sasrec", unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
+    p = run.progress
+    logger = run.logger = MetricsLog(out, purge_step=None if resumed_from is None else resumed_from + 1)
+    if saved is not None:
+        logger.restore(saved["metrics_csv"])
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+    before: dict[str, object] = {}
+    guard = NonFiniteGuard(cfg.skip_nonfinite, lambda: checkpoints.save(p.step, run.state(before)))
+    guard.skipped = p.skipped
+    epoch = p.epoch
+    bar = tqdm(total=total, initial=p.step, desc="train sasrec", unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
     try:
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(p.epoch, cfg.epochs + 1):
+            p.epoch = epoch
             model.train()
-            order = torch.randperm(n, generator=generator)
-            loss_sum, batches = 0.0, 0
-            for start in range(0, n, cfg.batch_size):
-                idx = order[start : start + cfg.batch_size]
+            if run.order is None:
+                run.order = torch.randperm(n, generator=generator)
+                p.position, p.loss_sum, p.batches = 0, 0.0, 0
+            for b in range(p.position, steps_per_epoch):
+                idx = run.order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                before = run.volatile()
                 loss = _batch_loss(model, history[idx], length[idx], target[idx], rows[idx], cfg, sample_gen, extra_loss, device)
-                if not torch.isfinite(loss.detach()):
-                    raise IloraError(f"training diverged at step {step + 1} (loss {loss.item()}); lower lr")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
-                loss_sum, batches, step = loss_sum + loss.item(), batches + 1, step + 1
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                if guard.ok(p.step + 1, loss.item(), float(grad_norm), f" (epoch {epoch})"):
+                    optimizer.step()
+                    p.loss_sum, p.batches = p.loss_sum + loss.item(), p.batches + 1
+                p.step, p.position = p.step + 1, b + 1
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{loss_sum / batches:.4f}")
-                if cfg.max_steps is not None and step >= cfg.max_steps:
+                bar.set_postfix(epoch=epoch, loss=f"{p.loss_sum / max(p.batches, 1):.4f}")
+                if cfg.max_steps is not None and p.step >= cfg.max_steps:
                     break
-            row: dict[str, float | int] = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(batches, 1)}
+                if p.position < steps_per_epoch and checkpoints.due(p.step):
+                    checkpoints.save(p.step, run.state())
+            row: dict[str, float | int] = {"epoch": epoch, "step": p.step, "train_loss": p.loss_sum / max(p.batches, 1)}
             if has_val:
                 val = evaluate_sasrec(
                     model, dataset, "val", candidates=val_cands, count=0, mask_history=cfg.mask_history, batch_size=cfg.eval_batch_size
                 )
                 row.update(_metric_subset(val, "val_"))
                 score = float(val[cfg.monitor])  # type: ignore[arg-type]
-                if score > best_score:
-                    best_score, best_epoch, bad_epochs = score, epoch, 0
-                    best_state = copy.deepcopy(model.state_dict())
+                if score > p.best_score:
+                    p.best_score, p.best_epoch, p.bad_epochs = score, epoch, 0
+                    run.best_state = copy.deepcopy(model.state_dict())
                 else:
-                    bad_epochs += 1
-            logger.log(row, step)
-            log.info("epoch %d step %d " + " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "step")), epoch, step)
-            if cfg.max_steps is not None and step >= cfg.max_steps:
+                    p.bad_epochs += 1
+            logger.log(row, p.step)
+            log.info("epoch %d step %d " + " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "step")), epoch, p.step)
+            if cfg.max_steps is not None and p.step >= cfg.max_steps:
                 break
-            if has_val and cfg.patience and bad_epochs >= cfg.patience:
-                log.info("early stop: no better val %s for %d epochs", cfg.monitor, bad_epochs)
+            if has_val and cfg.patience and p.bad_epochs >= cfg.patience:
+                log.info("early stop: no better val %s for %d epochs", cfg.monitor, p.bad_epochs)
                 break
+            run.order = None
+            if epoch < cfg.epochs and checkpoints.due(p.step):
+                p.epoch, p.position = epoch + 1, 0
+                checkpoints.save(p.step, run.state())
     finally:
         bar.close()
         logger.close()
 
+    best_state, best_epoch, step = run.best_state, p.best_epoch, p.step
     if best_state is not None:
         model.load_state_dict(best_state)
     else:
@@ -294,6 +420,8 @@ def train_sasrec(
         "epochs_run": epoch,
         "steps": step,
         "selected_by": f"val {cfg.monitor}" if best_state is not None else "last epoch (no validation split)",
+        "skipped_steps": list(p.skipped),
+        "resumed_from": resumed_from,
         "out": str(out),
     }
     model.to(device)

@@ -1,7 +1,20 @@
-"""`TeacherConfig`: every option of `ilora teacher train`, flat so each one is a CLI flag."""
+"""`TeacherConfig`: every option of `ilora teacher train`, flat so each one is a CLI flag.
+
+Every option is checked when the config is built (`TeacherConfig.__post_init__`), before
+any data, model or output directory is touched: counts and sizes in range, finite
+positive learning rate, ``batch_size`` a multiple of ``micro_batch_size``, a known
+``select_metric``, an existing prompt template, tiny-LLM sizes that make a model. What
+needs the model itself (``target_modules`` naming layers it has) is checked when the
+teacher is built, before training.
+
+There is no total-rank option: the rank is given per expert (``rank_per_expert``) and
+the stacked LoRA's rank is ``num_experts * rank_per_expert``, so it is always divisible
+by the number of experts.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -9,6 +22,9 @@ from ilora.config import option
 from ilora.errors import ConfigError
 from ilora.teacher.adapters import MoELoraConfig
 from ilora.teacher.gate import GateConfig
+
+# Metrics of the score protocol that can select the best checkpoint (``select_metric``).
+SELECT_METRICS = ("hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr", "mean_target_logprob")
 
 
 @dataclass
@@ -54,17 +70,58 @@ class TeacherConfig:
     select_metric: str = option("mrr", "validation metric (score protocol) that picks the best checkpoint")
     workers: int = option(0, "DataLoader workers building the prompt batches")
     seed: int = option(0, "random seed")
+    checkpoint_every: int = option(0, "write a resumable checkpoint every N optimiser steps into OUT/checkpoints (0: off)")
+    skip_nonfinite: bool = option(False, "skip a step whose loss or gradient is NaN/inf instead of stopping the run")
     device: Literal["cpu", "cuda"] = option("cpu", "cpu or cuda (bf16 autocast and a bf16 base on cuda)")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "epochs", "num_candidates", "eval_batch_size", "max_title_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "micro_batch_size", "val_samples", "workers", "candidate_seed", "seed", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         micro = self.micro_batch_size or self.batch_size
-        if micro < 1 or self.batch_size % micro:
+        if self.batch_size % micro:
             raise ConfigError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {micro}")
+        self._check_numbers()
+        if self.select_metric not in SELECT_METRICS:
+            raise ConfigError(f"select_metric: {self.select_metric!r} is not one of {', '.join(SELECT_METRICS)}")
+        if self.llm == "tiny":
+            self._check_tiny()
+        from ilora.teacher.prompts import load_template
+
+        load_template(self.domain)  # an unknown domain or a missing template file fails now
         self.adapter_config()  # validates the adapter options
         self.gate_config()
+
+    def _check_numbers(self) -> None:
+        """Learning-rate schedule and regularisation options: finite and in range."""
+        ranges = {
+            "lr": (0.0, math.inf, False),
+            "router_lr_scale": (0.0, math.inf, True),
+            "weight_decay": (0.0, math.inf, True),
+            "grad_clip": (0.0, math.inf, True),
+            "warmup_ratio": (0.0, 1.0, True),
+            "min_lr_ratio": (0.0, 1.0, True),
+        }
+        for name, (low, high, low_ok) in ranges.items():
+            value = getattr(self, name)
+            if not math.isfinite(value) or value > high or value < low or (value == low and not low_ok):
+                bound = f"{'>=' if low_ok else '>'} {low}" + ("" if high == math.inf else f" and <= {high}")
+                raise ConfigError(f"{name}: must be a finite number {bound}, got {value}")
+
+    def _check_tiny(self) -> None:
+        """Sizes of the tiny LLM: positive, and heads dividing the hidden size into an even head size (RoPE)."""
+        for name in ("tiny_hidden", "tiny_layers", "tiny_heads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.tiny_hidden % self.tiny_heads or (self.tiny_hidden // self.tiny_heads) % 2:
+            raise ConfigError(
+                f"tiny_hidden {self.tiny_hidden} / tiny_heads {self.tiny_heads}: the head size must be a whole, even number"
+            )
+        if self.tiny_vocab < 1:
+            raise ConfigError(f"tiny_vocab: must be >= 1, got {self.tiny_vocab}")
 
     @property
     def accumulation(self) -> int:

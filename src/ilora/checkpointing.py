@@ -1,0 +1,277 @@
+"""Crash-safe training checkpoints, shared by every trainer (SASRec, distillation students, teacher).
+
+A trainer's output directory holds ``checkpoints/step-<9 digits>/``, each with:
+
+    state.safetensors, state.json   the training state (`ilora.state_io.save_state`: tensors
+                                    in safetensors, the rest in JSON, never pickle)
+    manifest.json                   {"format": "ilora-checkpoint", "version": 1, "step": S,
+                                     "files": {name: {"sha256": ..., "bytes": ...}}}
+
+A checkpoint is written into a temporary directory (``.tmp-step-...``), every file and
+the directory are fsynced, and only then is it renamed to its final name (and the parent
+fsynced), so a crash never leaves a half-written ``step-*`` directory. Resuming
+(`CheckpointManager.latest`) takes the newest ``step-*`` whose manifest verifies (step
+matches the name, every file present with its size and sha256); any other directory is
+skipped with a warning. Only the newest ``keep`` (2) checkpoints are kept.
+
+The state a trainer stores is its own (see `ilora.rec.train` and `ilora.teacher.train`);
+this module also provides the pieces they share: every RNG's state (`rng_state`,
+`restore_rng_state`), the check that a resumed run has the same configuration
+(`check_resume_config`) and the handling of non-finite losses and gradients
+(`NonFiniteGuard`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ilora.errors import IloraError
+from ilora.state_io import load_state, save_state
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+FORMAT = "ilora-checkpoint"
+VERSION = 1
+KEEP = 2
+_NAME = re.compile(r"^step-(\d{9})$")
+_STATE = "state"
+
+
+# -- RNG state -------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """The state of Python's, NumPy's, torch's CPU and (if available) every CUDA generator."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, np_gauss = np.random.get_state()  # type: ignore[misc]
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of `rng_state` (the CUDA part only where CUDA is available)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    npst = state["numpy"]
+    np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and "cuda" in state:
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+# -- configuration check on resume ----------------------------------------------------------------
+
+# Options that may differ between the interrupted run and its resumption: they change how a run
+# is carried out, not what it computes.
+RESUMABLE_CHANGES = frozenset({"checkpoint_every", "skip_nonfinite", "threads", "workers", "eval_batch_size"})
+
+
+def check_resume_config(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    """`IloraError` naming every option (outside `RESUMABLE_CHANGES`) that differs from the checkpoint's."""
+    keys = sorted((set(saved) | set(current)) - RESUMABLE_CHANGES)
+    diff = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    if diff:
+        raise IloraError(
+            f"{where}: cannot resume with other options than the interrupted run's ({'; '.join(diff)}); "
+            "rerun without --resume to start over"
+        )
+
+
+# -- checkpoint directories ---------------------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def verify_checkpoint(path: Path) -> int:
+    """The step of the checkpoint in ``path``; `IloraError` saying why if it is not complete and intact."""
+    match = _NAME.match(path.name)
+    if not match:
+        raise IloraError(f"{path}: not a checkpoint directory name (step-NNNNNNNNN)")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise IloraError(f"{path}: no {MANIFEST} (incomplete checkpoint)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IloraError(f"{manifest_path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise IloraError(f"{manifest_path}: not an {FORMAT} manifest of version {VERSION}")
+    if manifest.get("step") != int(match.group(1)):
+        raise IloraError(f"{manifest_path}: records step {manifest.get('step')}, the directory is {path.name}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise IloraError(f"{manifest_path}: lists no files")
+    for name, info in files.items():
+        file = path / name
+        if not file.is_file():
+            raise IloraError(f"{file}: listed in the manifest but missing")
+        if file.stat().st_size != info.get("bytes") or _sha256(file) != info.get("sha256"):
+            raise IloraError(f"{file}: size or sha256 differs from the manifest (corrupt checkpoint)")
+    return int(manifest["step"])
+
+
+@dataclass
+class Checkpoint:
+    """A verified checkpoint directory."""
+
+    path: Path
+    step: int
+
+    def load(self) -> dict[str, Any]:
+        """The training state saved in it."""
+        return load_state(self.path / _STATE)
+
+
+class CheckpointManager:
+    """Writes, lists and prunes the checkpoints under ``<out_dir>/checkpoints``.
+
+    ``every`` is the interval in optimiser steps (0: no periodic checkpoints; `save` still
+    works, e.g. for the last good state before a numeric fault).
+    """
+
+    def __init__(self, out_dir: str | Path, every: int, keep: int = KEEP) -> None:
+        if every < 0:
+            raise IloraError(f"checkpoint_every must be >= 0, got {every}")
+        self.root = Path(out_dir) / CHECKPOINTS
+        self.every, self.keep = every, keep
+
+    def due(self, step: int) -> bool:
+        """Whether a periodic checkpoint belongs after optimiser step ``step``."""
+        return self.every > 0 and step > 0 and step % self.every == 0
+
+    def path_for(self, step: int) -> Path:
+        return self.root / f"step-{step:09d}"
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Write ``state`` as the checkpoint of ``step`` atomically, then keep only the newest ``keep``.
+
+        An intact checkpoint of the same step is kept as it is (the state of a step is
+        the same whoever writes it); a damaged one is replaced.
+        """
+        final = self.path_for(step)
+        if final.exists():
+            try:
+                verify_checkpoint(final)
+                return final
+            except IloraError:
+                shutil.rmtree(final)
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-{final.name}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_state(state, tmp / _STATE)
+        files = {}
+        for file in sorted(p for p in tmp.iterdir() if p.is_file()):
+            _fsync_file(file)
+            files[file.name] = {"sha256": _sha256(file), "bytes": file.stat().st_size}
+        manifest = {"format": FORMAT, "version": VERSION, "step": step, "files": files}
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(manifest, indent=2))
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        os.rename(tmp, final)
+        _fsync_dir(self.root)
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        """Remove all but the newest ``keep`` checkpoints, and temporary directories of crashed writes."""
+        named = sorted((p for p in self.root.iterdir() if _NAME.match(p.name)), key=lambda p: p.name)
+        for old in named[: -self.keep] if self.keep else named:
+            shutil.rmtree(old, ignore_errors=True)
+        for tmp in self.root.glob(".tmp-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def checkpoints(self) -> list[Path]:
+        """Every ``step-*`` directory, newest first (verified or not)."""
+        if not self.root.is_dir():
+            return []
+        return sorted((p for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name)), key=lambda p: p.name, reverse=True)
+
+    def latest(self) -> Checkpoint | None:
+        """The newest checkpoint that verifies (others are skipped with a warning), or None."""
+        for path in self.checkpoints():
+            try:
+                return Checkpoint(path, verify_checkpoint(path))
+            except IloraError as exc:
+                log.warning("skipping checkpoint: %s", exc)
+        return None
+
+    def clear(self) -> None:
+        """Remove every checkpoint (a fresh run must never resume an older run's state)."""
+        if self.root.exists():
+            shutil.rmtree(self.root)
+
+
+# -- numeric faults -------------------------------------------------------------------------------
+
+
+class NonFiniteGuard:
+    """What a trainer does when a step's loss or gradient norm is NaN or infinite.
+
+    `ok` returns True for a finite step. For a non-finite one it either returns False
+    (``skip``: the caller drops the update and counts ``skipped``), or calls
+    ``save_last_good()`` (which writes a checkpoint of the state before the step and
+    returns its path) and raises `IloraError` naming the step.
+    """
+
+    def __init__(self, skip: bool, save_last_good: Callable[[], Path]) -> None:
+        self.skip, self.save_last_good = skip, save_last_good
+        self.skipped: list[int] = []
+
+    def ok(self, step: int, loss: float, grad_norm: float, where: str = "") -> bool:
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return True
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+        if self.skip:
+            log.warning("step %d%s: non-finite %s; step skipped (skip_nonfinite)", step, where, what)
+            self.skipped.append(step)
+            return False
+        path = self.save_last_good()
+        raise IloraError(
+            f"non-finite {what} at step {step}{where}; the state before it is saved in {path} "
+            "(lower lr, or resume with --resume skip_nonfinite=true to skip such steps)"
+        )

@@ -1,0 +1,520 @@
+"""`ilora teacher export`: write the teacher's outputs (format: `ilora.outputs.format`).
+
+For every sample of each requested split:
+
+* **Candidate pool**: the sample's fixed candidates (`ilora.data.candidate_sets`, the
+  teacher's ``candidate_seed``, ``split_name`` = the split, ``--pool-candidates`` of
+  them, target included) followed by SASRec's top-N items (``--pool-sasrec``, from
+  ``teacher.rec.scores(history, length)``; the sample's history items are excluded, as a
+  DLLM2Rec-style teacher ranks unseen items; the padding id never has a score),
+  deduplicated (first occurrence kept). Either part may be 0, not both. Pools differ in
+  size; a batch pads them to its longest pool by repeating the first item and masks the
+  padding out, so it is never scored into the softmax nor selected.
+* **Prompt**: the training prompt (history + fixed candidates, no answer). The prompt
+  lists the fixed candidate set drawn with ``count = --pool-candidates``; with
+  ``--pool-candidates 0`` it lists the teacher's training ``num_candidates`` (as in
+  training) although they are not in the pool.
+* **Scores**: ``teacher.score_candidates`` (the exact log-likelihood of each pool item's
+  title + eos given the prompt, gate ``--gate``), which runs ``teacher.run``: the same
+  forward path as the training loss.
+* **Top-K**: the K best pool items by score (a stable sort: ties keep pool order, i.e.
+  fixed candidates first); ``topk_confidence`` = softmax of the scores over the whole
+  pool (padding excluded), so a row sums to <= 1.
+* ``gate`` = ``teacher.gates(history, length, --gate)``; ``user_embedding`` =
+  ``teacher.rec.user_representation(history, length)`` (what the learned gate reads).
+
+**Item embeddings** (``item_embeddings.safetensors``, float32 ``(num_items, H)``): for
+each catalog item, its title tokens exactly as in the `TitleTable` (no bos, no eos, no
+prompt) run through ``teacher.decode`` with the **uniform** gate (an item has no user,
+so every expert weighs 1/E); the mean of the last hidden states over the title tokens.
+
+**Streaming and resume.** Rows are written in Parquet shards of ``--shard-rows`` rows
+(temporary name, fsync, rename); after every shard, ``manifest.json`` is rewritten
+atomically with the shard's row count and sha256. Re-running the same command continues
+after the last shard listed in the manifest; shard files the manifest does not list
+(half-written ones) are deleted first. Every batch lies inside one shard and batches
+start at the shard's first row, so a resumed export writes byte-identical shards. A
+manifest written by another teacher (config or weights), dataset (catalog, split
+samples) or options is refused unless ``overwrite=True``, which deletes the previous
+outputs (only the files this module writes). At the end the DLLM2Rec files are written
+from the train shards (`ilora.outputs.dllm2rec`).
+
+Determinism: the same teacher, data and options give identical files (no timestamps,
+fixed batching, stable sorts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from ilora.data.candidates import candidate_sets
+from ilora.data.dataset import SPLITS, SeqDataset, Split
+from ilora.errors import ConfigError, IloraError
+from ilora.outputs.format import FORMAT, ITEM_EMBEDDINGS, MANIFEST, VERSION, file_sha256
+from ilora.state_io import atomic_write_text, save_tensors
+
+CONFIDENCE = "softmax of the pool's log-likelihoods"
+EMBEDDING_METHOD = (
+    "mean of the teacher LLM's last hidden states over the item title's tokens "
+    "(tokenised as in the TitleTable, no prompt), uniform gate"
+)
+ITEM_BATCH = 256  # titles per decoder call for the item embeddings (fixed: determinism)
+SHARD_PATTERN = "part-{:05d}.parquet"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `export_teacher_outputs` computes (every field but ``splits`` must match to resume)."""
+
+    splits: tuple[str, ...] = ("train",)
+    top_k: int = 10
+    pool_sasrec: int = 50
+    pool_candidates: int = 20
+    shard_rows: int = 8192
+    batch_size: int = 16
+    gate: str = "learned"
+    device: str = "cpu"
+    limit: int = 0  # export only the first N samples of each split (0: all)
+
+    def __post_init__(self) -> None:
+        if not self.splits or len(set(self.splits)) != len(self.splits):
+            raise ConfigError(f"splits: expected distinct names among {', '.join(SPLITS)}, got {list(self.splits)}")
+        for name in self.splits:
+            if name not in SPLITS:
+                raise ConfigError(f"unknown split {name!r} (expected one of {', '.join(SPLITS)})")
+        for name in ("top_k", "shard_rows", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
+        for name in ("pool_sasrec", "pool_candidates", "limit"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
+        if self.pool_sasrec == 0 and self.pool_candidates == 0:
+            raise ConfigError("pool-sasrec and pool-candidates are both 0: the candidate pool would be empty")
+
+    def identity(self) -> dict:
+        """The options a resumed export must share with the manifest."""
+        out = asdict(self)
+        del out["splits"]
+        return out
+
+
+# -- pools and top-K ------------------------------------------------------------------------
+
+
+def guaranteed_pool_size(pool_candidates: int, pool_sasrec: int, num_items: int, max_len: int) -> int:
+    """A lower bound on every sample's pool size.
+
+    The fixed candidates are distinct, and so are SASRec's top-N unseen items (at least
+    ``num_items - max_len`` items are unseen), so a pool holds at least the larger part.
+    """
+    return max(pool_candidates, min(pool_sasrec, num_items - max_len))
+
+
+def check_pool(opts: ExportOptions, num_items: int, max_len: int) -> None:
+    """ConfigError unless every sample's pool is guaranteed to hold ``top_k`` items."""
+    if opts.pool_sasrec > num_items or opts.pool_candidates > num_items:
+        raise ConfigError(f"pool-sasrec {opts.pool_sasrec} / pool-candidates {opts.pool_candidates}: the catalog has only {num_items} items")
+    floor = guaranteed_pool_size(opts.pool_candidates, opts.pool_sasrec, num_items, max_len)
+    if opts.top_k > floor:
+        raise ConfigError(
+            f"top-k {opts.top_k} exceeds the candidate pool size guaranteed for every sample ({floor} = the larger of "
+            f"pool-candidates {opts.pool_candidates} and pool-sasrec {opts.pool_sasrec} capped at the "
+            f"{num_items} - {max_len} items outside a history); lower --top-k or enlarge the pool"
+        )
+
+
+def sasrec_top_unseen(rec_scores: torch.Tensor, history: torch.Tensor, length: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SASRec's ``n`` best items per row that are not in the history: ``(B, n)`` ids and validity.
+
+    A slot is invalid only when fewer than ``n`` items are outside the history.
+    """
+    width = history.shape[1]
+    valid_hist = torch.arange(width, device=history.device)[None, :] < length[:, None]
+    seen = torch.zeros_like(rec_scores, dtype=torch.bool)
+    seen.scatter_(1, torch.where(valid_hist, history, 0), valid_hist)
+    masked = rec_scores.float().masked_fill(seen, float("-inf"))
+    values, order = torch.sort(masked, dim=1, descending=True, stable=True)
+    return order[:, :n], torch.isfinite(values[:, :n])
+
+
+def build_pools(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate ``(ids, valid)`` parts, drop duplicates (first occurrence kept) and invalid
+    slots, compact each row to the left and pad to the longest row with its first item.
+
+    Returns ``pool`` int64 ``(B, P)`` and ``mask`` bool ``(B, P)`` (False = padding).
+    """
+    ids = torch.cat([p[0] for p in parts], 1)
+    valid = torch.cat([p[1] for p in parts], 1)
+    m = ids.shape[1]
+    same = (ids[:, :, None] == ids[:, None, :]) & valid[:, None, :]
+    earlier = torch.ones(m, m, dtype=torch.bool, device=ids.device).tril(-1)  # [i, j]: j < i
+    keep = valid & ~(same & earlier).any(2)
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+    size = keep.sum(1)
+    width = int(size.max())
+    pool = ids.gather(1, order)[:, :width]
+    mask = torch.arange(width, device=ids.device)[None, :] < size[:, None]
+    return torch.where(mask, pool, pool[:, :1]), mask
+
+
+@dataclass
+class TopK:
+    items: torch.Tensor  # int64 (B, K)
+    scores: torch.Tensor  # float32 (B, K)
+    confidence: torch.Tensor  # float32 (B, K)
+
+
+def select_top_k(scores: torch.Tensor, pool: torch.Tensor, mask: torch.Tensor, k: int) -> TopK:
+    """The ``k`` best real pool items of each row, with softmax-over-the-pool confidences."""
+    size = mask.sum(1)
+    if bool((size < k).any()):
+        row = int((size < k).nonzero()[0, 0])
+        raise IloraError(f"batch row {row}: its candidate pool has {int(size[row])} items, fewer than top-k {k}")
+    masked = scores.float().masked_fill(~mask, float("-inf"))
+    confidence = torch.softmax(masked, dim=1)
+    order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :k]
+    return TopK(pool.gather(1, order), masked.gather(1, order), confidence.gather(1, order))
+
+
+# -- one batch ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def score_pool(teacher, prompts, pool: torch.Tensor, mask: torch.Tensor, k: int, gate: str) -> TopK:
+    """Score the pool items given the prompts (``teacher.score_candidates`` -> ``teacher.run``)."""
+    return select_top_k(teacher.score_candidates(prompts, pool, gate), pool, mask, k)
+
+
+@torch.no_grad()
+def export_batch(bundle, history: np.ndarray, length: np.ndarray, fixed: np.ndarray, opts: ExportOptions) -> dict[str, np.ndarray]:
+    """The output columns (except ``index``) of one batch of samples.
+
+    ``fixed`` ``(B, C)`` are the fixed candidates shown in the prompt; they join the pool
+    when ``opts.pool_candidates > 0``.
+    """
+    teacher = bundle.teacher
+    history, length, fixed = (torch.tensor(np.asarray(a), dtype=torch.long) for a in (history, length, fixed))  # copies: inputs may be read-only
+    prompts = bundle.prompt_collator.build(history, length, fixed).to(opts.device)
+    parts = []
+    if opts.pool_candidates:
+        parts.append((prompts.candidates, torch.ones_like(prompts.candidates, dtype=torch.bool)))
+    if opts.pool_sasrec:
+        rec_scores = teacher.rec.scores(prompts.history, prompts.length)
+        parts.append(sasrec_top_unseen(rec_scores, prompts.history, prompts.length, opts.pool_sasrec))
+    pool, mask = build_pools(parts)
+    top = score_pool(teacher, prompts, pool, mask, opts.top_k, opts.gate)
+    gates = teacher.gates(prompts.history, prompts.length, opts.gate)
+    user = teacher.rec.user_representation(prompts.history, prompts.length)
+    as_np = lambda t, dtype: t.detach().to("cpu", torch.float32 if dtype is np.float32 else torch.int64).numpy().astype(dtype, copy=False)  # noqa: E731
+    return {
+        "topk_items": as_np(top.items, np.int64),
+        "topk_scores": as_np(top.scores, np.float32),
+        "topk_confidence": as_np(top.confidence, np.float32),
+        "gate": as_np(gates, np.float32),
+        "user_embedding": as_np(user, np.float32),
+    }
+
+
+# -- item embeddings ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def item_embeddings(teacher, device: str, batch: int = ITEM_BATCH) -> np.ndarray:
+    """float32 ``(num_items, H)``: mean last hidden state over each title's tokens, uniform gate."""
+    table = teacher.title_table
+    n = table.num_items
+    empty = (table.length[:n] == 0).nonzero()
+    if empty.numel():
+        raise IloraError(f"item {int(empty[0, 0])}: its title has no tokens, so it has no LLM embedding")
+    embed = teacher.llm.get_input_embeddings()
+    out = []
+    for lo in range(0, n, batch):
+        hi = min(lo + batch, n)
+        length = table.length[lo:hi].to(device)
+        width = int(length.max())
+        ids = table.ids[lo:hi, :width].to(device)
+        mask = (torch.arange(width, device=device)[None, :] < length[:, None]).long()
+        positions = torch.arange(width, device=device).expand(len(ids), -1)
+        gates = torch.full((len(ids), teacher.num_experts), 1.0 / teacher.num_experts, device=device)
+        hidden = teacher.decode(embed(ids), mask, positions, gates).hidden.float()
+        out.append(((hidden * mask[..., None]).sum(1) / length[:, None].float()).cpu())
+    return torch.cat(out).numpy()
+
+
+# -- identity and manifest ------------------------------------------------------------------
+
+
+def teacher_identity(teacher_dir: str | Path) -> dict:
+    """sha256 of ``teacher_config.json`` and of the teacher's weight files together."""
+    root = Path(teacher_dir)
+    config = root / "teacher_config.json"
+    if not config.is_file():
+        raise IloraError(f"{root}: not a teacher checkpoint (no teacher_config.json)")
+    files = sorted([*root.glob("*.safetensors"), *root.glob("rec/*.safetensors"), *root.glob("llm/*.safetensors")])
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.relative_to(root).as_posix().encode() + b"\x00" + file_sha256(path).encode())
+    return {"path": str(root.resolve()), "config_sha256": file_sha256(config), "weights_sha256": h.hexdigest()}
+
+
+def samples_sha256(split: Split) -> str:
+    h = hashlib.sha256()
+    for array in (split.history, split.length, split.target):
+        h.update(str(array.shape).encode())
+        h.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+def new_manifest(teacher: dict, dataset: SeqDataset, opts: ExportOptions, cfg, hidden: int) -> dict:
+    from ilora.teacher.build import catalog_fingerprint
+
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "teacher": teacher,
+        "dataset": {"source": dataset.source, "catalog": catalog_fingerprint(dataset.catalog), "num_items": dataset.num_items},
+        "top_k": opts.top_k,
+        "pool": {
+            "sasrec_top_n": opts.pool_sasrec,
+            "candidates": opts.pool_candidates,
+            "candidate_seed": cfg.candidate_seed,
+            "prompt_candidates": opts.pool_candidates or cfg.num_candidates,
+            "history_excluded": True,
+        },
+        "confidence": CONFIDENCE,
+        "gate": opts.gate,
+        "options": opts.identity(),
+        "item_embeddings": {"file": ITEM_EMBEDDINGS, "dim": hidden, "method": EMBEDDING_METHOD},
+        "splits": {},
+    }
+
+
+IDENTITY_KEYS = (("teacher", "config_sha256"), ("teacher", "weights_sha256"), ("dataset", "catalog"), ("dataset", "num_items"),
+                 ("top_k",), ("pool",), ("gate",), ("options",))
+
+
+def _get(d: dict, keys: tuple[str, ...]):
+    for key in keys:
+        d = d.get(key) if isinstance(d, dict) else None
+    return d
+
+
+def check_same_export(old: dict, new: dict, out: Path) -> None:
+    """IloraError naming the first difference between a previous manifest and this export."""
+    for keys in IDENTITY_KEYS:
+        if _get(old, keys) != _get(new, keys):
+            what = ".".join(keys)
+            raise IloraError(
+                f"{out}: holds an export with another {what} ({_get(old, keys)!r}, now {_get(new, keys)!r}); "
+                "use another --out, or --overwrite to replace it"
+            )
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
+def _remove_outputs(out: Path) -> None:
+    """Delete what an export writes here (and nothing else)."""
+    from ilora.outputs.dllm2rec import DLLM2REC_DIR, DLLM2REC_FILES
+
+    for name in SPLITS:
+        for path in (out / name).glob("*part-*.parquet*"):
+            path.unlink()
+    for path in (out / ITEM_EMBEDDINGS, *(out / DLLM2REC_DIR / f for f in DLLM2REC_FILES), out / MANIFEST):
+        path.unlink(missing_ok=True)
+
+
+def prepare_out(out: Path, fresh: dict, overwrite: bool) -> dict:
+    """The manifest to continue from: the previous one when it matches, else a fresh one."""
+    if (out / MANIFEST).is_file():
+        from ilora.outputs.format import read_manifest
+
+        old = read_manifest(out)
+        if not overwrite:
+            check_same_export(old, fresh, out)
+            old["teacher"]["path"] = fresh["teacher"]["path"]
+            return old
+        _remove_outputs(out)
+    elif out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise IloraError(f"{out}: exists, is not empty and has no {MANIFEST}; use another --out, or --overwrite")
+        _remove_outputs(out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_manifest(out, fresh)
+    return fresh
+
+
+# -- shards ---------------------------------------------------------------------------------
+
+
+def _list_column(rows: np.ndarray, dtype) -> pa.Array:
+    n, width = rows.shape
+    offsets = pa.array(np.arange(0, n * width + 1, width, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(rows, dtype=dtype).reshape(-1)))
+
+
+def shard_table(index: np.ndarray, columns: dict[str, np.ndarray]) -> pa.Table:
+    data = {"index": pa.array(index.astype(np.int64))}
+    data["topk_items"] = _list_column(columns["topk_items"], np.int64)
+    for name in ("topk_scores", "topk_confidence", "gate", "user_embedding"):
+        data[name] = _list_column(columns[name], np.float32)
+    return pa.table(data)
+
+
+def write_shard(path: Path, table: pa.Table) -> str:
+    """Write ``table`` to ``path`` atomically (temporary name, fsync, rename); return its sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, compression="snappy")
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return file_sha256(path)
+
+
+def _verified_shards(out: Path, name: str, info: dict) -> int:
+    """Check the listed shards, delete unlisted ones; return the next row to export."""
+    listed = {s["file"] for s in info["shards"]}
+    for shard in info["shards"]:
+        path = out / shard["file"]
+        if not path.is_file() or file_sha256(path) != shard["sha256"]:
+            raise IloraError(f"{path}: listed in the manifest but missing or changed; use --overwrite to start again")
+    for path in sorted((out / name).glob("*part-*.parquet*")):
+        if path.relative_to(out).as_posix() not in listed:
+            path.unlink()
+    return sum(s["rows"] for s in info["shards"])
+
+
+def export_split(bundle, out: Path, manifest: dict, name: str, split: Split, opts: ExportOptions, on_shard: Callable[[str, int], None] | None) -> int:
+    """Export one split shard by shard, continuing after the manifest's last shard; rows written now."""
+    cfg = bundle.config
+    digest = samples_sha256(split)
+    info = manifest["splits"].setdefault(name, {"rows": 0, "complete": False, "samples": len(split), "samples_sha256": digest, "shards": []})
+    if info.get("samples") != len(split) or info.get("samples_sha256") != digest:
+        raise IloraError(f"{out}: its {name} export was made from other {name} samples; use another --out, or --overwrite")
+    start = _verified_shards(out, name, info)
+    if info["complete"]:
+        return 0
+    shown = opts.pool_candidates or cfg.num_candidates
+    written = 0
+    bar = tqdm(total=len(split), initial=start, desc=f"export {name}", unit="sample", file=sys.stderr, dynamic_ncols=True)
+    with bar:
+        for lo in range(start, len(split), opts.shard_rows):
+            hi = min(lo + opts.shard_rows, len(split))
+            part = split.subset(slice(lo, hi))
+            fixed = candidate_sets(part, bundle.teacher.rec.num_items, count=shown, seed=cfg.candidate_seed, split_name=name, index=np.arange(lo, hi))
+            cols: dict[str, list[np.ndarray]] = {}
+            for b in range(0, hi - lo, opts.batch_size):
+                sl = slice(b, b + opts.batch_size)
+                for key, value in export_batch(bundle, part.history[sl], part.length[sl], fixed[sl], opts).items():
+                    cols.setdefault(key, []).append(value)
+                bar.update(len(part.history[sl]))
+            number = len(info["shards"])
+            file = f"{name}/{SHARD_PATTERN.format(number)}"
+            sha = write_shard(out / file, shard_table(np.arange(lo, hi), {k: np.concatenate(v) for k, v in cols.items()}))
+            info["shards"].append({"file": file, "first_index": lo, "rows": hi - lo, "sha256": sha})
+            info["rows"] = hi
+            written += hi - lo
+            _write_manifest(out, manifest)
+            if on_shard is not None:
+                on_shard(name, number)
+    info["complete"] = True
+    info["rows"] = len(split)
+    _write_manifest(out, manifest)
+    return written
+
+
+# -- the whole export -----------------------------------------------------------------------
+
+
+@dataclass
+class ExportResult:
+    out: str
+    rows: int
+    written: int
+    seconds: float
+    samples_per_s: float
+    splits: dict[str, int] = field(default_factory=dict)
+    item_embeddings: list[int] = field(default_factory=list)
+    dllm2rec: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _ensure_item_embeddings(bundle, out: Path, manifest: dict, device: str) -> tuple[int, int]:
+    info = manifest["item_embeddings"]
+    path = out / ITEM_EMBEDDINGS
+    if info.get("sha256") and path.is_file() and file_sha256(path) == info["sha256"]:
+        return bundle.teacher.title_table.num_items, info["dim"]
+    emb = item_embeddings(bundle.teacher, device)
+    save_tensors({"item_embeddings": torch.from_numpy(emb)}, path)
+    info.update(dim=int(emb.shape[1]), sha256=file_sha256(path))
+    _write_manifest(out, manifest)
+    return emb.shape
+
+
+def export_teacher_outputs(
+    bundle,
+    dataset: SeqDataset,
+    out: str | Path,
+    opts: ExportOptions,
+    *,
+    teacher_dir: str | Path,
+    overwrite: bool = False,
+    on_shard: Callable[[str, int], None] | None = None,
+) -> ExportResult:
+    """Export (or resume exporting) the teacher outputs of ``opts.splits`` into ``out``.
+
+    ``on_shard(split, shard_number)`` is called after each shard is committed (used to
+    test interruption).
+    """
+    from ilora.outputs.dllm2rec import write_dllm2rec
+    from ilora.teacher.model import parse_gate_mode
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    parse_gate_mode(opts.gate, bundle.teacher.num_experts)
+    splits = {}
+    for name in opts.splits:
+        split = dataset.split(name)
+        splits[name] = split.subset(slice(0, opts.limit)) if opts.limit else split
+    check_pool(opts, dataset.num_items, dataset.max_len)
+    bundle.teacher.eval()
+    hidden = bundle.teacher.llm.config.hidden_size
+    manifest = prepare_out(out, new_manifest(teacher_identity(teacher_dir), dataset, opts, bundle.config, hidden), overwrite)
+    shape = _ensure_item_embeddings(bundle, out, manifest, opts.device)
+    written, scoring = 0, 0.0
+    for name, split in splits.items():
+        s0 = time.perf_counter()
+        written += export_split(bundle, out, manifest, name, split, opts, on_shard)
+        scoring += time.perf_counter() - s0
+    has_dllm2rec = "train" in splits
+    if has_dllm2rec:
+        manifest["dllm2rec"] = write_dllm2rec(out, manifest)
+        _write_manifest(out, manifest)
+    seconds = time.perf_counter() - t0
+    return ExportResult(
+        out=str(out),
+        rows=sum(len(s) for s in splits.values()),
+        written=written,
+        seconds=round(seconds, 3),
+        samples_per_s=round(written / scoring, 3) if written and scoring > 0 else 0.0,
+        splits={n: len(s) for n, s in splits.items()},
+        item_embeddings=[int(shape[0]), int(shape[1])],
+        dllm2rec=has_dllm2rec,
+    )

@@ -1,0 +1,268 @@
+"""Teacher-output export against slow references (tiny teacher, CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ilora.cli.main import main
+from ilora.data import SeqDataset, candidate_sets, make_synthetic, write_native
+from ilora.errors import ConfigError, IloraError
+from ilora.outputs import read_teacher_outputs
+from ilora.outputs.export import ExportOptions, build_pools, export_teacher_outputs, score_pool, select_top_k
+from ilora.outputs.format import read_manifest
+from ilora.rec.sasrec import SASRec, SASRecConfig
+from ilora.teacher.adapters import gated_lora_modules
+from ilora.teacher.build import build_teacher, save_teacher
+from ilora.teacher.config import TeacherConfig
+
+SMALL = dict(tiny_hidden=32, tiny_layers=2, tiny_heads=4, tiny_vocab=300, lora_dropout=0.0, max_title_tokens=8, num_candidates=6)
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return make_synthetic(users=40, items=30, seed=3)
+
+
+def make_teacher(dataset, directory, seed=1):
+    torch.manual_seed(0)
+    rec = SASRec(SASRecConfig(num_items=dataset.num_items, max_len=dataset.max_len, hidden=16, dropout=0.0)).eval()
+    bundle = build_teacher(TeacherConfig(**SMALL), dataset.catalog, rec)
+    torch.manual_seed(seed)
+    for layer in gated_lora_modules(bundle.teacher.llm).values():
+        layer.reset_lora_parameters("random")  # experts differ, so the gate matters
+    save_teacher(bundle, directory, dataset.catalog)
+    bundle.teacher.eval()
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def teacher(dataset, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("teacher")
+    return make_teacher(dataset, directory), directory
+
+
+def export(bundle_dir, dataset, out, **kw):
+    bundle, directory = bundle_dir
+    on_shard = kw.pop("on_shard", None)
+    overwrite = kw.pop("overwrite", False)
+    return export_teacher_outputs(bundle, dataset, out, ExportOptions(**kw), teacher_dir=directory, overwrite=overwrite, on_shard=on_shard)
+
+
+# -- slow references ------------------------------------------------------------------------
+
+
+def answer_logprob(bundle, history, length, shown, item) -> float:
+    """log p(title + eos of ``item`` | prompt): one full-sequence HF forward, float64 log-softmax."""
+    teacher = bundle.teacher
+    one = bundle.train_collator.build(history[None], length[None], shown[None], np.array([item]))
+    gates = teacher.gates(one.history, one.length, "learned")
+    position_ids = (one.attention_mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad(), teacher.gate_state.use(gates):
+        logits = teacher.llm(inputs_embeds=teacher.embed(one), attention_mask=one.attention_mask, position_ids=position_ids).logits
+    logp = torch.log_softmax(logits[0].double(), -1)
+    answer = (one.labels[0] != -100).nonzero().flatten()
+    return sum(float(logp[t - 1, one.labels[0, t]]) for t in answer)
+
+
+def reference_rows(bundle, split, name, num_items, top_k, n_sasrec, n_cands):
+    """Per sample: the pool built item by item, every item scored alone, softmax, sorted."""
+    shown_count = n_cands or SMALL["num_candidates"]
+    shown = candidate_sets(split, num_items, count=shown_count, seed=0, split_name=name)
+    rows = []
+    for b in range(len(split)):
+        hist = split.history[b, : split.length[b]].tolist()
+        with torch.no_grad():
+            rec_scores = bundle.teacher.rec.scores(torch.as_tensor(split.history[b : b + 1]), torch.as_tensor(split.length[b : b + 1]))[0]
+        ranked = sorted(range(num_items), key=lambda i: -float(rec_scores[i]))
+        unseen = [i for i in ranked if i not in hist][:n_sasrec]
+        pool = list(dict.fromkeys((shown[b].tolist() if n_cands else []) + unseen))
+        scores = np.array([answer_logprob(bundle, split.history[b], split.length[b], shown[b], i) for i in pool])
+        conf = np.exp(scores - scores.max())
+        conf /= conf.sum()
+        order = np.argsort(-scores, kind="stable")[:top_k]
+        rows.append((np.array(pool)[order], scores[order], conf[order]))
+    return rows
+
+
+@pytest.mark.parametrize("n_sasrec,n_cands", [(6, 5), (8, 0), (0, 6)])
+def test_top_k_and_confidence_equal_the_slow_reference(teacher, dataset, tmp_path, n_sasrec, n_cands):
+    bundle = teacher[0]
+    out = export(teacher, dataset, tmp_path / "o", splits=("val",), top_k=4, pool_sasrec=n_sasrec, pool_candidates=n_cands, limit=5, batch_size=3)
+    got = read_teacher_outputs(out.out, ("val",)).split("val")
+    split = dataset.split("val").subset(slice(0, 5))
+    expected = reference_rows(bundle, split, "val", dataset.num_items, 4, n_sasrec, n_cands)
+    for b, (items, scores, conf) in enumerate(expected):
+        np.testing.assert_array_equal(got.topk_items[b], items)
+        np.testing.assert_allclose(got.topk_scores[b], scores, atol=1e-4)
+        np.testing.assert_allclose(got.topk_confidence[b], conf, atol=1e-5)
+    h, n = torch.as_tensor(split.history), torch.as_tensor(split.length)
+    with torch.no_grad():
+        np.testing.assert_allclose(got.gate, bundle.teacher.gates(h, n, "learned").numpy(), atol=1e-6)
+        np.testing.assert_allclose(got.user_embedding, bundle.teacher.rec.user_representation(h, n).numpy(), atol=1e-6)
+
+
+def test_item_embeddings_are_mean_title_hidden_states_with_the_uniform_gate(teacher, dataset, tmp_path):
+    bundle = teacher[0]
+    out = export(teacher, dataset, tmp_path / "o", splits=("val",), top_k=2, pool_sasrec=3, pool_candidates=0, limit=1)
+    emb = read_teacher_outputs(out.out, ("val",)).item_embeddings
+    t = bundle.teacher
+    assert emb.shape == (dataset.num_items, t.llm.config.hidden_size) and emb.dtype == np.float32
+    uniform = torch.full((1, t.num_experts), 1.0 / t.num_experts)
+    for item in (0, 7, dataset.num_items - 1):
+        ids = t.title_table.ids[item, : t.title_table.length[item]][None]
+        with torch.no_grad(), t.gate_state.use(uniform):
+            hidden = t.llm(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
+        np.testing.assert_allclose(emb[item], hidden.mean(0).numpy(), atol=1e-5)
+
+
+# -- pools ----------------------------------------------------------------------------------
+
+
+def test_pools_deduplicate_compact_and_pad_with_a_masked_repeat():
+    cands = torch.tensor([[3, 1, 4], [5, 9, 2]])
+    sasrec = torch.tensor([[1, 5, 9, 2], [7, 5, 8, 6]])
+    s_valid = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    pool, mask = build_pools([(cands, torch.ones_like(cands, dtype=torch.bool)), (sasrec, s_valid)])
+    expected = [[3, 1, 4, 5, 9, 2], [5, 9, 2, 7]]
+    assert pool.shape == (2, 6)
+    for b, row in enumerate(expected):
+        assert pool[b, mask[b]].tolist() == row
+        assert (pool[b, ~mask[b]] == row[0]).all()
+
+
+def test_padding_is_never_selected_and_gets_no_confidence():
+    pool = torch.tensor([[3, 1, 4, 5], [5, 9, 5, 5]])
+    mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    scores = torch.tensor([[-3.0, -1.0, -2.0, -4.0], [-2.0, -1.0, 50.0, 50.0]])  # padding scores highest
+    top = select_top_k(scores, pool, mask, 2)
+    assert top.items.tolist() == [[1, 4], [9, 5]]
+    expected = torch.softmax(torch.tensor([-2.0, -1.0]), 0)
+    torch.testing.assert_close(top.confidence[1], expected.flip(0))
+    with pytest.raises(IloraError, match="fewer than top-k 3"):
+        select_top_k(scores, pool, mask, 3)
+
+
+def test_top_k_beyond_the_pool_is_refused_before_any_work(teacher, dataset, tmp_path):
+    with pytest.raises(ConfigError, match="top-k 12 exceeds"):
+        export(teacher, dataset, tmp_path / "o", splits=("val",), top_k=12, pool_sasrec=6, pool_candidates=5)
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="both 0"):
+        ExportOptions(pool_sasrec=0, pool_candidates=0)
+
+
+def test_training_loss_and_export_see_bit_identical_hidden_states(teacher, dataset):
+    """Both paths go through `teacher.run`; on the same batch its hidden states are the same tensor values."""
+    bundle = teacher[0]
+    t = bundle.teacher
+    split = dataset.split("train").subset(slice(0, 4))
+    cands = candidate_sets(split, dataset.num_items, count=5, seed=0, split_name="train")
+    batch = bundle.train_collator.build(split.history, split.length, cands, split.target)
+    seen = []
+    original = t.run
+
+    def recording_run(b, gate_mode="learned", use_cache=False):
+        out = original(b, gate_mode, use_cache)
+        seen.append((b, out.hidden.detach().clone()))
+        return out
+
+    t.run = recording_run
+    try:
+        with torch.no_grad():
+            t.loss(batch)
+        pool, mask = build_pools([(batch.candidates, torch.ones_like(batch.candidates, dtype=torch.bool))])
+        score_pool(t, batch, pool, mask, 3, "learned")
+    finally:
+        del t.run
+    assert len(seen) == 2 and seen[0][0] is batch and seen[1][0] is batch
+    assert torch.equal(seen[0][1], seen[1][1])
+
+
+# -- streaming, resume, identity ------------------------------------------------------------
+
+OPTS = dict(splits=("train",), top_k=3, pool_sasrec=4, pool_candidates=3, limit=22, shard_rows=5, batch_size=2)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_export_resumes_to_the_same_files(teacher, dataset, tmp_path):
+    whole = export(teacher, dataset, tmp_path / "whole", **OPTS)
+    assert whole.rows == 22 and whole.written == 22
+
+    def stop_after_two(split, number):
+        if number == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        export(teacher, dataset, tmp_path / "cut", on_shard=stop_after_two, **OPTS)
+    partial = read_manifest(tmp_path / "cut")["splits"]["train"]
+    assert [s["rows"] for s in partial["shards"]] == [5, 5] and not partial["complete"]
+    (tmp_path / "cut/train/part-00002.parquet").write_bytes(b"half a shard")  # killed while writing
+    (tmp_path / "cut/train/.part-00003.parquet.tmp").write_bytes(b"junk")
+    leftovers = []
+
+    def look_for_leftovers(split, number):
+        leftovers.append(sorted(p.name for p in (tmp_path / "cut/train").iterdir() if p.name.startswith(".")))
+
+    resumed = export(teacher, dataset, tmp_path / "cut", on_shard=look_for_leftovers, **OPTS)
+    assert resumed.written == 12 and resumed.rows == 22
+    assert leftovers[0] == []  # unlisted files were discarded before the first new shard
+
+    a, b = read_manifest(tmp_path / "whole"), read_manifest(tmp_path / "cut")
+    assert [(s["file"], s["rows"], s["sha256"]) for s in a["splits"]["train"]["shards"]] == [
+        (s["file"], s["rows"], s["sha256"]) for s in b["splits"]["train"]["shards"]
+    ]
+    assert sorted(p.name for p in (tmp_path / "cut/train").iterdir()) == [f"part-0000{i}.parquet" for i in range(5)]
+    assert a["dllm2rec"] == b["dllm2rec"] and a["item_embeddings"] == b["item_embeddings"]
+    x, y = read_teacher_outputs(tmp_path / "whole").split("train"), read_teacher_outputs(tmp_path / "cut").split("train")
+    for col in ("topk_items", "topk_scores", "topk_confidence", "gate", "user_embedding"):
+        assert np.array_equal(getattr(x, col), getattr(y, col)), col
+    assert len(x) == 22
+    again = export(teacher, dataset, tmp_path / "cut", **OPTS)  # a complete export: nothing left to do
+    assert again.written == 0
+    (tmp_path / "cut/train/part-00001.parquet").write_bytes(b"changed")
+    with pytest.raises(IloraError, match="missing or changed"):
+        export(teacher, dataset, tmp_path / "cut", **OPTS)
+
+
+def test_another_teacher_or_options_are_refused_unless_overwrite(teacher, dataset, tmp_path):
+    out = tmp_path / "o"
+    export(teacher, dataset, out, **{**OPTS, "limit": 4})
+    with pytest.raises(IloraError, match="another top_k"):
+        export(teacher, dataset, out, **{**OPTS, "limit": 4, "top_k": 2})
+    with pytest.raises(IloraError, match="another options"):
+        export(teacher, dataset, out, **{**OPTS, "limit": 5})
+    shifted = SeqDataset(dataset.catalog, {"train": dataset.split("train").subset(slice(1, None))}, source="shifted")
+    with pytest.raises(IloraError, match="other train samples"):
+        export(teacher, shifted, out, **{**OPTS, "limit": 4})
+    other = make_teacher(dataset, tmp_path / "t2", seed=7)
+    with pytest.raises(IloraError, match="weights_sha256"):
+        export((other, tmp_path / "t2"), dataset, out, **{**OPTS, "limit": 4})
+    result = export((other, tmp_path / "t2"), dataset, out, overwrite=True, **{**OPTS, "limit": 4})
+    assert result.written == 4
+    assert read_manifest(out)["teacher"]["path"] == str((tmp_path / "t2").resolve())
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(IloraError, match="not empty"):
+        export(teacher, dataset, foreign, **OPTS)
+
+
+def test_cli_export_json(teacher, dataset, tmp_path, capsys):
+    data = tmp_path / "data"
+    write_native(dataset, data)
+    base = ["teacher", "export", str(data), "--teacher", str(teacher[1]), "--out", str(tmp_path / "o")]
+    args = base + ["--splits", "train,val", "--limit", "4", "--top-k", "3", "--pool-sasrec", "4", "--pool-candidates", "3", "--shard-rows", "3", "--json"]
+    assert main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["rows"] == 8 and result["splits"] == {"train": 4, "val": 4} and result["out"] == str(tmp_path / "o")
+    assert result["seconds"] > 0 and result["samples_per_s"] > 0
+    outputs = read_teacher_outputs(tmp_path / "o", ("train", "val"))
+    assert outputs.split("val").topk_items.shape == (4, 3)
+    assert main(base + ["--top-k", "40", "--pool-sasrec", "4", "--pool-candidates", "3"]) == 2
+    assert "top-k 40 exceeds" in capsys.readouterr().err

@@ -1,0 +1,201 @@
+"""Impossible configurations fail before any work, with a message naming the option.
+
+"Before any work" is shown two ways: the config object itself refuses the values (nothing
+else has run), and through the CLI the error comes out even when DATA and the SASRec
+directory do not exist (so neither was opened) and no output directory is created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from ilora.cli.main import main
+from ilora.config import load_config
+from ilora.errors import ConfigError, IloraError
+from ilora.teacher.config import SELECT_METRICS, TeacherConfig
+
+
+def error_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) >= 1 and lines[-1].startswith("error: ") and "Traceback" not in err, err
+    return lines[-1]
+
+
+INVALID_TEACHER = [
+    ({"num_experts": 0}, "num_experts: must be >= 1, got 0"),
+    ({"num_experts": -3}, "num_experts: must be >= 1, got -3"),
+    ({"rank_per_expert": 0}, "rank_per_expert: must be >= 1, got 0"),
+    ({"batch_size": 0}, "batch_size: must be >= 1, got 0"),
+    ({"batch_size": 8, "micro_batch_size": 3}, "batch_size 8 is not a multiple of micro_batch_size 3"),
+    ({"micro_batch_size": -1}, "micro_batch_size: must be >= 0, got -1"),
+    ({"epochs": 0}, "epochs: must be >= 1"),
+    ({"max_steps": -1}, "max_steps: must be >= 0"),
+    ({"num_candidates": 0}, "num_candidates: must be >= 1"),
+    ({"val_samples": -2}, "val_samples: must be >= 0"),
+    ({"workers": -1}, "workers: must be >= 0"),
+    ({"lr": 0.0}, "lr: must be a finite number > 0.0"),
+    ({"lr": float("nan")}, "lr: must be a finite number > 0.0, got nan"),
+    ({"lr": float("inf")}, "lr: must be a finite number"),
+    ({"warmup_ratio": 1.5}, "warmup_ratio: must be a finite number >= 0.0 and <= 1.0"),
+    ({"min_lr_ratio": -0.1}, "min_lr_ratio: must be a finite number >= 0.0"),
+    ({"grad_clip": -1.0}, "grad_clip: must be a finite number >= 0.0"),
+    ({"router_lr_scale": -1.0}, "router_lr_scale: must be a finite number >= 0.0"),
+    ({"weight_decay": -0.5}, "weight_decay: must be a finite number >= 0.0"),
+    ({"alpha": 0.0}, "alpha: must be a positive number"),
+    ({"lora_dropout": 1.0}, "dropout: must be in [0, 1)"),
+    ({"gate_hidden": 0}, "gate hidden: must be >= 1"),
+    ({"gate": "transformer"}, "gate kind: 'transformer' is not one of mlp, resnet"),
+    ({"select_metric": "accuracy"}, "select_metric: 'accuracy' is not one of hr@1"),
+    ({"domain": "no-such-template"}, "prompt template 'no-such-template': not a domain"),
+    ({"tiny_hidden": 0}, "tiny_hidden: must be >= 1"),
+    ({"tiny_heads": 3}, "tiny_hidden 64 / tiny_heads 3: the head size must be a whole, even number"),
+    ({"tiny_hidden": 12, "tiny_heads": 4}, "tiny_hidden 12 / tiny_heads 4"),  # head size 3: RoPE needs an even one
+    ({"max_title_tokens": 0}, "max_title_tokens: must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("values, message", INVALID_TEACHER, ids=[next(iter(v)) + "=" + str(next(iter(v.values()))) for v, _ in INVALID_TEACHER])
+def test_teacher_config_refuses(values: dict, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        TeacherConfig(**values)
+    assert message in str(info.value)
+
+
+def test_select_metrics_are_the_ones_training_reports() -> None:
+    from ilora.teacher import train
+
+    assert SELECT_METRICS == train._PROTECTED_METRICS
+
+
+def test_tiny_sizes_are_only_checked_for_the_tiny_llm() -> None:
+    TeacherConfig(llm="some/model", tiny_heads=3)  # the tiny options are unused then
+
+
+def test_there_is_no_total_rank_option() -> None:
+    """Documented decision: rank is per expert, so total rank = E x r is always divisible by E."""
+    names = {f.name for f in dataclasses.fields(TeacherConfig)}
+    assert "rank_per_expert" in names and not any("total_rank" in n or n == "rank" for n in names)
+    cfg = TeacherConfig(num_experts=3, rank_per_expert=5)
+    assert cfg.adapter_config().total_rank == 15
+    assert "total rank = E x rank" in TeacherConfig.__dataclass_fields__["rank_per_expert"].metadata["help"]
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("num_experts: 4\nbogus_key: 3\n", "unknown option bogus_key"),
+        ("batch_size: [1, 2]\n", "batch_size: [1, 2] is not a valid int"),
+        ("num_experts: 2.5\n", "num_experts: 2.5 is not a valid int"),
+        ("curriculum: maybe\n", "curriculum: 'maybe' is not a boolean"),
+        ("gate: transformer\n", "gate: 'transformer' is not one of mlp, resnet"),
+        ("- a\n- b\n", "expected a mapping of options at the top level"),
+        ("lr: [\n", "not valid YAML"),
+        ("lr: !!python/object/apply:os.system ['touch /tmp/should-not-exist']\n", "not valid YAML"),
+    ],
+)
+def test_yaml_unknown_keys_wrong_types_and_tags(yaml_text: str, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml_text, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(TeacherConfig, yaml_path=path)
+    assert message in str(info.value)
+
+
+def test_overrides_are_checked_too() -> None:
+    with pytest.raises(ConfigError, match="unknown option expert_count"):
+        load_config(TeacherConfig, overrides=["expert_count=3"])
+    with pytest.raises(ConfigError, match="num_experts: 'abc' is not a valid int"):
+        load_config(TeacherConfig, overrides=["num_experts=abc"])
+    with pytest.raises(ConfigError, match="is not of the form key=value"):
+        load_config(TeacherConfig, overrides=["num_experts"])
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--num-experts", "0"], "num_experts: must be >= 1"),
+        (["--batch-size", "6", "--micro-batch-size", "4"], "batch_size 6 is not a multiple of micro_batch_size 4"),
+        (["--lr", "nan"], "lr: must be a finite number"),
+        (["--select-metric", "bogus"], "select_metric: 'bogus'"),
+        (["rank_per_expert=0"], "rank_per_expert: must be >= 1"),
+        (["nonsense_option=1"], "unknown option nonsense_option"),
+    ],
+)
+def test_teacher_train_cli_fails_before_touching_anything(argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    code = main(["teacher", "train", str(tmp_path / "no-data"), "--rec", str(tmp_path / "no-rec"), "--out", str(out), *argv])
+    line = error_line(capsys)
+    assert code == 2 and message in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch-size", "0"], "batch_size must be >= 1"),
+        (["--epochs", "0"], "epochs must be >= 1"),
+        (["--batch-size", "x"], "batch_size: 'x' is not a valid int"),
+        (["bogus=1"], "unknown option bogus"),
+    ],
+)
+def test_rec_train_cli_fails_before_touching_anything(argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    code = main(["rec", "train", str(tmp_path / "no-data"), "--out", str(out), *argv])
+    assert code == 2 and message in error_line(capsys)
+    assert not out.exists()
+
+
+def test_unknown_gate_mode_for_evaluation() -> None:
+    from ilora.teacher.model import parse_gate_mode
+
+    assert parse_gate_mode("expert:1", 4) == ("expert", 1)
+    for mode, message in [("sometimes", "expected learned, uniform or expert:N"), ("expert:4", "in 0..3"), ("expert:x", "in 0..3")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_gate_mode(mode, 4)
+
+
+def test_unknown_target_modules_fail_at_build_before_training() -> None:
+    from ilora.data.dataset import Catalog
+    from ilora.rec.sasrec import SASRec, SASRecConfig
+    from ilora.teacher.build import build_teacher
+
+    catalog = Catalog(tuple(f"song {i}" for i in range(12)))
+    rec = SASRec(SASRecConfig(num_items=12, max_len=4, hidden=8, heads=1, blocks=1))
+    tiny = {"tiny_hidden": 16, "tiny_layers": 1, "tiny_heads": 2, "tiny_vocab": 200}
+    for targets, message in [
+        (["attention_proj"], "target module 'attention_proj' matches no layer of this llama model"),
+        (["lm_head"], "which cannot be adapted"),
+        (["embed_tokens"], "which cannot be adapted"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            build_teacher(TeacherConfig(target_modules=targets, **tiny), catalog, rec)
+    bundle = build_teacher(TeacherConfig(target_modules=["q_proj", "v_proj"], **tiny), catalog, rec)
+    adapted = {n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n in bundle.teacher.llm.state_dict() if ".lora_A." in n}
+    assert adapted == {"q_proj", "v_proj"}
+
+
+def test_sasrec_catalog_mismatch_fails_at_build() -> None:
+    from ilora.data.dataset import Catalog
+    from ilora.rec.sasrec import SASRec, SASRecConfig
+    from ilora.teacher.build import build_teacher
+
+    rec = SASRec(SASRecConfig(num_items=7, max_len=4, hidden=8, heads=1, blocks=1))
+    with pytest.raises(IloraError, match="SASRec was trained on 7 items but the dataset has 3"):
+        build_teacher(TeacherConfig(), Catalog(("a", "b", "c")), rec)
+
+
+def test_export_top_k_larger_than_the_pool() -> None:
+    export = pytest.importorskip("ilora.outputs.export")
+    if not hasattr(export, "check_pool"):
+        pytest.skip("teacher export has no pool check yet")
+    opts = export.ExportOptions(top_k=30, pool_sasrec=0, pool_candidates=20)
+    with pytest.raises(ConfigError, match="top-k 30 exceeds the candidate pool size"):
+        export.check_pool(opts, num_items=100, max_len=10)
+    with pytest.raises(ConfigError, match="the catalog has only 15 items"):
+        export.check_pool(export.ExportOptions(top_k=5, pool_sasrec=50, pool_candidates=20), num_items=15, max_len=10)
+    with pytest.raises(ConfigError, match="top_k|top-k"):
+        export.ExportOptions(top_k=0)
