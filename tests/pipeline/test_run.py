@@ -13,6 +13,8 @@ SMALL = {
     "rec": {"epochs": 2},
     "teacher": {"max_steps": 2, "batch_size": 4, "val_samples": 6, "tiny_hidden": 32, "tiny_vocab": 300},
     "eval": {"limit": 6, "gates": ["learned", "expert:1"]},
+    "export": {"top_k": 3, "pool_sasrec": 4, "pool_candidates": 5, "batch_size": 8},
+    "distill": {"epochs": 2, "top_k": 3},
 }
 
 
@@ -28,6 +30,8 @@ def test_run_skips_up_to_date_stages_and_reruns_changed_ones(tmp_path, capsys):
     run = tmp_path / "run"
     assert set(first["eval"]["teacher"]) == {"score/learned", "score/expert:1"}
     assert (run / "report.md").is_file() and (run / "gate.png").is_file() and (run / "curves.png").is_file()
+    assert (run / "students.png").is_file() and set(first["distill"]) >= {"baseline", "distilled", "gain"}
+    assert first["export"]["rows"] == first["data"]["train_rows"]
     keys = _stage_keys(run)
     mtimes = {name: (run / name / "stage.json").stat().st_mtime_ns for name in keys}
 
@@ -42,6 +46,7 @@ def test_run_skips_up_to_date_stages_and_reruns_changed_ones(tmp_path, capsys):
     changed = _stage_keys(run)
     assert changed["data"] == keys["data"] and changed["sasrec"] == keys["sasrec"]
     assert changed["teacher"] != keys["teacher"] and changed["eval"] != keys["eval"]
+    assert changed["export"] != keys["export"] and changed["distill"] != keys["distill"]
 
 
 def test_interrupted_stage_is_rerun(tmp_path, capsys):
@@ -61,3 +66,25 @@ def test_bad_override_is_a_clear_error(tmp_path, capsys):
     config.write_text(yaml.safe_dump(SMALL))
     assert main(["run", str(config), "teacher.no_such_option=1"]) == 2
     assert "no_such_option" in capsys.readouterr().err
+
+
+def test_interrupted_training_stage_resumes_from_its_checkpoints(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run"), "teacher": {**SMALL["teacher"], "checkpoint_every": 1}}))
+    assert main(["run", str(config)]) == 0
+    run = tmp_path / "run"
+    marker = json.loads((run / "teacher" / "stage.json").read_text())
+    weights = (run / "teacher" / "model" / "adapter_model.safetensors").read_bytes()
+    # As if killed after the teacher's checkpoints were written but before the stage finished.
+    (run / "teacher" / "stage.json").unlink()
+    (run / "teacher" / "stage.pending").write_text(marker["key"])
+    capsys.readouterr()
+    assert main(["run", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert "teacher: resuming" in err and "eval: up to date" in err
+    assert (run / "teacher" / "model" / "adapter_model.safetensors").read_bytes() == weights
+    # A pending marker of another config is not resumed: the stage starts clean.
+    (run / "teacher" / "stage.json").unlink()
+    (run / "teacher" / "stage.pending").write_text("another-config")
+    assert main(["run", str(config)]) == 0
+    assert "teacher: running" in capsys.readouterr().err

@@ -6,10 +6,12 @@ Sections: ``data``, ``rec`` (`RecTrainConfig`), ``teacher`` (`TeacherConfig`), `
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ilora.config import option
 from ilora.data.synthetic import SynthConfig
+from ilora.distill.train import DistillConfig
+from ilora.outputs.export import ExportOptions
 from ilora.errors import ConfigError
 from ilora.rec.train import RecTrainConfig
 from ilora.teacher.config import TeacherConfig
@@ -47,6 +49,8 @@ class RunConfig:
     rec: RecTrainConfig = field(default_factory=RecTrainConfig, metadata={"help": "SASRec (ilora rec train options)"})
     teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata={"help": "teacher (ilora teacher train options)"})
     eval: EvalSection = field(default_factory=EvalSection, metadata={"help": "teacher evaluation"})
+    export: ExportOptions = field(default_factory=ExportOptions, metadata={"help": "teacher outputs (ilora teacher export options)"})
+    distill: DistillConfig = field(default_factory=DistillConfig, metadata={"help": "students (ilora distill options)"})
 
 
 def demo_config(out: str = "demo_out") -> RunConfig:
@@ -59,4 +63,6 @@ def demo_config(out: str = "demo_out") -> RunConfig:
     cfg.teacher.val_samples = 100
     cfg.eval.limit = 200
     cfg.eval.batch_size = 32
+    cfg.export = replace(cfg.export, batch_size=32)
+    cfg.distill.epochs = 20
     return cfg

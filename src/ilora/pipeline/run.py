@@ -24,6 +24,11 @@ def _gate_modes(cfg: RunConfig) -> list[str]:
     return modes
 
 
+def _has_checkpoints(directory: Path) -> bool:
+    """Whether an interrupted run left training checkpoints here (then the stage resumes them)."""
+    return any(directory.glob("**/checkpoints/step-*"))
+
+
 def stage_data(cfg: RunConfig, directory: Path) -> dict:
     if cfg.data.path:
         ds = load_dataset(cfg.data.path, format=cfg.data.format, allow_pickle=cfg.data.allow_pickle, min_len=cfg.data.min_len)
@@ -38,7 +43,7 @@ def stage_sasrec(cfg: RunConfig, dataset: SeqDataset, directory: Path) -> dict:
     from ilora.rec.sasrec import load_sasrec
     from ilora.rec.train import train_sasrec
 
-    train_sasrec(dataset, cfg.rec, directory / "model")
+    train_sasrec(dataset, cfg.rec, directory / "model", resume=_has_checkpoints(directory))
     model = load_sasrec(directory / "model")
     split = cfg.eval.split
     cands = candidate_sets(dataset.split(split), dataset.num_items, count=cfg.eval.candidates, seed=cfg.eval.seed, split_name=split)
@@ -51,7 +56,7 @@ def stage_sasrec(cfg: RunConfig, dataset: SeqDataset, directory: Path) -> dict:
 def stage_teacher(cfg: RunConfig, dataset: SeqDataset, rec_dir: Path, directory: Path) -> dict:
     from ilora.teacher.train import train_teacher
 
-    summary = train_teacher(dataset, cfg.teacher, rec_dir, directory / "model")
+    summary = train_teacher(dataset, cfg.teacher, rec_dir, directory / "model", resume=_has_checkpoints(directory))
     return {"best_val": summary["best_val"], "steps": summary["steps"]}
 
 
@@ -80,6 +85,24 @@ def stage_eval(cfg: RunConfig, dataset: SeqDataset, teacher_dir: Path, rec_dir: 
     return results
 
 
+def stage_export(cfg: RunConfig, dataset: SeqDataset, teacher_dir: Path, directory: Path) -> dict:
+    from ilora.outputs.export import export_teacher_outputs
+    from ilora.teacher.build import load_teacher
+
+    bundle = load_teacher(teacher_dir, dataset.catalog, device=cfg.export.device)
+    result = export_teacher_outputs(bundle, dataset, directory / "outputs", cfg.export, teacher_dir=teacher_dir)
+    return result.to_dict()
+
+
+def stage_distill(cfg: RunConfig, dataset: SeqDataset, outputs_dir: Path, directory: Path) -> dict:
+    from ilora.distill.train import distill
+    from ilora.outputs import read_teacher_outputs
+
+    outputs = read_teacher_outputs(outputs_dir)
+    result = distill(dataset, outputs, cfg.distill, directory, source=str(outputs_dir), resume=_has_checkpoints(directory))
+    return {"baseline": result["baseline"]["test"], "distilled": result["distilled"]["test"], "gain": result["gain"]}
+
+
 def run_pipeline(cfg: RunConfig) -> dict:
     """Run (or resume) every stage; write ``report.md`` and plots; return the summary."""
     from ilora.pipeline.report import write_report
@@ -91,11 +114,22 @@ def run_pipeline(cfg: RunConfig) -> dict:
 
     data_key, results["data"] = run_stage(run_dir, "data", to_dict(cfg.data), [], lambda d: stage_data(cfg, d))
     dataset = read_native(run_dir / "data" / "dataset")
-    rec_key, results["sasrec"] = run_stage(run_dir, "sasrec", to_dict(cfg.rec) | {"eval": to_dict(cfg.eval)}, [data_key], lambda d: stage_sasrec(cfg, dataset, d))
+    rec_key, results["sasrec"] = run_stage(
+        run_dir, "sasrec", to_dict(cfg.rec) | {"eval": to_dict(cfg.eval)}, [data_key], lambda d: stage_sasrec(cfg, dataset, d), keep_partial=True
+    )
     rec_dir = run_dir / "sasrec" / "model"
-    teacher_key, results["teacher"] = run_stage(run_dir, "teacher", to_dict(cfg.teacher), [rec_key], lambda d: stage_teacher(cfg, dataset, rec_dir, d))
+    teacher_key, results["teacher"] = run_stage(
+        run_dir, "teacher", to_dict(cfg.teacher), [rec_key], lambda d: stage_teacher(cfg, dataset, rec_dir, d), keep_partial=True
+    )
     teacher_dir = run_dir / "teacher" / "model"
     _, results["eval"] = run_stage(run_dir, "eval", to_dict(cfg.eval), [teacher_key], lambda d: stage_eval(cfg, dataset, teacher_dir, rec_dir, d))
+    export_key, results["export"] = run_stage(
+        run_dir, "export", to_dict(cfg.export), [teacher_key], lambda d: stage_export(cfg, dataset, teacher_dir, d), keep_partial=True
+    )
+    outputs_dir = run_dir / "export" / "outputs"
+    _, results["distill"] = run_stage(
+        run_dir, "distill", to_dict(cfg.distill), [export_key, data_key], lambda d: stage_distill(cfg, dataset, outputs_dir, d), keep_partial=True
+    )
     summary = {"out": str(run_dir), **results}
     write_report(run_dir, summary)
     print(f"[run] report: {run_dir / 'report.md'}", file=sys.stderr, flush=True)

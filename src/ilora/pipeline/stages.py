@@ -22,6 +22,7 @@ from typing import Any
 from ilora.state_io import atomic_write_text
 
 MARKER = "stage.json"
+PENDING = "stage.pending"
 
 
 def stage_key(config: Any, upstream: list[str]) -> str:
@@ -50,8 +51,9 @@ def run_stage(
 ) -> tuple[str, dict]:
     """Run ``fn(stage_dir)`` unless ``stage.json`` already records the same key.
 
-    ``keep_partial`` leaves an interrupted stage's files in place for ``fn`` to resume
-    (teacher-output export resumes its own shards); otherwise they are removed first.
+    ``keep_partial``: an interrupted run of the same config (``stage.pending`` holds its
+    key, no ``stage.json``) keeps its files, for ``fn`` to resume them (trainers from their
+    checkpoints, export from its shards); any other stage starts from a clean directory.
     Returns ``(key, result)``.
     """
     directory = run_dir / name
@@ -60,13 +62,18 @@ def run_stage(
     if marker is not None and marker.get("key") == key:
         print(f"[run] {name}: up to date, skipped", file=sys.stderr, flush=True)
         return key, marker["result"]
-    if directory.exists() and not keep_partial:
+    # Resume only an interrupted run of this very config (stage.pending holds its key);
+    # anything else (another config, a finished stage now stale) starts clean.
+    pending = directory / PENDING
+    resumable = keep_partial and marker is None and pending.is_file() and pending.read_text().strip() == key
+    if directory.exists() and not resumable:
         shutil.rmtree(directory)
-    (directory / MARKER).unlink(missing_ok=True)
     directory.mkdir(parents=True, exist_ok=True)
-    print(f"[run] {name}: running", file=sys.stderr, flush=True)
+    atomic_write_text(pending, key)
+    print(f"[run] {name}: {'resuming' if resumable else 'running'}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     result = fn(directory)
     result = {**result, "seconds": round(time.perf_counter() - started, 2)}
     atomic_write_text(directory / MARKER, json.dumps({"key": key, "config": config, "result": result}, indent=2, default=str))
+    pending.unlink(missing_ok=True)
     return key, result
