@@ -55,26 +55,43 @@ def parse_gate_mode(mode: str, num_experts: int) -> tuple[str, int | None]:
     raise ConfigError(f"gate {mode!r}: expected learned, uniform or expert:N")
 
 
-def candidate_mask(prompt_valid: torch.Tensor, candidates: int, length: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive (B, 1, S, S) attention mask for ``prompt + C answers of `length` tokens``.
+def candidate_mask(prompt_valid: torch.Tensor, segment: torch.Tensor, offset: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (B, 1, A, T + A) mask for A packed answer tokens continuing a cached prompt.
 
-    Prompt tokens attend causally to valid prompt tokens; answer token j of candidate p
-    attends to every valid prompt token and to tokens 0..j of answer p. Every query also
-    attends to itself, so padded rows never see an empty set.
+    Answer token i of row b belongs to candidate ``segment[b, i]`` (-1: padding) at offset
+    ``offset[b, i]`` inside that answer. It attends to every valid prompt token and to the
+    earlier tokens of its own answer; every token also attends to itself, so padding rows
+    never see an empty set.
     """
-    b, t = prompt_valid.shape
-    s = t + candidates * length
-    device = prompt_valid.device
-    idx = torch.arange(s, device=device)
-    segment = torch.where(idx < t, -1, (idx - t) // length)
-    offset = torch.where(idx < t, idx, (idx - t) % length)
-    q, k = idx[:, None], idx[None, :]
-    prompt_keys = (k < t) & ((q >= t) | (k <= q))
-    same_answer = (segment[:, None] == segment[None, :]) & (segment[None, :] >= 0) & (offset[None, :] <= offset[:, None])
-    key_valid = torch.cat([prompt_valid, torch.ones(b, s - t, dtype=torch.bool, device=device)], dim=1)
-    allowed = (prompt_keys[None] & key_valid[:, None, :]) | same_answer[None] | (q == k)[None]
-    zero = torch.zeros((), dtype=dtype, device=device)
+    b, a = segment.shape
+    same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, None, :] >= 0) & (offset[:, None, :] <= offset[:, :, None])
+    own = same | torch.eye(a, dtype=torch.bool, device=segment.device)[None]
+    allowed = torch.cat([prompt_valid[:, None, :].expand(b, a, -1), own], dim=2)
+    zero = torch.zeros((), dtype=dtype, device=segment.device)
     return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
+
+
+def pack_answers(ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, C, L) right-padded answers -> (B, A) packed ids, segment (candidate, -1 = pad), offset.
+
+    The real tokens of a row's answers are laid end to end, in candidate order, so no
+    compute is spent on per-answer padding.
+    """
+    b, c, length = ids.shape
+    flat = mask.reshape(b, c * length)
+    slot = flat.long().cumsum(1) - 1
+    width = max(int(flat.sum(1).max()), 1)
+    rows = torch.arange(b, device=ids.device)[:, None].expand_as(flat)[flat]
+    cols = slot[flat]
+    cand = torch.arange(c, device=ids.device).repeat_interleave(length).expand(b, -1)[flat]
+    off = torch.arange(length, device=ids.device).repeat(c).expand(b, -1)[flat]
+    packed = torch.full((b, width), pad_id, dtype=ids.dtype, device=ids.device)
+    segment = torch.full((b, width), -1, dtype=torch.long, device=ids.device)
+    offset = torch.zeros((b, width), dtype=torch.long, device=ids.device)
+    packed[rows, cols] = ids.reshape(b, -1)[flat]
+    segment[rows, cols] = cand
+    offset[rows, cols] = off
+    return packed, segment, offset
 
 
 class ILoRATeacher(nn.Module):
@@ -173,34 +190,36 @@ class ILoRATeacher(nn.Module):
         """(B, C) exact log-likelihood of each candidate's answer tokens (title + eos) given the prompt.
 
         ``batch`` holds prompts without answers (left-padded). The prompts run through `run`
-        (the training forward) once, keeping their KV cache; then all C answers of a row run
-        as one continuation ``answer_1 + ... + answer_C`` under the block mask of
-        `candidate_mask`: each answer attends to the cached prompt and to its own earlier
-        tokens only, at positions continuing from the prompt's end. Nothing is copied per
-        candidate and the gate stays one per sample. LM-head logits are computed only at the
-        positions that predict an answer token, ``chunk`` rows at a time.
+        (the training forward) once, keeping their KV cache; then all C answers of a row,
+        packed end to end without padding (`pack_answers`), run as one continuation under
+        the block mask of `candidate_mask`: each answer attends to the cached prompt and to
+        its own earlier tokens only, at positions continuing from the prompt's end. Nothing
+        is copied per candidate and the gate stays one per sample. LM-head logits are
+        computed only at the positions that predict an answer token, ``chunk`` rows at a time.
         """
         b, c = candidates.shape
         t = batch.input_ids.shape[1]
         ids, mask = self.title_table.answer_tokens(candidates.reshape(-1))
-        length = ids.shape[1]
-        ids, mask = ids.to(candidates.device).view(b, c, length), mask.to(candidates.device).view(b, c, length)
+        ids, mask = ids.to(candidates.device).view(b, c, -1), mask.to(candidates.device).view(b, c, -1)
+        packed, segment, offset = pack_answers(ids, mask, self.title_table.pad_id)
         prompt = self.run(batch, gate_mode, use_cache=True)
-        embeds = self.llm.get_input_embeddings()(ids.view(b, c * length)).to(prompt.hidden.dtype)
-        start = batch.attention_mask.long().sum(1, keepdim=True)
-        positions = start + torch.arange(length, device=start.device).repeat(c)
-        attention = candidate_mask(batch.attention_mask.bool(), c, length, embeds.dtype)[:, :, t:]
+        embeds = self.llm.get_input_embeddings()(packed).to(prompt.hidden.dtype)
+        positions = batch.attention_mask.long().sum(1, keepdim=True) + offset
+        attention = candidate_mask(batch.attention_mask.bool(), segment, offset, embeds.dtype)
         answers = self.decode(embeds, attention, positions, prompt.gates, past_key_values=prompt.past_key_values)
-        hidden = torch.cat([prompt.hidden, answers.hidden], dim=1)
-        j = torch.arange(c * length, device=hidden.device) % length
-        predictor = torch.where(j == 0, t - 1, t + torch.arange(c * length, device=hidden.device) - 1)
-        flat_hidden = hidden[:, predictor].reshape(b * c * length, -1)
-        flat_ids = ids.reshape(-1)
-        logp = torch.empty(flat_ids.shape, device=hidden.device)
-        for i in range(0, flat_ids.numel(), chunk):
-            logits = self.lm_logits(flat_hidden[i : i + chunk]).float()
-            logp[i : i + chunk] = torch.log_softmax(logits, -1).gather(-1, flat_ids[i : i + chunk, None]).squeeze(-1)
-        return (logp.view(b, c, length) * mask).sum(-1)
+        # The token at offset 0 is predicted by the prompt's last position, any other by
+        # the packed token just before it (same answer, since answers are laid in order).
+        real = segment >= 0
+        previous = torch.cat([prompt.hidden[:, -1:], answers.hidden[:, :-1]], dim=1)
+        predictors = torch.where((offset == 0)[..., None], prompt.hidden[:, -1:], previous)[real]
+        targets = packed[real]
+        logp = torch.empty(targets.shape, device=targets.device)
+        for i in range(0, targets.numel(), chunk):
+            logits = self.lm_logits(predictors[i : i + chunk]).float()
+            logp[i : i + chunk] = torch.log_softmax(logits, -1).gather(-1, targets[i : i + chunk, None]).squeeze(-1)
+        scores = torch.zeros(b, c, device=targets.device)
+        rows = torch.arange(b, device=targets.device)[:, None].expand_as(segment)[real]
+        return scores.index_put_((rows, segment[real]), logp, accumulate=True)
 
     @torch.no_grad()
     def generate(self, batch, gate_mode: str = "learned", max_new_tokens: int = 32) -> list[str]:
