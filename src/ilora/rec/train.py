@@ -298,6 +298,7 @@ def train_sasrec(
     the start).
     """
     cfg.validate()
+    train, train_rows = _train_split(dataset, cfg.train_min_len)  # rejects bad input before --out is touched
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     checkpoints = CheckpointManager(out, cfg.checkpoint_every)
@@ -315,7 +316,6 @@ def train_sasrec(
     generator = torch.Generator().manual_seed(cfg.seed)
     sample_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
 
-    train, train_rows = _train_split(dataset, cfg.train_min_len)
     has_val = dataset.splits.get("val") is not None and len(dataset.split("val")) > 0
     arch = SASRecConfig(
         num_items=dataset.num_items, max_len=dataset.max_len, hidden=cfg.hidden, heads=cfg.heads, blocks=cfg.blocks, dropout=cfg.dropout

@@ -136,16 +136,7 @@ def train_teacher(dataset: SeqDataset, cfg: TeacherConfig, rec_dir: str | Path, 
     """Train the teacher (module docstring); ``resume`` continues from the newest intact checkpoint in ``out_dir``."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda: no CUDA device is available")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoints = CheckpointManager(out, cfg.checkpoint_every)
-    if resume:
-        finished = _finished_summary(out, cfg)
-        if finished is not None:
-            return finished
-    else:
-        checkpoints.clear()
-        (out / "train_summary.json").unlink(missing_ok=True)
+    # Everything that can reject the input runs before --out is touched.
     seed_everything(cfg.seed)
     train, val = dataset.split("train"), _val_subset(dataset.split("val"), cfg.val_samples)
     n_items = dataset.num_items
@@ -156,6 +147,16 @@ def train_teacher(dataset: SeqDataset, cfg: TeacherConfig, rec_dir: str | Path, 
         enable_gradient_checkpointing(teacher.llm, teacher.gate_state)
     train_cands = candidate_sets(train, n_items, count=cfg.num_candidates, seed=cfg.candidate_seed, split_name="train")
     val_cands = candidate_sets(val, n_items, count=cfg.num_candidates, seed=cfg.candidate_seed, split_name="val")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoints = CheckpointManager(out, cfg.checkpoint_every)
+    if resume:
+        finished = _finished_summary(out, cfg)
+        if finished is not None:
+            return finished
+    else:
+        checkpoints.clear()
+        (out / "train_summary.json").unlink(missing_ok=True)
 
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
