@@ -275,3 +275,20 @@ class NonFiniteGuard:
             f"non-finite {what} at step {step}{where}; the state before it is saved in {path} "
             "(lower lr, or resume with --resume skip_nonfinite=true to skip such steps)"
         )
+
+
+def open_run(out_dir: str | Path, checkpoint_every: int, resume: bool, result_file: str, finished: Callable[[Path], Any]) -> tuple[Path, "CheckpointManager", Any]:
+    """Create ``out_dir`` for a training run; returns ``(out, checkpoints, finished_result)``.
+
+    With ``resume``, ``finished(out)`` gives the stored result of a run that already
+    completed (returned as the third item; the caller returns it as is), or None. Without
+    ``resume``, old checkpoints and the old ``result_file`` are removed: a fresh run.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoints = CheckpointManager(out, checkpoint_every)
+    if resume:
+        return out, checkpoints, finished(out)
+    checkpoints.clear()
+    (out / result_file).unlink(missing_ok=True)
+    return out, checkpoints, None

@@ -46,7 +46,7 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from ilora.checkpointing import CheckpointManager, NonFiniteGuard, check_resume_config, restore_rng_state, rng_state
+from ilora.checkpointing import NonFiniteGuard, check_resume_config, open_run, restore_rng_state, rng_state
 from ilora.config import option, to_dict
 from ilora.metrics_log import MetricsLog
 from ilora.data.dataset import SeqDataset, Split
@@ -299,16 +299,9 @@ def train_sasrec(
     """
     cfg.validate()
     train, train_rows = _train_split(dataset, cfg.train_min_len)  # rejects bad input before --out is touched
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoints = CheckpointManager(out, cfg.checkpoint_every)
-    if resume:
-        finished = _finished_result(out, cfg)
-        if finished is not None:
-            return finished
-    else:
-        checkpoints.clear()
-        (out / "result.json").unlink(missing_ok=True)
+    out, checkpoints, finished = open_run(out_dir, cfg.checkpoint_every, resume, "result.json", lambda o: _finished_result(o, cfg))
+    if finished is not None:
+        return finished
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)

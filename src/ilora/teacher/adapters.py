@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ilora.config import from_dict, option
+from ilora.state_io import read_json
 from ilora.errors import ConfigError, IloraError
 
 # Linear layers adapted by default (iLoRA / LLaRA adapt attention and MLP projections).
@@ -563,15 +564,7 @@ def save_adapters(
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise IloraError(f"{path}: file not found (not a gated LoRA adapter directory?)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IloraError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise IloraError(f"{path}: expected a JSON object")
-    return data
+    return read_json(path, "file")
 
 
 def read_adapter_config(adapter_dir: str | Path) -> tuple[MoELoraConfig, list[str]]:

@@ -80,15 +80,27 @@ def _base_llm(cfg: TeacherConfig, catalog: Catalog, device: str):
     return load_llm(cfg.llm, device=device, trust_remote_code=cfg.trust_remote_code)
 
 
-def assemble(cfg: TeacherConfig, catalog: Catalog, rec: SASRec, llm, tokenizer, device: str) -> TeacherBundle:
-    """Placeholders, adapters, gate, projector and collators around a base LLM."""
+def assemble(cfg: TeacherConfig, catalog: Catalog, rec: SASRec, llm, tokenizer, device: str, checkpoint: Path | None = None) -> TeacherBundle:
+    """Placeholders, adapters, gate, projector and collators around a base LLM.
+
+    Fresh adapters, gate network and projector, or, with ``checkpoint``, the ones saved
+    there: all three together, so a loaded teacher can never lack its gate.
+    """
+    from safetensors.torch import load_file
+
     placeholders = add_placeholder_tokens(tokenizer, llm)
     adapter_cfg = cfg.adapter_config()
     state = GateState(adapter_cfg.num_experts)
-    inject_gated_lora(llm, adapter_cfg, state)
+    if checkpoint is None:
+        inject_gated_lora(llm, adapter_cfg, state)
+    else:
+        load_adapters(llm, checkpoint, state)
     rec_dim = rec.config.hidden
     gate_net = build_gate(cfg.gate_config(), rec_dim, adapter_cfg.num_experts)
     projector = ItemProjector(rec_dim, llm.config.hidden_size)
+    if checkpoint is not None:
+        gate_net.load_state_dict(load_file(str(checkpoint / "gate.safetensors")))
+        projector.load_state_dict(load_file(str(checkpoint / "projector.safetensors")))
     titles = TitleTable.build(tokenizer, catalog.titles, max_title_tokens=cfg.max_title_tokens)
     teacher = ILoRATeacher(llm, tokenizer, rec, gate_net, projector, state, titles, adapter_cfg.num_experts).to(device)
     template = load_template(cfg.domain)
@@ -189,24 +201,7 @@ def load_teacher(ckpt: str | Path, catalog: Catalog, device: str = "cpu") -> Tea
         llm.get_input_embeddings().weight[ids] = rows["input"].to(device, llm.dtype)
         if "output" in rows:
             llm.get_output_embeddings().weight[ids] = rows["output"].to(device, llm.dtype)
-    placeholders = add_placeholder_tokens(tokenizer, llm)
-    adapter_cfg = cfg.adapter_config()
-    state = GateState(adapter_cfg.num_experts)
-    load_adapters(llm, ckpt, state)
-    rec_dim = rec.config.hidden
-    gate_net = build_gate(cfg.gate_config(), rec_dim, adapter_cfg.num_experts)
-    gate_net.load_state_dict(load_file(str(ckpt / "gate.safetensors")))
-    projector = ItemProjector(rec_dim, llm.config.hidden_size)
-    projector.load_state_dict(load_file(str(ckpt / "projector.safetensors")))
-    titles = TitleTable.build(tokenizer, catalog.titles, max_title_tokens=cfg.max_title_tokens)
-    teacher = ILoRATeacher(llm, tokenizer, rec, gate_net, projector, state, titles, adapter_cfg.num_experts).to(device)
-    template = load_template(cfg.domain)
-    return TeacherBundle(
-        teacher,
-        cfg,
-        PromptCollator(tokenizer, template, titles, placeholders, with_answer=True),
-        PromptCollator(tokenizer, template, titles, placeholders, with_answer=False),
-    )
+    return assemble(cfg, catalog, rec, llm, tokenizer, device, checkpoint=ckpt)
 
 
 def trainable_parameters(teacher: ILoRATeacher) -> dict[str, list[torch.nn.Parameter]]:

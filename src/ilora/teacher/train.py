@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ilora.checkpointing import CheckpointManager, NonFiniteGuard, check_resume_config, restore_rng_state, rng_state
+from ilora.checkpointing import NonFiniteGuard, check_resume_config, open_run, restore_rng_state, rng_state
 from ilora.config import to_dict
 from ilora.data.candidates import candidate_sets
 from ilora.data.dataset import SeqDataset, Split
@@ -147,16 +147,9 @@ def train_teacher(dataset: SeqDataset, cfg: TeacherConfig, rec_dir: str | Path, 
         enable_gradient_checkpointing(teacher.llm, teacher.gate_state)
     train_cands = candidate_sets(train, n_items, count=cfg.num_candidates, seed=cfg.candidate_seed, split_name="train")
     val_cands = candidate_sets(val, n_items, count=cfg.num_candidates, seed=cfg.candidate_seed, split_name="val")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    checkpoints = CheckpointManager(out, cfg.checkpoint_every)
-    if resume:
-        finished = _finished_summary(out, cfg)
-        if finished is not None:
-            return finished
-    else:
-        checkpoints.clear()
-        (out / "train_summary.json").unlink(missing_ok=True)
+    out, checkpoints, finished = open_run(out_dir, cfg.checkpoint_every, resume, "train_summary.json", lambda o: _finished_summary(o, cfg))
+    if finished is not None:
+        return finished
 
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
