@@ -198,7 +198,6 @@ class ILoRATeacher(nn.Module):
         computed only at the positions that predict an answer token, ``chunk`` rows at a time.
         """
         b, c = candidates.shape
-        t = batch.input_ids.shape[1]
         ids, mask = self.title_table.answer_tokens(candidates.reshape(-1))
         ids, mask = ids.to(candidates.device).view(b, c, -1), mask.to(candidates.device).view(b, c, -1)
         packed, segment, offset = pack_answers(ids, mask, self.title_table.pad_id)
