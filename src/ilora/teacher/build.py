@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,7 +209,3 @@ def trainable_parameters(teacher: ILoRATeacher) -> dict[str, list[torch.nn.Param
         "gate": list(teacher.gate_net.parameters()),
         "projector": list(teacher.projector.parameters()),
     }
-
-
-def copy_dir(src: str | Path, dst: str | Path) -> None:
-    shutil.copytree(src, dst, dirs_exist_ok=True)

@@ -50,7 +50,7 @@ from ilora.teacher.batch import draw_hybrid_flags
 from ilora.teacher.build import build_teacher, save_teacher, trainable_parameters
 from ilora.teacher.config import TeacherConfig
 from ilora.teacher.evaluate import evaluate_teacher
-from ilora.teacher.optim import build_scheduler
+from ilora.teacher.optim import build_scheduler, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -156,11 +156,7 @@ def train_teacher(dataset: SeqDataset, cfg: TeacherConfig, rec_dir: str | Path, 
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     params = trainable_parameters(teacher)
-    groups = [
-        {"name": "adapters", "params": params["adapters"], "lr": cfg.lr},
-        {"name": "projector", "params": params["projector"], "lr": cfg.lr},
-        {"name": "gate", "params": params["gate"], "lr": cfg.lr * cfg.router_lr_scale},
-    ]
+    groups = param_groups(params["adapters"], teacher.gate_net, teacher.projector, cfg.lr, cfg.router_lr_scale, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     scheduler = build_scheduler(optimizer, int(cfg.warmup_ratio * total_steps), total_steps, cfg.min_lr_ratio)
     autocast = (
