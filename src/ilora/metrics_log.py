@@ -56,3 +56,19 @@ class MetricsLog:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class NullLog:
+    """A `MetricsLog` that writes nothing: what ranks other than 0 log to in a distributed run."""
+
+    def log(self, row: dict[str, float | int | str], step: int) -> None:
+        pass
+
+    def text(self) -> str:
+        return ""
+
+    def restore(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

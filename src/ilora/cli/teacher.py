@@ -1,17 +1,35 @@
-"""`ilora teacher train|eval|export`: the iLoRA teacher from the command line."""
+"""`ilora teacher train|eval|export`: the iLoRA teacher from the command line.
+
+Started by ``torchrun`` (``WORLD_SIZE > 1``), each command joins the process group: train
+is data-parallel, eval and export split their samples across ranks; only rank 0 writes
+files and prints the result.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from ilora.cli.common import add_data_arguments, add_json_argument, load_data, print_json
 from ilora.config import add_arguments, add_config_arguments, config_from_args
+from ilora.distributed import Dist, init_from_env, shutdown
 from ilora.errors import IloraError
 from ilora.teacher.config import TeacherConfig
 
 SPLIT_CHOICES = ("train", "val", "test")
+
+
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[Dist]:
+    """The command's `Dist`: joins the process group when started by torchrun, leaves it at the end."""
+    ctx = init_from_env(device)
+    try:
+        yield ctx
+    finally:
+        shutdown(ctx)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -21,7 +39,10 @@ def run_train(args: argparse.Namespace) -> int:
     if not Path(args.rec).is_dir():
         raise IloraError(f"{args.rec}: SASRec directory not found (train one with `ilora rec train`)")
     dataset = load_data(args)
-    summary = train_teacher(dataset, cfg, args.rec, args.out, resume=args.resume)
+    with process_group(cfg.device) as ctx:
+        summary = train_teacher(dataset, cfg, args.rec, args.out, resume=args.resume, ctx=ctx)
+    if not ctx.is_main:
+        return 0
     if args.json:
         print_json(summary)
     else:
@@ -39,12 +60,18 @@ def run_eval(args: argparse.Namespace) -> int:
     split = dataset.split(args.split)
     if args.limit:
         split = split.subset(slice(0, args.limit))
-    bundle = load_teacher(args.teacher, dataset.catalog, device=args.device)
     candidates = candidate_sets(split, dataset.num_items, count=args.candidates, seed=args.seed, split_name=args.split)
     result = {"split": args.split, "protocol": args.protocol, "gate": args.gate, "candidates": args.candidates, "candidate_seed": args.seed}
-    result.update(
-        evaluate_teacher(bundle, split, candidates, dataset.catalog.titles, protocol=args.protocol, gate_mode=args.gate, batch_size=args.batch_size, device=args.device)
-    )
+    with process_group(args.device) as ctx:  # first: on CUDA it picks this rank's GPU
+        bundle = load_teacher(args.teacher, dataset.catalog, device=args.device)
+        result.update(
+            evaluate_teacher(
+                bundle, split, candidates, dataset.catalog.titles, protocol=args.protocol, gate_mode=args.gate,
+                batch_size=args.batch_size, device=args.device, ctx=ctx,
+            )
+        )
+    if not ctx.is_main:
+        return 0
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -78,8 +105,11 @@ def run_export(args: argparse.Namespace) -> int:
         limit=args.limit,
     )
     dataset = load_data(args)
-    bundle = load_teacher(args.teacher, dataset.catalog, device=args.device)
-    result = export_teacher_outputs(bundle, dataset, args.out, opts, teacher_dir=args.teacher, overwrite=args.overwrite).to_dict()
+    with process_group(args.device) as ctx:  # first: on CUDA it picks this rank's GPU
+        bundle = load_teacher(args.teacher, dataset.catalog, device=args.device)
+        result = export_teacher_outputs(bundle, dataset, args.out, opts, teacher_dir=args.teacher, overwrite=args.overwrite, ctx=ctx).to_dict()
+    if not ctx.is_main:
+        return 0
     if args.json:
         print_json(result)
     else:

@@ -39,14 +39,20 @@ samples) or options is refused unless ``overwrite=True``, which deletes the prev
 outputs (only the files this module writes). At the end the DLLM2Rec files are written
 from the train shards (`ilora.outputs.dllm2rec`).
 
+**Several ranks** (``torchrun``): shards are dealt round-robin; each rank scores and writes
+its own shards, rank 0 writes the manifest (after each round, listing its shards in
+order), the item embeddings and the DLLM2Rec files. The files are the ones a single
+process writes.
+
 Determinism: the same teacher, data and options give identical files (no timestamps,
-fixed batching, stable sorts).
+fixed batching, stable sorts), whatever the number of ranks.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -62,6 +68,7 @@ from tqdm import tqdm
 
 from ilora.data.candidates import candidate_sets
 from ilora.data.dataset import SPLITS, SeqDataset, Split
+from ilora.distributed import SINGLE, Dist
 from ilora.errors import ConfigError, IloraError
 from ilora.outputs.format import FORMAT, ITEM_EMBEDDINGS, MANIFEST, VERSION, file_sha256
 from ilora.state_io import atomic_write_text, save_tensors
@@ -399,42 +406,66 @@ def _verified_shards(out: Path, name: str, info: dict) -> int:
     return sum(s["rows"] for s in info["shards"])
 
 
-def export_split(bundle, out: Path, manifest: dict, name: str, split: Split, opts: ExportOptions, on_shard: Callable[[str, int], None] | None) -> int:
-    """Export one split shard by shard, continuing after the manifest's last shard; rows written now."""
+def _export_shard(bundle, split: Split, name: str, number: int, opts: ExportOptions, out: Path) -> dict:
+    """Score shard ``number`` of ``split`` (rows ``number * shard_rows`` on), write it; its manifest entry."""
     cfg = bundle.config
-    digest = samples_sha256(split)
-    info = manifest["splits"].setdefault(name, {"rows": 0, "complete": False, "samples": len(split), "samples_sha256": digest, "shards": []})
-    if info.get("samples") != len(split) or info.get("samples_sha256") != digest:
-        raise IloraError(f"{out}: its {name} export was made from other {name} samples; use another --out, or --overwrite")
-    start = _verified_shards(out, name, info)
-    if info["complete"]:
-        return 0
+    lo = number * opts.shard_rows
+    hi = min(lo + opts.shard_rows, len(split))
+    part = split.subset(slice(lo, hi))
     shown = opts.pool_candidates or cfg.num_candidates
+    fixed = candidate_sets(part, bundle.teacher.rec.num_items, count=shown, seed=cfg.candidate_seed, split_name=name, index=np.arange(lo, hi))
+    cols: dict[str, list[np.ndarray]] = {}
+    for b in range(0, hi - lo, opts.batch_size):
+        sl = slice(b, b + opts.batch_size)
+        for key, value in export_batch(bundle, part.history[sl], part.length[sl], fixed[sl], opts).items():
+            cols.setdefault(key, []).append(value)
+    file = f"{name}/{SHARD_PATTERN.format(number)}"
+    sha = write_shard(out / file, shard_table(np.arange(lo, hi), {k: np.concatenate(v) for k, v in cols.items()}))
+    return {"file": file, "first_index": lo, "rows": hi - lo, "sha256": sha}
+
+
+def export_split(
+    bundle, out: Path, manifest: dict, name: str, split: Split, opts: ExportOptions, on_shard: Callable[[str, int], None] | None, ctx: Dist = SINGLE
+) -> int:
+    """Export one split shard by shard, continuing after the manifest's last shard; rows written now.
+
+    With several ranks, shards go round-robin: in each round rank r writes the r-th next
+    shard, then rank 0 lists the round's shards in the manifest, in order. Every shard
+    holds the rows a single process puts in it, scored in the same batches.
+    """
+    digest = samples_sha256(split)
+    start = None
+    if ctx.is_main:
+        info = manifest["splits"].setdefault(name, {"rows": 0, "complete": False, "samples": len(split), "samples_sha256": digest, "shards": []})
+        if info.get("samples") != len(split) or info.get("samples_sha256") != digest:
+            raise IloraError(f"{out}: its {name} export was made from other {name} samples; use another --out, or --overwrite")
+        start = _verified_shards(out, name, info)
+        start = None if info["complete"] else start
+    start = ctx.broadcast(start)  # rank 0 has removed unlisted shard files before any rank writes one
+    if start is None:
+        return 0
+    first, count = start // opts.shard_rows, math.ceil(len(split) / opts.shard_rows)
     written = 0
-    bar = tqdm(total=len(split), initial=start, desc=f"export {name}", unit="sample", file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=len(split), initial=start, desc=f"export {name}", unit="sample", file=sys.stderr, dynamic_ncols=True, disable=not ctx.is_main)
     with bar:
-        for lo in range(start, len(split), opts.shard_rows):
-            hi = min(lo + opts.shard_rows, len(split))
-            part = split.subset(slice(lo, hi))
-            fixed = candidate_sets(part, bundle.teacher.rec.num_items, count=shown, seed=cfg.candidate_seed, split_name=name, index=np.arange(lo, hi))
-            cols: dict[str, list[np.ndarray]] = {}
-            for b in range(0, hi - lo, opts.batch_size):
-                sl = slice(b, b + opts.batch_size)
-                for key, value in export_batch(bundle, part.history[sl], part.length[sl], fixed[sl], opts).items():
-                    cols.setdefault(key, []).append(value)
-                bar.update(len(part.history[sl]))
-            number = len(info["shards"])
-            file = f"{name}/{SHARD_PATTERN.format(number)}"
-            sha = write_shard(out / file, shard_table(np.arange(lo, hi), {k: np.concatenate(v) for k, v in cols.items()}))
-            info["shards"].append({"file": file, "first_index": lo, "rows": hi - lo, "sha256": sha})
-            info["rows"] = hi
-            written += hi - lo
-            _write_manifest(out, manifest)
-            if on_shard is not None:
-                on_shard(name, number)
-    info["complete"] = True
-    info["rows"] = len(split)
-    _write_manifest(out, manifest)
+        for round_first in range(first, count, ctx.world_size):
+            number = round_first + ctx.rank
+            entry = _export_shard(bundle, split, name, number, opts, out) if number < count else None
+            entries = [e for e in ctx.gather(entry) if e is not None]
+            rows = sum(e["rows"] for e in entries)
+            written += rows
+            bar.update(rows)
+            if ctx.is_main:
+                info["shards"].extend(entries)
+                info["rows"] = entries[-1]["first_index"] + entries[-1]["rows"]
+                _write_manifest(out, manifest)
+                if on_shard is not None:
+                    for i in range(len(entries)):
+                        on_shard(name, round_first + i)
+    if ctx.is_main:
+        info["complete"] = True
+        info["rows"] = len(split)
+        _write_manifest(out, manifest)
     return written
 
 
@@ -477,11 +508,13 @@ def export_teacher_outputs(
     teacher_dir: str | Path,
     overwrite: bool = False,
     on_shard: Callable[[str, int], None] | None = None,
+    ctx: Dist = SINGLE,
 ) -> ExportResult:
     """Export (or resume exporting) the teacher outputs of ``opts.splits`` into ``out``.
 
-    ``on_shard(split, shard_number)`` is called after each shard is committed (used to
-    test interruption).
+    ``on_shard(split, shard_number)`` is called (on rank 0) after each shard is committed
+    (used to test interruption). ``ctx``: this process's rank when the export is split
+    across ranks (`export_split`); ``out`` must then be on a file system all ranks share.
     """
     from ilora.outputs.dllm2rec import write_dllm2rec
     from ilora.teacher.model import parse_gate_mode
@@ -496,17 +529,21 @@ def export_teacher_outputs(
     check_pool(opts, dataset.num_items, dataset.max_len)
     bundle.teacher.eval()
     hidden = bundle.teacher.llm.config.hidden_size
-    manifest = prepare_out(out, new_manifest(teacher_identity(teacher_dir), dataset, opts, bundle.config, hidden), overwrite)
-    shape = _ensure_item_embeddings(bundle, out, manifest, opts.device)
+    manifest, shape = None, None
+    if ctx.is_main:  # rank 0 owns the manifest and the item embeddings
+        manifest = prepare_out(out, new_manifest(teacher_identity(teacher_dir), dataset, opts, bundle.config, hidden), overwrite)
+        shape = _ensure_item_embeddings(bundle, out, manifest, opts.device)
+    shape = ctx.broadcast(shape)
     written, scoring = 0, 0.0
     for name, split in splits.items():
         s0 = time.perf_counter()
-        written += export_split(bundle, out, manifest, name, split, opts, on_shard)
+        written += export_split(bundle, out, manifest, name, split, opts, on_shard, ctx)
         scoring += time.perf_counter() - s0
     has_dllm2rec = "train" in splits
-    if has_dllm2rec:
+    if has_dllm2rec and ctx.is_main:
         manifest["dllm2rec"] = write_dllm2rec(out, manifest)
         _write_manifest(out, manifest)
+    ctx.barrier()
     seconds = time.perf_counter() - t0
     return ExportResult(
         out=str(out),

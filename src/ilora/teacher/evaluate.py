@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from ilora.data.dataset import Split
+from ilora.distributed import SINGLE, Dist
 
 
 def rank_of_target(scores: torch.Tensor, target_col: torch.Tensor) -> torch.Tensor:
@@ -80,41 +81,59 @@ def target_columns(candidates: np.ndarray, target: np.ndarray) -> np.ndarray:
     return hits.argmax(1)
 
 
+def _my_batches(n: int, size: int, ctx: Dist, desc: str):
+    """This rank's contiguous share of the batches (all of them in one process), with a progress bar on rank 0."""
+    mine = ctx.chunk(list(_batches(n, size)))
+    return tqdm(mine, desc=desc, unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True, disable=not ctx.is_main)
+
+
 @torch.no_grad()
-def score_split(bundle, split: Split, candidates: np.ndarray, gate_mode: str = "learned", batch_size: int = 16, device: str = "cpu", desc: str = "score") -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, C) candidate log-likelihoods and the (N, E) gates used, batch by batch."""
+def score_split(
+    bundle, split: Split, candidates: np.ndarray, gate_mode: str = "learned", batch_size: int = 16, device: str = "cpu", desc: str = "score", ctx: Dist = SINGLE
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C) candidate log-likelihoods and the (N, E) gates used, batch by batch.
+
+    With several ranks each scores a contiguous share of the same batches and every rank
+    gets the gathered result, in sample order.
+    """
     teacher = bundle.teacher.eval()
     scores, gates = [], []
-    for sl in tqdm(list(_batches(len(split), batch_size)), desc=desc, unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True):
+    for sl in _my_batches(len(split), batch_size, ctx, desc):
         batch = bundle.prompt_collator.build(split.history[sl], split.length[sl], candidates[sl]).to(device)
         cands = batch.candidates
         scores.append(teacher.score_candidates(batch, cands, gate_mode).float().cpu())
         gates.append(teacher.gates(batch.history, batch.length, gate_mode).float().cpu())
-    return torch.cat(scores), torch.cat(gates)
+    parts = ctx.gather((scores, gates))
+    return torch.cat([s for ss, _ in parts for s in ss]), torch.cat([g for _, gs in parts for g in gs])
 
 
 @torch.no_grad()
-def generate_split(bundle, split: Split, candidates: np.ndarray, gate_mode: str = "learned", batch_size: int = 16, device: str = "cpu", max_new_tokens: int | None = None) -> list[str]:
-    """Greedy generations for every sample (prompt without answer)."""
+def generate_split(
+    bundle, split: Split, candidates: np.ndarray, gate_mode: str = "learned", batch_size: int = 16, device: str = "cpu", max_new_tokens: int | None = None, ctx: Dist = SINGLE
+) -> list[str]:
+    """Greedy generations for every sample (prompt without answer); split across ranks as `score_split`."""
     teacher = bundle.teacher.eval()
     limit = max_new_tokens or int(teacher.title_table.length.max()) + 8
     texts: list[str] = []
-    for sl in tqdm(list(_batches(len(split), batch_size)), desc="generate", unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True):
+    for sl in _my_batches(len(split), batch_size, ctx, "generate"):
         batch = bundle.prompt_collator.build(split.history[sl], split.length[sl], candidates[sl]).to(device)
         texts += teacher.generate(batch, gate_mode, max_new_tokens=limit)
-    return texts
+    return [text for part in ctx.gather(texts) for text in part]
 
 
-def evaluate_teacher(bundle, split: Split, candidates: np.ndarray, titles: Sequence[str], *, protocol: str = "score", gate_mode: str = "learned", batch_size: int = 16, device: str = "cpu") -> dict:
-    """Metrics of one protocol on one split with fixed candidates, plus gate statistics."""
+def evaluate_teacher(
+    bundle, split: Split, candidates: np.ndarray, titles: Sequence[str], *, protocol: str = "score", gate_mode: str = "learned",
+    batch_size: int = 16, device: str = "cpu", ctx: Dist = SINGLE,
+) -> dict:
+    """Metrics of one protocol on one split with fixed candidates, plus gate statistics (every rank gets them)."""
     from ilora.teacher.gate import gate_statistics
 
     cols = target_columns(candidates, split.target)
     if protocol == "score":
-        scores, gates = score_split(bundle, split, candidates, gate_mode, batch_size, device)
+        scores, gates = score_split(bundle, split, candidates, gate_mode, batch_size, device, ctx=ctx)
         metrics = score_metrics(scores, torch.as_tensor(cols))
     elif protocol == "generate":
-        texts = generate_split(bundle, split, candidates, gate_mode, batch_size, device)
+        texts = generate_split(bundle, split, candidates, gate_mode, batch_size, device, ctx=ctx)
         cand_titles = [[titles[int(i)] for i in row] for row in candidates]
         metrics = generate_metrics(texts, cand_titles, cols.tolist())
         gates = torch.cat([

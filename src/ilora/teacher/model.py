@@ -174,8 +174,9 @@ class ILoRATeacher(nn.Module):
         return self.llm.get_output_embeddings()(hidden)
 
     # -- what the one path is used for ---------------------------------------------------------
-    def loss(self, batch, gate_mode: str = "learned") -> torch.Tensor:
-        """Mean next-token cross-entropy over the answer tokens (labels != -100).
+    def loss(self, batch, gate_mode: str = "learned", reduction: str = "mean") -> torch.Tensor:
+        """Next-token cross-entropy over the answer tokens (labels != -100): their mean, or
+        with ``reduction="sum"`` their sum (the trainer divides by the global batch's count).
 
         The hidden state at position t predicts token t + 1, so logits are computed only
         at the positions just before an answer token.
@@ -183,7 +184,7 @@ class ILoRATeacher(nn.Module):
         out = self.run(batch, gate_mode)
         rows, cols = (batch.labels[:, 1:] != -100).nonzero(as_tuple=True)
         logits = self.lm_logits(out.hidden[rows, cols])
-        return F.cross_entropy(logits.float(), batch.labels[rows, cols + 1])
+        return F.cross_entropy(logits.float(), batch.labels[rows, cols + 1], reduction=reduction)
 
     @torch.no_grad()
     def score_candidates(self, batch, candidates: torch.Tensor, gate_mode: str = "learned", chunk: int = 4096) -> torch.Tensor:

@@ -1,11 +1,24 @@
 """Teacher training: `train_teacher(dataset, cfg, rec_dir, out_dir)`.
 
-Each optimiser step takes ``batch_size`` samples of a seeded per-epoch permutation,
-split into micro-batches (gradient accumulation). Prompts are assembled by the
-`PromptCollator` inside DataLoader workers (``workers``); each sample's hybrid /
+Each optimiser step takes ``batch_size`` samples of a seeded per-epoch permutation (the
+global batch), split into micro-batches (gradient accumulation). Prompts are assembled
+by the `PromptCollator` inside DataLoader workers (``workers``); each sample's hybrid /
 text-only flag comes from LLaRA's curriculum, drawn from ``(seed, step)`` only.
-Loss: cross-entropy on the answer tokens. AdamW with iLoRA's param groups (gate at
-0.3 x lr), linear warm-up + cosine decay, gradient clipping, bf16 autocast on CUDA.
+Loss: cross-entropy summed over the answer tokens of the global batch and divided by
+their number, so a step's loss and gradient do not depend on how the batch is cut into
+micro-batches or ranks. AdamW with iLoRA's param groups (gate at 0.3 x lr), linear
+warm-up + cosine decay, gradient clipping, bf16 autocast on CUDA.
+
+**Data parallel** (``torchrun``, a `Dist` with ``world_size > 1``): every rank holds the
+whole teacher; the trainable tensors (adapters, gate, projector) are wrapped in
+``DistributedDataParallel`` (the frozen base is replicated and never synchronised). Rank
+r takes the r-th contiguous share of each global batch (`rank_micro_batches`) and
+all-reduces the gradient once per step; a rank left without samples by a short last
+step runs one sample with weight 0 so that it still joins the all-reduce. Only rank 0
+writes logs, checkpoints and the teacher; a checkpoint holds the global position, so a
+run resumes with the same or another number of ranks. Validation is split across ranks
+by batches and gathered (`evaluate_teacher`). LoRA dropout draws per rank, so with
+dropout > 0 the masks (not the expected update) differ from a single-process run.
 Validation by the score protocol after every epoch; the best checkpoint by
 ``select_metric`` on validation only is written to ``out_dir`` (with the last
 optimiser/scheduler/RNG state in ``out_dir/trainer_state.*``).
@@ -37,12 +50,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ilora.checkpointing import NonFiniteGuard, check_resume_config, open_run, restore_rng_state, rng_state
+from ilora.checkpointing import CheckpointManager, NonFiniteGuard, check_resume_config, open_run, restore_rng_state, rng_state
 from ilora.config import to_dict
 from ilora.data.candidates import candidate_sets
 from ilora.data.dataset import SeqDataset, Split
+from ilora.distributed import SINGLE, Dist
 from ilora.errors import ConfigError, IloraError
-from ilora.metrics_log import MetricsLog
+from ilora.metrics_log import MetricsLog, NullLog
 from ilora.rec.sasrec import load_sasrec
 from ilora.state_io import atomic_write_text, read_json, save_state
 from ilora.teacher.adapters import adapter_state_dict, enable_gradient_checkpointing
@@ -78,10 +92,9 @@ class MicroBatches(torch.utils.data.Dataset):
         return self.collator.build(s.history[idx], s.length[idx], self.candidates[idx], s.target[idx], hybrid=hybrid)
 
 
-def epoch_plan(n: int, cfg: TeacherConfig, epoch: int, first_step: int, total_steps: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
-    """Optimiser steps of one epoch, each a list of (sample indices, hybrid flags) micro-batches."""
+def epoch_plan(n: int, cfg: TeacherConfig, epoch: int, first_step: int, total_steps: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The global batches of one epoch's optimiser steps: (sample indices, hybrid flags) each."""
     order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
-    micro = cfg.micro_batch_size or cfg.batch_size
     steps = []
     for k, start in enumerate(range(0, n, cfg.batch_size)):
         idx = order[start : start + cfg.batch_size]
@@ -90,8 +103,59 @@ def epoch_plan(n: int, cfg: TeacherConfig, epoch: int, first_step: int, total_st
             flags = draw_hybrid_flags(len(idx), step, total_steps, seed=cfg.seed).numpy()
         else:
             flags = np.ones(len(idx), dtype=bool)
-        steps.append([(idx[j : j + micro], flags[j : j + micro]) for j in range(0, len(idx), micro)])
+        steps.append((idx, flags))
     return steps
+
+
+def rank_micro_batches(idx: np.ndarray, flags: np.ndarray, micro: int, ctx: Dist) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+    """This rank's micro-batches of one global batch: (indices, hybrid flags, counts) each.
+
+    The rank's share is its contiguous chunk (`Dist.chunk`) cut into ``micro`` samples.
+    A rank whose share is empty (a last step with fewer samples than ranks) gets one
+    sample of the step with ``counts = False``: it runs forward and backward with weight
+    0, so that it takes part in the gradient all-reduce without changing the gradient.
+    """
+    mine, mine_flags = ctx.chunk(idx), ctx.chunk(flags)
+    if len(mine) == 0:
+        return [(idx[:1], flags[:1], False)]
+    return [(mine[j : j + micro], mine_flags[j : j + micro], True) for j in range(0, len(mine), micro)]
+
+
+class SummedLoss(torch.nn.Module):
+    """The module a training step calls (and DDP wraps): the teacher's summed answer-token loss."""
+
+    def __init__(self, teacher) -> None:
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, batch) -> torch.Tensor:
+        return self.teacher.loss(batch, reduction="sum")
+
+
+def answer_tokens(batch) -> int:
+    """How many tokens the loss of ``batch`` is computed on."""
+    return int((batch.labels[:, 1:] != -100).sum())
+
+
+def wrap_for_training(teacher, ctx: Dist) -> torch.nn.Module:
+    """`SummedLoss` of the teacher, in ``DistributedDataParallel`` when there are several ranks.
+
+    Only parameters with ``requires_grad`` (adapters, gate, projector) are synchronised.
+    ``find_unused_parameters``: a micro-batch of text-only prompts does not use the
+    projector; a parameter no rank used in a step keeps no gradient, as in one process.
+    """
+    model = SummedLoss(teacher)
+    if not ctx.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, find_unused_parameters=True, broadcast_buffers=False)
+
+
+def seed_rank_streams(cfg: TeacherConfig, ctx: Dist, step: int) -> None:
+    """Give ranks other than 0 their own torch RNG stream (LoRA dropout), from (seed, rank, step)."""
+    if ctx.rank > 0:
+        torch.manual_seed(int(np.random.default_rng([cfg.seed, ctx.rank, step]).integers(2**62)))
 
 
 def _val_subset(split: Split, limit: int) -> Split:
@@ -132,8 +196,36 @@ def _finished_summary(out: Path, cfg: TeacherConfig) -> dict | None:
     return read_json(out / "train_summary.json")
 
 
-def train_teacher(dataset: SeqDataset, cfg: TeacherConfig, rec_dir: str | Path, out_dir: str | Path, *, resume: bool = False) -> dict:
-    """Train the teacher (module docstring); ``resume`` continues from the newest intact checkpoint in ``out_dir``."""
+def _open_run(out_dir, cfg: TeacherConfig, resume: bool, ctx: Dist):
+    """`open_run` on rank 0; every rank gets ``(out, checkpoints, finished summary or None)``."""
+    if ctx.is_main:
+        out, checkpoints, finished = open_run(out_dir, cfg.checkpoint_every, resume, "train_summary.json", lambda o: _finished_summary(o, cfg))
+    else:
+        out, checkpoints, finished = Path(out_dir), CheckpointManager(out_dir, cfg.checkpoint_every), None
+    return out, checkpoints, ctx.broadcast(finished)
+
+
+def _load_checkpoint(checkpoints: CheckpointManager, cfg: TeacherConfig, resume: bool, ctx: Dist) -> tuple[dict | None, int | None]:
+    """Rank 0 reads the newest intact checkpoint (when resuming) and sends it to every rank."""
+    saved, step = None, None
+    if resume and ctx.is_main:
+        checkpoint = checkpoints.latest()
+        if checkpoint is not None:
+            saved, step = checkpoint.load(), checkpoint.step
+            check_resume_config(saved["config"], to_dict(cfg), checkpoint.path)
+            log.info("resuming from %s (step %d)", checkpoint.path, checkpoint.step)
+        else:
+            log.warning("%s: no intact checkpoint to resume from; training from the start", checkpoints.root.parent)
+    return ctx.broadcast((saved, step))
+
+
+def train_teacher(
+    dataset: SeqDataset, cfg: TeacherConfig, rec_dir: str | Path, out_dir: str | Path, *, resume: bool = False, ctx: Dist = SINGLE
+) -> dict:
+    """Train the teacher (module docstring); ``resume`` continues from the newest intact checkpoint in ``out_dir``.
+
+    ``ctx``: this process's rank in a data-parallel run (`ilora.distributed.init_from_env`).
+    """
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda: no CUDA device is available")
     # Everything that can reject the input runs before --out is touched.
@@ -147,7 +239,7 @@ def train_teacher(dataset: SeqDataset, cfg: TeacherConfig, rec_dir: str | Path, 
         enable_gradient_checkpointing(teacher.llm, teacher.gate_state)
     train_cands = candidate_sets(train, n_items, count=cfg.num_candidates, seed=cfg.candidate_seed, split_name="train")
     val_cands = candidate_sets(val, n_items, count=cfg.num_candidates, seed=cfg.candidate_seed, split_name="val")
-    out, checkpoints, finished = open_run(out_dir, cfg.checkpoint_every, resume, "train_summary.json", lambda o: _finished_summary(o, cfg))
+    out, checkpoints, finished = _open_run(out_dir, cfg, resume, ctx)
     if finished is not None:
         return finished
 
@@ -165,31 +257,30 @@ def train_teacher(dataset: SeqDataset, cfg: TeacherConfig, rec_dir: str | Path, 
     # progress: everything besides weights, optimiser and RNGs that a checkpoint restores
     p = {"epoch": 0, "position": 0, "step": 0, "best": -math.inf, "best_metrics": None, "history": [], "skipped": []}
     best_weights = None
-    saved, resumed_from = None, None
-    checkpoint = checkpoints.latest() if resume else None
-    if checkpoint is not None:
-        saved = checkpoint.load()
-        check_resume_config(saved["config"], to_dict(cfg), checkpoint.path)
+    saved, resumed_from = _load_checkpoint(checkpoints, cfg, resume, ctx)
+    if saved is not None:
         load_trainable_state(teacher, saved["weights"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        p, best_weights, resumed_from = saved["progress"], saved["best_weights"], checkpoint.step
-        if best_weights is not None:  # the best teacher in out_dir may come from after the checkpoint
+        p, best_weights = saved["progress"], saved["best_weights"]
+        if best_weights is not None and ctx.is_main:  # the best teacher in out_dir may come from after the checkpoint
             current = trainable_state(teacher, copy=True)
             load_trainable_state(teacher, best_weights)
             save_teacher(bundle, out, dataset.catalog)
             load_trainable_state(teacher, current)
         restore_rng_state(saved["rng"])
-        log.info("resuming from %s (step %d)", checkpoint.path, checkpoint.step)
-    elif resume:
-        log.warning("%s: no intact checkpoint to resume from; training from the start", out)
+    seed_rank_streams(cfg, ctx, p["step"])
     purge = None if resumed_from is None else resumed_from + 1
-    step_log = MetricsLog(out, "train_steps", purge_step=purge)
-    epoch_log = MetricsLog(out, "metrics", writer=step_log.writer)
+    if ctx.is_main:
+        step_log = MetricsLog(out, "train_steps", purge_step=purge)
+        epoch_log = MetricsLog(out, "metrics", writer=step_log.writer)
+        atomic_write_text(out / "train_config.json", json.dumps(to_dict(cfg), indent=2))
+    else:
+        step_log, epoch_log = NullLog(), NullLog()
     if saved is not None:
         step_log.restore(saved["train_steps_csv"])
         epoch_log.restore(saved["metrics_csv"])
-    atomic_write_text(out / "train_config.json", json.dumps(to_dict(cfg), indent=2))
+    model = wrap_for_training(teacher, ctx)
 
     def state(progress: dict, rng: dict) -> dict:
         return {
@@ -198,18 +289,25 @@ def train_teacher(dataset: SeqDataset, cfg: TeacherConfig, rec_dir: str | Path, 
             "train_steps_csv": step_log.text(), "metrics_csv": epoch_log.text(),
         }
 
+    def save_checkpoint(step: int, progress: dict, rng: dict) -> Path:
+        if ctx.is_main:
+            return checkpoints.save(step, state(progress, rng))
+        return checkpoints.path_for(step)
+
     before: dict = {}
-    guard = NonFiniteGuard(cfg.skip_nonfinite, lambda: checkpoints.save(p["step"], state(before["progress"], before["rng"])))
+    guard = NonFiniteGuard(cfg.skip_nonfinite, lambda: save_checkpoint(p["step"], before["progress"], before["rng"]))
     guard.skipped = p["skipped"]
     all_params = [q for g in groups for q in g["params"]]
-    bar = tqdm(total=total_steps, initial=p["step"], desc="train teacher", unit="step", file=sys.stderr, dynamic_ncols=True)
+    micro = cfg.micro_batch_size or cfg.batch_size
+    bar = tqdm(total=total_steps, initial=p["step"], desc="train teacher", unit="step", file=sys.stderr, dynamic_ncols=True, disable=not ctx.is_main)
     for epoch in range(p["epoch"], cfg.epochs):
         p["epoch"] = epoch
         if p["step"] >= total_steps:
             break
         first = p["step"] - p["position"]
         plan = epoch_plan(len(train), cfg, epoch, first, total_steps)[: total_steps - first]
-        flat = [mb for step_plan in plan[p["position"]:] for mb in step_plan]
+        mine = [rank_micro_batches(idx, flags, micro, ctx) for idx, flags in plan]
+        flat = [(idx, flags) for step_plan in mine[p["position"]:] for idx, flags, _ in step_plan]
         loader = torch.utils.data.DataLoader(
             MicroBatches(train, train_cands, flat, bundle.train_collator),
             batch_size=None,
@@ -222,18 +320,11 @@ def train_teacher(dataset: SeqDataset, cfg: TeacherConfig, rec_dir: str | Path, 
         teacher.train()
         teacher.rec.eval()
         for k in range(p["position"], len(plan)):
-            step_plan = plan[k]
             before = {"progress": json.loads(json.dumps(p)), "rng": rng_state()}
             started = time.perf_counter()
-            n_step = sum(len(idx) for idx, _ in step_plan)
-            total_loss, tokens = 0.0, 0
-            for idx, _ in step_plan:
-                batch = next(batches).to(cfg.device, non_blocking=True)
-                with autocast:
-                    loss = teacher.loss(batch)
-                (loss * (len(idx) / n_step)).backward()
-                total_loss += float(loss.detach()) * len(idx) / n_step
-                tokens += int(batch.attention_mask.sum())
+            micro_batches = [(next(batches).to(cfg.device, non_blocking=True), counts) for _, _, counts in mine[k]]
+            n_step = len(plan[k][0])
+            total_loss, tokens, targets = step_forward_backward(model, micro_batches, autocast, ctx)
             grad_norm = torch.nn.utils.clip_grad_norm_(all_params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             if guard.ok(p["step"] + 1, total_loss, float(grad_norm), f" (epoch {epoch + 1})"):
                 optimizer.step()
@@ -249,8 +340,10 @@ def train_teacher(dataset: SeqDataset, cfg: TeacherConfig, rec_dir: str | Path, 
                 p["step"],
             )
             if p["position"] < len(plan) and checkpoints.due(p["step"]):
-                checkpoints.save(p["step"], state(p, rng_state()))
-        metrics = evaluate_teacher(bundle, val, val_cands, dataset.catalog.titles, protocol="score", batch_size=cfg.eval_batch_size, device=cfg.device)
+                save_checkpoint(p["step"], p, rng_state())
+        metrics = evaluate_teacher(
+            bundle, val, val_cands, dataset.catalog.titles, protocol="score", batch_size=cfg.eval_batch_size, device=cfg.device, ctx=ctx
+        )
         row = {"epoch": epoch + 1, "step": p["step"], **{f"val_{k}": metrics[k] for k in _PROTECTED_METRICS}}
         epoch_log.log(row, p["step"])
         p["history"].append(row)
@@ -258,22 +351,51 @@ def train_teacher(dataset: SeqDataset, cfg: TeacherConfig, rec_dir: str | Path, 
             raise ConfigError(f"select_metric {cfg.select_metric!r}: not a score-protocol metric ({', '.join(_PROTECTED_METRICS)})")
         if metrics[cfg.select_metric] > p["best"]:
             p["best"], p["best_metrics"] = metrics[cfg.select_metric], metrics
-            save_teacher(bundle, out, dataset.catalog)
+            if ctx.is_main:
+                save_teacher(bundle, out, dataset.catalog)
             best_weights = trainable_state(teacher, copy=True)
-        tqdm.write(f"epoch {epoch + 1}: val {cfg.select_metric} {metrics[cfg.select_metric]:.4f}", file=sys.stderr)
+        if ctx.is_main:
+            tqdm.write(f"epoch {epoch + 1}: val {cfg.select_metric} {metrics[cfg.select_metric]:.4f}", file=sys.stderr)
         if p["step"] < total_steps and epoch + 1 < cfg.epochs and checkpoints.due(p["step"]):
             p["epoch"], p["position"] = epoch + 1, 0
-            checkpoints.save(p["step"], state(p, rng_state()))
+            save_checkpoint(p["step"], p, rng_state())
         p["position"] = 0
     bar.close()
-    save_state(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": p["step"], "rng": rng_state()},
-        out / "trainer_state",
-    )
-    step_log.close()
     summary = {
         "steps": p["step"], "best_val": p["best_metrics"], "select_metric": cfg.select_metric, "history": p["history"],
-        "skipped_steps": p["skipped"], "resumed_from": resumed_from, "out": str(out),
+        "skipped_steps": p["skipped"], "resumed_from": resumed_from, "out": str(out), "world_size": ctx.world_size,
     }
-    atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2))
+    if ctx.is_main:
+        save_state(
+            {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": p["step"], "rng": rng_state()},
+            out / "trainer_state",
+        )
+        step_log.close()
+        atomic_write_text(out / "train_summary.json", json.dumps(summary, indent=2))
+    ctx.barrier()  # no rank returns before rank 0 has written the teacher and the summary
     return summary
+
+
+def step_forward_backward(model: torch.nn.Module, micro_batches: list, autocast, ctx: Dist) -> tuple[float, int, int]:
+    """Forward and backward of one optimiser step's micro-batches on this rank.
+
+    Each micro-batch's summed answer-token loss is divided by the number of answer tokens
+    of the whole global batch (all ranks), times the number of ranks (DDP averages the
+    ranks' gradients): the gradient is that of the global batch's mean token loss. With
+    DDP the gradient all-reduce runs once, in the last micro-batch's backward. Returns the
+    global mean loss, and the global counts of tokens and answer tokens.
+    """
+    targets = ctx.sum(sum(answer_tokens(b) for b, counts in micro_batches if counts))
+    if targets == 0:
+        raise IloraError("a training step has no answer tokens (every label is -100)")
+    loss_sum, tokens = 0.0, 0
+    for j, (batch, counts) in enumerate(micro_batches):
+        defer_sync = ctx.enabled and j < len(micro_batches) - 1
+        with model.no_sync() if defer_sync else contextlib.nullcontext():
+            with autocast:
+                summed = model(batch)
+            (summed * (ctx.world_size * float(counts) / targets)).backward()
+        if counts:
+            loss_sum += float(summed.detach())
+            tokens += int(batch.attention_mask.sum())
+    return ctx.sum(loss_sum) / targets, int(ctx.sum(tokens)), int(targets)

@@ -1,0 +1,119 @@
+"""Data parallelism on `torch.distributed`: who this process is, and the few collectives we use.
+
+A run started by ``torchrun`` (one process per GPU, on one or several nodes) finds
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the rendezvous address in its environment;
+`init_from_env` joins the process group (NCCL on CUDA, gloo on CPU) and returns a
+`Dist`, the one object the trainers and the export receive to know their rank. Nothing
+here is global: code that is not given a `Dist` runs as a single process (`SINGLE`).
+
+Work is split into contiguous, rank-ordered chunks (`Dist.chunk`), so that gathering the
+chunks in rank order (`Dist.gather`) restores the single-process order.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from ilora.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job: ``rank`` of ``world_size``, GPU ``local_rank`` on its node."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes logs, checkpoints, manifests and prints results."""
+        return self.rank == 0
+
+    def chunk(self, items: Sequence[T]) -> Sequence[T]:
+        """This rank's contiguous share of ``items``; shares differ in size by at most one, and
+        concatenating the shares of ranks 0, 1, ... gives ``items`` back."""
+        n, w = len(items), self.world_size
+        lo = self.rank * (n // w) + min(self.rank, n % w)
+        return items[lo : lo + n // w + (self.rank < n % w)]
+
+    # -- collectives (identity when single) --------------------------------------------------
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def sum(self, value: float) -> float:
+        """The sum of ``value`` over all ranks (float64, so that it does not depend on the device)."""
+        if not self.enabled:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self._device())
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def gather(self, obj: T) -> list[T]:
+        """Every rank's ``obj`` in rank order, on every rank (picklable objects, e.g. CPU tensors)."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: T) -> T:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def _device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+SINGLE = Dist()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device: str) -> Dist:
+    """Join the process group ``torchrun`` described in the environment (or return `SINGLE`).
+
+    On CUDA each process uses GPU ``LOCAL_RANK`` (made the current device, so ``"cuda"``
+    means it) and NCCL; on CPU gloo. Joining twice returns the same `Dist`.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return SINGLE
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if name not in os.environ:
+            raise ConfigError(f"WORLD_SIZE={world} but {name} is not set: start distributed runs with torchrun")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if device == "cuda":
+        if torch.cuda.device_count() <= local_rank:
+            raise ConfigError(f"rank {rank}: LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} CUDA device(s)")
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    if dist.get_world_size() != world or dist.get_rank() != rank:
+        raise ConfigError(f"process group (rank {dist.get_rank()} of {dist.get_world_size()}) disagrees with RANK={rank} WORLD_SIZE={world}")
+    return Dist(rank=rank, world_size=world, local_rank=local_rank)
+
+
+def shutdown(ctx: Dist) -> None:
+    """Leave the process group (at the end of a command)."""
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
