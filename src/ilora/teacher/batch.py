@@ -318,7 +318,24 @@ class PromptCollator:
         cand_length = torch.full((b,), num_c) if candidate_length is None else torch.as_tensor(candidate_length, dtype=torch.long)
         target = None if target is None else torch.as_tensor(target, dtype=torch.long)
         self._validate(history, length, candidates, cand_length, target, hybrid, with_answer)
+        slots, kinds, items, answer_slot = self._segments(history, length, candidates, cand_length, target, hybrid, with_answer)
+        return self._expand(slots, kinds, items, answer_slot, history, length, candidates, target, hybrid)
 
+    def token_counts(self, history, length, candidates, target=None) -> torch.Tensor:
+        """(B,) how many tokens each sample's prompt has (with the answer when the collator
+        adds one), from the segment lengths alone: what `build` would make, without making it.
+        Hybrid and text-only prompts have the same length (one placeholder token each)."""
+        history, length, candidates = (torch.as_tensor(x, dtype=torch.long) for x in (history, length, candidates))
+        b = candidates.shape[0]
+        target = None if target is None else torch.as_tensor(target, dtype=torch.long)
+        hybrid, cand_length = torch.ones(b, dtype=torch.bool), torch.full((b,), candidates.shape[1])
+        self._validate(history, length, candidates, cand_length, target, hybrid, self.with_answer)
+        slots = self._segments(history, length, candidates, cand_length, target, hybrid, self.with_answer)[0]
+        return self.table_len[slots].sum(1)
+
+    def _segments(self, history, length, candidates, cand_length, target, hybrid, with_answer):
+        """Each sample as a row of segment ids, with placeholder kinds and items, and the answer's slots."""
+        b = candidates.shape[0]
         h_slots, h_kind, h_item = self._item_slots(history, length, hybrid, self.PH_HISTORY, PH_HISTORY)
         c_slots, c_kind, c_item = self._item_slots(candidates, cand_length, hybrid, self.PH_CANDIDATE, PH_CANDIDATE)
         col = lambda v: torch.full((b, 1), v, dtype=torch.long)  # noqa: E731
@@ -333,7 +350,7 @@ class PromptCollator:
         slots, kinds, items = torch.cat(slots, 1), torch.cat(kinds, 1), torch.cat(items, 1)
         answer_slot = torch.zeros(slots.shape[1], dtype=torch.bool)
         answer_slot[slots.shape[1] - (2 if with_answer else 0) :] = True
-        return self._expand(slots, kinds, items, answer_slot.expand(b, -1), history, length, candidates, target, hybrid)
+        return slots, kinds, items, answer_slot.expand(b, -1)
 
     def _item_slots(self, ids, count, hybrid, ph_row, ph_kind):
         """Slots ``title, placeholder, separator`` per item: (B, 3K) segment ids, kinds, items."""

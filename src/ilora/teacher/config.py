@@ -54,6 +54,7 @@ class TeacherConfig:
     epochs: int = option(1, "training epochs")
     max_steps: int = option(0, "stop after this many optimiser steps (0: no limit; for smoke runs)")
     batch_size: int = option(8, "global batch size (samples per optimiser step, all ranks together)")
+    group_by_length: bool = option(False, "batches of similar prompt length (windows of 64 batches sorted by length, batch order shuffled): less padding")
     micro_batch_size: int = option(0, "samples per forward/backward on one rank; batch_size must be a multiple (0: = batch_size)")
     lr: float = option(7e-4, "learning rate of the adapters and the projector (iLoRA: 7e-4)")
     router_lr_scale: float = option(0.3, "the gate network's lr is this times lr (iLoRA: 0.3)")

@@ -1,7 +1,8 @@
 """Teacher training: `train_teacher(dataset, cfg, rec_dir, out_dir)`.
 
 Each optimiser step takes ``batch_size`` samples of a seeded per-epoch permutation (the
-global batch), split into micro-batches (gradient accumulation). Prompts are assembled
+global batch; with ``group_by_length``, batches of similar prompt length, `length_grouped`),
+split into micro-batches (gradient accumulation). Prompts are assembled
 by the `PromptCollator` inside DataLoader workers (``workers``); each sample's hybrid /
 text-only flag comes from LLaRA's curriculum, drawn from ``(seed, step)`` only.
 Loss: cross-entropy summed over the answer tokens of the global batch and divided by
@@ -92,9 +93,43 @@ class MicroBatches(torch.utils.data.Dataset):
         return self.collator.build(s.history[idx], s.length[idx], self.candidates[idx], s.target[idx], hybrid=hybrid)
 
 
-def epoch_plan(n: int, cfg: TeacherConfig, epoch: int, first_step: int, total_steps: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The global batches of one epoch's optimiser steps: (sample indices, hybrid flags) each."""
+GROUP_WINDOW = 64  # global batches per length-sorted window (group_by_length)
+
+
+def length_grouped(order: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """``order`` rearranged so that each global batch holds prompts of similar length.
+
+    Consecutive windows of ``GROUP_WINDOW`` batches of ``order`` are each sorted by prompt
+    length (longest first, stable) and cut into batches; then the full batches are shuffled
+    with ``rng`` (a partial last batch stays last). The same samples, in other batches.
+    """
+    window = GROUP_WINDOW * batch_size
+    parts = [w[np.argsort(-lengths[w], kind="stable")] for w in np.split(order, range(window, len(order), window))]
+    grouped = np.concatenate(parts) if parts else order
+    full = len(order) // batch_size
+    batches = grouped[: full * batch_size].reshape(full, batch_size)[rng.permutation(full)]
+    return np.concatenate([batches.reshape(-1), grouped[full * batch_size :]])
+
+
+def prompt_lengths(collator, split: Split, candidates: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Tokens of every training prompt (answer included), from the segment lengths."""
+    counts = [
+        collator.token_counts(split.history[i : i + chunk], split.length[i : i + chunk], candidates[i : i + chunk], split.target[i : i + chunk])
+        for i in range(0, len(split), chunk)
+    ]
+    return torch.cat(counts).numpy() if counts else np.zeros(0, dtype=np.int64)
+
+
+def epoch_plan(
+    n: int, cfg: TeacherConfig, epoch: int, first_step: int, total_steps: int, lengths: np.ndarray | None = None
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The global batches of one epoch's optimiser steps: (sample indices, hybrid flags) each.
+
+    With ``lengths`` (``group_by_length``) the epoch's permutation is `length_grouped`.
+    """
     order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+    if lengths is not None:
+        order = length_grouped(order, lengths, cfg.batch_size, np.random.default_rng([cfg.seed, epoch, 1]))
     steps = []
     for k, start in enumerate(range(0, n, cfg.batch_size)):
         idx = order[start : start + cfg.batch_size]
@@ -239,6 +274,7 @@ def train_teacher(
         enable_gradient_checkpointing(teacher.llm, teacher.gate_state)
     train_cands = candidate_sets(train, n_items, count=cfg.num_candidates, seed=cfg.candidate_seed, split_name="train")
     val_cands = candidate_sets(val, n_items, count=cfg.num_candidates, seed=cfg.candidate_seed, split_name="val")
+    lengths = prompt_lengths(bundle.train_collator, train, train_cands) if cfg.group_by_length else None
     out, checkpoints, finished = _open_run(out_dir, cfg, resume, ctx)
     if finished is not None:
         return finished
@@ -305,7 +341,7 @@ def train_teacher(
         if p["step"] >= total_steps:
             break
         first = p["step"] - p["position"]
-        plan = epoch_plan(len(train), cfg, epoch, first, total_steps)[: total_steps - first]
+        plan = epoch_plan(len(train), cfg, epoch, first, total_steps, lengths)[: total_steps - first]
         mine = [rank_micro_batches(idx, flags, micro, ctx) for idx, flags in plan]
         flat = [(idx, flags) for step_plan in mine[p["position"]:] for idx, flags, _ in step_plan]
         loader = torch.utils.data.DataLoader(

@@ -1,0 +1,72 @@
+"""Teacher training's data plan: length-grouped batches (`group_by_length`) and prompt lengths."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ilora.teacher.batch import PromptCollator, TitleTable
+from ilora.teacher.config import TeacherConfig
+from ilora.teacher.prompts import load_template
+from ilora.teacher.tiny import add_placeholder_tokens, build_tiny_tokenizer
+from ilora.teacher.train import GROUP_WINDOW, epoch_plan, length_grouped
+
+TITLES = ["Enigma", "Moby", "Café Del Mar", "AC/DC", "Sigur Rós", "Bj", "The Very Long Name Of A Band"]
+
+
+def test_token_counts_are_the_lengths_of_the_built_prompts() -> None:
+    tok = build_tiny_tokenizer(TITLES + list(load_template("music").pieces) * 5, vocab_size=300)
+    ph = add_placeholder_tokens(tok)
+    titles = TITLES
+    table = TitleTable.build(tok, titles)
+    rng = np.random.default_rng(0)
+    history = rng.integers(0, len(titles), (9, 5))
+    length = rng.integers(0, 6, 9)
+    history[np.arange(5)[None, :] >= length[:, None]] = len(titles)  # padding id
+    candidates, target = rng.integers(0, len(titles), (9, 3)), rng.integers(0, len(titles), 9)
+    for with_answer in (True, False):
+        collator = PromptCollator(tok, load_template("music"), table, ph, with_answer=with_answer)
+        built = collator.build(history, length, candidates, target if with_answer else None)
+        counts = collator.token_counts(history, length, candidates, target if with_answer else None)
+        assert torch.equal(counts, built.attention_mask.sum(1))
+
+
+def _padded_tokens(order: np.ndarray, lengths: np.ndarray, b: int) -> int:
+    return sum(int(lengths[order[i : i + b]].max()) * len(order[i : i + b]) for i in range(0, len(order), b))
+
+
+@pytest.mark.parametrize("n", [1, 7, 64 * 4, 64 * 4 * 2 + 13])
+def test_length_grouped_batches_are_length_sorted_windows_shuffled(n: int) -> None:
+    b = 4
+    rng = np.random.default_rng(n)
+    lengths = rng.integers(50, 300, n)
+    order = rng.permutation(n)
+    grouped = length_grouped(order, lengths, b, np.random.default_rng(1))
+    assert sorted(grouped.tolist()) == list(range(n))  # same samples, each once
+    # reference: each window of the permutation, sorted longest first and cut into batches
+    window = GROUP_WINDOW * b
+    expected = []
+    for w in range(0, n, window):
+        part = order[w : w + window]
+        part = part[np.argsort(-lengths[part], kind="stable")]
+        expected += [tuple(part[i : i + b]) for i in range(0, len(part), b)]
+    got = [tuple(grouped[i : i + b]) for i in range(0, n, b)]
+    assert sorted(got) == sorted(expected)
+    if n % b:
+        assert got[-1] == expected[-1]  # the partial batch stays last
+    assert _padded_tokens(grouped, lengths, b) <= _padded_tokens(order, lengths, b)
+
+
+def test_the_plan_groups_only_when_asked() -> None:
+    cfg = TeacherConfig(batch_size=8, seed=2)
+    lengths = np.random.default_rng(0).integers(10, 100, 300)
+    plain = epoch_plan(300, cfg, 0, 0, 100)
+    grouped = epoch_plan(300, cfg, 0, 0, 100, lengths)
+    flat = lambda plan: np.concatenate([idx for idx, _ in plan])  # noqa: E731
+    assert sorted(flat(plain).tolist()) == sorted(flat(grouped).tolist()) == list(range(300))
+    assert not np.array_equal(flat(plain), flat(grouped))
+    spread = lambda plan: np.mean([np.ptp(lengths[idx]) for idx, _ in plan])  # noqa: E731
+    assert spread(grouped) < spread(plain) / 4
+    # the curriculum flags are drawn per step, not per sample: the same in both plans
+    assert all(np.array_equal(f1, f2) for (_, f1), (_, f2) in zip(plain, grouped, strict=True))
