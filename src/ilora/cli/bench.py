@@ -24,6 +24,7 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
 def run_bench_command(args: argparse.Namespace) -> int:
     from ilora.bench import benchmark_module
     from ilora.bench.common import check_device, record_markdown
+    from ilora.errors import ConfigError
 
     device = check_device(args.device)
     module = benchmark_module(args.benchmark)
@@ -41,6 +42,13 @@ def run_bench_command(args: argparse.Namespace) -> int:
         )
     if args.benchmark == "eval" and args.samples:
         kwargs["num_samples"] = args.samples
+    if args.benchmark == "export":
+        for key in ("repeats", "warmup", "budget_s"):
+            if kwargs.pop(key, None) is not None:
+                raise ConfigError(f"bench export: --{key.replace('_', '-')} does not apply (one export, not repeated rounds)")
+        kwargs.update(samples=args.samples, threads=args.threads)
+    if args.benchmark == "grouping":
+        kwargs.update(data=args.data, allow_pickle=args.allow_pickle)
     result = module.run_bench(device, **kwargs)
     if args.note:
         result["note"] = args.note
@@ -64,11 +72,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bench",
         help="benchmark our fast paths against the research code's formulations",
         description="Run one benchmark: inputs (batch assembly + placeholder substitution), adapter (one gated LoRA "
-        "layer), step (a full teacher training step), eval (candidate scoring vs generation). Variants run "
-        "interleaved after warm-up; medians are reported. The result (one JSON object with --json) is appended "
-        "to bench/RESULTS.md when that directory exists.",
+        "layer), step (a full teacher training step), eval (candidate scoring vs generation), export (teacher-output "
+        "export throughput and RSS over a 1M-sample synthetic export), grouping (length-grouped batches vs plain order). Variants run interleaved after warm-up; medians "
+        "are reported. The result (one JSON object with --json) is appended to bench/RESULTS.md when that directory exists.",
     )
-    p.add_argument("benchmark", metavar="NAME", choices=("inputs", "adapter", "step", "eval"), help="inputs, adapter, step or eval")
+    p.add_argument("benchmark", metavar="NAME", choices=("inputs", "adapter", "step", "eval", "export", "grouping"), help="inputs, adapter, step, eval, export or grouping")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (CI smoke run)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu (default) or cuda")
     p.add_argument("--repeats", type=int, default=None, metavar="N", help="measured rounds per variant (default per benchmark)")
@@ -83,7 +91,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="step: samples per step (default 8)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="step: recompute decoder layers in backward")
     p.add_argument("--compile", action="store_true", help="step: torch.compile each decoder layer")
-    p.add_argument("--samples", type=int, default=None, metavar="N", help="eval: samples to evaluate (default 64; 16 with --quick)")
+    p.add_argument(
+        "--samples", type=int, default=None, metavar="N",
+        help="eval: samples to evaluate (default 64; 16 with --quick); export: samples to export (default 1,000,000; 20,000 with --quick)",
+    )
+    p.add_argument("--threads", type=int, default=None, metavar="N", help="export: torch intra-op threads for the run (default: torch's)")
+    p.add_argument("--data", default=None, metavar="DIR", help="grouping: dataset whose train split is measured (default: the built-in synthetic one)")
+    p.add_argument("--allow-pickle", action="store_true", help="grouping: allow reading --data's pandas pickles (.df; untrusted input)")
     p.add_argument("--results", default=None, metavar="FILE", help=f"append the result here (default {DEFAULT_RESULTS} if bench/ exists)")
     p.add_argument("--no-record", action="store_true", help="do not append the result to any file")
     p.add_argument("--note", default=None, help="a note recorded with the result (e.g. 'shared machine')")
