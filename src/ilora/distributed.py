@@ -78,6 +78,13 @@ class Dist:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def broadcast_tensors(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Overwrite ``tensors`` in place with rank 0's values."""
+        if self.enabled:
+            with torch.no_grad():
+                for t in tensors:
+                    dist.broadcast(t.data, src=0)
+
     def _device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
@@ -107,7 +114,10 @@ def init_from_env(device: str) -> Dist:
             raise ConfigError(f"rank {rank}: LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} CUDA device(s)")
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        if device == "cuda":  # bound to this rank's GPU, so that collectives never guess it
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group("gloo")
     if dist.get_world_size() != world or dist.get_rank() != rank:
         raise ConfigError(f"process group (rank {dist.get_rank()} of {dist.get_world_size()}) disagrees with RANK={rank} WORLD_SIZE={world}")
     return Dist(rank=rank, world_size=world, local_rank=local_rank)

@@ -27,7 +27,7 @@ from ilora.distributed import SINGLE, Dist
 from ilora.teacher.train import rank_micro_batches
 
 REPO = Path(__file__).resolve().parents[2]
-LOSS_RTOL = 1e-5  # per-step loss, 2 ranks vs 1 process (float32 sums in another order)
+LOSS_RTOL = 1e-5  # per-step loss and gradient norm, 2 ranks vs 1 process (float32 sums in another order)
 WEIGHT_ATOL = 1e-5  # final trained tensors after 6 AdamW steps at lr 7e-4
 
 # 88 train samples; batch 16 -> 6 steps, the last one of 8 samples.
@@ -57,9 +57,16 @@ def ilora(args: list[str], ranks: int = 1, log: Path | None = None) -> dict:
     return json.loads(proc.stdout)
 
 
-def losses(run_dir: Path) -> list[float]:
+def losses(run_dir: Path, column: str = "loss") -> list[float]:
     with (run_dir / "train_steps.csv").open(newline="") as fh:
-        return [float(row["loss"]) for row in csv.DictReader(fh)]
+        return [float(row[column]) for row in csv.DictReader(fh)]
+
+
+def assert_same_trajectory(run: Path, reference: Path) -> None:
+    """Per-step loss and gradient norm (before clipping: a wrong gradient scale shows here,
+    where AdamW's scale invariance would hide it in the weights)."""
+    for column in ("loss", "grad_norm"):
+        np.testing.assert_allclose(losses(run, column), losses(reference, column), rtol=LOSS_RTOL, atol=0, err_msg=column)
 
 
 def assert_close_tensors(a: Path, b: Path, atol: float) -> None:
@@ -126,7 +133,7 @@ def test_two_ranks_train_the_same_teacher_as_one_process(work, single_teacher, t
     two = tmp_path / "teacher_2"
     result = ilora(["teacher", "train", str(work / "data"), "--rec", str(work / "rec"), "--out", str(two), *TRAIN], ranks=2)
     assert result["world_size"] == 2 and ref["world_size"] == 1 and result["steps"] == ref["steps"] == 6
-    np.testing.assert_allclose(losses(two), losses(one), rtol=LOSS_RTOL, atol=0)
+    assert_same_trajectory(two, one)
     assert_same_teacher(one, two)
     for key in ("hr@1", "mrr", "mean_target_logprob"):
         assert result["best_val"][key] == pytest.approx(ref["best_val"][key], rel=1e-5, abs=1e-6)
@@ -143,7 +150,7 @@ def test_a_rank_left_without_samples_still_matches(work, tmp_path) -> None:
     ilora([*base, "--out", str(tmp_path / "one"), *args])
     ilora([*base, "--out", str(tmp_path / "two"), *args], ranks=2)
     assert len(losses(tmp_path / "one")) == 4
-    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=LOSS_RTOL, atol=0)
+    assert_same_trajectory(tmp_path / "two", tmp_path / "one")
     assert_same_teacher(tmp_path / "one", tmp_path / "two")
 
 
@@ -162,7 +169,7 @@ def test_a_two_rank_run_resumes_in_one_process(work, single_teacher, tmp_path) -
     (out / "train_summary.json").unlink()
     resumed = ilora([*args, "--resume"])
     assert resumed["resumed_from"] == 2 and resumed["steps"] == 6 and resumed["world_size"] == 1
-    np.testing.assert_allclose(losses(out), losses(one), rtol=LOSS_RTOL, atol=0)
+    assert_same_trajectory(out, one)
     assert_same_teacher(one, out)
 
 
@@ -202,3 +209,12 @@ def test_two_rank_eval_gives_the_metrics_of_one_process(work, single_teacher) ->
     teacher, _ = single_teacher
     args = ["teacher", "eval", str(work / "data"), "--teacher", str(teacher), "--split", "test", "--candidates", "5", "--batch-size", "2"]
     assert ilora(args, ranks=2) == ilora(args)
+
+
+def test_commands_that_are_not_data_parallel_refuse_torchrun(work, monkeypatch, capsys) -> None:
+    """Under torchrun a single-process command would run as N copies writing one --out: refused."""
+    from ilora.cli.main import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["rec", "train", str(work / "data"), "--out", str(work / "never")]) == 2
+    assert "does not run data-parallel" in capsys.readouterr().err and not (work / "never").exists()

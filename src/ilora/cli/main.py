@@ -65,6 +65,18 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def refuse_unsupported_torchrun(args: argparse.Namespace) -> None:
+    """Under torchrun (WORLD_SIZE > 1) only commands that set ``distributed=True`` may run:
+    any other would run as N independent copies writing into the same output."""
+    from ilora.distributed import launched_by_torchrun
+
+    if launched_by_torchrun() and not getattr(args, "distributed", False):
+        raise IloraError(
+            f"`ilora {args.command}` does not run data-parallel; under torchrun only `teacher train`, `teacher eval` and "
+            "`teacher export` do (start other commands as one process)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -72,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_arguments(parser, argv)
     try:
+        refuse_unsupported_torchrun(args)
         result = args.run(args)
     except (IloraError, OSError) as exc:
         if debug:

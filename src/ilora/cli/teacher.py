@@ -134,7 +134,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_json_argument(train)
     add_arguments(train, TeacherConfig)
     add_config_arguments(train)
-    train.set_defaults(run=run_train)
+    train.set_defaults(run=run_train, distributed=True)
 
     ev = sub.add_parser(
         "eval",
@@ -155,7 +155,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device [default: cpu]")
     ev.add_argument("--out", default=None, metavar="DIR", help="also write the metrics and the candidate sets used here")
     add_json_argument(ev)
-    ev.set_defaults(run=run_eval)
+    ev.set_defaults(run=run_eval, distributed=True)
 
     ex = sub.add_parser(
         "export",
@@ -180,4 +180,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ex.add_argument("--limit", type=int, default=0, metavar="N", help="export only the first N samples of each split (0: all; smoke runs)")
     ex.add_argument("--overwrite", action="store_true", help="replace an export of another teacher, dataset or options in --out")
     add_json_argument(ex)
-    ex.set_defaults(run=run_export)
+    ex.set_defaults(run=run_export, distributed=True)

@@ -194,10 +194,16 @@ def load_llm(name_or_path: str | Path, *, device: str | torch.device, dtype: tor
         raise IloraError(f"{source}: an LLM must be a directory with config.json, not a file")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": offline}
+    target = torch.device(device)
+    if target.type == "cuda":  # weights straight onto the GPU: no full host copy per process (torchrun)
+        index = torch.cuda.current_device() if target.index is None else target.index
+        placement = {"device_map": {"": f"cuda:{index}"}}
+    else:
+        placement = {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
-            str(local) if local.is_dir() else source, dtype=dtype or default_dtype(device), **kwargs
+            str(local) if local.is_dir() else source, dtype=dtype or default_dtype(device), **placement, **kwargs
         )
     except (OSError, ValueError) as err:
         raise IloraError(

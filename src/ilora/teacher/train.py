@@ -17,9 +17,11 @@ r takes the r-th contiguous share of each global batch (`rank_micro_batches`) an
 all-reduces the gradient once per step; a rank left without samples by a short last
 step runs one sample with weight 0 so that it still joins the all-reduce. Only rank 0
 writes logs, checkpoints and the teacher; a checkpoint holds the global position, so a
-run resumes with the same or another number of ranks. Validation is split across ranks
-by batches and gathered (`evaluate_teacher`). LoRA dropout draws per rank, so with
-dropout > 0 the masks (not the expected update) differ from a single-process run.
+run resumes with the same or another number of ranks (bit for bit, as above, only in one
+process: ranks other than 0 re-seed their dropout stream from the resumed step).
+Validation is split across ranks by batches and gathered (`evaluate_teacher`). LoRA
+dropout draws per rank, so with dropout > 0 the masks (not the expected update) differ
+from a single-process run.
 Validation by the score protocol after every epoch; the best checkpoint by
 ``select_metric`` on validation only is written to ``out_dir`` (with the last
 optimiser/scheduler/RNG state in ``out_dir/trainer_state.*``).
@@ -175,7 +177,8 @@ def answer_tokens(batch) -> int:
 def wrap_for_training(teacher, ctx: Dist) -> torch.nn.Module:
     """`SummedLoss` of the teacher, in ``DistributedDataParallel`` when there are several ranks.
 
-    Only parameters with ``requires_grad`` (adapters, gate, projector) are synchronised.
+    Only parameters with ``requires_grad`` (adapters, gate, projector) are synchronised:
+    rank 0's values are broadcast once here, and gradients are all-reduced every step.
     ``find_unused_parameters``: a micro-batch of text-only prompts does not use the
     projector; a parameter no rank used in a step keeps no gradient, as in one process.
     """
@@ -184,7 +187,10 @@ def wrap_for_training(teacher, ctx: Dist) -> torch.nn.Module:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
-    return DistributedDataParallel(model, find_unused_parameters=True, broadcast_buffers=False)
+    # Only the trainable tensors are sent from rank 0 (not DDP's default of every parameter
+    # and buffer: the frozen base is loaded identically on every rank, ~14 GB at 7B).
+    ctx.broadcast_tensors([q for q in teacher.parameters() if q.requires_grad])
+    return DistributedDataParallel(model, find_unused_parameters=True, broadcast_buffers=False, init_sync=False)
 
 
 def seed_rank_streams(cfg: TeacherConfig, ctx: Dist, step: int) -> None:
@@ -330,8 +336,14 @@ def train_teacher(
             return checkpoints.save(step, state(progress, rng))
         return checkpoints.path_for(step)
 
+    def save_last_good() -> Path:
+        """Before a non-finite step stops the run: every rank waits until rank 0 has written it."""
+        path = save_checkpoint(p["step"], before["progress"], before["rng"])
+        ctx.barrier()
+        return path
+
     before: dict = {}
-    guard = NonFiniteGuard(cfg.skip_nonfinite, lambda: save_checkpoint(p["step"], before["progress"], before["rng"]))
+    guard = NonFiniteGuard(cfg.skip_nonfinite, save_last_good)
     guard.skipped = p["skipped"]
     all_params = [q for g in groups for q in g["params"]]
     micro = cfg.micro_batch_size or cfg.batch_size
@@ -358,9 +370,14 @@ def train_teacher(
         for k in range(p["position"], len(plan)):
             before = {"progress": json.loads(json.dumps(p)), "rng": rng_state()}
             started = time.perf_counter()
-            micro_batches = [(next(batches).to(cfg.device, non_blocking=True), counts) for _, _, counts in mine[k]]
+            micro_batches = [(next(batches), counts) for _, _, counts in mine[k]]
+            # counted on the CPU, before the copy: no device sync
+            targets = sum(answer_tokens(b) for b, counts in micro_batches if counts)
+            tokens = sum(int(b.attention_mask.sum()) for b, counts in micro_batches if counts)
+            micro_batches = [(b.to(cfg.device, non_blocking=True), counts) for b, counts in micro_batches]
             n_step = len(plan[k][0])
-            total_loss, tokens, targets = step_forward_backward(model, micro_batches, autocast, ctx)
+            total_loss, global_targets = step_forward_backward(model, micro_batches, targets, autocast, ctx)
+            tokens = int(ctx.sum(tokens))
             grad_norm = torch.nn.utils.clip_grad_norm_(all_params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             if guard.ok(p["step"] + 1, total_loss, float(grad_norm), f" (epoch {epoch + 1})"):
                 optimizer.step()
@@ -412,26 +429,27 @@ def train_teacher(
     return summary
 
 
-def step_forward_backward(model: torch.nn.Module, micro_batches: list, autocast, ctx: Dist) -> tuple[float, int, int]:
+def step_forward_backward(model: torch.nn.Module, micro_batches: list, targets: int, autocast, ctx: Dist) -> tuple[float, int]:
     """Forward and backward of one optimiser step's micro-batches on this rank.
 
-    Each micro-batch's summed answer-token loss is divided by the number of answer tokens
-    of the whole global batch (all ranks), times the number of ranks (DDP averages the
-    ranks' gradients): the gradient is that of the global batch's mean token loss. With
-    DDP the gradient all-reduce runs once, in the last micro-batch's backward. Returns the
-    global mean loss, and the global counts of tokens and answer tokens.
+    ``targets``: this rank's answer tokens in the micro-batches that count. Each
+    micro-batch's summed answer-token loss is divided by the answer tokens of the whole
+    global batch (all ranks), times the number of ranks (DDP averages the ranks'
+    gradients): the gradient is that of the global batch's mean token loss. With DDP the
+    gradient all-reduce runs once, in the last micro-batch's backward. Returns the global
+    mean loss and the global number of answer tokens.
     """
-    targets = ctx.sum(sum(answer_tokens(b) for b, counts in micro_batches if counts))
-    if targets == 0:
+    global_targets = ctx.sum(targets)
+    if global_targets == 0:
         raise IloraError("a training step has no answer tokens (every label is -100)")
-    loss_sum, tokens = 0.0, 0
+    loss_sum = None
     for j, (batch, counts) in enumerate(micro_batches):
         defer_sync = ctx.enabled and j < len(micro_batches) - 1
         with model.no_sync() if defer_sync else contextlib.nullcontext():
             with autocast:
                 summed = model(batch)
-            (summed * (ctx.world_size * float(counts) / targets)).backward()
+            (summed * (ctx.world_size * float(counts) / global_targets)).backward()
         if counts:
-            loss_sum += float(summed.detach())
-            tokens += int(batch.attention_mask.sum())
-    return ctx.sum(loss_sum) / targets, int(ctx.sum(tokens)), int(targets)
+            loss_sum = summed.detach().double() if loss_sum is None else loss_sum + summed.detach().double()
+    local = 0.0 if loss_sum is None else float(loss_sum)  # None: this rank only ran a weight-0 stand-in
+    return ctx.sum(local) / global_targets, int(global_targets)
