@@ -166,6 +166,10 @@ def reference_embeds(setup: InputsSetup, tokens: dict[str, torch.Tensor], sample
     """LLaRA's ``wrap_emb``: project every item, then a per-sample loop of single-row writes."""
     ids = tokens["input_ids"]
     embeds = setup.token_emb(ids)
+    if embeds.is_leaf and embeds.requires_grad:
+        # transformers' gradient checkpointing makes the embedding output a leaf that requires
+        # grad (enable_input_require_grads); in-place row writes need a non-leaf copy
+        embeds = embeds.clone()
     tok = setup.ref_tokenizer
     his_id = tok(HISTORY_TOKEN, return_tensors="pt", add_special_tokens=False).input_ids.item()
     cans_id = tok(CANDIDATE_TOKEN, return_tensors="pt", add_special_tokens=False).input_ids.item()
