@@ -218,3 +218,74 @@ def test_commands_that_are_not_data_parallel_refuse_torchrun(work, monkeypatch, 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["rec", "train", str(work / "data"), "--out", str(work / "never")]) == 2
     assert "does not run data-parallel" in capsys.readouterr().err and not (work / "never").exists()
+
+
+@pytest.mark.slow  # torchrun with 2 processes
+def test_a_one_process_run_resumes_on_two_ranks(work, single_teacher, tmp_path) -> None:
+    one, _ = single_teacher
+    out = tmp_path / "teacher"
+    args = ["teacher", "train", str(work / "data"), "--rec", str(work / "rec"), "--out", str(out), *TRAIN, "--checkpoint-every", "2"]
+    ilora(args)
+    shutil.rmtree(out / "checkpoints" / "step-000000004")
+    (out / "train_summary.json").unlink()
+    resumed = ilora([*args, "--resume"], ranks=2)
+    assert resumed["resumed_from"] == 2 and resumed["world_size"] == 2
+    assert_same_trajectory(out, one)
+    assert_same_teacher(one, out)
+
+
+# rank 1's loss turns NaN at its 3rd call (step 2: micro-batches of 4, 2 per rank and step)
+NAN_ON_RANK_1 = """
+import os, sys
+from ilora.teacher.model import ILoRATeacher
+real, calls = ILoRATeacher.loss, {"n": 0}
+def loss(self, *args, **kwargs):
+    value = real(self, *args, **kwargs)
+    if os.environ["RANK"] == "1" and self.training:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            return value * float("nan")
+    return value
+ILoRATeacher.loss = loss
+from ilora.cli.main import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow  # torchrun with 2 processes
+def test_a_nan_on_one_rank_stops_every_rank_after_the_last_good_checkpoint(work, tmp_path) -> None:
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(NAN_ON_RANK_1)
+    out = tmp_path / "teacher"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "teacher", "train", str(work / "data"), "--rec", str(work / "rec"), "--out", str(out), *TRAIN]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: non-finite loss nan at step 2 (epoch 1)") == 2, proc.stderr[-3000:]  # both ranks
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000000001"]  # written before anyone left
+    assert not (out / "train_summary.json").exists()
+
+
+@pytest.mark.slow  # torchrun with 2 processes
+def test_an_interrupted_two_rank_export_resumes_in_one_process(work, single_teacher, tmp_path) -> None:
+    """Cut a finished 2-rank export back to its first 2 rounds (4 shards listed, one unlisted shard file
+    left behind), resume it in one process: the files of an uninterrupted single-process export."""
+    teacher, _ = single_teacher
+    args = ["teacher", "export", str(work / "data"), "--teacher", str(teacher), "--shard-rows", "10", "--batch-size", "4",
+            "--top-k", "3", "--pool-sasrec", "5", "--pool-candidates", "5"]
+    ilora([*args, "--out", str(tmp_path / "one")])
+    ilora([*args, "--out", str(tmp_path / "two")], ranks=2)
+    manifest_path = tmp_path / "two" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    info = manifest["splits"]["train"]
+    for shard in info["shards"][5:]:
+        (tmp_path / "two" / shard["file"]).unlink()
+    info["shards"], info["rows"], info["complete"] = info["shards"][:4], 40, False  # shard 4 stays on disk, unlisted
+    manifest.pop("dllm2rec", None)
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    resumed = ilora([*args, "--out", str(tmp_path / "two")])
+    assert resumed["written"] == 88 - 40
+    for rel in sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file()):
+        if rel.name != "manifest.json":
+            assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
+    assert json.loads((tmp_path / "one" / "manifest.json").read_text())["splits"] == json.loads(manifest_path.read_text())["splits"]
