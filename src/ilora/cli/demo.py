@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="run the pipeline on the embedded synthetic default (offline, CPU)",
         description="`ilora run` with the embedded default: synthetic data -> SASRec -> tiny iLoRA teacher -> "
-        "evaluation (and, as they land, teacher outputs and distillation). Prints the final table.",
+        "evaluation -> teacher outputs -> baseline and distilled SASRec students. Prints the final table.",
     )
     p.add_argument("--out", default="demo_out", metavar="DIR", help="run directory [default: demo_out]")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="change the default, e.g. teacher.max_steps=50")
