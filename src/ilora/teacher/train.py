@@ -376,7 +376,7 @@ def train_teacher(
             tokens = sum(int(b.attention_mask.sum()) for b, counts in micro_batches if counts)
             micro_batches = [(b.to(cfg.device, non_blocking=True), counts) for b, counts in micro_batches]
             n_step = len(plan[k][0])
-            total_loss, global_targets = step_forward_backward(model, micro_batches, targets, autocast, ctx)
+            total_loss = step_forward_backward(model, micro_batches, targets, autocast, ctx)
             tokens = int(ctx.sum(tokens))
             grad_norm = torch.nn.utils.clip_grad_norm_(all_params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             if guard.ok(p["step"] + 1, total_loss, float(grad_norm), f" (epoch {epoch + 1})"):
@@ -429,7 +429,7 @@ def train_teacher(
     return summary
 
 
-def step_forward_backward(model: torch.nn.Module, micro_batches: list, targets: int, autocast, ctx: Dist) -> tuple[float, int]:
+def step_forward_backward(model: torch.nn.Module, micro_batches: list, targets: int, autocast, ctx: Dist) -> float:
     """Forward and backward of one optimiser step's micro-batches on this rank.
 
     ``targets``: this rank's answer tokens in the micro-batches that count. Each
@@ -437,7 +437,7 @@ def step_forward_backward(model: torch.nn.Module, micro_batches: list, targets: 
     global batch (all ranks), times the number of ranks (DDP averages the ranks'
     gradients): the gradient is that of the global batch's mean token loss. With DDP the
     gradient all-reduce runs once, in the last micro-batch's backward. Returns the global
-    mean loss and the global number of answer tokens.
+    batch's mean token loss.
     """
     global_targets = ctx.sum(targets)
     if global_targets == 0:
@@ -452,4 +452,4 @@ def step_forward_backward(model: torch.nn.Module, micro_batches: list, targets: 
         if counts:
             loss_sum = summed.detach().double() if loss_sum is None else loss_sum + summed.detach().double()
     local = 0.0 if loss_sum is None else float(loss_sum)  # None: this rank only ran a weight-0 stand-in
-    return ctx.sum(local) / global_targets, int(global_targets)
+    return ctx.sum(local) / global_targets
