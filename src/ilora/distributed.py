@@ -6,8 +6,10 @@ A run started by ``torchrun`` (one process per GPU, on one or several nodes) fin
 `Dist`, the one object the trainers and the export receive to know their rank. Nothing
 here is global: code that is not given a `Dist` runs as a single process (`SINGLE`).
 
-Work is split into contiguous, rank-ordered chunks (`Dist.chunk`), so that gathering the
-chunks in rank order (`Dist.gather`) restores the single-process order.
+Training batches and evaluation batches are split into contiguous, rank-ordered chunks
+(`Dist.chunk`), so that gathering them in rank order (`Dist.gather`) restores the
+single-process order; the export deals whole shards round-robin instead
+(`ilora.outputs.export.export_split`).
 """
 
 from __future__ import annotations

@@ -25,11 +25,11 @@ MIB = 2**20
 # -- memory bookkeeping ------------------------------------------------------------------------
 
 
-def test_memory_summary_uses_the_quarter_shard_and_the_threshold():
+def test_memory_summary_uses_median_windows_and_the_row_allowance():
     # 10 shards of 100 rows (1,000 samples): the quarter shard is the 3rd (300 rows >= 250)
     rows = [100 * (i + 1) for i in range(10)]
     flat = [500 * MIB, 520 * MIB, 530 * MIB, 528 * MIB, 531 * MIB, 529 * MIB, 530 * MIB, 532 * MIB, 530 * MIB, 534 * MIB]
-    m = export_bench.memory_summary(400 * MIB, rows, flat, 536 * MIB, 600 * MIB, 1000)
+    m = export_bench.memory_summary(400 * MIB, rows, flat, 536 * MIB, 600 * MIB, 1000, 136)
     assert m["quarter_shard"] == 2
     assert m["rss_start_mib"] == 400 and m["rss_first_shard_mib"] == 500 and m["rss_quarter_shard_mib"] == 530
     assert m["rss_last_shard_mib"] == 534 and m["rss_max_over_shards_mib"] == 534 and m["rss_end_mib"] == 536
@@ -38,22 +38,26 @@ def test_memory_summary_uses_the_quarter_shard_and_the_threshold():
     assert m["growth_mib"] == 3 and m["growth_span_samples"] == 900 - 350
     assert m["growth_mib_per_100k_samples"] == pytest.approx(3 / 550 * 1e5)
     assert m["retained_bytes_per_sample"] == pytest.approx(3 * MIB / 550)
-    assert m["flat"] is True and m["rss_by_shard_mib"] == [v / MIB for v in flat]
-    # a leak of 136 bytes per sample (every row kept) over 1M samples in 8,192-row shards fails
+    assert m["rss_by_shard_mib"] == [v / MIB for v in flat]
+    # 550 samples x 136 B / 4 is far below the RSS noise floor: no verdict
+    assert m["allowed_growth_mib"] == pytest.approx(550 * 136 / 4 / MIB) and m["flat"] is None
+    # 1M samples in 8,192-row shards: a leak of 136 bytes per sample (every row kept) fails ...
     n, shard = 1_000_000, 8192
     rows = [min((i + 1) * shard, n) for i in range(math.ceil(n / shard))]
     leak = [450 * MIB + 136 * r for r in rows]
-    m = export_bench.memory_summary(450 * MIB, rows, leak, leak[-1], leak[-1], n)
+    m = export_bench.memory_summary(450 * MIB, rows, leak, leak[-1], leak[-1], n, 136)
     assert rows[m["quarter_shard"]] >= n / 4 > rows[m["quarter_shard"] - 1]
     assert m["flat"] is False and m["retained_bytes_per_sample"] == pytest.approx(136, rel=0.01)
-    # one spike at the last shard is not growth
-    spiky = flat[:-1] + [560 * MIB]
-    assert export_bench.memory_summary(400 * MIB, [100 * (i + 1) for i in range(10)], spiky, 536 * MIB, 600 * MIB, 1000)["flat"] is True
+    # ... and so does 40 B per sample (over a quarter of a row); noise of a few MiB and one spike at the last shard pass
+    quarter_leak = [450 * MIB + 40 * r for r in rows]
+    assert export_bench.memory_summary(450 * MIB, rows, quarter_leak, 0, 0, n, 136)["flat"] is False
+    noisy = [450 * MIB + (i % 3) * 2 * MIB for i in range(len(rows) - 1)] + [480 * MIB]
+    assert export_bench.memory_summary(450 * MIB, rows, noisy, 0, 0, n, 136)["flat"] is True
 
 
 def test_memory_summary_refuses_missing_samples():
     with pytest.raises(IloraError, match="RSS samples"):
-        export_bench.memory_summary(1, [], [], 1, 1, 10)
+        export_bench.memory_summary(1, [], [], 1, 1, 10, 136)
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")

@@ -289,6 +289,11 @@ def memory(setup: InputsSetup, samples: dict[str, torch.Tensor]) -> dict[str, di
 # -- the benchmark ---------------------------------------------------------------------------
 
 
+def beyond(reference: float, ours: float, shared: float) -> float | None:
+    """(reference - shared) / (ours - shared); None when timing noise puts ours at or below the shared part."""
+    return (reference - shared) / (ours - shared) if ours > shared else None
+
+
 def run_bench(
     device: torch.device,
     *,
@@ -345,7 +350,7 @@ def run_bench(
                 "placeholders_per_sample": HISTORY_ITEMS + CANDIDATES,
                 **summary,
                 "ratio": times["reference"].median / times["ours"].median,
-                "ratio_beyond_projector": (times["reference"].median - shared) / max(times["ours"].median - shared, 1e-9),
+                "ratio_beyond_projector": beyond(times["reference"].median, times["ours"].median, shared),
                 "memory": memory(setup, samples),
             }
         )
@@ -387,7 +392,8 @@ def markdown_table(result: dict[str, Any]) -> list[str]:
             f"| {r['batch_size']} | {r['tokens_per_sample']:.0f} "
             f"| {ms(r['reference']['median_s'])} ({ms(rp.get('tokenise'))} / {ms(rp.get('substitute'))} / {ms(rp.get('backward'))}) "
             f"| {ms(r['ours']['median_s'])} ({ms(op.get('assemble'))} / {ms(op.get('substitute'))} / {ms(op.get('backward'))}) "
-            f"| {ms(r['projector']['median_s'])} | {r['ratio']:.1f} | {r['ratio_beyond_projector']:.1f} "
+            f"| {ms(r['projector']['median_s'])} | {r['ratio']:.1f} | "
+            f"{'-' if r['ratio_beyond_projector'] is None else format(r['ratio_beyond_projector'], '.1f')} "
             f"| {mib(mem['reference']['saved_activation_bytes'])} / {mib(mem['ours']['saved_activation_bytes'])} |"
         )
     return lines

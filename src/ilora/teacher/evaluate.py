@@ -1,12 +1,15 @@
 """Teacher evaluation: the score protocol and the generate protocol (iLoRA/LLaRA).
 
 * score (default): every candidate's exact answer log-likelihood; the candidates are
-  ranked by it (ties never favour the target). Reports ``hr@1``, ``ndcg@5``,
+  ranked by it (ties never favour the target). Reports ``hr@1``, ``hr@5``, ``ndcg@5``,
   ``ndcg@10``, ``mrr``, ``mean_target_logprob`` and ``valid_ratio`` = 1.
 * generate: greedy generation, then the reference rule: an output is *valid* if exactly
   one candidate title occurs in it (case-insensitive substring, first line only).
   ``valid_ratio`` = valid / all; ``hr@1`` = correct / valid (the iLoRA/LLaRA
   definition, which ignores invalid outputs) and ``hr@1_all`` = correct / all.
+
+Given a `Dist` of several ranks, each scores (or generates for) a contiguous share of the
+batches and every rank gets the gathered results, in sample order.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ r takes the r-th contiguous share of each global batch (`rank_micro_batches`) an
 all-reduces the gradient once per step; a rank left without samples by a short last
 step runs one sample with weight 0 so that it still joins the all-reduce. Only rank 0
 writes logs, checkpoints and the teacher; a checkpoint holds the global position, so a
-run resumes with the same or another number of ranks (bit for bit, as above, only in one
+run resumes with the same or another number of ranks (bit for bit, as described below, only in one
 process: ranks other than 0 re-seed their dropout stream from the resumed step).
 Validation is split across ranks by batches and gathered (`evaluate_teacher`). LoRA
 dropout draws per rank, so with dropout > 0 the masks (not the expected update) differ
