@@ -71,14 +71,16 @@ def rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of `rng_state` (the CUDA part only where CUDA is available)."""
+    """Inverse of `rng_state` (the CUDA part only where CUDA is available, for the devices both
+    the saving and this machine have: a run may resume on a node with fewer or more GPUs)."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     npst = state["numpy"]
     np.random.set_state((npst["name"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["gauss"]))
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and "cuda" in state:
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
+        for device, cuda_state in enumerate(list(state["cuda"])[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, device)
 
 
 # -- configuration check on resume ----------------------------------------------------------------
