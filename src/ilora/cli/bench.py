@@ -21,6 +21,16 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def run_bench_command(args: argparse.Namespace) -> int:
     from ilora.bench import benchmark_module
     from ilora.bench.common import check_device, record_markdown
@@ -37,9 +47,9 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if args.benchmark == "inputs" and args.batch_sizes:
         kwargs["batch_sizes"] = args.batch_sizes
     if args.benchmark == "step":
-        kwargs.update(
-            shape=args.shape, batch_size=args.batch_size, gradient_checkpointing=args.gradient_checkpointing, compile_layers=args.compile
-        )
+        kwargs.update(shape=args.shape, gradient_checkpointing=args.gradient_checkpointing, compile_layers=args.compile)
+    if args.benchmark in ("step", "grouping") and args.batch_size:
+        kwargs["batch_size"] = args.batch_size
     if args.benchmark == "eval" and args.samples:
         kwargs["num_samples"] = args.samples
     if args.benchmark == "export":
@@ -88,7 +98,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=int, default=None, metavar="H", help="inputs/adapter: hidden size (default 4096; 1024 with --quick)")
     p.add_argument("--batch-sizes", type=_batch_sizes, default=None, metavar="B,B", help="inputs: batch sizes (default 8,32,128 on CUDA, 8,32 on CPU)")
     p.add_argument("--shape", default=None, choices=("tiny", "tiny-quick", "1b", "7b"), help="step: model shape (default tiny; 1b/7b on CUDA)")
-    p.add_argument("--batch-size", type=int, default=8, metavar="B", help="step: samples per step (default 8)")
+    p.add_argument("--batch-size", type=_positive, default=None, metavar="B", help="step: samples per step (default 8); grouping: batch size (default 16)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="step: recompute decoder layers in backward")
     p.add_argument("--compile", action="store_true", help="step: torch.compile each decoder layer")
     p.add_argument(
