@@ -23,7 +23,6 @@ this module also provides the pieces they share: every RNG's state (`rng_state`,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 
 from ilora.errors import IloraError
-from ilora.state_io import load_state, save_state
+from ilora.state_io import file_sha256, fsync_file, load_state, read_json, save_state
 
 log = logging.getLogger(__name__)
 
@@ -104,25 +103,12 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any], where: P
 # -- checkpoint directories ---------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
 
 
 def verify_checkpoint(path: Path) -> int:
@@ -133,11 +119,8 @@ def verify_checkpoint(path: Path) -> int:
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise IloraError(f"{path}: no {MANIFEST} (incomplete checkpoint)")
-    try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IloraError(f"{manifest_path}: not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+    manifest = read_json(manifest_path, MANIFEST)
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
         raise IloraError(f"{manifest_path}: not an {FORMAT} manifest of version {VERSION}")
     if manifest.get("step") != int(match.group(1)):
         raise IloraError(f"{manifest_path}: records step {manifest.get('step')}, the directory is {path.name}")
@@ -148,7 +131,7 @@ def verify_checkpoint(path: Path) -> int:
         file = path / name
         if not file.is_file():
             raise IloraError(f"{file}: listed in the manifest but missing")
-        if file.stat().st_size != info.get("bytes") or _sha256(file) != info.get("sha256"):
+        if file.stat().st_size != info.get("bytes") or file_sha256(file) != info.get("sha256"):
             raise IloraError(f"{file}: size or sha256 differs from the manifest (corrupt checkpoint)")
     return int(manifest["step"])
 
@@ -206,8 +189,8 @@ class CheckpointManager:
         save_state(state, tmp / _STATE)
         files = {}
         for file in sorted(p for p in tmp.iterdir() if p.is_file()):
-            _fsync_file(file)
-            files[file.name] = {"sha256": _sha256(file), "bytes": file.stat().st_size}
+            fsync_file(file)
+            files[file.name] = {"sha256": file_sha256(file), "bytes": file.stat().st_size}
         manifest = {"format": FORMAT, "version": VERSION, "step": step, "files": files}
         with open(tmp / MANIFEST, "w", encoding="utf-8") as fh:
             fh.write(json.dumps(manifest, indent=2))

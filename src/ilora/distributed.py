@@ -14,8 +14,9 @@ single-process order; the export deals whole shards round-robin instead
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -129,3 +130,14 @@ def shutdown(ctx: Dist) -> None:
     """Leave the process group (at the end of a command)."""
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[Dist]:
+    """A command's `Dist`: joins the process group when started by torchrun (`init_from_env`),
+    leaves it at the end (`shutdown`)."""
+    ctx = init_from_env(device)
+    try:
+        yield ctx
+    finally:
+        shutdown(ctx)

@@ -9,6 +9,7 @@ atomic (temporary file, fsync, rename).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -116,6 +117,21 @@ def load_state(path_stem: str | Path) -> Any:
     except json.JSONDecodeError as exc:
         raise IloraError(f"{js}: not valid JSON ({exc})") from None
     return _unflatten(skeleton, load_file(str(st)))
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_file(path: str | Path) -> None:
+    """Flush a written file's data to disk (before renaming it into place)."""
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
 
 
 def read_json(path: str | Path, what: str = "file") -> dict[str, Any]:

@@ -40,6 +40,7 @@ with. ``ratio`` is RSS at the last shard / RSS after the first shard (1.0 = no g
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import os
@@ -264,15 +265,12 @@ def run_bench(
         t0 = time.perf_counter()
         dataset = synthetic_dataset(samples)
         data_s = time.perf_counter() - t0
-        if out_dir is not None:
-            work = Path(out_dir)
+        keep = contextlib.nullcontext(out_dir) if out_dir is not None else tempfile.TemporaryDirectory(prefix="ilora-bench-export-")
+        with keep as root:
+            work = Path(root)
             work.mkdir(parents=True, exist_ok=True)
             export, memory, timings = run_export(dataset, work, device, shard_rows, batch_size)
             disk = directory_bytes(work / "out")
-        else:
-            with tempfile.TemporaryDirectory(prefix="ilora-bench-export-") as tmp:
-                export, memory, timings = run_export(dataset, Path(tmp), device, shard_rows, batch_size)
-                disk = directory_bytes(Path(tmp) / "out")
         info = machine_info(device)
     finally:
         torch.set_num_threads(previous_threads)

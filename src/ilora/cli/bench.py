@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ilora.cli.common import add_json_argument, print_json
+from ilora.cli.common import add_json_argument, positive_int, print_json
 
 DEFAULT_RESULTS = Path("bench") / "RESULTS.md"
 
@@ -19,16 +19,6 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
     return sizes
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
@@ -98,7 +88,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=int, default=None, metavar="H", help="inputs/adapter: hidden size (default 4096; 1024 with --quick)")
     p.add_argument("--batch-sizes", type=_batch_sizes, default=None, metavar="B,B", help="inputs: batch sizes (default 8,32,128 on CUDA, 8,32 on CPU)")
     p.add_argument("--shape", default=None, choices=("tiny", "tiny-quick", "1b", "7b"), help="step: model shape (default tiny; 1b/7b on CUDA)")
-    p.add_argument("--batch-size", type=_positive, default=None, metavar="B", help="step: samples per step (default 8); grouping: batch size (default 16)")
+    p.add_argument("--batch-size", type=positive_int, default=None, metavar="B", help="step: samples per step (default 8); grouping: batch size (default 16)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="step: recompute decoder layers in backward")
     p.add_argument("--compile", action="store_true", help="step: torch.compile each decoder layer")
     p.add_argument(

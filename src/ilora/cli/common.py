@@ -44,7 +44,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--min-len",
-        type=_positive_int,
+        type=positive_int,
         default=1,
         metavar="N",
         help="drop samples with fewer than N history items, in every split (the iLoRA/LLaRA loaders use 3); "
@@ -52,7 +52,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-len",
-        type=_positive_int,
+        type=positive_int,
         default=10,
         metavar="N",
         help="interactions logs only: each sample's history is at most the N previous items (default 10); "
@@ -67,7 +67,8 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
         value = int(text)
     except ValueError:

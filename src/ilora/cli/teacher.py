@@ -8,28 +8,16 @@ files and prints the result.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 from ilora.cli.common import add_data_arguments, add_json_argument, load_data, print_json
 from ilora.config import add_arguments, add_config_arguments, config_from_args
-from ilora.distributed import Dist, init_from_env, shutdown
+from ilora.distributed import process_group
 from ilora.errors import IloraError
 from ilora.teacher.config import TeacherConfig
 
 SPLIT_CHOICES = ("train", "val", "test")
-
-
-@contextlib.contextmanager
-def process_group(device: str) -> Iterator[Dist]:
-    """The command's `Dist`: joins the process group when started by torchrun, leaves it at the end."""
-    ctx = init_from_env(device)
-    try:
-        yield ctx
-    finally:
-        shutdown(ctx)
 
 
 def run_train(args: argparse.Namespace) -> int:

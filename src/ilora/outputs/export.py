@@ -71,7 +71,7 @@ from ilora.data.dataset import SPLITS, SeqDataset, Split
 from ilora.distributed import SINGLE, Dist
 from ilora.errors import ConfigError, IloraError
 from ilora.outputs.format import FORMAT, ITEM_EMBEDDINGS, MANIFEST, VERSION, file_sha256
-from ilora.state_io import atomic_write_text, save_tensors
+from ilora.state_io import atomic_write_text, fsync_file, save_tensors
 
 CONFIDENCE = "softmax of the pool's log-likelihoods"
 EMBEDDING_METHOD = (
@@ -387,8 +387,7 @@ def write_shard(path: Path, table: pa.Table) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp, compression="snappy")
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
+    fsync_file(tmp)
     os.replace(tmp, path)
     return file_sha256(path)
 
@@ -424,6 +423,16 @@ def _export_shard(bundle, split: Split, name: str, number: int, opts: ExportOpti
     return {"file": file, "first_index": lo, "rows": hi - lo, "sha256": sha}
 
 
+def _resume_point(out: Path, manifest: dict, name: str, split: Split) -> int | None:
+    """The first row of ``split`` still to export (its manifest entry made if new), or None when complete."""
+    digest = samples_sha256(split)
+    info = manifest["splits"].setdefault(name, {"rows": 0, "complete": False, "samples": len(split), "samples_sha256": digest, "shards": []})
+    if info.get("samples") != len(split) or info.get("samples_sha256") != digest:
+        raise IloraError(f"{out}: its {name} export was made from other {name} samples; use another --out, or --overwrite")
+    start = _verified_shards(out, name, info)
+    return None if info["complete"] else start
+
+
 def export_split(
     bundle, out: Path, manifest: dict, name: str, split: Split, opts: ExportOptions, on_shard: Callable[[str, int], None] | None, ctx: Dist = SINGLE
 ) -> int:
@@ -433,17 +442,11 @@ def export_split(
     shard, then rank 0 lists the round's shards in the manifest, in order. Every shard
     holds the rows a single process puts in it, scored in the same batches.
     """
-    digest = samples_sha256(split)
-    start = None
-    if ctx.is_main:
-        info = manifest["splits"].setdefault(name, {"rows": 0, "complete": False, "samples": len(split), "samples_sha256": digest, "shards": []})
-        if info.get("samples") != len(split) or info.get("samples_sha256") != digest:
-            raise IloraError(f"{out}: its {name} export was made from other {name} samples; use another --out, or --overwrite")
-        start = _verified_shards(out, name, info)
-        start = None if info["complete"] else start
-    start = ctx.broadcast(start)  # rank 0 has removed unlisted shard files before any rank writes one
+    # rank 0 checks the manifest and removes unlisted shard files before any rank writes one
+    start = ctx.broadcast(_resume_point(out, manifest, name, split) if ctx.is_main else None)
     if start is None:
         return 0
+    info = manifest["splits"][name] if ctx.is_main else None
     first, count = start // opts.shard_rows, math.ceil(len(split) / opts.shard_rows)
     written = 0
     bar = tqdm(total=len(split), initial=start, desc=f"export {name}", unit="sample", file=sys.stderr, dynamic_ncols=True, disable=not ctx.is_main)

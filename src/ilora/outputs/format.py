@@ -35,7 +35,6 @@ Parquet columns (one row per sample):
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +42,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ilora.errors import IloraError
-from ilora.state_io import read_json
+from ilora.state_io import file_sha256, read_json
 
 FORMAT = "ilora-teacher-outputs"
 VERSION = 1
@@ -80,14 +79,6 @@ class TeacherOutputs:
         if name not in self.splits:
             raise IloraError(f"teacher outputs have no {name} split (exported: {', '.join(self.splits) or 'none'})")
         return self.splits[name]
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_manifest(directory: str | Path) -> dict:

@@ -90,6 +90,11 @@ def _my_batches(n: int, size: int, ctx: Dist, desc: str):
     return tqdm(mine, desc=desc, unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True, disable=not ctx.is_main)
 
 
+def _in_sample_order(ctx: Dist, per_batch: list) -> list:
+    """Every rank's per-batch results, concatenated in rank order: the single-process order."""
+    return [x for part in ctx.gather(per_batch) for x in part]
+
+
 @torch.no_grad()
 def score_split(
     bundle, split: Split, candidates: np.ndarray, gate_mode: str = "learned", batch_size: int = 16, device: str = "cpu", desc: str = "score", ctx: Dist = SINGLE
@@ -106,22 +111,24 @@ def score_split(
         cands = batch.candidates
         scores.append(teacher.score_candidates(batch, cands, gate_mode).float().cpu())
         gates.append(teacher.gates(batch.history, batch.length, gate_mode).float().cpu())
-    parts = ctx.gather((scores, gates))
-    return torch.cat([s for ss, _ in parts for s in ss]), torch.cat([g for _, gs in parts for g in gs])
+    return torch.cat(_in_sample_order(ctx, scores)), torch.cat(_in_sample_order(ctx, gates))
 
 
 @torch.no_grad()
 def generate_split(
     bundle, split: Split, candidates: np.ndarray, gate_mode: str = "learned", batch_size: int = 16, device: str = "cpu", max_new_tokens: int | None = None, ctx: Dist = SINGLE
-) -> list[str]:
-    """Greedy generations for every sample (prompt without answer); split across ranks as `score_split`."""
+) -> tuple[list[str], torch.Tensor]:
+    """Greedy generations for every sample (prompt without answer) and the (N, E) gates used;
+    split across ranks as `score_split`."""
     teacher = bundle.teacher.eval()
     limit = max_new_tokens or int(teacher.title_table.length.max()) + 8
-    texts: list[str] = []
+    texts: list[list[str]] = []
+    gates = []
     for sl in _my_batches(len(split), batch_size, ctx, "generate"):
         batch = bundle.prompt_collator.build(split.history[sl], split.length[sl], candidates[sl]).to(device)
-        texts += teacher.generate(batch, gate_mode, max_new_tokens=limit)
-    return [text for part in ctx.gather(texts) for text in part]
+        texts.append(teacher.generate(batch, gate_mode, max_new_tokens=limit))
+        gates.append(teacher.gates(batch.history, batch.length, gate_mode).float().cpu())
+    return [text for batch_texts in _in_sample_order(ctx, texts) for text in batch_texts], torch.cat(_in_sample_order(ctx, gates))
 
 
 def evaluate_teacher(
@@ -136,13 +143,9 @@ def evaluate_teacher(
         scores, gates = score_split(bundle, split, candidates, gate_mode, batch_size, device, ctx=ctx)
         metrics = score_metrics(scores, torch.as_tensor(cols))
     elif protocol == "generate":
-        texts = generate_split(bundle, split, candidates, gate_mode, batch_size, device, ctx=ctx)
+        texts, gates = generate_split(bundle, split, candidates, gate_mode, batch_size, device, ctx=ctx)
         cand_titles = [[titles[int(i)] for i in row] for row in candidates]
         metrics = generate_metrics(texts, cand_titles, cols.tolist())
-        gates = torch.cat([
-            bundle.teacher.gates(torch.as_tensor(split.history[sl]).to(device), torch.as_tensor(split.length[sl]).to(device), gate_mode).float().cpu()
-            for sl in _batches(len(split), batch_size)
-        ])
     else:
         raise ValueError(f"unknown protocol {protocol!r}")
     metrics["num_samples"] = len(split)
