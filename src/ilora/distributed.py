@@ -135,9 +135,12 @@ def shutdown(ctx: Dist) -> None:
 @contextlib.contextmanager
 def process_group(device: str) -> Iterator[Dist]:
     """A command's `Dist`: joins the process group when started by torchrun (`init_from_env`),
-    leaves it at the end (`shutdown`)."""
+    leaves it at the end (`shutdown`). On a normal end every rank first waits for the others:
+    a rank that tore its connections down while another still received the last collective's
+    data would abort that rank (gloo)."""
     ctx = init_from_env(device)
     try:
         yield ctx
+        ctx.barrier()
     finally:
         shutdown(ctx)
