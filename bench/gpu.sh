@@ -3,7 +3,7 @@
 #
 #   bash bench/gpu.sh            # from the repository root; sets PYTHONPATH=src itself
 #
-# Runs inputs, adapter, step (1B and 7B Llama shapes), then, while time is left, step 7B with gradient
+# Runs inputs, adapter, step (1B with an eager-attention baseline, and 7B Llama shapes), then, while time is left, step 7B with gradient
 # checkpointing and step 1B with --compile. Writes to $OUT (or bench/out): <name>.json (the JSON object),
 # <name>.log (stderr), RESULTS.md (the sections to paste into bench/RESULTS.md), nvidia-smi.txt, summary.txt.
 # Each run has its own timeout, and a failed run does not stop the others.
@@ -39,7 +39,7 @@ run() {  # run NAME LIMIT_S ARGS... : one benchmark under `timeout`, skipped whe
 
 run inputs 120 inputs
 run adapter 60 adapter
-run step-1b 90 step --shape 1b
+run step-1b 100 step --shape 1b --eager-baseline
 run step-7b 120 step --shape 7b
 run step-7b-ckpt 90 step --shape 7b --gradient-checkpointing
 run step-1b-compile 120 step --shape 1b --compile

@@ -225,6 +225,34 @@ def test_step_with_gradient_checkpointing_runs_both_variants_with_the_same_loss(
         assert math.isfinite(step_bench.train_step(setup, samples, common.Parts(CPU), variant))
 
 
+def test_step_eager_baseline_runs_eager_attention_with_the_same_loss(synthetic_titles):
+    setup, _ = step_bench.build_setup("tiny-quick", CPU)
+    llm = setup.bundle.teacher.llm
+    assert llm.config._attn_implementation == "sdpa"
+    samples = common.random_samples(len(synthetic_titles), 3, 10, 20, seed=0)
+    losses = step_bench.check_equal(setup, samples, step_bench.VARIANTS)
+    assert abs(losses["ours_eager"] - losses["ours"]) < 1e-4
+    with step_bench.variant_context(setup, "ours_eager"):
+        assert llm.config._attn_implementation == "eager"
+    assert llm.config._attn_implementation == "sdpa"  # restored
+    # eager attention saves its (B, heads, T, T) float32 probabilities in every layer for backward;
+    # SDPA saves less (on CPU with a padding mask, some (B, T, T)-sized state: hence only half required)
+    mem = step_bench.memory(setup, samples, ("ours", "ours_eager"))
+    heads, layers = step_bench.SHAPES["tiny-quick"]["num_attention_heads"], step_bench.SHAPES["tiny-quick"]["num_hidden_layers"]
+    width = setup.bundle.train_collator.build(samples["history"], samples["length"], samples["candidates"], samples["target"]).input_ids.shape[1]
+    extra = mem["ours_eager"]["saved_activation_bytes"] - mem["ours"]["saved_activation_bytes"]
+    assert extra >= 0.5 * layers * 3 * heads * width * width * 4
+    assert math.isfinite(step_bench.train_step(setup, samples, common.Parts(CPU), "ours_eager"))
+    assert llm.config._attn_implementation == "sdpa"
+
+
+def test_bench_rejects_an_option_of_another_benchmark(capsys):
+    assert main(["bench", "inputs", "--quick", "--compile", "--no-record"]) == 2
+    assert "--compile does not apply (only to step)" in capsys.readouterr().err
+    assert main(["bench", "adapter", "--quick", "--batch-sizes", "8", "--no-record"]) == 2
+    assert "--batch-sizes does not apply" in capsys.readouterr().err
+
+
 # -- every benchmark runs and prints one JSON object ---------------------------------------------
 
 
@@ -251,6 +279,8 @@ def test_bench_inputs_quick_json(capsys, tmp_path):
     assert set(row["reference"]["parts_median_s"]) == {"tokenise", "substitute", "backward"}
     assert set(row["ours"]["parts_median_s"]) == {"assemble", "substitute", "backward"}
     assert row["memory"]["ours"]["saved_activation_bytes"] > 0
+    # the bound is the reference over the projector alone, which ours also runs
+    assert row["ratio_bound"] == pytest.approx(row["reference"]["median_s"] / row["projector"]["median_s"])
     text = results.read_text()
     assert "### `inputs` (--quick), cpu" in text and "test" in text and '"name": "inputs"' in text
 
@@ -268,9 +298,10 @@ def test_bench_adapter_quick_json(capsys):
 
 @pytest.mark.slow
 def test_bench_step_quick_json(capsys, synthetic_titles):
-    r = _run_cli(capsys, "step", "--quick", "--batch-size", "2", "--repeats", "1", "--no-record")
+    r = _run_cli(capsys, "step", "--quick", "--batch-size", "2", "--repeats", "1", "--eager-baseline", "--no-record")
     _check_common(r, "step")
-    assert set(r["variants"]) == {"reference", "ours"}
+    assert set(r["variants"]) == {"reference", "ours", "ours_eager"} and r["sizes"]["attention"] == "sdpa"
+    assert r["sdpa_vs_eager"] == pytest.approx(r["variants"]["ours_eager"]["median_s"] / r["variants"]["ours"]["median_s"])
     assert all(v["mfu"] is None and v["samples_per_s"] > 0 for v in r["variants"].values())
 
 

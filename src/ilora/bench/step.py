@@ -15,6 +15,9 @@ with AdamW, gradient clipping and (CUDA) bf16 autocast, as ``ilora teacher train
   HF ``labels`` (logits over the full sequence and vocabulary).
 * ``ours``: ``PromptCollator.build`` + ``ILoRATeacher.loss`` (logits only where an
   answer token is predicted).
+* ``ours_eager`` (with ``eager_baseline``): ``ours`` with transformers' eager attention
+  (scores and probabilities materialised) instead of its default SDPA, switched on the
+  same model for that variant's steps only, so the SDPA fast path is measured side by side.
 
 Before timing, both losses are checked equal on the same batch (dropout off).
 MFU counts useful FLOPs only: ``(4 + 2 if checkpointing) * N * tokens`` with ``N`` the
@@ -28,6 +31,7 @@ on CPU MFU is null.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,11 +179,40 @@ def our_loss(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts) -
     return loss
 
 
+VARIANTS = ("reference", "ours", "ours_eager")
+
+
+@contextlib.contextmanager
+def attention(llm: nn.Module, implementation: str) -> Iterator[None]:
+    """Within the block ``llm`` runs transformers' ``implementation`` attention; restored after."""
+    previous = llm.config._attn_implementation
+    llm.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        llm.set_attn_implementation(previous)
+
+
+def variant_context(setup: StepSetup, variant: str):
+    """How ``variant`` runs the shared model: einsum adapters (reference), eager attention (ours_eager)."""
+    llm = setup.bundle.teacher.llm
+    if variant == "reference":
+        return reference_adapters(llm)
+    if variant == "ours_eager":
+        return attention(llm, "eager")
+    if variant == "ours":
+        return contextlib.nullcontext()
+    raise ConfigError(f"step bench: unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+
+
+def variant_loss(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts, variant: str) -> torch.Tensor:
+    return (reference_loss if variant == "reference" else our_loss)(setup, samples, parts)
+
+
 def train_step(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts, variant: str) -> float:
-    """One optimiser step of ``variant``; the reference runs (and backpropagates) with the einsum adapters."""
-    context = reference_adapters(setup.bundle.teacher.llm) if variant == "reference" else contextlib.nullcontext()
-    with context:  # backward too: a checkpointed layer is recomputed with the modules in place then
-        loss = (reference_loss if variant == "reference" else our_loss)(setup, samples, parts)
+    """One optimiser step of ``variant`` (see `variant_context`)."""
+    with variant_context(setup, variant):  # backward too: a checkpointed layer is recomputed with the modules in place then
+        loss = variant_loss(setup, samples, parts, variant)
         with parts("backward"):
             loss.backward()
     with parts("optimizer"):
@@ -189,21 +222,21 @@ def train_step(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts,
     return float(loss.detach())
 
 
-def check_equal(setup: StepSetup, samples: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Both losses on the same batch with dropout off; raises `IloraError` if they differ."""
+def check_equal(setup: StepSetup, samples: dict[str, torch.Tensor], variants: tuple[str, ...] = ("reference", "ours")) -> dict[str, float]:
+    """Every variant's loss on the same batch with dropout off; raises `IloraError` unless each equals ours."""
     teacher = setup.bundle.teacher
     teacher.eval()
     losses = {}
     with torch.no_grad():
-        for variant in ("reference", "ours"):
-            context = reference_adapters(teacher.llm) if variant == "reference" else contextlib.nullcontext()
-            with context:
-                losses[variant] = float((reference_loss if variant == "reference" else our_loss)(setup, samples, Parts(setup.device)))
+        for variant in dict.fromkeys(("ours", *variants)):
+            with variant_context(setup, variant):
+                losses[variant] = float(variant_loss(setup, samples, Parts(setup.device), variant))
     teacher.train()
     teacher.rec.eval()
     tol = 3e-2 if setup.autocast else 1e-4
-    if abs(losses["reference"] - losses["ours"]) > tol * max(1.0, abs(losses["ours"])):
-        raise IloraError(f"step bench: reference loss {losses['reference']:.6f} != ours {losses['ours']:.6f}")
+    for variant, loss in losses.items():
+        if abs(loss - losses["ours"]) > tol * max(1.0, abs(losses["ours"])):
+            raise IloraError(f"step bench: {variant} loss {loss:.6f} != ours {losses['ours']:.6f}")
     return losses
 
 
@@ -227,16 +260,14 @@ def useful_flops(setup: StepSetup, tokens: int, answer_tokens: int, gradient_che
     return (4 + (2 if gradient_checkpointing else 0)) * n * tokens + 4 * head * answer_tokens
 
 
-def memory(setup: StepSetup, samples: dict[str, torch.Tensor]) -> dict[str, dict[str, int]]:
+def memory(setup: StepSetup, samples: dict[str, torch.Tensor], variants: tuple[str, ...]) -> dict[str, dict[str, int]]:
     """Per variant: saved-activation bytes of the forward (both devices) and the CUDA peak of a full step."""
     teacher = setup.bundle.teacher
     exclude = [*teacher.parameters(), *teacher.buffers()]
     out: dict[str, dict[str, int]] = {}
-    for variant in ("reference", "ours"):
-        loss_fn = reference_loss if variant == "reference" else our_loss
-        context = reference_adapters(teacher.llm) if variant == "reference" else contextlib.nullcontext()
-        with context:
-            saved, loss = saved_activation_bytes(lambda: loss_fn(setup, samples, Parts(setup.device)), exclude)
+    for variant in variants:
+        with variant_context(setup, variant):
+            saved, loss = saved_activation_bytes(lambda: variant_loss(setup, samples, Parts(setup.device), variant), exclude)
             del loss
         stats: dict[str, int] = {"saved_activation_bytes": saved}
         if setup.device.type == "cuda":
@@ -258,10 +289,13 @@ def run_bench(
     batch_size: int = 8,
     gradient_checkpointing: bool = False,
     compile_layers: bool = False,
+    eager_baseline: bool = False,
     warmup: int | None = None,
     repeats: int = 5,
     budget_s: float | None = None,
 ) -> dict[str, Any]:
+    """Time a training step of the reference and of ours (and of ours with eager attention when
+    ``eager_baseline``), interleaved on one model; one JSON-ready dict."""
     shape = shape or ("tiny-quick" if quick else "tiny")
     if device.type == "cpu" and shape in ("1b", "7b"):
         raise ConfigError(f"shape {shape} is for CUDA; on CPU use tiny")
@@ -271,15 +305,16 @@ def run_bench(
     budget_s = budget_s if budget_s is not None else (10.0 if quick else 120.0)
     setup, source = build_setup(shape, device, gradient_checkpointing=gradient_checkpointing, compile_layers=compile_layers)
     samples = random_samples(len(setup.inputs.titles), batch_size, HISTORY_ITEMS, CANDIDATES, seed=0)
-    losses = check_equal(setup, samples)
+    variants = ("reference", "ours", "ours_eager") if eager_baseline else ("reference", "ours")
+    losses = check_equal(setup, samples, variants)
     probe = setup.bundle.train_collator.build(samples["history"], samples["length"], samples["candidates"], samples["target"])
     tokens = int(probe.attention_mask.sum())
     answer_tokens = int((probe.labels != -100).sum())
     padded_width = {"ours": probe.input_ids.shape[1], "reference": reference_tokens(setup.inputs, samples)["input_ids"].shape[1]}
 
-    runs = {variant: (lambda parts, v=variant: train_step(setup, samples, parts, v)) for variant in ("reference", "ours")}
+    runs = {variant: (lambda parts, v=variant: train_step(setup, samples, parts, v)) for variant in variants}
     times = interleave(runs, device, warmup=warmup, repeats=repeats, budget_s=budget_s)
-    mem = memory(setup, samples)
+    mem = memory(setup, samples, variants)
     flops = useful_flops(setup, tokens, answer_tokens, gradient_checkpointing)
     peak = peak_flops(device)
     variants = {}
@@ -315,6 +350,7 @@ def run_bench(
             "experts": setup.bundle.teacher.num_experts,
             "gradient_checkpointing": gradient_checkpointing,
             "compile": compile_layers,
+            "attention": llm.config._attn_implementation,
         },
         "titles": source,
         "equal_work_checked": {"losses_dropout_off": losses},
@@ -325,6 +361,14 @@ def run_bench(
         "variants": variants,
         "ratio": times["reference"].median / times["ours"].median,
         "ratio_means": "reference / ours median time of a full training step",
+        **(
+            {
+                "sdpa_vs_eager": times["ours_eager"].median / times["ours"].median,
+                "sdpa_vs_eager_means": "ours with eager attention / ours with the default attention, median step time",
+            }
+            if eager_baseline
+            else {}
+        ),
     }
 
 
@@ -332,7 +376,8 @@ def markdown_table(result: dict[str, Any]) -> list[str]:
     s = result["sizes"]
     lines = [
         f"Shape `{s['shape']}` ({s['layers']} layers, hidden {s['hidden']}, vocab {s['vocab']}, {s['dtype']}), batch {s['batch_size']}, "
-        f"{s['tokens_per_sample']:.0f} tokens/sample, checkpointing {s['gradient_checkpointing']}, compile {s['compile']}.",
+        f"{s['tokens_per_sample']:.0f} tokens/sample, checkpointing {s['gradient_checkpointing']}, compile {s['compile']}, "
+        f"attention {s['attention']}.",
         "",
         "| variant | step ms (inputs / forward / backward / optimizer) | samples/s | tokens/s | MFU | saved MiB | CUDA peak MiB |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -345,4 +390,6 @@ def markdown_table(result: dict[str, Any]) -> list[str]:
             f"| {v['samples_per_s']:.2f} | {v['tokens_per_s']:.0f} | {mfu} | {mib(v['memory']['saved_activation_bytes'])} "
             f"| {mib(v['memory'].get('cuda_peak_bytes'))} |"
         )
+    if "sdpa_vs_eager" in result:
+        lines += ["", f"Eager attention / {s['attention']} attention (ours, step time): {result['sdpa_vs_eager']:.2f}x."]
     return lines

@@ -21,11 +21,41 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+BENCHMARKS = ("inputs", "adapter", "step", "eval", "export", "grouping")
+# the benchmarks each specific option applies to; giving it to another one is an error, not ignored
+APPLIES_TO: dict[str, tuple[str, ...]] = {
+    "repeats": tuple(b for b in BENCHMARKS if b != "export"),
+    "warmup": tuple(b for b in BENCHMARKS if b != "export"),
+    "budget_s": tuple(b for b in BENCHMARKS if b != "export"),
+    "hidden": ("inputs", "adapter"),
+    "batch_sizes": ("inputs",),
+    "shape": ("step",),
+    "batch_size": ("step", "grouping"),
+    "gradient_checkpointing": ("step",),
+    "compile": ("step",),
+    "eager_baseline": ("step",),
+    "samples": ("eval", "export"),
+    "threads": ("export",),
+    "data": ("grouping",),
+    "allow_pickle": ("grouping",),
+}
+
+
+def check_options_apply(args: argparse.Namespace) -> None:
+    """Raise `ConfigError` for an option given to a benchmark it does not apply to."""
+    from ilora.errors import ConfigError
+
+    for key, benchmarks in APPLIES_TO.items():
+        value = getattr(args, key)
+        if value is not None and value is not False and args.benchmark not in benchmarks:
+            raise ConfigError(f"bench {args.benchmark}: --{key.replace('_', '-')} does not apply (only to {', '.join(benchmarks)})")
+
+
 def run_bench_command(args: argparse.Namespace) -> int:
     from ilora.bench import benchmark_module
     from ilora.bench.common import check_device, record_markdown
-    from ilora.errors import ConfigError
 
+    check_options_apply(args)
     device = check_device(args.device)
     module = benchmark_module(args.benchmark)
     kwargs = {"quick": args.quick}
@@ -37,15 +67,14 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if args.benchmark == "inputs" and args.batch_sizes:
         kwargs["batch_sizes"] = args.batch_sizes
     if args.benchmark == "step":
-        kwargs.update(shape=args.shape, gradient_checkpointing=args.gradient_checkpointing, compile_layers=args.compile)
+        kwargs.update(
+            shape=args.shape, gradient_checkpointing=args.gradient_checkpointing, compile_layers=args.compile, eager_baseline=args.eager_baseline
+        )
     if args.benchmark in ("step", "grouping") and args.batch_size:
         kwargs["batch_size"] = args.batch_size
     if args.benchmark == "eval" and args.samples:
         kwargs["num_samples"] = args.samples
     if args.benchmark == "export":
-        for key in ("repeats", "warmup", "budget_s"):
-            if kwargs.pop(key, None) is not None:
-                raise ConfigError(f"bench export: --{key.replace('_', '-')} does not apply (one export, not repeated rounds)")
         kwargs.update(samples=args.samples, threads=args.threads)
     if args.benchmark == "grouping":
         kwargs.update(data=args.data, allow_pickle=args.allow_pickle)
@@ -76,7 +105,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "export throughput and RSS over a 1M-sample synthetic export), grouping (length-grouped batches vs plain order). Variants run interleaved after warm-up; medians "
         "are reported. The result (one JSON object with --json) is appended to bench/RESULTS.md when that directory exists.",
     )
-    p.add_argument("benchmark", metavar="NAME", choices=("inputs", "adapter", "step", "eval", "export", "grouping"), help="inputs, adapter, step, eval, export or grouping")
+    p.add_argument("benchmark", metavar="NAME", choices=BENCHMARKS, help=", ".join(BENCHMARKS))
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (CI smoke run)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu (default) or cuda")
     p.add_argument("--repeats", type=int, default=None, metavar="N", help="measured rounds per variant (default per benchmark)")
@@ -91,6 +120,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=positive_int, default=None, metavar="B", help="step: samples per step (default 8); grouping: batch size (default 16)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="step: recompute decoder layers in backward")
     p.add_argument("--compile", action="store_true", help="step: torch.compile each decoder layer")
+    p.add_argument(
+        "--eager-baseline", action="store_true", help="step: also time ours with eager attention (measures the default SDPA attention)"
+    )
     p.add_argument(
         "--samples", type=int, default=None, metavar="N",
         help="eval: samples to evaluate (default 64; 16 with --quick); export: samples to export (default 1,000,000; 20,000 with --quick)",
