@@ -102,6 +102,24 @@ def test_distill_runs_both_students_and_reports_gains(small, tmp_path) -> None:
         assert gain == pytest.approx(expected) if expected is not None else gain is None
 
 
+def test_resume_refuses_other_options_or_other_teacher_targets(small, tmp_path) -> None:
+    """A finished (or interrupted) run is only taken up again with its own options and teacher rows."""
+    first = distill(small, oracle_outputs(small), quick(epochs=1), tmp_path / "d")
+    config = (tmp_path / "d" / "distill_config.json").read_text()
+    with pytest.raises(IloraError, match=r"cannot resume with other options .*lambda_d: 0.8 -> 0.0"):
+        distill(small, oracle_outputs(small), quick(epochs=1, lambda_d=0.0), tmp_path / "d", resume=True)
+    assert (tmp_path / "d" / "distill_config.json").read_text() == config  # refused before anything was written
+    # the same options with another teacher's rows: refused by the distilled student's record
+    with pytest.raises(IloraError, match="distill.teacher_targets_sha256"):
+        distill(small, oracle_outputs(small, seed=1), quick(epochs=1), tmp_path / "d", resume=True)
+    again = distill(small, oracle_outputs(small), quick(epochs=1), tmp_path / "d", resume=True)
+    assert again["distilled"]["test"] == first["distilled"]["test"] and again["baseline"] == first["baseline"]
+    # a run directory without distill_config.json (e.g. lost) still refuses other options per student
+    (tmp_path / "d" / "distill_config.json").unlink()
+    with pytest.raises(IloraError, match="distill.lambda_d"):
+        distill(small, oracle_outputs(small), quick(epochs=1, lambda_d=0.1), tmp_path / "d", resume=True)
+
+
 @pytest.mark.slow
 def test_an_oracle_teacher_clearly_helps_and_a_miswired_one_hurts(tmp_path) -> None:
     """The true next item at rank 0 helps on test; the same rows given to the wrong samples hurt.
@@ -142,6 +160,21 @@ def test_mismatched_outputs_are_clear_errors(small, tmp_path, change, match) -> 
     with pytest.raises(IloraError, match=match):
         distill(small, outputs, quick(), tmp_path / "x")
     assert not (tmp_path / "x" / "baseline").exists()  # checked before any training
+
+
+def test_outputs_of_the_same_number_of_other_train_samples_are_rejected(small) -> None:
+    """The manifest's fingerprint of the exported samples must be that of the train split."""
+    from ilora.data.dataset import Split
+
+    train = small.split("train")
+    outputs = oracle_outputs(small)
+    outputs.manifest["splits"] = {"train": {"samples": len(train), "samples_sha256": train.sha256()}}
+    check_teacher_outputs(small, outputs, quick())  # the exported samples: accepted
+    order = np.random.default_rng(0).permutation(len(train))
+    reordered = Split(train.history[order], train.length[order], train.target[order])
+    outputs.manifest["splits"]["train"]["samples_sha256"] = reordered.sha256()
+    with pytest.raises(IloraError, match="exported for other train samples"):
+        check_teacher_outputs(small, outputs, quick())
 
 
 def test_other_dataset_is_rejected_and_no_embeddings_needed_without_ed(small) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ast
+import csv
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -75,7 +78,42 @@ def test_files_are_streamed_over_every_shard_in_order_and_listed_in_the_manifest
     lines = (root / "out" / "dllm2rec" / "myrank_train.txt").read_text().splitlines()
     train = read_teacher_outputs(root / "out").split("train")
     assert lines == [" ".join(str(int(i)) for i in row) for row in train.topk_items]
-    assert not list((root / "out" / "dllm2rec").glob(".*"))  # no temporary files left
+    assert not list((root / "out" / "dllm2rec").rglob(".*"))  # no temporary files left
+
+
+def test_data_files_line_up_row_by_row_with_the_teacher_files(exported, tmp_path):
+    """DLLM2Rec reads row i of its train_data.df with row i of myrank_train.txt: our
+    data/train_data.csv, converted as README says, is the exported samples in export order."""
+    dataset, bundle, root = exported
+    data = root / "out" / "dllm2rec" / "data"
+    pd.read_csv(data / "train_data.csv", converters={"seq": ast.literal_eval}).to_pickle(tmp_path / "train_data.df")
+    pd.read_csv(data / "data_statis.csv").to_pickle(tmp_path / "data_statis.df")
+    statis = pd.read_pickle(tmp_path / "data_statis.df")  # what DLLM2Rec's main.py does next
+    assert statis["seq_size"][0] == dataset.max_len and statis["item_num"][0] == dataset.num_items
+    train_data = pd.read_pickle(tmp_path / "train_data.df")
+    assert train_data.shape[0] == 13 and list(train_data.index) == list(range(13))
+    batch = train_data.sample(n=6, random_state=0)  # DLLM2Rec: rows by index, teacher rows all_candidate[index]
+    seq = torch.LongTensor(list(batch["seq"].values))
+    len_seq = torch.LongTensor(list(batch["len_seq"].values))
+    rows = torch.as_tensor(batch.index)
+    train = dataset.split("train")
+    assert torch.equal(seq, torch.from_numpy(train.history[rows.numpy()]))  # padded with num_items, like DLLM2Rec
+    assert list(batch["next"].values) == train.target[rows.numpy()].tolist()
+    # independent of the split arrays: the SASRec user embedding of the CSV's row equals the one
+    # the teacher export stored for the teacher row of the same index
+    stored = read_teacher_outputs(root / "out").split("train").user_embedding[rows.numpy()]
+    with torch.no_grad():
+        user = bundle.teacher.rec.user_representation(seq, len_seq)
+    np.testing.assert_allclose(user.numpy(), stored, rtol=1e-5, atol=1e-6)
+    # val/test: the CSVs DLLM2Rec's myevaluate reads directly
+    with open(data / "val_data.csv") as fh:
+        rows_read = list(csv.DictReader(fh))
+    val = dataset.split("val")
+    assert [ast.literal_eval(r["seq"]) for r in rows_read] == val.history.tolist()
+    assert [int(r["len_seq"]) for r in rows_read] == val.length.tolist()
+    assert [float(r["next"]) for r in rows_read] == val.target.astype(float).tolist()
+    entry = read_manifest(root / "out")["dllm2rec"]
+    assert entry["partial"] is True and entry["train_samples"] == len(train) and entry["rows"] == 13
 
 
 def test_read_dllm2rec_and_the_confidence_convention(exported):

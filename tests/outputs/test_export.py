@@ -12,7 +12,7 @@ from ilora.cli.main import main
 from ilora.data import SeqDataset, candidate_sets, make_synthetic, write_native
 from ilora.errors import ConfigError, IloraError
 from ilora.outputs import read_teacher_outputs
-from ilora.outputs.export import ExportOptions, build_pools, export_teacher_outputs, score_pool, select_top_k
+from ilora.outputs.export import ExportOptions, build_pools, export_teacher_outputs, sasrec_top_unseen, score_pool, select_top_k
 from ilora.outputs.format import read_manifest
 from ilora.rec.sasrec import SASRec, SASRecConfig
 from ilora.teacher.adapters import gated_lora_modules
@@ -117,6 +117,13 @@ def test_item_embeddings_are_mean_title_hidden_states_with_the_uniform_gate(teac
         with torch.no_grad(), t.gate_state.use(uniform):
             hidden = t.llm(input_ids=ids, output_hidden_states=True).hidden_states[-1][0]
         np.testing.assert_allclose(emb[item], hidden.mean(0).numpy(), atol=1e-5)
+    # a replaced item-embedding file is refused (its sha256 is in the manifest), unless verify=False
+    from safetensors.numpy import save_file
+
+    save_file({"item_embeddings": np.zeros_like(emb)}, str(tmp_path / "o" / "item_embeddings.safetensors"))
+    with pytest.raises(IloraError, match="item_embeddings.safetensors: checksum does not match"):
+        read_teacher_outputs(out.out, ("val",))
+    assert not read_teacher_outputs(out.out, ("val",), verify=False).item_embeddings.any()
 
 
 # -- pools ----------------------------------------------------------------------------------
@@ -132,6 +139,26 @@ def test_pools_deduplicate_compact_and_pad_with_a_masked_repeat():
     for b, row in enumerate(expected):
         assert pool[b, mask[b]].tolist() == row
         assert (pool[b, ~mask[b]] == row[0]).all()
+
+
+def test_sasrec_top_unseen_leaves_out_every_history_item_next_to_padding():
+    """Against a per-row Python reference; item 0 in padded histories included (the padding
+    slots must not clear it)."""
+    gen = torch.Generator().manual_seed(0)
+    n_items, width, n = 12, 5, 4
+    history = torch.randint(0, n_items, (64, width), generator=gen)
+    history[::3, 0] = 0
+    length = torch.randint(0, width + 1, (64,), generator=gen)
+    history[torch.arange(width)[None, :] >= length[:, None]] = n_items  # padding id
+    scores = torch.randn(64, n_items, generator=gen)
+    ids, valid = sasrec_top_unseen(scores, history, length, n)
+    for b in range(64):
+        seen = set(history[b, : int(length[b])].tolist())
+        order = sorted(range(n_items), key=lambda i: -float(scores[b, i]))
+        expected = [i for i in order if i not in seen][:n]
+        assert ids[b, valid[b]].tolist() == expected, b
+        assert int(valid[b].sum()) == len(expected)
+    assert any(0 in history[b, : int(length[b])].tolist() and int(length[b]) < width for b in range(64))
 
 
 def test_padding_is_never_selected_and_gets_no_confidence():
@@ -154,13 +181,16 @@ def test_top_k_beyond_the_pool_is_refused_before_any_work(teacher, dataset, tmp_
         ExportOptions(pool_sasrec=0, pool_candidates=0)
 
 
-def test_training_loss_and_export_see_bit_identical_hidden_states(teacher, dataset):
-    """Both paths go through `teacher.run`; on the same batch its hidden states are the same tensor values."""
+def test_training_loss_and_export_share_the_model_call_and_agree_on_the_prompt(teacher, dataset):
+    """Both paths go through `teacher.run`: the training forward on prompt + answer and the
+    export's forward on the prompt alone give the same hidden states at every prompt token
+    (causal attention: a prompt token never sees the answer)."""
     bundle = teacher[0]
     t = bundle.teacher
     split = dataset.split("train").subset(slice(0, 4))
     cands = candidate_sets(split, dataset.num_items, count=5, seed=0, split_name="train")
-    batch = bundle.train_collator.build(split.history, split.length, cands, split.target)
+    train_batch = bundle.train_collator.build(split.history, split.length, cands, split.target)
+    prompt_batch = bundle.prompt_collator.build(split.history, split.length, cands)
     seen = []
     original = t.run
 
@@ -172,13 +202,18 @@ def test_training_loss_and_export_see_bit_identical_hidden_states(teacher, datas
     t.run = recording_run
     try:
         with torch.no_grad():
-            t.loss(batch)
-        pool, mask = build_pools([(batch.candidates, torch.ones_like(batch.candidates, dtype=torch.bool))])
-        score_pool(t, batch, pool, mask, 3, "learned")
+            t.loss(train_batch)
+            pool, mask = build_pools([(prompt_batch.candidates, torch.ones_like(prompt_batch.candidates, dtype=torch.bool))])
+            score_pool(t, prompt_batch, pool, mask, 3, "learned")
     finally:
         del t.run
-    assert len(seen) == 2 and seen[0][0] is batch and seen[1][0] is batch
-    assert torch.equal(seen[0][1], seen[1][1])
+    assert len(seen) == 2 and seen[0][0] is train_batch and seen[1][0] is prompt_batch
+    (_, trained), (_, exported) = seen
+    for b in range(4):
+        in_prompt = train_batch.attention_mask[b].bool() & (torch.arange(train_batch.input_ids.shape[1]) < train_batch.answer_start[b])
+        real = prompt_batch.attention_mask[b].bool()
+        assert torch.equal(train_batch.input_ids[b][in_prompt], prompt_batch.input_ids[b][real])
+        torch.testing.assert_close(trained[b][in_prompt], exported[b][real], rtol=1e-5, atol=1e-5)
 
 
 # -- streaming, resume, identity ------------------------------------------------------------

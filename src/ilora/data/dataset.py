@@ -24,6 +24,7 @@ turns title text into placeholders.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +125,14 @@ class Split:
 
     def subset(self, index: np.ndarray | slice) -> "Split":
         return Split(self.history[index], self.length[index], self.target[index])
+
+    def sha256(self) -> str:
+        """Fingerprint of the samples in order (shapes and int64 bytes of history, length, target)."""
+        h = hashlib.sha256()
+        for array in (self.history, self.length, self.target):
+            h.update(str(array.shape).encode())
+            h.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
+        return h.hexdigest()
 
 
 @dataclass

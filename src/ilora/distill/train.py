@@ -25,6 +25,7 @@ train sample, ids inside the catalog, at least ``top_k`` items per row.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from ilora.checkpointing import check_resume_config
 from ilora.config import option, to_dict
 from ilora.data.dataset import SeqDataset
 from ilora.distill.losses import dro_loss, importance_weights, propensity_scores, ranking_distillation_loss
@@ -41,6 +43,7 @@ from ilora.distill.student import student_factory
 from ilora.errors import ConfigError, IloraError
 from ilora.outputs.format import TeacherOutputs
 from ilora.rec.train import RecTrainConfig, TrainBatch, train_sasrec
+from ilora.state_io import read_json
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +94,17 @@ class TeacherTargets:
     confidence: torch.Tensor  # float32 (n_train, top_k)
     embeddings: torch.Tensor | None  # float32 (num_items, H) or None
 
+    def sha256(self) -> str:
+        """Fingerprint of exactly what the distillation reads (shapes and bytes)."""
+        h = hashlib.sha256()
+        for tensor in (self.items, self.confidence, self.embeddings):
+            if tensor is None:
+                h.update(b"none")
+                continue
+            h.update(str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode())
+            h.update(tensor.contiguous().numpy().tobytes())
+        return h.hexdigest()
+
 
 def check_teacher_outputs(dataset: SeqDataset, outputs: TeacherOutputs, cfg: DistillConfig, source: str = "teacher outputs") -> TeacherTargets:
     """The train top-K, confidences and item embeddings, after checking they belong to ``dataset``."""
@@ -105,6 +119,12 @@ def check_teacher_outputs(dataset: SeqDataset, outputs: TeacherOutputs, cfg: Dis
             raise IloraError(f"{source}: exported for a different item catalog than {dataset.source or 'the dataset'}'s")
     train = outputs.split("train")
     n = len(dataset.split("train"))
+    exported = outputs.manifest.get("splits", {}).get("train", {}) if isinstance(outputs.manifest, dict) else {}
+    if exported.get("samples_sha256") and exported.get("samples") == n and exported["samples_sha256"] != dataset.split("train").sha256():
+        raise IloraError(
+            f"{source}: exported for other train samples than {dataset.source or 'the dataset'}'s (same count, different "
+            "histories, targets or order): row i would not be train sample i"
+        )
     items = np.asarray(train.topk_items)
     conf = np.asarray(train.topk_confidence)
     if items.ndim != 2 or items.shape[0] != n:
@@ -211,6 +231,20 @@ def relative_gain(baseline: dict[str, object], distilled: dict[str, object]) -> 
     return gain
 
 
+DRO_OPTIONS = ("dro_alpha", "dro_beta")
+
+
+def student_run_options(cfg: DistillConfig, targets: TeacherTargets | None) -> dict[str, object]:
+    """What defines a student's run besides its SASRec options (checked when it resumes): the
+    options of its loss hook and, for the distilled student, the fingerprint of the teacher
+    targets it reads."""
+    rec = {f.name for f in dataclasses.fields(RecTrainConfig)}
+    if targets is None:
+        return {f"distill.{k}": getattr(cfg, k) for k in DRO_OPTIONS}
+    options = {f"distill.{k}": v for k, v in to_dict(cfg).items() if k not in rec}
+    return {**options, "distill.teacher_targets_sha256": targets.sha256()}
+
+
 def _run_summary(result: dict[str, object]) -> dict[str, object]:
     keep = ("best_epoch", "epochs_run", "steps", "selected_by", "skipped_steps", "resumed_from", "out", "val", "test")
     return {k: result[k] for k in keep if k in result}
@@ -222,26 +256,36 @@ def distill(
     """Train the baseline and the distilled student; write and return their test metrics and the gains.
 
     ``resume`` resumes each student from its own checkpoints (``baseline/checkpoints``,
-    ``distilled/checkpoints``; a student that had finished is not trained again).
+    ``distilled/checkpoints``; a student that had finished is not trained again). A resume
+    with other options or other teacher targets than the interrupted run's is refused
+    (`student_run_options`).
     """
     cfg.validate()
     if dataset.splits.get("test") is None or len(dataset.split("test")) == 0:
         raise IloraError(f"{dataset.source or 'dataset'}: distillation is evaluated on the test split, which is absent or empty")
     targets = check_teacher_outputs(dataset, teacher_outputs, cfg, source)
     out = Path(out_dir)
+    config_file = out / "distill_config.json"
+    if resume and config_file.is_file():  # refuse other options before anything is written
+        check_resume_config(read_json(config_file, "distill_config.json"), to_dict(cfg), out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "distill_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
+    config_file.write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
     propensity = propensity_scores(dataset.split("train").target, dataset.num_items) if cfg.dro_alpha else None
     rec_cfg = cfg.rec_config()
 
     log.info("training the baseline student (no distillation)")
     base_hook = DistillationLoss(None, cfg, propensity) if cfg.dro_alpha else None
-    baseline = train_sasrec(dataset, rec_cfg, out / "baseline", extra_loss=base_hook, resume=resume)
+    baseline = train_sasrec(
+        dataset, rec_cfg, out / "baseline", extra_loss=base_hook, resume=resume, run_options=student_run_options(cfg, None)
+    )
 
     log.info("training the distilled student (lambda_d=%s, w_ed=%s)", cfg.lambda_d, cfg.w_ed)
     hook = DistillationLoss(targets, cfg, propensity)
     factory = student_factory(targets.embeddings, w_ed=cfg.w_ed, seed=cfg.seed)
-    distilled = train_sasrec(dataset, rec_cfg, out / "distilled", extra_loss=hook, model_factory=factory, resume=resume)
+    distilled = train_sasrec(
+        dataset, rec_cfg, out / "distilled", extra_loss=hook, model_factory=factory, resume=resume,
+        run_options=student_run_options(cfg, targets),
+    )
 
     result: dict[str, object] = {
         "baseline": _run_summary(baseline),

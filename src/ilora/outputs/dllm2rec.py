@@ -16,11 +16,26 @@ DLLM2Rec (istarryn/DLLM2Rec) reads, from ``./tocf/<data>/``:
   DLLM2Rec's code projects it with ``nn.Linear(4096, 64)``: a teacher whose LLM hidden
   size is not 4096 needs that layer's input size changed there.
 
-Rows follow our train split's order. When the dataset reader dropped samples (e.g. the
-LastFM rows with an empty history, or ``--min-len``), give DLLM2Rec the converted train
-split (`ilora data convert`), not the original ``train_data.df``, so that row ``i`` is
-sample ``i``. Files are written from the train shards, streaming (one shard in memory),
-under temporary names, then renamed.
+Rows follow our train split's order, which is not always the order of the dataset's own
+``train_data.df``: the readers drop samples (e.g. the 976 LastFM rows with an empty
+history, or ``--min-len``), and row ``i`` of DLLM2Rec's files must be row ``i`` of the
+``train_data.df`` it reads. So the samples are written too, in ``data/``, as what DLLM2Rec
+reads from ``./data/<data>/``:
+
+* ``data/train_data.csv``: the exported train samples, row ``i`` = row ``i`` of the files
+  above; columns ``seq`` (the history as ``"[id, ...]"``, left-aligned, padded with the
+  padding id = ``num_items`` to the dataset's width, as DLLM2Rec pads), ``len_seq``, ``next``;
+* ``data/val_data.csv``, ``data/test_data.csv``: the val and test splits in the same
+  columns (DLLM2Rec reads these CSVs as they are), when the dataset has them;
+* ``data/data_statis.csv``: ``seq_size`` (history width) and ``item_num``.
+
+DLLM2Rec reads ``train_data.df`` and ``data_statis.df`` as pandas pickles; they are not
+written here because a pickle from this pandas need not load in DLLM2Rec's older one.
+Convert the two CSVs in DLLM2Rec's own environment (README, "Teacher outputs"):
+``pd.read_csv(..., converters={"seq": ast.literal_eval}).to_pickle(...)``.
+
+Files are written streaming (one shard or one block of samples in memory) under
+temporary names, then renamed.
 """
 
 from __future__ import annotations
@@ -33,15 +48,21 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from ilora.data.dataset import SeqDataset, Split
 from ilora.errors import IloraError
 from ilora.outputs.format import ITEM_EMBEDDINGS, file_sha256
+from ilora.state_io import fsync_file
 
 DLLM2REC_DIR = "dllm2rec"
 RANK_FILE = "myrank_train.txt"
 CONFIDENCE_FILE = "confidence_train.txt"
 EMBEDDINGS_FILE = "all_embeddings.pt"
+DATA_DIR = "data"
+TRAIN_CSV, VAL_CSV, TEST_CSV, STATIS_CSV = "train_data.csv", "val_data.csv", "test_data.csv", "data_statis.csv"
 DLLM2REC_FILES = (RANK_FILE, CONFIDENCE_FILE, EMBEDDINGS_FILE)
+DATA_FILES = tuple(f"{DATA_DIR}/{name}" for name in (TRAIN_CSV, VAL_CSV, TEST_CSV, STATIS_CSV))
 CONFIDENCE_NOTE = "-log(topk_confidence): DLLM2Rec weighs exp(-c), i.e. our softmax confidence"
+CSV_BLOCK = 65536  # samples formatted at a time
 
 
 def list_matrix(table, name: str, width: int, source: Path) -> np.ndarray:
@@ -60,11 +81,38 @@ def dllm2rec_confidence(confidence: np.ndarray) -> np.ndarray:
         return -np.log(confidence.astype(np.float64)) + 0.0
 
 
-def write_dllm2rec(out: str | Path, manifest: dict) -> dict:
-    """Write the three DLLM2Rec files from the train shards and the item embeddings.
+def write_samples_csv(path: Path, split: Split) -> None:
+    """``split`` as DLLM2Rec's ``seq,len_seq,next`` CSV (``seq`` a bracketed id list)."""
+    with open(path, "w", encoding="ascii", newline="\n") as fh:
+        fh.write("seq,len_seq,next\n")
+        for lo in range(0, len(split), CSV_BLOCK):
+            hi = lo + CSV_BLOCK
+            rows = zip(split.history[lo:hi].tolist(), split.length[lo:hi].tolist(), split.target[lo:hi].tolist())
+            fh.writelines(f'"[{", ".join(map(str, seq))}]",{n},{t}\n' for seq, n, t in rows)
 
-    Returns the manifest entry: directory, rows, k, the confidence convention and each
-    file's sha256.
+
+def write_dllm2rec_data(target: Path, dataset: SeqDataset, train: Split) -> dict[str, Path]:
+    """The ``data/`` CSVs under temporary names in ``target``; returns final name -> temporary path."""
+    (target / DATA_DIR).mkdir(parents=True, exist_ok=True)
+    splits = {TRAIN_CSV: train}
+    for name, csv in (("val", VAL_CSV), ("test", TEST_CSV)):
+        if dataset.splits.get(name) is not None:
+            splits[csv] = dataset.split(name)
+    tmp: dict[str, Path] = {}
+    for csv, split in splits.items():
+        tmp[f"{DATA_DIR}/{csv}"] = path = target / DATA_DIR / f".{csv}.tmp"
+        write_samples_csv(path, split)
+    tmp[f"{DATA_DIR}/{STATIS_CSV}"] = path = target / DATA_DIR / f".{STATIS_CSV}.tmp"
+    path.write_text(f"seq_size,item_num\n{dataset.max_len},{dataset.num_items}\n", encoding="ascii")
+    return tmp
+
+
+def write_dllm2rec(out: str | Path, manifest: dict, dataset: SeqDataset, train: Split) -> dict:
+    """Write the three DLLM2Rec teacher files from the train shards and the item embeddings,
+    and the ``data/`` CSVs of ``train`` (the exported train samples) and ``dataset``'s val/test.
+
+    Returns the manifest entry: directory, rows, k, the confidence convention, whether the
+    train split was exported whole, and each file's sha256.
     """
     from safetensors.torch import load_file
 
@@ -72,11 +120,14 @@ def write_dllm2rec(out: str | Path, manifest: dict) -> dict:
     info = manifest["splits"].get("train")
     if info is None or not info.get("complete"):
         raise IloraError(f"{out}: the train split is not completely exported; DLLM2Rec files need it")
+    if info["rows"] != len(train):
+        raise IloraError(f"{out}: the train export has {info['rows']} rows but {len(train)} train samples were given")
     k = int(manifest["top_k"])
     target = out / DLLM2REC_DIR
     target.mkdir(parents=True, exist_ok=True)
     tmp = {name: target / f".{name}.tmp" for name in DLLM2REC_FILES}
     try:
+        tmp.update(write_dllm2rec_data(target, dataset, train))
         rows = 0
         with open(tmp[RANK_FILE], "w", encoding="ascii", newline="\n") as ranks, open(tmp[CONFIDENCE_FILE], "w", encoding="ascii", newline="\n") as conf:
             for shard in info["shards"]:
@@ -91,18 +142,21 @@ def write_dllm2rec(out: str | Path, manifest: dict) -> dict:
         embeddings = load_file(str(out / ITEM_EMBEDDINGS))["item_embeddings"].to(torch.float32).contiguous()
         torch.save(embeddings, tmp[EMBEDDINGS_FILE])
         for name, path in tmp.items():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
+            fsync_file(path)
             os.replace(path, target / name)
     finally:
         for path in tmp.values():
             path.unlink(missing_ok=True)
+    full = len(dataset.split("train"))
     return {
         "dir": DLLM2REC_DIR,
         "rows": rows,
         "top_k": k,
         "confidence": CONFIDENCE_NOTE,
-        "files": {name: file_sha256(target / name) for name in DLLM2REC_FILES},
+        "train_samples": full,
+        "partial": rows != full,
+        "data": "data/train_data.csv row i = row i of myrank_train.txt / confidence_train.txt",
+        "files": {name: file_sha256(target / name) for name in tmp},
     }
 
 

@@ -71,6 +71,7 @@ from ilora.data.dataset import SPLITS, SeqDataset, Split
 from ilora.distributed import SINGLE, Dist
 from ilora.errors import ConfigError, IloraError
 from ilora.outputs.format import FORMAT, ITEM_EMBEDDINGS, MANIFEST, VERSION, file_sha256
+from ilora.rec.metrics import history_mask
 from ilora.state_io import atomic_write_text, fsync_file, save_tensors
 
 CONFIDENCE = "softmax of the pool's log-likelihoods"
@@ -148,10 +149,7 @@ def sasrec_top_unseen(rec_scores: torch.Tensor, history: torch.Tensor, length: t
 
     A slot is invalid only when fewer than ``n`` items are outside the history.
     """
-    width = history.shape[1]
-    valid_hist = torch.arange(width, device=history.device)[None, :] < length[:, None]
-    seen = torch.zeros_like(rec_scores, dtype=torch.bool)
-    seen.scatter_(1, torch.where(valid_hist, history, 0), valid_hist)
+    seen = history_mask(history, length, rec_scores.shape[1])
     masked = rec_scores.float().masked_fill(seen, float("-inf"))
     values, order = torch.sort(masked, dim=1, descending=True, stable=True)
     return order[:, :n], torch.isfinite(values[:, :n])
@@ -277,14 +275,6 @@ def teacher_identity(teacher_dir: str | Path) -> dict:
     return {"path": str(root.resolve()), "config_sha256": file_sha256(config), "weights_sha256": h.hexdigest()}
 
 
-def samples_sha256(split: Split) -> str:
-    h = hashlib.sha256()
-    for array in (split.history, split.length, split.target):
-        h.update(str(array.shape).encode())
-        h.update(np.ascontiguousarray(array, dtype=np.int64).tobytes())
-    return h.hexdigest()
-
-
 def new_manifest(teacher: dict, dataset: SeqDataset, opts: ExportOptions, cfg, hidden: int) -> dict:
     from ilora.teacher.build import catalog_fingerprint
 
@@ -336,12 +326,12 @@ def _write_manifest(out: Path, manifest: dict) -> None:
 
 def _remove_outputs(out: Path) -> None:
     """Delete what an export writes here (and nothing else)."""
-    from ilora.outputs.dllm2rec import DLLM2REC_DIR, DLLM2REC_FILES
+    from ilora.outputs.dllm2rec import DATA_FILES, DLLM2REC_DIR, DLLM2REC_FILES
 
     for name in SPLITS:
         for path in (out / name).glob("*part-*.parquet*"):
             path.unlink()
-    for path in (out / ITEM_EMBEDDINGS, *(out / DLLM2REC_DIR / f for f in DLLM2REC_FILES), out / MANIFEST):
+    for path in (out / ITEM_EMBEDDINGS, *(out / DLLM2REC_DIR / f for f in DLLM2REC_FILES + DATA_FILES), out / MANIFEST):
         path.unlink(missing_ok=True)
 
 
@@ -425,7 +415,7 @@ def _export_shard(bundle, split: Split, name: str, number: int, opts: ExportOpti
 
 def _resume_point(out: Path, manifest: dict, name: str, split: Split) -> int | None:
     """The first row of ``split`` still to export (its manifest entry made if new), or None when complete."""
-    digest = samples_sha256(split)
+    digest = split.sha256()
     info = manifest["splits"].setdefault(name, {"rows": 0, "complete": False, "samples": len(split), "samples_sha256": digest, "shards": []})
     if info.get("samples") != len(split) or info.get("samples_sha256") != digest:
         raise IloraError(f"{out}: its {name} export was made from other {name} samples; use another --out, or --overwrite")
@@ -544,7 +534,7 @@ def export_teacher_outputs(
         scoring += time.perf_counter() - s0
     has_dllm2rec = "train" in splits
     if has_dllm2rec and ctx.is_main:
-        manifest["dllm2rec"] = write_dllm2rec(out, manifest)
+        manifest["dllm2rec"] = write_dllm2rec(out, manifest, dataset, splits["train"])
         _write_manifest(out, manifest)
     ctx.barrier()
     seconds = time.perf_counter() - t0

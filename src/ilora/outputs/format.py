@@ -9,6 +9,7 @@ Directory layout::
     dllm2rec/myrank_train.txt          the same top-K, in DLLM2Rec's own files
     dllm2rec/confidence_train.txt
     dllm2rec/all_embeddings.pt         a plain tensor (torch.save), what DLLM2Rec loads
+    dllm2rec/data/train_data.csv ...   the samples of those rows, for DLLM2Rec's ./data/<data>/
 
 Parquet columns (one row per sample):
 
@@ -141,5 +142,8 @@ def read_teacher_outputs(directory: str | Path, splits: tuple[str, ...] = ("trai
         out.splits[name] = read_split(directory, name, info, verify=verify)
     emb = directory / ITEM_EMBEDDINGS
     if emb.is_file():
+        expected = manifest.get("item_embeddings", {}).get("sha256")
+        if verify and expected and file_sha256(emb) != expected:
+            raise IloraError(f"{emb}: checksum does not match the manifest (corrupted or replaced)")
         out.item_embeddings = load_file(str(emb))["item_embeddings"].astype(np.float32)
     return out

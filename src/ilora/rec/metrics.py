@@ -27,15 +27,21 @@ def _check_scores(scores: torch.Tensor, target: torch.Tensor) -> None:
         raise IloraError("scores contain NaN; the model diverged or its weights are broken")
 
 
-def history_exclusion(history: torch.Tensor, length: torch.Tensor, target: torch.Tensor, num_items: int) -> torch.Tensor:
-    """Bool ``(B, num_items)``: True for items in the sample's valid history, except the target."""
+def history_mask(history: torch.Tensor, length: torch.Tensor, num_items: int) -> torch.Tensor:
+    """Bool ``(B, num_items)``: True for the items in each sample's valid (first ``length``) history."""
     b, width = history.shape
     valid = torch.arange(width, device=history.device)[None, :] < length[:, None]
-    ids = history.masked_fill(~valid, num_items)  # padding goes to a spare column, dropped below
-    excluded = torch.zeros(b, num_items + 1, dtype=torch.bool, device=history.device)
-    excluded.scatter_(1, ids, True)
-    excluded = excluded[:, :num_items]
-    excluded[torch.arange(b, device=history.device), target] = False
+    # padding slots write into a spare column, dropped below, so they never clear a real item
+    ids = history.masked_fill(~valid, num_items)
+    seen = torch.zeros(b, num_items + 1, dtype=torch.bool, device=history.device)
+    seen.scatter_(1, ids, True)
+    return seen[:, :num_items]
+
+
+def history_exclusion(history: torch.Tensor, length: torch.Tensor, target: torch.Tensor, num_items: int) -> torch.Tensor:
+    """Bool ``(B, num_items)``: True for items in the sample's valid history, except the target."""
+    excluded = history_mask(history, length, num_items)
+    excluded[torch.arange(history.shape[0], device=history.device), target] = False
     return excluded
 
 

@@ -52,6 +52,7 @@ from ilora.metrics_log import MetricsLog
 from ilora.data.dataset import SeqDataset, Split
 from ilora.errors import ConfigError, IloraError
 from ilora.rec.evaluate import evaluate_sasrec, fixed_candidates
+from ilora.rec.metrics import history_mask
 from ilora.rec.sasrec import SASRec, SASRecConfig
 
 log = logging.getLogger(__name__)
@@ -120,12 +121,8 @@ def sample_negatives(
     history: torch.Tensor, length: torch.Tensor, target: torch.Tensor, num_items: int, count: int, generator: torch.Generator
 ) -> torch.Tensor:
     """``(B, count)`` items drawn uniformly (with replacement) from those not in the history nor the target."""
-    b, width = history.shape
-    valid = torch.arange(width, device=history.device)[None, :] < length[:, None]
-    allowed = torch.ones(b, num_items + 1, device=history.device)
-    allowed.scatter_(1, history.masked_fill(~valid, num_items), 0.0)
-    allowed[torch.arange(b, device=history.device), target] = 0.0
-    allowed = allowed[:, :num_items]
+    allowed = (~history_mask(history, length, num_items)).float()
+    allowed[torch.arange(history.shape[0], device=history.device), target] = 0.0
     if bool((allowed.sum(dim=1) == 0).any()):
         raise IloraError("a sample's history and target cover every item; no negative can be sampled")
     return torch.multinomial(allowed, count, replacement=True, generator=generator)
@@ -234,8 +231,8 @@ class _Progress:
 class _Run:
     """The objects of one training run whose state a checkpoint holds."""
 
-    def __init__(self, cfg: RecTrainConfig, model: SASRec, optimizer: torch.optim.Optimizer, order_gen: torch.Generator, sample_gen: torch.Generator) -> None:
-        self.cfg, self.model, self.optimizer = cfg, model, optimizer
+    def __init__(self, record: dict[str, object], model: SASRec, optimizer: torch.optim.Optimizer, order_gen: torch.Generator, sample_gen: torch.Generator) -> None:
+        self.record, self.model, self.optimizer = record, model, optimizer
         self.order_gen, self.sample_gen = order_gen, sample_gen
         self.progress = _Progress()
         self.order: torch.Tensor | None = None
@@ -248,7 +245,7 @@ class _Run:
 
     def state(self, volatile: dict[str, object] | None = None) -> dict[str, object]:
         return {
-            "config": to_dict(self.cfg),
+            "config": self.record,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "best_state": self.best_state,
@@ -259,7 +256,7 @@ class _Run:
         }
 
     def restore(self, state: dict, where: Path) -> None:
-        check_resume_config(state["config"], to_dict(self.cfg), where)
+        check_resume_config(state["config"], self.record, where)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.best_state = state["best_state"]
@@ -270,12 +267,21 @@ class _Run:
         self.progress = _Progress(**state["progress"])
 
 
-def _finished_result(out: Path, cfg: RecTrainConfig) -> dict[str, object] | None:
-    """The result of a run that already finished in ``out`` with the same options, if any."""
+def run_record(cfg: RecTrainConfig, run_options: dict[str, object] | None) -> dict[str, object]:
+    """What defines a run: the options, plus ``run_options`` (keys must not be option names)."""
+    record = to_dict(cfg)
+    clash = sorted(set(record) & set(run_options or {}))
+    if clash:
+        raise ConfigError(f"run options {clash} have the names of SASRec training options")
+    return {**record, **(run_options or {})}
+
+
+def _finished_result(out: Path, record: dict[str, object]) -> dict[str, object] | None:
+    """The result of a run that already finished in ``out`` with the same record, if any."""
     result, config = out / "result.json", out / "train_config.json"
     if not (result.is_file() and config.is_file()):
         return None
-    check_resume_config(json.loads(config.read_text(encoding="utf-8")), to_dict(cfg), out)
+    check_resume_config(json.loads(config.read_text(encoding="utf-8")), record, out)
     log.info("%s: training already finished; returning its result", out)
     return json.loads(result.read_text(encoding="utf-8"))
 
@@ -288,6 +294,7 @@ def train_sasrec(
     extra_loss: ExtraLoss | None = None,
     model_factory: ModelFactory | None = None,
     resume: bool = False,
+    run_options: dict[str, object] | None = None,
 ) -> dict[str, object]:
     """Train, keep the best-by-validation weights, save them to ``out_dir``; return final metrics.
 
@@ -295,11 +302,15 @@ def train_sasrec(
     (default `SASRec`) builds the model from its architecture, right after the global
     seed is set; ``extra_loss`` is added to every batch's recommendation loss.
     ``resume`` continues from the newest intact checkpoint in ``out_dir`` (none: from
-    the start).
+    the start). ``run_options``: what else defines the run besides ``cfg`` (e.g. the
+    ``extra_loss``'s options and the fingerprint of what it reads); recorded with the
+    options in ``train_config.json`` and the checkpoints, and a resume with other values
+    is refused like one with other options.
     """
     cfg.validate()
+    record = run_record(cfg, run_options)
     train, train_rows = _train_split(dataset, cfg.train_min_len)  # rejects bad input before --out is touched
-    out, checkpoints, finished = open_run(out_dir, cfg.checkpoint_every, resume, "result.json", lambda o: _finished_result(o, cfg))
+    out, checkpoints, finished = open_run(out_dir, cfg.checkpoint_every, resume, "result.json", lambda o: _finished_result(o, record))
     if finished is not None:
         return finished
     if cfg.threads is not None:
@@ -315,7 +326,7 @@ def train_sasrec(
     )
     model = (model_factory or SASRec)(arch).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    run = _Run(cfg, model, optimizer, generator, sample_gen)
+    run = _Run(record, model, optimizer, generator, sample_gen)
     resumed_from, saved = None, None
     checkpoint = checkpoints.latest() if resume else None
     if checkpoint is not None:
@@ -325,7 +336,7 @@ def train_sasrec(
         log.info("resuming from %s (step %d)", checkpoint.path, checkpoint.step)
     elif resume:
         log.warning("%s: no intact checkpoint to resume from; training from the start", out)
-    (out / "train_config.json").write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
+    (out / "train_config.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
     val_cands = None
     if has_val and cfg.eval_candidates:
