@@ -176,6 +176,11 @@ class DistillationLoss:
     teacher ``targets``, ``lambda_d * (RD + dro_alpha * mean_b sum_k w[b, k] dro(items[b, k]))``
     with RD and the weights ``w`` of `ilora.distill.losses` (computed even for
     ``lambda_d = 0``, which then adds exactly nothing). Draws no random numbers.
+
+    The distillation DRO term is per sample, as written above. DLLM2Rec's code multiplies a
+    ``(B, 1)`` weight by a ``(B,)`` DRO loss, which broadcasts to ``(B, B)`` and so computes
+    ``sum_k mean_b(w[:, k]) * mean_b(dro_k)`` instead (a sample's weight never meets its own
+    DRO loss); we do not reproduce that.
     """
 
     def __init__(self, targets: TeacherTargets | None, cfg: DistillConfig, propensity: torch.Tensor | None) -> None:
