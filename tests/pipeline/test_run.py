@@ -61,6 +61,34 @@ def test_interrupted_stage_is_rerun(tmp_path, capsys):
     assert "eval: running" in err and "teacher: up to date" in err
 
 
+def test_a_stage_rerun_with_the_same_config_refreshes_what_reads_it(tmp_path, capsys):
+    """Retraining need not reproduce the same weights (GPU), so a stage whose stage.json was lost
+    and that ran again makes its downstream stages run again too, even with unchanged configs."""
+    from ilora.pipeline.stages import run_stage
+
+    calls = []
+
+    def stage(name):
+        return lambda directory: calls.append(name) or {"name": name}
+
+    def both():
+        token, _ = run_stage(tmp_path, "a", {"x": 1}, [], stage("a"))
+        run_stage(tmp_path, "b", {"y": 1}, [token], stage("b"))
+
+    both()
+    both()
+    assert calls == ["a", "b"]  # the second time both are up to date
+    (tmp_path / "a" / "stage.json").unlink()
+    both()
+    assert calls == ["a", "b", "a", "b"]
+    # a stage.json written before completion ids existed: its key alone is the token
+    marker = json.loads((tmp_path / "a" / "stage.json").read_text())
+    del marker["run_id"]
+    (tmp_path / "a" / "stage.json").write_text(json.dumps(marker))
+    token, _ = run_stage(tmp_path, "a", {"x": 1}, [], stage("a"))
+    assert token == marker["key"] and calls == ["a", "b", "a", "b"]
+
+
 def test_bad_override_is_a_clear_error(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(SMALL))
@@ -81,7 +109,9 @@ def test_interrupted_training_stage_resumes_from_its_checkpoints(tmp_path, capsy
     capsys.readouterr()
     assert main(["run", str(config)]) == 0
     err = capsys.readouterr().err
-    assert "teacher: resuming" in err and "eval: up to date" in err
+    # the teacher stage completed anew, so what reads it runs again (its old results were
+    # built on the previous completion)
+    assert "teacher: resuming" in err and "eval: running" in err and "sasrec: up to date" in err
     assert (run / "teacher" / "model" / "adapter_model.safetensors").read_bytes() == weights
     # A pending marker of another config is not resumed: the stage starts clean.
     (run / "teacher" / "stage.json").unlink()

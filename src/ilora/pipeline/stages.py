@@ -3,9 +3,11 @@
 Each stage writes its outputs into ``<run>/<stage>/`` and, last, ``stage.json`` holding
 a key (a hash of the stage's config and of the keys of the stages it reads) and the
 stage's result. A stage whose ``stage.json`` holds the current key is skipped and its
-recorded result reused; any other stage (never run, interrupted, or configured
-differently) is run again from a clean directory, and so is everything downstream of
-it, because downstream keys include its key.
+recorded result reused; any other stage (never run, interrupted, configured differently,
+or whose ``stage.json`` was lost) is run again from a clean directory, and so is
+everything downstream of it: downstream keys include its token, its key plus the random
+id of the run that completed it, so a rerun with the very same config (which need not
+give bit-identical weights, e.g. on a GPU) still refreshes what was built on it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import shutil
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,12 @@ PENDING = "stage.pending"
 def stage_key(config: Any, upstream: list[str]) -> str:
     text = json.dumps({"config": config, "upstream": upstream}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def stage_token(key: str, run_id: str | None) -> str:
+    """What downstream keys include: the key and the id of the run that completed the stage
+    (markers written before run ids existed have none: their key alone)."""
+    return key if run_id is None else f"{key}:{run_id}"
 
 
 def read_marker(directory: Path) -> dict | None:
@@ -54,14 +63,15 @@ def run_stage(
     ``keep_partial``: an interrupted run of the same config (``stage.pending`` holds its
     key, no ``stage.json``) keeps its files, for ``fn`` to resume them (trainers from their
     checkpoints, export from its shards); any other stage starts from a clean directory.
-    Returns ``(key, result)``.
+    Returns ``(token, result)``: the token (key and completion id) is what downstream stages
+    pass as ``upstream``.
     """
     directory = run_dir / name
     key = stage_key(config, upstream)
     marker = read_marker(directory)
     if marker is not None and marker.get("key") == key:
         print(f"[run] {name}: up to date, skipped", file=sys.stderr, flush=True)
-        return key, marker["result"]
+        return stage_token(key, marker.get("run_id")), marker["result"]
     # Resume only an interrupted run of this very config (stage.pending holds its key);
     # anything else (another config, a finished stage now stale) starts clean.
     pending = directory / PENDING
@@ -74,6 +84,7 @@ def run_stage(
     started = time.perf_counter()
     result = fn(directory)
     result = {**result, "seconds": round(time.perf_counter() - started, 2)}
-    atomic_write_text(directory / MARKER, json.dumps({"key": key, "config": config, "result": result}, indent=2, default=str))
+    run_id = uuid.uuid4().hex
+    atomic_write_text(directory / MARKER, json.dumps({"key": key, "run_id": run_id, "config": config, "result": result}, indent=2, default=str))
     pending.unlink(missing_ok=True)
-    return key, result
+    return stage_token(key, run_id), result
