@@ -292,6 +292,20 @@ def test_answer_tokens_and_truncation():
     assert table.num_items == 4 and table.length[-1] == 0
     with pytest.raises(IloraError):
         TitleTable.build(tok, titles, max_title_tokens=0)
+    for bad in (-1, 4, 5):  # negative, the padding id, past the catalog
+        with pytest.raises(IloraError, match=f"position 1 has id {bad}"):
+            table.answer_tokens(torch.tensor([0, bad]))
+
+
+@pytest.mark.parametrize("style", ["llama", "qwen2"])
+def test_decoded_titles_are_the_truncated_answers_decoded(style):
+    tok, _ = tokenizer(style)
+    titles = ["Enigma", "Earth, Wind & Fire", "Café Del Mar", "a" * 40]
+    table = TitleTable.build(tok, titles, max_title_tokens=3)
+    expected = [tok.decode(ref_segment(tok, t, 3), skip_special_tokens=True) for t in titles]
+    assert table.decoded(tok) == expected
+    assert "Fire" not in table.decoded(tok)[1]
+    assert [t.strip() for t in TitleTable.build(tok, titles).decoded(tok)] == titles  # untruncated: the titles
 
 
 def test_dataloader_collate_and_generation_prompt():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,11 +11,15 @@ import torch.nn.functional as F
 
 from ilora.cli.main import main
 from ilora.data import candidate_sets, make_synthetic, write_native
+from ilora.data.dataset import Catalog, SeqDataset
+from ilora.errors import IloraError
 from ilora.rec.sasrec import SASRec, SASRecConfig
 from ilora.teacher.adapters import enable_gradient_checkpointing, gated_lora_modules
+from ilora.teacher.batch import PromptCollator
 from ilora.teacher.build import build_teacher, load_teacher, save_teacher
 from ilora.teacher.config import TeacherConfig
 from ilora.teacher.evaluate import evaluate_teacher, matched_candidates
+from ilora.teacher.tiny import add_placeholder_tokens
 
 SMALL = dict(tiny_hidden=32, tiny_layers=2, tiny_heads=4, tiny_vocab=300, lora_dropout=0.0, max_title_tokens=8)
 
@@ -130,6 +135,71 @@ def test_saved_teacher_reloads_identically(dataset, rec, tmp_path):
         )
 
 
+def _base_weight(teacher):
+    return teacher.llm.get_decoder().layers[0].self_attn.q_proj.base_layer.weight
+
+
+def test_saving_into_a_used_directory_replaces_the_sasrec_and_base_llm(dataset, rec, tmp_path):
+    """Run 2 saved where run 1 had saved: the directory holds run 2's teacher, rec and base alike."""
+    first = make_bundle(dataset, rec, seed=0)
+    save_teacher(first, tmp_path / "t", dataset.catalog)
+    torch.manual_seed(5)
+    other_rec = SASRec(SASRecConfig(num_items=dataset.num_items, max_len=dataset.max_len, hidden=16, dropout=0.0)).eval()
+    second = make_bundle(dataset, other_rec, seed=7)
+    assert not torch.equal(_base_weight(first.teacher), _base_weight(second.teacher))
+    save_teacher(second, tmp_path / "t", dataset.catalog)
+    loaded = load_teacher(tmp_path / "t", dataset.catalog)
+    assert torch.equal(loaded.teacher.rec.item_emb.weight, other_rec.item_emb.weight)
+    assert torch.equal(_base_weight(loaded.teacher), _base_weight(second.teacher))
+    split, cands = sample_arrays(dataset)
+    prompts = second.prompt_collator.build(split.history, split.length, cands)
+    second.teacher.eval()
+    assert torch.equal(loaded.teacher.eval().score_candidates(prompts, prompts.candidates), second.teacher.score_candidates(prompts, prompts.candidates))
+    assert sorted(p.name for p in (tmp_path / "t").iterdir() if p.name.startswith(".")) == []  # no temporary directory left
+
+
+def _edit_json(path, change):
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+BAD_FILES = {
+    "format_version": ("teacher_config.json", lambda d: _edit_json(d / "teacher_config.json", lambda c: c.update(format_version=99))),
+    "no_config": ("teacher_config.json", lambda d: _edit_json(d / "teacher_config.json", lambda c: c.pop("config"))),
+    "bad_config": ("teacher_config.json", lambda d: _edit_json(d / "teacher_config.json", lambda c: c["config"].update(num_experts=0))),
+    "lora_alpha_null": ("adapter_config.json", lambda d: _edit_json(d / "adapter_config.json", lambda c: c.update(lora_alpha=None))),
+    "gate_kind": ("gate.safetensors", lambda d: _edit_json(d / "teacher_config.json", lambda c: c["config"].update(gate="resnet"))),
+    "gate_missing": ("gate.safetensors", lambda d: (d / "gate.safetensors").unlink()),
+    "projector_missing": ("projector.safetensors", lambda d: (d / "projector.safetensors").unlink()),
+    "rows_missing": ("added_embeddings.safetensors", lambda d: (d / "added_embeddings.safetensors").unlink()),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_loading_a_damaged_checkpoint_names_the_file(dataset, rec, tmp_path, case):
+    bundle = make_bundle(dataset, rec)
+    save_teacher(bundle, tmp_path / "t", dataset.catalog)
+    name, damage = BAD_FILES[case]
+    damage(tmp_path / "t")
+    with pytest.raises(IloraError, match=name.replace(".", r"\.")):
+        load_teacher(tmp_path / "t", dataset.catalog)
+
+
+def test_loading_detects_a_sasrec_or_base_llm_from_another_save(dataset, rec, tmp_path):
+    save_teacher(make_bundle(dataset, rec, seed=0), tmp_path / "a", dataset.catalog)
+    torch.manual_seed(5)
+    other_rec = SASRec(SASRecConfig(num_items=dataset.num_items, max_len=dataset.max_len, hidden=16, dropout=0.0)).eval()
+    save_teacher(make_bundle(dataset, other_rec, seed=7), tmp_path / "b", dataset.catalog)
+    for part in ("rec", "llm"):
+        mixed = tmp_path / f"mixed_{part}"
+        shutil.copytree(tmp_path / "a", mixed)
+        shutil.rmtree(mixed / part)
+        shutil.copytree(tmp_path / "b" / part, mixed / part)
+        with pytest.raises(IloraError, match=f"{part}: .*not the"):
+            load_teacher(mixed, dataset.catalog)
+
+
 def test_generate_and_score_agree_when_answers_are_forced(dataset, rec):
     """Overfit a teacher on a few samples until greedy generation names a candidate;
     then that candidate must be the top-scored one."""
@@ -158,14 +228,137 @@ def test_generate_and_score_agree_when_answers_are_forced(dataset, rec):
     assert checked >= 3, (loss.item(), texts)
 
 
-def test_evaluate_reports_gate_statistics(dataset, rec):
+def test_evaluate_reports_the_metrics_of_its_scores_generations_and_gates(dataset, rec):
+    """evaluate_teacher == the metrics recomputed here from the teacher's own scores,
+    generations and gates, one sample at a time (a batch size that splits the samples)."""
     bundle = make_bundle(dataset, rec)
+    teacher = bundle.teacher.eval()
     split, cands = sample_arrays(dataset, n=6)
-    m = evaluate_teacher(bundle, split, cands, dataset.catalog.titles, protocol="score")
-    assert m["valid_ratio"] == 1.0 and 0.0 <= m["hr@1"] <= 1.0 and m["num_samples"] == 6
-    assert sum(m["gate_stats"]["mean_weight"]) == pytest.approx(1.0)
-    g = evaluate_teacher(bundle, split, cands, dataset.catalog.titles, protocol="generate")
-    assert set(g) >= {"valid_ratio", "hr@1", "hr@1_all"}
+    titles = dataset.catalog.titles
+    m = evaluate_teacher(bundle, split, cands, titles, protocol="score", batch_size=4)
+    scores, gates, texts = [], [], []
+    for i in range(len(split)):
+        one = bundle.prompt_collator.build(split.history[i : i + 1], split.length[i : i + 1], cands[i : i + 1])
+        scores.append(teacher.score_candidates(one, one.candidates)[0].tolist())
+        gates.append(teacher.gates(one.history, one.length)[0].tolist())
+        texts.append(teacher.generate(one, max_new_tokens=int(teacher.title_table.length.max()) + 8)[0])
+    ranks = []
+    for row, cand, target in zip(scores, cands.tolist(), split.target.tolist(), strict=True):
+        col = cand.index(target)
+        ranks.append(sum(1 for j, s in enumerate(row) if j != col and s >= row[col]))
+    assert m["num_samples"] == 6 and m["valid_ratio"] == 1.0
+    assert m["mrr"] == pytest.approx(sum(1 / (r + 1) for r in ranks) / 6, abs=1e-9)
+    assert m["hr@5"] == pytest.approx(sum(r < 5 for r in ranks) / 6, abs=1e-9)
+    mean_gate = [sum(g[e] for g in gates) / 6 for e in range(4)]
+    assert m["gate_stats"]["mean_weight"] == pytest.approx(mean_gate, abs=1e-6)
+    assert max(mean_gate) - min(mean_gate) > 1e-4  # a learned gate, not a constant uniform one
+
+    g = evaluate_teacher(bundle, split, cands, titles, protocol="generate", batch_size=4)
+    answers = [teacher.tokenizer.decode(teacher.title_table.ids[i, : teacher.title_table.length[i]].tolist(), skip_special_tokens=True) for i in range(len(titles))]
+    valid = correct = 0
+    for text, cand, target in zip(texts, cands.tolist(), split.target.tolist(), strict=True):
+        line = text.strip().partition("\n")[0].strip().lower()
+        found = [i for i in cand if answers[i].strip().lower() in line]
+        valid += len(found) == 1
+        correct += found == [target]
+    assert (g["valid_ratio"], g["hr@1_all"]) == (pytest.approx(valid / 6), pytest.approx(correct / 6))
+    assert g["gate_stats"]["mean_weight"] == pytest.approx(mean_gate, abs=1e-6)
+
+
+def test_generate_protocol_matches_the_truncated_titles_the_teacher_learnt(dataset):
+    """A teacher that writes exactly its training answers (titles cut to max_title_tokens)
+    scores hr@1 = 1 under the generate protocol, even when every title is longer."""
+    titles = [f"Band{i:02d} and the very long tail of a title that goes on" for i in range(dataset.num_items)]
+    long = SeqDataset(Catalog(tuple(titles)), dict(dataset.splits), source="long titles")
+    torch.manual_seed(0)
+    rec = SASRec(SASRecConfig(num_items=long.num_items, max_len=long.max_len, hidden=16, dropout=0.0)).eval()
+    bundle = make_bundle(long, rec, max_title_tokens=4)
+    teacher = bundle.teacher
+    split, cands = sample_arrays(long, n=5)
+    assert bool((teacher.title_table.length[:-1] == 4).all())  # every title is truncated
+    # the training answers, read from the labels of prompts with answers (eos dropped)
+    train = bundle.train_collator.build(split.history, split.length, cands, split.target)
+    perfect = [teacher.tokenizer.decode([t for t in row if t != -100][:-1], skip_special_tokens=True) for row in train.labels.tolist()]
+    assert all(text.strip() and text.strip() not in titles for text in perfect)
+    outputs = iter(perfect)
+    teacher.generate = lambda batch, *args, **kwargs: [next(outputs) for _ in range(len(batch))]
+    g = evaluate_teacher(bundle, split, cands, long.catalog.titles, protocol="generate", batch_size=2)
+    assert g["valid_ratio"] == 1.0 and g["hr@1"] == 1.0 and g["hr@1_all"] == 1.0
+
+
+# -- input checks ---------------------------------------------------------------------------------
+
+
+def test_scoring_and_generation_reject_right_padded_prompts_and_prompts_with_answers(dataset, rec):
+    bundle = make_bundle(dataset, rec)
+    teacher = bundle.teacher.eval()
+    split, cands = sample_arrays(dataset, n=3)
+    pc = bundle.prompt_collator
+    right = PromptCollator(teacher.tokenizer, pc.template, pc.titles, add_placeholder_tokens(teacher.tokenizer), with_answer=False, padding_side="right")
+    prompts = right.build(split.history, split.length, cands)
+    assert not bool(prompts.attention_mask[:, -1].all())  # the prompts have different lengths
+    with pytest.raises(IloraError, match="left-padded"):
+        teacher.score_candidates(prompts, prompts.candidates)
+    with pytest.raises(IloraError, match="left-padded"):
+        teacher.generate(prompts, max_new_tokens=3)
+    answered = bundle.train_collator.build(split.history, split.length, cands, split.target)
+    with pytest.raises(IloraError, match="answer"):
+        teacher.score_candidates(answered, answered.candidates)
+    with pytest.raises(IloraError, match="answer"):
+        teacher.generate(answered, max_new_tokens=3)
+
+
+@pytest.mark.parametrize("bad", ["minus_one", "padding_id", "too_many_rows", "one_dimensional"])
+def test_scoring_rejects_candidates_outside_the_catalog_or_of_the_wrong_shape(dataset, rec, bad):
+    bundle = make_bundle(dataset, rec)
+    split, cands = sample_arrays(dataset, n=2)
+    prompts = bundle.prompt_collator.build(split.history, split.length, cands)
+    c = prompts.candidates.clone()
+    if bad == "minus_one":
+        c[1, 2] = -1
+    elif bad == "padding_id":
+        c[0, 1] = dataset.num_items
+    elif bad == "too_many_rows":
+        c = torch.cat([c, c[:1]])
+    else:
+        c = c[0]
+    with pytest.raises(IloraError, match="prompt 1, candidate 2|prompt 0, candidate 1|shape"):
+        bundle.teacher.score_candidates(prompts, c)
+
+
+def test_scoring_refuses_flash_attention(dataset, rec):
+    bundle = make_bundle(dataset, rec)
+    split, cands = sample_arrays(dataset, n=2)
+    prompts = bundle.prompt_collator.build(split.history, split.length, cands)
+    bundle.teacher.llm.config._attn_implementation_internal = "flash_attention_2"
+    assert bundle.teacher.llm.config._attn_implementation == "flash_attention_2"
+    with pytest.raises(IloraError, match="flash_attention_2"):
+        bundle.teacher.score_candidates(prompts, prompts.candidates)
+
+
+def test_mean_loss_of_a_batch_without_answers_is_an_error(dataset, rec):
+    bundle = make_bundle(dataset, rec)
+    split, cands = sample_arrays(dataset, n=2)
+    prompts = bundle.prompt_collator.build(split.history, split.length, cands)
+    with pytest.raises(IloraError, match="no answer tokens"):
+        bundle.teacher.loss(prompts)
+    assert bundle.teacher.loss(prompts, reduction="sum").item() == 0.0
+
+
+def test_train_mode_leaves_the_frozen_sasrec_in_eval_mode(dataset, rec):
+    bundle = make_bundle(dataset, rec)
+    teacher = bundle.teacher
+    torch.manual_seed(0)
+    teacher.rec = SASRec(SASRecConfig(num_items=dataset.num_items, max_len=dataset.max_len, hidden=16, dropout=0.3)).requires_grad_(False)
+    split, _ = sample_arrays(dataset, n=4)
+    history, length = torch.as_tensor(split.history), torch.as_tensor(split.length)
+    assert teacher.train() is teacher
+    assert teacher.training and teacher.gate_net.training and not teacher.rec.training
+    with torch.no_grad():
+        expected = teacher.gate_net(teacher.rec.eval().user_representation(history, length))
+        torch.testing.assert_close(teacher.gates(history, length), expected, rtol=0, atol=0)  # no dropout in the gate input
+    teacher.eval()
+    assert not teacher.gate_net.training and not teacher.rec.training
 
 
 def test_cli_train_then_eval(tmp_path, capsys):
@@ -184,3 +377,14 @@ def test_cli_train_then_eval(tmp_path, capsys):
         assert result["gate"] == gate and result["num_samples"] == 5 and "mean_target_logprob" in result
     assert main(["teacher", "eval", str(data), "--teacher", str(tmp_path / "t"), "--gate", "expert:9"]) == 2
     assert "expert index" in capsys.readouterr().err
+
+
+def test_a_format_1_checkpoint_loads_without_fingerprint_checks_and_says_so(dataset, rec, tmp_path, caplog):
+    """Teachers saved before the fingerprints existed still load (same weights), with a warning."""
+    bundle = make_bundle(dataset, rec)
+    save_teacher(bundle, tmp_path / "t", dataset.catalog)
+    _edit_json(tmp_path / "t" / "teacher_config.json", lambda c: (c.update(format_version=1), c.pop("rec"), c.pop("llm")))
+    with caplog.at_level("WARNING"):
+        loaded = load_teacher(tmp_path / "t", dataset.catalog)
+    assert "format 1" in caplog.text
+    assert torch.equal(loaded.teacher.rec.item_emb.weight, bundle.teacher.rec.item_emb.weight)

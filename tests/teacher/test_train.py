@@ -70,3 +70,34 @@ def test_the_plan_groups_only_when_asked() -> None:
     assert spread(grouped) < spread(plain) / 4
     # the curriculum flags are drawn per step, not per sample: the same in both plans
     assert all(np.array_equal(f1, f2) for (_, f1), (_, f2) in zip(plain, grouped, strict=True))
+
+
+SMALL = dict(tiny_hidden=32, tiny_layers=2, tiny_heads=4, tiny_vocab=300, lora_dropout=0.0, max_title_tokens=8)
+
+
+def test_a_new_run_in_a_used_out_keeps_its_own_sasrec_and_resume_refuses_another(tmp_path) -> None:
+    import dataclasses
+
+    from ilora.data import make_synthetic
+    from ilora.errors import IloraError
+    from ilora.rec.sasrec import SASRec, SASRecConfig, load_sasrec
+    from ilora.teacher.build import load_teacher
+    from ilora.teacher.train import train_teacher
+
+    ds = make_synthetic(users=40, items=30, seed=5)
+    for s in (0, 1):
+        torch.manual_seed(s)
+        SASRec(SASRecConfig(num_items=ds.num_items, max_len=ds.max_len, hidden=16)).save(tmp_path / f"rec{s}")
+    out = tmp_path / "out"
+    first = TeacherConfig(**SMALL, max_steps=2, batch_size=4, val_samples=4, checkpoint_every=1)
+    second = dataclasses.replace(first, seed=1)
+    train_teacher(ds, first, tmp_path / "rec0", out)
+    train_teacher(ds, second, tmp_path / "rec1", out)  # a fresh run (no resume) into the same out
+    loaded = load_teacher(out, ds.catalog)
+    assert torch.equal(loaded.teacher.rec.item_emb.weight, load_sasrec(tmp_path / "rec1").item_emb.weight)
+    with pytest.raises(IloraError, match="another SASRec"):  # the finished run read rec1
+        train_teacher(ds, second, tmp_path / "rec0", out, resume=True)
+    (out / "train_summary.json").unlink()  # now an interrupted run with a checkpoint at step 1
+    with pytest.raises(IloraError, match="another SASRec"):
+        train_teacher(ds, second, tmp_path / "rec0", out, resume=True)
+    assert train_teacher(ds, second, tmp_path / "rec1", out, resume=True)["resumed_from"] == 1

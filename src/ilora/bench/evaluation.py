@@ -56,9 +56,9 @@ def build(device: torch.device, num_samples: int) -> tuple[Any, Any, np.ndarray,
 
 
 @torch.no_grad()
-def generate_min(bundle, split, candidates: np.ndarray, titles: list[str], device: torch.device) -> dict[str, float]:
+def generate_min(bundle, split, candidates: np.ndarray, device: torch.device) -> dict[str, float]:
     """Generate-protocol metrics with decoding cut at each batch's longest target answer."""
-    from ilora.teacher.evaluate import generate_metrics, target_columns
+    from ilora.teacher.evaluate import answer_texts, generate_metrics, target_columns
 
     teacher = bundle.teacher
     texts: list[str] = []
@@ -67,14 +67,17 @@ def generate_min(bundle, split, candidates: np.ndarray, titles: list[str], devic
         batch = bundle.prompt_collator.build(split.history[sl], split.length[sl], candidates[sl]).to(device)
         longest = int(teacher.title_table.length[torch.as_tensor(split.target[sl])].max()) + 1
         texts += teacher.generate(batch, "learned", max_new_tokens=longest)
-    cand_titles = [[titles[int(i)] for i in row] for row in candidates]
+    # matched against the titles as the teacher writes them (truncated to max_title_tokens), as
+    # the generate protocol does
+    answers = answer_texts(teacher)
+    cand_titles = [[answers[int(i)] for i in row] for row in candidates]
     return generate_metrics(texts, cand_titles, target_columns(candidates, split.target).tolist())
 
 
 @torch.no_grad()
-def generate_llara(bundle, split, candidates: np.ndarray, titles: list[str], device: torch.device, max_new_tokens: int = 64) -> dict[str, float]:
+def generate_llara(bundle, split, candidates: np.ndarray, device: torch.device, max_new_tokens: int = 64) -> dict[str, float]:
     """LLaRA's evaluation: HF ``generate`` from input embeddings (greedy, up to 64 new tokens), first line, matching."""
-    from ilora.teacher.evaluate import generate_metrics, target_columns
+    from ilora.teacher.evaluate import answer_texts, generate_metrics, target_columns
 
     teacher = bundle.teacher
     tok = teacher.tokenizer
@@ -96,7 +99,10 @@ def generate_llara(bundle, split, candidates: np.ndarray, titles: list[str], dev
                 eos_token_id=tok.eos_token_id,
             )
         texts += [t.strip().split("\n")[0] for t in tok.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)]
-    cand_titles = [[titles[int(i)] for i in row] for row in candidates]
+    # matched against the titles as the teacher writes them (truncated to max_title_tokens), as
+    # the generate protocol does
+    answers = answer_texts(teacher)
+    cand_titles = [[answers[int(i)] for i in row] for row in candidates]
     return generate_metrics(texts, cand_titles, target_columns(candidates, split.target).tolist())
 
 
@@ -117,10 +123,10 @@ def run_bench(device: torch.device, *, quick: bool = False, num_samples: int | N
         metrics["generate"] = evaluate_teacher(bundle, split, candidates, titles, protocol="generate", batch_size=BATCH, device=device.type)
 
     def generate_lower(parts) -> None:
-        metrics["generate_min"] = generate_min(bundle, split, candidates, titles, device)
+        metrics["generate_min"] = generate_min(bundle, split, candidates, device)
 
     def llara(parts) -> None:
-        metrics["generate_llara"] = generate_llara(bundle, split, candidates, titles, device)
+        metrics["generate_llara"] = generate_llara(bundle, split, candidates, device)
 
     variants = {"score": score, "generate": generate, "generate_min": generate_lower, "generate_llara": llara}
     times = interleave(variants, device, warmup=warmup, repeats=repeats, budget_s=budget_s)

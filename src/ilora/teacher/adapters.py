@@ -587,7 +587,9 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[MoELoraConfig, list[st
     peft_path = adapter_dir / PEFT_CONFIG_FILE
     peft = _read_json(peft_path)
     expected_alpha = cfg.scaling * cfg.total_rank / cfg.num_experts
-    if peft.get("peft_type") != "LORA" or peft.get("r") != cfg.total_rank or not math.isclose(float(peft.get("lora_alpha", "nan")), expected_alpha):
+    alpha = peft.get("lora_alpha")
+    alpha_ok = isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and math.isclose(float(alpha), expected_alpha)
+    if peft.get("peft_type") != "LORA" or peft.get("r") != cfg.total_rank or not alpha_ok:
         raise IloraError(
             f"{peft_path}: peft_type {peft.get('peft_type')!r}, r {peft.get('r')!r}, lora_alpha {peft.get('lora_alpha')!r} "
             f"disagree with {ILORA_CONFIG_FILE} (expected LORA, {cfg.total_rank}, {expected_alpha:g})"

@@ -130,6 +130,13 @@ class TitleTable:
             raise IloraError(f"title of item {item} ({titles[item]!r}) tokenises to a special token id")
         return cls(ids, length, eos, pad)
 
+    def decoded(self, tokenizer) -> list[str]:
+        """Every item's title tokens (as truncated here) decoded as `ILoRATeacher.generate`
+        decodes its output (``skip_special_tokens=True``): the answer text the teacher is
+        trained to write, one string per item (the padding row left out)."""
+        rows = [row[:n] for row, n in zip(self.ids[:-1].tolist(), self.length[:-1].tolist())]
+        return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
     @property
     def num_items(self) -> int:
         return self.ids.shape[0] - 1
@@ -142,8 +149,14 @@ class TitleTable:
         """Answer continuations of ``items`` (n,): title + eos, right-padded with pad.
 
         Returns ``ids`` (n, max answer length) and a bool ``mask`` of real tokens.
+        Raises `IloraError` naming the first position whose id is outside the catalog
+        ``0..num_items - 1`` (negative ids and the padding id included).
         """
         items = items.to(self.ids.device, torch.long)
+        bad = ((items < 0) | (items >= self.num_items)).nonzero()
+        if bad.numel():
+            k = int(bad[0, 0])
+            raise IloraError(f"answer item at position {k} has id {int(items[k])}, outside the catalog 0..{self.num_items - 1}")
         n = self.length[items]
         width = int(n.max()) + 1 if items.numel() else 1
         cols = torch.arange(width, device=self.ids.device)

@@ -2,7 +2,8 @@
 
 Checkpoint directory layout (everything needed to run the teacher offline):
 
-    teacher_config.json          TeacherConfig + format version + catalog fingerprint
+    teacher_config.json          TeacherConfig + format version + fingerprints of the catalog,
+                                 of rec/ and (tiny) of llm/; written last
     adapter_model.safetensors    LoRA experts in peft's key layout (rank E*r)
     adapter_config.json          peft LoRA config (a peft tool reads the uniform-gate model)
     ilora_adapter.json           the experts' layout: E, rank per expert, alpha, scaling
@@ -10,12 +11,20 @@ Checkpoint directory layout (everything needed to run the teacher offline):
     projector.safetensors        the item projector
     added_embeddings.safetensors input/output embedding rows of the added placeholder tokens
     tokenizer/                   the tokenizer, placeholder tokens included
-    llm/                         the base LLM itself, only for --llm tiny (it cannot be re-downloaded)
+    llm/                         the base LLM itself, only for --llm tiny (it cannot be re-downloaded);
+                                 any other base LLM is only named (``config.llm``: a path or hub id)
     rec/                         the frozen SASRec the gate and the placeholders read
 
-`load_teacher` is the only way to load one: it rebuilds the model, injects the adapters,
+Every `save_teacher` writes every part, ``rec/`` and ``llm/`` included, so a directory
+saved into again (a new run with the same ``--out``) never keeps the SASRec or base LLM
+of an earlier run. ``rec/`` and ``llm/`` are each written beside and then swapped in.
+
+`load_teacher` is the only way to load one: it checks the format version and the
+fingerprints (`rec_fingerprint` of the loaded SASRec, `directory_fingerprint` of
+``llm/``) against ``teacher_config.json``, rebuilds the model, injects the adapters,
 loads the gate network and projector together, so a reloaded teacher can never run
-without its gate.
+without its gate. A file that is missing or does not fit the saved config raises
+`IloraError` naming it.
 
 Both `build_teacher` and `load_teacher` first check that every catalog title can go
 into a prompt (`ilora.data.dataset.validate_prompt_titles`: not empty, one line, no
@@ -26,6 +35,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +60,10 @@ from ilora.teacher.prompts import load_template
 from ilora.teacher.tiny import add_placeholder_tokens, build_tiny_llm, build_tiny_tokenizer, default_dtype, load_llm
 
 FORMAT = "ilora-teacher"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: rec/ and llm/ fingerprints in teacher_config.json
+READABLE_VERSIONS = (1, 2)  # 1 loads without the fingerprint checks (it has none), with a warning
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,6 +80,28 @@ def catalog_fingerprint(catalog: Catalog) -> str:
     h = hashlib.sha256()
     for title in catalog.titles:
         h.update(title.encode("utf-8", "surrogatepass") + b"\x00")
+    return h.hexdigest()[:16]
+
+
+def rec_fingerprint(rec: SASRec) -> str:
+    """sha256 (16 hex digits) of a SASRec's config and weights (names, dtypes, shapes, bytes)."""
+    h = hashlib.sha256(rec.config.to_json().encode("utf-8"))
+    for name, tensor in sorted(rec.state_dict().items()):
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"\x00{name}\x00{flat.dtype}\x00{tuple(tensor.shape)}\x00".encode())
+        h.update(flat.view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+def directory_fingerprint(directory: Path) -> str:
+    """sha256 (16 hex digits) of the names and bytes of the ``*.json`` and ``*.safetensors``
+    files directly in ``directory`` (in name order)."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors")):
+        h.update(f"{path.name}\x00{path.stat().st_size}\x00".encode())
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()[:16]
 
 
@@ -85,8 +124,6 @@ def assemble(cfg: TeacherConfig, catalog: Catalog, rec: SASRec, llm, tokenizer, 
     Fresh adapters, gate network and projector, or, with ``checkpoint``, the ones saved
     there: all three together, so a loaded teacher can never lack its gate.
     """
-    from safetensors.torch import load_file
-
     placeholders = add_placeholder_tokens(tokenizer, llm)
     adapter_cfg = cfg.adapter_config()
     state = GateState(adapter_cfg.num_experts)
@@ -98,14 +135,42 @@ def assemble(cfg: TeacherConfig, catalog: Catalog, rec: SASRec, llm, tokenizer, 
     gate_net = build_gate(cfg.gate_config(), rec_dim, adapter_cfg.num_experts)
     projector = ItemProjector(rec_dim, llm.config.hidden_size)
     if checkpoint is not None:
-        gate_net.load_state_dict(load_file(str(checkpoint / "gate.safetensors")))
-        projector.load_state_dict(load_file(str(checkpoint / "projector.safetensors")))
+        gate_cfg = cfg.gate_config()
+        _load_checked(gate_net, checkpoint / "gate.safetensors", f"gate network ({gate_cfg.kind}, hidden {gate_cfg.hidden}, {adapter_cfg.num_experts} experts, SASRec width {rec_dim})")
+        _load_checked(projector, checkpoint / "projector.safetensors", f"projector (SASRec width {rec_dim} -> LLM width {llm.config.hidden_size})")
     titles = TitleTable.build(tokenizer, catalog.titles, max_title_tokens=cfg.max_title_tokens)
     teacher = ILoRATeacher(llm, tokenizer, rec, gate_net, projector, state, titles, adapter_cfg.num_experts).to(device)
     template = load_template(cfg.domain)
     train_collator = PromptCollator(tokenizer, template, titles, placeholders, with_answer=True)
     prompt_collator = PromptCollator(tokenizer, template, titles, placeholders, with_answer=False)
     return TeacherBundle(teacher, cfg, train_collator, prompt_collator)
+
+
+def _read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; `IloraError` naming it (and ``what`` it holds) if missing or unreadable."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise IloraError(f"{path}: not found (the teacher's {what})")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise IloraError(f"{path}: cannot read safetensors file ({exc})") from None
+
+
+def _load_checked(module: torch.nn.Module, path: Path, what: str) -> None:
+    """Load ``path`` into ``module`` after checking that its tensor names and shapes are the
+    module's; `IloraError` naming the file and ``what`` (the module the config describes) otherwise."""
+    saved, expected = _read_tensors(path, what), module.state_dict()
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    wrong = [k for k in sorted(set(expected) & set(saved)) if saved[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        problem = (
+            f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
+            else f"{wrong[0]} has shape {tuple(saved[wrong[0]].shape)}, expected {tuple(expected[wrong[0]].shape)}"
+        )
+        raise IloraError(f"{path}: does not fit the {what} of teacher_config.json ({problem})")
+    module.load_state_dict(saved)
 
 
 def build_teacher(cfg: TeacherConfig, catalog: Catalog, rec: SASRec, device: str = "cpu") -> TeacherBundle:
@@ -127,8 +192,14 @@ def _added_rows(teacher: ILoRATeacher) -> dict[str, torch.Tensor]:
     return rows
 
 
-def save_teacher(bundle: TeacherBundle, out_dir: str | Path, catalog: Catalog, rec_dir: str | Path | None = None) -> None:
-    """Write a teacher checkpoint (layout in the module docstring)."""
+def save_teacher(bundle: TeacherBundle, out_dir: str | Path, catalog: Catalog) -> None:
+    """Write a teacher checkpoint (layout in the module docstring): every part, every time.
+
+    ``rec/`` (the teacher's SASRec) and, for ``llm == "tiny"``, ``llm/`` (its base LLM
+    without adapters) are rewritten at each save through `_replace_directory`, so they are
+    always the ones of the teacher saved; ``teacher_config.json``, written last, records
+    their fingerprints for `load_teacher` to check.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     teacher, cfg = bundle.teacher, bundle.config
@@ -137,13 +208,38 @@ def save_teacher(bundle: TeacherBundle, out_dir: str | Path, catalog: Catalog, r
     save_tensors(teacher.projector.state_dict(), out / "projector.safetensors")
     save_tensors(_added_rows(teacher), out / "added_embeddings.safetensors")
     teacher.tokenizer.save_pretrained(out / "tokenizer")
-    if cfg.llm == "tiny" and not (out / "llm").exists():
+    llm_fingerprint = None
+    if cfg.llm == "tiny":
         base = _base_copy(teacher)
-        base.save_pretrained(out / "llm", safe_serialization=True)
-    if not (out / "rec").exists():
-        teacher.rec.save(out / "rec")
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "catalog": catalog_fingerprint(catalog), "config": to_dict(cfg)}
+        llm_fingerprint = directory_fingerprint(_replace_directory(out / "llm", lambda d: base.save_pretrained(d, safe_serialization=True)))
+    _replace_directory(out / "rec", teacher.rec.save)
+    meta = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "catalog": catalog_fingerprint(catalog),
+        "rec": rec_fingerprint(teacher.rec), "llm": llm_fingerprint, "config": to_dict(cfg),
+    }
     atomic_write_text(out / "teacher_config.json", json.dumps(meta, indent=2))
+
+
+def _replace_directory(target: Path, write: Callable[[Path], object]) -> Path:
+    """``write(d)`` into a new sibling directory ``d``, then swap it in for ``target``; returns ``target``.
+
+    The old ``target`` (if any) is renamed aside before the new one is renamed in, then
+    deleted, so ``target`` is either the old or the new complete directory, or (after a
+    crash between the two renames) absent.
+    """
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    new, old = target.with_name(f".{target.name}.new-{tag}"), target.with_name(f".{target.name}.old-{tag}")
+    new.mkdir()
+    try:
+        write(new)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+    return target
 
 
 def _base_copy(teacher: ILoRATeacher):
@@ -169,16 +265,40 @@ def _base_copy(teacher: ILoRATeacher):
 
 
 def read_teacher_config(ckpt: str | Path) -> tuple[TeacherConfig, dict]:
+    """The `TeacherConfig` and the whole metadata of ``ckpt/teacher_config.json``.
+
+    Raises `IloraError` naming the file if it is not an ilora teacher config of a
+    readable version (`READABLE_VERSIONS`), lacks an entry, or holds an invalid config.
+    """
     path = Path(ckpt) / "teacher_config.json"
     meta = read_json(path, "teacher checkpoint config (is this a teacher directory?)")
     if meta.get("format") != FORMAT:
-        raise IloraError(f"{path}: not an ilora teacher checkpoint")
-    return from_dict(TeacherConfig, meta["config"]), meta
+        raise IloraError(f"{path}: not an ilora teacher checkpoint (format {meta.get('format')!r}, expected {FORMAT!r})")
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise IloraError(
+            f"{path}: format_version {version!r} is not supported (this ilora reads {', '.join(map(str, READABLE_VERSIONS))})"
+        )
+    required = (("config", dict), ("catalog", str)) + ((("rec", str),) if version >= 2 else ())
+    for key, kind in required:
+        if not isinstance(meta.get(key), kind):
+            raise IloraError(f"{path}: entry {key!r} is missing or not a {'JSON object' if kind is dict else 'string'}")
+    try:
+        cfg = from_dict(TeacherConfig, meta["config"])
+    except IloraError as exc:
+        raise IloraError(f"{path}: invalid teacher config ({exc})") from None
+    if version >= 2 and cfg.llm == "tiny" and not isinstance(meta.get("llm"), str):
+        raise IloraError(f"{path}: entry 'llm' (the fingerprint of llm/) is missing or not a string")
+    return cfg, meta
 
 
 def load_teacher(ckpt: str | Path, catalog: Catalog, device: str = "cpu") -> TeacherBundle:
-    """Load a teacher checkpoint: base LLM, adapters, gate network and projector together."""
-    from safetensors.torch import load_file
+    """Load a teacher checkpoint: base LLM, adapters, gate network and projector together.
+
+    First checks ``teacher_config.json`` (`read_teacher_config`), the catalog, and that
+    ``rec/`` and (tiny) ``llm/`` are the ones the teacher was saved with; any mismatch,
+    missing or misfitting file raises `IloraError` naming it.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ckpt = Path(ckpt)
@@ -186,15 +306,30 @@ def load_teacher(ckpt: str | Path, catalog: Catalog, device: str = "cpu") -> Tea
     cfg, meta = read_teacher_config(ckpt)
     if meta.get("catalog") != catalog_fingerprint(catalog):
         raise IloraError(f"{ckpt}: the teacher was trained on another item catalog than this dataset's")
-    rec = load_sasrec(ckpt / "rec").to(device)
+    fingerprints = meta["format_version"] >= 2
+    if not fingerprints:
+        log.warning(
+            "%s: saved by an older ilora (format 1) without fingerprints of rec/ and llm/: cannot check they are "
+            "the ones this teacher was trained with; save it again to record them", ckpt
+        )
+    rec = load_sasrec(ckpt / "rec")
+    if fingerprints and rec_fingerprint(rec) != meta["rec"]:
+        raise IloraError(f"{ckpt / 'rec'}: not the SASRec this teacher was saved with (fingerprint differs from teacher_config.json's)")
+    rec = rec.to(device)
     tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
     if cfg.llm == "tiny":
-        llm = AutoModelForCausalLM.from_pretrained(ckpt / "llm", dtype=default_dtype(device)).to(device)
+        llm_dir = ckpt / "llm"
+        if not llm_dir.is_dir() or (fingerprints and directory_fingerprint(llm_dir) != meta["llm"]):
+            raise IloraError(f"{llm_dir}: missing, or not the base LLM this teacher was saved with (fingerprint differs from teacher_config.json's)")
+        llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=default_dtype(device)).to(device)
     else:
         llm, _ = load_llm(cfg.llm, device=device, trust_remote_code=cfg.trust_remote_code)
     if llm.get_input_embeddings().weight.shape[0] < len(tokenizer):
         llm.resize_token_embeddings(len(tokenizer))
-    rows = load_file(str(ckpt / "added_embeddings.safetensors"))
+    rows = _read_tensors(ckpt / "added_embeddings.safetensors", "placeholder embedding rows")
+    hidden = llm.get_input_embeddings().weight.shape[1]
+    if set(rows) - {"output"} != {"ids", "input"} or rows["input"].shape != (rows["ids"].numel(), hidden):
+        raise IloraError(f"{ckpt / 'added_embeddings.safetensors'}: expected 'ids', 'input' ({hidden} columns) and optionally 'output'")
     with torch.no_grad():
         ids = rows["ids"].to(device)
         llm.get_input_embeddings().weight[ids] = rows["input"].to(device, llm.dtype)

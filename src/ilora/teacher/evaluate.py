@@ -7,6 +7,12 @@
   one candidate title occurs in it (case-insensitive substring, first line only).
   ``valid_ratio`` = valid / all; ``hr@1`` = correct / valid (the iLoRA/LLaRA
   definition, which ignores invalid outputs) and ``hr@1_all`` = correct / all.
+  The titles matched (candidates and target alike) are the teacher's answer texts
+  (`answer_texts`): each title as the teacher was trained to write it, i.e. truncated to
+  ``max_title_tokens`` tokens and decoded as `ILoRATeacher.generate` decodes, so a
+  teacher that writes the trained answer exactly is always matched, long titles included.
+
+NaN scores are an error (`IloraError` naming the sample); ``-inf`` is a valid score.
 
 Given a `Dist` of several ranks, each scores (or generates for) a contiguous share of the
 batches and every rank gets the gathered results, in sample order.
@@ -24,10 +30,19 @@ from tqdm import tqdm
 
 from ilora.data.dataset import Split
 from ilora.distributed import SINGLE, Dist
+from ilora.errors import IloraError
 
 
 def rank_of_target(scores: torch.Tensor, target_col: torch.Tensor) -> torch.Tensor:
-    """0-based rank of the target among candidates; ties count against the target."""
+    """0-based rank of the target among candidates; ties count against the target.
+
+    Raises `IloraError` naming the first sample (row) with a NaN score, since NaN compares
+    false with everything and would rank the target first; ``-inf`` is ranked normally.
+    """
+    nan = torch.isnan(scores)
+    if bool(nan.any()):
+        row, col = (int(i) for i in nan.nonzero()[0])
+        raise IloraError(f"sample {row}: candidate column {col} has a NaN score; cannot rank it")
     target = scores.gather(1, target_col[:, None])
     others = torch.ones_like(scores, dtype=torch.bool).scatter_(1, target_col[:, None], False)
     return ((scores >= target) & others).sum(1)
@@ -76,12 +91,22 @@ def _batches(n: int, size: int):
 
 
 def target_columns(candidates: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Column of the target in each candidate row (it occurs exactly once)."""
-    hits = candidates == target[:, None]
-    if not hits.any(1).all():
-        row = int(np.flatnonzero(~hits.any(1))[0])
-        raise ValueError(f"candidate row {row} does not contain the target {int(target[row])}")
-    return hits.argmax(1)
+    """Column of the target in each candidate row; `IloraError` naming the first row where
+    the target does not occur exactly once."""
+    count = (candidates == target[:, None]).sum(1)
+    if not (count == 1).all():
+        row = int(np.flatnonzero(count != 1)[0])
+        raise IloraError(f"candidate row {row} contains the target {int(target[row])} {int(count[row])} times, expected once")
+    return (candidates == target[:, None]).argmax(1)
+
+
+def answer_texts(teacher) -> list[str]:
+    """Every item's title as the teacher was trained to write it (the generate protocol matches these).
+
+    Its `TitleTable` tokens (truncated to ``max_title_tokens``), decoded as
+    `ILoRATeacher.generate` decodes its output.
+    """
+    return teacher.title_table.decoded(teacher.tokenizer)
 
 
 def _my_batches(n: int, size: int, ctx: Dist, desc: str):
@@ -135,16 +160,24 @@ def evaluate_teacher(
     bundle, split: Split, candidates: np.ndarray, titles: Sequence[str], *, protocol: str = "score", gate_mode: str = "learned",
     batch_size: int = 16, device: str = "cpu", ctx: Dist = SINGLE,
 ) -> dict:
-    """Metrics of one protocol on one split with fixed candidates, plus gate statistics (every rank gets them)."""
+    """Metrics of one protocol on one split with fixed candidates, plus gate statistics (every rank gets them).
+
+    ``titles``: the catalog titles, one per item of the teacher's catalog (checked). The
+    generate protocol matches the teacher's `answer_texts` (these titles truncated to
+    ``max_title_tokens`` and decoded), not ``titles`` themselves.
+    """
     from ilora.teacher.gate import gate_statistics
 
+    if len(titles) != bundle.teacher.title_table.num_items:
+        raise IloraError(f"{len(titles)} titles given for a teacher of {bundle.teacher.title_table.num_items} items")
     cols = target_columns(candidates, split.target)
     if protocol == "score":
         scores, gates = score_split(bundle, split, candidates, gate_mode, batch_size, device, ctx=ctx)
         metrics = score_metrics(scores, torch.as_tensor(cols))
     elif protocol == "generate":
         texts, gates = generate_split(bundle, split, candidates, gate_mode, batch_size, device, ctx=ctx)
-        cand_titles = [[titles[int(i)] for i in row] for row in candidates]
+        texts_of = answer_texts(bundle.teacher)
+        cand_titles = [[texts_of[int(i)] for i in row] for row in candidates]
         metrics = generate_metrics(texts, cand_titles, cols.tolist())
     else:
         raise ValueError(f"unknown protocol {protocol!r}")

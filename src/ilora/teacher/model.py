@@ -14,6 +14,10 @@ the per-sample gate in scope. Everything else calls it:
 
 Gates: ``learned`` (the gate network on SASRec's user representation), ``uniform``
 (every expert 1/E: plain LoRA) or ``expert:N`` (all weight on expert N).
+
+The frozen SASRec stays in eval mode whatever mode the teacher is put in (`ILoRATeacher.train`).
+`score_candidates` and `generate` take only left-padded prompts without answers
+(`check_prompt_batch`), and candidate ids must be catalog items.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ilora.errors import ConfigError
+from ilora.errors import ConfigError, IloraError
 
 
 @dataclass
@@ -71,6 +75,23 @@ def candidate_mask(prompt_valid: torch.Tensor, segment: torch.Tensor, offset: to
     return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]
 
 
+def check_prompt_batch(batch, what: str) -> None:
+    """`IloraError` unless ``batch`` holds prompts without answers, left-padded.
+
+    Left padding puts every prompt's last token in the last column, which is where
+    `ILoRATeacher.score_candidates` and `ILoRATeacher.generate` read the next-token state;
+    an answer in the batch would be read as part of the prompt.
+    """
+    last = batch.attention_mask[:, -1] if batch.attention_mask.shape[1] else batch.attention_mask.new_zeros(len(batch))
+    if not bool((last == 1).all()):
+        row = int((last != 1).nonzero()[0, 0])
+        raise IloraError(f"{what}: prompt {row} does not end in the last column; prompts must be left-padded (PromptCollator padding_side='left')")
+    answers = (batch.labels != -100).any(1)
+    if bool(answers.any()):
+        row = int(answers.nonzero()[0, 0])
+        raise IloraError(f"{what}: prompt {row} carries an answer; build prompts without answers (PromptCollator with_answer=False)")
+
+
 def pack_answers(ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, C, L) right-padded answers -> (B, A) packed ids, segment (candidate, -1 = pad), offset.
 
@@ -113,6 +134,13 @@ class ILoRATeacher(nn.Module):
         for p in self.rec.parameters():
             p.requires_grad_(False)
         self.rec.eval()
+
+    def train(self, mode: bool = True) -> "ILoRATeacher":
+        """Set the training mode of every part except the frozen SASRec, which stays in eval
+        mode (no dropout in the gate input or the placeholder embeddings)."""
+        super().train(mode)
+        self.rec.eval()
+        return self
 
     # -- the one forward path ------------------------------------------------------------------
     def gates(self, history: torch.Tensor, length: torch.Tensor, mode: str = "learned") -> torch.Tensor:
@@ -179,8 +207,11 @@ class ILoRATeacher(nn.Module):
         with ``reduction="sum"`` their sum (the trainer divides by the global batch's count).
 
         The hidden state at position t predicts token t + 1, so logits are computed only
-        at the positions just before an answer token.
+        at the positions just before an answer token. With ``reduction="mean"`` a batch
+        without answer tokens raises `IloraError` (its mean is undefined); their sum is 0.
         """
+        if reduction == "mean" and not bool((batch.labels[:, 1:] != -100).any()):
+            raise IloraError("loss: the batch has no answer tokens (every label is -100); build it with answers (PromptCollator with_answer=True)")
         out = self.run(batch, gate_mode)
         rows, cols = (batch.labels[:, 1:] != -100).nonzero(as_tuple=True)
         logits = self.lm_logits(out.hidden[rows, cols])
@@ -197,7 +228,24 @@ class ILoRATeacher(nn.Module):
         its own earlier tokens only, at positions continuing from the prompt's end. Nothing
         is copied per candidate and the gate stays one per sample. LM-head logits are
         computed only at the positions that predict an answer token, ``chunk`` rows at a time.
+
+        Raises `IloraError` if the prompts are not left-padded or carry answers
+        (`check_prompt_batch`), if ``candidates`` is not (B, C), if a candidate id is outside
+        the catalog ``0..num_items - 1``, or if the LLM runs FlashAttention (it cannot take
+        the block mask).
         """
+        check_prompt_batch(batch, "score_candidates")
+        if candidates.ndim != 2 or candidates.shape[0] != len(batch):
+            raise IloraError(f"score_candidates: candidates have shape {tuple(candidates.shape)}, expected ({len(batch)}, C) for {len(batch)} prompts")
+        bad = ((candidates < 0) | (candidates >= self.title_table.num_items)).nonzero()
+        if bad.numel():
+            r, k = (int(i) for i in bad[0])
+            raise IloraError(
+                f"score_candidates: prompt {r}, candidate {k} has id {int(candidates[r, k])}, outside the catalog 0..{self.title_table.num_items - 1}"
+            )
+        attn = getattr(self.llm.config, "_attn_implementation", None)
+        if attn is not None and "flash" in str(attn):
+            raise IloraError(f"score_candidates: the LLM uses attn_implementation {attn!r}, which cannot take the block attention mask; load it with sdpa or eager")
         b, c = candidates.shape
         ids, mask = self.title_table.answer_tokens(candidates.reshape(-1))
         ids, mask = ids.to(candidates.device).view(b, c, -1), mask.to(candidates.device).view(b, c, -1)
@@ -223,7 +271,9 @@ class ILoRATeacher(nn.Module):
 
     @torch.no_grad()
     def generate(self, batch, gate_mode: str = "learned", max_new_tokens: int = 32) -> list[str]:
-        """Greedy decoding from prompts without answers; returns the decoded texts."""
+        """Greedy decoding from prompts without answers (left-padded, `check_prompt_batch`);
+        returns the decoded texts (up to eos, special tokens skipped)."""
+        check_prompt_batch(batch, "generate")
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         out = self.run(batch, gate_mode, use_cache=True)
         cache, gates, attention = out.past_key_values, out.gates, batch.attention_mask
