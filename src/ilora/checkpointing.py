@@ -49,6 +49,7 @@ VERSION = 1
 KEEP = 2
 _NAME = re.compile(r"^step-(\d{9})$")
 _STATE = "state"
+STATE_FILES = (f"{_STATE}.json", f"{_STATE}.safetensors")  # what every checkpoint must hold
 
 
 # -- RNG state -------------------------------------------------------------------------------------
@@ -127,7 +128,12 @@ def verify_checkpoint(path: Path) -> int:
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise IloraError(f"{manifest_path}: lists no files")
+    for required in STATE_FILES:
+        if required not in files:
+            raise IloraError(f"{manifest_path}: does not list {required} (incomplete checkpoint)")
     for name, info in files.items():
+        if not isinstance(info, dict) or "/" in name or name.startswith("."):
+            raise IloraError(f"{manifest_path}: entry {name!r} is not a file of this directory with its size and sha256")
         file = path / name
         if not file.is_file():
             raise IloraError(f"{file}: listed in the manifest but missing")

@@ -252,6 +252,20 @@ def test_only_intact_checkpoints_are_resumed_and_two_are_kept(tmp_path) -> None:
     assert manager.latest().step == 6
     manifest = json.loads((manager.path_for(6) / "manifest.json").read_text())
     assert manifest["step"] == 6 and set(manifest["files"]) == {"state.json", "state.safetensors"}
+    # manifests that are valid JSON but malformed: skipped like damaged ones, never an uncaught error
+    for damage in (
+        lambda m: m["files"].update({"state.json": "not-a-dict"}),
+        lambda m: m["files"].pop("state.safetensors"),
+        lambda m: m["files"].update({"../escape": {"sha256": "0", "bytes": 0}}),
+    ):
+        broken = dict(manifest, files=dict(manifest["files"]))
+        damage(broken)
+        (manager.path_for(6) / "manifest.json").write_text(json.dumps(broken))
+        with pytest.raises(IloraError, match="manifest"):
+            verify_checkpoint(manager.path_for(6))
+        assert manager.latest() is None  # skipped (step 4 was pruned by the save of 6; 8 has no manifest)
+    (manager.path_for(6) / "manifest.json").write_text(json.dumps(manifest))
+    assert manager.latest().step == 6
     manager.clear()
     assert manager.latest() is None and not manager.root.exists()
 

@@ -43,7 +43,7 @@ from ilora.distill.student import student_factory
 from ilora.errors import ConfigError, IloraError
 from ilora.outputs.format import TeacherOutputs
 from ilora.rec.train import RecTrainConfig, TrainBatch, train_sasrec
-from ilora.state_io import read_json
+from ilora.state_io import atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +274,7 @@ def distill(
     if resume and config_file.is_file():  # refuse other options before anything is written
         check_resume_config(read_json(config_file, "distill_config.json"), to_dict(cfg), out)
     out.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(json.dumps(to_dict(cfg), indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(config_file, json.dumps(to_dict(cfg), indent=2) + "\n")
     propensity = propensity_scores(dataset.split("train").target, dataset.num_items) if cfg.dro_alpha else None
     rec_cfg = cfg.rec_config()
 
@@ -304,5 +304,5 @@ def distill(
         "config": to_dict(cfg),
         "out": str(out),
     }
-    (out / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out / RESULT_FILE, json.dumps(result, indent=2) + "\n")
     return result

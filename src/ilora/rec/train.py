@@ -54,6 +54,7 @@ from ilora.errors import ConfigError, IloraError
 from ilora.rec.evaluate import evaluate_sasrec, fixed_candidates
 from ilora.rec.metrics import history_mask
 from ilora.rec.sasrec import SASRec, SASRecConfig
+from ilora.state_io import atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
 
@@ -281,9 +282,9 @@ def _finished_result(out: Path, record: dict[str, object]) -> dict[str, object] 
     result, config = out / "result.json", out / "train_config.json"
     if not (result.is_file() and config.is_file()):
         return None
-    check_resume_config(json.loads(config.read_text(encoding="utf-8")), record, out)
+    check_resume_config(read_json(config, "train_config.json"), record, out)
     log.info("%s: training already finished; returning its result", out)
-    return json.loads(result.read_text(encoding="utf-8"))
+    return read_json(result, "result.json")
 
 
 def train_sasrec(
@@ -336,7 +337,7 @@ def train_sasrec(
         log.info("resuming from %s (step %d)", checkpoint.path, checkpoint.step)
     elif resume:
         log.warning("%s: no intact checkpoint to resume from; training from the start", out)
-    (out / "train_config.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out / "train_config.json", json.dumps(record, indent=2) + "\n")
 
     val_cands = None
     if has_val and cfg.eval_candidates:
@@ -434,5 +435,5 @@ def train_sasrec(
         result["val"] = evaluate_sasrec(model, dataset, "val", candidates=val_cands, count=0, **eval_kw)  # type: ignore[arg-type]
     if dataset.splits.get("test") is not None and len(dataset.split("test")) > 0:
         result["test"] = evaluate_sasrec(model, dataset, "test", count=cfg.eval_candidates, cand_seed=cfg.cand_seed, **eval_kw)  # type: ignore[arg-type]
-    (out / "result.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
     return result
