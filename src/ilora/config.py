@@ -8,13 +8,15 @@ Every command's options are a dataclass whose fields carry a help text
 * ``key=value`` overrides (dotted keys reach nested dataclasses: ``rec.epochs=3``).
 
 Precedence, lowest to highest: dataclass defaults, YAML file, ``--flags``,
-``key=value`` overrides. Unknown keys and values of the wrong type are errors.
+``key=value`` overrides. Unknown keys and values of the wrong type are errors, and so
+is a float option set to NaN or an infinity (no option takes one).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -85,7 +87,12 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 raise ValueError
             return int(value)
         if inner is float:
-            return float(value)
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: {value!r} is not a finite number")
+            return number
         if inner is str:
             return str(value)
         if inner is Path:
@@ -168,6 +175,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply to read") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

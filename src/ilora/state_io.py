@@ -5,6 +5,16 @@ plain values. `save_state` writes every tensor into one ``.safetensors`` file un
 path-like key and the remaining structure into a ``.json`` file that refers to those
 keys; `load_state` rebuilds the exact structure. Nothing is ever unpickled. Writes are
 atomic (temporary file, fsync, rename).
+
+Skeleton format (JSON): a tensor is ``{"__tensor__": key}``; a dict with int keys is
+``{"__int_keys__": {"<int>": value}}``; a tuple is ``{"__tuple__": [values]}``; a dict with
+str keys is itself, or ``{"__str_keys__": {...}}`` when one of its keys is such a marker
+(only a one-key dict whose key is a marker is read as a marker). Dict keys are all str
+or all int (not bool); anything else is an `IloraError`. The tensor key is the dotted path
+(``optimizer.state.0.exp_avg``), with ``#1``, ``#2``... appended when two paths spell the
+same key (``{"a.b": x, "a": {"b": y}}``); the skeleton names the key, so files written
+before the suffix existed read the same way. Tensors that share memory (tied weights,
+views of one buffer) are saved as separate copies, as safetensors requires.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ilora.errors import IloraError
@@ -24,19 +35,42 @@ from ilora.errors import IloraError
 _TENSOR = "__tensor__"
 _INT_KEYS = "__int_keys__"
 _TUPLE = "__tuple__"
+_STR_KEYS = "__str_keys__"
+_MARKERS = frozenset({_TENSOR, _INT_KEYS, _TUPLE, _STR_KEYS})
+_RESERVED_TENSOR_KEYS = frozenset({"__metadata__"})  # the safetensors header's own entry
+
+
+def _unique_key(path: str, tensors: dict[str, torch.Tensor]) -> str:
+    """``path`` (or ``root``), with ``#n`` appended if that key is already taken."""
+    base = path or "root"
+    key, n = base, 0
+    while key in tensors or key in _RESERVED_TENSOR_KEYS:
+        n += 1
+        key = f"{base}#{n}"
+    return key
+
+
+def _dict_kind(obj: dict[Any, Any], prefix: str) -> str:
+    """``"int"`` or ``"str"`` for a dict's keys; an `IloraError` for bool, mixed or other keys."""
+    if all(isinstance(k, int) and not isinstance(k, bool) for k in obj) and obj:
+        return "int"
+    if all(isinstance(k, str) for k in obj):
+        return "str"
+    kinds = sorted({type(k).__name__ for k in obj})
+    raise IloraError(f"state at {prefix or '<root>'!r}: dict keys are {', '.join(kinds)}; only all-str or all-int keys can be saved")
 
 
 def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, torch.Tensor):
-        key = prefix or "root"
-        tensors[key] = obj.detach().cpu().contiguous()
+        key = _unique_key(prefix, tensors)
+        tensors[key] = obj
         return {_TENSOR: key}
     if isinstance(obj, dict):
-        int_keys = all(isinstance(k, int) for k in obj) and len(obj) > 0
-        if not int_keys and not all(isinstance(k, str) for k in obj):
-            raise TypeError(f"state at {prefix!r}: keys must be all str or all int")
+        kind = _dict_kind(obj, prefix)
         body = {str(k): _flatten(v, f"{prefix}.{k}" if prefix else str(k), tensors) for k, v in obj.items()}
-        return {_INT_KEYS: body} if int_keys else body
+        if kind == "int":
+            return {_INT_KEYS: body}
+        return {_STR_KEYS: body} if _MARKERS.intersection(body) else body
     if isinstance(obj, tuple):
         return {_TUPLE: [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]}
     if isinstance(obj, list):
@@ -46,18 +80,50 @@ def _flatten(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     raise TypeError(f"state at {prefix!r}: cannot store a {type(obj).__name__} without pickle")
 
 
-def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor], path: Path) -> Any:
     if isinstance(obj, dict):
-        if _TENSOR in obj:
-            return tensors[obj[_TENSOR]]
-        if _INT_KEYS in obj:
-            return {int(k): _unflatten(v, tensors) for k, v in obj[_INT_KEYS].items()}
-        if _TUPLE in obj:
-            return tuple(_unflatten(v, tensors) for v in obj[_TUPLE])
-        return {k: _unflatten(v, tensors) for k, v in obj.items()}
+        marker = next(iter(obj)) if len(obj) == 1 else None
+        if marker == _TENSOR:
+            key = obj[_TENSOR]
+            if not isinstance(key, str) or key not in tensors:
+                raise IloraError(f"{path}: refers to tensor {key!r:.80}, which the .safetensors file does not hold")
+            return tensors[key]
+        if marker == _INT_KEYS:
+            return {int(k): _unflatten(v, tensors, path) for k, v in obj[_INT_KEYS].items()}
+        if marker == _TUPLE:
+            return tuple(_unflatten(v, tensors, path) for v in obj[_TUPLE])
+        if marker == _STR_KEYS:
+            obj = obj[_STR_KEYS]
+        return {k: _unflatten(v, tensors, path) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_unflatten(v, tensors) for v in obj]
+        return [_unflatten(v, tensors, path) for v in obj]
     return obj
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors, each owning its whole storage (copies where memory is shared)."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in tensors.items():
+        t = tensor.detach().cpu().contiguous()
+        storage = t.untyped_storage()
+        whole = t.storage_offset() == 0 and t.numel() * t.element_size() == storage.nbytes()
+        if t.numel() and (storage.data_ptr() in seen or not whole):
+            t = t.clone()
+        if t.numel():
+            seen.add(t.untyped_storage().data_ptr())
+        out[key] = t
+    return out
+
+
+def _parse_json(path: Path) -> Any:
+    """Parsed JSON; an `IloraError` naming the file if it is not valid or nested too deeply."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IloraError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise IloraError(f"{path}: JSON nested too deeply to read") from None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -87,7 +153,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        save_file(_unshared(tensors), tmp, metadata=metadata)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -112,11 +178,15 @@ def load_state(path_stem: str | Path) -> Any:
     for f in (js, st):
         if not f.is_file():
             raise IloraError(f"{f}: missing state file")
+    skeleton = _parse_json(js)
     try:
-        skeleton = json.loads(js.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise IloraError(f"{js}: not valid JSON ({exc})") from None
-    return _unflatten(skeleton, load_file(str(st)))
+        tensors = load_file(str(st))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise IloraError(f"{st}: not a readable safetensors file ({' '.join(str(exc).split())[:200]})") from None
+    try:
+        return _unflatten(skeleton, tensors, js)
+    except (AttributeError, TypeError, ValueError, RecursionError) as exc:
+        raise IloraError(f"{js}: not a state skeleton ({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
 def file_sha256(path: str | Path) -> str:
@@ -139,10 +209,7 @@ def read_json(path: str | Path, what: str = "file") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise IloraError(f"{path}: {what} not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IloraError(f"{path}: not valid JSON ({exc})") from None
+    data = _parse_json(path)
     if not isinstance(data, dict):
         raise IloraError(f"{path}: expected a JSON object")
     return data

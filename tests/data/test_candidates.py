@@ -103,3 +103,18 @@ def test_load_refuses_pickled_arrays(tmp_path: Path) -> None:
     np.save(path, np.array([[{"a": 1}]], dtype=object), allow_pickle=True)
     with pytest.raises(DataError, match="not a plain .npy array"):
         load_candidates(path)
+
+
+def test_count_one_is_the_target_alone() -> None:
+    ds = make_synthetic(users=50, items=40, seed=0)
+    split = ds.splits["test"]
+    out = candidate_sets(split, ds.num_items, count=1, seed=0, split_name="test")
+    assert out.shape == (len(split), 1)
+    assert out[:, 0].tolist() == split.target.tolist()
+
+
+def test_npz_archive_named_npy_is_a_data_error(tmp_path: Path) -> None:
+    np.savez(tmp_path / "cands", a=np.zeros((2, 2), dtype=np.int64))
+    (tmp_path / "cands.npz").rename(tmp_path / "cands.npy")
+    with pytest.raises(DataError, match=r"cands\.npy: is a zip \(\.npz\) archive, not a \.npy array"):
+        load_candidates(tmp_path / "cands.npy")

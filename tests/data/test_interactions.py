@@ -144,3 +144,33 @@ def test_leave_one_out_small_users_and_bad_max_len() -> None:
     assert splits["train"].history[0].tolist() == [0, 5]  # padded with num_items
     with pytest.raises(ConfigError):
         leave_one_out(np.array([2]), np.array([0, 1]), max_len=0, padding_id=2)
+
+
+@pytest.mark.parametrize(
+    ("log", "pattern"),
+    [
+        ("user,item,timestamp\nu,a,1\nu,b,inf\nu,c,2\n", r"interactions\.csv, row 1: timestamp 'inf' is not finite"),
+        ("user,item,timestamp\nu,a,1\nu,b,2\nu,c,-Infinity\n", r"interactions\.csv, row 2: timestamp '-Infinity' is not finite"),
+        ("user,item,timestamp\nu,a,1\nu,b,nan\nu,c,2\n", r"interactions\.csv, row 1: timestamp 'nan' \(expected a finite number"),
+        ("user,item,timestamp\nu,a,NaN\nu,b,1\nu,c,2\n", r"interactions\.csv, row 0: timestamp 'NaN'"),
+        ("user,item,timestamp\nu,a,2020-01-01\nu,b,NaT\nu,c,2021-01-01\n", r"interactions\.csv, row 1: timestamp 'NaT' \(expected an ISO-8601"),
+    ],
+)
+def test_non_finite_csv_timestamps_name_the_row(tmp_path: Path, log: str, pattern: str) -> None:
+    (tmp_path / "interactions.csv").write_text(log)
+    with pytest.raises(DataError, match=pattern):
+        read_interactions(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("timestamps", "pattern"),
+    [
+        ([True, False, True], r"row 0: timestamp True is a bool"),
+        ([1.0, float("inf"), 2.0], r"row 1: timestamp inf is not finite"),
+    ],
+)
+def test_parquet_bool_and_infinite_timestamps_are_refused(tmp_path: Path, timestamps: list, pattern: str) -> None:
+    frame = pd.DataFrame({"user": [1, 1, 1], "item": [1, 2, 3], "timestamp": timestamps})
+    frame.to_parquet(tmp_path / "interactions.parquet")
+    with pytest.raises(DataError, match=rf"interactions\.parquet, {pattern}"):
+        read_interactions(tmp_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -243,3 +244,58 @@ def test_real_lastfm(lastfm_dir: Path) -> None:
     frame = pd.read_pickle(lastfm_dir / "Test_data.df")
     histories, targets = reference_split(frame, 4606)
     assert unpadded(ds.splits["test"]) == histories and ds.splits["test"].target.tolist() == targets
+
+
+# ------------------------------------------------------------------ pairs, big ids, deep values
+
+
+@pytest.mark.parametrize(
+    ("frame", "pattern"),
+    [
+        # one-element lists are not (id, rating) pairs, and neither are triples
+        (frame_with([[[0], [1], [P]]], [2], [2]), r"row 0: \[0\] in column seq is not an \(id, rating\) pair"),
+        (frame_with([[(0, 5, 1), (1, 4, 1), (P, 0, 0)]], [2], [(2, 3, 1)]), r"row 0: \(0, 5, 1\) in column seq is not an \(id, rating\) pair"),
+        (frame_with([[(0, 5), (1, 4), (P, 0)]] * 2, [2, 2], [(2, 3), (2, 3, 9)]), r"row 1: \(2, 3, 9\) in column next is not an \(id, rating\) pair"),
+        (frame_with([[(0, 5), (1, 4), (P, 0)]] * 2, [2, 2], [(2, 3), 2]), r"row 1: 2 in column next is not an \(id, rating\) pair"),
+        (
+            pd.DataFrame({"seq": [[0, 1, P]], "len_seq": [2], "next": np.array([2**63 + 5], dtype=np.uint64)}),
+            r"row 0: value 9223372036854775813 in column next does not fit in int64",
+        ),
+        (
+            pd.DataFrame({"seq": [[0, 1, P]], "len_seq": np.array([2**64 - 1], dtype=np.uint64), "next": [2]}),
+            r"row 0: value 18446744073709551615 in column len_seq does not fit in int64",
+        ),
+        (
+            pd.DataFrame({"seq": [np.array([0, 2**63, P], dtype=np.uint64)], "len_seq": [2], "next": [2]}),
+            r"row 0: value 9223372036854775808 in column seq does not fit in int64",
+        ),
+    ],
+)
+def test_pairs_must_be_pairs_and_big_ids_keep_their_value(small_lastfm: Path, frame: pd.DataFrame, pattern: str) -> None:
+    frame.to_pickle(small_lastfm / "Val_data.df")
+    with pytest.raises(DataError, match=pattern):
+        read_legacy(small_lastfm, allow_pickle=True)
+
+
+def test_movielens_pairs_still_read(small_lastfm: Path) -> None:
+    frame_with([[(0, 5), (1, 4), (P, 0)], [(2, 1), (P, 0), (P, 0)]], [2, 1], [(3, 5), (4, 2)]).to_pickle(small_lastfm / "Val_data.df")
+    split = read_legacy(small_lastfm, allow_pickle=True).splits["val"]
+    assert unpadded(split) == [[0, 1], [2]] and split.target.tolist() == [3, 4]
+
+
+def test_deeply_nested_cell_gives_a_bounded_message(small_lastfm: Path) -> None:
+    deep: list = []
+    node = deep
+    for _ in range(3000):
+        node.append([])
+        node = node[0]
+    frame = frame_with([[(0, 1), (1, 1), (P, 0)], [deep, (1, 1), (P, 0)]], [2, 2], [(2, 1), (2, 1)])
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)  # pickling the value needs the depth; reading must not
+    try:
+        (small_lastfm / "Val_data.df").write_bytes(pickle.dumps(frame, protocol=4))
+    finally:
+        sys.setrecursionlimit(limit)
+    with pytest.raises(DataError, match=r"Val_data\.df, row 1: a list of length 1 in column seq is not an \(id, rating\) pair") as info:
+        read_legacy(small_lastfm, allow_pickle=True)
+    assert len(str(info.value)) < 300

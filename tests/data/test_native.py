@@ -180,3 +180,113 @@ def test_bad_dataset_json(written: Path) -> None:
     (written / "dataset.json").write_text('{"format": "something-else"}')
     with pytest.raises(DataError, match="not an ilora native dataset description"):
         read_native(written)
+
+
+# ------------------------------------------------------------------ overwrite safety, limits, crafted files
+
+
+def test_overwrite_restores_the_old_dataset_when_the_second_rename_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = write_native(small_dataset(), tmp_path / "ds")
+    real_rename, calls = native.os.rename, []
+
+    def flaky(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 2:  # out -> .old-*, then tmp -> out fails
+            raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(native.os, "rename", flaky)
+    with pytest.raises(OSError, match="No space"):
+        write_native(make_synthetic(users=20, items=15, seed=1), out, overwrite=True)
+    assert calls[0][0] == "ds" and calls[1][1] == "ds"
+    assert_same(read_native(out), small_dataset())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_next_write_sweeps_leftovers_of_an_interrupted_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "ds"
+    old = write_native(small_dataset(), tmp_path / ".ds.old-0123abcd")  # as if killed between renames
+    with pytest.raises(DataError, match=r"interrupted overwrite left the previous dataset in .*\.ds\.old-0123abcd"):
+        read_native(out)
+    (tmp_path / ".ds.89abcdef.tmp").mkdir()
+    (tmp_path / ".ds.89abcdef.tmp" / "train.parquet").write_bytes(b"partial")
+    (tmp_path / ".dsx.old-0123abcd").mkdir()  # another dataset's leftover: not ours to remove
+    synth = make_synthetic(users=20, items=15, seed=1)
+    write_native(synth, out)
+    assert not old.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".dsx.old-0123abcd", "ds"]
+    assert_same(read_native(out), synth)
+
+
+def test_files_and_directory_are_fsynced_before_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[tuple[str, str]] = []
+    real_fsync, real_open, real_rename = native.os.fsync, native.os.open, native.os.rename
+    names: dict[int, str] = {}
+
+    def tracking_open(path, flags, *args):
+        fd = real_open(path, flags, *args)
+        names[fd] = Path(path).name
+        return fd
+
+    monkeypatch.setattr(native.os, "open", tracking_open)
+    monkeypatch.setattr(native.os, "fsync", lambda fd: (events.append(("fsync", names[fd])), real_fsync(fd))[1])
+    monkeypatch.setattr(native.os, "rename", lambda a, b: (events.append(("rename", Path(b).name)), real_rename(a, b))[1])
+    out = write_native(small_dataset(), tmp_path / "ds")
+    first_rename = events.index(("rename", "ds"))
+    synced = {name for kind, name in events[:first_rename] if kind == "fsync"}
+    expected = {p.name for p in out.iterdir()}
+    assert expected == {"dataset.json", "items.csv", "train.parquet", "test.parquet"}
+    assert expected <= synced
+    assert any(name.startswith(".ds.") and name.endswith(".tmp") for name in synced)  # the directory itself
+
+
+def test_max_len_is_bounded_on_read_and_write(written: Path) -> None:
+    meta = json.loads((written / "dataset.json").read_text())
+    meta["max_len"] = 10**11
+    (written / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"dataset\.json: max_len=100000000000 is over the limit \(expected max_len <= 4096\)"):
+        read_native(written)
+    pad = 3
+    history = np.array([[0] + [pad] * 4096])  # width 4097
+    wide = SeqDataset(Catalog(("a", "b", "c")), {"train": Split(history, np.array([1]), np.array([1])), "val": None, "test": None})
+    with pytest.raises(IloraError, match="max_len=4097 is over the limit of 4096"):
+        write_native(wide, written.parent / "wide")
+    assert not (written.parent / "wide").exists()
+
+
+@pytest.mark.parametrize("name", ["dataset.json", "items.json"])
+def test_deeply_nested_json_is_a_data_error(written: Path, name: str) -> None:
+    if name == "items.json":
+        meta = json.loads((written / "dataset.json").read_text())
+        meta["items_file"] = "items.json"
+        (written / "dataset.json").write_text(json.dumps(meta))
+        (written / "items.csv").unlink()
+    (written / name).write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(DataError, match=rf"{name}: JSON nested too deeply"):
+        read_native(written)
+
+
+def test_titles_longer_than_the_csv_field_limit_round_trip(tmp_path: Path) -> None:
+    import csv
+
+    limit = csv.field_size_limit()
+    titles = ("x" * 200_000, "short", 'y,"' * 70_000)
+    pad = len(titles)
+    ds = SeqDataset(Catalog(titles), {"train": Split(np.array([[0, pad]]), np.array([1]), np.array([2])), "val": None, "test": None})
+    back = read_native(write_native(ds, tmp_path / "ds"))
+    assert back.catalog.titles == titles
+    assert csv.field_size_limit() == limit  # the process-wide limit is restored
+
+
+@pytest.mark.parametrize("bad_id", [3.5, 2.0, True, "2", None])
+def test_items_json_ids_must_be_json_integers(written: Path, bad_id: object) -> None:
+    titles = small_dataset().catalog.titles
+    items = [{"id": i, "title": t} for i, t in enumerate(titles)]
+    items[2]["id"] = bad_id
+    (written / "items.json").write_text(json.dumps(items))
+    (written / "items.csv").unlink()
+    meta = json.loads((written / "dataset.json").read_text())
+    meta["items_file"] = "items.json"
+    (written / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"items\.json, row 2: id .* is not an integer"):
+        read_native(written)

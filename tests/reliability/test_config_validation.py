@@ -119,7 +119,7 @@ def test_overrides_are_checked_too() -> None:
     [
         (["--num-experts", "0"], "num_experts: must be >= 1"),
         (["--batch-size", "6", "--micro-batch-size", "4"], "batch_size 6 is not a multiple of micro_batch_size 4"),
-        (["--lr", "nan"], "lr: must be a finite number"),
+        (["--lr", "nan"], "lr: 'nan' is not a finite number"),
         (["--select-metric", "bogus"], "select_metric: 'bogus'"),
         (["rank_per_expert=0"], "rank_per_expert: must be >= 1"),
         (["nonsense_option=1"], "unknown option nonsense_option"),
@@ -199,3 +199,70 @@ def test_export_top_k_larger_than_the_pool() -> None:
         export.check_pool(export.ExportOptions(top_k=5, pool_sasrec=50, pool_candidates=20), num_items=15, max_len=10)
     with pytest.raises(ConfigError, match="top_k|top-k"):
         export.ExportOptions(top_k=0)
+
+
+@dataclasses.dataclass
+class _FloatOptions:
+    """A stand-in config with a float option that no other check looks at."""
+
+    weight: float = 0.5
+    margin: float | None = None
+
+
+@pytest.mark.parametrize("text", ["nan", "NaN", "inf", "-inf", "Infinity", "1e999"])
+def test_float_options_refuse_non_finite_values_from_overrides(text: str) -> None:
+    with pytest.raises(ConfigError, match=rf"weight: '{text}' is not a finite number"):
+        load_config(_FloatOptions, overrides=[f"weight={text}"])
+    with pytest.raises(ConfigError, match=rf"margin: '{text}' is not a finite number"):
+        load_config(_FloatOptions, overrides=[f"margin={text}"])
+    assert load_config(_FloatOptions, overrides=["weight=1e300", "margin=none"]) == _FloatOptions(1e300, None)
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_float_options_refuse_non_finite_values_from_yaml(value: str, tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text(f"weight: {value}\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"weight: -?(nan|inf) is not a finite number"):
+        load_config(_FloatOptions, yaml_path=path)
+
+
+def test_no_float_option_defaults_to_a_non_finite_value() -> None:
+    """The finite-only rule must not lock out a default: every float option in the CLI's configs is finite."""
+    import math
+    import typing
+
+    from ilora.data.synthetic import SynthConfig
+    from ilora.rec.train import RecTrainConfig
+
+    for cls in (TeacherConfig, SynthConfig, RecTrainConfig):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if hints[f.name] in (float, float | None) and isinstance(f.default, float):
+                assert math.isfinite(f.default), (cls.__name__, f.name)
+
+
+def test_deeply_nested_yaml_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "deep.yaml"
+    path.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"deep\.yaml: YAML nested too deeply to read"):
+        load_config(TeacherConfig, yaml_path=path)
+
+
+@pytest.mark.parametrize(
+    "command, argv, message",
+    [
+        ("eval", ["--limit", "-55"], "--limit: must be >= 0, got -55"),
+        ("eval", ["--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+        ("eval", ["--candidates", "0"], "--candidates: must be >= 1, got 0"),
+        ("export", ["--top-k", "0"], "--top-k: must be >= 1, got 0"),
+        ("export", ["--shard-rows", "-1"], "--shard-rows: must be >= 1, got -1"),
+        ("export", ["--pool-sasrec", "-2"], "--pool-sasrec: must be >= 0, got -2"),
+    ],
+)
+def test_teacher_eval_and_export_refuse_bad_counts_before_loading_anything(command, argv, message, tmp_path, capsys) -> None:
+    """A negative --limit used to evaluate a silently shortened split (slice(0, -55)); batch size 0 a traceback."""
+    extra = ["--out", str(tmp_path / "o")] if command == "export" else []
+    with pytest.raises(SystemExit) as exit_info:
+        main(["teacher", command, str(tmp_path / "no-data"), "--teacher", str(tmp_path / "no-teacher"), *extra, *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

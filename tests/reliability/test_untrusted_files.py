@@ -133,6 +133,35 @@ def test_dtype_state_cannot_rewrite_numpy_builtins(tmp_path: Path) -> None:
     assert np.dtype("i8").itemsize == 8 and np.arange(3, dtype=np.int64).sum() == 3
 
 
+@pytest.mark.parametrize(
+    ("data", "refusal"),
+    [
+        # each would allocate what a number in a 40-byte file asks for (here only 1 MB; 1.5 GB works the same)
+        (b"cbuiltins\nbytearray\n(L1000000L\ntR.", r"refused bytearray\(int\)"),
+        (b"cnumpy\nndarray\n((L1000000L\ntS'O'\ntR.", r"refused initial ndarray shape \(1000000,\)"),
+        (b"cnumpy._core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(L1000000L\ntS'O'\ntR.", r"refused initial ndarray shape \(1000000,\)"),
+        (b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(K\x00tS'V9'\ntR.", r"refused dtype 'V9'"),
+        (b"cnumpy._core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(K\x00tS'longer-than-8'\ntR.", r"refused dtype spec"),
+        # DataFrame(None, RangeIndex(0, 10**6), ["seq"]) would fill a million cells
+        (b"cpandas\nDataFrame\n(Ncpandas\nRangeIndex\n(I0\nI1000000\ntR(Vseq\nltR.", r"refused a DataFrame\(\.\.\.\) call with arguments"),
+    ],
+)
+def test_tiny_pickles_cannot_ask_for_big_allocations(data: bytes, refusal: str, tmp_path: Path) -> None:
+    (tmp_path / "bomb.df").write_bytes(data)
+    with pytest.raises(safe_pickle.IloraError, match=rf"bomb\.df: not a readable pickle \(ValueError: {refusal}"):
+        legacy.read_dataframe_pickle(tmp_path / "bomb.df", allow_pickle=True)
+
+
+@pytest.mark.parametrize("protocol", [3, 4, 5])
+def test_dataframe_pickles_of_every_python3_protocol_still_load(protocol: int, tmp_path: Path) -> None:
+    frame = pd.DataFrame({"seq": [[0, 1, 5, 5], [(1, 4), (2, 3), (5, 0), (5, 0)]], "len_seq": [2, 2], "next": [2, 3]})
+    frame["floats"] = [0.5, 1.5]
+    (tmp_path / "ok.df").write_bytes(pickle.dumps(frame, protocol=protocol))
+    back = legacy.read_dataframe_pickle(tmp_path / "ok.df", allow_pickle=True)
+    assert back["seq"].tolist() == frame["seq"].tolist()
+    assert back["len_seq"].tolist() == [2, 2] and back["next"].tolist() == [2, 3]
+
+
 def test_short_object_list_cannot_crash_the_interpreter(tmp_path: Path) -> None:
     """NumPy's own ndarray.__setstate__ segfaults on this; the restricted unpickler refuses it."""
     obj = np.empty((2, 1), dtype=object)

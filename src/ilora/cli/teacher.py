@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ilora.cli.common import add_data_arguments, add_json_argument, load_data, print_json
+from ilora.cli.common import add_data_arguments, add_json_argument, load_data, nonnegative_int, positive_int, print_json
 from ilora.config import add_arguments, add_config_arguments, config_from_args
 from ilora.distributed import process_group
 from ilora.errors import IloraError
@@ -136,10 +136,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--split", default="test", choices=SPLIT_CHOICES, help="split to evaluate [default: test]")
     ev.add_argument("--protocol", default="score", choices=("score", "generate"), help="score (default) or generate")
     ev.add_argument("--gate", default="learned", metavar="MODE", help="learned (default), uniform (plain LoRA) or expert:N (all weight on expert N)")
-    ev.add_argument("--candidates", type=int, default=20, metavar="N", help="candidates per sample, target included [default: 20]")
+    ev.add_argument("--candidates", type=positive_int, default=20, metavar="N", help="candidates per sample, target included [default: 20]")
     ev.add_argument("--seed", type=int, default=0, help="seed of the fixed candidate sets [default: 0]")
-    ev.add_argument("--batch-size", type=int, default=16, metavar="N", help="prompts per batch [default: 16]")
-    ev.add_argument("--limit", type=int, default=0, metavar="N", help="evaluate only the first N samples (0: all)")
+    ev.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="prompts per batch [default: 16]")
+    ev.add_argument("--limit", type=nonnegative_int, default=0, metavar="N", help="evaluate only the first N samples (0: all)")
     ev.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device [default: cpu]")
     ev.add_argument("--out", default=None, metavar="DIR", help="also write the metrics and the candidate sets used here")
     add_json_argument(ev)
@@ -158,14 +158,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ex.add_argument("--teacher", required=True, metavar="DIR", help="teacher checkpoint directory (ilora teacher train --out)")
     ex.add_argument("--out", required=True, metavar="DIR", help="output directory (layout: ilora/outputs/format.py)")
     ex.add_argument("--splits", default="train", metavar="LIST", help="comma-separated splits to export [default: train]")
-    ex.add_argument("--top-k", type=int, default=10, metavar="K", help="items kept per sample [default: 10]")
-    ex.add_argument("--pool-sasrec", type=int, default=50, metavar="N", help="SASRec's top-N unseen items in the pool (0: none) [default: 50]")
-    ex.add_argument("--pool-candidates", type=int, default=20, metavar="N", help="fixed candidates in the pool and the prompt (0: none in the pool) [default: 20]")
-    ex.add_argument("--shard-rows", type=int, default=8192, metavar="N", help="rows per Parquet shard [default: 8192]")
-    ex.add_argument("--batch-size", type=int, default=16, metavar="N", help="prompts per batch [default: 16]")
+    ex.add_argument("--top-k", type=positive_int, default=10, metavar="K", help="items kept per sample [default: 10]")
+    ex.add_argument("--pool-sasrec", type=nonnegative_int, default=50, metavar="N", help="SASRec's top-N unseen items in the pool (0: none) [default: 50]")
+    ex.add_argument("--pool-candidates", type=nonnegative_int, default=20, metavar="N", help="fixed candidates in the pool and the prompt (0: none in the pool) [default: 20]")
+    ex.add_argument("--shard-rows", type=positive_int, default=8192, metavar="N", help="rows per Parquet shard [default: 8192]")
+    ex.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="prompts per batch [default: 16]")
     ex.add_argument("--gate", default="learned", metavar="MODE", help="learned (default), uniform or expert:N")
     ex.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device [default: cpu]")
-    ex.add_argument("--limit", type=int, default=0, metavar="N", help="export only the first N samples of each split (0: all; smoke runs)")
+    ex.add_argument("--limit", type=nonnegative_int, default=0, metavar="N", help="export only the first N samples of each split (0: all; smoke runs)")
     ex.add_argument("--overwrite", action="store_true", help="replace an export of another teacher, dataset or options in --out")
     add_json_argument(ex)
     ex.set_defaults(run=run_export, distributed=True)

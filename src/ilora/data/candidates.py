@@ -83,8 +83,10 @@ def _check_room(history: np.ndarray, target: np.ndarray, num_items: int, count: 
 
 
 def _negatives(keys: np.ndarray, history: np.ndarray, target: np.ndarray, need: int, num_items: int) -> np.ndarray:
-    """The first ``need`` distinct allowed values of each row's stream."""
+    """The first ``need`` distinct allowed values of each row's stream (none for ``need == 0``)."""
     out = np.empty((len(keys), need), dtype=np.int64)
+    if need == 0:
+        return out
     pending = np.arange(len(keys))
     width = max(2 * need, 16)
     while pending.size:
@@ -161,6 +163,9 @@ def load_candidates(path: str | Path, *, rows: int | None = None, num_items: int
         array = np.load(path, allow_pickle=False)
     except ValueError as exc:
         raise DataError(path, f"not a plain .npy array ({exc})") from None
+    if not isinstance(array, np.ndarray):  # np.load opens a zip file as an .npz archive
+        array.close()
+        raise DataError(path, "is a zip (.npz) archive, not a .npy array", expected="a .npy file from save_candidates")
     if array.ndim != 2 or array.dtype.kind not in "iu":
         raise DataError(path, f"holds a {array.dtype} array of shape {array.shape}", expected="2-D integer array")
     if rows is not None and len(array) != rows:

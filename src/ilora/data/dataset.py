@@ -35,6 +35,9 @@ import numpy as np
 from ilora.errors import DataError, IloraError
 
 SPLITS = ("train", "val", "test")
+# The longest history window any reader or writer accepts: a bound on what a (possibly
+# crafted) max_len can make us allocate (n_samples x max_len int64).
+MAX_HISTORY_LEN = 4096
 
 # C0 controls but tab, DEL, and the line breaks of str.splitlines beyond C0 (NEL, LS, PS).
 _NOT_IN_PROMPT = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")

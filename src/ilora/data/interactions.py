@@ -5,7 +5,8 @@ Input files
 * Interactions: CSV (UTF-8, header) or Parquet with columns ``user``, ``item``,
   ``timestamp`` (extra columns are ignored). Keys may be integers or strings; they are
   compared as text (``7`` in Parquet matches ``"7"`` in a CSV; ``"007"`` does not).
-  Timestamps are numbers or ISO-8601 date-times (all rows of one kind).
+  Timestamps are finite numbers or ISO-8601 date-times (all rows of one kind; NaN,
+  infinities, booleans and NaT are errors naming the row).
 * Items (optional): CSV or Parquet with columns ``item``, ``title``.
 
 Every CSV line must have as many fields as the header. A log that yields no sample at all
@@ -48,7 +49,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ilora.data.dataset import Catalog, SeqDataset, Split
+from ilora.data.dataset import MAX_HISTORY_LEN, Catalog, SeqDataset, Split
 from ilora.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,8 @@ def leave_one_out(lengths: np.ndarray, items: np.ndarray, *, max_len: int, paddi
 
     See the module docstring for the exact rule. Vectorised: no Python loop over samples.
     """
-    if max_len < 1:
-        raise ConfigError(f"max_len must be >= 1, got {max_len}")
+    if not 1 <= max_len <= MAX_HISTORY_LEN:
+        raise ConfigError(f"max_len must be between 1 and {MAX_HISTORY_LEN}, got {max_len}")
     lengths = np.asarray(lengths, dtype=np.int64)
     items = np.asarray(items, dtype=np.int64)
     if lengths.sum() != len(items):
@@ -191,7 +192,10 @@ def _keys(path: Path, series: pd.Series, column: str) -> np.ndarray:
     return np.array([str(v) for v in values], dtype=object)
 
 
-def _is_number(value: str) -> bool:
+def _parses_as_number(value: str) -> bool:
+    """Text that `float` reads, finite or not (``nan``, ``inf`` included); not a bool."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
     try:
         float(value)
     except (TypeError, ValueError):
@@ -199,33 +203,58 @@ def _is_number(value: str) -> bool:
     return True
 
 
+def _is_finite_number(value: str) -> bool:
+    """A finite number or the text of one (not a bool, not ``nan`` / ``inf``)."""
+    return _parses_as_number(value) and bool(np.isfinite(float(value)))
+
+
 def _is_iso_time(value: str) -> bool:
     try:
-        pd.to_datetime(value, utc=True, format="ISO8601")
+        parsed = pd.to_datetime(value, utc=True, format="ISO8601")
     except (TypeError, ValueError):
         return False
-    return True
+    return not pd.isna(parsed)
+
+
+def _first_non_finite(path: Path, series: pd.Series, times: np.ndarray) -> None:
+    """A `DataError` naming the first row whose numeric timestamp is NaN or infinite."""
+    if times.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(times))
+        if bad.size:
+            row = int(bad[0])
+            raise DataError(path, f"timestamp {series.tolist()[row]!r} is not finite", row=row, expected="a finite number")
 
 
 def _times(path: Path, series: pd.Series) -> np.ndarray:
-    """Timestamps as sortable numbers (numbers as they are; ISO-8601 date-times as ns since epoch).
+    """Timestamps as sortable numbers (finite numbers as they are; ISO-8601 date-times as ns since epoch).
 
     Text columns take the kind of their first row; the first row of another kind is an error.
+    NaN, infinities and booleans are errors naming the row.
     """
     if series.dtype.kind in "iuf":
-        return series.to_numpy()
+        times = series.to_numpy()
+        _first_non_finite(path, series, times)
+        return times
     if series.dtype.kind == "M":
         return series.to_numpy(dtype="datetime64[ns]").astype(np.int64)
     values = series.tolist()
-    numeric = bool(values) and _is_number(values[0])
+    if series.dtype.kind == "b":
+        raise DataError(path, f"timestamp {values[0]!r} is a bool", row=0, expected="a number or an ISO-8601 date-time")
+    numeric = bool(values) and _parses_as_number(values[0])
     try:
         if numeric:
-            return pd.to_numeric(series).to_numpy()
+            times = pd.to_numeric(series).to_numpy()
+            if times.dtype.kind not in "iuf" or any(isinstance(v, (bool, np.bool_)) for v in values):
+                raise ValueError("not all numbers")
+            _first_non_finite(path, series, times)
+            return times
         parsed = pd.to_datetime(series, utc=True, format="ISO8601").dt.tz_localize(None)
+        if parsed.isna().any():
+            raise ValueError("not a date-time")
         return parsed.to_numpy(dtype="datetime64[ns]").astype(np.int64)
     except (TypeError, ValueError):
         pass
-    check, kind = (_is_number, "a number like row 0") if numeric else (_is_iso_time, "an ISO-8601 date-time like row 0")
+    check, kind = (_is_finite_number, "a finite number like row 0") if numeric else (_is_iso_time, "an ISO-8601 date-time like row 0")
     row = next((r for r, value in enumerate(values) if not check(value)), None)
     if row is None:
         raise DataError(path, "unreadable timestamp column", expected="all numbers or all ISO-8601 date-times")

@@ -17,6 +17,8 @@ Layout of a directory (as published in the iLoRA and LLaRA repositories, ``data/
 
 MovieLens variant: each history element is an ``(item_id, rating)`` tuple of NumPy ints,
 padded with ``(num_items, 0)``, and ``next`` is such a tuple too; only the item id is kept.
+Every element must then be such a pair (exactly two entries); ids must fit in int64 (a
+larger unsigned id is reported with its real value).
 
 Rows without any history item (the reference files store one per user, for the user's first
 item: ``len_seq == 1`` and an all-padding ``seq``) cannot be a sample; they are dropped and
@@ -27,18 +29,22 @@ Pickles can run code, so reading needs ``allow_pickle=True`` and then goes throu
 `RestrictedUnpickler` with exactly these globals (a DataFrame of ints, lists and tuples of
 NumPy ints needs nothing else):
 
-* pandas: ``pandas.core.frame.DataFrame``, ``pandas.core.internals.managers.BlockManager``,
+* pandas: ``pandas.core.frame.DataFrame`` (our `_PickledDataFrame`: only the argument-less
+  construction pickling uses, never a call that could ask for ``rows x columns`` cells),
+  ``pandas.core.internals.managers.BlockManager``,
   ``pandas._libs.internals._unpickle_block`` (also under its pandas <= 1.3 name
   ``pandas.core.internals.blocks.new_block``), ``pandas.core.indexes.base._new_Index``,
   ``pandas.core.indexes.base.Index`` (also the removed ``pandas.core.indexes.numeric``
   ``Int64Index`` / ``UInt64Index``, read as ``Index``), ``pandas.core.indexes.range.RangeIndex``;
 * NumPy, under both ``numpy.core`` (NumPy 1) and ``numpy._core`` (NumPy 2):
-  ``multiarray._reconstruct`` (our `_reconstruct`: plain ndarrays only, whose pickled
-  state is checked before NumPy applies it, see `_CheckedArray`), ``multiarray.scalar``
-  and ``numeric._frombuffer`` (dtype checked, no object buffers); and ``numpy.ndarray``,
+  ``multiarray._reconstruct`` (our `_reconstruct`: plain, empty ``(0,)`` ndarrays only, as
+  pickling writes them, whose pickled state is checked before NumPy applies it, see
+  `_CheckedArray`), ``multiarray.scalar`` and ``numeric._frombuffer`` (dtype checked, no
+  object buffers); and ``numpy.ndarray`` (our `_ndarray`: the same checks when called),
   ``numpy.dtype`` (always a private copy: NumPy's ``dtype.__setstate__`` rewrites a
   descriptor in place, and every dtype is compared with a fresh one before use);
-* ``builtins.slice`` (block placements), ``builtins.bytearray`` (protocol-4 buffers);
+* ``builtins.slice`` (block placements), ``builtins.bytearray`` (protocol-4 buffers; our
+  `_bytearray`: a copy of a bytes-like argument only, so a number cannot ask for gigabytes);
 * pandas >= 3 writes the public names ``pandas.DataFrame`` / ``pandas.Index`` /
   ``pandas.RangeIndex`` and stores string column labels as Arrow arrays:
   ``pandas.StringDtype``, ``pandas.arrays.ArrowStringArray``, ``pyarrow.lib.py_buffer``,
@@ -51,6 +57,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -138,10 +145,57 @@ class _CheckedArray(np.ndarray):
 
 
 def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
-    """``numpy.core.multiarray._reconstruct`` for plain ndarrays only, giving a `_CheckedArray`."""
-    if subtype is not np.ndarray:
+    """``numpy.core.multiarray._reconstruct`` for plain ndarrays only, giving a `_CheckedArray`.
+
+    Pickling always writes ``_reconstruct(ndarray, (0,), b"b")`` and sends the real shape
+    with the state, so any other shape (which would allocate before any check) is refused;
+    the placeholder dtype goes through `canonical_dtype` like every other dtype.
+    """
+    if subtype is not np.ndarray and subtype is not _ndarray:
         raise ValueError(f"refused to rebuild an array of type {subtype!r:.80}")
-    return np.ndarray.__new__(_CheckedArray, shape, dtype)
+    if not (isinstance(shape, tuple) and len(shape) == 1 and type(shape[0]) is int and shape[0] == 0):
+        raise ValueError(f"refused initial ndarray shape {shape!r:.80} in pickle (expected (0,))")
+    return np.ndarray.__new__(_CheckedArray, (0,), _placeholder_dtype(dtype))
+
+
+def _placeholder_dtype(dtype: Any) -> np.dtype:
+    """The dtype argument of `_reconstruct` / `_ndarray`: a short spec (``b"b"``) or a pickled dtype, checked."""
+    if isinstance(dtype, bytes):
+        dtype = dtype.decode("ascii", errors="replace")
+    if isinstance(dtype, str):
+        dtype = private_dtype(dtype)
+    return canonical_dtype(dtype)
+
+
+def _ndarray(shape: Any, dtype: Any = "f8", *args: Any) -> np.ndarray:
+    """What the allow-list maps ``numpy.ndarray`` to: called, it builds what `_reconstruct` builds."""
+    if args:
+        raise ValueError("refused ndarray buffer arguments in pickle")
+    return _reconstruct(np.ndarray, shape, dtype)
+
+
+class _PickledDataFrame(pd.DataFrame):
+    """What the allow-list maps ``DataFrame`` to: built only as pickling builds one.
+
+    Pickling writes ``DataFrame.__new__(DataFrame)`` (NEWOBJ, no arguments) and then the
+    state (the block manager). A call with arguments, such as ``DataFrame(None, index,
+    columns)``, would let a few bytes ask pandas for ``rows x columns`` cells; it is refused.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_PickledDataFrame":
+        if args or kwargs:
+            raise ValueError("refused a DataFrame(...) call with arguments in pickle")
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # only a REDUCE call gets here
+        raise ValueError("refused a DataFrame(...) call in pickle")
+
+
+def _bytearray(data: Any = b"") -> bytearray:
+    """What the allow-list maps ``builtins.bytearray`` to: a copy of bytes-like data, never ``bytearray(n)``."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise ValueError(f"refused bytearray({type(data).__name__}) in pickle (bytes-like data only)")
+    return bytearray(data)
 
 
 @functools.cache
@@ -153,8 +207,8 @@ def dataframe_pickle_globals() -> dict[tuple[str, str], Any]:
     from pandas.core.internals.managers import BlockManager
 
     allowed: dict[tuple[str, str], Any] = {
-        ("pandas.core.frame", "DataFrame"): pd.DataFrame,
-        ("pandas", "DataFrame"): pd.DataFrame,
+        ("pandas.core.frame", "DataFrame"): _PickledDataFrame,
+        ("pandas", "DataFrame"): _PickledDataFrame,
         ("pandas.core.internals.managers", "BlockManager"): BlockManager,
         ("pandas._libs.internals", "_unpickle_block"): _unpickle_block,
         ("pandas.core.internals.blocks", "new_block"): _unpickle_block,
@@ -171,10 +225,10 @@ def dataframe_pickle_globals() -> dict[tuple[str, str], Any]:
         ("pyarrow.lib", "_restore_array"): _restore_validated_array,
         ("pyarrow.lib", "py_buffer"): pa.py_buffer,
         ("pyarrow.lib", "type_for_alias"): pa.lib.type_for_alias,
-        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "ndarray"): _ndarray,
         ("numpy", "dtype"): private_dtype,
         ("builtins", "slice"): slice,
-        ("builtins", "bytearray"): bytearray,
+        ("builtins", "bytearray"): _bytearray,
     }
     for core in ("numpy.core", "numpy._core"):
         allowed[(f"{core}.multiarray", "_reconstruct")] = _reconstruct
@@ -306,12 +360,24 @@ def _is_int(value: Any) -> bool:
 
 
 def _as_ids(array: np.ndarray) -> np.ndarray | None:
-    """int64 view of an integer array, or of a float array of whole numbers; None otherwise."""
+    """int64 view of an integer array, or of a float array of whole numbers; None otherwise
+    (also for unsigned values that do not fit in int64)."""
+    if array.dtype.kind == "u" and array.size and array.max() > np.iinfo(np.int64).max:
+        return None
     if array.dtype.kind in "iu":
         return array.astype(np.int64, copy=False)
     if array.dtype.kind == "f" and np.isfinite(array).all() and (array == np.round(array)).all():
         return array.astype(np.int64)
     return None
+
+
+def _short(value: Any) -> str:
+    """A bounded description of a cell value for an error message (no deep recursion)."""
+    if isinstance(value, (int, float, str, bytes, np.generic)) or value is None:
+        return reprlib.repr(value)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, (int, float, np.generic)) for v in value[:8]):
+        return reprlib.repr(tuple(value) if isinstance(value, tuple) else list(value))
+    return f"a {type(value).__name__} of length {len(value)}" if hasattr(value, "__len__") else f"a {type(value).__name__}"
 
 
 def _first_non_int(path: Path, column: str, values: list[Any], *, pairs: bool) -> DataError:
@@ -322,10 +388,10 @@ def _first_non_int(path: Path, column: str, values: list[Any], *, pairs: bool) -
             return DataError(path, f"{column} is a {type(value).__name__}, not a list", row=row, expected="a list of ids")
         for element in elements:
             if pairs and not (isinstance(element, (tuple, list)) and len(element) == 2):
-                return DataError(path, f"{element!r} in column {column} is not an (id, rating) pair", row=row)
+                return DataError(path, f"{_short(element)} in column {column} is not an (id, rating) pair", row=row)
             item = element[0] if pairs else element
             if not _is_int(item):
-                return DataError(path, f"non-integer value {item!r} in column {column}", row=row, expected="integers")
+                return DataError(path, f"non-integer value {_short(item)} in column {column}", row=row, expected="integers")
             if not -(2**63) <= int(item) < 2**63:
                 return DataError(path, f"value {item} in column {column} does not fit in int64", row=row)
     return DataError(path, f"column {column} cannot be read as integer ids", expected="integers of one shape")
@@ -349,7 +415,7 @@ def _history_matrix(path: Path, values: list[Any], pairs: bool) -> np.ndarray:
     except (ValueError, TypeError):
         matrix = np.array([[0]], dtype=object)
     if pairs:
-        matrix = matrix[:, :, 0] if matrix.ndim == 3 and matrix.shape[2] >= 1 else np.array([[0]], dtype=object)
+        matrix = matrix[:, :, 0] if matrix.ndim == 3 and matrix.shape[2] == 2 else np.array([[0]], dtype=object)
     ids = _as_ids(matrix)
     if ids is None:
         raise _first_non_int(path, "seq", values, pairs=pairs)
@@ -358,11 +424,16 @@ def _history_matrix(path: Path, values: list[Any], pairs: bool) -> np.ndarray:
 
 def _id_column(path: Path, series: pd.Series, column: str) -> np.ndarray:
     """An integer column (``len_seq`` / ``next``; MovieLens ``next`` tuples -> their item id)."""
-    if series.dtype.kind in "iu":
-        return series.to_numpy(dtype=np.int64)
     values = series.tolist()
+    if series.dtype.kind in "iu":
+        ids = _as_ids(series.to_numpy())
+        if ids is None:
+            raise _first_non_int(path, column, values, pairs=False)
+        return ids
     pairs = bool(values) and isinstance(values[0], (tuple, list))
     try:
+        if pairs and not all(isinstance(v, (tuple, list)) and len(v) == 2 for v in values):
+            raise ValueError("not all (id, rating) pairs")
         array = np.array([v[0] for v in values] if pairs else values)
     except (TypeError, IndexError, KeyError, ValueError):
         array = np.array([None], dtype=object)

@@ -13,8 +13,16 @@ A directory holding:
 * ``items.csv`` (UTF-8, header ``id,title``, ids ``0 .. N-1`` in order) or ``items.json``
   (a JSON list of ``{"id": i, "title": "..."}``).
 
-No pickles anywhere. `write_native` writes into a temporary sibling directory and renames
-it into place, so a failure never leaves partial output behind.
+``max_len`` is at most ``MAX_HISTORY_LEN`` (4096) on both sides: a crafted value cannot make
+the reader allocate ``rows x max_len`` ids beyond that.
+
+No pickles anywhere. `write_native` writes into a temporary sibling directory
+(``.<name>.<hex>.tmp``), fsyncs its files and the directory, and renames it into place, so
+a failure never leaves partial output behind. Overwriting renames the old dataset aside
+(``.<name>.old-<hex>``) first and renames it back if the second rename fails; should the
+process die between the two renames, the old dataset survives under that name (`read_native`
+on the missing directory names it), and the next `write_native` to the same place sweeps
+such leftovers.
 """
 
 from __future__ import annotations
@@ -22,8 +30,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ilora.data.dataset import SPLITS, Catalog, SeqDataset, Split, validate_split
+from ilora.data.dataset import MAX_HISTORY_LEN, SPLITS, Catalog, SeqDataset, Split, validate_split
 from ilora.errors import DataError, IloraError
 
 NATIVE_FORMAT = "ilora-native"
@@ -86,11 +97,52 @@ def _write_files(ds: SeqDataset, directory: Path) -> None:
     (directory / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def _fsync_path(path: Path) -> None:
+    """fsync a file or a directory (its entries)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """fsync every file in ``directory`` and then the directory itself."""
+    for path in directory.iterdir():
+        _fsync_path(path)
+    _fsync_path(directory)
+
+
+def _leftovers(out: Path) -> list[Path]:
+    """Siblings ``.<name>.<hex>.tmp`` / ``.<name>.old-<hex>`` that an interrupted write left."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(?:[0-9a-f]{{8}}\.tmp|old-[0-9a-f]{{8}})")
+    if not out.parent.is_dir():
+        return []
+    return sorted(p for p in out.parent.iterdir() if pattern.fullmatch(p.name))
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and restored on failure."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    _fsync_path(out.parent)
+    shutil.rmtree(old, ignore_errors=True)  # a leftover is swept by the next write
+
+
 def write_native(ds: SeqDataset, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Validate ``ds`` and write it to ``out_dir`` atomically (temp dir + rename).
 
     ``out_dir`` must not exist, unless ``overwrite`` is set and it is empty or a native
-    dataset (never some other directory); then it is replaced as a whole.
+    dataset (never some other directory); then it is replaced as a whole. Leftovers of an
+    interrupted earlier write to ``out_dir`` are removed first (see the module docstring).
     """
     out = Path(out_dir)
     if out.exists():
@@ -99,18 +151,17 @@ def write_native(ds: SeqDataset, out_dir: str | Path, *, overwrite: bool = False
         if not out.is_dir() or not (is_native_dir(out) or not any(out.iterdir())):
             raise IloraError(f"{out}: refusing to overwrite: it is not an ilora native dataset directory")
     ds.validate()
+    if ds.max_len > MAX_HISTORY_LEN:
+        raise IloraError(f"{out}: max_len={ds.max_len} is over the limit of {MAX_HISTORY_LEN} history items")
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in _leftovers(out):
+        shutil.rmtree(stale)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir()  # unlike tempfile.mkdtemp, honours the umask
     try:
         _write_files(ds, tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
+        _fsync_tree(tmp)
+        _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -120,12 +171,19 @@ def write_native(ds: SeqDataset, out_dir: str | Path, *, overwrite: bool = False
 # --------------------------------------------------------------------------- reading
 
 
-def _read_meta(directory: Path) -> dict[str, Any]:
-    path = directory / META_FILE
+def _load_json(path: Path) -> Any:
+    """Parsed JSON; a `DataError` naming the file if it is not valid or nested too deeply."""
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(path, f"not valid JSON ({exc})") from None
+    except RecursionError:
+        raise DataError(path, "JSON nested too deeply to read") from None
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+    path = directory / META_FILE
+    meta = _load_json(path)
     if not isinstance(meta, dict) or meta.get("format") != NATIVE_FORMAT:
         raise DataError(path, "not an ilora native dataset description", expected=f'"format": "{NATIVE_FORMAT}"')
     if meta.get("version") != NATIVE_VERSION:
@@ -135,6 +193,8 @@ def _read_meta(directory: Path) -> dict[str, Any]:
             raise DataError(path, f"{key} is missing or not an integer")
     if meta["max_len"] < 1 or meta["num_items"] < 1:
         raise DataError(path, f"max_len={meta['max_len']}, num_items={meta['num_items']}", expected="both >= 1")
+    if meta["max_len"] > MAX_HISTORY_LEN:
+        raise DataError(path, f"max_len={meta['max_len']} is over the limit", expected=f"max_len <= {MAX_HISTORY_LEN}")
     splits = meta.get("splits")
     if not isinstance(splits, dict) or not set(splits) <= set(SPLITS):
         raise DataError(path, f"splits is {splits!r:.80}", expected='"splits": {"train": {"rows": N} | null, ...}')
@@ -151,6 +211,8 @@ def _read_meta(directory: Path) -> dict[str, Any]:
 def _titles_from_rows(path: Path, rows: list[tuple[Any, Any]]) -> Catalog:
     titles = []
     for row, (item, title) in enumerate(rows):
+        if isinstance(item, bool) or not isinstance(item, (int, str)):
+            raise DataError(path, f"id {item!r:.40} is a {type(item).__name__}", row=row, expected="integer ids 0..n-1 in order")
         try:
             item_id = int(item)
         except (TypeError, ValueError):
@@ -163,11 +225,29 @@ def _titles_from_rows(path: Path, rows: list[tuple[Any, Any]]) -> Catalog:
     return Catalog(tuple(titles), source=str(path))
 
 
-def read_items_csv(path: Path) -> Catalog:
-    """``id,title`` CSV (UTF-8) -> Catalog; ids must be 0..n-1 in file order."""
+@contextmanager
+def _any_field_size() -> Iterator[None]:
+    """Lift the csv module's 128 KiB field limit (process-wide) while our own file is read.
+
+    `write_native` writes titles of any length, so its reader must read them back.
+    """
+    previous = csv.field_size_limit()
+    csv.field_size_limit(2**31 - 1)
     try:
-        with open(path, encoding="utf-8", newline="") as handle:
-            rows = list(csv.reader(handle))
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
+def read_items_csv(path: Path) -> Catalog:
+    """``id,title`` CSV (UTF-8, fields of any size) -> Catalog; ids must be 0..n-1 in file order."""
+    try:
+        with open(path, encoding="utf-8", newline="") as handle, _any_field_size():
+            reader = csv.reader(handle)
+            try:
+                rows = list(reader)
+            except csv.Error as exc:
+                raise DataError(path, f"unreadable CSV at line {reader.line_num} ({exc})") from None
     except UnicodeDecodeError as exc:
         raise DataError(path, f"undecodable text at byte {exc.start}", expected="UTF-8") from None
     if not rows or [c.strip() for c in rows[0][:2]] != ["id", "title"]:
@@ -180,13 +260,13 @@ def read_items_csv(path: Path) -> Catalog:
 
 
 def read_items_json(path: Path) -> Catalog:
-    """JSON list of ``{"id", "title"}`` -> Catalog; ids must be 0..n-1 in list order."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(path, f"not valid JSON ({exc})") from None
+    """JSON list of ``{"id", "title"}`` -> Catalog; ids must be the JSON integers 0..n-1 in list order."""
+    data = _load_json(path)
     if not isinstance(data, list) or not all(isinstance(d, dict) and {"id", "title"} <= d.keys() for d in data):
         raise DataError(path, "not a list of items", expected='[{"id": 0, "title": "..."}, ...]')
+    for row, entry in enumerate(data):
+        if not isinstance(entry["id"], int) or isinstance(entry["id"], bool):
+            raise DataError(path, f"id {entry['id']!r:.40} is not an integer", row=row, expected="integer ids 0..n-1 in order")
     return _titles_from_rows(path, [(d["id"], d["title"]) for d in data])
 
 
@@ -255,6 +335,9 @@ def read_native(directory: str | Path) -> SeqDataset:
     """Read a native dataset directory (see the module docstring)."""
     directory = Path(directory)
     if not is_native_dir(directory):
+        saved = [p for p in _leftovers(directory) if ".old-" in p.name]
+        if saved and not directory.exists():
+            raise DataError(directory, f"missing; an interrupted overwrite left the previous dataset in {saved[-1]} (rename it back)")
         raise DataError(directory, "not an ilora native dataset", expected=f"a directory with {META_FILE}")
     meta = _read_meta(directory)
     items_file = directory / meta.get("items_file", ITEMS_CSV)
