@@ -289,3 +289,13 @@ def test_resume_refuses_other_options(data_dir, tmp_path) -> None:
     (tmp_path / "a" / "model.safetensors").unlink()
     assert train_sasrec(dataset, same, tmp_path / "a", resume=True) == result
     assert not (tmp_path / "a" / "model.safetensors").exists()
+    # ... but not with other data (same catalog, other samples), finished or interrupted
+    from ilora.data.dataset import SeqDataset
+
+    train = dataset.split("train")
+    fewer = SeqDataset(dataset.catalog, {**dataset.splits, "train": train.subset(slice(0, len(train) - 1))}, source="fewer")
+    with pytest.raises(IloraError, match="dataset_sha256"):
+        train_sasrec(fewer, same, tmp_path / "a", resume=True)
+    (tmp_path / "a" / "result.json").unlink()
+    with pytest.raises(IloraError, match="dataset_sha256"):
+        train_sasrec(fewer, same, tmp_path / "a", resume=True)

@@ -100,4 +100,9 @@ def test_a_new_run_in_a_used_out_keeps_its_own_sasrec_and_resume_refuses_another
     (out / "train_summary.json").unlink()  # now an interrupted run with a checkpoint at step 1
     with pytest.raises(IloraError, match="another SASRec"):
         train_teacher(ds, second, tmp_path / "rec0", out, resume=True)
+    # another dataset with the same catalog (other samples): refused as well
+    other_ds = make_synthetic(users=41, items=30, seed=5)
+    assert other_ds.catalog.titles == ds.catalog.titles and other_ds.sha256() != ds.sha256()
+    with pytest.raises(IloraError, match="dataset"):
+        train_teacher(other_ds, second, tmp_path / "rec1", out, resume=True)
     assert train_teacher(ds, second, tmp_path / "rec1", out, resume=True)["resumed_from"] == 1

@@ -168,6 +168,17 @@ class SeqDataset:
             raise IloraError(f"{self.source or 'dataset'}: no split is present")
         return max(present)
 
+    def sha256(self) -> str:
+        """Fingerprint of the catalog titles and every split's samples in order (16 hex digits):
+        what a training run read, so that a resume can refuse other data."""
+        h = hashlib.sha256()
+        for title in self.catalog.titles:
+            h.update(title.encode("utf-8", "surrogatepass") + b"\x00")
+        for name in sorted(self.splits):
+            split = self.splits[name]
+            h.update(f"\x01{name}\x00{'absent' if split is None else split.sha256()}".encode())
+        return h.hexdigest()[:16]
+
     def split(self, name: str) -> Split:
         """The split ``name``; a clear error if it is unknown or was absent on disk."""
         if name not in SPLITS:

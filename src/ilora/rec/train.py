@@ -305,11 +305,12 @@ def train_sasrec(
     ``resume`` continues from the newest intact checkpoint in ``out_dir`` (none: from
     the start). ``run_options``: what else defines the run besides ``cfg`` (e.g. the
     ``extra_loss``'s options and the fingerprint of what it reads); recorded with the
-    options in ``train_config.json`` and the checkpoints, and a resume with other values
-    is refused like one with other options.
+    options and the dataset's fingerprint (`SeqDataset.sha256`) in ``train_config.json``
+    and the checkpoints, and a resume with other values or other data is refused like one
+    with other options.
     """
     cfg.validate()
-    record = run_record(cfg, run_options)
+    record = run_record(cfg, {**(run_options or {}), "dataset_sha256": dataset.sha256()})
     train, train_rows = _train_split(dataset, cfg.train_min_len)  # rejects bad input before --out is touched
     out, checkpoints, finished = open_run(out_dir, cfg.checkpoint_every, resume, "result.json", lambda o: _finished_result(o, record))
     if finished is not None:

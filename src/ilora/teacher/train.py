@@ -33,12 +33,12 @@ instead (the schedule still advances). With ``checkpoint_every = N`` a checkpoin
 step: after its validation): adapter, gate and projector weights, AdamW and schedule
 state, the best-so-far weights and metrics, the epoch and the position in it (the
 order and curriculum flags are recomputed from ``(seed, epoch)`` and ``(seed, step)``),
-every RNG, both CSV logs, and the fingerprint of the SASRec read (`rec_fingerprint`).
+every RNG, both CSV logs, and the fingerprints of the SASRec and the dataset read.
 ``resume=True`` continues from the newest intact one and ends bit for bit where an
-uninterrupted run ends (on CPU); it raises `IloraError` if the options (`check_resume_config`)
-or the SASRec of ``rec_dir`` differ from the interrupted run's. A run without ``resume``
+uninterrupted run ends (on CPU); it raises `IloraError` if the options (`check_resume_config`),
+the SASRec of ``rec_dir`` or the dataset differ from the interrupted run's. A run without ``resume``
 starts over and removes older checkpoints; resuming a finished run returns its summary
-(after the same checks against its ``train_config.json`` and ``teacher_config.json``).
+(after the same checks against its ``train_config.json`` and ``train_summary.json``).
 """
 
 from __future__ import annotations
@@ -231,44 +231,48 @@ def _loader_generator(cfg: TeacherConfig, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, epoch, 7]).integers(2**62)))
 
 
-def _check_same_rec(saved: str | None, current: str, where: Path) -> None:
-    """`IloraError` unless the interrupted run read the same SASRec (``saved`` fingerprint) as this one."""
-    if saved != current:
+def _check_same_inputs(saved: dict | None, current: dict, where: Path) -> None:
+    """`IloraError` unless the interrupted run read the same SASRec and dataset (fingerprints
+    ``{"rec": ..., "dataset": ...}``) as this one."""
+    saved = saved or {}
+    diff = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items() if saved.get(k) != v]
+    if diff:
         raise IloraError(
-            f"{where}: cannot resume with another SASRec (--rec) than the interrupted run's "
-            f"(fingerprint {saved!r} -> {current!r}); rerun without --resume to start over"
+            f"{where}: cannot resume with another SASRec (--rec) or dataset than the interrupted run's "
+            f"(fingerprints {'; '.join(diff)}); rerun without --resume to start over"
         )
 
 
-def _finished_summary(out: Path, cfg: TeacherConfig, rec_id: str) -> dict | None:
-    """The summary of a run that already finished in ``out`` with the same options and SASRec, if any."""
+def _finished_summary(out: Path, cfg: TeacherConfig, inputs: dict) -> dict | None:
+    """The summary of a run that already finished in ``out`` with the same options, SASRec and data, if any."""
     if not ((out / "train_summary.json").is_file() and (out / "train_config.json").is_file()):
         return None
     check_resume_config(read_json(out / "train_config.json"), to_dict(cfg), out)
-    _check_same_rec(read_json(out / "teacher_config.json", "teacher checkpoint config").get("rec"), rec_id, out)
+    summary = read_json(out / "train_summary.json")
+    _check_same_inputs(summary.get("inputs"), inputs, out)
     log.info("%s: training already finished; returning its summary", out)
-    return read_json(out / "train_summary.json")
+    return summary
 
 
-def _open_run(out_dir, cfg: TeacherConfig, rec_id: str, resume: bool, ctx: Dist):
+def _open_run(out_dir, cfg: TeacherConfig, inputs: dict, resume: bool, ctx: Dist):
     """`open_run` on rank 0; every rank gets ``(out, checkpoints, finished summary or None)``."""
     if ctx.is_main:
-        out, checkpoints, finished = open_run(out_dir, cfg.checkpoint_every, resume, "train_summary.json", lambda o: _finished_summary(o, cfg, rec_id))
+        out, checkpoints, finished = open_run(out_dir, cfg.checkpoint_every, resume, "train_summary.json", lambda o: _finished_summary(o, cfg, inputs))
     else:
         out, checkpoints, finished = Path(out_dir), CheckpointManager(out_dir, cfg.checkpoint_every), None
     return out, checkpoints, ctx.broadcast(finished)
 
 
-def _load_checkpoint(checkpoints: CheckpointManager, cfg: TeacherConfig, rec_id: str, resume: bool, ctx: Dist) -> tuple[dict | None, int | None]:
+def _load_checkpoint(checkpoints: CheckpointManager, cfg: TeacherConfig, inputs: dict, resume: bool, ctx: Dist) -> tuple[dict | None, int | None]:
     """Rank 0 reads the newest intact checkpoint (when resuming), checks its options and
-    SASRec fingerprint against this run's, and sends it to every rank."""
+    input fingerprints against this run's, and sends it to every rank."""
     saved, step = None, None
     if resume and ctx.is_main:
         checkpoint = checkpoints.latest()
         if checkpoint is not None:
             saved, step = checkpoint.load(), checkpoint.step
             check_resume_config(saved["config"], to_dict(cfg), checkpoint.path)
-            _check_same_rec(saved.get("rec"), rec_id, checkpoint.path)
+            _check_same_inputs(saved.get("inputs"), inputs, checkpoint.path)
             log.info("resuming from %s (step %d)", checkpoint.path, checkpoint.step)
         else:
             log.warning("%s: no intact checkpoint to resume from; training from the start", checkpoints.root.parent)
@@ -289,7 +293,7 @@ def train_teacher(
     train, val = dataset.split("train"), _val_subset(dataset.split("val"), cfg.val_samples)
     n_items = dataset.num_items
     rec = load_sasrec(rec_dir)
-    rec_id = rec_fingerprint(rec)
+    inputs = {"rec": rec_fingerprint(rec), "dataset": dataset.sha256()}  # what a resume must read again
     bundle = build_teacher(cfg, dataset.catalog, rec, cfg.device)
     teacher = bundle.teacher
     if cfg.gradient_checkpointing:
@@ -297,7 +301,7 @@ def train_teacher(
     train_cands = candidate_sets(train, n_items, count=cfg.num_candidates, seed=cfg.candidate_seed, split_name="train")
     val_cands = candidate_sets(val, n_items, count=cfg.num_candidates, seed=cfg.candidate_seed, split_name="val")
     lengths = prompt_lengths(bundle.train_collator, train, train_cands) if cfg.group_by_length else None
-    out, checkpoints, finished = _open_run(out_dir, cfg, rec_id, resume, ctx)
+    out, checkpoints, finished = _open_run(out_dir, cfg, inputs, resume, ctx)
     if finished is not None:
         return finished
 
@@ -315,7 +319,7 @@ def train_teacher(
     # progress: everything besides weights, optimiser and RNGs that a checkpoint restores
     p = {"epoch": 0, "position": 0, "step": 0, "best": -math.inf, "best_metrics": None, "history": [], "skipped": []}
     best_weights = None
-    saved, resumed_from = _load_checkpoint(checkpoints, cfg, rec_id, resume, ctx)
+    saved, resumed_from = _load_checkpoint(checkpoints, cfg, inputs, resume, ctx)
     if saved is not None:
         load_trainable_state(teacher, saved["weights"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -342,7 +346,7 @@ def train_teacher(
 
     def state(progress: dict, rng: dict) -> dict:
         return {
-            "config": to_dict(cfg), "rec": rec_id, "weights": trainable_state(teacher), "best_weights": best_weights,
+            "config": to_dict(cfg), "inputs": inputs, "weights": trainable_state(teacher), "best_weights": best_weights,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "progress": progress, "rng": rng,
             "train_steps_csv": step_log.text(), "metrics_csv": epoch_log.text(),
         }
@@ -432,6 +436,7 @@ def train_teacher(
     summary = {
         "steps": p["step"], "best_val": p["best_metrics"], "select_metric": cfg.select_metric, "history": p["history"],
         "skipped_steps": p["skipped"], "resumed_from": resumed_from, "out": str(out), "world_size": ctx.world_size,
+        "inputs": inputs,
     }
     if ctx.is_main:
         save_state(
