@@ -1,46 +1,124 @@
 #!/usr/bin/env bash
-# The CUDA benchmarks in one call, for a session with one GPU (planned ~5 min on an H100, hard cap 7.5 min).
+# The CUDA benchmarks in one call, for a session with one GPU (about 2.5 min planned on an H100, cap 300 s).
 #
-#   bash bench/gpu.sh            # from the repository root; sets PYTHONPATH=src itself
+#   bash bench/gpu.sh                       # from the repository root; sets PYTHONPATH=src itself
+#   bash bench/gpu.sh step-7b step-7b-ckpt  # only the named runs (a partial rerun)
 #
-# Runs inputs, adapter, step (1B with an eager-attention baseline, and 7B Llama shapes), then, while time is left, step 7B with gradient
-# checkpointing and step 1B with --compile. Writes to $OUT (or bench/out): <name>.json (the JSON object),
-# <name>.log (stderr), RESULTS.md (the sections to paste into bench/RESULTS.md), nvidia-smi.txt, summary.txt.
-# Each run has its own timeout, and a failed run does not stop the others.
+# Runs, cheapest first: inputs, adapter, step-1b (with an eager-attention baseline), step-7b; then, while
+# time is left, step-7b-ckpt (gradient checkpointing) and step-1b-compile (only with >= 150 s left).
+# Each run has its own `timeout -k 10`; a failed run does not stop the others; nothing starts after the cap
+# (ILORA_GPU_CAP_S, default 300 s). Titles: <repo>/shared/datasets/lastfm/id2name.txt when present (the
+# session copies it there: ../shared does not travel to the device), else $ILORA_SHARED or ../shared as
+# `ilora bench` finds them, else synthetic titles, with a WARNING in summary.txt (the runs still go on).
+#
+# Writes at most 5 files to $OUT (or bench/out), each appended to run by run:
+#   summary.txt     one line per run (rc, seconds, headline ratio), the titles used, warnings
+#   env.txt         nvidia-smi, python / torch / CUDA / transformers versions, GPU, titles source
+#   results.jsonl   one JSON object per successful run
+#   RESULTS.md      the sections to paste into bench/RESULTS.md; "### <name>: failed, rc=N" for a failed run
+#   logs.txt        per run: a header and the last 100 lines of its stderr
+# Per-run scratch files live in a temporary directory outside $OUT.
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT:-bench/out}"
 mkdir -p "$OUT_DIR"
+SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/ilora-gpu.XXXXXX")
+trap 'rm -rf "$SCRATCH"' EXIT
+SUMMARY="$OUT_DIR/summary.txt" ENV_TXT="$OUT_DIR/env.txt" JSONL="$OUT_DIR/results.jsonl"
+RESULTS="$OUT_DIR/RESULTS.md" LOGS="$OUT_DIR/logs.txt"
+
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+export PYTHONUNBUFFERED=1
+if [[ -f shared/datasets/lastfm/id2name.txt ]]; then
+    export ILORA_SHARED="$PWD/shared"
+fi
 PY="${PYTHON:-python3}"
 START=$(date +%s)
-DEADLINE=$((START + 450))
+CAP="${ILORA_GPU_CAP_S:-300}"
+DEADLINE=$((START + CAP))
 NOTE="bench/gpu.sh"
+SELECTED=" $* "
 
-nvidia-smi > "$OUT_DIR/nvidia-smi.txt" 2>&1 || true
-"$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'gpu', torch.cuda.get_device_name(0))" \
-    > "$OUT_DIR/versions.txt" 2>&1
+RUNS=" inputs adapter step-1b step-7b step-7b-ckpt step-1b-compile "
 
-run() {  # run NAME LIMIT_S ARGS... : one benchmark under `timeout`, skipped when too little time is left
-    local name=$1 limit=$2
-    shift 2
+say() { echo "$*" | tee -a "$SUMMARY"; }
+
+for name in "$@"; do
+    if [[ "$RUNS" != *" $name "* ]]; then
+        say "unknown run '$name'; expected some of:$RUNS"
+        exit 2
+    fi
+done
+
+say "bench/gpu.sh $(date -u '+%Y-%m-%d %H:%M UTC'): cap ${CAP}s; runs: ${*:-all}"
+{
+    echo "== nvidia-smi"
+    nvidia-smi 2>&1
+    echo "== python"
+    timeout -k 5 60 "$PY" -c "
+import platform, torch, transformers
+from ilora.bench.common import load_titles
+print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)
+print('gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NONE (torch.cuda.is_available() is False)')
+print('titles:', load_titles()[1])
+" 2>&1
+    echo "== env"
+    echo "ILORA_SHARED=${ILORA_SHARED:-} PYTORCH_CUDA_ALLOC_CONF=$PYTORCH_CUDA_ALLOC_CONF"
+} > "$ENV_TXT" 2>&1
+say "$(grep -m1 '^gpu ' "$ENV_TXT" || echo 'gpu: unknown (the version check failed, see env.txt)')"
+TITLES=$(grep -m1 '^titles: ' "$ENV_TXT" | cut -c9-)
+say "titles: ${TITLES:-unknown (the version check failed, see env.txt)}"
+if [[ "$TITLES" != LastFM* ]]; then
+    say "WARNING: benchmarks will NOT use the LastFM titles (prompt lengths differ from the real data)."
+    say "WARNING: before the run, in the checkout: mkdir -p shared/datasets/lastfm && cp ../shared/datasets/lastfm/id2name.txt shared/datasets/lastfm/"
+fi
+
+run() {  # run NAME LIMIT_S NEED_S ARGS... : one benchmark under `timeout`; skipped with < NEED_S s left or not selected
+    local name=$1 limit=$2 need=$3
+    shift 3
+    if [[ "$SELECTED" != "  " && "$SELECTED" != *" $name "* ]]; then
+        return
+    fi
     local left=$((DEADLINE - $(date +%s)))
-    if ((left < 40)); then
-        echo "$name: skipped (${left}s left)" | tee -a "$OUT_DIR/summary.txt"
+    if ((left < need)); then
+        say "$name: skipped (${left}s left of the ${CAP}s cap, needs ${need}s; rerun: bash bench/gpu.sh $name)"
         return
     fi
     ((limit > left)) && limit=$left
-    timeout "$limit" "$PY" -m ilora.cli.main bench "$@" --device cuda --json --note "$NOTE" \
-        --results "$OUT_DIR/RESULTS.md" > "$OUT_DIR/$name.json" 2> "$OUT_DIR/$name.log"
+    local t0
+    t0=$(date +%s)
+    timeout -k 10 "$limit" "$PY" -m ilora.cli.main bench "$@" --device cuda --json --note "$NOTE" \
+        --results "$SCRATCH/$name.md" > "$SCRATCH/$name.json" 2> "$SCRATCH/$name.log"
     local rc=$?
-    echo "$name: rc=$rc after $(($(date +%s) - START))s (limit ${limit}s)" | tee -a "$OUT_DIR/summary.txt"
+    local secs=$(($(date +%s) - t0))
+    local ratio
+    ratio=$(grep -o '"ratio": [0-9.e+-]*' "$SCRATCH/$name.json" 2>/dev/null | tail -1 | cut -d' ' -f2)
+    [[ -f "$SCRATCH/$name.md" ]] && cat "$SCRATCH/$name.md" >> "$RESULTS"
+    if ((rc == 0)) && [[ -s "$SCRATCH/$name.json" ]]; then
+        cat "$SCRATCH/$name.json" >> "$JSONL"
+    else
+        ((rc == 0)) && rc=1  # exit 0 without a JSON object is a failure too
+        printf '\n### %s: failed, rc=%s, see logs.txt\n' "$name" "$rc" >> "$RESULTS"
+    fi
+    {
+        echo "===== $name: rc=$rc after ${secs}s (limit ${limit}s): bench $*"
+        tail -n 100 "$SCRATCH/$name.log"
+        echo
+    } >> "$LOGS"
+    local what="ok, ratio ?"
+    [[ -n "$ratio" ]] && what=$(printf 'ok, ratio %.2f' "$ratio")
+    ((rc != 0)) && what="FAILED"
+    ((rc == 124 || rc == 137)) && what="TIMED OUT"
+    say "$name: $what (rc=$rc, ${secs}s, limit ${limit}s, at $(($(date +%s) - START))s)"
 }
 
-run inputs 120 inputs
-run adapter 60 adapter
-run step-1b 100 step --shape 1b --eager-baseline
-run step-7b 120 step --shape 7b
-run step-7b-ckpt 90 step --shape 7b --gradient-checkpointing
-run step-1b-compile 120 step --shape 1b --compile
-echo "total $(($(date +%s) - START))s" | tee -a "$OUT_DIR/summary.txt"
+#   name             limit need  arguments
+run inputs           60    30    inputs --budget-s 10
+run adapter          45    30    adapter --budget-s 10
+run step-1b          75    45    step --shape 1b --eager-baseline --budget-s 20
+run step-7b          90    60    step --shape 7b --budget-s 20
+run step-7b-ckpt     60    45    step --shape 7b --gradient-checkpointing --budget-s 15
+run step-1b-compile  150   150   step --shape 1b --compile --budget-s 20
+say "total $(($(date +%s) - START))s"

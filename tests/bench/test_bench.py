@@ -5,6 +5,7 @@ No timing is asserted anywhere: the CPU is shared and the numbers are noise here
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -18,7 +19,7 @@ from ilora.bench import common
 from ilora.bench import inputs as inputs_bench
 from ilora.bench import step as step_bench
 from ilora.cli.main import main
-from ilora.errors import IloraError
+from ilora.errors import ConfigError, IloraError
 from ilora.teacher.adapters import GatedLoraLinear, GateState, MoELoraConfig, gated_lora_modules
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
@@ -44,6 +45,37 @@ def test_interleave_rotates_order_and_discards_warmup():
     times = common.interleave(variants, CPU, warmup=1, repeats=3)
     assert calls == list("abc" + "bca" + "cab" + "abc")
     assert all(len(t.totals) == 3 for t in times.values())
+
+
+def test_interleave_enters_each_variants_context_outside_its_timed_call(monkeypatch):
+    """A fake clock: entering/leaving a context costs 100 ticks, a call 1 (a, CPU) or 2 (b):
+    the times are the calls' alone, and each call runs inside its own variant's context."""
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+    events = []
+
+    @contextlib.contextmanager
+    def context(name):
+        clock[0] += 100
+        events.append(f"enter {name}")
+        yield
+        events.append(f"exit {name}")
+        clock[0] += 100
+
+    def call(name, cost):
+        def run(parts):
+            events.append(f"run {name}")
+            clock[0] += cost
+        return run
+
+    times = common.interleave(
+        {"a": call("a", 1), "b": call("b", 2)}, CPU, warmup=1, repeats=2,
+        contexts={"a": lambda: context("a"), "b": lambda: context("b")},
+    )
+    assert times["a"].totals == [1, 1] and times["b"].totals == [2, 2]
+    assert events == [f"{e} {n}" for n in "ab" "ba" "ab" for e in ("enter", "run", "exit")]
+    with pytest.raises(ConfigError, match="unknown variants: c"):
+        common.interleave({"a": call("a", 1)}, CPU, contexts={"c": lambda: context("c")})
 
 
 def test_saved_activation_bytes_counts_saved_tensors_not_weights():
@@ -243,6 +275,33 @@ def test_step_eager_baseline_runs_eager_attention_with_the_same_loss(synthetic_t
     extra = mem["ours_eager"]["saved_activation_bytes"] - mem["ours"]["saved_activation_bytes"]
     assert extra >= 0.5 * layers * 3 * heads * width * width * 4
     assert math.isfinite(step_bench.train_step(setup, samples, common.Parts(CPU), "ours_eager"))
+    assert llm.config._attn_implementation == "sdpa"
+
+
+def test_step_timed_runs_swap_outside_the_step_and_restore(synthetic_titles):
+    """Each timed step runs with its variant's modules in place, though the step itself swaps nothing."""
+    setup, _ = step_bench.build_setup("tiny-quick", CPU)
+    llm = setup.bundle.teacher.llm
+    samples = common.random_samples(len(synthetic_titles), 2, 10, 20, seed=0)
+    runs, contexts = step_bench.timed_runs(setup, samples, step_bench.VARIANTS)
+    before = dict(gated_lora_modules(llm))
+    assert len(before) == 7 * step_bench.SHAPES["tiny-quick"]["num_hidden_layers"]
+    seen = {}
+
+    def observe(name):
+        def run(parts):
+            q_proj = llm.model.layers[0].self_attn.q_proj
+            seen[name] = (type(q_proj).__name__, llm.config._attn_implementation)
+            assert math.isfinite(runs[name](parts))
+        return run
+
+    common.interleave({v: observe(v) for v in runs}, CPU, warmup=0, repeats=1, contexts=contexts)
+    assert seen == {
+        "reference": ("ReferenceGatedLinear", "sdpa"),
+        "ours": ("GatedLoraLinear", "sdpa"),
+        "ours_eager": ("GatedLoraLinear", "eager"),
+    }
+    assert gated_lora_modules(llm) == before  # the swap was undone
     assert llm.config._attn_implementation == "sdpa"
 
 

@@ -440,3 +440,55 @@ def test_load_rejects_bad_keys_and_shapes(tmp_path):
     (tmp_path / "ilora_adapter.json").unlink()
     with pytest.raises(IloraError, match="ilora_adapter.json: file not found"):
         load_adapters(tiny_llama(), tmp_path, GateState(4))
+
+
+# -- torch.compile ----------------------------------------------------------------------------------
+
+
+def _decoder_layer_inputs(model, gen):
+    hidden = torch.randn(3, 5, model.config.hidden_size, generator=gen, requires_grad=True)
+    position_ids = torch.arange(5)[None].expand(3, 5)
+    return hidden, model.model.rotary_emb(hidden, position_ids)
+
+
+def test_an_adapted_decoder_layer_compiles_without_graph_breaks():
+    """Dynamo traces a whole adapted Llama decoder layer as one graph (the backward-recompute
+    check must not break it at every adapted linear), and the compiled layer (dropout off) reads
+    the gate in scope at each call: its outputs and gradients equal the eager layer's for two gates."""
+    import torch._dynamo
+
+    model, state = injected(tiny_llama)
+    model.train()
+    layer = model.model.layers[0]
+    assert len(gated_lora_modules(layer)) == 7
+    gen = torch.Generator().manual_seed(4)
+    hidden, pos = _decoder_layer_inputs(model, gen)
+    gates = [torch.softmax(torch.randn(3, 4, generator=gen), -1) for _ in range(2)]
+    torch._dynamo.reset()
+    try:
+        # the explain runs with the default adapter dropout (0.05): training mode as in a training step
+        dropout_model, dropout_state = injected(tiny_llama, dropout=0.05)
+        dropout_model.train()
+        with dropout_state.use(gates[0]):
+            explained = torch._dynamo.explain(dropout_model.model.layers[0])(hidden, attention_mask=None, position_embeddings=pos)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        assert explained.graph_count == 1
+        compiled = torch.compile(layer, backend="eager", fullgraph=True)
+        compiled_outputs = []
+        for gate in gates:
+            results = []
+            for module in (layer, compiled):
+                x = hidden.detach().clone().requires_grad_(True)
+                g = gate.clone().requires_grad_(True)
+                with state.use(g):
+                    out = module(x, attention_mask=None, position_embeddings=pos)
+                out = out[0] if isinstance(out, tuple) else out
+                out.pow(2).sum().backward()
+                results.append((out.detach(), x.grad, g.grad))
+                layer.zero_grad(set_to_none=True)
+            for eager, comp in zip(*results):
+                torch.testing.assert_close(comp, eager)
+            compiled_outputs.append(results[1][0])
+        assert (compiled_outputs[0] - compiled_outputs[1]).abs().max() > 1e-4  # the second gate was really read
+    finally:
+        torch._dynamo.reset()

@@ -4,7 +4,8 @@
 * `interleave`: runs the variants of one benchmark in turn (A, B, A, B, ... with the
   order rotated every round), after warm-up rounds, and keeps every time; medians are
   what the benchmarks report. On CUDA every measurement starts and ends with a
-  ``torch.cuda.synchronize()``.
+  ``torch.cuda.synchronize()``. A variant's set-up context (a module swap, say) is
+  entered and left outside its timed call.
 * `Parts`: per-part times inside one variant (tokenise, substitute, backward, ...).
 * `saved_activation_bytes` (CPU and CUDA) and `cuda_peak` (CUDA): the memory figures.
 * `load_titles`: the real LastFM artist names, or synthetic titles with a note.
@@ -24,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 
@@ -165,17 +166,23 @@ def interleave(
     repeats: int = 5,
     min_repeats: int = 3,
     budget_s: float | None = None,
+    contexts: dict[str, Callable[[], ContextManager[Any]]] | None = None,
 ) -> dict[str, VariantTimes]:
     """Time ``variants`` interleaved: round ``i`` runs each once, the order rotated by ``i``.
 
     ``warmup`` rounds are run and discarded. After ``min_repeats`` measured rounds,
     no new round starts once ``budget_s`` seconds have been spent measuring (so a
     very slow reference on a small CPU ends in bounded time); the medians are over
-    the rounds run.
+    the rounds run. ``contexts[name]()``, when given, is entered before and left after
+    each timed call of variant ``name`` (outside the timer): set-up such as swapping
+    modules that the variant needs but that is not part of what is measured.
     """
     if repeats < 1 or warmup < 0:
         raise ConfigError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     names = list(variants)
+    unknown = set(contexts or {}) - set(names)
+    if unknown:
+        raise ConfigError(f"contexts for unknown variants: {', '.join(sorted(unknown))}")
     results = {name: VariantTimes() for name in names}
     started = time.perf_counter()
     for round_ in range(warmup + repeats):
@@ -186,11 +193,13 @@ def interleave(
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
             parts = Parts(device)
-            sync(device)
-            t0 = time.perf_counter()
-            variants[name](parts)
-            sync(device)
-            elapsed = time.perf_counter() - t0
+            context = contexts[name]() if contexts and name in contexts else contextlib.nullcontext()
+            with context:
+                sync(device)
+                t0 = time.perf_counter()
+                variants[name](parts)
+                sync(device)
+                elapsed = time.perf_counter() - t0
             if round_ >= warmup:
                 results[name].totals.append(elapsed)
                 for part, seconds in parts.times.items():

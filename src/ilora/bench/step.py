@@ -19,6 +19,9 @@ with AdamW, gradient clipping and (CUDA) bf16 autocast, as ``ilora teacher train
   (scores and probabilities materialised) instead of its default SDPA, switched on the
   same model for that variant's steps only, so the SDPA fast path is measured side by side.
 
+The variants run interleaved on one model; each variant's swap (reference adapters in,
+eager attention on) is made before its timed step and undone after it, outside the timer.
+
 Before timing, both losses are checked equal on the same batch (dropout off).
 MFU counts useful FLOPs only: ``(4 + 2 if checkpointing) * N * tokens`` with ``N`` the
 decoder layers' linear weights and ``tokens`` the non-padding tokens (frozen weights:
@@ -209,17 +212,31 @@ def variant_loss(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Part
     return (reference_loss if variant == "reference" else our_loss)(setup, samples, parts)
 
 
-def train_step(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts, variant: str) -> float:
-    """One optimiser step of ``variant`` (see `variant_context`)."""
-    with variant_context(setup, variant):  # backward too: a checkpointed layer is recomputed with the modules in place then
-        loss = variant_loss(setup, samples, parts, variant)
-        with parts("backward"):
-            loss.backward()
+def step_in_context(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts, variant: str) -> float:
+    """One optimiser step of ``variant``; the caller holds ``variant_context(setup, variant)``
+    around it (backward too: a checkpointed layer is recomputed with the modules in place then)."""
+    loss = variant_loss(setup, samples, parts, variant)
+    with parts("backward"):
+        loss.backward()
     with parts("optimizer"):
         torch.nn.utils.clip_grad_norm_(setup.params, 1.0)
         setup.optimizer.step()
         setup.optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
+
+
+def train_step(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts, variant: str) -> float:
+    """One optimiser step of ``variant`` inside its `variant_context`."""
+    with variant_context(setup, variant):
+        return step_in_context(setup, samples, parts, variant)
+
+
+def timed_runs(setup: StepSetup, samples: dict[str, torch.Tensor], variants: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(runs, contexts)`` for `interleave`: each run is one step, each context the variant's
+    `variant_context`, entered and left outside the timed call (the swap is not timed)."""
+    runs = {v: (lambda parts, v=v: step_in_context(setup, samples, parts, v)) for v in variants}
+    contexts = {v: (lambda v=v: variant_context(setup, v)) for v in variants}
+    return runs, contexts
 
 
 def check_equal(setup: StepSetup, samples: dict[str, torch.Tensor], variants: tuple[str, ...] = ("reference", "ours")) -> dict[str, float]:
@@ -312,8 +329,8 @@ def run_bench(
     answer_tokens = int((probe.labels != -100).sum())
     padded_width = {"ours": probe.input_ids.shape[1], "reference": reference_tokens(setup.inputs, samples)["input_ids"].shape[1]}
 
-    runs = {variant: (lambda parts, v=variant: train_step(setup, samples, parts, v)) for variant in variants}
-    times = interleave(runs, device, warmup=warmup, repeats=repeats, budget_s=budget_s)
+    runs, contexts = timed_runs(setup, samples, variants)
+    times = interleave(runs, device, warmup=warmup, repeats=repeats, budget_s=budget_s, contexts=contexts)
     mem = memory(setup, samples, variants)
     flops = useful_flops(setup, tokens, answer_tokens, gradient_checkpointing)
     peak = peak_flops(device)

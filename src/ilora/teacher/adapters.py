@@ -118,7 +118,16 @@ class GateNotSetError(RuntimeError):
 
 
 def _in_backward() -> bool:
-    """True while the autograd engine runs a backward pass (e.g. a checkpoint recomputes)."""
+    """True while the autograd engine runs a backward pass (e.g. a checkpoint recomputes).
+
+    Always False while torch.compile traces: Dynamo cannot trace
+    ``torch._C._current_graph_task_id`` (it would break the graph at every adapted layer),
+    so a compiled layer skips the check. Checkpointing plus compile is unsupported (see
+    `enable_gradient_checkpointing`; ``ilora bench step`` refuses the pair), so a compiled
+    layer is never recomputed in backward by our code.
+    """
+    if torch.compiler.is_compiling():
+        return False
     task_id = getattr(torch._C, "_current_graph_task_id", None)
     return task_id is not None and task_id() != -1
 
@@ -178,8 +187,13 @@ class GateState:
             self._gate = None
 
     def gate_for(self, x: torch.Tensor) -> torch.Tensor:
-        """The gate for input ``x`` of shape ``(B, ..., in)``; raises unless it fits ``x``."""
-        if self._restoring == 0 and _in_backward():
+        """The gate for input ``x`` of shape ``(B, ..., in)``; raises unless it fits ``x``.
+
+        Outside torch.compile it also raises when called during backward outside a
+        checkpoint recompute context (checkpointing not set up by
+        `enable_gradient_checkpointing`); see `_in_backward` for why compiled code skips that.
+        """
+        if not torch.compiler.is_compiling() and self._restoring == 0 and _in_backward():
             raise RuntimeError(
                 "a gated LoRA layer is being recomputed during backward without its gate: gradient "
                 "checkpointing must be enabled with ilora.teacher.adapters.enable_gradient_checkpointing "
