@@ -48,6 +48,15 @@ def test_load_each_format_sets_source_and_format(native_dir: Path, small_lastfm:
     assert load_dataset(small_lastfm / "Test_data.df", allow_pickle=True).source == str(small_lastfm / "Test_data.df")
 
 
+def test_options_of_interaction_logs_are_refused_for_stored_datasets(native_dir: Path, small_lastfm: Path, log_dir: Path) -> None:
+    """--max-len / --items used to be ignored silently for native and LLaRA data."""
+    with pytest.raises(ConfigError, match="max_len only apply to interaction logs; this is a native dataset"):
+        load_dataset(native_dir, max_len=5)
+    with pytest.raises(ConfigError, match="items only apply to interaction logs; this is a llara dataset"):
+        load_dataset(small_lastfm, allow_pickle=True, items=log_dir / "items.csv")
+    assert load_dataset(log_dir, max_len=2).max_len == 2 and load_dataset(log_dir).max_len == 10
+
+
 def test_ambiguous_directory_needs_explicit_format(native_dir: Path, small_lastfm: Path) -> None:
     for name in ("train_data.df", "id2name.txt"):
         (native_dir / name).write_bytes((small_lastfm / name).read_bytes())

@@ -249,8 +249,9 @@ def test_malicious_pickle_is_refused(tmp_path) -> None:
 
 
 def test_opt_in_and_format_errors(tmp_path) -> None:
-    with pytest.raises(UnsafePickleError, match="allow-pickle"):
+    with pytest.raises(UnsafePickleError, match="allow-pickle") as refused:
         import_llara_checkpoint(CKPT, allow_pickle=False)
+    assert "data convert" not in str(refused.value)  # that command converts datasets, not checkpoints
     (tmp_path / "plain.pt").write_bytes(b"not a zip")
     with pytest.raises(IloraError, match="not a torch zip"):
         import_llara_checkpoint(tmp_path / "plain.pt", allow_pickle=True)

@@ -53,17 +53,17 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-len",
         type=positive_int,
-        default=10,
+        default=None,
         metavar="N",
         help="interactions logs only: each sample's history is at most the N previous items (default 10); "
-        "other formats keep the width they were saved with",
+        "other formats keep the width they were saved with (giving it for them is an error)",
     )
     parser.add_argument(
         "--items",
         default=None,
         metavar="FILE",
         help="interactions logs only: the items file (columns item,title); default: items.csv or items.parquet "
-        "next to the interactions file",
+        "next to the interactions file (giving it for other formats is an error)",
     )
 
 

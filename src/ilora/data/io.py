@@ -100,7 +100,7 @@ def load_dataset(
     format: Format | str = "auto",
     allow_pickle: bool = False,
     min_len: int = 1,
-    max_len: int = 10,
+    max_len: int | None = None,
     items: str | Path | None = None,
 ) -> SeqDataset:
     """Read the dataset at ``path`` (see the module docstring).
@@ -109,8 +109,9 @@ def load_dataset(
         format: ``auto`` (detect), ``native``, ``llara`` or ``interactions``.
         allow_pickle: needed to read legacy ``.df`` pickles (restricted unpickler).
         min_len: drop samples with fewer history items (1: keep all; 3: the reference filter).
-        max_len: history window for ``interactions`` logs (other formats store theirs).
-        items: explicit items file for ``interactions`` logs.
+        max_len: history window for ``interactions`` logs (default 10; other formats store
+            theirs, and giving it for them is a `ConfigError`, not ignored).
+        items: explicit items file for ``interactions`` logs (likewise refused for others).
     """
     path = Path(path)
     if format not in FORMATS:
@@ -120,12 +121,15 @@ def load_dataset(
     if not path.exists():
         raise DataError(path, "not found")
     chosen = detect_format(path) if format == "auto" else format
+    if chosen != "interactions" and (max_len is not None or items is not None):
+        given = " and ".join(name for name, v in (("max_len", max_len), ("items", items)) if v is not None)
+        raise ConfigError(f"{path}: {given} only apply to interaction logs; this is a {chosen} dataset (it stores its own history width and titles)")
     if chosen == "native":
         ds = read_native(_dataset_dir(path))
     elif chosen == "llara":
         ds = read_legacy(_dataset_dir(path), allow_pickle=allow_pickle)
     else:
-        ds = read_interactions(path, items=items, max_len=max_len)
+        ds = read_interactions(path, items=items, max_len=10 if max_len is None else max_len)
     ds.source = str(path)
     if not any(len(split) for split in ds.splits.values() if split is not None):
         raise DataError(path, "no samples in any split", expected="at least one sample with a history")

@@ -30,6 +30,10 @@ PICKLE_OPT_IN_HINT = (
     "pickles can execute code; pass --allow-pickle (allow_pickle=True) to read it with a restricted "
     "unpickler, or convert it once with `ilora data convert SRC DST --allow-pickle`"
 )
+CHECKPOINT_OPT_IN_HINT = (
+    "pickles can execute code; pass --allow-pickle (allow_pickle=True) to read it with a restricted "
+    "unpickler (once: `ilora rec import-llara` writes the model as safetensors)"
+)
 
 
 class UnsafePickleError(IloraError):
@@ -126,10 +130,10 @@ def canonical_dtype(dtype: Any) -> np.dtype:
     return np.dtype(dtype.str)
 
 
-def require_opt_in(path: str | Path, allow_pickle: bool) -> None:
-    """Raise a clear error unless the user explicitly allowed pickles."""
+def require_opt_in(path: str | Path, allow_pickle: bool, hint: str = PICKLE_OPT_IN_HINT) -> None:
+    """Raise a clear error unless the user explicitly allowed pickles (``hint``: what to do)."""
     if not allow_pickle:
-        raise UnsafePickleError(f"{path}: is a pickle; {PICKLE_OPT_IN_HINT}")
+        raise UnsafePickleError(f"{path}: is a pickle; {hint}")
 
 
 def restricted_loads(data: bytes, allowed: Mapping[tuple[str, str], Any], path: str | Path) -> Any:

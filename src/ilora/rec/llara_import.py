@@ -43,7 +43,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ilora.data.safe_pickle import RestrictedUnpickler, UnsafePickleError, canonical_dtype, private_dtype, require_opt_in
+from ilora.data.safe_pickle import CHECKPOINT_OPT_IN_HINT, RestrictedUnpickler, UnsafePickleError, canonical_dtype, private_dtype, require_opt_in
 from ilora.errors import IloraError
 from ilora.rec.sasrec import SASRec, SASRecConfig, load_state_checked
 
@@ -169,7 +169,7 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
 def read_module_pickle(path: str | Path, *, allow_pickle: bool) -> ModuleRecord:
     """The root `ModuleRecord` of a whole-module torch zip checkpoint, read without running it."""
     path = Path(path)
-    require_opt_in(path, allow_pickle)
+    require_opt_in(path, allow_pickle, CHECKPOINT_OPT_IN_HINT)
     if not path.is_file():
         raise IloraError(f"{path}: checkpoint not found")
     if not zipfile.is_zipfile(path):
