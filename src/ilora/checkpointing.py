@@ -104,14 +104,6 @@ def check_resume_config(saved: dict[str, Any], current: dict[str, Any], where: P
 # -- checkpoint directories ---------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def verify_checkpoint(path: Path) -> int:
     """The step of the checkpoint in ``path``; `IloraError` saying why if it is not complete and intact."""
     match = _NAME.match(path.name)
@@ -202,9 +194,9 @@ class CheckpointManager:
             fh.write(json.dumps(manifest, indent=2))
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_file(tmp)
         os.rename(tmp, final)
-        _fsync_dir(self.root)
+        fsync_file(self.root)
         self._prune()
         return final
 

@@ -199,9 +199,12 @@ def file_sha256(path: str | Path) -> str:
 
 
 def fsync_file(path: str | Path) -> None:
-    """Flush a written file's data to disk (before renaming it into place)."""
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
+    """Flush a written file's data, or a directory's entries, to disk (before or after a rename)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_json(path: str | Path, what: str = "file") -> dict[str, Any]:

@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 
 from ilora.data.dataset import MAX_HISTORY_LEN, SPLITS, Catalog, SeqDataset, Split, validate_split
 from ilora.errors import DataError, IloraError
+from ilora.state_io import fsync_file
 
 NATIVE_FORMAT = "ilora-native"
 NATIVE_VERSION = 1
@@ -97,20 +98,11 @@ def _write_files(ds: SeqDataset, directory: Path) -> None:
     (directory / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _fsync_path(path: Path) -> None:
-    """fsync a file or a directory (its entries)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(directory: Path) -> None:
     """fsync every file in ``directory`` and then the directory itself."""
     for path in directory.iterdir():
-        _fsync_path(path)
-    _fsync_path(directory)
+        fsync_file(path)
+    fsync_file(directory)
 
 
 def _leftovers(out: Path) -> list[Path]:
@@ -133,7 +125,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     except BaseException:
         os.rename(old, out)
         raise
-    _fsync_path(out.parent)
+    fsync_file(out.parent)
     shutil.rmtree(old, ignore_errors=True)  # a leftover is swept by the next write
 
 
