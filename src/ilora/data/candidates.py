@@ -18,7 +18,7 @@ target goes to position ``mix(key ^ D) mod count``.
 
 from __future__ import annotations
 
-import os
+import io
 import zlib
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import numpy as np
 
 from ilora.data.dataset import Split
 from ilora.errors import ConfigError, DataError
+from ilora.state_io import atomic_write_bytes
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _STREAM = np.uint64(0xD1B54A32D192ED03)
@@ -146,11 +147,9 @@ def save_candidates(path: str | Path, candidates: np.ndarray) -> Path:
     array = np.asarray(candidates)
     if array.ndim != 2 or array.dtype.kind not in "iu":
         raise ValueError(f"candidates must be a 2-D integer array, got {array.dtype} {array.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array.astype(np.int64, copy=False), allow_pickle=False)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    np.save(buffer, array.astype(np.int64, copy=False), allow_pickle=False)
+    atomic_write_bytes(path, buffer.getvalue())  # unique temporary name, fsync, rename
     return path
 
 
