@@ -299,3 +299,13 @@ def test_deeply_nested_cell_gives_a_bounded_message(small_lastfm: Path) -> None:
     with pytest.raises(DataError, match=r"Val_data\.df, row 1: a list of length 1 in column seq is not an \(id, rating\) pair") as info:
         read_legacy(small_lastfm, allow_pickle=True)
     assert len(str(info.value)) < 300
+
+
+def test_histories_wider_than_the_limit_are_refused_on_read(small_lastfm: Path) -> None:
+    """The same 4,096 limit the native writer enforces, so a dataset that loads can be converted."""
+    from ilora.data.dataset import MAX_HISTORY_LEN
+
+    wide = MAX_HISTORY_LEN + 1
+    frame_with([[0] + [P] * (wide - 1)], [1], [1]).to_pickle(small_lastfm / "Val_data.df")
+    with pytest.raises(DataError, match=rf"Val_data\.df, row 0: seq has {wide} entries \(expected a history width of at most 4096\)"):
+        read_legacy(small_lastfm, allow_pickle=True)

@@ -133,6 +133,20 @@ def test_dtype_state_cannot_rewrite_numpy_builtins(tmp_path: Path) -> None:
     assert np.dtype("i8").itemsize == 8 and np.arange(3, dtype=np.int64).sum() == 3
 
 
+def _index_from_range_pickle(n: int) -> bytes:
+    """A real pickle (protocol 4, ~170 bytes) of ``_new_Index(Index, {"data": RangeIndex(0, n), "dtype": "float64"})``."""
+    import pickle
+
+    import pandas as pd
+    from pandas.core.indexes.base import _new_Index
+
+    class Crafted:
+        def __reduce__(self):
+            return (_new_Index, (pd.Index, {"data": pd.RangeIndex(0, n), "dtype": "float64"}))
+
+    return pickle.dumps(Crafted(), protocol=4)
+
+
 @pytest.mark.parametrize(
     ("data", "refusal"),
     [
@@ -142,8 +156,11 @@ def test_dtype_state_cannot_rewrite_numpy_builtins(tmp_path: Path) -> None:
         (b"cnumpy._core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(L1000000L\ntS'O'\ntR.", r"refused initial ndarray shape \(1000000,\)"),
         (b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(K\x00tS'V9'\ntR.", r"refused dtype 'V9'"),
         (b"cnumpy._core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(K\x00tS'longer-than-8'\ntR.", r"refused dtype spec"),
-        # DataFrame(None, RangeIndex(0, 10**6), ["seq"]) would fill a million cells
-        (b"cpandas\nDataFrame\n(Ncpandas\nRangeIndex\n(I0\nI1000000\ntR(Vseq\nltR.", r"refused a DataFrame\(\.\.\.\) call with arguments"),
+        # DataFrame(None, RangeIndex(0, 10**6), ["seq"]) would fill a million cells (its RangeIndex call is refused first)
+        (b"cpandas\nDataFrame\n(Ncpandas\nRangeIndex\n(I0\nI1000000\ntR(Vseq\nltR.", r"refused a direct RangeIndex\(\.\.\.\) call"),
+        (b"cpandas\nDataFrame\n(NNNtR.", r"refused a DataFrame\(\.\.\.\) call with arguments"),
+        # _new_Index(Index, {"data": RangeIndex(0, 10**6), "dtype": "float64"}) would materialise a million floats
+        (_index_from_range_pickle(10**6), r"refused an Index built from RangeIndex"),
     ],
 )
 def test_tiny_pickles_cannot_ask_for_big_allocations(data: bytes, refusal: str, tmp_path: Path) -> None:

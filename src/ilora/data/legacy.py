@@ -65,7 +65,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from ilora.data.dataset import Catalog, SeqDataset, Split, validate_split
+from ilora.data.dataset import MAX_HISTORY_LEN, Catalog, SeqDataset, Split, validate_split
 from ilora.data.safe_pickle import canonical_dtype, private_dtype, require_opt_in, restricted_loads
 from ilora.errors import DataError
 
@@ -198,11 +198,43 @@ def _bytearray(data: Any = b"") -> bytearray:
     return bytearray(data)
 
 
+class _IndexClass:
+    """What the allow-list maps the Index classes to: a name `_new_Index` may rebuild, never a call.
+
+    Pickling writes ``_new_Index(<class>, {...})``; a direct ``Index(RangeIndex(0, n),
+    dtype=float)`` call would let a few bytes materialise ``n`` values, so it is refused.
+    """
+
+    def __init__(self, cls: type) -> None:
+        self.cls = cls
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise ValueError(f"refused a direct {self.cls.__name__}(...) call in pickle")
+
+
+def _checked_new_Index(cls: Any, d: Any) -> Any:
+    """``pandas.core.indexes.base._new_Index`` for the forms pickling writes: a `RangeIndex`
+    from its integer bounds (nothing materialised), any other index from data the pickle
+    itself holds (an array or a list), never from a lazy range that a dtype would expand."""
+    from pandas.api.extensions import ExtensionArray
+    from pandas.core.indexes.base import _new_Index
+    from pandas.core.indexes.range import RangeIndex
+
+    if not isinstance(cls, _IndexClass) or not isinstance(d, dict):
+        raise ValueError(f"refused _new_Index({type(cls).__name__}, {type(d).__name__}) in pickle")
+    if issubclass(cls.cls, RangeIndex):
+        if not set(d) <= {"start", "stop", "step", "name"} or not all(type(d.get(k, 0)) is int for k in ("start", "stop", "step")):
+            raise ValueError("refused a RangeIndex that is not start/stop/step integers in pickle")
+    elif not isinstance(d.get("data"), (np.ndarray, ExtensionArray, list, tuple)):
+        raise ValueError(f"refused an Index built from {type(d.get('data')).__name__} in pickle (arrays or lists only)")
+    return _new_Index(cls.cls, d)
+
+
 @functools.cache
 def dataframe_pickle_globals() -> dict[tuple[str, str], Any]:
     """The allow-list (module, name) -> object for DataFrame pickles (see the module docstring)."""
     from pandas._libs.internals import _unpickle_block
-    from pandas.core.indexes.base import Index, _new_Index
+    from pandas.core.indexes.base import Index
     from pandas.core.indexes.range import RangeIndex
     from pandas.core.internals.managers import BlockManager
 
@@ -212,13 +244,13 @@ def dataframe_pickle_globals() -> dict[tuple[str, str], Any]:
         ("pandas.core.internals.managers", "BlockManager"): BlockManager,
         ("pandas._libs.internals", "_unpickle_block"): _unpickle_block,
         ("pandas.core.internals.blocks", "new_block"): _unpickle_block,
-        ("pandas.core.indexes.base", "_new_Index"): _new_Index,
-        ("pandas.core.indexes.base", "Index"): Index,
-        ("pandas", "Index"): Index,
-        ("pandas.core.indexes.numeric", "Int64Index"): Index,
-        ("pandas.core.indexes.numeric", "UInt64Index"): Index,
-        ("pandas.core.indexes.range", "RangeIndex"): RangeIndex,
-        ("pandas", "RangeIndex"): RangeIndex,
+        ("pandas.core.indexes.base", "_new_Index"): _checked_new_Index,
+        ("pandas.core.indexes.base", "Index"): _IndexClass(Index),
+        ("pandas", "Index"): _IndexClass(Index),
+        ("pandas.core.indexes.numeric", "Int64Index"): _IndexClass(Index),
+        ("pandas.core.indexes.numeric", "UInt64Index"): _IndexClass(Index),
+        ("pandas.core.indexes.range", "RangeIndex"): _IndexClass(RangeIndex),
+        ("pandas", "RangeIndex"): _IndexClass(RangeIndex),
         # pandas 3 pickles string column labels as Arrow-backed arrays.
         ("pandas", "StringDtype"): pd.StringDtype,
         ("pandas.arrays", "ArrowStringArray"): pd.arrays.ArrowStringArray,
@@ -410,6 +442,8 @@ def _history_matrix(path: Path, values: list[Any], pairs: bool) -> np.ndarray:
             raise DataError(path, "empty history list", row=row, expected="a padded list of ids")
         if width != widths[0]:
             raise DataError(path, f"seq has {width} entries, row 0 has {widths[0]}", row=row, expected="one padded width")
+    if widths[0] > MAX_HISTORY_LEN:
+        raise DataError(path, f"seq has {widths[0]} entries", row=0, expected=f"a history width of at most {MAX_HISTORY_LEN}")
     try:
         matrix = np.array(values)
     except (ValueError, TypeError):
