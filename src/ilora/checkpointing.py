@@ -90,13 +90,15 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 RESUMABLE_CHANGES = frozenset({"checkpoint_every", "skip_nonfinite", "threads", "workers", "eval_batch_size"})
 
 
-def check_resume_config(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
-    """`IloraError` naming every option (outside `RESUMABLE_CHANGES`) that differs from the checkpoint's."""
+def check_resume_config(saved: dict[str, Any] | None, current: dict[str, Any], where: Path, what: str = "other options") -> None:
+    """`IloraError` naming every entry (outside `RESUMABLE_CHANGES`) that differs from the
+    interrupted run's record ``saved``; ``what`` says what those entries are."""
+    saved = saved or {}
     keys = sorted((set(saved) | set(current)) - RESUMABLE_CHANGES)
     diff = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
     if diff:
         raise IloraError(
-            f"{where}: cannot resume with other options than the interrupted run's ({'; '.join(diff)}); "
+            f"{where}: cannot resume with {what} than the interrupted run's ({'; '.join(diff)}); "
             "rerun without --resume to start over"
         )
 

@@ -235,7 +235,7 @@ def test_evaluate_reports_the_metrics_of_its_scores_generations_and_gates(datase
     teacher = bundle.teacher.eval()
     split, cands = sample_arrays(dataset, n=6)
     titles = dataset.catalog.titles
-    m = evaluate_teacher(bundle, split, cands, titles, protocol="score", batch_size=4)
+    m = evaluate_teacher(bundle, split, cands, protocol="score", batch_size=4)
     scores, gates, texts = [], [], []
     for i in range(len(split)):
         one = bundle.prompt_collator.build(split.history[i : i + 1], split.length[i : i + 1], cands[i : i + 1])
@@ -253,7 +253,7 @@ def test_evaluate_reports_the_metrics_of_its_scores_generations_and_gates(datase
     assert m["gate_stats"]["mean_weight"] == pytest.approx(mean_gate, abs=1e-6)
     assert max(mean_gate) - min(mean_gate) > 1e-4  # a learned gate, not a constant uniform one
 
-    g = evaluate_teacher(bundle, split, cands, titles, protocol="generate", batch_size=4)
+    g = evaluate_teacher(bundle, split, cands, protocol="generate", batch_size=4)
     answers = [teacher.tokenizer.decode(teacher.title_table.ids[i, : teacher.title_table.length[i]].tolist(), skip_special_tokens=True) for i in range(len(titles))]
     valid = correct = 0
     for text, cand, target in zip(texts, cands.tolist(), split.target.tolist(), strict=True):
@@ -282,7 +282,7 @@ def test_generate_protocol_matches_the_truncated_titles_the_teacher_learnt(datas
     assert all(text.strip() and text.strip() not in titles for text in perfect)
     outputs = iter(perfect)
     teacher.generate = lambda batch, *args, **kwargs: [next(outputs) for _ in range(len(batch))]
-    g = evaluate_teacher(bundle, split, cands, long.catalog.titles, protocol="generate", batch_size=2)
+    g = evaluate_teacher(bundle, split, cands, protocol="generate", batch_size=2)
     assert g["valid_ratio"] == 1.0 and g["hr@1"] == 1.0 and g["hr@1_all"] == 1.0
 
 

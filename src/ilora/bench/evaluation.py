@@ -37,8 +37,8 @@ from ilora.errors import IloraError
 BATCH = 16
 
 
-def build(device: torch.device, num_samples: int) -> tuple[Any, Any, np.ndarray, list[str], str]:
-    """(bundle, split, candidates, titles, titles source) for a random tiny teacher."""
+def build(device: torch.device, num_samples: int) -> tuple[Any, Any, np.ndarray, str]:
+    """(bundle, split, candidates, titles source) for a random tiny teacher."""
     from ilora.data.dataset import Catalog, Split
     from ilora.rec.sasrec import SASRec, SASRecConfig
     from ilora.teacher.build import build_teacher
@@ -52,13 +52,13 @@ def build(device: torch.device, num_samples: int) -> tuple[Any, Any, np.ndarray,
     bundle.teacher.eval()
     s = random_samples(len(titles), num_samples, HISTORY_ITEMS, CANDIDATES, seed=0)
     split = Split(history=s["history"].numpy(), length=s["length"].numpy(), target=s["target"].numpy())
-    return bundle, split, s["candidates"].numpy(), titles, source
+    return bundle, split, s["candidates"].numpy(), source
 
 
 @torch.no_grad()
 def generate_min(bundle, split, candidates: np.ndarray, device: torch.device) -> dict[str, float]:
     """Generate-protocol metrics with decoding cut at each batch's longest target answer."""
-    from ilora.teacher.evaluate import answer_texts, generate_metrics, target_columns
+    from ilora.teacher.evaluate import target_columns, teacher_generate_metrics
 
     teacher = bundle.teacher
     texts: list[str] = []
@@ -67,17 +67,14 @@ def generate_min(bundle, split, candidates: np.ndarray, device: torch.device) ->
         batch = bundle.prompt_collator.build(split.history[sl], split.length[sl], candidates[sl]).to(device)
         longest = int(teacher.title_table.length[torch.as_tensor(split.target[sl])].max()) + 1
         texts += teacher.generate(batch, "learned", max_new_tokens=longest)
-    # matched against the titles as the teacher writes them (truncated to max_title_tokens), as
-    # the generate protocol does
-    answers = answer_texts(teacher)
-    cand_titles = [[answers[int(i)] for i in row] for row in candidates]
-    return generate_metrics(texts, cand_titles, target_columns(candidates, split.target).tolist())
+    # matched against the titles as the teacher writes them, as the generate protocol does
+    return teacher_generate_metrics(teacher, texts, candidates, target_columns(candidates, split.target).tolist())
 
 
 @torch.no_grad()
 def generate_llara(bundle, split, candidates: np.ndarray, device: torch.device, max_new_tokens: int = 64) -> dict[str, float]:
     """LLaRA's evaluation: HF ``generate`` from input embeddings (greedy, up to 64 new tokens), first line, matching."""
-    from ilora.teacher.evaluate import answer_texts, generate_metrics, target_columns
+    from ilora.teacher.evaluate import target_columns, teacher_generate_metrics
 
     teacher = bundle.teacher
     tok = teacher.tokenizer
@@ -99,11 +96,8 @@ def generate_llara(bundle, split, candidates: np.ndarray, device: torch.device, 
                 eos_token_id=tok.eos_token_id,
             )
         texts += [t.strip().split("\n")[0] for t in tok.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)]
-    # matched against the titles as the teacher writes them (truncated to max_title_tokens), as
-    # the generate protocol does
-    answers = answer_texts(teacher)
-    cand_titles = [[answers[int(i)] for i in row] for row in candidates]
-    return generate_metrics(texts, cand_titles, target_columns(candidates, split.target).tolist())
+    # matched against the titles as the teacher writes them, as the generate protocol does
+    return teacher_generate_metrics(teacher, texts, candidates, target_columns(candidates, split.target).tolist())
 
 
 def run_bench(device: torch.device, *, quick: bool = False, num_samples: int | None = None, warmup: int = 1, repeats: int = 3, budget_s: float | None = None) -> dict[str, Any]:
@@ -113,14 +107,14 @@ def run_bench(device: torch.device, *, quick: bool = False, num_samples: int | N
     if quick:
         repeats = min(repeats, 2)
     budget_s = budget_s if budget_s is not None else (10.0 if quick else 60.0)
-    bundle, split, candidates, titles, source = build(device, num_samples)
+    bundle, split, candidates, source = build(device, num_samples)
     metrics: dict[str, dict] = {}
 
     def score(parts) -> None:
-        metrics["score"] = evaluate_teacher(bundle, split, candidates, titles, protocol="score", batch_size=BATCH, device=device.type)
+        metrics["score"] = evaluate_teacher(bundle, split, candidates, protocol="score", batch_size=BATCH, device=device.type)
 
     def generate(parts) -> None:
-        metrics["generate"] = evaluate_teacher(bundle, split, candidates, titles, protocol="generate", batch_size=BATCH, device=device.type)
+        metrics["generate"] = evaluate_teacher(bundle, split, candidates, protocol="generate", batch_size=BATCH, device=device.type)
 
     def generate_lower(parts) -> None:
         metrics["generate_min"] = generate_min(bundle, split, candidates, device)

@@ -54,7 +54,7 @@ def run_eval(args: argparse.Namespace) -> int:
         bundle = load_teacher(args.teacher, dataset.catalog, device=args.device)
         result.update(
             evaluate_teacher(
-                bundle, split, candidates, dataset.catalog.titles, protocol=args.protocol, gate_mode=args.gate,
+                bundle, split, candidates, protocol=args.protocol, gate_mode=args.gate,
                 batch_size=args.batch_size, device=args.device, ctx=ctx,
             )
         )

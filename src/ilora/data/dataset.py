@@ -93,6 +93,14 @@ class Catalog:
     def title(self, item: int) -> str:
         return self.titles[item]
 
+    def sha256(self) -> str:
+        """Fingerprint of the titles in id order (16 hex digits): which catalog a teacher or an
+        export was made for."""
+        h = hashlib.sha256()
+        for title in self.titles:
+            h.update(title.encode("utf-8", "surrogatepass") + b"\x00")
+        return h.hexdigest()[:16]
+
 
 @dataclass
 class Split:
@@ -171,9 +179,7 @@ class SeqDataset:
     def sha256(self) -> str:
         """Fingerprint of the catalog titles and every split's samples in order (16 hex digits):
         what a training run read, so that a resume can refuse other data."""
-        h = hashlib.sha256()
-        for title in self.catalog.titles:
-            h.update(title.encode("utf-8", "surrogatepass") + b"\x00")
+        h = hashlib.sha256(self.catalog.sha256().encode())
         for name in sorted(self.splits):
             split = self.splits[name]
             h.update(f"\x01{name}\x00{'absent' if split is None else split.sha256()}".encode())

@@ -113,9 +113,7 @@ def check_teacher_outputs(dataset: SeqDataset, outputs: TeacherOutputs, cfg: Dis
     if exported_items is not None and int(exported_items) != dataset.num_items:
         raise IloraError(f"{source}: exported for {exported_items} items, but {dataset.source or 'the dataset'} has {dataset.num_items}")
     if manifest_data.get("catalog") is not None:
-        from ilora.teacher.build import catalog_fingerprint
-
-        if manifest_data["catalog"] != catalog_fingerprint(dataset.catalog):
+        if manifest_data["catalog"] != dataset.catalog.sha256():
             raise IloraError(f"{source}: exported for a different item catalog than {dataset.source or 'the dataset'}'s")
     train = outputs.split("train")
     n = len(dataset.split("train"))

@@ -276,13 +276,11 @@ def teacher_identity(teacher_dir: str | Path) -> dict:
 
 
 def new_manifest(teacher: dict, dataset: SeqDataset, opts: ExportOptions, cfg, hidden: int) -> dict:
-    from ilora.teacher.build import catalog_fingerprint
-
     return {
         "format": FORMAT,
         "version": VERSION,
         "teacher": teacher,
-        "dataset": {"source": dataset.source, "catalog": catalog_fingerprint(dataset.catalog), "num_items": dataset.num_items},
+        "dataset": {"source": dataset.source, "catalog": dataset.catalog.sha256(), "num_items": dataset.num_items},
         "top_k": opts.top_k,
         "pool": {
             "sasrec_top_n": opts.pool_sasrec,

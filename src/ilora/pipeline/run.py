@@ -77,7 +77,7 @@ def stage_eval(cfg: RunConfig, dataset: SeqDataset, teacher_dir: Path, rec_dir: 
     for protocol in cfg.eval.protocols:
         for gate in _gate_modes(cfg):
             results["teacher"][f"{protocol}/{gate}"] = evaluate_teacher(
-                bundle, split, cands, dataset.catalog.titles, protocol=protocol, gate_mode=gate,
+                bundle, split, cands, protocol=protocol, gate_mode=gate,
                 batch_size=cfg.eval.batch_size, device=cfg.teacher.device,
             )
     same = SeqDataset(dataset.catalog, {cfg.eval.split: split}, dataset.source)

@@ -76,13 +76,6 @@ class TeacherBundle:
     prompt_collator: PromptCollator
 
 
-def catalog_fingerprint(catalog: Catalog) -> str:
-    h = hashlib.sha256()
-    for title in catalog.titles:
-        h.update(title.encode("utf-8", "surrogatepass") + b"\x00")
-    return h.hexdigest()[:16]
-
-
 def rec_fingerprint(rec: SASRec) -> str:
     """sha256 (16 hex digits) of a SASRec's config and weights (names, dtypes, shapes, bytes)."""
     h = hashlib.sha256(rec.config.to_json().encode("utf-8"))
@@ -214,7 +207,7 @@ def save_teacher(bundle: TeacherBundle, out_dir: str | Path, catalog: Catalog) -
         llm_fingerprint = directory_fingerprint(_replace_directory(out / "llm", lambda d: base.save_pretrained(d, safe_serialization=True)))
     _replace_directory(out / "rec", teacher.rec.save)
     meta = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "catalog": catalog_fingerprint(catalog),
+        "format": FORMAT, "format_version": FORMAT_VERSION, "catalog": catalog.sha256(),
         "rec": rec_fingerprint(teacher.rec), "llm": llm_fingerprint, "config": to_dict(cfg),
     }
     atomic_write_text(out / "teacher_config.json", json.dumps(meta, indent=2))
@@ -304,7 +297,7 @@ def load_teacher(ckpt: str | Path, catalog: Catalog, device: str = "cpu") -> Tea
     ckpt = Path(ckpt)
     validate_prompt_titles(catalog)
     cfg, meta = read_teacher_config(ckpt)
-    if meta.get("catalog") != catalog_fingerprint(catalog):
+    if meta.get("catalog") != catalog.sha256():
         raise IloraError(f"{ckpt}: the teacher was trained on another item catalog than this dataset's")
     fingerprints = meta["format_version"] >= 2
     if not fingerprints:

@@ -109,6 +109,12 @@ def answer_texts(teacher) -> list[str]:
     return teacher.title_table.decoded(teacher.tokenizer)
 
 
+def teacher_generate_metrics(teacher, texts: Sequence[str], candidates: np.ndarray, target_col: Sequence[int]) -> dict[str, float]:
+    """`generate_metrics` of ``texts`` against each row's candidates as the teacher writes them (`answer_texts`)."""
+    answers = answer_texts(teacher)
+    return generate_metrics(texts, [[answers[int(i)] for i in row] for row in candidates], target_col)
+
+
 def _my_batches(n: int, size: int, ctx: Dist, desc: str):
     """This rank's contiguous share of the batches (all of them in one process), with a progress bar on rank 0."""
     mine = ctx.chunk(list(_batches(n, size)))
@@ -157,28 +163,23 @@ def generate_split(
 
 
 def evaluate_teacher(
-    bundle, split: Split, candidates: np.ndarray, titles: Sequence[str], *, protocol: str = "score", gate_mode: str = "learned",
+    bundle, split: Split, candidates: np.ndarray, *, protocol: str = "score", gate_mode: str = "learned",
     batch_size: int = 16, device: str = "cpu", ctx: Dist = SINGLE,
 ) -> dict:
     """Metrics of one protocol on one split with fixed candidates, plus gate statistics (every rank gets them).
 
-    ``titles``: the catalog titles, one per item of the teacher's catalog (checked). The
-    generate protocol matches the teacher's `answer_texts` (these titles truncated to
-    ``max_title_tokens`` and decoded), not ``titles`` themselves.
+    The generate protocol matches the teacher's `answer_texts` (its catalog titles truncated
+    to ``max_title_tokens`` and decoded).
     """
     from ilora.teacher.gate import gate_statistics
 
-    if len(titles) != bundle.teacher.title_table.num_items:
-        raise IloraError(f"{len(titles)} titles given for a teacher of {bundle.teacher.title_table.num_items} items")
     cols = target_columns(candidates, split.target)
     if protocol == "score":
         scores, gates = score_split(bundle, split, candidates, gate_mode, batch_size, device, ctx=ctx)
         metrics = score_metrics(scores, torch.as_tensor(cols))
     elif protocol == "generate":
         texts, gates = generate_split(bundle, split, candidates, gate_mode, batch_size, device, ctx=ctx)
-        texts_of = answer_texts(bundle.teacher)
-        cand_titles = [[texts_of[int(i)] for i in row] for row in candidates]
-        metrics = generate_metrics(texts, cand_titles, cols.tolist())
+        metrics = teacher_generate_metrics(bundle.teacher, texts, candidates, cols.tolist())
     else:
         raise ValueError(f"unknown protocol {protocol!r}")
     metrics["num_samples"] = len(split)

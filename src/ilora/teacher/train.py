@@ -231,16 +231,7 @@ def _loader_generator(cfg: TeacherConfig, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, epoch, 7]).integers(2**62)))
 
 
-def _check_same_inputs(saved: dict | None, current: dict, where: Path) -> None:
-    """`IloraError` unless the interrupted run read the same SASRec and dataset (fingerprints
-    ``{"rec": ..., "dataset": ...}``) as this one."""
-    saved = saved or {}
-    diff = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items() if saved.get(k) != v]
-    if diff:
-        raise IloraError(
-            f"{where}: cannot resume with another SASRec (--rec) or dataset than the interrupted run's "
-            f"(fingerprints {'; '.join(diff)}); rerun without --resume to start over"
-        )
+INPUTS = "another SASRec (--rec) or dataset"  # what a resume compares besides the options
 
 
 def _finished_summary(out: Path, cfg: TeacherConfig, inputs: dict) -> dict | None:
@@ -249,7 +240,7 @@ def _finished_summary(out: Path, cfg: TeacherConfig, inputs: dict) -> dict | Non
         return None
     check_resume_config(read_json(out / "train_config.json"), to_dict(cfg), out)
     summary = read_json(out / "train_summary.json")
-    _check_same_inputs(summary.get("inputs"), inputs, out)
+    check_resume_config(summary.get("inputs"), inputs, out, INPUTS)
     log.info("%s: training already finished; returning its summary", out)
     return summary
 
@@ -272,7 +263,7 @@ def _load_checkpoint(checkpoints: CheckpointManager, cfg: TeacherConfig, inputs:
         if checkpoint is not None:
             saved, step = checkpoint.load(), checkpoint.step
             check_resume_config(saved["config"], to_dict(cfg), checkpoint.path)
-            _check_same_inputs(saved.get("inputs"), inputs, checkpoint.path)
+            check_resume_config(saved.get("inputs"), inputs, checkpoint.path, INPUTS)
             log.info("resuming from %s (step %d)", checkpoint.path, checkpoint.step)
         else:
             log.warning("%s: no intact checkpoint to resume from; training from the start", checkpoints.root.parent)
@@ -414,7 +405,7 @@ def train_teacher(
             if p["position"] < len(plan) and checkpoints.due(p["step"]):
                 save_checkpoint(p["step"], p, rng_state())
         metrics = evaluate_teacher(
-            bundle, val, val_cands, dataset.catalog.titles, protocol="score", batch_size=cfg.eval_batch_size, device=cfg.device, ctx=ctx
+            bundle, val, val_cands, protocol="score", batch_size=cfg.eval_batch_size, device=cfg.device, ctx=ctx
         )
         row = {"epoch": epoch + 1, "step": p["step"], **{f"val_{k}": metrics[k] for k in _PROTECTED_METRICS}}
         epoch_log.log(row, p["step"])
