@@ -87,6 +87,32 @@ def test_saved_activation_bytes_counts_saved_tensors_not_weights():
     out.sum().backward()
 
 
+def test_saved_activation_bytes_leaves_no_graph_behind():
+    """Dropping the output frees the graph: the counting hook must not keep it alive (it once
+    did, through a tensor -> grad_fn -> tensor cycle, and CUDA peaks counted the leftovers)."""
+    import weakref
+
+    lin = nn.Linear(16, 8, bias=False)
+    x = torch.randn(4, 16, requires_grad=True)
+    kept = []
+
+    def forward():
+        hidden = torch.tanh(lin(x))  # tanh saves its own output
+        kept.append(weakref.ref(hidden))
+        return hidden.sum()
+
+    _, out = common.saved_activation_bytes(forward, exclude=list(lin.parameters()))
+    del out
+    assert kept[0]() is None
+    # and backward through a counted forward still gives the plain forward's gradient
+    _, out = common.saved_activation_bytes(lambda: torch.tanh(lin(x)).pow(2).sum())
+    out.backward()
+    counted = x.grad.clone()
+    x.grad = None
+    torch.tanh(lin(x)).pow(2).sum().backward()
+    torch.testing.assert_close(counted, x.grad)
+
+
 def test_synthetic_titles_are_distinct():
     titles = common.synthetic_titles(500, seed=1)
     assert len(set(titles)) == 500 and all(t.strip() == t and t for t in titles)

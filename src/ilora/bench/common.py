@@ -231,7 +231,10 @@ def saved_activation_bytes(forward: Callable[[], torch.Tensor], exclude: Iterabl
         key = _storage_key(t)
         if key not in excluded and key[0] != 0:
             seen[key] = key[1]
-        return t
+        # a detached alias, not ``t`` itself: a hook that returns an output its own grad_fn
+        # saves makes a tensor -> grad_fn -> tensor cycle that gc cannot see, and the whole
+        # graph would outlive ``del out`` (on CUDA the peak of the next step counted it)
+        return t.detach()
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = forward()
