@@ -175,6 +175,69 @@ def test_bf16_base_with_fp32_gate_and_adapters():
     torch.testing.assert_close(out.float(), ref, rtol=5e-2, atol=5e-2)
 
 
+class RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records (op name, output shape, output dtype) of every aten op run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.ops.append((func.overloadpacket.__name__, tuple(t.shape), t.dtype))
+        return out
+
+
+def test_autocast_adapter_makes_no_float32_copy_of_the_input():
+    """Under autocast the products run in bf16 anyway: casting the (B, T, in) input to the
+    float32 adapters first would only be cast back. Same result as the float32 layer."""
+    layer, state, _ = make_layer(in_f=32, out_f=16, experts=4, rank=2)
+    x = torch.randn(2, 5, 32)
+    gate = torch.softmax(torch.randn(2, 4), dim=-1)
+    with state.use(gate), torch.no_grad():
+        ref = layer(x)
+    layer.base_layer.to(torch.bfloat16)  # adapters stay float32
+    x16 = x.to(torch.bfloat16)
+    with RecordOps() as rec, torch.autocast("cpu", dtype=torch.bfloat16), state.use(gate), torch.no_grad():
+        out = layer(x16)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=3e-2, atol=3e-2)
+    assert not [op for op in rec.ops if op[1] == (2, 5, 32) and op[2] == torch.float32], rec.ops
+    # outside autocast the float32 adapters still get a float32 input
+    with RecordOps() as rec, state.use(gate), torch.no_grad():
+        layer(x16)
+    assert [op for op in rec.ops if op[1] == (2, 5, 32) and op[2] == torch.float32]
+
+
+def test_the_gate_is_expanded_once_per_forward_for_all_layers_of_one_config():
+    torch.manual_seed(0)
+    state = GateState(3)
+    same = MoELoraConfig(num_experts=3, rank_per_expert=2, alpha=8.0, dropout=0.0, init="random")
+    other = MoELoraConfig(num_experts=3, rank_per_expert=3, alpha=6.0, dropout=0.0, init="random")
+    layers = [GatedLoraLinear(nn.Linear(6, 6), cfg, state) for cfg in (same, same, same, other)]
+    x = torch.randn(2, 4, 6)
+    gate = torch.softmax(torch.randn(2, 3), dim=-1)
+    with RecordOps() as rec, state.use(gate), torch.no_grad():
+        outs = []
+        h = x
+        for layer in layers:
+            h = layer(h)
+            outs.append(h)
+    # repeat_interleave by an int runs as unsqueeze, expand, clone: one expand per expansion
+    expansions = [op for op in rec.ops if op[0] == "expand"]
+    assert sorted(op[1] for op in expansions) == [(2, 3, 2), (2, 3, 3)], rec.ops  # one per (rank, scaling), not per layer
+    h = x
+    for layer, out in zip(layers, outs):
+        expected = reference_forward(
+            h, layer.base_layer.weight, layer.base_layer.bias, layer.lora_A.weight, layer.lora_B.weight,
+            gate, 3, layer.rank_per_expert, layer.scaling,
+        )
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        h = out
+
+
 def test_no_batch_tokens_experts_out_tensor_is_saved():
     layer, state, _ = make_layer(in_f=8, out_f=16, experts=4, rank=2)
     batch, tokens = 2, 3

@@ -55,13 +55,16 @@ class ReferenceGatedLinear(nn.Module):
     materialises the ``(batch, tokens, E, out)`` tensor of per-expert outputs.
     """
 
-    def __init__(self, layer: GatedLoraLinear) -> None:
+    def __init__(self, layer: GatedLoraLinear, gate_state: GateState | None = None) -> None:
         super().__init__()
         self.layer = layer
+        # the adapter bench gives the reference a state of its own, with no layer registered,
+        # so that its gate scope does not also compute ours' rank-space scale
+        self.gate_state = gate_state or layer.gate_state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
-        gate = layer.gate_state.gate_for(x)
+        gate = self.gate_state.gate_for(x)
         if gate.dim() != 2:
             raise IloraError("the reference formulation takes a per-sample (batch, E) gate")
         result = layer.base_layer(x)
@@ -114,7 +117,10 @@ def reference_adapters(model: nn.Module) -> Iterator[int]:
 
 
 def build_layers(hidden: int, rank: int, device: torch.device, base_dtype: torch.dtype, adapter_dtype: torch.dtype, seed: int = 0):
-    """(base, ours, reference, plain LoRA, gate state) on ``device``; B random so the adapters are not zero."""
+    """(base, ours, reference, plain LoRA, gate state) on ``device``; B random so the adapters are not zero.
+
+    The reference reads ours' parameters but has a gate state of its own (``reference.gate_state``).
+    """
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         base = nn.Linear(hidden, hidden, bias=False, device=device, dtype=base_dtype).requires_grad_(False)
@@ -122,7 +128,7 @@ def build_layers(hidden: int, rank: int, device: torch.device, base_dtype: torch
         state = GateState(NUM_EXPERTS)
         ours = GatedLoraLinear(base, cfg, state, adapter_dtype=adapter_dtype)
         plain = PlainLora(base, cfg.total_rank, cfg.scaling, DROPOUT, adapter_dtype)
-    return base, ours, ReferenceGatedLinear(ours), plain, state
+    return base, ours, ReferenceGatedLinear(ours, GateState(NUM_EXPERTS)), plain, state
 
 
 def make_inputs(hidden: int, device: torch.device, dtype: torch.dtype, seed: int = 1) -> dict[str, torch.Tensor]:
@@ -133,7 +139,7 @@ def make_inputs(hidden: int, device: torch.device, dtype: torch.dtype, seed: int
     return {"x": x, "grad_out": grad_out, "gate": gate}
 
 
-def check_equal(ours: GatedLoraLinear, reference: ReferenceGatedLinear, state: GateState, inputs: dict[str, torch.Tensor]) -> None:
+def check_equal(ours: GatedLoraLinear, reference: ReferenceGatedLinear, inputs: dict[str, torch.Tensor]) -> None:
     """Raise `IloraError` unless reference and ours agree (dropout off) on output and all gradients."""
     results = []
     was_training = ours.training
@@ -142,7 +148,7 @@ def check_equal(ours: GatedLoraLinear, reference: ReferenceGatedLinear, state: G
         x = inputs["x"].detach().clone().requires_grad_(True)
         gate = inputs["gate"].detach().clone().requires_grad_(True)
         params.zero_grad(set_to_none=True)
-        with state.use(gate):
+        with module.gate_state.use(gate):
             out = module(x)
         out.backward(inputs["grad_out"])
         results.append([out.detach().float(), x.grad.float(), gate.grad.float(), params.lora_A.weight.grad.float(), params.lora_B.weight.grad.float()])
@@ -159,34 +165,41 @@ def check_equal(ours: GatedLoraLinear, reference: ReferenceGatedLinear, state: G
 # -- measuring -------------------------------------------------------------------------------
 
 
-def _step(module: nn.Module, state: GateState, inputs: dict[str, torch.Tensor], autocast: bool) -> None:
-    """Forward + backward; input and gate require grad, as inside a model with a trained gate network."""
+def gate_scope(module: nn.Module, inputs: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager:
+    """The gate scope ``module`` runs in: its gate state's, with a gate that requires grad (as
+    inside a model with a trained gate network); none for plain LoRA, which has no gate."""
+    state = getattr(module, "gate_state", None)
+    if state is None:
+        return contextlib.nullcontext()
+    return state.use(inputs["gate"].detach().requires_grad_(True))
+
+
+def _step(module: nn.Module, inputs: dict[str, torch.Tensor], autocast: bool) -> None:
+    """Forward + backward; the input requires grad, as inside a model."""
     x = inputs["x"].detach().requires_grad_(True)
-    gate = inputs["gate"].detach().requires_grad_(True)
     context = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    with context, state.use(gate):
+    with context, gate_scope(module, inputs):
         out = module(x)
     out.backward(inputs["grad_out"])
 
 
-def _runner(module: nn.Module, state: GateState, inputs: dict[str, torch.Tensor], autocast: bool):
+def _runner(module: nn.Module, inputs: dict[str, torch.Tensor], autocast: bool):
     def run(parts) -> None:
-        _step(module, state, inputs, autocast)
+        _step(module, inputs, autocast)
         module.zero_grad(set_to_none=True)
 
     return run
 
 
-def memory(variants: dict[str, nn.Module], base: nn.Linear, state: GateState, inputs: dict[str, torch.Tensor], autocast: bool) -> dict[str, dict[str, int]]:
+def memory(variants: dict[str, nn.Module], base: nn.Linear, inputs: dict[str, torch.Tensor], autocast: bool) -> dict[str, dict[str, int]]:
     """Saved-activation bytes (and CUDA peak) per variant, and the same beyond the frozen base layer."""
     params = [p for m in (*variants.values(), base) for p in m.parameters()]
     context = torch.autocast("cuda", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     out: dict[str, dict[str, int]] = {}
     for name, module in {"base_only": base, **variants}.items():
         x = inputs["x"].detach().requires_grad_(True)
-        gate = inputs["gate"].detach().requires_grad_(True)
         with cuda_peak(x.device) as peak:
-            with context, state.use(gate):
+            with context, gate_scope(module, inputs):
                 saved, y = saved_activation_bytes(lambda module=module: module(x), params)
             if x.device.type == "cuda":  # the peak includes backward; on CPU the graph is just dropped
                 y.backward(inputs["grad_out"])
@@ -240,13 +253,13 @@ def run_bench(
         inputs = make_inputs(hidden, device, cfg["base_dtype"])
         for rank in RANKS:
             base, ours, reference, plain, state = build_layers(hidden, rank, device, cfg["base_dtype"], cfg["adapter_dtype"])
-            check_equal(ours, reference, state, inputs)
+            check_equal(ours, reference, inputs)
             variants = {"reference": reference, "ours": ours, "lora": plain}
             for m in variants.values():
                 m.train()
-            runs = {name: _runner(m, state, inputs, cfg["autocast"]) for name, m in variants.items()}
+            runs = {name: _runner(m, inputs, cfg["autocast"]) for name, m in variants.items()}
             times = interleave(runs, device, warmup=warmup, repeats=repeats, budget_s=budget_s)
-            mem = memory(variants, base, state, inputs, cfg["autocast"])
+            mem = memory(variants, base, inputs, cfg["autocast"])
             ref_extra = mem["reference"]["extra_saved_bytes"]
             rows.append(
                 {

@@ -132,21 +132,28 @@ def _in_backward() -> bool:
     return task_id is not None and task_id() != -1
 
 
-class _RestoreGate:
-    """Recompute context of one checkpointed call: sets the gate captured at forward time."""
+def scale_and_expand(gates: torch.Tensor, rank_per_expert: int, scaling: float) -> torch.Tensor:
+    """``scaling * gates`` with each expert's weight repeated ``rank_per_expert`` times:
+    ``(B, E) -> (B, E*r)``, ``(B, T, E) -> (B, T, E*r)``; the rank-space scale of `GatedLoraLinear`."""
+    return (gates * scaling).repeat_interleave(rank_per_expert, dim=-1)
 
-    def __init__(self, state: GateState, gate: torch.Tensor | None) -> None:
+
+class _RestoreGate:
+    """Recompute context of one checkpointed call: sets the gate (and its expansions) captured at forward time."""
+
+    def __init__(self, state: GateState, gate: torch.Tensor | None, scaled: dict[tuple[int, float], torch.Tensor]) -> None:
         self.state = state
         self.gate = gate
-        self._previous: list[torch.Tensor | None] = []
+        self.scaled = scaled
+        self._previous: list[tuple[torch.Tensor | None, dict[tuple[int, float], torch.Tensor]]] = []
 
     def __enter__(self) -> None:
-        self._previous.append(self.state._gate)
-        self.state._gate = self.gate
+        self._previous.append((self.state._gate, self.state._scaled))
+        self.state._gate, self.state._scaled = self.gate, self.scaled
         self.state._restoring += 1
 
     def __exit__(self, *exc: object) -> bool:
-        self.state._gate = self._previous.pop()
+        self.state._gate, self.state._scaled = self._previous.pop()
         self.state._restoring -= 1
         return False
 
@@ -157,6 +164,11 @@ class GateState:
     Held by every `GatedLoraLinear` of the model and by whoever owns the model; there is
     no global state. ``with state.use(gates):`` sets a ``(B, E)`` gate (or a per-token
     ``(B, T, E)`` gate) for one forward and clears it on exit.
+
+    Each layer registers its ``(rank_per_expert, scaling)`` when built; `use` computes the
+    rank-space scale (`scale_and_expand`) once per registered pair, so the layers of a
+    model (which normally share one pair) read one precomputed tensor instead of each
+    expanding the gate again, forward and backward.
     """
 
     def __init__(self, num_experts: int) -> None:
@@ -164,7 +176,13 @@ class GateState:
             raise ConfigError(f"num_experts: must be >= 1, got {num_experts}")
         self.num_experts = num_experts
         self._gate: torch.Tensor | None = None
+        self._scales: set[tuple[int, float]] = set()
+        self._scaled: dict[tuple[int, float], torch.Tensor] = {}
         self._restoring = 0
+
+    def register(self, rank_per_expert: int, scaling: float) -> None:
+        """Precompute the gate's expansion for layers of this rank and scaling in every `use`."""
+        self._scales.add((int(rank_per_expert), float(scaling)))
 
     @property
     def is_set(self) -> bool:
@@ -181,10 +199,12 @@ class GateState:
         if self._gate is not None:
             raise RuntimeError("a gate is already in use for this model: GateState.use scopes cannot be nested")
         self._gate = gates
+        self._scaled = {key: scale_and_expand(gates, *key) for key in self._scales}
         try:
             yield gates
         finally:
             self._gate = None
+            self._scaled = {}
 
     def gate_for(self, x: torch.Tensor) -> torch.Tensor:
         """The gate for input ``x`` of shape ``(B, ..., in)``; raises unless it fits ``x``.
@@ -218,6 +238,13 @@ class GateState:
             )
         return gate
 
+    def scaled_gate_for(self, x: torch.Tensor, rank_per_expert: int, scaling: float) -> torch.Tensor:
+        """`scale_and_expand` of the gate for input ``x`` (checked as `gate_for`), precomputed
+        by `use` for registered layers: ``(B, E*r)``, or ``(B, T, E*r)`` for a per-token gate."""
+        gate = self.gate_for(x)
+        scaled = self._scaled.get((rank_per_expert, scaling))
+        return scale_and_expand(gate, rank_per_expert, scaling) if scaled is None else scaled
+
     def checkpoint_context_fn(self) -> Callable[[], tuple[ContextManager[Any], ContextManager[Any]]]:
         """A ``context_fn`` for ``torch.utils.checkpoint.checkpoint(use_reentrant=False)``.
 
@@ -227,7 +254,7 @@ class GateState:
         """
 
         def context_fn() -> tuple[ContextManager[Any], ContextManager[Any]]:
-            return contextlib.nullcontext(), _RestoreGate(self, self._gate)
+            return contextlib.nullcontext(), _RestoreGate(self, self._gate, self._scaled)
 
         return context_fn
 
@@ -241,8 +268,11 @@ class GatedLoraLinear(nn.Module):
     ``forward(x) = base_layer(x) + lora_B(lora_A(dropout(x)) * gate_x)`` with ``gate_x`` the
     sample's gate, each expert weight repeated ``r`` times and multiplied by ``scaling``
     (the same product as peft's ``lora_B(...) * scaling``, on a ``(B, E*r)`` vector instead
-    of the ``(B, T, out)`` output). The adapter runs in ``lora_A``'s dtype (the input and
-    the gate are cast to it) and its output is cast back to the base output's dtype.
+    of the ``(B, T, out)`` output; computed once per forward by the `GateState`). Outside
+    autocast the adapter runs in ``lora_A``'s dtype (the input is cast to it); under
+    autocast the input keeps its dtype, since autocast runs the products in its own dtype
+    anyway (a float32 copy of the input would be made only to be cast back). The output is
+    cast back to the base output's dtype.
     """
 
     def __init__(
@@ -264,6 +294,7 @@ class GatedLoraLinear(nn.Module):
         self.rank_per_expert = cfg.rank_per_expert
         self.scaling = cfg.scaling
         self.gate_state = gate_state
+        gate_state.register(self.rank_per_expert, self.scaling)
         factory = {"device": base_layer.weight.device, "dtype": adapter_dtype or base_layer.weight.dtype}
         self.lora_dropout: nn.Module = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(base_layer.in_features, cfg.total_rank, bias=False, **factory)
@@ -297,22 +328,15 @@ class GatedLoraLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.base_layer.bias
 
-    def expanded_gate(self, gate: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """``scaling * gate`` with each expert's weight repeated r times, broadcastable to ``like``.
-
-        ``(B, E) -> (B, 1, ..., 1, E*r)``; a per-token ``(B, T, E)`` gate gives ``(B, T, E*r)``.
-        """
-        gate = gate.to(device=like.device, dtype=like.dtype) * self.scaling
-        gate_x = gate.repeat_interleave(self.rank_per_expert, dim=-1)
-        if gate_x.dim() == 2:
-            gate_x = gate_x.view(gate_x.shape[0], *([1] * (like.dim() - 2)), gate_x.shape[-1])
-        return gate_x
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = self.gate_state.gate_for(x)
+        gate_x = self.gate_state.scaled_gate_for(x, self.rank_per_expert, self.scaling)
         result = self.base_layer(x)
-        h = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))
-        delta = self.lora_B(h * self.expanded_gate(gate, h))
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.weight.dtype)
+        h = self.lora_A(self.lora_dropout(x))
+        if gate_x.dim() == 2:  # per sample: (B, E*r) -> (B, 1, ..., 1, E*r)
+            gate_x = gate_x.view(gate_x.shape[0], *([1] * (h.dim() - 2)), gate_x.shape[-1])
+        delta = self.lora_B(h * gate_x.to(device=h.device, dtype=h.dtype))
         return result + delta.to(result.dtype)
 
     def extra_repr(self) -> str:
