@@ -19,6 +19,7 @@ from ilora.teacher.batch import (
     TitleTable,
     draw_hybrid_flags,
     hybrid_probability,
+    move_packed,
     segment_prefix,
     substitute_placeholders,
 )
@@ -197,6 +198,32 @@ def test_fixed_case_left_padding_and_answer():
     assert batch.ph_item.tolist() == [0, 1, 2, 4, 1]  # only the hybrid sample has placeholders
     # the title "[HistoryEmb]" is text, not a placeholder: exactly 3 history placeholders in row 0
     assert int((batch.input_ids[0] == ph.history).sum()) == 3
+
+
+def test_batch_moves_as_one_copy_per_dtype():
+    case = dict(
+        titles=["Enigma", "Moby", "", "Café Del Mar", "Sigur Rós"], history=[[0, 1, 2], [3, 5, 5]], length=[3, 1],
+        cands=[[4, 1], [0, 2]], cand_len=None, target=[4, 2], hybrid=[True, False], with_answer=True, side="left", max_tokens=None,
+    )  # fmt: skip
+    batch = check_against_reference("llama", case)
+    tensors = {f: getattr(batch, f) for f in batch.__dataclass_fields__ if isinstance(getattr(batch, f), torch.Tensor)}
+    # the packing itself, run to the CPU so the values can be compared: same dtypes, shapes, values
+    moved = move_packed({**tensors, "strided": batch.input_ids.t()}, torch.device("cpu"))
+    for name, t in {**tensors, "strided": batch.input_ids.t()}.items():
+        assert moved[name].dtype == t.dtype and torch.equal(moved[name], t), name
+    # to another device: every field there, with its shape and dtype, from one buffer per dtype
+    copies = []
+    original = torch.Tensor.to
+    torch.Tensor.to = lambda self, *a, **k: copies.append(self.dtype) or original(self, *a, **k)
+    try:
+        on_meta = batch.to("meta")
+    finally:
+        torch.Tensor.to = original
+    assert sorted(map(str, copies)) == ["torch.bool", "torch.int64"]
+    for name, t in tensors.items():
+        other = getattr(on_meta, name)
+        assert other.device.type == "meta" and other.shape == t.shape and other.dtype == t.dtype, name
+    assert torch.equal(batch.to("cpu").input_ids, batch.input_ids)
 
 
 def test_title_same_wherever_it_stands():
