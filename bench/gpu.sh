@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
-# The CUDA benchmarks in one call, for a session with one GPU (about 2.5 min planned on an H100, cap 300 s).
+# The CUDA benchmarks in one call, for a session with one GPU (about 4 min on an H200, cap 300 s).
 #
 #   bash bench/gpu.sh                       # from the repository root; sets PYTHONPATH=src itself
 #   bash bench/gpu.sh step-7b step-7b-ckpt  # only the named runs (a partial rerun)
 #
-# Runs, cheapest first: inputs, adapter, step-1b (with an eager-attention baseline), step-7b; then, while
-# time is left, step-7b-ckpt (gradient checkpointing) and step-1b-compile (only with >= 150 s left).
+# Runs, in this order: inputs, adapter, step-7b-b16 (the 7B shape at batch 16, profiled), step-7b-b16-compile
+# (the same with torch.compile, profiled; needs >= 120 s left), step-7b (batch 8), step-1b (with an
+# eager-attention baseline); then, while time is left, step-7b-ckpt (gradient checkpointing) and
+# step-1b-compile (only with >= 150 s left). The 7B runs at batch 16 need an H200's memory for the
+# reference variant (about 100 GiB); on an H100 run the others.
 # Each run has its own `timeout -k 10`; a failed run does not stop the others; nothing starts after the cap
 # (ILORA_GPU_CAP_S, default 300 s). Titles: <repo>/shared/datasets/lastfm/id2name.txt when present (the
 # session copies it there: ../shared does not travel to the device), else $ILORA_SHARED or ../shared as
 # `ilora bench` finds them, else synthetic titles, with a WARNING in summary.txt (the runs still go on).
 #
-# Writes at most 5 files to $OUT (or bench/out), each appended to run by run:
+# Writes at most 6 files to $OUT (or bench/out), each appended to run by run:
 #   summary.txt     one line per run (rc, seconds, headline ratio), the titles used, warnings
 #   env.txt         nvidia-smi, python / torch / CUDA / transformers versions, GPU, titles source
 #   results.jsonl   one JSON object per successful run
 #   RESULTS.md      the sections to paste into bench/RESULTS.md; "### <name>: failed, rc=N" for a failed run
 #   logs.txt        per run: a header and the last 100 lines of its stderr
+#   profiles.txt    the profiled runs' operator tables (`ilora bench step --profile`)
 # Per-run scratch files live in a temporary directory outside $OUT.
 set -u
 cd "$(dirname "$0")/.."
@@ -25,7 +29,7 @@ mkdir -p "$OUT_DIR"
 SCRATCH=$(mktemp -d "${TMPDIR:-/tmp}/ilora-gpu.XXXXXX")
 trap 'rm -rf "$SCRATCH"' EXIT
 SUMMARY="$OUT_DIR/summary.txt" ENV_TXT="$OUT_DIR/env.txt" JSONL="$OUT_DIR/results.jsonl"
-RESULTS="$OUT_DIR/RESULTS.md" LOGS="$OUT_DIR/logs.txt"
+RESULTS="$OUT_DIR/RESULTS.md" LOGS="$OUT_DIR/logs.txt" PROFILES="$OUT_DIR/profiles.txt"
 
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export TOKENIZERS_PARALLELISM=false
@@ -41,7 +45,7 @@ DEADLINE=$((START + CAP))
 NOTE="bench/gpu.sh"
 SELECTED=" $* "
 
-RUNS=" inputs adapter step-1b step-7b step-7b-ckpt step-1b-compile "
+RUNS=" inputs adapter step-7b-b16 step-7b-b16-compile step-7b step-1b step-7b-ckpt step-1b-compile "
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
 
@@ -93,6 +97,9 @@ run() {  # run NAME LIMIT_S NEED_S ARGS... : one benchmark under `timeout`; skip
         --results "$SCRATCH/$name.md" > "$SCRATCH/$name.json" 2> "$SCRATCH/$name.log"
     local rc=$?
     local secs=$(($(date +%s) - t0))
+    if [[ -f "$SCRATCH/$name.prof" ]]; then
+        { echo "===== $name"; cat "$SCRATCH/$name.prof"; echo; } >> "$PROFILES"
+    fi
     local ratio
     ratio=$(grep -o '"ratio": [0-9.e+-]*' "$SCRATCH/$name.json" 2>/dev/null | tail -1 | cut -d' ' -f2)
     [[ -f "$SCRATCH/$name.md" ]] && cat "$SCRATCH/$name.md" >> "$RESULTS"
@@ -114,11 +121,13 @@ run() {  # run NAME LIMIT_S NEED_S ARGS... : one benchmark under `timeout`; skip
     say "$name: $what (rc=$rc, ${secs}s, limit ${limit}s, at $(($(date +%s) - START))s)"
 }
 
-#   name             limit need  arguments
-run inputs           60    30    inputs --budget-s 10
-run adapter          45    30    adapter --budget-s 10
-run step-1b          75    45    step --shape 1b --eager-baseline --budget-s 20
-run step-7b          90    60    step --shape 7b --budget-s 20
-run step-7b-ckpt     60    45    step --shape 7b --gradient-checkpointing --budget-s 15
-run step-1b-compile  150   150   step --shape 1b --compile --budget-s 20
+#   name                 limit need  arguments
+run inputs               60    30    inputs --budget-s 10
+run adapter              45    30    adapter --budget-s 10
+run step-7b-b16          100   60    step --shape 7b --batch-size 16 --budget-s 25 --profile "$SCRATCH/step-7b-b16.prof"
+run step-7b-b16-compile  150   120   step --shape 7b --batch-size 16 --compile --budget-s 25 --profile "$SCRATCH/step-7b-b16-compile.prof"
+run step-7b              90    60    step --shape 7b --budget-s 20
+run step-1b              75    45    step --shape 1b --eager-baseline --budget-s 20
+run step-7b-ckpt         60    45    step --shape 7b --gradient-checkpointing --budget-s 15
+run step-1b-compile      150   150   step --shape 1b --compile --budget-s 20
 say "total $(($(date +%s) - START))s"

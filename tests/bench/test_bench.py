@@ -338,6 +338,8 @@ def test_bench_rejects_an_option_of_another_benchmark(capsys):
     assert "--compile does not apply (only to step)" in capsys.readouterr().err
     assert main(["bench", "adapter", "--quick", "--batch-sizes", "8", "--no-record"]) == 2
     assert "--batch-sizes does not apply" in capsys.readouterr().err
+    assert main(["bench", "adapter", "--quick", "--profile", "p.txt", "--no-record"]) == 2
+    assert "--profile does not apply (only to step)" in capsys.readouterr().err
 
 
 # -- every benchmark runs and prints one JSON object ---------------------------------------------
@@ -384,12 +386,19 @@ def test_bench_adapter_quick_json(capsys):
 
 
 @pytest.mark.slow
-def test_bench_step_quick_json(capsys, synthetic_titles):
-    r = _run_cli(capsys, "step", "--quick", "--batch-size", "2", "--repeats", "1", "--eager-baseline", "--no-record")
+def test_bench_step_quick_json(capsys, synthetic_titles, tmp_path):
+    profile = tmp_path / "profile.txt"
+    r = _run_cli(capsys, "step", "--quick", "--batch-size", "2", "--repeats", "1", "--eager-baseline", "--no-record", "--profile", str(profile))
     _check_common(r, "step")
     assert set(r["variants"]) == {"reference", "ours", "ours_eager"} and r["sizes"]["attention"] == "sdpa"
     assert r["sdpa_vs_eager"] == pytest.approx(r["variants"]["ours_eager"]["median_s"] / r["variants"]["ours"]["median_s"])
     assert all(v["mfu"] is None and v["samples_per_s"] > 0 for v in r["variants"].values())
+    # the profiled step: its summary in the JSON, its operator table in the file
+    p = r["profile"]
+    assert p["file"] == str(profile) and p["step_s"] > 0 and p["aten_operators"] > 0 and p["device_busy_s"] is None
+    text = profile.read_text()
+    assert "aten::mm" in text and "Self CPU" in text
+    assert "Profiled step of ours" in "\n".join(step_bench.markdown_table(r))
 
 
 @pytest.mark.slow

@@ -34,15 +34,18 @@ on CPU MFU is null.
 from __future__ import annotations
 
 import contextlib
+import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from ilora.bench.adapter import reference_adapters
-from ilora.bench.common import Parts, cuda_peak, interleave, load_titles, machine_info, mib, ms, now_utc, peak_flops, random_samples, saved_activation_bytes
+from ilora.bench.common import Parts, cuda_peak, interleave, load_titles, machine_info, mib, ms, now_utc, peak_flops, random_samples, saved_activation_bytes, sync
 from ilora.bench.inputs import CANDIDATES, HISTORY_ITEMS, InputsSetup, reference_embeds, reference_tokenizer, reference_tokens
 from ilora.errors import ConfigError, IloraError
 
@@ -295,6 +298,39 @@ def memory(setup: StepSetup, samples: dict[str, torch.Tensor], variants: tuple[s
     return out
 
 
+def profile_step(setup: StepSetup, samples: dict[str, torch.Tensor], path: Path, rows: int = 40) -> dict[str, Any]:
+    """One step of ours under torch.profiler; its top operators (by self device time on CUDA,
+    self CPU time otherwise) written to ``path``. Returns the step's wall time, the time the
+    device was busy running kernels (CUDA) and the number of operators dispatched: a device
+    busy for a small share of the step means the step waits on Python and kernel launches."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = setup.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with variant_context(setup, "ours"):
+        step_in_context(setup, samples, Parts(setup.device), "ours")  # warm: the profiler sees a steady step
+        sync(setup.device)
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            step_in_context(setup, samples, Parts(setup.device), "ours")
+            sync(setup.device)
+            wall = time.perf_counter() - start
+    averages = prof.key_averages()
+    busy_us = sum(e.self_device_time_total for e in averages) if cuda else None
+    operators = sum(e.count for e in averages if e.key.startswith("aten::"))
+    summary = {
+        "file": str(path),
+        "step_s": wall,
+        "device_busy_s": busy_us / 1e6 if busy_us is not None else None,
+        "device_busy_share": busy_us / 1e6 / wall if busy_us is not None else None,
+        "aten_operators": operators,
+    }
+    table = averages.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"step profile of ours: {json.dumps(summary)}\n\n{table}\n")
+    return summary
+
+
 # -- the benchmark ---------------------------------------------------------------------------
 
 
@@ -310,9 +346,11 @@ def run_bench(
     warmup: int | None = None,
     repeats: int = 5,
     budget_s: float | None = None,
+    profile: Path | None = None,
 ) -> dict[str, Any]:
     """Time a training step of the reference and of ours (and of ours with eager attention when
-    ``eager_baseline``), interleaved on one model; one JSON-ready dict."""
+    ``eager_baseline``), interleaved on one model; one JSON-ready dict. With ``profile``, one
+    more step of ours runs under torch.profiler afterwards (`profile_step`)."""
     shape = shape or ("tiny-quick" if quick else "tiny")
     if device.type == "cpu" and shape in ("1b", "7b"):
         raise ConfigError(f"shape {shape} is for CUDA; on CPU use tiny")
@@ -332,6 +370,7 @@ def run_bench(
     runs, contexts = timed_runs(setup, samples, variants)
     times = interleave(runs, device, warmup=warmup, repeats=repeats, budget_s=budget_s, contexts=contexts)
     mem = memory(setup, samples, variants)
+    profiled = profile_step(setup, samples, profile) if profile else None
     flops = useful_flops(setup, tokens, answer_tokens, gradient_checkpointing)
     peak = peak_flops(device)
     variants = {}
@@ -378,6 +417,7 @@ def run_bench(
         "variants": variants,
         "ratio": times["reference"].median / times["ours"].median,
         "ratio_means": "reference / ours median time of a full training step",
+        **({"profile": profiled} if profiled else {}),
         **(
             {
                 "sdpa_vs_eager": times["ours_eager"].median / times["ours"].median,
@@ -409,4 +449,8 @@ def markdown_table(result: dict[str, Any]) -> list[str]:
         )
     if "sdpa_vs_eager" in result:
         lines += ["", f"Eager attention / {s['attention']} attention (ours, step time): {result['sdpa_vs_eager']:.2f}x."]
+    if "profile" in result:
+        p = result["profile"]
+        busy = "" if p["device_busy_s"] is None else f", device busy {ms(p['device_busy_s'])} ms ({100 * p['device_busy_share']:.0f} %)"
+        lines += ["", f"Profiled step of ours: {ms(p['step_s'])} ms{busy}, {p['aten_operators']} aten operators (top operators: `{p['file']}`)."]
     return lines

@@ -34,6 +34,7 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
     "gradient_checkpointing": ("step",),
     "compile": ("step",),
     "eager_baseline": ("step",),
+    "profile": ("step",),
     "samples": ("eval", "export"),
     "threads": ("export",),
     "data": ("grouping",),
@@ -68,7 +69,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
         kwargs["batch_sizes"] = args.batch_sizes
     if args.benchmark == "step":
         kwargs.update(
-            shape=args.shape, gradient_checkpointing=args.gradient_checkpointing, compile_layers=args.compile, eager_baseline=args.eager_baseline
+            shape=args.shape, gradient_checkpointing=args.gradient_checkpointing, compile_layers=args.compile, eager_baseline=args.eager_baseline,
+            profile=Path(args.profile) if args.profile else None,
         )
     if args.benchmark in ("step", "grouping") and args.batch_size:
         kwargs["batch_size"] = args.batch_size
@@ -122,6 +124,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="step: torch.compile each decoder layer")
     p.add_argument(
         "--eager-baseline", action="store_true", help="step: also time ours with eager attention (measures the default SDPA attention)"
+    )
+    p.add_argument(
+        "--profile", default=None, metavar="FILE",
+        help="step: after timing, profile one step of ours (torch.profiler) and write its top operators to FILE",
     )
     p.add_argument(
         "--samples", type=int, default=None, metavar="N",
