@@ -306,6 +306,26 @@ def test_step_eager_baseline_runs_eager_attention_with_the_same_loss(synthetic_t
     assert llm.config._attn_implementation == "sdpa"
 
 
+def test_step_check_has_random_adapters_and_plain_lora_is_ours_under_the_uniform_gate(synthetic_titles):
+    """The loss check runs with lora_B random (at lora_B = 0 every adapter is zero and the check
+    could not tell the gate or the adapters apart), then restores lora_B; the plain-LoRA variant
+    equals ours under the uniform gate, and differs from ours under the learned gate."""
+    setup, _ = step_bench.build_setup("tiny-quick", CPU)
+    layers = list(gated_lora_modules(setup.bundle.teacher.llm).values())
+    assert all(not layer.lora_B.weight.any() for layer in layers)
+    samples = common.random_samples(len(synthetic_titles), 3, 10, 20, seed=0)
+    losses = step_bench.check_equal(setup, samples, ("reference", "ours", "lora"))
+    assert all(not layer.lora_B.weight.any() for layer in layers)  # restored
+    assert abs(losses["reference"] - losses["ours"]) < 1e-4
+    assert abs(losses["lora"] - losses["ours_uniform"]) < 1e-4
+    assert abs(losses["ours"] - losses["ours_uniform"]) > 1e-3  # the gate matters with nonzero adapters
+    llm = setup.bundle.teacher.llm
+    with step_bench.variant_context(setup, "lora"):
+        assert isinstance(llm.model.layers[0].mlp.down_proj, adapter_bench.PlainLoraView)
+        assert math.isfinite(step_bench.step_in_context(setup, samples, common.Parts(CPU), "lora"))
+    assert isinstance(llm.model.layers[0].mlp.down_proj, GatedLoraLinear)
+
+
 def test_step_timed_runs_swap_outside_the_step_and_restore(synthetic_titles):
     """Each timed step runs with its variant's modules in place, though the step itself swaps nothing."""
     setup, _ = step_bench.build_setup("tiny-quick", CPU)
@@ -328,6 +348,7 @@ def test_step_timed_runs_swap_outside_the_step_and_restore(synthetic_titles):
         "reference": ("ReferenceGatedLinear", "sdpa"),
         "ours": ("GatedLoraLinear", "sdpa"),
         "ours_eager": ("GatedLoraLinear", "eager"),
+        "lora": ("PlainLoraView", "sdpa"),
     }
     assert gated_lora_modules(llm) == before  # the swap was undone
     assert llm.config._attn_implementation == "sdpa"
@@ -340,6 +361,8 @@ def test_bench_rejects_an_option_of_another_benchmark(capsys):
     assert "--batch-sizes does not apply" in capsys.readouterr().err
     assert main(["bench", "adapter", "--quick", "--profile", "p.txt", "--no-record"]) == 2
     assert "--profile does not apply (only to step)" in capsys.readouterr().err
+    assert main(["bench", "inputs", "--quick", "--lora-baseline", "--no-record"]) == 2
+    assert "--lora-baseline does not apply (only to step)" in capsys.readouterr().err
 
 
 # -- every benchmark runs and prints one JSON object ---------------------------------------------
@@ -388,9 +411,12 @@ def test_bench_adapter_quick_json(capsys):
 @pytest.mark.slow
 def test_bench_step_quick_json(capsys, synthetic_titles, tmp_path):
     profile = tmp_path / "profile.txt"
-    r = _run_cli(capsys, "step", "--quick", "--batch-size", "2", "--repeats", "1", "--eager-baseline", "--no-record", "--profile", str(profile))
+    r = _run_cli(
+        capsys, "step", "--quick", "--batch-size", "2", "--repeats", "1", "--eager-baseline", "--lora-baseline", "--no-record", "--profile", str(profile)
+    )
     _check_common(r, "step")
-    assert set(r["variants"]) == {"reference", "ours", "ours_eager"} and r["sizes"]["attention"] == "sdpa"
+    assert set(r["variants"]) == {"reference", "ours", "ours_eager", "lora"} and r["sizes"]["attention"] == "sdpa"
+    assert r["vs_lora"] == pytest.approx(r["variants"]["ours"]["median_s"] / r["variants"]["lora"]["median_s"])
     assert r["sdpa_vs_eager"] == pytest.approx(r["variants"]["ours_eager"]["median_s"] / r["variants"]["ours"]["median_s"])
     assert all(v["mfu"] is None and v["samples_per_s"] > 0 for v in r["variants"].values())
     # the profiled step: its summary in the JSON, its operator table in the file

@@ -96,21 +96,50 @@ class PlainLora(nn.Module):
         return result + delta.to(result.dtype)
 
 
+class PlainLoraView(nn.Module):
+    """Plain LoRA over the parameters of a `GatedLoraLinear`, the gate ignored:
+    ``base(x) + lora_B(lora_A(dropout(x))) * scaling / E``, which is ours under the uniform
+    gate. Same dtype handling as ours (no float32 copy of the input under autocast), so
+    the two differ only by the gate."""
+
+    def __init__(self, layer: GatedLoraLinear) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        result = layer.base_layer(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(layer.lora_A.weight.dtype)
+        delta = layer.lora_B(layer.lora_A(layer.lora_dropout(x))) * (layer.scaling / layer.num_experts)
+        return result + delta.to(result.dtype)
+
+
 @contextlib.contextmanager
-def reference_adapters(model: nn.Module) -> Iterator[int]:
-    """Within the block every `GatedLoraLinear` of ``model`` runs as `ReferenceGatedLinear` (same parameters)."""
+def swapped_adapters(model: nn.Module, wrap) -> Iterator[int]:
+    """Within the block every `GatedLoraLinear` of ``model`` runs as ``wrap(layer)`` (same parameters)."""
     layers = gated_lora_modules(model)
     swapped = []
     for path, layer in layers.items():
         parent_path, _, leaf = path.rpartition(".")
         parent = model.get_submodule(parent_path) if parent_path else model
-        setattr(parent, leaf, ReferenceGatedLinear(layer))
+        setattr(parent, leaf, wrap(layer))
         swapped.append((parent, leaf, layer))
     try:
         yield len(swapped)
     finally:
         for parent, leaf, layer in swapped:
             setattr(parent, leaf, layer)
+
+
+def reference_adapters(model: nn.Module) -> contextlib.AbstractContextManager[int]:
+    """Within the block every `GatedLoraLinear` of ``model`` runs as `ReferenceGatedLinear` (same parameters)."""
+    return swapped_adapters(model, ReferenceGatedLinear)
+
+
+def plain_lora_adapters(model: nn.Module) -> contextlib.AbstractContextManager[int]:
+    """Within the block every `GatedLoraLinear` of ``model`` runs as `PlainLoraView` (same parameters, no gate)."""
+    return swapped_adapters(model, PlainLoraView)
 
 
 # -- setup -----------------------------------------------------------------------------------

@@ -18,11 +18,15 @@ with AdamW, gradient clipping and (CUDA) bf16 autocast, as ``ilora teacher train
 * ``ours_eager`` (with ``eager_baseline``): ``ours`` with transformers' eager attention
   (scores and probabilities materialised) instead of its default SDPA, switched on the
   same model for that variant's steps only, so the SDPA fast path is measured side by side.
+* ``lora`` (with ``lora_baseline``): ``ours`` with every gated layer run as plain LoRA on
+  the same weights (`ilora.bench.adapter.PlainLoraView`) and the uniform gate (no SASRec
+  or gate network): what the step would cost without iLoRA's gating, the floor for ours.
 
 The variants run interleaved on one model; each variant's swap (reference adapters in,
 eager attention on) is made before its timed step and undone after it, outside the timer.
 
-Before timing, both losses are checked equal on the same batch (dropout off).
+Before timing, both losses are checked equal on the same batch (dropout off); the
+``lora`` variant's loss is checked against ours under the uniform gate.
 MFU counts useful FLOPs only: ``(4 + 2 if checkpointing) * N * tokens`` with ``N`` the
 decoder layers' linear weights and ``tokens`` the non-padding tokens (frozen weights:
 forward 2N, input gradients 2N, no weight gradients; a recomputed forward 2N more),
@@ -44,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ilora.bench.adapter import reference_adapters
+from ilora.bench.adapter import plain_lora_adapters, reference_adapters
 from ilora.bench.common import Parts, cuda_peak, interleave, load_titles, machine_info, mib, ms, now_utc, peak_flops, random_samples, saved_activation_bytes, sync
 from ilora.bench.inputs import CANDIDATES, HISTORY_ITEMS, InputsSetup, reference_embeds, reference_tokenizer, reference_tokens
 from ilora.errors import ConfigError, IloraError
@@ -176,16 +180,16 @@ def reference_loss(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Pa
     return out.loss
 
 
-def our_loss(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts) -> torch.Tensor:
+def our_loss(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts, gate_mode: str = "learned") -> torch.Tensor:
     collator = setup.bundle.train_collator
     with parts("inputs"):
         batch = collator.build(samples["history"], samples["length"], samples["candidates"], samples["target"]).to(setup.device)
     with parts("forward"), _autocast(setup):
-        loss = setup.bundle.teacher.loss(batch)
+        loss = setup.bundle.teacher.loss(batch, gate_mode)
     return loss
 
 
-VARIANTS = ("reference", "ours", "ours_eager")
+VARIANTS = ("reference", "ours", "ours_eager", "lora")
 
 
 @contextlib.contextmanager
@@ -206,13 +210,17 @@ def variant_context(setup: StepSetup, variant: str):
         return reference_adapters(llm)
     if variant == "ours_eager":
         return attention(llm, "eager")
+    if variant == "lora":
+        return plain_lora_adapters(llm)
     if variant == "ours":
         return contextlib.nullcontext()
     raise ConfigError(f"step bench: unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
 
 
 def variant_loss(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts, variant: str) -> torch.Tensor:
-    return (reference_loss if variant == "reference" else our_loss)(setup, samples, parts)
+    if variant == "reference":
+        return reference_loss(setup, samples, parts)
+    return our_loss(setup, samples, parts, "uniform" if variant == "lora" else "learned")
 
 
 def step_in_context(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts, variant: str) -> float:
@@ -243,20 +251,39 @@ def timed_runs(setup: StepSetup, samples: dict[str, torch.Tensor], variants: tup
 
 
 def check_equal(setup: StepSetup, samples: dict[str, torch.Tensor], variants: tuple[str, ...] = ("reference", "ours")) -> dict[str, float]:
-    """Every variant's loss on the same batch with dropout off; raises `IloraError` unless each equals ours."""
+    """Every variant's loss on the same batch with dropout off; raises `IloraError` unless each
+    equals ours (``lora``: ours under the uniform gate, reported as ``ours_uniform``).
+
+    The check runs with every ``lora_B`` temporarily random (the model is built with
+    ``lora_B = 0``, where every adapter's output is zero and the gate would not matter)."""
+    from ilora.teacher.adapters import gated_lora_modules
+
     teacher = setup.bundle.teacher
     teacher.eval()
+    layers = list(gated_lora_modules(teacher.llm).values())
+    saved = [layer.lora_B.weight.detach().clone() for layer in layers]
     losses = {}
-    with torch.no_grad():
-        for variant in dict.fromkeys(("ours", *variants)):
-            with variant_context(setup, variant):
-                losses[variant] = float(variant_loss(setup, samples, Parts(setup.device), variant))
-    teacher.train()
-    teacher.rec.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[setup.device] if setup.device.type == "cuda" else []):
+            torch.manual_seed(0)
+            for layer in layers:
+                layer.lora_B.weight.normal_(0.0, 0.02)
+            for variant in dict.fromkeys(("ours", *variants)):
+                with variant_context(setup, variant):
+                    losses[variant] = float(variant_loss(setup, samples, Parts(setup.device), variant))
+            if "lora" in variants:
+                losses["ours_uniform"] = float(our_loss(setup, samples, Parts(setup.device), "uniform"))
+    finally:
+        with torch.no_grad():
+            for layer, weight in zip(layers, saved):
+                layer.lora_B.weight.copy_(weight)
+        teacher.train()
+        teacher.rec.eval()
     tol = 3e-2 if setup.autocast else 1e-4
     for variant, loss in losses.items():
-        if abs(loss - losses["ours"]) > tol * max(1.0, abs(losses["ours"])):
-            raise IloraError(f"step bench: {variant} loss {loss:.6f} != ours {losses['ours']:.6f}")
+        expected = losses["ours_uniform" if variant == "lora" else "ours"]
+        if variant != "ours_uniform" and abs(loss - expected) > tol * max(1.0, abs(expected)):
+            raise IloraError(f"step bench: {variant} loss {loss:.6f} != ours {expected:.6f}")
     return losses
 
 
@@ -301,8 +328,11 @@ def memory(setup: StepSetup, samples: dict[str, torch.Tensor], variants: tuple[s
 def profile_step(setup: StepSetup, samples: dict[str, torch.Tensor], path: Path, rows: int = 40) -> dict[str, Any]:
     """One step of ours under torch.profiler; its top operators (by self device time on CUDA,
     self CPU time otherwise) written to ``path``. Returns the step's wall time, the time the
-    device was busy running kernels (CUDA) and the number of operators dispatched: a device
-    busy for a small share of the step means the step waits on Python and kernel launches."""
+    device was busy running kernels (CUDA) and the number of aten operators called (nested
+    calls included): a device busy for a small share of the step means the step waits on
+    Python and kernel launches. The profiled step synchronises between its parts, as the
+    timed steps do."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = setup.device.type == "cuda"
@@ -316,7 +346,13 @@ def profile_step(setup: StepSetup, samples: dict[str, torch.Tensor], path: Path,
             sync(setup.device)
             wall = time.perf_counter() - start
     averages = prof.key_averages()
-    busy_us = sum(e.self_device_time_total for e in averages) if cuda else None
+    # kernel events only (as the table's "Self CUDA time total"): the aten operators that
+    # launched them carry the same time again, and user annotations span other events
+    busy_us = (
+        sum(e.self_device_time_total for e in averages if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+        if cuda
+        else None
+    )
     operators = sum(e.count for e in averages if e.key.startswith("aten::"))
     summary = {
         "file": str(path),
@@ -343,14 +379,16 @@ def run_bench(
     gradient_checkpointing: bool = False,
     compile_layers: bool = False,
     eager_baseline: bool = False,
+    lora_baseline: bool = False,
     warmup: int | None = None,
     repeats: int = 5,
     budget_s: float | None = None,
     profile: Path | None = None,
 ) -> dict[str, Any]:
     """Time a training step of the reference and of ours (and of ours with eager attention when
-    ``eager_baseline``), interleaved on one model; one JSON-ready dict. With ``profile``, one
-    more step of ours runs under torch.profiler afterwards (`profile_step`)."""
+    ``eager_baseline``, of plain LoRA when ``lora_baseline``), interleaved on one model; one
+    JSON-ready dict. With ``profile``, one more step of ours runs under torch.profiler
+    afterwards (`profile_step`)."""
     shape = shape or ("tiny-quick" if quick else "tiny")
     if device.type == "cpu" and shape in ("1b", "7b"):
         raise ConfigError(f"shape {shape} is for CUDA; on CPU use tiny")
@@ -360,7 +398,7 @@ def run_bench(
     budget_s = budget_s if budget_s is not None else (10.0 if quick else 120.0)
     setup, source = build_setup(shape, device, gradient_checkpointing=gradient_checkpointing, compile_layers=compile_layers)
     samples = random_samples(len(setup.inputs.titles), batch_size, HISTORY_ITEMS, CANDIDATES, seed=0)
-    variants = ("reference", "ours", "ours_eager") if eager_baseline else ("reference", "ours")
+    variants = ("reference", "ours") + (("ours_eager",) if eager_baseline else ()) + (("lora",) if lora_baseline else ())
     losses = check_equal(setup, samples, variants)
     probe = setup.bundle.train_collator.build(samples["history"], samples["length"], samples["candidates"], samples["target"])
     tokens = int(probe.attention_mask.sum())
@@ -426,6 +464,14 @@ def run_bench(
             if eager_baseline
             else {}
         ),
+        **(
+            {
+                "vs_lora": times["ours"].median / times["lora"].median,
+                "vs_lora_means": "ours / plain LoRA on the same weights (no gate), median step time",
+            }
+            if lora_baseline
+            else {}
+        ),
     }
 
 
@@ -449,6 +495,8 @@ def markdown_table(result: dict[str, Any]) -> list[str]:
         )
     if "sdpa_vs_eager" in result:
         lines += ["", f"Eager attention / {s['attention']} attention (ours, step time): {result['sdpa_vs_eager']:.2f}x."]
+    if "vs_lora" in result:
+        lines += ["", f"Ours / plain LoRA on the same weights (step time): {result['vs_lora']:.3f}x."]
     if "profile" in result:
         p = result["profile"]
         busy = "" if p["device_busy_s"] is None else f", device busy {ms(p['device_busy_s'])} ms ({100 * p['device_busy_share']:.0f} %)"

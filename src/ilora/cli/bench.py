@@ -34,6 +34,7 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
     "gradient_checkpointing": ("step",),
     "compile": ("step",),
     "eager_baseline": ("step",),
+    "lora_baseline": ("step",),
     "profile": ("step",),
     "samples": ("eval", "export"),
     "threads": ("export",),
@@ -70,6 +71,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if args.benchmark == "step":
         kwargs.update(
             shape=args.shape, gradient_checkpointing=args.gradient_checkpointing, compile_layers=args.compile, eager_baseline=args.eager_baseline,
+            lora_baseline=args.lora_baseline,
             profile=Path(args.profile) if args.profile else None,
         )
     if args.benchmark in ("step", "grouping") and args.batch_size:
@@ -124,6 +126,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--compile", action="store_true", help="step: torch.compile each decoder layer")
     p.add_argument(
         "--eager-baseline", action="store_true", help="step: also time ours with eager attention (measures the default SDPA attention)"
+    )
+    p.add_argument(
+        "--lora-baseline", action="store_true",
+        help="step: also time plain LoRA on the same weights, without the gate (what iLoRA's gating costs)",
     )
     p.add_argument(
         "--profile", default=None, metavar="FILE",
