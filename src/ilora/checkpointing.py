@@ -87,7 +87,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 # Options that may differ between the interrupted run and its resumption: they change how a run
 # is carried out, not what it computes.
-RESUMABLE_CHANGES = frozenset({"checkpoint_every", "skip_nonfinite", "threads", "workers", "eval_batch_size"})
+RESUMABLE_CHANGES = frozenset({"checkpoint_every", "skip_nonfinite", "threads", "workers", "eval_batch_size", "compile"})
 
 
 def check_resume_config(saved: dict[str, Any] | None, current: dict[str, Any], where: Path, what: str = "other options") -> None:

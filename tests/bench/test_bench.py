@@ -326,6 +326,17 @@ def test_step_check_has_random_adapters_and_plain_lora_is_ours_under_the_uniform
     assert isinstance(llm.model.layers[0].mlp.down_proj, GatedLoraLinear)
 
 
+def test_step_compile_runs_every_variant_with_the_trainers_compiled_layers(synthetic_titles):
+    """--compile uses `CompiledLayers`, as `teacher.compile` does in training, in every variant's context."""
+    setup, _ = step_bench.build_setup("tiny-quick", CPU, compile_layers=True)
+    layers = setup.compiled.layers
+    assert layers == list(setup.bundle.teacher.llm.get_decoder().layers)
+    for variant in step_bench.VARIANTS:
+        with step_bench.variant_context(setup, variant):
+            assert all(layer.forward is fn for layer, fn in zip(layers, setup.compiled.compiled)), variant
+        assert all("forward" not in layer.__dict__ for layer in layers)
+
+
 def test_step_timed_runs_swap_outside_the_step_and_restore(synthetic_titles):
     """Each timed step runs with its variant's modules in place, though the step itself swaps nothing."""
     setup, _ = step_bench.build_setup("tiny-quick", CPU)

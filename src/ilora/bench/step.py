@@ -75,6 +75,7 @@ class StepSetup:
     device: torch.device
     autocast: bool
     shape: str
+    compiled: Any = None  # CompiledLayers with --compile: active in every variant's context
 
 
 def build_llm(shape: str, tokenizer, device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -111,6 +112,7 @@ def build_setup(shape: str, device: torch.device, *, gradient_checkpointing: boo
     from ilora.rec.sasrec import SASRec, SASRecConfig
     from ilora.teacher.adapters import enable_gradient_checkpointing
     from ilora.teacher.build import assemble, trainable_parameters
+    from ilora.teacher.compiled import CompiledLayers
     from ilora.teacher.config import TeacherConfig
     from ilora.teacher.prompts import load_template
     from ilora.teacher.tiny import build_tiny_tokenizer
@@ -132,9 +134,7 @@ def build_setup(shape: str, device: torch.device, *, gradient_checkpointing: boo
     teacher = bundle.teacher
     if gradient_checkpointing:
         enable_gradient_checkpointing(teacher.llm, teacher.gate_state)
-    if compile_layers:
-        for layer in teacher.llm.get_decoder().layers:
-            layer.compile()
+    compiled = CompiledLayers(teacher.llm) if compile_layers else None  # as `teacher.compile` in training
     groups = trainable_parameters(teacher)
     optimizer = torch.optim.AdamW(
         [
@@ -156,7 +156,7 @@ def build_setup(shape: str, device: torch.device, *, gradient_checkpointing: boo
         device=device,
     )
     params = [p for g in groups.values() for p in g]
-    return StepSetup(bundle, inputs, optimizer, params, device, device.type == "cuda", shape), source
+    return StepSetup(bundle, inputs, optimizer, params, device, device.type == "cuda", shape, compiled), source
 
 
 def _autocast(setup: StepSetup):
@@ -203,18 +203,23 @@ def attention(llm: nn.Module, implementation: str) -> Iterator[None]:
         llm.set_attn_implementation(previous)
 
 
-def variant_context(setup: StepSetup, variant: str):
-    """How ``variant`` runs the shared model: einsum adapters (reference), eager attention (ours_eager)."""
+def variant_context(setup: StepSetup, variant: str) -> contextlib.ExitStack:
+    """How ``variant`` runs the shared model: einsum adapters (reference), eager attention
+    (ours_eager), plain LoRA (lora); with ``--compile`` the compiled decoder layers too."""
     llm = setup.bundle.teacher.llm
-    if variant == "reference":
-        return reference_adapters(llm)
-    if variant == "ours_eager":
-        return attention(llm, "eager")
-    if variant == "lora":
-        return plain_lora_adapters(llm)
-    if variant == "ours":
-        return contextlib.nullcontext()
-    raise ConfigError(f"step bench: unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    swaps = {
+        "reference": lambda: reference_adapters(llm),
+        "ours_eager": lambda: attention(llm, "eager"),
+        "lora": lambda: plain_lora_adapters(llm),
+        "ours": contextlib.nullcontext,
+    }
+    if variant not in swaps:
+        raise ConfigError(f"step bench: unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
+    stack = contextlib.ExitStack()
+    stack.enter_context(swaps[variant]())
+    if setup.compiled is not None:
+        stack.enter_context(setup.compiled.active())
+    return stack
 
 
 def variant_loss(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts, variant: str) -> torch.Tensor:

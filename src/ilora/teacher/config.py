@@ -64,6 +64,11 @@ class TeacherConfig:
     grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)")
     curriculum: bool = option(True, "LLaRA's curriculum: the probability of the hybrid prompt rises 0 -> 1 over training; text-only [PH] prompts otherwise")
     gradient_checkpointing: bool = option(False, "recompute activations in backward (non-reentrant; the gate is restored during recomputation)")
+    compile: bool = option(
+        False,
+        "torch.compile the decoder layers for the training steps (validation and export stay eager); "
+        "1.43x faster 7B step on an H200 (bench/RESULTS.md); not with gradient_checkpointing",
+    )
     num_candidates: int = option(20, "candidates per prompt (the target plus items not in the history)")
     candidate_seed: int = option(0, "seed of the fixed candidate sets")
     eval_batch_size: int = option(16, "prompts per batch in validation")
@@ -82,6 +87,8 @@ class TeacherConfig:
         for name in ("max_steps", "micro_batch_size", "val_samples", "workers", "candidate_seed", "seed", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.compile and self.gradient_checkpointing:
+            raise ConfigError("compile and gradient_checkpointing cannot be combined: checkpointing wraps the layer calls that compile traces")
         micro = self.micro_batch_size or self.batch_size
         if self.batch_size % micro:
             raise ConfigError(f"batch_size {self.batch_size} is not a multiple of micro_batch_size {micro}")

@@ -68,6 +68,7 @@ from ilora.state_io import atomic_write_text, read_json, save_state
 from ilora.teacher.adapters import adapter_state_dict, enable_gradient_checkpointing
 from ilora.teacher.batch import draw_hybrid_flags
 from ilora.teacher.build import build_teacher, rec_fingerprint, save_teacher, trainable_parameters
+from ilora.teacher.compiled import CompiledLayers
 from ilora.teacher.config import TeacherConfig
 from ilora.teacher.evaluate import evaluate_teacher
 from ilora.teacher.optim import build_scheduler, param_groups
@@ -289,6 +290,7 @@ def train_teacher(
     teacher = bundle.teacher
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(teacher.llm, teacher.gate_state)
+    compiled = CompiledLayers(teacher.llm) if cfg.compile else None
     train_cands = candidate_sets(train, n_items, count=cfg.num_candidates, seed=cfg.candidate_seed, split_name="train")
     val_cands = candidate_sets(val, n_items, count=cfg.num_candidates, seed=cfg.candidate_seed, split_name="val")
     lengths = prompt_lengths(bundle.train_collator, train, train_cands) if cfg.group_by_length else None
@@ -386,7 +388,8 @@ def train_teacher(
             tokens = sum(int(b.attention_mask.sum()) for b, counts in micro_batches if counts)
             micro_batches = [(b.to(cfg.device, non_blocking=True), counts) for b, counts in micro_batches]
             n_step = len(plan[k][0])
-            total_loss = step_forward_backward(model, micro_batches, targets, autocast, ctx)
+            with compiled.active() if compiled else contextlib.nullcontext():
+                total_loss = step_forward_backward(model, micro_batches, targets, autocast, ctx)
             tokens = int(ctx.sum(tokens))
             grad_norm = torch.nn.utils.clip_grad_norm_(all_params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             if guard.ok(p["step"] + 1, total_loss, float(grad_norm), f" (epoch {epoch + 1})"):

@@ -1,0 +1,50 @@
+"""`torch.compile` of an LLM's decoder layers, switched on for training steps only.
+
+`CompiledLayers` compiles each decoder layer's ``forward`` once (the layers share one
+code object, so Dynamo traces one graph per input shape for all of them) and
+`CompiledLayers.active` installs the compiled forwards for a block: the trainer wraps
+each optimiser step's forward and backward in it. Outside the block the layers run their
+own eager ``forward``, so validation, scoring with a KV cache, generation and export are
+untouched by compilation.
+
+The gated LoRA layers inside read the gate in scope at each call (``GateState``) and
+trace without graph breaks (tests/teacher/test_adapters.py). Compilation cannot be
+combined with gradient checkpointing (`enable_gradient_checkpointing` wraps the same
+layer calls); `TeacherConfig` refuses the pair.
+
+Measured (bench/RESULTS.md, NVIDIA H200, Llama-2-7B shape, batch 16): a training step
+1.43x faster than eager (224.7 vs 320.7 ms, 42 % vs 29.5 % MFU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+_UNSET = object()
+
+
+class CompiledLayers:
+    """Compiled ``forward`` of every decoder layer of ``llm``, installed by `active`."""
+
+    def __init__(self, llm: nn.Module, backend: str = "inductor") -> None:
+        self.layers = list(llm.get_decoder().layers)
+        self.compiled = [torch.compile(layer.forward, backend=backend) for layer in self.layers]
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Within the block each layer runs its compiled forward; its own forward after."""
+        previous = [layer.__dict__.get("forward", _UNSET) for layer in self.layers]
+        for layer, forward in zip(self.layers, self.compiled):
+            layer.forward = forward
+        try:
+            yield
+        finally:
+            for layer, forward in zip(self.layers, previous):
+                if forward is _UNSET:
+                    del layer.forward
+                else:
+                    layer.forward = forward
