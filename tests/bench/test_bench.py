@@ -326,6 +326,18 @@ def test_step_check_has_random_adapters_and_plain_lora_is_ours_under_the_uniform
     assert isinstance(llm.model.layers[0].mlp.down_proj, GatedLoraLinear)
 
 
+def test_step_check_fails_when_the_gate_does_not_reach_the_layers(synthetic_titles, monkeypatch):
+    """A model whose layers ignore the gate (the fault of earlier implementations) fails the check."""
+    from ilora.teacher.adapters import GateState, scale_and_expand
+
+    setup, _ = step_bench.build_setup("tiny-quick", CPU)
+    samples = common.random_samples(len(synthetic_titles), 3, 10, 20, seed=0)
+    uniform = lambda self, x, r, s: scale_and_expand(torch.full_like(self.gate_for(x), 1 / self.num_experts), r, s)  # noqa: E731
+    monkeypatch.setattr(GateState, "scaled_gate_for", uniform)
+    with pytest.raises(IloraError, match="cannot tell the learned gate"):
+        step_bench.check_equal(setup, samples, ("ours",))
+
+
 def test_step_compile_runs_every_variant_with_the_trainers_compiled_layers(synthetic_titles):
     """--compile uses `CompiledLayers`, as `teacher.compile` does in training, in every variant's context."""
     setup, _ = step_bench.build_setup("tiny-quick", CPU, compile_layers=True)
@@ -428,6 +440,8 @@ def test_bench_step_quick_json(capsys, synthetic_titles, tmp_path):
     _check_common(r, "step")
     assert set(r["variants"]) == {"reference", "ours", "ours_eager", "lora"} and r["sizes"]["attention"] == "sdpa"
     assert r["vs_lora"] == pytest.approx(r["variants"]["ours"]["median_s"] / r["variants"]["lora"]["median_s"])
+    check = r["equal_work_checked"]
+    assert check["discriminates_gate"] and check["gate_effect"] > 2 * check["tolerance"]
     assert r["sdpa_vs_eager"] == pytest.approx(r["variants"]["ours_eager"]["median_s"] / r["variants"]["ours"]["median_s"])
     assert all(v["mfu"] is None and v["samples_per_s"] > 0 for v in r["variants"].values())
     # the profiled step: its summary in the JSON, its operator table in the file

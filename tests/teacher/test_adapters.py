@@ -285,6 +285,24 @@ def test_missing_gate_wrong_batch_and_nesting_raise():
         layer(x)
 
 
+def test_a_failed_gate_scope_leaves_no_gate_behind(monkeypatch):
+    """If computing the gate's expansion fails (out of memory, Ctrl-C), the state stays unset and
+    the next scope works: it is not locked as if a scope were still open."""
+    from ilora.teacher import adapters
+
+    layer, state, _ = make_layer()
+    gate = torch.softmax(torch.randn(2, 3), dim=-1)
+    real = adapters.scale_and_expand
+    monkeypatch.setattr(adapters, "scale_and_expand", lambda *a: (_ for _ in ()).throw(MemoryError("out of memory")))
+    with pytest.raises(MemoryError):
+        with state.use(gate):
+            pass
+    assert not state.is_set
+    monkeypatch.setattr(adapters, "scale_and_expand", real)
+    with state.use(gate), torch.no_grad():
+        layer(torch.randn(2, 4, 6))
+
+
 def test_changing_one_samples_gate_changes_only_that_sample():
     model, state = injected(tiny_llama)
     ids, mask = padded_batch()

@@ -198,8 +198,8 @@ class GateState:
             raise ValueError(f"gates must be floating point, got {gates.dtype}")
         if self._gate is not None:
             raise RuntimeError("a gate is already in use for this model: GateState.use scopes cannot be nested")
-        self._gate = gates
-        self._scaled = {key: scale_and_expand(gates, *key) for key in self._scales}
+        scaled = {key: scale_and_expand(gates, *key) for key in self._scales}  # may raise: nothing set yet
+        self._gate, self._scaled = gates, scaled
         try:
             yield gates
         finally:
