@@ -185,12 +185,14 @@ def test_batch_matches_per_sample_reference(style, case):
     check_against_reference(style, case)
 
 
+FIXED_CASE = dict(
+    titles=["Enigma", "[HistoryEmb]", "", "Café Del Mar", "Sigur Rós"], history=[[0, 1, 2], [3, 5, 5]], length=[3, 1],
+    cands=[[4, 1], [0, 2]], cand_len=None, target=[4, 2], hybrid=[True, False], with_answer=True, side="left", max_tokens=None,
+)  # fmt: skip
+
+
 def test_fixed_case_left_padding_and_answer():
-    case = dict(
-        titles=["Enigma", "[HistoryEmb]", "", "Café Del Mar", "Sigur Rós"], history=[[0, 1, 2], [3, 5, 5]], length=[3, 1],
-        cands=[[4, 1], [0, 2]], cand_len=None, target=[4, 2], hybrid=[True, False], with_answer=True, side="left", max_tokens=None,
-    )  # fmt: skip
-    batch = check_against_reference("llama", case)
+    batch = check_against_reference("llama", FIXED_CASE)
     tok, ph = tokenizer("llama")
     # left padding: every row ends with the answer's eos; without answer, with the last template token
     assert (batch.input_ids[:, -1] == tok.eos_token_id).all()
@@ -201,11 +203,7 @@ def test_fixed_case_left_padding_and_answer():
 
 
 def test_batch_moves_as_one_copy_per_dtype():
-    case = dict(
-        titles=["Enigma", "Moby", "", "Café Del Mar", "Sigur Rós"], history=[[0, 1, 2], [3, 5, 5]], length=[3, 1],
-        cands=[[4, 1], [0, 2]], cand_len=None, target=[4, 2], hybrid=[True, False], with_answer=True, side="left", max_tokens=None,
-    )  # fmt: skip
-    batch = check_against_reference("llama", case)
+    batch = check_against_reference("llama", FIXED_CASE)
     tensors = {f: getattr(batch, f) for f in batch.__dataclass_fields__ if isinstance(getattr(batch, f), torch.Tensor)}
     # the packing itself, run to the CPU so the values can be compared: same dtypes, shapes, values
     moved = move_packed({**tensors, "strided": batch.input_ids.t()}, torch.device("cpu"))
