@@ -303,6 +303,14 @@ def test_substitution_matches_loop_reference():
     with pytest.raises(IloraError, match="placeholder values"):
         substitute_placeholders(embeds, batch, item_table[:2])
 
+    # a frozen table's output (no grad) is written in place: same values, same gradient to the items
+    frozen = embeds.detach().clone()
+    item_table.grad = None
+    written = substitute_placeholders(frozen, batch, item_table[batch.ph_item] * 2.0)
+    assert written.data_ptr() == frozen.data_ptr() and torch.equal(written, ref)
+    (written * upstream).sum().backward()
+    torch.testing.assert_close(item_table.grad, got_grads[1])
+
 
 def test_answer_tokens_and_truncation():
     tok, _ = tokenizer("qwen2")

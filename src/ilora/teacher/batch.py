@@ -255,17 +255,25 @@ def move_packed(tensors: Mapping[str, torch.Tensor], device: torch.device, non_b
 
 
 def substitute_placeholders(inputs_embeds: torch.Tensor, batch: PromptBatch, values: torch.Tensor) -> torch.Tensor:
-    """``inputs_embeds`` with placeholder ``k`` replaced by ``values[k]`` (out of place).
+    """``inputs_embeds`` with placeholder ``k`` replaced by ``values[k]``; use the returned tensor.
 
     ``values`` is ``(P, H)``, aligned with ``batch.ph_item`` (e.g. the projected SASRec
-    embeddings of ``batch.ph_item``). Gradients reach both ``inputs_embeds`` (at the
-    other positions) and ``values``.
+    embeddings of ``batch.ph_item``). Gradients reach ``values`` and, when it requires
+    grad, ``inputs_embeds`` at the other positions.
+
+    An ``inputs_embeds`` that does not require grad (the output of the frozen embedding
+    table: the teacher's case) is written in place, which saves a copy of the whole
+    ``(B, T, H)`` tensor; one that requires grad (a leaf under transformers' input-grad
+    hook, say) is left as it is and a new tensor returned. Pass a tensor you own.
     """
     if values.shape != (batch.ph_item.numel(), inputs_embeds.shape[-1]):
         raise IloraError(
             f"placeholder values have shape {tuple(values.shape)}, expected ({batch.ph_item.numel()}, {inputs_embeds.shape[-1]})"
         )
-    return inputs_embeds.index_put((batch.ph_batch, batch.ph_pos), values.to(inputs_embeds.dtype))
+    index, values = (batch.ph_batch, batch.ph_pos), values.to(inputs_embeds.dtype)
+    if inputs_embeds.requires_grad:
+        return inputs_embeds.index_put(index, values)
+    return inputs_embeds.index_put_(index, values)
 
 
 # -- the collator ----------------------------------------------------------------------------
