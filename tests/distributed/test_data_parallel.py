@@ -142,6 +142,21 @@ def test_two_ranks_train_the_same_teacher_as_one_process(work, single_teacher, t
     assert len(losses(two)) == 6 and len(list((two / "tb").iterdir())) == 1
 
 
+@pytest.mark.slow  # torchrun with 2 processes, each compiling the decoder layers (inductor)
+def test_two_ranks_with_compiled_layers_train_the_teacher_of_one_eager_process(work, single_teacher, tmp_path) -> None:
+    """``--compile`` under DDP: the compiled decoder layers' gradients reach DDP's all-reduce, so two
+    ranks give the eager single process's losses and weights (compiled kernels round differently:
+    looser tolerances than the eager 2-rank test)."""
+    one, _ = single_teacher
+    two = tmp_path / "teacher_2_compiled"
+    result = ilora(["teacher", "train", str(work / "data"), "--rec", str(work / "rec"), "--out", str(two), "--compile", *TRAIN], ranks=2)
+    assert result["world_size"] == 2 and result["steps"] == 6
+    for column in ("loss", "grad_norm"):
+        np.testing.assert_allclose(losses(two, column), losses(one, column), rtol=1e-4, atol=0, err_msg=column)
+    for name in ("adapter_model.safetensors", "gate.safetensors", "projector.safetensors"):
+        assert_close_tensors(one / name, two / name, 1e-4)
+
+
 @pytest.mark.slow  # torchrun with 2 processes
 def test_a_rank_left_without_samples_still_matches(work, tmp_path) -> None:
     """Batch 29 over 88 samples: steps of 29, 29, 29 and 1 sample (rank 1 gets none in the last step)."""
