@@ -73,6 +73,18 @@ def test_config_refuses_compile_with_gradient_checkpointing():
         TeacherConfig(compile=True, gradient_checkpointing=True)
 
 
+def test_training_with_compile_on_a_cpu_without_a_compiler_is_refused_before_any_work(tmp_path, monkeypatch):
+    from ilora.data import make_synthetic
+    from ilora.teacher import compiled
+    from ilora.teacher.train import train_teacher
+
+    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler"):
+        train_teacher(make_synthetic(users=10, items=20, seed=0), TeacherConfig(compile=True), tmp_path / "rec", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    compiled.check_can_compile("cuda")  # Triton, not a C++ compiler, on CUDA
+
+
 def test_a_teacher_trains_the_same_with_compile(tmp_path):
     """Two optimiser steps with compiled layers (inductor) give the weights of two eager steps;
     validation and the saved teacher run eagerly (no compiled forward left on the layers)."""

@@ -19,12 +19,23 @@ Measured (bench/RESULTS.md, NVIDIA H200, Llama-2-7B shape, batch 16): a training
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import Iterator
 
 import torch
 from torch import nn
 
 _UNSET = object()
+CXX = ("c++", "g++", "clang++")
+
+
+def check_can_compile(device: str) -> None:
+    """`ConfigError` before any work when compiling cannot succeed here: on a CPU, inductor
+    builds C++ and needs a compiler on the PATH (on CUDA it generates Triton kernels)."""
+    from ilora.errors import ConfigError
+
+    if device == "cpu" and not any(shutil.which(name) for name in CXX):
+        raise ConfigError(f"compile on the CPU needs a C++ compiler ({', '.join(CXX)}) on the PATH; none was found (set compile=false)")
 
 
 class CompiledLayers:

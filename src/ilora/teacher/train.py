@@ -68,7 +68,7 @@ from ilora.state_io import atomic_write_text, read_json, save_state
 from ilora.teacher.adapters import adapter_state_dict, enable_gradient_checkpointing
 from ilora.teacher.batch import draw_hybrid_flags
 from ilora.teacher.build import build_teacher, rec_fingerprint, save_teacher, trainable_parameters
-from ilora.teacher.compiled import CompiledLayers
+from ilora.teacher.compiled import CompiledLayers, check_can_compile
 from ilora.teacher.config import TeacherConfig
 from ilora.teacher.evaluate import evaluate_teacher
 from ilora.teacher.optim import build_scheduler, param_groups
@@ -280,6 +280,8 @@ def train_teacher(
     """
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device cuda: no CUDA device is available")
+    if cfg.compile:
+        check_can_compile(cfg.device)
     # Everything that can reject the input runs before --out is touched.
     seed_everything(cfg.seed)
     train, val = dataset.split("train"), _val_subset(dataset.split("val"), cfg.val_samples)
