@@ -410,6 +410,17 @@ def test_gradient_checkpointing_restores_the_forward_gate():
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_checkpointing_leaves_the_embedding_output_without_grad():
+    """Non-reentrant checkpointing needs no input that requires grad: transformers' hook that makes
+    the embedding output require grad is removed (no (B, T, H) gradient for it, and the placeholder
+    rows can be written in place); the gradients are those of the plain model (test above)."""
+    model, state = injected(tiny_llama)
+    enable_gradient_checkpointing(model, state)
+    ids, _ = padded_batch()
+    assert model.is_gradient_checkpointing if hasattr(model, "is_gradient_checkpointing") else True
+    assert not model.get_input_embeddings()(ids).requires_grad
+
+
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_checkpointing_without_our_context_fn_fails_loudly(use_reentrant):
     model, state = injected(tiny_llama)

@@ -310,6 +310,12 @@ def test_substitution_matches_loop_reference():
     assert written.data_ptr() == frozen.data_ptr() and torch.equal(written, ref)
     (written * upstream).sum().backward()
     torch.testing.assert_close(item_table.grad, got_grads[1])
+    # a view (of a weight, say) is never written: a new tensor comes back
+    table = embeds.detach().clone()
+    view = table[:, :]
+    kept = view.clone()
+    out = substitute_placeholders(view, batch, item_table[batch.ph_item].detach() * 2.0)
+    assert torch.equal(view, kept) and torch.equal(out, ref)
 
 
 def test_answer_tokens_and_truncation():

@@ -499,6 +499,12 @@ def enable_gradient_checkpointing(model: nn.Module, state: GateState, **checkpoi
     if enable is None:
         raise ConfigError(f"{type(model).__name__} has no gradient checkpointing support (not a transformers model?)")
     enable(kwargs)
+    # transformers also makes the embedding output require grad, which only reentrant
+    # checkpointing needs: it would cost a (B, T, H) gradient per step and a copy in
+    # `substitute_placeholders`
+    disable = getattr(model, "disable_input_require_grads", None)
+    if callable(disable) and getattr(model, "_require_grads_hook", None) is not None:
+        disable()
 
 
 # -- files -----------------------------------------------------------------------------------------

@@ -264,14 +264,16 @@ def substitute_placeholders(inputs_embeds: torch.Tensor, batch: PromptBatch, val
     An ``inputs_embeds`` that does not require grad (the output of the frozen embedding
     table: the teacher's case) is written in place, which saves a copy of the whole
     ``(B, T, H)`` tensor; one that requires grad (a leaf under transformers' input-grad
-    hook, say) is left as it is and a new tensor returned. Pass a tensor you own.
+    hook, say), or that is a view or an inference tensor outside inference mode, is left as
+    it is and a new tensor returned.
     """
     if values.shape != (batch.ph_item.numel(), inputs_embeds.shape[-1]):
         raise IloraError(
             f"placeholder values have shape {tuple(values.shape)}, expected ({batch.ph_item.numel()}, {inputs_embeds.shape[-1]})"
         )
     index, values = (batch.ph_batch, batch.ph_pos), values.to(inputs_embeds.dtype)
-    if inputs_embeds.requires_grad:
+    owned = inputs_embeds._base is None and (torch.is_inference_mode_enabled() or not inputs_embeds.is_inference())
+    if inputs_embeds.requires_grad or not owned:  # a view (of a weight?) or an inference tensor: copy
         return inputs_embeds.index_put(index, values)
     return inputs_embeds.index_put_(index, values)
 
