@@ -525,5 +525,5 @@ def markdown_table(result: dict[str, Any]) -> list[str]:
     if "profile" in result:
         p = result["profile"]
         busy = "" if p["device_busy_s"] is None else f", device busy {ms(p['device_busy_s'])} ms ({100 * p['device_busy_share']:.0f} %)"
-        lines += ["", f"Profiled step of ours: {ms(p['step_s'])} ms{busy}, {p['aten_operators']} aten operators (top operators: `{p['file']}`)."]
+        lines += ["", f"Profiled step of ours: {ms(p['step_s'])} ms{busy}, {p['aten_operators']} aten operators (top operators: `{Path(p['file']).name}`; `profiles.txt` in a `gpu.sh` run)."]
     return lines

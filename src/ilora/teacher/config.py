@@ -67,7 +67,7 @@ class TeacherConfig:
     compile: bool = option(
         False,
         "torch.compile the decoder layers for the training steps (validation and export stay eager); "
-        "1.43x faster 7B step on an H200 (bench/RESULTS.md); not with gradient_checkpointing",
+        "a 7B step 1.43x faster in `ilora bench step --compile` on an H200 (bench/RESULTS.md); not with gradient_checkpointing",
     )
     num_candidates: int = option(20, "candidates per prompt (the target plus items not in the history)")
     candidate_seed: int = option(0, "seed of the fixed candidate sets")
