@@ -377,6 +377,22 @@ def test_step_timed_runs_swap_outside_the_step_and_restore(synthetic_titles):
     assert llm.config._attn_implementation == "sdpa"
 
 
+def test_untimed_parts_neither_sync_nor_record(monkeypatch):
+    synced = []
+    monkeypatch.setattr(common, "sync", lambda device: synced.append(device))
+
+    def run(parts):
+        with parts("a"):
+            pass
+
+    timed = common.interleave({"x": run}, CPU, warmup=0, repeats=2)
+    assert set(timed["x"].parts) == {"a"} and len(synced) == 2 * 4  # two around the run, two around the part
+    synced.clear()
+    untimed = common.interleave({"x": run}, CPU, warmup=0, repeats=2, part_times=False)
+    assert untimed["x"].parts == {} and len(untimed["x"].totals) == 2 and len(synced) == 2 * 2
+    assert "parts_median_s" not in untimed["x"].summary()
+
+
 def test_bench_rejects_an_option_of_another_benchmark(capsys):
     assert main(["bench", "inputs", "--quick", "--compile", "--no-record"]) == 2
     assert "--compile does not apply (only to step)" in capsys.readouterr().err
@@ -386,6 +402,8 @@ def test_bench_rejects_an_option_of_another_benchmark(capsys):
     assert "--profile does not apply (only to step)" in capsys.readouterr().err
     assert main(["bench", "inputs", "--quick", "--lora-baseline", "--no-record"]) == 2
     assert "--lora-baseline does not apply (only to step)" in capsys.readouterr().err
+    assert main(["bench", "adapter", "--quick", "--no-part-syncs", "--no-record"]) == 2
+    assert "--no-part-syncs does not apply (only to step)" in capsys.readouterr().err
 
 
 # -- every benchmark runs and prints one JSON object ---------------------------------------------

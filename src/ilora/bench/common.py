@@ -114,15 +114,21 @@ class Parts:
     """Per-part wall times of one run of a variant: ``with parts("substitute"): ...``.
 
     Synchronises the device around each part, so the parts of a CUDA run add up to
-    its total (minus the Python in between).
+    its total (minus the Python in between). With ``timed=False`` it neither syncs nor
+    records: the run then overlaps host and device work across its parts, as training
+    does, and only its total is measured.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, timed: bool = True) -> None:
         self.device = device
+        self.timed = timed
         self.times: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        if not self.timed:
+            yield
+            return
         sync(self.device)
         start = time.perf_counter()
         try:
@@ -167,6 +173,7 @@ def interleave(
     min_repeats: int = 3,
     budget_s: float | None = None,
     contexts: dict[str, Callable[[], ContextManager[Any]]] | None = None,
+    part_times: bool = True,
 ) -> dict[str, VariantTimes]:
     """Time ``variants`` interleaved: round ``i`` runs each once, the order rotated by ``i``.
 
@@ -176,6 +183,7 @@ def interleave(
     the rounds run. ``contexts[name]()``, when given, is entered before and left after
     each timed call of variant ``name`` (outside the timer): set-up such as swapping
     modules that the variant needs but that is not part of what is measured.
+    ``part_times=False`` hands the variants `Parts` that neither sync nor record.
     """
     if repeats < 1 or warmup < 0:
         raise ConfigError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
@@ -192,7 +200,7 @@ def interleave(
             started = time.perf_counter()
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
-            parts = Parts(device)
+            parts = Parts(device, timed=part_times)
             context = contexts[name]() if contexts and name in contexts else contextlib.nullcontext()
             with context:
                 sync(device)

@@ -405,11 +405,13 @@ def run_bench(
     repeats: int = 5,
     budget_s: float | None = None,
     profile: Path | None = None,
+    part_times: bool = True,
 ) -> dict[str, Any]:
     """Time a training step of the reference and of ours (and of ours with eager attention when
     ``eager_baseline``, of plain LoRA when ``lora_baseline``), interleaved on one model; one
     JSON-ready dict. With ``profile``, one more step of ours runs under torch.profiler
-    afterwards (`profile_step`)."""
+    afterwards (`profile_step`). ``part_times=False`` times whole steps without the device
+    syncs between their parts (inputs, forward, backward, optimizer), as training runs them."""
     shape = shape or ("tiny-quick" if quick else "tiny")
     if device.type == "cpu" and shape in ("1b", "7b"):
         raise ConfigError(f"shape {shape} is for CUDA; on CPU use tiny")
@@ -427,7 +429,7 @@ def run_bench(
     padded_width = {"ours": probe.input_ids.shape[1], "reference": reference_tokens(setup.inputs, samples)["input_ids"].shape[1]}
 
     runs, contexts = timed_runs(setup, samples, variants)
-    times = interleave(runs, device, warmup=warmup, repeats=repeats, budget_s=budget_s, contexts=contexts)
+    times = interleave(runs, device, warmup=warmup, repeats=repeats, budget_s=budget_s, contexts=contexts, part_times=part_times)
     mem = memory(setup, samples, variants)
     profiled = profile_step(setup, samples, profile) if profile else None
     flops = useful_flops(setup, tokens, answer_tokens, gradient_checkpointing)
@@ -466,6 +468,7 @@ def run_bench(
             "gradient_checkpointing": gradient_checkpointing,
             "compile": compile_layers,
             "attention": llm.config._attn_implementation,
+            "part_syncs": part_times,
         },
         "titles": source,
         "equal_work_checked": check_summary(setup, losses),
@@ -501,7 +504,7 @@ def markdown_table(result: dict[str, Any]) -> list[str]:
     lines = [
         f"Shape `{s['shape']}` ({s['layers']} layers, hidden {s['hidden']}, vocab {s['vocab']}, {s['dtype']}), batch {s['batch_size']}, "
         f"{s['tokens_per_sample']:.0f} tokens/sample, checkpointing {s['gradient_checkpointing']}, compile {s['compile']}, "
-        f"attention {s['attention']}.",
+        f"attention {s['attention']}" + ("." if s.get("part_syncs", True) else ", no device syncs between the step's parts (no per-part times)."),
         "",
         "| variant | step ms (inputs / forward / backward / optimizer) | samples/s | tokens/s | MFU | saved MiB | CUDA peak MiB |",
         "|---|---|---:|---:|---:|---:|---:|",

@@ -36,6 +36,7 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
     "eager_baseline": ("step",),
     "lora_baseline": ("step",),
     "profile": ("step",),
+    "no_part_syncs": ("step",),
     "samples": ("eval", "export"),
     "threads": ("export",),
     "data": ("grouping",),
@@ -73,6 +74,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
             shape=args.shape, gradient_checkpointing=args.gradient_checkpointing, compile_layers=args.compile, eager_baseline=args.eager_baseline,
             lora_baseline=args.lora_baseline,
             profile=Path(args.profile) if args.profile else None,
+            part_times=not args.no_part_syncs,
         )
     if args.benchmark in ("step", "grouping") and args.batch_size:
         kwargs["batch_size"] = args.batch_size
@@ -130,6 +132,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lora-baseline", action="store_true",
         help="step: also time plain LoRA on the same weights, without the gate (what iLoRA's gating costs)",
+    )
+    p.add_argument(
+        "--no-part-syncs", action="store_true",
+        help="step: time whole steps without syncing the device between their parts (as training runs; no per-part times)",
     )
     p.add_argument(
         "--profile", default=None, metavar="FILE",
