@@ -22,6 +22,7 @@ from ilora.teacher.batch import (
     move_packed,
     segment_prefix,
     substitute_placeholders,
+    target_positions,
 )
 from ilora.teacher.prompts import PromptTemplate, load_template
 from ilora.teacher.tiny import add_placeholder_tokens, build_tiny_tokenizer
@@ -200,6 +201,21 @@ def test_fixed_case_left_padding_and_answer():
     assert batch.ph_item.tolist() == [0, 1, 2, 4, 1]  # only the hybrid sample has placeholders
     # the title "[HistoryEmb]" is text, not a placeholder: exactly 3 history placeholders in row 0
     assert int((batch.input_ids[0] == ph.history).sum()) == 3
+
+
+def test_target_positions_are_the_answer_predicting_states_counted_at_build_time():
+    """The loss's positions without a device sync: the same as a scan of the labels, counted when
+    the batch was built; a batch whose labels changed afterwards is refused (on the CPU)."""
+    import dataclasses
+
+    batch = check_against_reference("llama", FIXED_CASE)
+    expected = [(b, t) for b in range(batch.labels.shape[0]) for t in range(batch.labels.shape[1] - 1) if batch.labels[b, t + 1] != -100]
+    rows, cols = target_positions(batch)
+    assert list(zip(rows.tolist(), cols.tolist())) == expected and batch.num_targets == len(expected) > 0
+    assert batch.to("meta").num_targets == batch.num_targets  # travels with the batch
+    stale = dataclasses.replace(batch, labels=batch.labels.masked_fill(batch.labels == batch.labels.max(), -100))
+    with pytest.raises(IloraError, match="labels were changed"):
+        target_positions(stale)
 
 
 def test_batch_moves_as_one_copy_per_dtype():

@@ -194,6 +194,9 @@ class PromptBatch:
             ``prompt_length`` tokens; the answer (``answer_length`` tokens incl. eos, 0
             without answer) starts at column ``answer_start``.
         history, length, candidates, target, hybrid: the inputs (target may be None).
+        num_targets: int, counted on the host when the batch is built: how many answer
+            tokens have a position before them (``labels[:, 1:] != -100``), i.e. how many
+            the loss predicts; `target_positions` finds them on the device without a sync.
     """
 
     input_ids: torch.Tensor
@@ -211,6 +214,7 @@ class PromptBatch:
     candidates: torch.Tensor
     target: torch.Tensor | None
     hybrid: torch.Tensor
+    num_targets: int = 0
 
     def _map(self, fn) -> "PromptBatch":
         return PromptBatch(**{f.name: _apply(fn, getattr(self, f.name)) for f in dataclasses.fields(self)})
@@ -252,6 +256,21 @@ def move_packed(tensors: Mapping[str, torch.Tensor], device: torch.device, non_b
         for n, part in zip(names, flat.split([tensors[n].numel() for n in names])):
             moved[n] = part.view(tensors[n].shape)
     return moved
+
+
+def target_positions(batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)`` of the hidden states that predict an answer token, in row-major order:
+    where ``labels[:, 1:] != -100``. Their number, ``batch.num_targets``, was counted when the
+    batch was built, so on a GPU this needs no host-device synchronisation (``nonzero``
+    would wait for the device to learn how many there are). On the CPU the count is checked."""
+    predicts = batch.labels[:, 1:] != IGNORE_INDEX
+    if predicts.device.type == "cpu" and int(predicts.sum()) != batch.num_targets:
+        raise IloraError(
+            f"the batch's labels have {int(predicts.sum())} answer tokens to predict but num_targets says {batch.num_targets}: "
+            "labels were changed after the batch was built"
+        )
+    rows, cols = torch.nonzero_static(predicts, size=batch.num_targets).unbind(1)
+    return rows, cols
 
 
 def substitute_placeholders(inputs_embeds: torch.Tensor, batch: PromptBatch, values: torch.Tensor) -> torch.Tensor:
@@ -445,6 +464,7 @@ class PromptCollator:
         tok_item = torch.repeat_interleave(items.reshape(-1), flat_len, output_size=n_tok)
         prompt_length = total - answer_length
         return PromptBatch(
+            num_targets=int((labels[:, 1:] != IGNORE_INDEX).sum()),
             input_ids=input_ids,
             attention_mask=attention_mask,
             labels=labels,

@@ -210,10 +210,12 @@ class ILoRATeacher(nn.Module):
         at the positions just before an answer token. With ``reduction="mean"`` a batch
         without answer tokens raises `IloraError` (its mean is undefined); their sum is 0.
         """
-        if reduction == "mean" and not bool((batch.labels[:, 1:] != -100).any()):
+        from ilora.teacher.batch import target_positions
+
+        if reduction == "mean" and batch.num_targets == 0:
             raise IloraError("loss: the batch has no answer tokens (every label is -100); build it with answers (PromptCollator with_answer=True)")
         out = self.run(batch, gate_mode)
-        rows, cols = (batch.labels[:, 1:] != -100).nonzero(as_tuple=True)
+        rows, cols = target_positions(batch)  # no host sync: their number was counted at build time
         logits = self.lm_logits(out.hidden[rows, cols])
         return F.cross_entropy(logits.float(), batch.labels[rows, cols + 1], reduction=reduction)
 

@@ -174,8 +174,8 @@ class SummedLoss(torch.nn.Module):
 
 
 def answer_tokens(batch) -> int:
-    """How many tokens the loss of ``batch`` is computed on."""
-    return int((batch.labels[:, 1:] != -100).sum())
+    """How many tokens the loss of ``batch`` is computed on (counted when it was built)."""
+    return batch.num_targets
 
 
 def wrap_for_training(teacher, ctx: Dist) -> torch.nn.Module:
