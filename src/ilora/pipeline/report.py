@@ -103,6 +103,22 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def weak_teacher_note(summary: dict) -> str | None:
+    """A sentence for reports whose teacher ranks the fixed candidates worse than SASRec does
+    (hr@1, learned gate, score protocol): distillation then passes on a worse ranking, and a
+    student below its baseline is what to expect, not a fault. None otherwise."""
+    ev = summary.get("eval") or {}
+    learned = (ev.get("teacher") or {}).get("score/learned")
+    sasrec = (ev.get("sasrec_same_candidates") or {}).get("cand_hr@1")
+    if not learned or sasrec is None or learned["hr@1"] >= sasrec:
+        return None
+    return (
+        f"The teacher ranks the fixed candidates worse than SASRec (hr@1 {learned['hr@1']:.4f} vs {sasrec:.4f}), "
+        "so its outputs carry a worse ranking than the student's own data: distillation from it is expected to lower "
+        "the student's metrics (a stronger teacher is what DLLM2Rec-style distillation needs)."
+    )
+
+
 def write_report(run: Path, summary: dict) -> Path:
     lines = ["# ilora run report", "", f"Run directory: `{run}`", ""]
     data = summary.get("data", {})
@@ -136,7 +152,8 @@ def write_report(run: Path, summary: dict) -> Path:
                 g = gain.get(k)
                 lines.append(f"| {k} | {base[k]:.4f} | {dist[k]:.4f} | {'n/a' if g is None else f'{100 * g:+.1f} %'} |")
         plot_students(base, dist, run / "students.png")
-        lines += ["", "![students](students.png)", ""]
+        note = weak_teacher_note(summary)
+        lines += ["", *([note, ""] if note else []), "![students](students.png)", ""]
     if plot_curves(run, run / "curves.png"):
         lines += ["## Training curves", "", "![curves](curves.png)", ""]
     stages = {k: v.get("seconds") for k, v in summary.items() if isinstance(v, dict) and "seconds" in v}
@@ -173,5 +190,8 @@ def summary_table(summary: dict) -> str:
                 f"{m['valid_ratio']:>10.4f}{m['gate_stats']['mean_entropy']:>10.3f}"
             )
         lines.append(f"{'SASRec cand_hr@1, same cands':<30}{ev['sasrec_same_candidates']['cand_hr@1']:>10.4f}")
+    note = weak_teacher_note(summary) if summary.get("distill") else None
+    if note:
+        lines += ["", note]
     lines += ["", f"report: {summary['out']}/report.md"]
     return "\n".join(lines)
