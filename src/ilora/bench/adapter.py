@@ -32,7 +32,7 @@ from torch import nn
 
 from ilora.bench.common import cuda_peak, interleave, machine_info, mib, ms, now_utc, saved_activation_bytes
 from ilora.errors import IloraError
-from ilora.teacher.adapters import GatedLoraLinear, GateState, MoELoraConfig, gated_lora_modules
+from ilora.teacher.adapters import GatedLoraLinear, GateState, MoELoraConfig, adapter_input, gated_lora_modules
 
 NUM_EXPERTS = 4
 RANKS = (2, 8)
@@ -109,9 +109,7 @@ class PlainLoraView(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
         result = layer.base_layer(x)
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(layer.lora_A.weight.dtype)
-        delta = layer.lora_B(layer.lora_A(layer.lora_dropout(x))) * (layer.scaling / layer.num_experts)
+        delta = layer.lora_B(layer.lora_A(layer.lora_dropout(adapter_input(x, layer.lora_A.weight.dtype)))) * (layer.scaling / layer.num_experts)
         return result + delta.to(result.dtype)
 
 

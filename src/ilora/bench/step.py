@@ -425,7 +425,7 @@ def run_bench(
     losses = check_equal(setup, samples, variants)
     probe = setup.bundle.train_collator.build(samples["history"], samples["length"], samples["candidates"], samples["target"])
     tokens = int(probe.attention_mask.sum())
-    answer_tokens = int((probe.labels != -100).sum())
+    answer_tokens = probe.num_targets
     padded_width = {"ours": probe.input_ids.shape[1], "reference": reference_tokens(setup.inputs, samples)["input_ids"].shape[1]}
 
     runs, contexts = timed_runs(setup, samples, variants)

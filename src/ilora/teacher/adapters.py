@@ -132,6 +132,13 @@ def _in_backward() -> bool:
     return task_id is not None and task_id() != -1
 
 
+def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a LoRA adapter of ``dtype`` reads it: cast to ``dtype`` outside autocast;
+    unchanged under autocast, which runs the products in its own dtype anyway (a copy in
+    ``dtype`` would be made only to be cast back)."""
+    return x if torch.is_autocast_enabled(x.device.type) else x.to(dtype)
+
+
 def scale_and_expand(gates: torch.Tensor, rank_per_expert: int, scaling: float) -> torch.Tensor:
     """``scaling * gates`` with each expert's weight repeated ``rank_per_expert`` times:
     ``(B, E) -> (B, E*r)``, ``(B, T, E) -> (B, T, E*r)``; the rank-space scale of `GatedLoraLinear`."""
@@ -331,9 +338,7 @@ class GatedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_x = self.gate_state.scaled_gate_for(x, self.rank_per_expert, self.scaling)
         result = self.base_layer(x)
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.lora_A.weight.dtype)
-        h = self.lora_A(self.lora_dropout(x))
+        h = self.lora_A(self.lora_dropout(adapter_input(x, self.lora_A.weight.dtype)))
         if gate_x.dim() == 2:  # per sample: (B, E*r) -> (B, 1, ..., 1, E*r)
             gate_x = gate_x.view(gate_x.shape[0], *([1] * (h.dim() - 2)), gate_x.shape[-1])
         delta = self.lora_B(h * gate_x.to(device=h.device, dtype=h.dtype))

@@ -224,7 +224,8 @@ class PromptBatch:
         per dtype (`move_packed`) instead of its 15 small tensors one by one: each would be
         a host-to-device transfer of its own, and most of a small batch's copy time."""
         device = torch.device(device)
-        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        tensors = {name: value for name, value in fields.items() if isinstance(value, torch.Tensor)}
         if device.type == "cpu" or any(t.device.type != "cpu" for t in tensors.values()):
             return self._map(lambda t: t.to(device, non_blocking=non_blocking))
         return dataclasses.replace(self, **move_packed(tensors, device, non_blocking))
@@ -264,9 +265,9 @@ def target_positions(batch: PromptBatch) -> tuple[torch.Tensor, torch.Tensor]:
     batch was built, so on a GPU this needs no host-device synchronisation (``nonzero``
     would wait for the device to learn how many there are). On the CPU the count is checked."""
     predicts = batch.labels[:, 1:] != IGNORE_INDEX
-    if predicts.device.type == "cpu" and int(predicts.sum()) != batch.num_targets:
+    if predicts.device.type == "cpu" and (found := int(predicts.sum())) != batch.num_targets:
         raise IloraError(
-            f"the batch's labels have {int(predicts.sum())} answer tokens to predict but num_targets says {batch.num_targets}: "
+            f"the batch's labels have {found} answer tokens to predict but num_targets says {batch.num_targets}: "
             "labels were changed after the batch was built"
         )
     rows, cols = torch.nonzero_static(predicts, size=batch.num_targets).unbind(1)

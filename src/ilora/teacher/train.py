@@ -173,11 +173,6 @@ class SummedLoss(torch.nn.Module):
         return self.teacher.loss(batch, reduction="sum")
 
 
-def answer_tokens(batch) -> int:
-    """How many tokens the loss of ``batch`` is computed on (counted when it was built)."""
-    return batch.num_targets
-
-
 def wrap_for_training(teacher, ctx: Dist) -> torch.nn.Module:
     """`SummedLoss` of the teacher, in ``DistributedDataParallel`` when there are several ranks.
 
@@ -386,7 +381,7 @@ def train_teacher(
             started = time.perf_counter()
             micro_batches = [(next(batches), counts) for _, _, counts in mine[k]]
             # counted on the CPU, before the copy: no device sync
-            targets = sum(answer_tokens(b) for b, counts in micro_batches if counts)
+            targets = sum(b.num_targets for b, counts in micro_batches if counts)  # the loss's tokens, counted at build time
             tokens = sum(int(b.attention_mask.sum()) for b, counts in micro_batches if counts)
             micro_batches = [(b.to(cfg.device, non_blocking=True), counts) for b, counts in micro_batches]
             n_step = len(plan[k][0])
