@@ -256,8 +256,9 @@ def test_reference_adapters_swap_and_restore():
 def test_step_reference_and_ours_losses_agree_and_flops_are_counted(synthetic_titles):
     setup, _ = step_bench.build_setup("tiny-quick", CPU)
     samples = common.random_samples(len(synthetic_titles), 3, 10, 20, seed=0)
-    losses = step_bench.check_equal(setup, samples)
-    assert abs(losses["reference"] - losses["ours"]) < 1e-4
+    check = step_bench.check_equal(setup, samples)
+    losses = check["losses_dropout_off"]
+    assert abs(losses["reference"] - losses["ours"]) < 1e-4 and check["distance"]["reference"] < 1e-4
     assert gated_lora_modules(setup.bundle.teacher.llm)  # the swap was undone
     spec = step_bench.SHAPES["tiny-quick"]
     h, i, layers = spec["hidden_size"], spec["intermediate_size"], spec["num_hidden_layers"]
@@ -279,7 +280,7 @@ def test_step_with_gradient_checkpointing_runs_both_variants_with_the_same_loss(
     in-place row writes must still work, and both variants still agree."""
     setup, _ = step_bench.build_setup("tiny-quick", CPU, gradient_checkpointing=True)
     samples = common.random_samples(len(synthetic_titles), 3, 10, 20, seed=0)
-    losses = step_bench.check_equal(setup, samples)
+    losses = step_bench.check_equal(setup, samples)["losses_dropout_off"]
     assert abs(losses["reference"] - losses["ours"]) < 1e-4
     for variant in ("reference", "ours"):  # a full step (backward through the recomputed layers) runs
         assert math.isfinite(step_bench.train_step(setup, samples, common.Parts(CPU), variant))
@@ -290,7 +291,7 @@ def test_step_eager_baseline_runs_eager_attention_with_the_same_loss(synthetic_t
     llm = setup.bundle.teacher.llm
     assert llm.config._attn_implementation == "sdpa"
     samples = common.random_samples(len(synthetic_titles), 3, 10, 20, seed=0)
-    losses = step_bench.check_equal(setup, samples, step_bench.VARIANTS)
+    losses = step_bench.check_equal(setup, samples, step_bench.VARIANTS)["losses_dropout_off"]
     assert abs(losses["ours_eager"] - losses["ours"]) < 1e-4
     with step_bench.variant_context(setup, "ours_eager"):
         assert llm.config._attn_implementation == "eager"
@@ -314,7 +315,7 @@ def test_step_check_has_random_adapters_and_plain_lora_is_ours_under_the_uniform
     layers = list(gated_lora_modules(setup.bundle.teacher.llm).values())
     assert all(not layer.lora_B.weight.any() for layer in layers)
     samples = common.random_samples(len(synthetic_titles), 3, 10, 20, seed=0)
-    losses = step_bench.check_equal(setup, samples, ("reference", "ours", "lora"))
+    losses = step_bench.check_equal(setup, samples, ("reference", "ours", "lora"))["losses_dropout_off"]
     assert all(not layer.lora_B.weight.any() for layer in layers)  # restored
     assert abs(losses["reference"] - losses["ours"]) < 1e-4
     assert abs(losses["lora"] - losses["ours_uniform"]) < 1e-4
@@ -336,6 +337,30 @@ def test_step_check_fails_when_the_gate_does_not_reach_the_layers(synthetic_titl
     monkeypatch.setattr(GateState, "scaled_gate_for", uniform)
     with pytest.raises(IloraError, match="cannot tell the learned gate"):
         step_bench.check_equal(setup, samples, ("ours",))
+    # with the reference in the check, ours now differs from it by the gate's effect
+    with pytest.raises(IloraError, match="reference's answer logits differ from ours"):
+        step_bench.check_equal(setup, samples)
+
+
+def test_step_check_under_bf16_autocast_still_sees_the_gate(synthetic_titles, monkeypatch):
+    """Under bf16 autocast (as on a GPU; here the CPU's autocast) the logit check's tolerance is
+    far below the gate's effect on the answer logits, so a model whose layers ignore the gate
+    fails against the reference. (The loss alone could not show it: the gate moves it by less
+    than bf16's own noise at the 7B shape.)"""
+    from ilora.teacher.adapters import GateState, scale_and_expand
+
+    setup, _ = step_bench.build_setup("tiny-quick", CPU)
+    setup.autocast = True
+    samples = common.random_samples(len(synthetic_titles), 3, 10, 20, seed=0)
+    check = step_bench.check_equal(setup, samples, ("reference", "ours", "lora"))
+    assert check["tolerance"] == step_bench.TOL_BF16
+    assert 0 < check["distance"]["reference"] < check["tolerance"] / 3  # bf16 noise, well inside
+    assert check["distance"]["lora"] < check["tolerance"]
+    assert check["discriminates_gate"] and check["gate_effect"] > 2 * check["tolerance"]
+    uniform = lambda self, x, r, s: scale_and_expand(torch.full_like(self.gate_for(x), 1 / self.num_experts), r, s)  # noqa: E731
+    monkeypatch.setattr(GateState, "scaled_gate_for", uniform)
+    with pytest.raises(IloraError, match="reference's answer logits differ from ours"):
+        step_bench.check_equal(setup, samples)
 
 
 def test_step_compile_runs_every_variant_with_the_trainers_compiled_layers(synthetic_titles):

@@ -68,6 +68,22 @@ def test_loss_equals_full_sequence_cross_entropy(dataset, rec, arch):
     torch.testing.assert_close(bundle.teacher.loss(batch), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_answer_logits_are_the_full_logits_at_the_positions_before_each_answer_token(dataset, rec):
+    bundle = make_bundle(dataset, rec)
+    split, cands = sample_arrays(dataset)
+    batch = bundle.train_collator.build(split.history, split.length, cands, split.target)
+    logits, targets = bundle.teacher.answer_logits(batch, "expert:1")
+    full = full_logits(bundle.teacher, batch, "expert:1")
+    expected, expected_targets = [], []
+    for b in range(len(batch)):  # sample by sample, each answer token in order
+        for t in range(1, batch.labels.shape[1]):
+            if batch.labels[b, t] != -100:
+                expected.append(full[b, t - 1])
+                expected_targets.append(int(batch.labels[b, t]))
+    torch.testing.assert_close(logits, torch.stack(expected), rtol=1e-5, atol=1e-5)
+    assert targets.tolist() == expected_targets and len(expected_targets) == batch.num_targets
+
+
 @pytest.mark.parametrize("gate_mode,arch", [("learned", "llama"), ("uniform", "llama"), ("expert:2", "llama"), ("learned", "qwen2")])
 def test_candidate_scores_equal_per_candidate_full_sequences(dataset, rec, gate_mode, arch):
     """KV-cache scoring == scoring each (prompt, candidate answer) as its own full sequence."""

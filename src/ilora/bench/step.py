@@ -25,8 +25,10 @@ with AdamW, gradient clipping and (CUDA) bf16 autocast, as ``ilora teacher train
 The variants run interleaved on one model; each variant's swap (reference adapters in,
 eager attention on) is made before its timed step and undone after it, outside the timer.
 
-Before timing, both losses are checked equal on the same batch (dropout off); the
-``lora`` variant's loss is checked against ours under the uniform gate.
+Before timing, every variant's logits at the answer positions are checked against ours on
+the same batch (dropout off, random ``lora_B``; `check_equal`); the ``lora`` variant's
+against ours under the uniform gate. The check also measures how far the uniform gate moves
+those logits, so it knows whether it could catch a gate that never reaches the layers.
 MFU counts useful FLOPs only: ``(4 + 2 if checkpointing) * N * tokens`` with ``N`` the
 decoder layers' linear weights and ``tokens`` the non-padding tokens (frozen weights:
 forward 2N, input gradients 2N, no weight gradients; a recomputed forward 2N more),
@@ -46,14 +48,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ilora.bench.adapter import plain_lora_adapters, reference_adapters
 from ilora.bench.common import Parts, cuda_peak, interleave, load_titles, machine_info, mib, ms, now_utc, peak_flops, random_samples, saved_activation_bytes, sync
 from ilora.bench.inputs import CANDIDATES, HISTORY_ITEMS, InputsSetup, reference_embeds, reference_tokenizer, reference_tokens
 from ilora.errors import ConfigError, IloraError
+from ilora.teacher.batch import IGNORE_INDEX
 
 TOKENIZER_VOCAB = 5000  # gives LastFM prompts of about 220 tokens
+TOL_BF16 = 3e-2
 
 # Llama-architecture shapes (random weights). vocab None = the tokenizer's size.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -160,14 +165,15 @@ def build_setup(shape: str, device: torch.device, *, gradient_checkpointing: boo
 
 
 def _autocast(setup: StepSetup):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if setup.autocast else contextlib.nullcontext()
+    return torch.autocast(setup.device.type, dtype=torch.bfloat16) if setup.autocast else contextlib.nullcontext()
 
 
 # -- the two losses --------------------------------------------------------------------------
 
 
-def reference_loss(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts) -> torch.Tensor:
-    """Strings + one tokenizer call + per-sample loop, einsum adapters, HF labels loss (full logits)."""
+def reference_output(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts) -> tuple[Any, torch.Tensor]:
+    """Strings + one tokenizer call + per-sample loop, einsum adapters, HF labels loss (full logits).
+    Returns the LLM's output (``loss``, ``logits`` over every position) and the labels."""
     teacher = setup.bundle.teacher
     with parts("inputs"):
         tokens = reference_tokens(setup.inputs, samples)
@@ -177,13 +183,20 @@ def reference_loss(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Pa
         gates = teacher.gates(history, length)
         with teacher.gate_state.use(gates):
             out = teacher.llm(inputs_embeds=embeds, attention_mask=tokens["attention_mask"], labels=tokens["labels"], use_cache=False)
-    return out.loss
+    return out, tokens["labels"]
+
+
+def reference_loss(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts) -> torch.Tensor:
+    return reference_output(setup, samples, parts)[0].loss
+
+
+def our_batch(setup: StepSetup, samples: dict[str, torch.Tensor]):
+    return setup.bundle.train_collator.build(samples["history"], samples["length"], samples["candidates"], samples["target"]).to(setup.device)
 
 
 def our_loss(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts, gate_mode: str = "learned") -> torch.Tensor:
-    collator = setup.bundle.train_collator
     with parts("inputs"):
-        batch = collator.build(samples["history"], samples["length"], samples["candidates"], samples["target"]).to(setup.device)
+        batch = our_batch(setup, samples)
     with parts("forward"), _autocast(setup):
         loss = setup.bundle.teacher.loss(batch, gate_mode)
     return loss
@@ -255,57 +268,79 @@ def timed_runs(setup: StepSetup, samples: dict[str, torch.Tensor], variants: tup
     return runs, contexts
 
 
-def check_equal(setup: StepSetup, samples: dict[str, torch.Tensor], variants: tuple[str, ...] = ("reference", "ours")) -> dict[str, float]:
-    """Every variant's loss on the same batch with dropout off; raises `IloraError` unless each
-    equals ours (``lora``: ours under the uniform gate, reported as ``ours_uniform``).
+def answer_logits(setup: StepSetup, samples: dict[str, torch.Tensor], variant: str) -> tuple[torch.Tensor, float]:
+    """``variant``'s float32 logits at the positions that predict an answer token (row-major:
+    sample by sample, in answer order, so every variant lists the same predictions in the same
+    order) and its loss. ``ours_uniform`` is ours under the uniform gate (plain LoRA's weights)."""
+    if variant == "reference":
+        out, labels = reference_output(setup, samples, Parts(setup.device))
+        return out.logits[:, :-1][labels[:, 1:] != IGNORE_INDEX].float(), float(out.loss)
+    batch = our_batch(setup, samples)
+    with _autocast(setup):
+        logits, targets = setup.bundle.teacher.answer_logits(batch, "uniform" if variant in ("lora", "ours_uniform") else "learned")
+    logits = logits.float()
+    return logits, float(F.cross_entropy(logits, targets))
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` (Frobenius norms)."""
+    return float((a - b).norm() / b.norm())
+
+
+def check_equal(setup: StepSetup, samples: dict[str, torch.Tensor], variants: tuple[str, ...] = ("reference", "ours")) -> dict[str, Any]:
+    """Every variant computes what ours computes: on the same batch, with dropout off, the logits
+    at the answer positions of each variant are within `logit_tolerance` of ours (relative
+    Frobenius distance; ``lora``: of ours under the uniform gate). Raises `IloraError` otherwise.
 
     The check runs with every ``lora_B`` temporarily random (the model is built with
-    ``lora_B = 0``, where every adapter's output is zero and the gate would not matter).
-    `check_summary` says whether the tolerance is tight enough to tell the gate apart."""
+    ``lora_B = 0``, where every adapter's output is zero and the gate would not matter), and it
+    measures the gate's own effect: the distance of ours under the uniform gate from ours under
+    the learned one. Where that is not above twice the tolerance the check could not catch a gate
+    that never reaches the layers: in float32 that raises, under bf16 autocast it is recorded
+    (``discriminates_gate``). Returns the distances, the losses, the tolerance and that verdict."""
     from ilora.teacher.adapters import gated_lora_modules
 
     teacher = setup.bundle.teacher
     teacher.eval()
     layers = list(gated_lora_modules(teacher.llm).values())
     saved = [layer.lora_B.weight.detach().clone() for layer in layers]
-    losses = {}
+    logits, losses = {}, {}
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[setup.device] if setup.device.type == "cuda" else []):
             torch.manual_seed(0)
             for layer in layers:
                 layer.lora_B.weight.normal_(0.0, 0.02)
-            for variant in dict.fromkeys(("ours", *variants)):
-                with variant_context(setup, variant):
-                    losses[variant] = float(variant_loss(setup, samples, Parts(setup.device), variant))
-            losses["ours_uniform"] = float(our_loss(setup, samples, Parts(setup.device), "uniform"))
+            for variant in dict.fromkeys(("ours", *variants, "ours_uniform")):
+                with variant_context(setup, "ours" if variant == "ours_uniform" else variant):
+                    logits[variant], losses[variant] = answer_logits(setup, samples, variant)
     finally:
         with torch.no_grad():
             for layer, weight in zip(layers, saved):
                 layer.lora_B.weight.copy_(weight)
         teacher.train()
         teacher.rec.eval()
-    tol = loss_tolerance(setup, losses["ours"])
-    for variant, loss in losses.items():
-        expected = losses["ours_uniform" if variant == "lora" else "ours"]
-        if variant != "ours_uniform" and abs(loss - expected) > tol:
-            raise IloraError(f"step bench: {variant} loss {loss:.6f} != ours {expected:.6f}")
-    if not setup.autocast and not check_summary(setup, losses)["discriminates_gate"]:
-        raise IloraError("step bench: the loss check cannot tell the learned gate from the uniform one")
-    return losses
+    tol = logit_tolerance(setup)
+    distance = {v: relative_difference(logits[v], logits["ours_uniform" if v == "lora" else "ours"]) for v in variants if v != "ours"}
+    for variant, d in distance.items():
+        if not d <= tol:  # NaN fails too
+            raise IloraError(f"step bench: {variant}'s answer logits differ from ours by {d:.3g} (relative), more than the tolerance {tol:.3g}")
+    effect = relative_difference(logits["ours_uniform"], logits["ours"])
+    summary = {
+        "compared": "logits at the answer positions (relative Frobenius distance to ours), dropout off, random lora_B",
+        "distance": distance,
+        "tolerance": tol,
+        "gate_effect": effect,
+        "discriminates_gate": effect > 2 * tol,
+        "losses_dropout_off": losses,
+    }
+    if not setup.autocast and not summary["discriminates_gate"]:
+        raise IloraError(f"step bench: the check cannot tell the learned gate from the uniform one (effect {effect:.3g}, tolerance {tol:.3g})")
+    return summary
 
 
-def loss_tolerance(setup: StepSetup, loss: float) -> float:
-    """Absolute tolerance of the loss check: 1e-4 relative in float32, 3e-2 under bf16 autocast."""
-    return (3e-2 if setup.autocast else 1e-4) * max(1.0, abs(loss))
-
-
-def check_summary(setup: StepSetup, losses: dict[str, float]) -> dict[str, Any]:
-    """The check's tolerance next to the gate's own effect on the loss (learned vs uniform gate):
-    where the effect is not above twice the tolerance, the check could not catch a gate that
-    does not reach the layers (on CUDA in bf16 that is recorded, not raised)."""
-    tol = loss_tolerance(setup, losses["ours"])
-    effect = abs(losses["ours"] - losses["ours_uniform"])
-    return {"losses_dropout_off": losses, "tolerance": tol, "gate_effect": effect, "discriminates_gate": effect > 2 * tol}
+def logit_tolerance(setup: StepSetup) -> float:
+    """Relative tolerance of the logit check: 1e-4 in float32, TOL_BF16 under bf16 autocast."""
+    return TOL_BF16 if setup.autocast else 1e-4
 
 
 # -- counting --------------------------------------------------------------------------------
@@ -422,7 +457,7 @@ def run_bench(
     setup, source = build_setup(shape, device, gradient_checkpointing=gradient_checkpointing, compile_layers=compile_layers)
     samples = random_samples(len(setup.inputs.titles), batch_size, HISTORY_ITEMS, CANDIDATES, seed=0)
     variants = ("reference", "ours") + (("ours_eager",) if eager_baseline else ()) + (("lora",) if lora_baseline else ())
-    losses = check_equal(setup, samples, variants)
+    check = check_equal(setup, samples, variants)
     probe = setup.bundle.train_collator.build(samples["history"], samples["length"], samples["candidates"], samples["target"])
     tokens = int(probe.attention_mask.sum())
     answer_tokens = probe.num_targets
@@ -471,7 +506,7 @@ def run_bench(
             "part_syncs": part_times,
         },
         "titles": source,
-        "equal_work_checked": check_summary(setup, losses),
+        "equal_work_checked": check,
         "flops_per_step": flops,
         "flops_counted": "useful FLOPs: (4 + 2 if gradient checkpointing) x decoder linear weights x non-padding tokens "
         "+ 4 x H x V per answer token (LM head); attention scores and LoRA not counted",
@@ -522,7 +557,12 @@ def markdown_table(result: dict[str, Any]) -> list[str]:
     check = result["equal_work_checked"]
     if "discriminates_gate" in check:
         verdict = "tells" if check["discriminates_gate"] else "does NOT tell"
-        lines += ["", f"Loss check (random lora_B): tolerance {check['tolerance']:.3g}, learned vs uniform gate {check['gate_effect']:.3g}: it {verdict} the gate apart."]
+        distances = ", ".join(f"{v} {d:.3g}" for v, d in check.get("distance", {}).items())
+        lines += [
+            "",
+            f"Equal-work check (answer-position logits, random lora_B; relative distance to ours: {distances}): tolerance {check['tolerance']:.3g}, "
+            f"learned vs uniform gate {check['gate_effect']:.3g}: it {verdict} the gate apart.",
+        ]
     if "vs_lora" in result:
         lines += ["", f"Ours / plain LoRA on the same weights (step time): {result['vs_lora']:.3f}x."]
     if "profile" in result:

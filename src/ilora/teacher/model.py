@@ -5,7 +5,7 @@ One forward path. `ILoRATeacher.run` turns a `PromptBatch` into
 the per-sample gate in scope. Everything else calls it:
 
 * `loss`: next-token cross-entropy on the answer tokens only; LM-head logits are
-  computed only at the positions that predict an answer token.
+  computed only at the positions that predict an answer token (`answer_logits`).
 * `score_candidates`: exact log-likelihood of each candidate title (+ eos) given the
   prompt. The prompt is encoded once by `run`; all C answers then run as one
   continuation of its KV cache under a block attention mask (nothing copied per candidate).
@@ -210,14 +210,20 @@ class ILoRATeacher(nn.Module):
         at the positions just before an answer token. With ``reduction="mean"`` a batch
         without answer tokens raises `IloraError` (its mean is undefined); their sum is 0.
         """
-        from ilora.teacher.batch import target_positions
-
         if reduction == "mean" and batch.num_targets == 0:
             raise IloraError("loss: the batch has no answer tokens (every label is -100); build it with answers (PromptCollator with_answer=True)")
+        logits, targets = self.answer_logits(batch, gate_mode)
+        return F.cross_entropy(logits.float(), targets, reduction=reduction)
+
+    def answer_logits(self, batch, gate_mode: str = "learned") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, targets)``: the LM-head logits ``(N, V)`` at the N positions that predict an
+        answer token, and those tokens ``(N,)``, row-major (sample by sample, in answer order).
+        The hidden state at position t predicts token t + 1; no other position gets logits."""
+        from ilora.teacher.batch import target_positions
+
         out = self.run(batch, gate_mode)
         rows, cols = target_positions(batch)  # no host sync: their number was counted at build time
-        logits = self.lm_logits(out.hidden[rows, cols])
-        return F.cross_entropy(logits.float(), batch.labels[rows, cols + 1], reduction=reduction)
+        return self.lm_logits(out.hidden[rows, cols]), batch.labels[rows, cols + 1]
 
     @torch.no_grad()
     def score_candidates(self, batch, candidates: torch.Tensor, gate_mode: str = "learned", chunk: int = 4096) -> torch.Tensor:
