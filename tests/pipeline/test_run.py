@@ -49,6 +49,23 @@ def test_run_skips_up_to_date_stages_and_reruns_changed_ones(tmp_path, capsys):
     assert changed["export"] != keys["export"] and changed["distill"] != keys["distill"]
 
 
+def test_changing_the_teachers_evaluation_does_not_retrain_anything(tmp_path, capsys):
+    """eval.* options other than the split, candidates and seed are read by the eval stage only:
+    changing them must not retrain SASRec (nor, through it, the teacher, export and students)."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run")}))
+    assert main(["run", str(config)]) == 0
+    run = tmp_path / "run"
+    keys = _stage_keys(run)
+    capsys.readouterr()
+    assert main(["run", str(config), "eval.gates=learned", "eval.limit=4"]) == 0
+    changed = _stage_keys(run)
+    assert {k for k in keys if changed[k] != keys[k]} == {"eval"}
+    assert main(["run", str(config), "eval.seed=7"]) == 0  # other fixed candidates: both evaluations rerun
+    after = _stage_keys(run)
+    assert {k for k in keys if after[k] != changed[k]} == {"eval", "sasrec_eval"}
+
+
 def test_interrupted_stage_is_rerun(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run")}))

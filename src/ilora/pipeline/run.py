@@ -1,4 +1,4 @@
-"""The pipeline: data -> SASRec -> teacher -> evaluation -> teacher outputs -> students -> report.
+"""The pipeline: data -> SASRec (trained, then evaluated) -> teacher -> evaluation -> teacher outputs -> students -> report.
 
 Every stage runs through `ilora.pipeline.stages.run_stage`, so an interrupted run
 continues where it stopped and a changed option reruns exactly the stages it affects.
@@ -39,17 +39,29 @@ def stage_data(cfg: RunConfig, directory: Path) -> dict:
 
 
 def stage_sasrec(cfg: RunConfig, dataset: SeqDataset, directory: Path) -> dict:
-    from ilora.rec.evaluate import evaluate_popularity, evaluate_sasrec
-    from ilora.rec.sasrec import load_sasrec
     from ilora.rec.train import train_sasrec
 
-    train_sasrec(dataset, cfg.rec, directory / "model", resume=_has_checkpoints(directory))
-    model = load_sasrec(directory / "model")
+    return train_sasrec(dataset, cfg.rec, directory / "model", resume=_has_checkpoints(directory))
+
+
+def sasrec_eval_config(cfg: RunConfig) -> dict:
+    """What `stage_sasrec_eval` reads of the config: changing anything else (the teacher's
+    evaluation protocols, gates, batch size or sample limit) leaves it, and SASRec, up to date."""
+    return {"split": cfg.eval.split, "candidates": cfg.eval.candidates, "seed": cfg.eval.seed, "mask_history": cfg.rec.mask_history}
+
+
+def stage_sasrec_eval(cfg: RunConfig, dataset: SeqDataset, rec_dir: Path) -> dict:
+    """SASRec and the train-popularity baseline on the whole evaluation split (full ranking and
+    the fixed candidates), with the history masking SASRec was trained to be evaluated with."""
+    from ilora.rec.evaluate import evaluate_popularity, evaluate_sasrec
+    from ilora.rec.sasrec import load_sasrec
+
     split = cfg.eval.split
     cands = candidate_sets(dataset.split(split), dataset.num_items, count=cfg.eval.candidates, seed=cfg.eval.seed, split_name=split)
+    mask = cfg.rec.mask_history
     return {
-        "sasrec": evaluate_sasrec(model, dataset, split, candidates=cands),
-        "popularity": evaluate_popularity(dataset, split, candidates=cands),
+        "sasrec": evaluate_sasrec(load_sasrec(rec_dir), dataset, split, candidates=cands, mask_history=mask),
+        "popularity": evaluate_popularity(dataset, split, candidates=cands, mask_history=mask),
     }
 
 
@@ -114,10 +126,9 @@ def run_pipeline(cfg: RunConfig) -> dict:
 
     data_key, results["data"] = run_stage(run_dir, "data", to_dict(cfg.data), [], lambda d: stage_data(cfg, d))
     dataset = read_native(run_dir / "data" / "dataset")
-    rec_key, results["sasrec"] = run_stage(
-        run_dir, "sasrec", to_dict(cfg.rec) | {"eval": to_dict(cfg.eval)}, [data_key], lambda d: stage_sasrec(cfg, dataset, d), keep_partial=True
-    )
+    rec_key, _ = run_stage(run_dir, "sasrec", to_dict(cfg.rec), [data_key], lambda d: stage_sasrec(cfg, dataset, d), keep_partial=True)
     rec_dir = run_dir / "sasrec" / "model"
+    _, results["sasrec"] = run_stage(run_dir, "sasrec_eval", sasrec_eval_config(cfg), [rec_key], lambda d: stage_sasrec_eval(cfg, dataset, rec_dir))
     teacher_key, results["teacher"] = run_stage(
         run_dir, "teacher", to_dict(cfg.teacher), [rec_key], lambda d: stage_teacher(cfg, dataset, rec_dir, d), keep_partial=True
     )
