@@ -23,7 +23,8 @@ inside a sentence tokenised as a whole.
 `TitleTable` tokenises every catalog title once (one batch tokenizer call) into a
 padded id table; `PromptCollator` puts the title rows and the constant segments in one
 *segment table*, describes each sample as a row of segment ids, and expands all rows at
-once (``repeat_interleave`` + ``cumsum`` + one gather + one indexed write). Prompts are
+once (``repeat`` + ``cumsum`` + one gather + one indexed write, in numpy: for arrays this small
+its cost per operation is a fraction of torch's). Prompts are
 left-padded by default, so the last prompt token sits at position ``T - 1`` in every row
 (what generation and candidate scoring need); ``padding_side="right"`` is available.
 """
@@ -332,10 +333,12 @@ class PromptCollator:
         single = [self.bos_id or 0, self.eos_id, placeholders.history, placeholders.candidate, placeholders.text]
         single_len = [int(self.bos_id is not None), 1, 1, 1, 1]
         width = max(titles.ids.shape[1], text_ids.shape[1])
+        # numpy: a batch is a few dozen small array operations, and numpy's cost per call is a
+        # fraction of torch's (assembling a batch of 8 LastFM prompts took 3x longer in torch)
         self.table = torch.cat(
             [_pad_cols(titles.ids, width), _pad_cols(torch.tensor(single)[:, None], width), _pad_cols(text_ids, width)]
-        )
-        self.table_len = torch.cat([titles.length, torch.tensor(single_len), text_len])
+        ).numpy()
+        self.table_len = torch.cat([titles.length, torch.tensor(single_len), text_len]).numpy()
         n = titles.ids.shape[0]
         self.EMPTY = titles.padding_id
         self.BOS, self.EOS, self.PH_HISTORY, self.PH_CANDIDATE, self.PH_TEXT = range(n, n + 5)
@@ -386,7 +389,8 @@ class PromptCollator:
         cand_length = torch.full((b,), num_c) if candidate_length is None else torch.as_tensor(candidate_length, dtype=torch.long)
         target = None if target is None else torch.as_tensor(target, dtype=torch.long)
         self._validate(history, length, candidates, cand_length, target, hybrid, with_answer)
-        slots, kinds, items, answer_slot = self._segments(history, length, candidates, cand_length, target, hybrid, with_answer)
+        arrays = (history, length, candidates, cand_length, target, hybrid)
+        slots, kinds, items, answer_slot = self._segments(*(None if a is None else a.numpy() for a in arrays), with_answer)
         return self._expand(slots, kinds, items, answer_slot, history, length, candidates, target, hybrid)
 
     def token_counts(self, history, length, candidates, target=None) -> torch.Tensor:
@@ -398,16 +402,18 @@ class PromptCollator:
         target = None if target is None else torch.as_tensor(target, dtype=torch.long)
         hybrid, cand_length = torch.ones(b, dtype=torch.bool), torch.full((b,), candidates.shape[1])
         self._validate(history, length, candidates, cand_length, target, hybrid, self.with_answer)
-        slots = self._segments(history, length, candidates, cand_length, target, hybrid, self.with_answer)[0]
-        return self.table_len[slots].sum(1)
+        arrays = (history, length, candidates, cand_length, target, hybrid)
+        slots = self._segments(*(None if a is None else a.numpy() for a in arrays), self.with_answer)[0]
+        return torch.from_numpy(self.table_len[slots].sum(1))
 
     def _segments(self, history, length, candidates, cand_length, target, hybrid, with_answer):
-        """Each sample as a row of segment ids, with placeholder kinds and items, and the answer's slots."""
+        """Each sample as a row of segment ids, with placeholder kinds and items, and the answer's
+        slots (numpy arrays in, numpy arrays out)."""
         b = candidates.shape[0]
         h_slots, h_kind, h_item = self._item_slots(history, length, hybrid, self.PH_HISTORY, PH_HISTORY)
         c_slots, c_kind, c_item = self._item_slots(candidates, cand_length, hybrid, self.PH_CANDIDATE, PH_CANDIDATE)
-        col = lambda v: torch.full((b, 1), v, dtype=torch.long)  # noqa: E731
-        zero = lambda k: torch.zeros((b, k), dtype=torch.long)  # noqa: E731
+        col = lambda v: np.full((b, 1), v, dtype=np.int64)  # noqa: E731
+        zero = lambda k: np.zeros((b, k), dtype=np.int64)  # noqa: E731
         slots = [col(self.BOS), col(self.BEFORE), h_slots, col(self.BETWEEN), c_slots, col(self.AFTER)]
         kinds = [zero(2), h_kind, zero(1), c_kind, zero(1)]
         items = [zero(2), h_item, zero(1), c_item, zero(1)]
@@ -415,23 +421,23 @@ class PromptCollator:
             slots += [target[:, None], col(self.EOS)]
             kinds.append(zero(2))
             items.append(zero(2))
-        slots, kinds, items = torch.cat(slots, 1), torch.cat(kinds, 1), torch.cat(items, 1)
-        answer_slot = torch.zeros(slots.shape[1], dtype=torch.bool)
+        slots, kinds, items = np.concatenate(slots, 1), np.concatenate(kinds, 1), np.concatenate(items, 1)
+        answer_slot = np.zeros(slots.shape[1], dtype=bool)
         answer_slot[slots.shape[1] - (2 if with_answer else 0) :] = True
-        return slots, kinds, items, answer_slot.expand(b, -1)
+        return slots, kinds, items, np.broadcast_to(answer_slot, slots.shape)
 
     def _item_slots(self, ids, count, hybrid, ph_row, ph_kind):
         """Slots ``title, placeholder, separator`` per item: (B, 3K) segment ids, kinds, items."""
         k = ids.shape[1]
-        pos = torch.arange(k)
+        pos = np.arange(k)
         valid = pos < count[:, None]
-        title = torch.where(valid, ids, self.EMPTY)
-        ph = torch.where(valid, torch.where(hybrid, ph_row, self.PH_TEXT)[:, None], self.EMPTY)
-        sep = torch.where(pos < count[:, None] - 1, self.SEP, self.EMPTY)
-        kind = torch.where(valid & hybrid[:, None], ph_kind, PH_NONE)
-        zeros = torch.zeros_like(ids)
-        item = torch.where(kind > 0, ids, 0)
-        flat = lambda a, m, c: torch.stack([a, m, c], 2).reshape(len(ids), 3 * k)  # noqa: E731
+        title = np.where(valid, ids, self.EMPTY)
+        ph = np.where(valid, np.where(hybrid, ph_row, self.PH_TEXT)[:, None], self.EMPTY)
+        sep = np.where(pos < count[:, None] - 1, self.SEP, self.EMPTY)
+        kind = np.where(valid & hybrid[:, None], ph_kind, PH_NONE)
+        zeros = np.zeros_like(ids)
+        item = np.where(kind > 0, ids, 0)
+        flat = lambda a, m, c: np.stack([a, m, c], 2).reshape(len(ids), 3 * k)  # noqa: E731
         return flat(title, ph, sep), flat(zeros, kind, zeros), flat(zeros, item, zeros)
 
     def _expand(self, slots, kinds, items, answer_slot, history, length, candidates, target, hybrid) -> PromptBatch:
@@ -443,39 +449,40 @@ class PromptCollator:
         width = int(total.max()) if b else 0
         flat_len = seg_len.reshape(-1)
         n_tok = int(flat_len.sum())
-        seg_start = torch.cumsum(flat_len, 0) - flat_len
-        tok_seg = torch.repeat_interleave(slots.reshape(-1), flat_len, output_size=n_tok)
-        tok_off = torch.arange(n_tok) - torch.repeat_interleave(seg_start, flat_len, output_size=n_tok)
+        seg_start = np.cumsum(flat_len) - flat_len
+        tok_seg = np.repeat(slots.reshape(-1), flat_len)
+        tok_off = np.arange(n_tok) - np.repeat(seg_start, flat_len)
         tok_id = self.table[tok_seg, tok_off]
-        tok_sample = torch.repeat_interleave(torch.arange(b), total, output_size=n_tok)
-        tok_local = torch.arange(n_tok) - (torch.cumsum(total, 0) - total)[tok_sample]
-        shift = width - total if self.padding_side == "left" else torch.zeros_like(total)
+        tok_sample = np.repeat(np.arange(b), total)
+        tok_local = np.arange(n_tok) - (np.cumsum(total) - total)[tok_sample]
+        shift = width - total if self.padding_side == "left" else np.zeros_like(total)
         tok_pos = tok_local + shift[tok_sample]
 
-        input_ids = torch.full((b, width), self.pad_id, dtype=torch.long)
+        input_ids = np.full((b, width), self.pad_id, dtype=np.int64)
         input_ids[tok_sample, tok_pos] = tok_id
-        attention_mask = torch.zeros((b, width), dtype=torch.long)
+        attention_mask = np.zeros((b, width), dtype=np.int64)
         attention_mask[tok_sample, tok_pos] = 1
-        labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.long)
-        is_answer = torch.repeat_interleave(answer_slot.reshape(-1), flat_len, output_size=n_tok)
+        labels = np.full((b, width), IGNORE_INDEX, dtype=np.int64)
+        is_answer = np.repeat(answer_slot.reshape(-1), flat_len)
         labels[tok_sample[is_answer], tok_pos[is_answer]] = tok_id[is_answer]
 
-        tok_kind = torch.repeat_interleave(kinds.reshape(-1), flat_len, output_size=n_tok)
+        tok_kind = np.repeat(kinds.reshape(-1), flat_len)
         is_ph = tok_kind > 0
-        tok_item = torch.repeat_interleave(items.reshape(-1), flat_len, output_size=n_tok)
+        tok_item = np.repeat(items.reshape(-1), flat_len)
         prompt_length = total - answer_length
+        t = torch.from_numpy
         return PromptBatch(
             num_targets=int((labels[:, 1:] != IGNORE_INDEX).sum()),
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            labels=labels,
-            ph_batch=tok_sample[is_ph],
-            ph_pos=tok_pos[is_ph],
-            ph_item=tok_item[is_ph],
-            ph_is_candidate=tok_kind[is_ph] == PH_CANDIDATE,
-            prompt_length=prompt_length,
-            answer_start=shift + prompt_length,
-            answer_length=answer_length,
+            input_ids=t(input_ids),
+            attention_mask=t(attention_mask),
+            labels=t(labels),
+            ph_batch=t(tok_sample[is_ph]),
+            ph_pos=t(tok_pos[is_ph]),
+            ph_item=t(tok_item[is_ph]),
+            ph_is_candidate=t(tok_kind[is_ph] == PH_CANDIDATE),
+            prompt_length=t(prompt_length),
+            answer_start=t(shift + prompt_length),
+            answer_length=t(answer_length),
             history=history,
             length=length,
             candidates=candidates,
