@@ -169,8 +169,20 @@ def test_padding_is_never_selected_and_gets_no_confidence():
     assert top.items.tolist() == [[1, 4], [9, 5]]
     expected = torch.softmax(torch.tensor([-2.0, -1.0]), 0)
     torch.testing.assert_close(top.confidence[1], expected.flip(0))
-    with pytest.raises(IloraError, match="fewer than top-k 3"):
+    with pytest.raises(IloraError, match="sample 1: its candidate pool has 2 items, fewer than top-k 3"):
         select_top_k(scores, pool, mask, 3)
+
+
+def test_a_nan_score_of_a_real_pool_item_is_an_error_naming_the_sample():
+    pool = torch.tensor([[3, 1, 4, 5], [5, 9, 6, 5]])
+    mask = torch.tensor([[True, True, True, True], [True, True, True, False]])
+    nan_in_padding = torch.tensor([[-3.0, -1.0, -2.0, -4.0], [-2.0, float("-inf"), -1.0, float("nan")]])
+    top = select_top_k(nan_in_padding, pool, mask, 2)  # padding is never ranked; -inf is a valid score
+    assert top.items.tolist() == [[1, 4], [6, 5]] and not torch.isnan(top.confidence).any()
+    scores = nan_in_padding.clone()
+    scores[1, 2] = float("nan")
+    with pytest.raises(IloraError, match="sample 41: the teacher's score of pool item 6 is NaN"):
+        select_top_k(scores, pool, mask, 2, first_row=40)
 
 
 def test_top_k_beyond_the_pool_is_refused_before_any_work(teacher, dataset, tmp_path):
