@@ -280,6 +280,17 @@ def test_evaluate_reports_the_metrics_of_its_scores_generations_and_gates(datase
     assert (g["valid_ratio"], g["hr@1_all"]) == (pytest.approx(valid / 6), pytest.approx(correct / 6))
     assert g["gate_stats"]["mean_weight"] == pytest.approx(mean_gate, abs=1e-6)
 
+    # max_new_tokens reaches the decoder: each sample's output is its own first tokens
+    calls = []
+    generate = teacher.generate
+    teacher.generate = lambda batch, gate, max_new_tokens: calls.append(max_new_tokens) or generate(batch, gate, max_new_tokens=max_new_tokens)
+    try:
+        evaluate_teacher(bundle, split, cands, protocol="generate", batch_size=4, max_new_tokens=2)
+        evaluate_teacher(bundle, split, cands, protocol="generate", batch_size=4)
+    finally:
+        del teacher.generate
+    assert calls == [2, 2] + [int(teacher.title_table.length.max()) + 8] * 2
+
 
 def test_generate_protocol_matches_the_truncated_titles_the_teacher_learnt(dataset):
     """A teacher that writes exactly its training answers (titles cut to max_title_tokens)

@@ -55,7 +55,7 @@ def run_eval(args: argparse.Namespace) -> int:
         result.update(
             evaluate_teacher(
                 bundle, split, candidates, protocol=args.protocol, gate_mode=args.gate,
-                batch_size=args.batch_size, device=args.device, ctx=ctx,
+                batch_size=args.batch_size, device=args.device, max_new_tokens=args.max_new_tokens or None, ctx=ctx,
             )
         )
     if not ctx.is_main:
@@ -139,6 +139,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--candidates", type=positive_int, default=20, metavar="N", help="candidates per sample, target included [default: 20]")
     ev.add_argument("--seed", type=int, default=0, help="seed of the fixed candidate sets [default: 0]")
     ev.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="prompts per batch [default: 16]")
+    ev.add_argument(
+        "--max-new-tokens", type=nonnegative_int, default=0, metavar="N",
+        help="generate protocol: decode at most N tokens (0: the longest title + 8; LLaRA used 64) [default: 0]",
+    )  # fmt: skip
     ev.add_argument("--limit", type=nonnegative_int, default=0, metavar="N", help="evaluate only the first N samples (0: all)")
     ev.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device [default: cpu]")
     ev.add_argument("--out", default=None, metavar="DIR", help="also write the metrics and the candidate sets used here")

@@ -35,8 +35,11 @@ class EvalSection:
     protocols: list[str] = option(["score"], "score and/or generate")
     gates: list[str] = option(["learned", "uniform", "experts"], "learned, uniform, expert:N, or experts (every expert:N)")
     batch_size: int = option(16, "prompts per batch")
+    max_new_tokens: int = option(0, "generate protocol: most tokens decoded (0: the longest title + 8; LLaRA used 64)")
 
     def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"eval.max_new_tokens: must be >= 0, got {self.max_new_tokens}")
         bad = [p for p in self.protocols if p not in ("score", "generate")]
         if bad:
             raise ConfigError(f"eval.protocols: {bad[0]!r} is not score or generate")

@@ -4,7 +4,10 @@
   ranked by it (ties never favour the target). Reports ``hr@1``, ``hr@5``, ``ndcg@5``,
   ``ndcg@10``, ``mrr``, ``mean_target_logprob`` and ``valid_ratio`` = 1.
 * generate: greedy generation, then the reference rule: an output is *valid* if exactly
-  one candidate title occurs in it (case-insensitive substring, first line only).
+  one candidate title occurs in it (case-insensitive substring, first line only, as
+  LLaRA's validation and test steps take it). Decoding stops at eos or after
+  ``max_new_tokens``: by default the longest (truncated) title + 8 tokens, enough for any
+  trained answer; LLaRA generates up to 64, which ``max_new_tokens=64`` reproduces.
   ``valid_ratio`` = valid / all; ``hr@1`` = correct / valid (the iLoRA/LLaRA
   definition, which ignores invalid outputs) and ``hr@1_all`` = correct / all.
   The titles matched (candidates and target alike) are the teacher's answer texts
@@ -150,7 +153,7 @@ def generate_split(
     bundle, split: Split, candidates: np.ndarray, gate_mode: str = "learned", batch_size: int = 16, device: str = "cpu", max_new_tokens: int | None = None, ctx: Dist = SINGLE
 ) -> tuple[list[str], torch.Tensor]:
     """Greedy generations for every sample (prompt without answer) and the (N, E) gates used;
-    split across ranks as `score_split`."""
+    split across ranks as `score_split`. ``max_new_tokens`` None: the longest title + 8."""
     teacher = bundle.teacher.eval()
     limit = max_new_tokens or int(teacher.title_table.length.max()) + 8
     texts: list[list[str]] = []
@@ -164,12 +167,12 @@ def generate_split(
 
 def evaluate_teacher(
     bundle, split: Split, candidates: np.ndarray, *, protocol: str = "score", gate_mode: str = "learned",
-    batch_size: int = 16, device: str = "cpu", ctx: Dist = SINGLE,
+    batch_size: int = 16, device: str = "cpu", max_new_tokens: int | None = None, ctx: Dist = SINGLE,
 ) -> dict:
     """Metrics of one protocol on one split with fixed candidates, plus gate statistics (every rank gets them).
 
     The generate protocol matches the teacher's `answer_texts` (its catalog titles truncated
-    to ``max_title_tokens`` and decoded).
+    to ``max_title_tokens`` and decoded) and decodes up to ``max_new_tokens`` (`generate_split`).
     """
     from ilora.teacher.gate import gate_statistics
 
@@ -178,7 +181,7 @@ def evaluate_teacher(
         scores, gates = score_split(bundle, split, candidates, gate_mode, batch_size, device, ctx=ctx)
         metrics = score_metrics(scores, torch.as_tensor(cols))
     elif protocol == "generate":
-        texts, gates = generate_split(bundle, split, candidates, gate_mode, batch_size, device, ctx=ctx)
+        texts, gates = generate_split(bundle, split, candidates, gate_mode, batch_size, device, max_new_tokens, ctx=ctx)
         metrics = teacher_generate_metrics(bundle.teacher, texts, candidates, cols.tolist())
     else:
         raise ValueError(f"unknown protocol {protocol!r}")
