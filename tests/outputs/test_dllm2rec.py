@@ -138,3 +138,22 @@ def test_same_options_give_identical_files(exported, tmp_path):
             assert file_sha256(root / "out" / rel) == file_sha256(tmp_path / "again" / rel), rel
     a, b = read_manifest(root / "out"), read_manifest(tmp_path / "again")
     assert a["splits"] == b["splits"] and a["dllm2rec"] == b["dllm2rec"]
+
+
+def test_every_csv_is_as_wide_as_data_statis_says_when_splits_differ_in_width(tmp_path):
+    """DLLM2Rec reads every split at data_statis' seq_size (its positional table has that many
+    rows): a split stored narrower than the dataset is padded on the right with the padding id."""
+    from ilora.data.dataset import Catalog, SeqDataset, Split
+    from ilora.outputs.dllm2rec import write_dllm2rec_data
+
+    catalog = Catalog(tuple(f"artist {i}" for i in range(7)))
+    pad = 7
+    train = Split(np.array([[0, 1, pad], [2, pad, pad]]), np.array([2, 1]), np.array([3, 4]))
+    val = Split(np.array([[0, 1, 2, 3, 4]]), np.array([5]), np.array([6]))
+    dataset = SeqDataset(catalog, {"train": train, "val": val, "test": None})
+    tmp = write_dllm2rec_data(tmp_path, dataset, train)
+    read = lambda name: list(csv.DictReader(open(tmp[f"data/{name}"])))  # noqa: E731
+    assert [ast.literal_eval(r["seq"]) for r in read("train_data.csv")] == [[0, 1, pad, pad, pad], [2, pad, pad, pad, pad]]
+    assert [ast.literal_eval(r["seq"]) for r in read("val_data.csv")] == [[0, 1, 2, 3, 4]]
+    assert [int(r["len_seq"]) for r in read("train_data.csv")] == [2, 1]
+    assert read("data_statis.csv") == [{"seq_size": "5", "item_num": "7"}]

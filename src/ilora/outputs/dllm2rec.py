@@ -81,13 +81,19 @@ def dllm2rec_confidence(confidence: np.ndarray) -> np.ndarray:
         return -np.log(confidence.astype(np.float64)) + 0.0
 
 
-def write_samples_csv(path: Path, split: Split) -> None:
-    """``split`` as DLLM2Rec's ``seq,len_seq,next`` CSV (``seq`` a bracketed id list)."""
+def write_samples_csv(path: Path, split: Split, width: int, padding_id: int) -> None:
+    """``split`` as DLLM2Rec's ``seq,len_seq,next`` CSV (``seq`` a bracketed id list), every
+    ``seq`` padded on the right with ``padding_id`` to ``width`` ids: DLLM2Rec reads all splits
+    at the one ``seq_size`` of ``data_statis``, whatever width each split was stored with."""
+    if split.max_len > width:
+        raise IloraError(f"{path}: the split's histories are {split.max_len} wide, more than the dataset's {width}")
+    history = np.full((len(split), width), padding_id, dtype=np.int64)
+    history[:, : split.max_len] = split.history
     with open(path, "w", encoding="ascii", newline="\n") as fh:
         fh.write("seq,len_seq,next\n")
         for lo in range(0, len(split), CSV_BLOCK):
             hi = lo + CSV_BLOCK
-            rows = zip(split.history[lo:hi].tolist(), split.length[lo:hi].tolist(), split.target[lo:hi].tolist())
+            rows = zip(history[lo:hi].tolist(), split.length[lo:hi].tolist(), split.target[lo:hi].tolist())
             fh.writelines(f'"[{", ".join(map(str, seq))}]",{n},{t}\n' for seq, n, t in rows)
 
 
@@ -101,7 +107,7 @@ def write_dllm2rec_data(target: Path, dataset: SeqDataset, train: Split) -> dict
     tmp: dict[str, Path] = {}
     for csv, split in splits.items():
         tmp[f"{DATA_DIR}/{csv}"] = path = target / DATA_DIR / f".{csv}.tmp"
-        write_samples_csv(path, split)
+        write_samples_csv(path, split, dataset.max_len, dataset.padding_id)
     tmp[f"{DATA_DIR}/{STATIS_CSV}"] = path = target / DATA_DIR / f".{STATIS_CSV}.tmp"
     path.write_text(f"seq_size,item_num\n{dataset.max_len},{dataset.num_items}\n", encoding="ascii")
     return tmp
