@@ -23,7 +23,11 @@ Ranking distillation (`ranking_distillation_loss`):
 ``mean_b sum_k w[b, k] * -log sigmoid(logits[b, items[b, k]])``. DLLM2Rec also adds, for
 every k, ``-log sigmoid(1 - s_neg)`` of the recommendation loss's sampled negative
 (``sigmoid(1 - s)`` looks like a typo for ``1 - sigmoid(s)``); since the weights sum to
-1 that term does not depend on the teacher at all, and it is left out here.
+1 that term does not depend on the teacher at all, and it is left out here. It is not
+nothing, though: in DLLM2Rec the distilled student alone gets it, an extra ``lambda_d``
+(0.8) x ``-log sigmoid(1 - s_neg)`` on the sampled negative that its baseline lacks, so
+part of a gain DLLM2Rec reports may come from that term and not from the teacher. Our
+gain compares two students whose only difference is the teacher's signal.
 
 DRO (`dro_loss`, optional, off by default in ``ilora distill``; DLLM2Rec turns it on
 with ``alpha = 1``): for a target ``t`` with propensities ``ps`` (`propensity_scores`),

@@ -24,14 +24,31 @@ Parquet columns (one row per sample):
 ``manifest.json``::
 
     {"format": "ilora-teacher-outputs", "version": 1,
-     "teacher": {"path": ..., "config_sha256": ...},
+     "teacher": {"path": ..., "config_sha256": ..., "weights_sha256": ...},
      "dataset": {"source": ..., "catalog": <fingerprint>, "num_items": N},
-     "top_k": K, "pool": {"sasrec_top_n": 50, "candidates": 20},
+     "top_k": K,
+     "pool": {"sasrec_top_n": 50, "candidates": 20, "candidate_seed": S,
+              "prompt_candidates": 20, "history_excluded": true},
      "confidence": "softmax of the pool's log-likelihoods",
+     "gate": "learned",
+     "options": {...every export option but the splits: what a resumed export must share...},
      "item_embeddings": {"file": "item_embeddings.safetensors", "dim": H, "method": ...},
-     "splits": {"train": {"rows": R, "complete": true,
+     "splits": {"train": {"rows": R, "complete": true, "samples": n, "samples_sha256": ...,
                           "shards": [{"file": "train/part-00000.parquet", "first_index": 0,
-                                      "rows": r, "sha256": ...}, ...]}, ...}}
+                                      "rows": r, "sha256": ...}, ...]}, ...},
+     "dllm2rec": {"dir": "dllm2rec", "rows": R, "top_k": K, "confidence": ..., "train_samples": n,
+                  "partial": false, "data": ..., "files": {name: sha256, ...}}}
+
+``pool.candidates`` fixed candidates (the ones the prompt shows, drawn with
+``candidate_seed``) join the pool; ``prompt_candidates`` is how many the prompt shows;
+SASRec's top-N excludes the sample's history. ``splits.<name>.samples`` and
+``samples_sha256`` fingerprint the split exported, so a resume refuses other data;
+``dllm2rec`` is present when the train split was exported.
+
+The fixed candidates contain each sample's target (they are the evaluation protocol's
+candidate sets). For the train split that is the label the student learns anyway, but for an
+exported val or test split every pool holds its answer: use those top-K lists for analysis,
+never as features of a model evaluated on the same split.
 """
 
 from __future__ import annotations
