@@ -503,6 +503,23 @@ def test_bench_eval_quick_json(capsys, monkeypatch, synthetic_titles):
     r = _run_cli(capsys, "eval", "--quick", "--samples", "4", "--repeats", "1", "--no-record")
     _check_common(r, "eval")
     assert r["metrics"]["score"]["num_samples"] == 4 and r["ratio_min"] > 0
+    assert r["sizes"]["shape"] == "tiny" and r["sizes"]["llm"].startswith("random Llama: 2 layers, hidden 64")
+
+
+def test_bench_eval_runs_the_step_benchmarks_models(capsys, synthetic_titles):
+    """--shape takes the step benchmark's models (on CUDA: 1b, 7b), the same on CPU at tiny-quick."""
+    from ilora.bench import evaluation
+
+    r = _run_cli(capsys, "eval", "--shape", "tiny-quick", "--samples", "2", "--repeats", "1", "--warmup", "0", "--no-record")
+    spec = step_bench.SHAPES["tiny-quick"]
+    assert r["sizes"]["shape"] == "tiny-quick" and f"hidden {spec['hidden_size']}" in r["sizes"]["llm"]
+    assert r["metrics"]["score"]["num_samples"] == 2 and r["ratio"] > 0
+    with pytest.raises(ConfigError, match="shape 7b is for CUDA"):
+        evaluation.build(CPU, 2, "7b")
+    with pytest.raises(ConfigError, match="expected one of"):
+        evaluation.build(CPU, 2, "13b")
+    assert main(["bench", "export", "--shape", "7b", "--no-record"]) == 2
+    assert "--shape does not apply" in capsys.readouterr().err
 
 
 def test_bench_cuda_without_gpu_is_a_one_line_error(capsys):

@@ -1,8 +1,11 @@
 """`ilora bench eval`: candidate scoring vs generation-based evaluation of the same samples.
 
-A tiny random teacher (``--llm tiny``: 2-layer Llama, hidden 64) on the CPU, the LastFM
-titles, N samples with 10 history items and 20 candidates. Variants, each evaluating
-all N samples in batches of 16 and computing its metrics:
+A random teacher: by default the tiny one (``--llm tiny``: 2-layer Llama, hidden 64, fp32),
+or one of the step benchmark's shapes (``--shape tiny-quick``, and on CUDA ``1b``, ``7b``:
+bf16 base, float32 adapters), built as `ilora.bench.step.build_setup` builds them and run
+without autocast, as the trainer's validation runs. The LastFM titles, N samples with 10 history items and 20
+candidates. Variants, each evaluating all N samples in batches of 16 and computing its
+metrics:
 
 * ``score``: the score protocol (`ilora.teacher.evaluate`, protocol ``score``): the
   prompt is encoded once, its KV cache repeated for the 20 candidates.
@@ -32,25 +35,38 @@ import torch
 
 from ilora.bench.common import interleave, load_titles, machine_info, ms, now_utc, random_samples
 from ilora.bench.inputs import CANDIDATES, HISTORY_ITEMS
-from ilora.errors import IloraError
+from ilora.errors import ConfigError, IloraError
 
 BATCH = 16
 
 
-def build(device: torch.device, num_samples: int) -> tuple[Any, Any, np.ndarray, str]:
-    """(bundle, split, candidates, titles source) for a random tiny teacher."""
+SHAPES = ("tiny", "tiny-quick", "1b", "7b")  # tiny: the teacher of `--llm tiny`; the others: the step benchmark's
+
+
+def build(device: torch.device, num_samples: int, shape: str = "tiny") -> tuple[Any, Any, np.ndarray, str]:
+    """(bundle, split, candidates, titles source) for a random teacher of ``shape``."""
     from ilora.data.dataset import Catalog, Split
     from ilora.rec.sasrec import SASRec, SASRecConfig
     from ilora.teacher.build import build_teacher
     from ilora.teacher.config import TeacherConfig
 
-    titles, source = load_titles()
-    catalog = Catalog(tuple(titles))
-    torch.manual_seed(0)
-    rec = SASRec(SASRecConfig(num_items=len(titles), max_len=HISTORY_ITEMS)).eval()
-    bundle = build_teacher(TeacherConfig(llm="tiny", device=device.type), catalog, rec, str(device))
+    if shape not in SHAPES:
+        raise ConfigError(f"eval bench: shape {shape!r}: expected one of {', '.join(SHAPES)}")
+    if shape in ("1b", "7b") and device.type != "cuda":
+        raise ConfigError(f"eval bench: shape {shape} is for CUDA; on CPU use tiny")
+    if shape == "tiny":
+        titles, source = load_titles()
+        catalog = Catalog(tuple(titles))
+        torch.manual_seed(0)
+        rec = SASRec(SASRecConfig(num_items=len(titles), max_len=HISTORY_ITEMS)).eval()
+        bundle = build_teacher(TeacherConfig(llm="tiny", device=device.type), catalog, rec, str(device))
+    else:
+        from ilora.bench.step import build_setup
+
+        setup, source = build_setup(shape, device)
+        bundle = setup.bundle
     bundle.teacher.eval()
-    s = random_samples(len(titles), num_samples, HISTORY_ITEMS, CANDIDATES, seed=0)
+    s = random_samples(bundle.teacher.title_table.num_items, num_samples, HISTORY_ITEMS, CANDIDATES, seed=0)
     split = Split(history=s["history"].numpy(), length=s["length"].numpy(), target=s["target"].numpy())
     return bundle, split, s["candidates"].numpy(), source
 
@@ -100,14 +116,16 @@ def generate_llara(bundle, split, candidates: np.ndarray, device: torch.device, 
     return teacher_generate_metrics(teacher, texts, candidates, target_columns(candidates, split.target).tolist())
 
 
-def run_bench(device: torch.device, *, quick: bool = False, num_samples: int | None = None, warmup: int = 1, repeats: int = 3, budget_s: float | None = None) -> dict[str, Any]:
+def run_bench(
+    device: torch.device, *, quick: bool = False, num_samples: int | None = None, shape: str = "tiny", warmup: int = 1, repeats: int = 3, budget_s: float | None = None
+) -> dict[str, Any]:
     from ilora.teacher.evaluate import evaluate_teacher
 
     num_samples = num_samples or (16 if quick else 64)
     if quick:
         repeats = min(repeats, 2)
     budget_s = budget_s if budget_s is not None else (10.0 if quick else 60.0)
-    bundle, split, candidates, source = build(device, num_samples)
+    bundle, split, candidates, source = build(device, num_samples, shape)
     metrics: dict[str, dict] = {}
 
     def score(parts) -> None:
@@ -138,7 +156,8 @@ def run_bench(device: torch.device, *, quick: bool = False, num_samples: int | N
             "batch": BATCH,
             "history_items": HISTORY_ITEMS,
             "candidates": CANDIDATES,
-            "llm": "tiny (random Llama, hidden 64, 2 layers)",
+            "shape": shape,
+            "llm": llm_description(bundle.teacher.llm),
             "generate_max_new_tokens": limit,
         },
         "titles": source,
@@ -158,9 +177,21 @@ def run_bench(device: torch.device, *, quick: bool = False, num_samples: int | N
     }
 
 
+def llm_description(llm) -> str:
+    cfg = llm.config
+    dtype = str(next(llm.parameters()).dtype).removeprefix("torch.")
+    return f"random Llama: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}, {dtype} base"
+
+
 def markdown_table(result: dict[str, Any]) -> list[str]:
-    lines = ["| variant | median ms | per sample ms |", "|---|---:|---:|"]
-    n = result["sizes"]["samples"]
+    s = result["sizes"]
+    n = s["samples"]
+    lines = [
+        f"Shape `{s.get('shape', 'tiny')}` ({s['llm']}), {n} samples in batches of {s['batch']}, {s['candidates']} candidates.",
+        "",
+        "| variant | median ms | per sample ms |",
+        "|---|---:|---:|",
+    ]
     for name, v in result["variants"].items():
         lines.append(f"| {name} | {ms(v['median_s'])} | {ms(v['median_s'] / n)} |")
     lines += [

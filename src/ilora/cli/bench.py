@@ -29,7 +29,7 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
     "budget_s": tuple(b for b in BENCHMARKS if b != "export"),
     "hidden": ("inputs", "adapter"),
     "batch_sizes": ("inputs",),
-    "shape": ("step",),
+    "shape": ("step", "eval"),
     "batch_size": ("step", "grouping"),
     "gradient_checkpointing": ("step",),
     "compile": ("step",),
@@ -80,6 +80,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
         kwargs["batch_size"] = args.batch_size
     if args.benchmark == "eval" and args.samples:
         kwargs["num_samples"] = args.samples
+    if args.benchmark == "eval" and args.shape:
+        kwargs["shape"] = args.shape
     if args.benchmark == "export":
         kwargs.update(samples=args.samples, threads=args.threads)
     if args.benchmark == "grouping":
@@ -122,7 +124,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--hidden", type=int, default=None, metavar="H", help="inputs/adapter: hidden size (default 4096; 1024 with --quick)")
     p.add_argument("--batch-sizes", type=_batch_sizes, default=None, metavar="B,B", help="inputs: batch sizes (default 8,32,128 on CUDA, 8,32 on CPU)")
-    p.add_argument("--shape", default=None, choices=("tiny", "tiny-quick", "1b", "7b"), help="step: model shape (default tiny; 1b/7b on CUDA)")
+    p.add_argument("--shape", default=None, choices=("tiny", "tiny-quick", "1b", "7b"), help="step, eval: model shape (default tiny; 1b/7b on CUDA; eval: tiny, 1b, 7b)")
     p.add_argument("--batch-size", type=positive_int, default=None, metavar="B", help="step: samples per step (default 8); grouping: batch size (default 16)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="step: recompute decoder layers in backward")
     p.add_argument("--compile", action="store_true", help="step: torch.compile each decoder layer")
