@@ -1,4 +1,4 @@
-"""Prompt batches for the teacher, assembled with tensor operations only.
+"""Prompt batches for the teacher, assembled with whole-batch array operations (no per-sample loop).
 
 A prompt is the concatenation of independently tokenised *segments*:
 
