@@ -320,6 +320,8 @@ def test_step_check_has_random_adapters_and_plain_lora_is_ours_under_the_uniform
     assert abs(losses["reference"] - losses["ours"]) < 1e-4
     assert abs(losses["lora"] - losses["ours_uniform"]) < 1e-4
     assert abs(losses["ours"] - losses["ours_uniform"]) > 1e-3  # the gate matters with nonzero adapters
+    check = step_bench.check_equal(setup, samples, ("ours", "lora"))
+    assert check["distance"]["lora"] < 1e-6 and check["gate_effect"] > 1e-2
     llm = setup.bundle.teacher.llm
     with step_bench.variant_context(setup, "lora"):
         assert isinstance(llm.model.layers[0].mlp.down_proj, adapter_bench.PlainLoraView)
@@ -342,20 +344,24 @@ def test_step_check_fails_when_the_gate_does_not_reach_the_layers(synthetic_titl
         step_bench.check_equal(setup, samples)
 
 
-def test_step_check_under_bf16_autocast_still_sees_the_gate(synthetic_titles, monkeypatch):
-    """Under bf16 autocast (as on a GPU; here the CPU's autocast) the logit check's tolerance is
-    far below the gate's effect on the answer logits, so a model whose layers ignore the gate
-    fails against the reference. (The loss alone could not show it: the gate moves it by less
-    than bf16's own noise at the 7B shape.)"""
+@pytest.mark.parametrize("weights", [torch.float32, torch.bfloat16])
+def test_step_check_under_bf16_autocast_still_sees_the_gate(synthetic_titles, monkeypatch, weights):
+    """Under bf16 autocast, with float32 or (as on a GPU) bf16 base weights, the logit check's
+    tolerance is far below the gate's effect on the answer logits, so a model whose layers ignore
+    the gate fails against the reference. (The loss alone could not show it: the gate moves it
+    by less than bf16's own noise at the 7B shape.)"""
     from ilora.teacher.adapters import GateState, scale_and_expand
 
+    build_llm = step_bench.build_llm
+    monkeypatch.setattr(step_bench, "build_llm", lambda shape, tok, device, dtype, seed=0: build_llm(shape, tok, device, weights, seed))
     setup, _ = step_bench.build_setup("tiny-quick", CPU)
+    assert setup.bundle.teacher.llm.get_input_embeddings().weight.dtype == weights
     setup.autocast = True
     samples = common.random_samples(len(synthetic_titles), 3, 10, 20, seed=0)
     check = step_bench.check_equal(setup, samples, ("reference", "ours", "lora"))
     assert check["tolerance"] == step_bench.TOL_BF16
     assert 0 < check["distance"]["reference"] < check["tolerance"] / 3  # bf16 noise, well inside
-    assert check["distance"]["lora"] < check["tolerance"]
+    assert check["distance"]["lora"] < 1e-6  # plain LoRA is ours under the uniform gate, the same products
     assert check["discriminates_gate"] and check["gate_effect"] > 2 * check["tolerance"]
     uniform = lambda self, x, r, s: scale_and_expand(torch.full_like(self.gate_for(x), 1 / self.num_experts), r, s)  # noqa: E731
     monkeypatch.setattr(GateState, "scaled_gate_for", uniform)

@@ -181,8 +181,8 @@ def test_a_nan_score_of_a_real_pool_item_is_an_error_naming_the_sample():
     assert top.items.tolist() == [[1, 4], [6, 5]] and not torch.isnan(top.confidence).any()
     scores = nan_in_padding.clone()
     scores[1, 2] = float("nan")
-    with pytest.raises(IloraError, match="sample 41: the teacher's score of pool item 6 is NaN"):
-        select_top_k(scores, pool, mask, 2, first_row=40)
+    with pytest.raises(IloraError, match="val sample 41: the teacher's score of pool item 6 is NaN"):
+        select_top_k(scores, pool, mask, 2, "val sample", first_row=40)
 
 
 def test_top_k_beyond_the_pool_is_refused_before_any_work(teacher, dataset, tmp_path):

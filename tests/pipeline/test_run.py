@@ -64,6 +64,12 @@ def test_changing_the_teachers_evaluation_does_not_retrain_anything(tmp_path, ca
     assert main(["run", str(config), "eval.seed=7"]) == 0  # other fixed candidates: both evaluations rerun
     after = _stage_keys(run)
     assert {k for k in keys if after[k] != changed[k]} == {"eval", "sasrec_eval"}
+    capsys.readouterr()
+    # SASRec's evaluations leave the history out of the ranking when its trainer does
+    assert main(["run", str(config), "rec.mask_history=true", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["sasrec"]["sasrec"]["mask_history"] and summary["sasrec"]["popularity"]["mask_history"]
+    assert summary["eval"]["sasrec_same_candidates"]["mask_history"]
 
 
 def test_interrupted_stage_is_rerun(tmp_path, capsys):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ilora.cli.main import main
 from ilora.data import candidate_sets, make_synthetic, write_native
 from ilora.data.dataset import Catalog, SeqDataset
-from ilora.errors import IloraError
+from ilora.errors import ConfigError, IloraError
 from ilora.rec.sasrec import SASRec, SASRecConfig
 from ilora.teacher.adapters import enable_gradient_checkpointing, gated_lora_modules
 from ilora.teacher.batch import PromptCollator
@@ -280,12 +280,15 @@ def test_evaluate_reports_the_metrics_of_its_scores_generations_and_gates(datase
     assert (g["valid_ratio"], g["hr@1_all"]) == (pytest.approx(valid / 6), pytest.approx(correct / 6))
     assert g["gate_stats"]["mean_weight"] == pytest.approx(mean_gate, abs=1e-6)
 
-    # max_new_tokens reaches the decoder: each sample's output is its own first tokens
+    # max_new_tokens reaches the decoder and the metrics record it; the score protocol refuses it
+    assert g["max_new_tokens"] == int(teacher.title_table.length.max()) + 8
+    with pytest.raises(ConfigError, match="generate protocol only"):
+        evaluate_teacher(bundle, split, cands, protocol="score", max_new_tokens=5)
     calls = []
     generate = teacher.generate
     teacher.generate = lambda batch, gate, max_new_tokens: calls.append(max_new_tokens) or generate(batch, gate, max_new_tokens=max_new_tokens)
     try:
-        evaluate_teacher(bundle, split, cands, protocol="generate", batch_size=4, max_new_tokens=2)
+        assert evaluate_teacher(bundle, split, cands, protocol="generate", batch_size=4, max_new_tokens=2)["max_new_tokens"] == 2
         evaluate_teacher(bundle, split, cands, protocol="generate", batch_size=4)
     finally:
         del teacher.generate

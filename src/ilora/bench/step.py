@@ -58,7 +58,9 @@ from ilora.errors import ConfigError, IloraError
 from ilora.teacher.batch import IGNORE_INDEX
 
 TOKENIZER_VOCAB = 5000  # gives LastFM prompts of about 220 tokens
-TOL_BF16 = 3e-2
+# bf16 (weights and autocast, as on CUDA) moves ours' answer logits from the reference's by
+# 0.010-0.015 (relative) on CPU-emulated models of 8-16 layers; the gate moves them by 0.12-0.34
+TOL_BF16 = 6e-2
 
 # Llama-architecture shapes (random weights). vocab None = the tokenizer's size.
 SHAPES: dict[str, dict[str, Any]] = {
@@ -283,7 +285,10 @@ def answer_logits(setup: StepSetup, samples: dict[str, torch.Tensor], variant: s
 
 
 def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``||a - b|| / ||b||`` (Frobenius norms)."""
+    """``||a - b|| / ||b||`` (Frobenius norms). `IloraError` if the shapes differ: then the two
+    variants predicted a different number of answer tokens, i.e. did not do the same work."""
+    if a.shape != b.shape:
+        raise IloraError(f"step bench: logits at {a.shape[0]} answer positions vs {b.shape[0]}: the variants do not predict the same answer tokens")
     return float((a - b).norm() / b.norm())
 
 

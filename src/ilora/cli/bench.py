@@ -124,7 +124,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--hidden", type=int, default=None, metavar="H", help="inputs/adapter: hidden size (default 4096; 1024 with --quick)")
     p.add_argument("--batch-sizes", type=_batch_sizes, default=None, metavar="B,B", help="inputs: batch sizes (default 8,32,128 on CUDA, 8,32 on CPU)")
-    p.add_argument("--shape", default=None, choices=("tiny", "tiny-quick", "1b", "7b"), help="step, eval: model shape (default tiny; 1b/7b on CUDA; eval: tiny, 1b, 7b)")
+    p.add_argument("--shape", default=None, choices=("tiny", "tiny-quick", "1b", "7b"), help="step, eval: model shape (default tiny; 1b/7b on CUDA; eval's tiny is the --llm tiny teacher)")
     p.add_argument("--batch-size", type=positive_int, default=None, metavar="B", help="step: samples per step (default 8); grouping: batch size (default 16)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="step: recompute decoder layers in backward")
     p.add_argument("--compile", action="store_true", help="step: torch.compile each decoder layer")

@@ -182,20 +182,21 @@ class TopK:
     confidence: torch.Tensor  # float32 (B, K)
 
 
-def select_top_k(scores: torch.Tensor, pool: torch.Tensor, mask: torch.Tensor, k: int, first_row: int = 0) -> TopK:
+def select_top_k(scores: torch.Tensor, pool: torch.Tensor, mask: torch.Tensor, k: int, rows: str = "sample", first_row: int = 0) -> TopK:
     """The ``k`` best real pool items of each row, with softmax-over-the-pool confidences.
 
-    Raises `IloraError` naming the sample (``first_row`` + batch row) whose pool is smaller than
-    ``k``, or that has a NaN score on a real pool item: NaN would sort first and turn every
-    confidence of its row into NaN. ``-inf`` is a valid score."""
+    Raises `IloraError` naming the sample (``rows`` and ``first_row`` + batch row, e.g.
+    ``"train sample 41"``) whose pool is smaller than ``k``, or that has a NaN score on a real
+    pool item: NaN would sort first and turn every confidence of its row into NaN. ``-inf`` is
+    a valid score."""
     size = mask.sum(1)
     if bool((size < k).any()):
         row = int((size < k).nonzero()[0, 0])
-        raise IloraError(f"sample {first_row + row}: its candidate pool has {int(size[row])} items, fewer than top-k {k}")
+        raise IloraError(f"{rows} {first_row + row}: its candidate pool has {int(size[row])} items, fewer than top-k {k}")
     nan = torch.isnan(scores) & mask
     if bool(nan.any()):
         row, col = (int(i) for i in nan.nonzero()[0])
-        raise IloraError(f"sample {first_row + row}: the teacher's score of pool item {int(pool[row, col])} is NaN; cannot rank it")
+        raise IloraError(f"{rows} {first_row + row}: the teacher's score of pool item {int(pool[row, col])} is NaN; cannot rank it")
     masked = scores.float().masked_fill(~mask, float("-inf"))
     confidence = torch.softmax(masked, dim=1)
     order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :k]
@@ -206,15 +207,17 @@ def select_top_k(scores: torch.Tensor, pool: torch.Tensor, mask: torch.Tensor, k
 
 
 @torch.no_grad()
-def score_pool(teacher, prompts, pool: torch.Tensor, mask: torch.Tensor, k: int, gate: str, first_row: int = 0) -> TopK:
+def score_pool(teacher, prompts, pool: torch.Tensor, mask: torch.Tensor, k: int, gate: str, rows: str = "sample", first_row: int = 0) -> TopK:
     """Score the pool items given the prompts (``teacher.score_candidates`` -> ``teacher.run``)."""
-    return select_top_k(teacher.score_candidates(prompts, pool, gate), pool, mask, k, first_row)
+    return select_top_k(teacher.score_candidates(prompts, pool, gate), pool, mask, k, rows, first_row)
 
 
 @torch.no_grad()
-def export_batch(bundle, history: np.ndarray, length: np.ndarray, fixed: np.ndarray, opts: ExportOptions, first_row: int = 0) -> dict[str, np.ndarray]:
-    """The output columns (except ``index``) of one batch of samples, the split's rows
-    ``first_row`` on (errors name them).
+def export_batch(
+    bundle, history: np.ndarray, length: np.ndarray, fixed: np.ndarray, opts: ExportOptions, split: str = "", first_row: int = 0
+) -> dict[str, np.ndarray]:
+    """The output columns (except ``index``) of one batch of samples: rows ``first_row`` on of
+    ``split`` (errors name them).
 
     ``fixed`` ``(B, C)`` are the fixed candidates shown in the prompt; they join the pool
     when ``opts.pool_candidates > 0``.
@@ -229,7 +232,7 @@ def export_batch(bundle, history: np.ndarray, length: np.ndarray, fixed: np.ndar
         rec_scores = teacher.rec.scores(prompts.history, prompts.length)
         parts.append(sasrec_top_unseen(rec_scores, prompts.history, prompts.length, opts.pool_sasrec))
     pool, mask = build_pools(parts)
-    top = score_pool(teacher, prompts, pool, mask, opts.top_k, opts.gate, first_row)
+    top = score_pool(teacher, prompts, pool, mask, opts.top_k, opts.gate, f"{split} sample".strip(), first_row)
     gates = teacher.gates(prompts.history, prompts.length, opts.gate)
     user = teacher.rec.user_representation(prompts.history, prompts.length)
     as_np = lambda t, dtype: t.detach().to("cpu", torch.float32 if dtype is np.float32 else torch.int64).numpy().astype(dtype, copy=False)  # noqa: E731
@@ -413,7 +416,7 @@ def _export_shard(bundle, split: Split, name: str, number: int, opts: ExportOpti
     cols: dict[str, list[np.ndarray]] = {}
     for b in range(0, hi - lo, opts.batch_size):
         sl = slice(b, b + opts.batch_size)
-        for key, value in export_batch(bundle, part.history[sl], part.length[sl], fixed[sl], opts, first_row=lo + b).items():
+        for key, value in export_batch(bundle, part.history[sl], part.length[sl], fixed[sl], opts, name, lo + b).items():
             cols.setdefault(key, []).append(value)
     file = f"{name}/{SHARD_PATTERN.format(number)}"
     sha = write_shard(out / file, shard_table(np.arange(lo, hi), {k: np.concatenate(v) for k, v in cols.items()}))

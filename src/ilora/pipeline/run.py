@@ -90,10 +90,11 @@ def stage_eval(cfg: RunConfig, dataset: SeqDataset, teacher_dir: Path, rec_dir: 
         for gate in _gate_modes(cfg):
             results["teacher"][f"{protocol}/{gate}"] = evaluate_teacher(
                 bundle, split, cands, protocol=protocol, gate_mode=gate,
-                batch_size=cfg.eval.batch_size, device=cfg.teacher.device, max_new_tokens=cfg.eval.max_new_tokens or None,
+                batch_size=cfg.eval.batch_size, device=cfg.teacher.device,
+                max_new_tokens=(cfg.eval.max_new_tokens or None) if protocol == "generate" else None,
             )
     same = SeqDataset(dataset.catalog, {cfg.eval.split: split}, dataset.source)
-    results["sasrec_same_candidates"] = evaluate_sasrec(load_sasrec(rec_dir), same, cfg.eval.split, candidates=cands)
+    results["sasrec_same_candidates"] = evaluate_sasrec(load_sasrec(rec_dir), same, cfg.eval.split, candidates=cands, mask_history=cfg.rec.mask_history)
     return results
 
 

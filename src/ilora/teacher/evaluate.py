@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ilora.data.dataset import Split
 from ilora.distributed import SINGLE, Dist
-from ilora.errors import IloraError
+from ilora.errors import ConfigError, IloraError
 
 
 def rank_of_target(scores: torch.Tensor, target_col: torch.Tensor) -> torch.Tensor:
@@ -148,6 +148,11 @@ def score_split(
     return torch.cat(_in_sample_order(ctx, scores)), torch.cat(_in_sample_order(ctx, gates))
 
 
+def default_max_new_tokens(teacher) -> int:
+    """The generate protocol's decoding limit: the longest (truncated) title + 8 tokens."""
+    return int(teacher.title_table.length.max()) + 8
+
+
 @torch.no_grad()
 def generate_split(
     bundle, split: Split, candidates: np.ndarray, gate_mode: str = "learned", batch_size: int = 16, device: str = "cpu", max_new_tokens: int | None = None, ctx: Dist = SINGLE
@@ -155,7 +160,7 @@ def generate_split(
     """Greedy generations for every sample (prompt without answer) and the (N, E) gates used;
     split across ranks as `score_split`. ``max_new_tokens`` None: the longest title + 8."""
     teacher = bundle.teacher.eval()
-    limit = max_new_tokens or int(teacher.title_table.length.max()) + 8
+    limit = max_new_tokens or default_max_new_tokens(teacher)
     texts: list[list[str]] = []
     gates = []
     for sl in _my_batches(len(split), batch_size, ctx, "generate"):
@@ -176,6 +181,8 @@ def evaluate_teacher(
     """
     from ilora.teacher.gate import gate_statistics
 
+    if max_new_tokens is not None and protocol != "generate":
+        raise ConfigError(f"max_new_tokens applies to the generate protocol only, not to {protocol!r}")
     cols = target_columns(candidates, split.target)
     if protocol == "score":
         scores, gates = score_split(bundle, split, candidates, gate_mode, batch_size, device, ctx=ctx)
@@ -183,6 +190,7 @@ def evaluate_teacher(
     elif protocol == "generate":
         texts, gates = generate_split(bundle, split, candidates, gate_mode, batch_size, device, max_new_tokens, ctx=ctx)
         metrics = teacher_generate_metrics(bundle.teacher, texts, candidates, cols.tolist())
+        metrics["max_new_tokens"] = max_new_tokens or default_max_new_tokens(bundle.teacher)
     else:
         raise ValueError(f"unknown protocol {protocol!r}")
     metrics["num_samples"] = len(split)
