@@ -369,6 +369,34 @@ def test_step_check_under_bf16_autocast_still_sees_the_gate(synthetic_titles, mo
         step_bench.check_equal(setup, samples)
 
 
+def test_optimizer_comparison_gives_the_same_update_and_leaves_the_model_as_it_was(synthetic_titles):
+    """foreach and fused AdamW take the same step from the same state (checked inside, against each
+    other: it raises otherwise); afterwards parameters are back and no gradient is left."""
+    setup, _ = step_bench.build_setup("tiny-quick", CPU)
+    samples = common.random_samples(len(synthetic_titles), 2, 10, 20, seed=0)
+    before = [p.detach().clone() for p in setup.params]
+    o = step_bench.compare_optimizers(setup, samples, repeats=2)
+    assert o["trainable_params"] == sum(p.numel() for p in before) and o["foreach_s"] > 0 and o["fused_s"] > 0
+    assert all(torch.equal(b, p) for b, p in zip(before, setup.params)) and all(p.grad is None for p in setup.params)
+
+
+def test_optimizer_comparison_fails_when_the_two_updates_differ(synthetic_titles, monkeypatch):
+    setup, _ = step_bench.build_setup("tiny-quick", CPU)
+    samples = common.random_samples(len(synthetic_titles), 2, 10, 20, seed=0)
+    before = [p.detach().clone() for p in setup.params]
+    adamw = torch.optim.AdamW
+
+    def wrong_fused(groups, **kwargs):  # a "fused" optimizer that steps twice as far
+        if kwargs.get("fused"):
+            groups = [{**g, "lr": 2 * g["lr"]} for g in groups]
+        return adamw(groups, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", wrong_fused)
+    with pytest.raises(IloraError, match="fused and foreach AdamW give different updates"):
+        step_bench.compare_optimizers(setup, samples, repeats=2)
+    assert all(torch.equal(b, p) for b, p in zip(before, setup.params))  # restored on failure too
+
+
 def test_step_compile_runs_every_variant_with_the_trainers_compiled_layers(synthetic_titles):
     """--compile uses `CompiledLayers`, as `teacher.compile` does in training, in every variant's context."""
     setup, _ = step_bench.build_setup("tiny-quick", CPU, compile_layers=True)
@@ -492,6 +520,8 @@ def test_bench_step_quick_json(capsys, synthetic_titles, tmp_path):
     check = r["equal_work_checked"]
     assert check["discriminates_gate"] and check["gate_effect"] > 2 * check["tolerance"]
     assert r["sdpa_vs_eager"] == pytest.approx(r["variants"]["ours_eager"]["median_s"] / r["variants"]["ours"]["median_s"])
+    o = r["optimizer"]
+    assert o["foreach_over_fused"] == pytest.approx(o["foreach_s"] / o["fused_s"]) and o["trainable_params"] > 0
     assert all(v["mfu"] is None and v["samples_per_s"] > 0 for v in r["variants"].values())
     # the profiled step: its summary in the JSON, its operator table in the file
     p = r["profile"]

@@ -22,6 +22,10 @@ with AdamW, gradient clipping and (CUDA) bf16 autocast, as ``ilora teacher train
   the same weights (`ilora.bench.adapter.PlainLoraView`) and the uniform gate (no SASRec
   or gate network): what the step would cost without iLoRA's gating, the floor for ours.
 
+After the steps, the optimizer part alone is timed with torch's default AdamW (``foreach``
+on CUDA, what the trainer runs) and with ``fused=True`` (`compare_optimizers`): the
+measurement that decides whether the trainer should switch.
+
 The variants run interleaved on one model; each variant's swap (reference adapters in,
 eager attention on) is made before its timed step and undone after it, outside the timer.
 
@@ -386,6 +390,48 @@ def memory(setup: StepSetup, samples: dict[str, torch.Tensor], variants: tuple[s
     return out
 
 
+def optimizer_step(setup: StepSetup, optimizer: torch.optim.Optimizer) -> None:
+    """The step's optimizer part as `step_in_context` runs it (clip, step), gradients kept."""
+    torch.nn.utils.clip_grad_norm_(setup.params, 1.0)
+    optimizer.step()
+
+
+def compare_optimizers(setup: StepSetup, samples: dict[str, torch.Tensor], repeats: int = 10) -> dict[str, Any]:
+    """The optimizer part alone (gradient clipping + AdamW step), as the trainer runs it (torch's
+    default: ``foreach`` on CUDA) and with ``fused=True``, on the same parameters, param groups and
+    gradients (one backward of ours), interleaved, median seconds each. Parameters are restored
+    afterwards and gradients dropped, so the benchmark's other measurements are unaffected.
+    Raises `IloraError` unless both updates agree (relative 1e-5 after one step from the same state)."""
+    params = setup.params
+    saved = [p.detach().clone() for p in params]
+    with variant_context(setup, "ours"):
+        our_loss(setup, samples, Parts(setup.device)).backward()
+    groups = lambda: [{"params": list(g["params"]), "lr": g["lr"], "weight_decay": g["weight_decay"]} for g in setup.optimizer.param_groups]  # noqa: E731
+    variants = {"foreach": torch.optim.AdamW(groups(), foreach=True), "fused": torch.optim.AdamW(groups(), fused=True)}
+    after = {}
+    try:
+        for name, optimizer in variants.items():  # one step each from the same state: the same update
+            optimizer_step(setup, optimizer)
+            after[name] = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p, s in zip(params, saved):
+                    p.copy_(s)
+        for a, b in zip(after["foreach"], after["fused"]):
+            if not torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-7):
+                raise IloraError("step bench: fused and foreach AdamW give different updates")
+        times = interleave(
+            {name: (lambda parts, o=optimizer: optimizer_step(setup, o)) for name, optimizer in variants.items()},
+            setup.device, warmup=1, repeats=repeats, min_repeats=repeats,
+        )
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        setup.optimizer.zero_grad(set_to_none=True)
+    foreach, fused = times["foreach"].median, times["fused"].median
+    return {"foreach_s": foreach, "fused_s": fused, "foreach_over_fused": foreach / fused, "trainable_params": sum(p.numel() for p in params)}
+
+
 def profile_step(setup: StepSetup, samples: dict[str, torch.Tensor], path: Path, rows: int = 40) -> dict[str, Any]:
     """One step of ours under torch.profiler; its top operators (by self device time on CUDA,
     self CPU time otherwise) written to ``path``. Returns the step's wall time, the time the
@@ -471,6 +517,7 @@ def run_bench(
     runs, contexts = timed_runs(setup, samples, variants)
     times = interleave(runs, device, warmup=warmup, repeats=repeats, budget_s=budget_s, contexts=contexts, part_times=part_times)
     mem = memory(setup, samples, variants)
+    optimizers = compare_optimizers(setup, samples)
     profiled = profile_step(setup, samples, profile) if profile else None
     flops = useful_flops(setup, tokens, answer_tokens, gradient_checkpointing)
     peak = peak_flops(device)
@@ -519,6 +566,9 @@ def run_bench(
         "variants": variants,
         "ratio": times["reference"].median / times["ours"].median,
         "ratio_means": "reference / ours median time of a full training step",
+        "optimizer": optimizers,
+        "optimizer_means": "the optimizer part alone (clip + AdamW step) on ours' gradients: foreach=True (torch's default "
+        "on CUDA, what the trainer and the variants above run there) vs fused=True, median seconds",
         **({"profile": profiled} if profiled else {}),
         **(
             {
@@ -570,6 +620,9 @@ def markdown_table(result: dict[str, Any]) -> list[str]:
         ]
     if "vs_lora" in result:
         lines += ["", f"Ours / plain LoRA on the same weights (step time): {result['vs_lora']:.3f}x."]
+    if "optimizer" in result:
+        o = result["optimizer"]
+        lines += ["", f"Optimizer part alone (clip + AdamW, {o['trainable_params']:,} trainable parameters): foreach {ms(o['foreach_s'])} ms, fused {ms(o['fused_s'])} ms ({o['foreach_over_fused']:.2f}x)."]
     if "profile" in result:
         p = result["profile"]
         busy = "" if p["device_busy_s"] is None else f", device busy {ms(p['device_busy_s'])} ms ({100 * p['device_busy_share']:.0f} %)"
