@@ -32,6 +32,9 @@ def test_run_skips_up_to_date_stages_and_reruns_changed_ones(tmp_path, capsys):
     assert (run / "report.md").is_file() and (run / "gate.png").is_file() and (run / "curves.png").is_file()
     assert (run / "students.png").is_file() and set(first["distill"]) >= {"baseline", "distilled", "gain"}
     assert first["export"]["rows"] == first["data"]["train_rows"]
+    assert first["sasrec_train"]["epochs_run"] == 2 and first["sasrec_train"]["seconds"] > 0
+    times = (run / "report.md").read_text().split("## Stage times (s)")[1]
+    assert "sasrec_train" in times and "| sasrec |" in times
     keys = _stage_keys(run)
     mtimes = {name: (run / name / "stage.json").stat().st_mtime_ns for name in keys}
 

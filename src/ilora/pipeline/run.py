@@ -127,7 +127,8 @@ def run_pipeline(cfg: RunConfig) -> dict:
 
     data_key, results["data"] = run_stage(run_dir, "data", to_dict(cfg.data), [], lambda d: stage_data(cfg, d))
     dataset = read_native(run_dir / "data" / "dataset")
-    rec_key, _ = run_stage(run_dir, "sasrec", to_dict(cfg.rec), [data_key], lambda d: stage_sasrec(cfg, dataset, d), keep_partial=True)
+    rec_key, trained = run_stage(run_dir, "sasrec", to_dict(cfg.rec), [data_key], lambda d: stage_sasrec(cfg, dataset, d), keep_partial=True)
+    results["sasrec_train"] = {k: trained.get(k) for k in ("best_epoch", "epochs_run", "steps", "seconds")}
     rec_dir = run_dir / "sasrec" / "model"
     _, results["sasrec"] = run_stage(run_dir, "sasrec_eval", sasrec_eval_config(cfg), [rec_key], lambda d: stage_sasrec_eval(cfg, dataset, rec_dir))
     teacher_key, results["teacher"] = run_stage(
