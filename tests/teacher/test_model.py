@@ -16,7 +16,7 @@ from ilora.errors import ConfigError, IloraError
 from ilora.rec.sasrec import SASRec, SASRecConfig
 from ilora.teacher.adapters import enable_gradient_checkpointing, gated_lora_modules
 from ilora.teacher.batch import PromptCollator
-from ilora.teacher.build import build_teacher, load_teacher, save_teacher
+from ilora.teacher.build import build_teacher, load_teacher, part_fingerprints, save_teacher
 from ilora.teacher.config import TeacherConfig
 from ilora.teacher.evaluate import evaluate_teacher, matched_candidates
 from ilora.teacher.tiny import add_placeholder_tokens
@@ -200,6 +200,38 @@ def test_loading_a_damaged_checkpoint_names_the_file(dataset, rec, tmp_path, cas
     damage(tmp_path / "t")
     with pytest.raises(IloraError, match=name.replace(".", r"\.")):
         load_teacher(tmp_path / "t", dataset.catalog)
+    # the same damage recorded as if saved that way: the part's own reader names the file too
+    if (tmp_path / "t" / name).is_file() and name != "teacher_config.json":
+        _edit_json(tmp_path / "t" / "teacher_config.json", lambda c: c.update(parts=part_fingerprints(tmp_path / "t")))
+        with pytest.raises(IloraError, match=name.replace(".", r"\.")):
+            load_teacher(tmp_path / "t", dataset.catalog)
+
+
+@pytest.mark.parametrize("part", ["gate.safetensors", "adapter_model.safetensors", "tokenizer"])
+def test_a_save_interrupted_part_way_is_refused(dataset, rec, tmp_path, part):
+    """Training saves its best teacher into the same directory again and again: killed part-way,
+    new parts stand beside old ones, with the old teacher_config.json. Loading refuses that mix."""
+    save_teacher(make_bundle(dataset, rec, seed=0), tmp_path / "a", dataset.catalog)
+    later = make_bundle(dataset, rec, seed=7)
+    with torch.no_grad():  # the same teacher a few steps on: other adapters and gate
+        next(iter(gated_lora_modules(later.teacher.llm).values())).lora_B.weight.add_(1.0)
+    save_teacher(later, tmp_path / "b", dataset.catalog)
+    if part == "tokenizer":  # a tokenizer file rewritten (same content would be fine: change it)
+        _edit_json(tmp_path / "a" / "tokenizer" / "tokenizer_config.json", lambda c: c.update(model_max_length=77))
+    else:
+        shutil.copy(tmp_path / "b" / part, tmp_path / "a" / part)
+    with pytest.raises(IloraError, match=f"{part}.*not the one saved with this teacher_config.json"):
+        load_teacher(tmp_path / "a", dataset.catalog)
+
+
+def test_a_format_2_checkpoint_loads_without_part_checks_and_says_so(dataset, rec, tmp_path, caplog):
+    bundle = make_bundle(dataset, rec)
+    save_teacher(bundle, tmp_path / "t", dataset.catalog)
+    _edit_json(tmp_path / "t" / "teacher_config.json", lambda c: (c.update(format_version=2), c.pop("parts")))
+    with caplog.at_level("WARNING"):
+        loaded = load_teacher(tmp_path / "t", dataset.catalog)
+    assert "format 2" in caplog.text
+    assert torch.equal(loaded.teacher.gate_net.net[0].weight, bundle.teacher.gate_net.net[0].weight)
 
 
 def test_loading_detects_a_sasrec_or_base_llm_from_another_save(dataset, rec, tmp_path):

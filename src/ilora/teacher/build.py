@@ -3,7 +3,7 @@
 Checkpoint directory layout (everything needed to run the teacher offline):
 
     teacher_config.json          TeacherConfig + format version + fingerprints of the catalog,
-                                 of rec/ and (tiny) of llm/; written last
+                                 of rec/, (tiny) of llm/ and of every part below; written last
     adapter_model.safetensors    LoRA experts in peft's key layout (rank E*r)
     adapter_config.json          peft LoRA config (a peft tool reads the uniform-gate model)
     ilora_adapter.json           the experts' layout: E, rank per expert, alpha, scaling
@@ -21,7 +21,8 @@ of an earlier run. ``rec/`` and ``llm/`` are each written beside and then swappe
 
 `load_teacher` is the only way to load one: it checks the format version and the
 fingerprints (`rec_fingerprint` of the loaded SASRec, `directory_fingerprint` of
-``llm/``) against ``teacher_config.json``, rebuilds the model, injects the adapters,
+``llm/``, `part_fingerprints` of the other parts) against ``teacher_config.json``, so a
+save interrupted part-way (new adapters beside an old gate, say) is refused, not loaded, rebuilds the model, injects the adapters,
 loads the gate network and projector together, so a reloaded teacher can never run
 without its gate. A file that is missing or does not fit the saved config raises
 `IloraError` naming it.
@@ -49,7 +50,7 @@ from ilora.config import from_dict, to_dict
 from ilora.data.dataset import Catalog, validate_prompt_titles
 from ilora.errors import IloraError
 from ilora.rec.sasrec import SASRec, load_sasrec
-from ilora.state_io import atomic_write_text, read_json, save_tensors
+from ilora.state_io import atomic_write_text, file_sha256, read_json, save_tensors
 from ilora.teacher.adapters import GateState, adapter_parameters, inject_gated_lora, load_adapters, save_adapters
 from ilora.teacher.batch import PromptCollator, TitleTable
 from ilora.teacher.config import TeacherConfig
@@ -60,8 +61,10 @@ from ilora.teacher.prompts import load_template
 from ilora.teacher.tiny import add_placeholder_tokens, build_tiny_llm, build_tiny_tokenizer, default_dtype, load_llm
 
 FORMAT = "ilora-teacher"
-FORMAT_VERSION = 2  # 2: rec/ and llm/ fingerprints in teacher_config.json
-READABLE_VERSIONS = (1, 2)  # 1 loads without the fingerprint checks (it has none), with a warning
+FORMAT_VERSION = 3  # 2: rec/ and llm/ fingerprints in teacher_config.json; 3: and of every other part
+READABLE_VERSIONS = (1, 2, 3)  # 1 loads without the fingerprint checks (it has none), 2 without the parts', with a warning
+# the parts `save_teacher` writes beside teacher_config.json (files, and the tokenizer directory)
+PART_FILES = ("adapter_model.safetensors", "adapter_config.json", "ilora_adapter.json", "gate.safetensors", "projector.safetensors", "added_embeddings.safetensors")
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +87,14 @@ def rec_fingerprint(rec: SASRec) -> str:
         h.update(f"\x00{name}\x00{flat.dtype}\x00{tuple(tensor.shape)}\x00".encode())
         h.update(flat.view(torch.uint8).numpy())
     return h.hexdigest()[:16]
+
+
+def part_fingerprints(ckpt: Path) -> dict[str, str | None]:
+    """sha256 (16 hex digits) of each of `PART_FILES` and `directory_fingerprint` of
+    ``tokenizer/``; None for a part that is missing."""
+    out: dict[str, str | None] = {name: file_sha256(ckpt / name)[:16] if (ckpt / name).is_file() else None for name in PART_FILES}
+    out["tokenizer/"] = directory_fingerprint(ckpt / "tokenizer") if (ckpt / "tokenizer").is_dir() else None
+    return out
 
 
 def directory_fingerprint(directory: Path) -> str:
@@ -208,7 +219,7 @@ def save_teacher(bundle: TeacherBundle, out_dir: str | Path, catalog: Catalog) -
     _replace_directory(out / "rec", teacher.rec.save)
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "catalog": catalog.sha256(),
-        "rec": rec_fingerprint(teacher.rec), "llm": llm_fingerprint, "config": to_dict(cfg),
+        "rec": rec_fingerprint(teacher.rec), "llm": llm_fingerprint, "parts": part_fingerprints(out), "config": to_dict(cfg),
     }
     atomic_write_text(out / "teacher_config.json", json.dumps(meta, indent=2))
 
@@ -305,6 +316,11 @@ def load_teacher(ckpt: str | Path, catalog: Catalog, device: str = "cpu") -> Tea
             "%s: saved by an older ilora (format 1) without fingerprints of rec/ and llm/: cannot check they are "
             "the ones this teacher was trained with; save it again to record them", ckpt
         )
+    if meta["format_version"] >= 3:
+        check_parts(ckpt, meta.get("parts"))
+    else:
+        log.warning("%s: saved by an older ilora (format %s) without fingerprints of its parts: cannot check they "
+                    "belong together; save it again to record them", ckpt, meta["format_version"])
     rec = load_sasrec(ckpt / "rec")
     if fingerprints and rec_fingerprint(rec) != meta["rec"]:
         raise IloraError(f"{ckpt / 'rec'}: not the SASRec this teacher was saved with (fingerprint differs from teacher_config.json's)")
@@ -329,6 +345,21 @@ def load_teacher(ckpt: str | Path, catalog: Catalog, device: str = "cpu") -> Tea
         if "output" in rows:
             llm.get_output_embeddings().weight[ids] = rows["output"].to(device, llm.dtype)
     return assemble(cfg, catalog, rec, llm, tokenizer, device, checkpoint=ckpt)
+
+
+def check_parts(ckpt: Path, expected: object) -> None:
+    """`IloraError` naming the first part whose fingerprint is not the one ``teacher_config.json``
+    recorded: missing, changed since, or left from another save (one interrupted part-way)."""
+    if not isinstance(expected, dict):
+        raise IloraError(f"{ckpt / 'teacher_config.json'}: no 'parts' fingerprints (format 3 has them)")
+    found = part_fingerprints(ckpt)
+    for name, fingerprint in found.items():
+        if expected.get(name) != fingerprint:
+            state = "missing" if fingerprint is None else "not the one saved with this teacher_config.json"
+            raise IloraError(
+                f"{ckpt / name}: {state} (a save interrupted part-way, or a file changed since); "
+                "save the teacher again, e.g. by resuming its training"
+            )
 
 
 def trainable_parameters(teacher: ILoRATeacher) -> dict[str, list[torch.nn.Parameter]]:
