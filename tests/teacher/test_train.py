@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -106,3 +108,33 @@ def test_a_new_run_in_a_used_out_keeps_its_own_sasrec_and_resume_refuses_another
     with pytest.raises(IloraError, match="dataset"):
         train_teacher(other_ds, second, tmp_path / "rec1", out, resume=True)
     assert train_teacher(ds, second, tmp_path / "rec1", out, resume=True)["resumed_from"] == 1
+    # a fresh run that stops before its first save leaves no teacher that loads (not the old one)
+    from ilora.distributed import SINGLE
+    from ilora.teacher.train import _open_run
+
+    assert load_teacher(out, ds.catalog) is not None
+    _open_run(out, second, {}, False, SINGLE)
+    with pytest.raises(IloraError, match="teacher_config.json"):
+        load_teacher(out, ds.catalog)
+
+
+def test_the_logged_lr_is_the_lr_each_step_used(tmp_path) -> None:
+    """train_steps.csv's lr column is the lr of the optimiser step on that row (read before the
+    schedule moves on): with 4 warm-up steps, step 1 ran at lr / 4."""
+    import csv
+
+    from ilora.data import make_synthetic
+    from ilora.rec.sasrec import SASRec, SASRecConfig
+    from ilora.teacher.train import train_teacher
+
+    ds = make_synthetic(users=40, items=30, seed=5)
+    torch.manual_seed(0)
+    SASRec(SASRecConfig(num_items=ds.num_items, max_len=ds.max_len, hidden=16)).save(tmp_path / "rec")
+    cfg = TeacherConfig(**SMALL, max_steps=6, batch_size=4, val_samples=4, lr=1e-3, warmup_ratio=4 / 6, min_lr_ratio=0.0)
+    train_teacher(ds, cfg, tmp_path / "rec", tmp_path / "out")
+    with open(tmp_path / "out" / "train_steps.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    logged = [float(r["lr"]) for r in rows]
+    expected = [1e-3 * (s + 1) / 4 for s in range(4)] + [1e-3 * (1 + math.cos(math.pi * k / 2)) / 2 for k in range(2)]
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert logged == pytest.approx(expected, rel=1e-9)

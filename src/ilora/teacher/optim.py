@@ -2,8 +2,10 @@
 
 * Param groups: LoRA experts and projector at ``lr``; the gate network (router) at
   ``router_lr_scale * lr`` (iLoRA uses 0.3).
-* Schedule: linear warm-up from 0 over ``warmup_steps``, then cosine decay to
-  ``min_lr_ratio * lr`` at ``total_steps``.
+* Schedule: linear warm-up over ``warmup_steps`` (step ``s`` < ``warmup_steps`` runs at
+  ``(s + 1) / warmup_steps * lr``: the first at ``lr / warmup_steps``, the last at ``lr``), then
+  cosine decay to ``min_lr_ratio * lr`` at ``total_steps``. ``warmup_steps`` is
+  ``round(warmup_ratio * total_steps)`` (`warmup_length`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ def param_groups(adapters: list[nn.Parameter], gate: nn.Module, projector: nn.Mo
         {"name": "projector", "params": list(projector.parameters()), "lr": lr, "weight_decay": weight_decay},
         {"name": "gate", "params": list(gate.parameters()), "lr": lr * router_lr_scale, "weight_decay": weight_decay},
     ]
+
+
+def warmup_length(warmup_ratio: float, total_steps: int) -> int:
+    """Warm-up steps for a ratio of the total, rounded (``int`` would truncate 0.29 * 100 to 28)."""
+    return round(warmup_ratio * total_steps)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:

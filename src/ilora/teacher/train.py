@@ -71,7 +71,7 @@ from ilora.teacher.build import build_teacher, rec_fingerprint, save_teacher, tr
 from ilora.teacher.compiled import CompiledLayers, check_can_compile
 from ilora.teacher.config import TeacherConfig
 from ilora.teacher.evaluate import evaluate_teacher
-from ilora.teacher.optim import build_scheduler, param_groups
+from ilora.teacher.optim import build_scheduler, param_groups, warmup_length
 
 log = logging.getLogger(__name__)
 
@@ -242,9 +242,13 @@ def _finished_summary(out: Path, cfg: TeacherConfig, inputs: dict) -> dict | Non
 
 
 def _open_run(out_dir, cfg: TeacherConfig, inputs: dict, resume: bool, ctx: Dist):
-    """`open_run` on rank 0; every rank gets ``(out, checkpoints, finished summary or None)``."""
+    """`open_run` on rank 0; every rank gets ``(out, checkpoints, finished summary or None)``.
+    A fresh run (no ``resume``) also removes an earlier run's ``teacher_config.json``, so
+    until this run saves its first teacher the directory holds none that would load."""
     if ctx.is_main:
         out, checkpoints, finished = open_run(out_dir, cfg.checkpoint_every, resume, "train_summary.json", lambda o: _finished_summary(o, cfg, inputs))
+        if not resume:  # an earlier run's teacher is not this run's: unloadable until the first save
+            (out / "teacher_config.json").unlink(missing_ok=True)
     else:
         out, checkpoints, finished = Path(out_dir), CheckpointManager(out_dir, cfg.checkpoint_every), None
     return out, checkpoints, ctx.broadcast(finished)
@@ -302,7 +306,7 @@ def train_teacher(
     params = trainable_parameters(teacher)
     groups = param_groups(params["adapters"], teacher.gate_net, teacher.projector, cfg.lr, cfg.router_lr_scale, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    scheduler = build_scheduler(optimizer, int(cfg.warmup_ratio * total_steps), total_steps, cfg.min_lr_ratio)
+    scheduler = build_scheduler(optimizer, warmup_length(cfg.warmup_ratio, total_steps), total_steps, cfg.min_lr_ratio)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if cfg.device == "cuda" else contextlib.nullcontext()
     )
@@ -391,6 +395,7 @@ def train_teacher(
             grad_norm = torch.nn.utils.clip_grad_norm_(all_params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             if guard.ok(p["step"] + 1, total_loss, float(grad_norm), f" (epoch {epoch + 1})"):
                 optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # the lr this step used (read before the schedule moves on)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             p["step"], p["position"] = p["step"] + 1, k + 1
@@ -398,7 +403,7 @@ def train_teacher(
             bar.update(1)
             bar.set_postfix(loss=f"{total_loss:.3f}", samples_s=f"{n_step / elapsed:.1f}")
             step_log.log(
-                {"step": p["step"], "epoch": epoch + 1, "loss": total_loss, "lr": scheduler.get_last_lr()[0],
+                {"step": p["step"], "epoch": epoch + 1, "loss": total_loss, "lr": lr,
                  "grad_norm": float(grad_norm), "samples_per_s": n_step / elapsed, "tokens_per_s": tokens / elapsed},
                 p["step"],
             )

@@ -1,0 +1,49 @@
+"""The teacher's optimiser groups and lr schedule against values written out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ilora.teacher.optim import build_scheduler, param_groups, warmup_cosine, warmup_length
+
+
+def reference_lr(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up to ``base`` over ``warmup`` steps (the first at base / warmup), then a
+    half cosine from ``base`` down to ``min_ratio * base`` over the remaining steps."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    done = min((step - warmup) / max(total - warmup, 1), 1.0)
+    floor = min_ratio * base
+    return floor + (base - floor) * (1 + math.cos(math.pi * done)) / 2
+
+
+@pytest.mark.parametrize("warmup,total,min_ratio", [(4, 20, 0.0), (0, 10, 0.1), (3, 3, 0.0), (5, 12, 0.25)])
+def test_the_schedule_drives_each_step_at_the_reference_lr(warmup, total, min_ratio):
+    p = nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([p], lr=0.5)
+    scheduler = build_scheduler(optimizer, warmup, total, min_ratio)
+    for step in range(total + (2 if warmup < total else 0)):  # past the end: the floor
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(reference_lr(step, 0.5, warmup, total, min_ratio), abs=1e-12)
+        assert warmup_cosine(step, warmup, total, min_ratio) * 0.5 == pytest.approx(optimizer.param_groups[0]["lr"], abs=1e-12)
+        optimizer.step()
+        scheduler.step()
+
+
+def test_warmup_length_rounds_the_ratio():
+    assert warmup_length(0.29, 100) == 29  # int() of the float product would give 28
+    assert warmup_length(0.03, 50) == 2 and warmup_length(0.0, 50) == 0 and warmup_length(0.1, 5) == 0
+
+
+def test_param_groups_give_the_gate_its_scaled_lr_and_every_group_the_weight_decay():
+    adapters = [nn.Parameter(torch.zeros(2))]
+    gate, projector = nn.Linear(3, 2), nn.Linear(2, 4)
+    groups = param_groups(adapters, gate, projector, lr=1e-3, router_lr_scale=0.3, weight_decay=0.01)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["adapters"]["params"] == adapters and by_name["adapters"]["lr"] == 1e-3
+    assert by_name["projector"]["params"] == list(projector.parameters()) and by_name["projector"]["lr"] == 1e-3
+    assert by_name["gate"]["params"] == list(gate.parameters()) and by_name["gate"]["lr"] == pytest.approx(3e-4)
+    assert all(g["weight_decay"] == 0.01 for g in groups)
