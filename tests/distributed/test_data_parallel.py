@@ -305,3 +305,39 @@ def test_an_interrupted_two_rank_export_resumes_in_one_process(work, single_teac
         if rel.name != "manifest.json":
             assert (tmp_path / "one" / rel).read_bytes() == (tmp_path / "two" / rel).read_bytes(), rel
     assert json.loads((tmp_path / "one" / "manifest.json").read_text())["splits"] == json.loads(manifest_path.read_text())["splits"]
+
+
+class _Gathered(Dist):
+    """A rank of a 2-rank job whose gather returns given answers (no process group)."""
+
+    def __init__(self, answers: list) -> None:
+        super().__init__(rank=0, world_size=len(answers))
+        object.__setattr__(self, "answers", answers)
+
+    def gather(self, obj):
+        return self.answers
+
+
+def test_ranks_that_read_other_inputs_all_fail_naming_what_differs() -> None:
+    from ilora.errors import IloraError
+    from ilora.teacher.train import check_ranks_agree
+
+    mine = {"dataset": "a1", "rec": "r1", "train_samples": 88, "llm": "l1"}
+    check_ranks_agree(SINGLE, mine)  # one process: nothing to compare
+    check_ranks_agree(_Gathered([mine, dict(mine)]), mine)
+    stale = {**mine, "dataset": "a0", "train_samples": 87}
+    with pytest.raises(IloraError, match=r"rank 1 does not read what rank 0 reads \(dataset, train_samples differ\)"):
+        check_ranks_agree(_Gathered([mine, stale]), mine)
+
+
+def test_the_llm_signature_tells_models_apart_without_reading_weights() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ilora.teacher.train import llm_signature
+
+    small = LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, vocab_size=50)
+    torch.manual_seed(0)
+    a, b = LlamaForCausalLM(small), LlamaForCausalLM(small)  # other weights, same model: the same signature
+    assert llm_signature(a) == llm_signature(b)
+    deeper = LlamaForCausalLM(LlamaConfig(**{**small.to_dict(), "num_hidden_layers": 2}))
+    assert llm_signature(deeper) != llm_signature(a)

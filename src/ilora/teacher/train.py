@@ -44,6 +44,7 @@ starts over and removes older checkpoints; resuming a finished run returns its s
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -254,6 +255,32 @@ def _open_run(out_dir, cfg: TeacherConfig, inputs: dict, resume: bool, ctx: Dist
     return out, checkpoints, ctx.broadcast(finished)
 
 
+def llm_signature(llm: torch.nn.Module) -> str:
+    """sha256 (16 hex digits) of the LLM's config and of each parameter's name, shape and dtype:
+    cheap enough for a 7B model (no weight is read), and different for another model or size."""
+    h = hashlib.sha256(llm.config.to_json_string(use_diff=False).encode("utf-8"))
+    for name, p in llm.named_parameters():
+        h.update(f"\x00{name}\x00{tuple(p.shape)}\x00{p.dtype}".encode())
+    return h.hexdigest()[:16]
+
+
+def check_ranks_agree(ctx: Dist, what: dict) -> None:
+    """`IloraError` on every rank unless every rank computed the same ``what`` (fingerprints of
+    its dataset, SASRec and base LLM, its sample count and options). A node with a stale copy
+    would otherwise train on other samples or gates, or, with another sample count, run other
+    steps than the rest and hang them. Every rank sees every answer, so all raise together."""
+    if not ctx.enabled:
+        return
+    everyone = ctx.gather(what)
+    for rank, theirs in enumerate(everyone):
+        differ = sorted(k for k in set(theirs) | set(everyone[0]) if theirs.get(k) != everyone[0].get(k))
+        if differ:
+            raise IloraError(
+                f"rank {rank} does not read what rank 0 reads ({', '.join(differ)} differ): every rank must see the same "
+                "dataset, SASRec checkpoint, base LLM and options"
+            )
+
+
 def _load_checkpoint(checkpoints: CheckpointManager, cfg: TeacherConfig, inputs: dict, resume: bool, ctx: Dist) -> tuple[dict | None, int | None]:
     """Rank 0 reads the newest intact checkpoint (when resuming), checks its options and
     input fingerprints against this run's, and sends it to every rank."""
@@ -289,6 +316,7 @@ def train_teacher(
     inputs = {"rec": rec_fingerprint(rec), "dataset": dataset.sha256()}  # what a resume must read again
     bundle = build_teacher(cfg, dataset.catalog, rec, cfg.device)
     teacher = bundle.teacher
+    check_ranks_agree(ctx, {**inputs, "train_samples": len(train), "config": to_dict(cfg), "llm": llm_signature(teacher.llm)})
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(teacher.llm, teacher.gate_state)
     compiled = CompiledLayers(teacher.llm) if cfg.compile else None
