@@ -119,7 +119,7 @@ def generate_llara(bundle, split, candidates: np.ndarray, device: torch.device, 
 def run_bench(
     device: torch.device, *, quick: bool = False, num_samples: int | None = None, shape: str = "tiny", warmup: int = 1, repeats: int = 3, budget_s: float | None = None
 ) -> dict[str, Any]:
-    from ilora.teacher.evaluate import evaluate_teacher
+    from ilora.teacher.evaluate import default_max_new_tokens, evaluate_teacher
 
     num_samples = num_samples or (16 if quick else 64)
     if quick:
@@ -145,7 +145,7 @@ def run_bench(
     for name in ("score", "generate"):
         if metrics[name]["num_samples"] != num_samples:
             raise IloraError(f"eval bench: {name} evaluated {metrics[name]['num_samples']} samples, expected {num_samples}")
-    limit = int(bundle.teacher.title_table.length.max()) + 8
+    limit = default_max_new_tokens(bundle.teacher)
     return {
         "name": "eval",
         "time": now_utc(),

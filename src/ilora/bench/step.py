@@ -241,10 +241,15 @@ def variant_context(setup: StepSetup, variant: str) -> contextlib.ExitStack:
     return stack
 
 
+def gate_mode(variant: str) -> str:
+    """The gate ours runs with in ``variant``: uniform for plain LoRA (and ``ours_uniform``)."""
+    return "uniform" if variant in ("lora", "ours_uniform") else "learned"
+
+
 def variant_loss(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts, variant: str) -> torch.Tensor:
     if variant == "reference":
         return reference_loss(setup, samples, parts)
-    return our_loss(setup, samples, parts, "uniform" if variant == "lora" else "learned")
+    return our_loss(setup, samples, parts, gate_mode(variant))
 
 
 def step_in_context(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts, variant: str) -> float:
@@ -254,8 +259,7 @@ def step_in_context(setup: StepSetup, samples: dict[str, torch.Tensor], parts: P
     with parts("backward"):
         loss.backward()
     with parts("optimizer"):
-        torch.nn.utils.clip_grad_norm_(setup.params, 1.0)
-        setup.optimizer.step()
+        optimizer_step(setup, setup.optimizer)
         setup.optimizer.zero_grad(set_to_none=True)
     return float(loss.detach())
 
@@ -283,7 +287,7 @@ def answer_logits(setup: StepSetup, samples: dict[str, torch.Tensor], variant: s
         return out.logits[:, :-1][labels[:, 1:] != IGNORE_INDEX].float(), float(out.loss)
     batch = our_batch(setup, samples)
     with _autocast(setup):
-        logits, targets = setup.bundle.teacher.answer_logits(batch, "uniform" if variant in ("lora", "ours_uniform") else "learned")
+        logits, targets = setup.bundle.teacher.answer_logits(batch, gate_mode(variant))
     logits = logits.float()
     return logits, float(F.cross_entropy(logits, targets))
 
@@ -391,7 +395,7 @@ def memory(setup: StepSetup, samples: dict[str, torch.Tensor], variants: tuple[s
 
 
 def optimizer_step(setup: StepSetup, optimizer: torch.optim.Optimizer) -> None:
-    """The step's optimizer part as `step_in_context` runs it (clip, step), gradients kept."""
+    """The step's optimizer part (clip, step), gradients kept; `step_in_context` then drops them."""
     torch.nn.utils.clip_grad_norm_(setup.params, 1.0)
     optimizer.step()
 
@@ -408,14 +412,17 @@ def compare_optimizers(setup: StepSetup, samples: dict[str, torch.Tensor], repea
         our_loss(setup, samples, Parts(setup.device)).backward()
     groups = lambda: [{"params": list(g["params"]), "lr": g["lr"], "weight_decay": g["weight_decay"]} for g in setup.optimizer.param_groups]  # noqa: E731
     variants = {"foreach": torch.optim.AdamW(groups(), foreach=True), "fused": torch.optim.AdamW(groups(), fused=True)}
+    def restore() -> None:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+
     after = {}
     try:
         for name, optimizer in variants.items():  # one step each from the same state: the same update
             optimizer_step(setup, optimizer)
             after[name] = [p.detach().clone() for p in params]
-            with torch.no_grad():
-                for p, s in zip(params, saved):
-                    p.copy_(s)
+            restore()
         for a, b in zip(after["foreach"], after["fused"]):
             if not torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-7):
                 raise IloraError("step bench: fused and foreach AdamW give different updates")
@@ -424,9 +431,7 @@ def compare_optimizers(setup: StepSetup, samples: dict[str, torch.Tensor], repea
             setup.device, warmup=1, repeats=repeats, min_repeats=repeats,
         )
     finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
+        restore()
         setup.optimizer.zero_grad(set_to_none=True)
     foreach, fused = times["foreach"].median, times["fused"].median
     return {"foreach_s": foreach, "fused_s": fused, "foreach_over_fused": foreach / fused, "trainable_params": sum(p.numel() for p in params)}
@@ -509,7 +514,7 @@ def run_bench(
     samples = random_samples(len(setup.inputs.titles), batch_size, HISTORY_ITEMS, CANDIDATES, seed=0)
     variants = ("reference", "ours") + (("ours_eager",) if eager_baseline else ()) + (("lora",) if lora_baseline else ())
     check = check_equal(setup, samples, variants)
-    probe = setup.bundle.train_collator.build(samples["history"], samples["length"], samples["candidates"], samples["target"])
+    probe = our_batch(setup, samples)
     tokens = int(probe.attention_mask.sum())
     answer_tokens = probe.num_targets
     padded_width = {"ours": probe.input_ids.shape[1], "reference": reference_tokens(setup.inputs, samples)["input_ids"].shape[1]}

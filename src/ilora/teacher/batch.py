@@ -389,8 +389,7 @@ class PromptCollator:
         cand_length = torch.full((b,), num_c) if candidate_length is None else torch.as_tensor(candidate_length, dtype=torch.long)
         target = None if target is None else torch.as_tensor(target, dtype=torch.long)
         self._validate(history, length, candidates, cand_length, target, hybrid, with_answer)
-        arrays = (history, length, candidates, cand_length, target, hybrid)
-        slots, kinds, items, answer_slot = self._segments(*(None if a is None else a.numpy() for a in arrays), with_answer)
+        slots, kinds, items, answer_slot = self._segments(history, length, candidates, cand_length, target, hybrid, with_answer)
         return self._expand(slots, kinds, items, answer_slot, history, length, candidates, target, hybrid)
 
     def token_counts(self, history, length, candidates, target=None) -> torch.Tensor:
@@ -402,13 +401,14 @@ class PromptCollator:
         target = None if target is None else torch.as_tensor(target, dtype=torch.long)
         hybrid, cand_length = torch.ones(b, dtype=torch.bool), torch.full((b,), candidates.shape[1])
         self._validate(history, length, candidates, cand_length, target, hybrid, self.with_answer)
-        arrays = (history, length, candidates, cand_length, target, hybrid)
-        slots = self._segments(*(None if a is None else a.numpy() for a in arrays), self.with_answer)[0]
+        slots = self._segments(history, length, candidates, cand_length, target, hybrid, self.with_answer)[0]
         return torch.from_numpy(self.table_len[slots].sum(1))
 
     def _segments(self, history, length, candidates, cand_length, target, hybrid, with_answer):
         """Each sample as a row of segment ids, with placeholder kinds and items, and the answer's
-        slots (numpy arrays in, numpy arrays out)."""
+        slots (the inputs' tensors read as numpy arrays; numpy arrays out)."""
+        history, length, candidates, cand_length, hybrid = (t.numpy() for t in (history, length, candidates, cand_length, hybrid))
+        target = None if target is None else target.numpy()
         b = candidates.shape[0]
         h_slots, h_kind, h_item = self._item_slots(history, length, hybrid, self.PH_HISTORY, PH_HISTORY)
         c_slots, c_kind, c_item = self._item_slots(candidates, cand_length, hybrid, self.PH_CANDIDATE, PH_CANDIDATE)

@@ -21,9 +21,9 @@ of an earlier run. ``rec/`` and ``llm/`` are each written beside and then swappe
 
 `load_teacher` is the only way to load one: it checks the format version and the
 fingerprints (`rec_fingerprint` of the loaded SASRec, `directory_fingerprint` of
-``llm/``, `part_fingerprints` of the other parts) against ``teacher_config.json``, so a
-save interrupted part-way (new adapters beside an old gate, say) is refused, not loaded, rebuilds the model, injects the adapters,
-loads the gate network and projector together, so a reloaded teacher can never run
+``llm/``, `part_fingerprints` of the other parts) against ``teacher_config.json`` (a save
+interrupted part-way, new adapters beside an old gate say, is refused), rebuilds the model,
+injects the adapters, loads the gate network and projector together, so a reloaded teacher can never run
 without its gate. A file that is missing or does not fit the saved config raises
 `IloraError` naming it.
 

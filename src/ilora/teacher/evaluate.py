@@ -188,9 +188,10 @@ def evaluate_teacher(
         scores, gates = score_split(bundle, split, candidates, gate_mode, batch_size, device, ctx=ctx)
         metrics = score_metrics(scores, torch.as_tensor(cols))
     elif protocol == "generate":
-        texts, gates = generate_split(bundle, split, candidates, gate_mode, batch_size, device, max_new_tokens, ctx=ctx)
+        limit = max_new_tokens or default_max_new_tokens(bundle.teacher)
+        texts, gates = generate_split(bundle, split, candidates, gate_mode, batch_size, device, limit, ctx=ctx)
         metrics = teacher_generate_metrics(bundle.teacher, texts, candidates, cols.tolist())
-        metrics["max_new_tokens"] = max_new_tokens or default_max_new_tokens(bundle.teacher)
+        metrics["max_new_tokens"] = limit
     else:
         raise ValueError(f"unknown protocol {protocol!r}")
     metrics["num_samples"] = len(split)

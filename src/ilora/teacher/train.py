@@ -420,8 +420,8 @@ def train_teacher(
             with compiled.active() if compiled else contextlib.nullcontext():
                 total_loss = step_forward_backward(model, micro_batches, targets, autocast, ctx)
             tokens = int(ctx.sum(tokens))
-            grad_norm = torch.nn.utils.clip_grad_norm_(all_params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            if guard.ok(p["step"] + 1, total_loss, float(grad_norm), f" (epoch {epoch + 1})"):
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(all_params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
+            if guard.ok(p["step"] + 1, total_loss, grad_norm, f" (epoch {epoch + 1})"):
                 optimizer.step()
             lr = scheduler.get_last_lr()[0]  # the lr this step used (read before the schedule moves on)
             scheduler.step()
@@ -432,7 +432,7 @@ def train_teacher(
             bar.set_postfix(loss=f"{total_loss:.3f}", samples_s=f"{n_step / elapsed:.1f}")
             step_log.log(
                 {"step": p["step"], "epoch": epoch + 1, "loss": total_loss, "lr": lr,
-                 "grad_norm": float(grad_norm), "samples_per_s": n_step / elapsed, "tokens_per_s": tokens / elapsed},
+                 "grad_norm": grad_norm, "samples_per_s": n_step / elapsed, "tokens_per_s": tokens / elapsed},
                 p["step"],
             )
             if p["position"] < len(plan) and checkpoints.due(p["step"]):
