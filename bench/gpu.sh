@@ -4,12 +4,12 @@
 #   bash bench/gpu.sh                       # from the repository root; sets PYTHONPATH=src itself
 #   bash bench/gpu.sh step-7b step-7b-ckpt  # only the named runs (a partial rerun)
 #
-# Runs, in this order: inputs, adapter, step-7b-b16 (the 7B shape at batch 16 with a plain-LoRA baseline,
-# profiled), step-7b-b16-compile (the same with torch.compile; needs >= 120 s left), step-7b-b16-pipelined
-# (compiled, timed without device syncs between the step's parts, as training runs), eval-7b (score vs
-# generation-based evaluation of 32 samples with the 7B shape), step-7b (batch 8), step-1b (with an
-# eager-attention baseline); then, while time is left, step-7b-ckpt (gradient checkpointing) and
-# step-1b-compile (only with >= 150 s left). The 7B runs at batch 16 need an H200's memory for the
+# Runs, in this order: inputs, adapter, step-7b-b16-pipelined (the 7B shape at batch 16 as training runs it:
+# compiled decoder layers, a length-grouped batch, no device syncs between the step's parts; profiled),
+# eval-7b (score vs generation-based evaluation of 32 samples with the 7B shape), step-7b-b16 (random
+# samples, eager, with a plain-LoRA baseline, profiled), step-7b-b16-compile (the same compiled; needs
+# >= 120 s left), step-7b (batch 8), step-1b (with an eager-attention baseline); then, while time is left,
+# step-7b-ckpt (gradient checkpointing) and step-1b-compile (only with >= 150 s left). The 7B runs at batch 16 need an H200's memory for the
 # reference variant (about 100 GiB); on an H100 run the others.
 # Each run has its own `timeout -k 10`; a failed run does not stop the others; nothing starts after the cap
 # (ILORA_GPU_CAP_S, default 300 s). Titles: <repo>/shared/datasets/lastfm/id2name.txt when present (the
@@ -47,7 +47,7 @@ DEADLINE=$((START + CAP))
 NOTE="bench/gpu.sh"
 SELECTED=" $* "
 
-RUNS=" inputs adapter step-7b-b16 step-7b-b16-compile step-7b-b16-pipelined eval-7b step-7b step-1b step-7b-ckpt step-1b-compile "
+RUNS=" inputs adapter step-7b-b16-pipelined eval-7b step-7b-b16 step-7b-b16-compile step-7b step-1b step-7b-ckpt step-1b-compile "
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
 
@@ -126,10 +126,10 @@ run() {  # run NAME LIMIT_S NEED_S ARGS... : one benchmark under `timeout`; skip
 #   name                 limit need  arguments
 run inputs               60    30    inputs --budget-s 10
 run adapter              45    30    adapter --budget-s 10
+run step-7b-b16-pipelined 170  120   step --shape 7b --batch-size 16 --compile --no-part-syncs --group-by-length --budget-s 20 --profile "$SCRATCH/step-7b-b16-pipelined.prof"
+run eval-7b              120   90    eval --shape 7b --samples 32 --budget-s 20
 run step-7b-b16          100   60    step --shape 7b --batch-size 16 --lora-baseline --budget-s 25 --profile "$SCRATCH/step-7b-b16.prof"
 run step-7b-b16-compile  170   120   step --shape 7b --batch-size 16 --compile --lora-baseline --budget-s 25 --profile "$SCRATCH/step-7b-b16-compile.prof"
-run step-7b-b16-pipelined 150  120   step --shape 7b --batch-size 16 --compile --no-part-syncs --budget-s 20
-run eval-7b              120   90    eval --shape 7b --samples 32 --budget-s 20
 run step-7b              90    60    step --shape 7b --budget-s 20
 run step-1b              75    45    step --shape 1b --eager-baseline --budget-s 20
 run step-7b-ckpt         60    45    step --shape 7b --gradient-checkpointing --budget-s 15

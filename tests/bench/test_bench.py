@@ -349,9 +349,11 @@ def test_step_check_under_bf16_autocast_still_sees_the_gate(synthetic_titles, mo
     """Under bf16 autocast, with float32 or (as on a GPU) bf16 base weights, the logit check's
     tolerance is far below the gate's effect on the answer logits, so a model whose layers ignore
     the gate fails against the reference. (The loss alone could not show it: the gate moves it
-    by less than bf16's own noise at the 7B shape.)"""
+    by less than bf16's own noise at the 7B shape.) Four layers: in two the gate moves the logits by
+    less than twice the tolerance; the GPU shapes have 16 and 32, where it moves them by 0.44-0.67."""
     from ilora.teacher.adapters import GateState, scale_and_expand
 
+    monkeypatch.setitem(step_bench.SHAPES, "tiny-quick", dict(step_bench.SHAPES["tiny-quick"], num_hidden_layers=4))
     build_llm = step_bench.build_llm
     monkeypatch.setattr(step_bench, "build_llm", lambda shape, tok, device, dtype, seed=0: build_llm(shape, tok, device, weights, seed))
     setup, _ = step_bench.build_setup("tiny-quick", CPU)
@@ -367,6 +369,26 @@ def test_step_check_under_bf16_autocast_still_sees_the_gate(synthetic_titles, mo
     monkeypatch.setattr(GateState, "scaled_gate_for", uniform)
     with pytest.raises(IloraError, match="reference's answer logits differ from ours"):
         step_bench.check_equal(setup, samples)
+
+
+def test_step_grouped_batch_is_the_median_batch_of_the_length_sorted_pool(synthetic_titles):
+    """`--group-by-length`: the pool is one window of 64 batches, so the sampler sorts it by prompt
+    length and cuts it into batches; the bench takes the batch of median mean length. Written out
+    here from the token counts alone."""
+    setup, _ = step_bench.build_setup("tiny-quick", CPU)
+    collator = setup.bundle.train_collator
+    count = lambda s: collator.token_counts(s["history"], s["length"], s["candidates"], s["target"]).numpy()  # noqa: E731
+    batch = step_bench.grouped_samples(setup, 8)
+    assert set(batch) == {"history", "length", "candidates", "target", "target_col"}
+    assert torch.equal(batch["candidates"][torch.arange(8), batch["target_col"]], batch["target"])
+
+    pool = common.random_samples(len(synthetic_titles), 64 * 8, 10, 20, seed=0)
+    runs = sorted(sorted(count(pool).tolist())[i : i + 8] for i in range(0, 64 * 8, 8))  # contiguous runs of 8
+    runs.sort(key=lambda r: sum(r) / 8)
+    assert sorted(count(batch).tolist()) == runs[32]
+    random_batch = common.random_samples(len(synthetic_titles), 8, 10, 20, seed=0)
+    padding = lambda lengths: int(lengths.max() * len(lengths) - lengths.sum())  # noqa: E731
+    assert padding(count(batch)) < padding(count(random_batch))
 
 
 def test_optimizer_comparison_gives_the_same_update_and_leaves_the_model_as_it_was(synthetic_titles):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ilora.teacher.optim import build_scheduler, param_groups, warmup_cosine, warmup_length
+from ilora.teacher.optim import build_optimizer, build_scheduler, param_groups, warmup_cosine, warmup_length
 
 
 def reference_lr(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -47,3 +47,33 @@ def test_param_groups_give_the_gate_its_scaled_lr_and_every_group_the_weight_dec
     assert by_name["projector"]["params"] == list(projector.parameters()) and by_name["projector"]["lr"] == 1e-3
     assert by_name["gate"]["params"] == list(gate.parameters()) and by_name["gate"]["lr"] == pytest.approx(3e-4)
     assert all(g["weight_decay"] == 0.01 for g in groups)
+
+
+def reference_adamw(p: torch.Tensor, grads: list[torch.Tensor], lr: float, wd: float, betas=(0.9, 0.999), eps=1e-8) -> torch.Tensor:
+    """AdamW written out (Loshchilov & Hutter): decoupled decay, bias-corrected moments."""
+    p, m, v = p.clone(), torch.zeros_like(p), torch.zeros_like(p)
+    for t, g in enumerate(grads, start=1):
+        p = p * (1 - lr * wd)
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g * g
+        p = p - lr * (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
+    return p
+
+
+def test_the_fused_optimizer_makes_adamw_steps_with_each_groups_lr():
+    torch.manual_seed(0)
+    adapters, gate, projector = [nn.Parameter(torch.randn(5, 3))], nn.Linear(3, 2), nn.Linear(2, 4)
+    start = {name: t.detach().clone() for name, t in (("adapter", adapters[0]), ("gate", gate.weight), ("projector", projector.weight))}
+    optimizer = build_optimizer(param_groups(adapters, gate, projector, lr=0.01, router_lr_scale=0.3, weight_decay=0.1), 0.1)
+    assert all(group["fused"] for group in optimizer.param_groups)
+    grads = {name: [torch.randn_like(t) for _ in range(3)] for name, t in start.items()}
+    params = {"adapter": adapters[0], "gate": gate.weight, "projector": projector.weight}
+    for step in range(3):
+        for name, p in params.items():
+            p.grad = grads[name][step]
+        for extra in (gate.bias, projector.bias):
+            extra.grad = torch.zeros_like(extra)
+        optimizer.step()
+    for name, p in params.items():
+        lr = 0.01 * (0.3 if name == "gate" else 1.0)
+        torch.testing.assert_close(p.detach(), reference_adamw(start[name], grads[name], lr, 0.1), rtol=1e-5, atol=1e-6)

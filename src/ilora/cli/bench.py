@@ -37,6 +37,7 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
     "lora_baseline": ("step",),
     "profile": ("step",),
     "no_part_syncs": ("step",),
+    "group_by_length": ("step",),
     "samples": ("eval", "export"),
     "threads": ("export",),
     "data": ("grouping",),
@@ -75,6 +76,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
             lora_baseline=args.lora_baseline,
             profile=Path(args.profile) if args.profile else None,
             part_times=not args.no_part_syncs,
+            group_by_length=args.group_by_length,
         )
     if args.benchmark in ("step", "grouping") and args.batch_size:
         kwargs["batch_size"] = args.batch_size
@@ -138,6 +140,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-part-syncs", action="store_true",
         help="step: time whole steps without syncing the device between their parts (as training runs; no per-part times)",
+    )
+    p.add_argument(
+        "--group-by-length", action="store_true",
+        help="step: a length-grouped batch, as training with group_by_length forms them (default: random samples)",
     )
     p.add_argument(
         "--profile", default=None, metavar="FILE",

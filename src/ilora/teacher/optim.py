@@ -2,6 +2,10 @@
 
 * Param groups: LoRA experts and projector at ``lr``; the gate network (router) at
   ``router_lr_scale * lr`` (iLoRA uses 0.3).
+* AdamW with ``fused=True`` (`build_optimizer`): one kernel for all parameters' updates
+  instead of torch's default ``foreach`` kernels per operation. The same update (`ilora bench
+  step` checks both agree to 1e-5 and times them: 2.1x faster on the CPU; GPU figures in
+  bench/RESULTS.md).
 * Schedule: linear warm-up over ``warmup_steps`` (step ``s`` < ``warmup_steps`` runs at
   ``(s + 1) / warmup_steps * lr``: the first at ``lr / warmup_steps``, the last at ``lr``), then
   cosine decay to ``min_lr_ratio * lr`` at ``total_steps``. ``warmup_steps`` is
@@ -22,6 +26,11 @@ def param_groups(adapters: list[nn.Parameter], gate: nn.Module, projector: nn.Mo
         {"name": "projector", "params": list(projector.parameters()), "lr": lr, "weight_decay": weight_decay},
         {"name": "gate", "params": list(gate.parameters()), "lr": lr * router_lr_scale, "weight_decay": weight_decay},
     ]
+
+
+def build_optimizer(groups: list[dict], weight_decay: float) -> torch.optim.AdamW:
+    """The teacher's AdamW over ``groups`` (`param_groups`), fused."""
+    return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True)
 
 
 def warmup_length(warmup_ratio: float, total_steps: int) -> int:

@@ -7,7 +7,7 @@ by the `PromptCollator` inside DataLoader workers (``workers``); each sample's h
 text-only flag comes from LLaRA's curriculum, drawn from ``(seed, step)`` only.
 Loss: cross-entropy summed over the answer tokens of the global batch and divided by
 their number, so a step's loss and gradient do not depend on how the batch is cut into
-micro-batches or ranks. AdamW with iLoRA's param groups (gate at 0.3 x lr), linear
+micro-batches or ranks. Fused AdamW with iLoRA's param groups (gate at 0.3 x lr), linear
 warm-up + cosine decay, gradient clipping, bf16 autocast on CUDA.
 
 **Data parallel** (``torchrun``, a `Dist` with ``world_size > 1``): every rank holds the
@@ -72,7 +72,7 @@ from ilora.teacher.build import build_teacher, rec_fingerprint, save_teacher, tr
 from ilora.teacher.compiled import CompiledLayers, check_can_compile
 from ilora.teacher.config import TeacherConfig
 from ilora.teacher.evaluate import evaluate_teacher
-from ilora.teacher.optim import build_scheduler, param_groups, warmup_length
+from ilora.teacher.optim import build_optimizer, build_scheduler, param_groups, warmup_length
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +333,7 @@ def train_teacher(
         total_steps = min(total_steps, cfg.max_steps)
     params = trainable_parameters(teacher)
     groups = param_groups(params["adapters"], teacher.gate_net, teacher.projector, cfg.lr, cfg.router_lr_scale, cfg.weight_decay)
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(groups, cfg.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_length(cfg.warmup_ratio, total_steps), total_steps, cfg.min_lr_ratio)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if cfg.device == "cuda" else contextlib.nullcontext()
