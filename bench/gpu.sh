@@ -8,7 +8,7 @@
 # compiled decoder layers, a length-grouped batch, no device syncs between the step's parts; profiled),
 # eval-7b (score vs generation-based evaluation of 32 samples with the 7B shape), step-7b-b16 (random
 # samples, eager, with a plain-LoRA baseline, profiled), step-7b-b16-compile (the same compiled; needs
-# >= 120 s left), step-7b (batch 8), step-1b (with an eager-attention baseline); then, while time is left,
+# >= 120 s left), step-7b (batch 8), step-1b (with eager-attention and float32 baselines); then, while time is left,
 # step-7b-ckpt (gradient checkpointing) and step-1b-compile (only with >= 150 s left). The 7B runs at batch 16 need an H200's memory for the
 # reference variant (about 100 GiB); on an H100 run the others.
 # Each run has its own `timeout -k 10`; a failed run does not stop the others; nothing starts after the cap
@@ -131,7 +131,7 @@ run eval-7b              120   90    eval --shape 7b --samples 32 --budget-s 20
 run step-7b-b16          100   60    step --shape 7b --batch-size 16 --lora-baseline --budget-s 25 --profile "$SCRATCH/step-7b-b16.prof"
 run step-7b-b16-compile  170   120   step --shape 7b --batch-size 16 --compile --lora-baseline --budget-s 25 --profile "$SCRATCH/step-7b-b16-compile.prof"
 run step-7b              90    60    step --shape 7b --budget-s 20
-run step-1b              75    45    step --shape 1b --eager-baseline --budget-s 20
+run step-1b              90    50    step --shape 1b --eager-baseline --fp32-baseline --budget-s 20
 run step-7b-ckpt         60    45    step --shape 7b --gradient-checkpointing --budget-s 15
 run step-1b-compile      150   150   step --shape 1b --compile --budget-s 20
 say "total $(($(date +%s) - START))s"

@@ -452,10 +452,43 @@ def test_step_timed_runs_swap_outside_the_step_and_restore(synthetic_titles):
         "reference": ("ReferenceGatedLinear", "sdpa"),
         "ours": ("GatedLoraLinear", "sdpa"),
         "ours_eager": ("GatedLoraLinear", "eager"),
+        "ours_fp32": ("GatedLoraLinear", "sdpa"),
         "lora": ("PlainLoraView", "sdpa"),
     }
     assert gated_lora_modules(llm) == before  # the swap was undone
     assert llm.config._attn_implementation == "sdpa"
+
+
+def test_step_fp32_variant_runs_float32_without_autocast_and_restores_bf16_exactly(synthetic_titles, monkeypatch):
+    """`--fp32-baseline` (CUDA): ours with the bf16 weights as float32 and no autocast. Emulated here
+    with bf16 weights and autocast on the CPU."""
+    build_llm = step_bench.build_llm
+    monkeypatch.setattr(step_bench, "build_llm", lambda shape, tok, device, dtype, seed=0: build_llm(shape, tok, device, torch.bfloat16, seed))
+    setup, _ = step_bench.build_setup("tiny-quick", CPU)
+    setup.autocast = True
+    llm = setup.bundle.teacher.llm
+    params = dict(llm.named_parameters())
+    before = {name: p.detach().clone() for name, p in params.items()}
+    adapters = {id(p) for p in setup.params}
+    samples = common.random_samples(len(synthetic_titles), 2, 10, 20, seed=0)
+    with step_bench.variant_context(setup, "ours_fp32"):
+        assert not setup.autocast
+        assert all(p.dtype == torch.float32 for p in llm.parameters())
+        assert dict(llm.named_parameters()) == params  # the same Parameter objects: the optimizer still holds them
+        assert math.isfinite(step_bench.train_step(setup, samples, common.Parts(CPU), "ours_fp32"))
+    assert setup.autocast
+    for name, p in llm.named_parameters():
+        if id(p) not in adapters:  # frozen: back to the same bf16 values, bit for bit
+            assert p.dtype == torch.bfloat16 and torch.equal(p, before[name]), name
+        else:  # trained in the step, still float32
+            assert p.dtype == torch.float32
+    check = step_bench.check_equal(setup, samples, ("reference", "ours", "ours_fp32"))
+    assert check["distance"]["ours_fp32"] < check["tolerance"]
+
+
+def test_step_fp32_baseline_is_refused_on_cpu_and_with_compile():
+    with pytest.raises(ConfigError, match="CUDA only"):
+        step_bench.run_bench(CPU, quick=True, fp32_baseline=True)
 
 
 def test_untimed_parts_neither_sync_nor_record(monkeypatch):

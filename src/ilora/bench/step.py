@@ -18,6 +18,8 @@ with AdamW, gradient clipping and (CUDA) bf16 autocast, as ``ilora teacher train
 * ``ours_eager`` (with ``eager_baseline``): ``ours`` with transformers' eager attention
   (scores and probabilities materialised) instead of its default SDPA, switched on the
   same model for that variant's steps only, so the SDPA fast path is measured side by side.
+* ``ours_fp32`` (with ``fp32_baseline``, CUDA): ``ours`` with the LLM's weights in float32
+  and no autocast (`full_precision`), so bf16 autocast is measured side by side.
 * ``lora`` (with ``lora_baseline``): ``ours`` with every gated layer run as plain LoRA on
   the same weights (`ilora.bench.adapter.PlainLoraView`) and the uniform gate (no SASRec
   or gate network): what the step would cost without iLoRA's gating, the floor for ours.
@@ -230,7 +232,7 @@ def our_loss(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts, g
     return loss
 
 
-VARIANTS = ("reference", "ours", "ours_eager", "lora")
+VARIANTS = ("reference", "ours", "ours_eager", "ours_fp32", "lora")
 
 
 @contextlib.contextmanager
@@ -244,13 +246,34 @@ def attention(llm: nn.Module, implementation: str) -> Iterator[None]:
         llm.set_attn_implementation(previous)
 
 
+@contextlib.contextmanager
+def full_precision(setup: StepSetup) -> Iterator[None]:
+    """Within the block the LLM's bfloat16 weights and buffers are float32 and steps run without
+    autocast; restored after (bfloat16 -> float32 -> bfloat16 is exact). The parameter objects
+    stay the same, so the optimizer and the adapters are untouched."""
+    llm = setup.bundle.teacher.llm
+    low = [t for t in (*llm.parameters(), *llm.buffers()) if t.dtype == torch.bfloat16]
+    autocast = setup.autocast
+    for t in low:
+        t.data = t.data.float()
+    setup.autocast = False
+    try:
+        yield
+    finally:
+        for t in low:
+            t.data = t.data.to(torch.bfloat16)
+        setup.autocast = autocast
+
+
 def variant_context(setup: StepSetup, variant: str) -> contextlib.ExitStack:
     """How ``variant`` runs the shared model: einsum adapters (reference), eager attention
-    (ours_eager), plain LoRA (lora); with ``--compile`` the compiled decoder layers too."""
+    (ours_eager), float32 weights without autocast (ours_fp32), plain LoRA (lora); with
+    ``--compile`` the compiled decoder layers too."""
     llm = setup.bundle.teacher.llm
     swaps = {
         "reference": lambda: reference_adapters(llm),
         "ours_eager": lambda: attention(llm, "eager"),
+        "ours_fp32": lambda: full_precision(setup),
         "lora": lambda: plain_lora_adapters(llm),
         "ours": contextlib.nullcontext,
     }
@@ -401,10 +424,10 @@ def useful_flops(setup: StepSetup, tokens: int, answer_tokens: int, gradient_che
 def memory(setup: StepSetup, samples: dict[str, torch.Tensor], variants: tuple[str, ...]) -> dict[str, dict[str, int]]:
     """Per variant: saved-activation bytes of the forward (both devices) and the CUDA peak of a full step."""
     teacher = setup.bundle.teacher
-    exclude = [*teacher.parameters(), *teacher.buffers()]
     out: dict[str, dict[str, int]] = {}
     for variant in variants:
         with variant_context(setup, variant):
+            exclude = [*teacher.parameters(), *teacher.buffers()]  # in the variant's dtype
             saved, loss = saved_activation_bytes(lambda: variant_loss(setup, samples, Parts(setup.device), variant), exclude)
             del loss
         stats: dict[str, int] = {"saved_activation_bytes": saved}
@@ -513,6 +536,7 @@ def run_bench(
     gradient_checkpointing: bool = False,
     compile_layers: bool = False,
     eager_baseline: bool = False,
+    fp32_baseline: bool = False,
     lora_baseline: bool = False,
     warmup: int | None = None,
     repeats: int = 5,
@@ -539,7 +563,9 @@ def run_bench(
         samples = grouped_samples(setup, batch_size)
     else:
         samples = random_samples(len(setup.inputs.titles), batch_size, HISTORY_ITEMS, CANDIDATES, seed=0)
-    variants = ("reference", "ours") + (("ours_eager",) if eager_baseline else ()) + (("lora",) if lora_baseline else ())
+    if fp32_baseline and (device.type != "cuda" or compile_layers):
+        raise ConfigError("--fp32-baseline measures bf16 autocast against float32: CUDA only (on a CPU both run float32), without --compile")
+    variants = ("reference", "ours") + (("ours_eager",) if eager_baseline else ()) + (("ours_fp32",) if fp32_baseline else ()) + (("lora",) if lora_baseline else ())
     check = check_equal(setup, samples, variants)
     probe = our_batch(setup, samples)
     tokens = int(probe.attention_mask.sum())
@@ -613,6 +639,14 @@ def run_bench(
         ),
         **(
             {
+                "bf16_vs_fp32": times["ours_fp32"].median / times["ours"].median,
+                "bf16_vs_fp32_means": "ours in float32 without autocast / ours (bf16 weights, bf16 autocast), median step time",
+            }
+            if fp32_baseline
+            else {}
+        ),
+        **(
+            {
                 "vs_lora": times["ours"].median / times["lora"].median,
                 "vs_lora_means": "ours / plain LoRA on the same weights (no gate), median step time",
             }
@@ -640,6 +674,8 @@ def markdown_table(result: dict[str, Any]) -> list[str]:
             f"| {v['samples_per_s']:.2f} | {v['tokens_per_s']:.0f} | {mfu} | {mib(v['memory']['saved_activation_bytes'])} "
             f"| {mib(v['memory'].get('cuda_peak_bytes'))} |"
         )
+    if "bf16_vs_fp32" in result:
+        lines += ["", f"float32 / bf16 (ours, step time): {result['bf16_vs_fp32']:.2f}x."]
     if "sdpa_vs_eager" in result:
         lines += ["", f"Eager attention / {s['attention']} attention (ours, step time): {result['sdpa_vs_eager']:.2f}x."]
     check = result["equal_work_checked"]

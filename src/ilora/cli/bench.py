@@ -34,6 +34,7 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
     "gradient_checkpointing": ("step",),
     "compile": ("step",),
     "eager_baseline": ("step",),
+    "fp32_baseline": ("step",),
     "lora_baseline": ("step",),
     "profile": ("step",),
     "no_part_syncs": ("step",),
@@ -73,6 +74,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if args.benchmark == "step":
         kwargs.update(
             shape=args.shape, gradient_checkpointing=args.gradient_checkpointing, compile_layers=args.compile, eager_baseline=args.eager_baseline,
+            fp32_baseline=args.fp32_baseline,
             lora_baseline=args.lora_baseline,
             profile=Path(args.profile) if args.profile else None,
             part_times=not args.no_part_syncs,
@@ -136,6 +138,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lora-baseline", action="store_true",
         help="step: also time plain LoRA on the same weights, without the gate (what iLoRA's gating costs)",
+    )
+    p.add_argument(
+        "--fp32-baseline", action="store_true",
+        help="step (CUDA, eager): also time ours with float32 weights and no autocast (measures bf16 autocast)",
     )
     p.add_argument(
         "--no-part-syncs", action="store_true",
