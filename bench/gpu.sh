@@ -4,8 +4,8 @@
 #   bash bench/gpu.sh                       # from the repository root; sets PYTHONPATH=src itself
 #   bash bench/gpu.sh step-7b step-7b-ckpt  # only the named runs (a partial rerun)
 #
-# Runs, in this order: inputs, adapter, step-7b-b16-pipelined (the 7B shape at batch 16 as training runs it:
-# compiled decoder layers, a length-grouped batch, no device syncs between the step's parts; profiled),
+# Runs, in this order: inputs, adapter, step-7b-b16-pipelined (the 7B shape, one length-grouped batch of 16
+# in one micro-batch, compiled decoder layers, no device syncs between the step's parts; profiled),
 # eval-7b (score vs generation-based evaluation of 32 samples with the 7B shape), step-7b-b16 (random
 # samples, eager, with a plain-LoRA baseline, profiled), step-7b-b16-compile (the same compiled; needs
 # >= 120 s left), step-7b (batch 8), step-1b (with eager-attention and float32 baselines); then, while time is left,

@@ -486,9 +486,21 @@ def test_step_fp32_variant_runs_float32_without_autocast_and_restores_bf16_exact
     assert check["distance"]["ours_fp32"] < check["tolerance"]
 
 
-def test_step_fp32_baseline_is_refused_on_cpu_and_with_compile():
+@pytest.mark.parametrize("device,compile_layers", [(CPU, False), (torch.device("cuda"), True)])
+def test_step_fp32_baseline_is_refused_on_cpu_and_with_compile_before_any_model_is_built(device, compile_layers, monkeypatch):
+    monkeypatch.setattr(step_bench, "build_setup", lambda *a, **k: pytest.fail("built a model before refusing"))
     with pytest.raises(ConfigError, match="CUDA only"):
-        step_bench.run_bench(CPU, quick=True, fp32_baseline=True)
+        step_bench.run_bench(device, quick=True, fp32_baseline=True, compile_layers=compile_layers)
+
+
+def test_step_cli_passes_group_by_length_and_the_fp32_refusal(synthetic_titles, capsys):
+    assert main(["bench", "step", "--quick", "--group-by-length", "--no-part-syncs", "--repeats", "1", "--no-record", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    sizes = result["sizes"]
+    assert sizes["batch"].startswith("length-grouped") and not sizes["part_syncs"]
+    assert sizes["padded_width"]["ours"] == sizes["tokens_per_sample"]  # a grouped batch of equal lengths here: no padding
+    assert main(["bench", "step", "--quick", "--fp32-baseline", "--no-record"]) == 2
+    assert "CUDA only" in capsys.readouterr().err
 
 
 def test_untimed_parts_neither_sync_nor_record(monkeypatch):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ilora.teacher.optim import build_optimizer, build_scheduler, param_groups, warmup_cosine, warmup_length
+from ilora.teacher.optim import build_optimizer, build_scheduler, load_optimizer_state, param_groups, warmup_cosine, warmup_length
 
 
 def reference_lr(step: int, base: float, warmup: int, total: int, min_ratio: float) -> float:
@@ -77,3 +77,37 @@ def test_the_fused_optimizer_makes_adamw_steps_with_each_groups_lr():
     for name, p in params.items():
         lr = 0.01 * (0.3 if name == "gate" else 1.0)
         torch.testing.assert_close(p.detach(), reference_adamw(start[name], grads[name], lr, 0.1), rtol=1e-5, atol=1e-6)
+
+
+def test_resuming_a_default_adamw_checkpoint_stays_fused_and_continues_its_moments():
+    """A checkpoint written by torch's default AdamW (before the trainer fused it): the resumed
+    optimizer is fused, and its next step is the uninterrupted run's third step."""
+    torch.manual_seed(0)
+    grads = [torch.randn(5, 3) for _ in range(3)]
+
+    def model():
+        torch.manual_seed(1)
+        adapters, gate, projector = [nn.Parameter(torch.randn(5, 3))], nn.Linear(3, 2), nn.Linear(2, 4)
+        return adapters, param_groups(adapters, gate, projector, lr=0.01, router_lr_scale=0.3, weight_decay=0.1)
+
+    def step(optimizer, groups, g):
+        for group in groups:
+            for q in group["params"]:
+                q.grad = torch.zeros_like(q)
+        groups[0]["params"][0].grad = g
+        optimizer.step()
+
+    straight, groups = model()
+    default = torch.optim.AdamW(groups, weight_decay=0.1)
+    for g in grads:
+        step(default, groups, g)
+
+    resumed, groups2 = model()
+    old = torch.optim.AdamW([dict(g) for g in groups2], weight_decay=0.1)  # torch fills in the dicts it is given
+    for g in grads[:2]:
+        step(old, groups2, g)
+    fused = build_optimizer(groups2, 0.1)
+    load_optimizer_state(fused, old.state_dict())
+    assert all(group["fused"] for group in fused.param_groups)
+    step(fused, groups2, grads[2])
+    torch.testing.assert_close(resumed[0].detach(), straight[0].detach(), rtol=1e-6, atol=1e-7)

@@ -252,15 +252,19 @@ def full_precision(setup: StepSetup) -> Iterator[None]:
     autocast; restored after (bfloat16 -> float32 -> bfloat16 is exact). The parameter objects
     stay the same, so the optimizer and the adapters are untouched."""
     llm = setup.bundle.teacher.llm
-    low = [t for t in (*llm.parameters(), *llm.buffers()) if t.dtype == torch.bfloat16]
-    autocast = setup.autocast
-    for t in low:
-        t.data = t.data.float()
-    setup.autocast = False
+    trained = {id(p) for p in setup.params}
+    if any(t.dtype == torch.bfloat16 for t in setup.params):
+        raise ConfigError("--fp32-baseline: the trained weights are bfloat16; converting them there and back would round them")
+    frozen = [t for t in (*llm.parameters(), *llm.buffers()) if t.dtype == torch.bfloat16 and id(t) not in trained]
+    autocast, converted = setup.autocast, []
     try:
+        for t in frozen:
+            t.data = t.data.float()
+            converted.append(t)
+        setup.autocast = False
         yield
     finally:
-        for t in low:
+        for t in converted:
             t.data = t.data.to(torch.bfloat16)
         setup.autocast = autocast
 
@@ -558,13 +562,13 @@ def run_bench(
         repeats = min(repeats, 3)
     warmup = warmup if warmup is not None else (2 if compile_layers else 1)
     budget_s = budget_s if budget_s is not None else (10.0 if quick else 120.0)
+    if fp32_baseline and (device.type != "cuda" or compile_layers):
+        raise ConfigError("--fp32-baseline measures bf16 autocast against float32: CUDA only (on a CPU both run float32), without --compile")
     setup, source = build_setup(shape, device, gradient_checkpointing=gradient_checkpointing, compile_layers=compile_layers)
     if group_by_length:
         samples = grouped_samples(setup, batch_size)
     else:
         samples = random_samples(len(setup.inputs.titles), batch_size, HISTORY_ITEMS, CANDIDATES, seed=0)
-    if fp32_baseline and (device.type != "cuda" or compile_layers):
-        raise ConfigError("--fp32-baseline measures bf16 autocast against float32: CUDA only (on a CPU both run float32), without --compile")
     variants = ("reference", "ours") + (("ours_eager",) if eager_baseline else ()) + (("ours_fp32",) if fp32_baseline else ()) + (("lora",) if lora_baseline else ())
     check = check_equal(setup, samples, variants)
     probe = our_batch(setup, samples)

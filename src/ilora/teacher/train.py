@@ -72,7 +72,7 @@ from ilora.teacher.build import build_teacher, rec_fingerprint, save_teacher, tr
 from ilora.teacher.compiled import CompiledLayers, check_can_compile
 from ilora.teacher.config import TeacherConfig
 from ilora.teacher.evaluate import evaluate_teacher
-from ilora.teacher.optim import build_optimizer, build_scheduler, param_groups, warmup_length
+from ilora.teacher.optim import build_optimizer, build_scheduler, load_optimizer_state, param_groups, warmup_length
 
 log = logging.getLogger(__name__)
 
@@ -344,7 +344,7 @@ def train_teacher(
     saved, resumed_from = _load_checkpoint(checkpoints, cfg, inputs, resume, ctx)
     if saved is not None:
         load_trainable_state(teacher, saved["weights"])
-        optimizer.load_state_dict(saved["optimizer"])
+        load_optimizer_state(optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         p, best_weights = saved["progress"], saved["best_weights"]
         if best_weights is not None and ctx.is_main:  # the best teacher in out_dir may come from after the checkpoint
