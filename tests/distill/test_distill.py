@@ -95,11 +95,19 @@ def test_distill_runs_both_students_and_reports_gains(small, tmp_path) -> None:
     assert (tmp_path / "d" / "baseline" / "model.safetensors").is_file()
     assert load_sasrec(tmp_path / "d" / "distilled").num_items == small.num_items
 
+    paired = result["gain_interval"]["metrics"]
+    assert result["gain_interval"]["samples"] == small.split("test").target.shape[0]
+    for key, gain in result["gain"].items():  # identical students: no sample moves
+        assert paired[key]["better"] == paired[key]["worse"] == 0
+        assert paired[key]["interval"] == (None if gain is None else [0.0, 0.0])
+
     nonzero = distill(small, oracle_outputs(small), quick(epochs=1, dro_alpha=0.5), tmp_path / "e")
     base, dist = nonzero["baseline"]["test"], nonzero["distilled"]["test"]
+    assert dist != base  # the teacher's terms changed what the student learned
     for key, gain in nonzero["gain"].items():
         expected = None if base[key] == 0 else (dist[key] - base[key]) / base[key]
         assert gain == pytest.approx(expected) if expected is not None else gain is None
+        assert nonzero["gain_interval"]["metrics"][key]["gain"] == (pytest.approx(gain) if gain is not None else None)
 
 
 def test_resume_refuses_other_options_or_other_teacher_targets(small, tmp_path) -> None:
@@ -245,3 +253,10 @@ def test_hook_rows_index_the_full_train_split(small, tmp_path) -> None:
 
     train_sasrec(small, quick(epochs=1, train_min_len=3).rec_config(), tmp_path / "r", extra_loss=record)
     assert sorted(seen) == np.flatnonzero(train.length >= 3).tolist() and len(seen) < len(train)
+
+
+def test_top_k_beyond_the_catalog_is_a_config_error(small, tmp_path) -> None:
+    from ilora.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"top_k={small.num_items + 1} is more than the catalog's {small.num_items} items"):
+        distill(small, oracle_outputs(small), quick(top_k=small.num_items + 1), tmp_path / "x")

@@ -80,3 +80,25 @@ def test_wrong_teacher_table_is_an_error() -> None:
     with pytest.raises(IloraError, match=r"shape \(14, 11\), expected \(15, H\)"):
         DistilledSASRec(CFG, torch.zeros(14, 11), w_ed=0.2, seed=0)
     assert student_factory(None, w_ed=0.2, seed=0) is SASRec
+
+
+def test_training_reaches_the_projection_and_not_the_teacher_table() -> None:
+    """The loss's gradient reaches W and b of the teacher projection, scaled by w_ed (the
+    chain rule through ``E + w_ed (W t + b)``), and the teacher's table stays a constant."""
+    table = teacher_table()
+    history, length = histories()
+    target = torch.tensor([1, 2, 3, 4, 5, 6])
+    grads = {}
+    for w_ed in (0.2, 0.4):
+        model = DistilledSASRec(CFG, table, w_ed=w_ed, seed=0).eval()
+        torch.nn.functional.cross_entropy(model.scores(history, length), target).backward()
+        proj = model.item_emb.proj
+        assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0 and proj.bias.grad.abs().sum() > 0
+        assert not model.item_emb.teacher.requires_grad
+        assert any(p is proj.weight for p in model.parameters())  # the optimizer sees it
+        grads[w_ed] = (proj.weight.grad.clone(), model.item_emb.weight.grad.clone())
+    # d loss / d W = w_ed * (d loss / d E-rows) t^T: with the same E-row gradient it doubles with w_ed
+    own = {w: g[1] for w, g in grads.items()}
+    expected_w = {w: w * own[w].T[:, :-1] @ table for w in grads}  # the padding row's teacher row is zero
+    for w in grads:
+        assert torch.allclose(grads[w][0], expected_w[w], atol=1e-6)

@@ -142,3 +142,12 @@ def test_nan_scores_fail_loudly() -> None:
     scores[0, 2] = float("nan")
     with pytest.raises(IloraError, match="NaN"):
         full_ranks(scores, torch.tensor([1]))
+
+
+def test_a_history_id_outside_the_catalog_is_named_not_scattered():
+    from ilora.rec.metrics import history_mask
+
+    history = torch.tensor([[1, 2, 9], [3, 11, 9]])  # 9 pads the first row (length 2); 11 is outside 0..9
+    with pytest.raises(IloraError, match="sample 1, position 1: item id 11, expected 0..9"):
+        history_mask(history, torch.tensor([2, 3]), 10)
+    assert history_mask(history[:1], torch.tensor([2]), 10).nonzero()[:, 1].tolist() == [1, 2]

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from ilora.data.dataset import Catalog, SeqDataset, Split
-from ilora.errors import ConfigError
-from ilora.rec.evaluate import evaluate_popularity, evaluate_sasrec
+from ilora.errors import ConfigError, IloraError
+from ilora.rec.evaluate import evaluate_popularity, evaluate_sasrec, load_ranks
 from ilora.rec.sasrec import SASRec, SASRecConfig, load_sasrec
-from ilora.rec.train import RecTrainConfig, sample_negatives, sasrec_loss, train_sasrec
+from ilora.rec.train import TEST_RANKS_FILE, RecTrainConfig, sample_negatives, sasrec_loss, train_sasrec
 
 N_ITEMS, WIDTH = 40, 6
 
@@ -115,6 +115,12 @@ def test_training_learns_selects_on_val_and_writes_outputs(tmp_path) -> None:
     assert result["val"]["hr@1"] > 0.5 > pop["hr@1"] + 0.3
     assert result["val"]["cand_hr@1"] > pop["cand_hr@1"] + 0.3
     assert "test" in result and result["test"]["num_samples"] == 80
+    # every test sample's rank, for paired comparisons: the metrics recomputed from them by hand
+    ranks = load_ranks(out / TEST_RANKS_FILE).tolist()
+    assert len(ranks) == 80
+    for k in (1, 5, 10, 20):
+        assert result["test"][f"hr@{k}"] == pytest.approx(sum(r < k for r in ranks) / 80)
+        assert result["test"][f"ndcg@{k}"] == pytest.approx(sum(1 / math.log2(r + 2) for r in ranks if r < k) / 80)
 
 
 def test_test_split_does_not_influence_training(tmp_path) -> None:
@@ -166,3 +172,14 @@ def test_config_validation(tmp_path) -> None:
         train_sasrec(make_dataset(), quick_cfg(monitor="cand_hr@1", eval_candidates=0), tmp_path / "x")
     with pytest.raises(ConfigError, match="batch_size"):
         quick_cfg(batch_size=0).validate()
+
+
+def test_a_ranks_file_holding_anything_else_is_refused(tmp_path) -> None:
+    from ilora.state_io import save_tensors
+
+    save_tensors({"ranks": torch.tensor([0.5, 1.0])}, tmp_path / "floats.safetensors")
+    save_tensors({"ranks": torch.tensor([1, 2]), "extra": torch.tensor([3])}, tmp_path / "extra.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    for name in ("floats", "extra", "junk"):
+        with pytest.raises(IloraError, match=f"{name}.safetensors"):
+            load_ranks(tmp_path / f"{name}.safetensors")

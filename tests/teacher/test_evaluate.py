@@ -132,3 +132,21 @@ def test_target_columns_reject_a_row_without_the_target_or_with_it_twice() -> No
         target_columns(candidates, np.array([1, 9, 7]))
     with pytest.raises(IloraError, match="row 2 .* 2 times"):
         target_columns(candidates, np.array([1, 4, 7]))
+
+
+def test_target_columns_reject_a_row_that_repeats_another_candidate() -> None:
+    candidates = np.array([[1, 2, 3], [4, 5, 5]])
+    with pytest.raises(IloraError, match=r"row 1 repeats an item \(\[4, 5, 5\]\)"):
+        target_columns(candidates, np.array([1, 4]))
+
+
+def test_a_title_that_decodes_to_nothing_is_an_error_not_a_match_for_everything() -> None:
+    from types import SimpleNamespace
+
+    from ilora.teacher.evaluate import answer_texts
+
+    table = SimpleNamespace(decoded=lambda tokenizer: ["Queen", " ", "Muse"])
+    with pytest.raises(IloraError, match="item 1's title decodes to empty text"):
+        answer_texts(SimpleNamespace(title_table=table, tokenizer=None))
+    table.decoded = lambda tokenizer: ["Queen", "Muse"]
+    assert answer_texts(SimpleNamespace(title_table=table, tokenizer=None)) == ["Queen", "Muse"]

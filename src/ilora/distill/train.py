@@ -14,8 +14,11 @@ Each student is checkpointed and resumed on its own (``checkpoint_every``, ``res
 `ilora.checkpointing`). Each model directory (``baseline/``, ``distilled/``) is what ``ilora rec train`` writes
 (the distilled student saved folded, as a plain SASRec). ``result.json`` holds both
 runs' test metrics (full-ranking HR/NDCG@1,5,10,20, plus candidate metrics when
-``eval_candidates > 0``) and the relative gain per metric,
-``(distilled - baseline) / baseline`` (``null`` when the baseline is 0).
+``eval_candidates > 0``), the relative gain per metric,
+``(distilled - baseline) / baseline`` (``null`` when the baseline is 0), and
+``gain_interval``: for each full-ranking metric a 95 % paired-bootstrap interval of that gain
+over the test samples and the counts of samples the distilled student ranks better, worse
+or the same (`ilora.distill.significance`).
 
 Teacher outputs are matched to the dataset before training: the same number of items
 (and the same catalog, when the manifest records its fingerprint), one train row per
@@ -39,10 +42,12 @@ from ilora.checkpointing import check_resume_config
 from ilora.config import option, to_dict
 from ilora.data.dataset import SeqDataset
 from ilora.distill.losses import dro_loss, importance_weights, propensity_scores, ranking_distillation_loss
+from ilora.distill.significance import paired_gain_intervals
 from ilora.distill.student import student_factory
 from ilora.errors import ConfigError, IloraError
 from ilora.outputs.format import TeacherOutputs
-from ilora.rec.train import RecTrainConfig, TrainBatch, train_sasrec
+from ilora.rec.evaluate import load_ranks
+from ilora.rec.train import TEST_RANKS_FILE, RecTrainConfig, TrainBatch, train_sasrec
 from ilora.state_io import atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
@@ -130,6 +135,8 @@ def check_teacher_outputs(dataset: SeqDataset, outputs: TeacherOutputs, cfg: Dis
             f"{source}: train top-K items have shape {items.shape}, expected ({n}, K) (one row per train sample; "
             "exported from another dataset or another --min-len?)"
         )
+    if cfg.top_k > dataset.num_items:
+        raise ConfigError(f"top_k={cfg.top_k} is more than the catalog's {dataset.num_items} items")
     if items.shape[1] < cfg.top_k:
         raise IloraError(f"{source}: {items.shape[1]} items per train row, but top_k={cfg.top_k}")
     if conf.shape != items.shape:
@@ -248,6 +255,15 @@ def student_run_options(cfg: DistillConfig, targets: TeacherTargets | None) -> d
     return {**options, "distill.teacher_targets_sha256": targets.sha256()}
 
 
+def gain_interval(out: Path, seed: int) -> dict[str, object] | None:
+    """`paired_gain_intervals` of the two students' test ranks (their ``test_ranks.safetensors``);
+    None without a test split."""
+    files = [out / name / TEST_RANKS_FILE for name in ("baseline", "distilled")]
+    if not all(f.is_file() for f in files):
+        return None
+    return paired_gain_intervals(load_ranks(files[0]), load_ranks(files[1]), seed=seed)
+
+
 def _run_summary(result: dict[str, object]) -> dict[str, object]:
     keep = ("best_epoch", "epochs_run", "steps", "selected_by", "skipped_steps", "resumed_from", "out", "val", "test")
     return {k: result[k] for k in keep if k in result}
@@ -294,6 +310,7 @@ def distill(
         "baseline": _run_summary(baseline),
         "distilled": _run_summary(distilled),
         "gain": relative_gain(baseline["test"], distilled["test"]),  # type: ignore[arg-type]
+        "gain_interval": gain_interval(out, cfg.seed),
         "teacher": {
             "source": source,
             "top_k_exported": int(np.asarray(teacher_outputs.split("train").topk_items).shape[1]),

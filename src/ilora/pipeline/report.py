@@ -103,6 +103,14 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _percent(gain: float | None) -> str:
+    return "n/a" if gain is None else f"{100 * gain:+.1f} %"
+
+
+def _interval(interval: list[float] | None) -> str:
+    return "n/a" if interval is None else f"{100 * interval[0]:+.1f} % to {100 * interval[1]:+.1f} %"
+
+
 def weak_teacher_note(summary: dict) -> str | None:
     """A sentence for reports whose teacher ranks the fixed candidates worse than SASRec does
     (hr@1, learned gate, score protocol): distillation then passes on a worse ranking, and a
@@ -146,11 +154,21 @@ def write_report(run: Path, summary: dict) -> Path:
     distill = summary.get("distill")
     if distill:
         base, dist, gain = distill["baseline"], distill["distilled"], distill.get("gain", {})
-        lines += ["## Students: baseline vs distilled (test, full ranking)", "", "| metric | baseline | distilled | gain |", "|---|---|---|---|"]
+        paired = (distill.get("gain_interval") or {}).get("metrics", {})
+        lines += [
+            "## Students: baseline vs distilled (test, full ranking)", "",
+            "| metric | baseline | distilled | gain | 95 % interval (paired bootstrap) | samples better / worse |", "|---|---|---|---|---|---|",
+        ]
         for k in FULL_KEYS:
             if k in base:
-                g = gain.get(k)
-                lines.append(f"| {k} | {base[k]:.4f} | {dist[k]:.4f} | {'n/a' if g is None else f'{100 * g:+.1f} %'} |")
+                g, p = gain.get(k), paired.get(k, {})
+                lines.append(
+                    f"| {k} | {base[k]:.4f} | {dist[k]:.4f} | {_percent(g)} | {_interval(p.get('interval'))} "
+                    f"| {p['better']} / {p['worse']} |" if p else f"| {k} | {base[k]:.4f} | {dist[k]:.4f} | {_percent(g)} | n/a | n/a |"
+                )
+        if paired:
+            lines += ["", f"The interval resamples the {distill['gain_interval']['samples']} test samples (both students on the same ones); "
+                      "one that contains 0 means the gain could be noise."]
         plot_students(base, dist, run / "students.png")
         note = weak_teacher_note(summary)
         lines += ["", *([note, ""] if note else []), "![students](students.png)", ""]
@@ -179,7 +197,8 @@ def summary_table(summary: dict) -> str:
             lines.append(f"{'student ' + name:<30}" + "".join(f"{distill[name].get(k, float('nan')):>10.4f}" for k in keys))
         gain = distill.get("gain", {}).get("ndcg@10")
         if gain is not None:
-            lines.append(f"{'distillation gain (ndcg@10)':<30}{100 * gain:>+9.1f}%")
+            interval = ((distill.get("gain_interval") or {}).get("metrics", {}).get("ndcg@10") or {}).get("interval")
+            lines.append(f"{'distillation gain (ndcg@10)':<30}{100 * gain:>+9.1f}%" + (f"   95 % interval {_interval(interval)}" if interval else ""))
     ev = summary.get("eval")
     if ev:
         lines += ["", f"teacher on {ev['samples']} {ev['split']} samples, fixed candidates:",

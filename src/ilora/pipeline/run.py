@@ -113,7 +113,7 @@ def stage_distill(cfg: RunConfig, dataset: SeqDataset, outputs_dir: Path, direct
 
     outputs = read_teacher_outputs(outputs_dir)
     result = distill(dataset, outputs, cfg.distill, directory, source=str(outputs_dir), resume=_has_checkpoints(directory))
-    return {"baseline": result["baseline"]["test"], "distilled": result["distilled"]["test"], "gain": result["gain"]}
+    return {"baseline": result["baseline"]["test"], "distilled": result["distilled"]["test"], "gain": result["gain"], "gain_interval": result["gain_interval"]}
 
 
 def run_pipeline(cfg: RunConfig) -> dict:

@@ -5,6 +5,9 @@ A scorer maps a batch ``(history (B, L), length (B,))`` to scores ``(B, num_item
 train-split popularity baseline (how often each item is a train target). Both use the
 same metrics (`ilora.rec.metrics`) and the same fixed candidate sets
 (`ilora.data.candidates.candidate_sets`, seeded per split), so their numbers compare.
+With ``ranks_file`` the target's full-ranking rank of every sample is also written there
+(safetensors, key ``ranks``; `load_ranks`), for paired comparisons of two models on the
+same samples (`ilora.distill.significance`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from ilora.data.dataset import SeqDataset, Split
 from ilora.errors import IloraError
 from ilora.rec.metrics import CAND_KS, FULL_KS, candidate_ranks, full_ranks, history_exclusion, metrics_from_ranks
 from ilora.rec.sasrec import SASRec
+from ilora.state_io import save_tensors
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -53,8 +57,10 @@ def evaluate_scorer(
     mask_history: bool = False,
     batch_size: int = 1024,
     device: str | torch.device = "cpu",
+    ranks_file: str | Path | None = None,
 ) -> dict[str, object]:
-    """Full-ranking HR/NDCG@{1,5,10,20} and, given candidate sets, ``cand_hr@K``/``cand_ndcg@K``."""
+    """Full-ranking HR/NDCG@{1,5,10,20} and, given candidate sets, ``cand_hr@K``/``cand_ndcg@K``;
+    with ``ranks_file``, the full-ranking ranks saved there (`save_ranks`)."""
     if batch_size < 1:
         raise IloraError(f"batch_size must be positive, got {batch_size}")
     n = len(split)
@@ -78,12 +84,34 @@ def evaluate_scorer(
     result: dict[str, object] = {"num_samples": n, "mask_history": mask_history}
     all_ranks = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
     result.update(metrics_from_ranks(all_ranks, FULL_KS))
+    if ranks_file is not None:
+        save_ranks(all_ranks, ranks_file)
     if cand is not None:
         count = int(cand.shape[1])
         result["cand_count"] = count
         all_cranks = torch.cat(cranks) if cranks else torch.zeros(0, dtype=torch.long)
         result.update(metrics_from_ranks(all_cranks, tuple(k for k in CAND_KS if k < count), prefix="cand_"))
     return result
+
+
+def save_ranks(ranks: torch.Tensor, path: str | Path) -> None:
+    """The ``(N,)`` ranks (0 = first) as a safetensors file, key ``ranks``, written atomically."""
+    save_tensors({"ranks": ranks.to(torch.int64).contiguous()}, path)
+
+
+def load_ranks(path: str | Path) -> torch.Tensor:
+    """The ranks `save_ranks` wrote; `IloraError` naming the file if it holds anything else."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise IloraError(f"{path}: cannot read ranks ({exc})") from None
+    ranks = tensors.get("ranks")
+    if set(tensors) != {"ranks"} or ranks.ndim != 1 or ranks.dtype != torch.int64 or (ranks.numel() and int(ranks.min()) < 0):
+        raise IloraError(f"{path}: expected one int64 vector 'ranks' of non-negative ranks, found {sorted(tensors)}")
+    return ranks
 
 
 def sasrec_scorer(model: SASRec) -> Scorer:
@@ -102,6 +130,7 @@ def evaluate_sasrec(
     mask_history: bool = False,
     batch_size: int = 1024,
     candidates_out: str | Path | None = None,
+    ranks_file: str | Path | None = None,
 ) -> dict[str, object]:
     """Metrics of ``model`` on ``dataset``'s ``split`` (model put in eval mode, then restored).
 
@@ -122,6 +151,7 @@ def evaluate_sasrec(
             mask_history=mask_history,
             batch_size=batch_size,
             device=next(model.parameters()).device,
+            ranks_file=ranks_file,
         )
     finally:
         model.train(was_training)

@@ -31,6 +31,10 @@ def history_mask(history: torch.Tensor, length: torch.Tensor, num_items: int) ->
     """Bool ``(B, num_items)``: True for the items in each sample's valid (first ``length``) history."""
     b, width = history.shape
     valid = torch.arange(width, device=history.device)[None, :] < length[:, None]
+    bad = valid & ((history < 0) | (history >= num_items))
+    if bad.any():
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise IloraError(f"history of sample {row}, position {col}: item id {int(history[row, col])}, expected 0..{num_items - 1}")
     # padding slots write into a spare column, dropped below, so they never clear a real item
     ids = history.masked_fill(~valid, num_items)
     seen = torch.zeros(b, num_items + 1, dtype=torch.bool, device=history.device)
@@ -83,14 +87,19 @@ def candidate_ranks(scores: torch.Tensor, target: torch.Tensor, candidates: torc
     return beats.sum(dim=1)
 
 
-def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...], prefix: str = "") -> dict[str, float]:
-    """``{prefix}hr@K`` and ``{prefix}ndcg@K`` averaged over samples (0.0 for no samples)."""
+def per_sample_metrics(ranks: torch.Tensor, ks: tuple[int, ...], prefix: str = "") -> dict[str, torch.Tensor]:
+    """``{prefix}hr@K`` (1.0 or 0.0) and ``{prefix}ndcg@K`` of every sample, float64 ``(N,)`` each."""
     ranks = ranks.to(torch.float64)
-    out: dict[str, float] = {}
-    n = ranks.numel()
     gains = 1.0 / torch.log2(ranks + 2.0)
+    out: dict[str, torch.Tensor] = {}
     for k in ks:
         hit = ranks < k
-        out[f"{prefix}hr@{k}"] = float(hit.sum()) / n if n else 0.0
-        out[f"{prefix}ndcg@{k}"] = float((gains * hit).sum()) / n if n else 0.0
+        out[f"{prefix}hr@{k}"] = hit.to(torch.float64)
+        out[f"{prefix}ndcg@{k}"] = gains * hit
     return out
+
+
+def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...], prefix: str = "") -> dict[str, float]:
+    """`per_sample_metrics` averaged over samples (0.0 for no samples)."""
+    n = ranks.numel()
+    return {name: float(values.sum()) / n if n else 0.0 for name, values in per_sample_metrics(ranks, ks, prefix).items()}

@@ -11,8 +11,9 @@ The same loop trains a distilled student (`ilora.distill`): ``model_factory`` bu
 model in place of a plain `SASRec` and ``extra_loss`` adds a term to each batch's loss,
 computed from the same forward pass (see `TrainBatch`).
 The output directory then holds ``model.safetensors``, ``config.json`` (the
-architecture, what `ilora.rec.sasrec.load_sasrec` reads), ``train_config.json`` and
-``result.json``.
+architecture, what `ilora.rec.sasrec.load_sasrec` reads), ``train_config.json``,
+``result.json`` and, with a test split, ``test_ranks.safetensors`` (the target's
+full-ranking rank of every test sample; `ilora.rec.evaluate.load_ranks`).
 
 Gradients are clipped to ``grad_clip`` (default 10: SASRec's gradient norm stays below 5
 on LastFM and the synthetic data, so the default changes no ordinary run; clipping that
@@ -55,6 +56,8 @@ from ilora.rec.evaluate import evaluate_sasrec, fixed_candidates
 from ilora.rec.metrics import history_mask
 from ilora.rec.sasrec import SASRec, SASRecConfig
 from ilora.state_io import atomic_write_text, read_json
+
+TEST_RANKS_FILE = "test_ranks.safetensors"
 
 log = logging.getLogger(__name__)
 
@@ -435,6 +438,8 @@ def train_sasrec(
     if has_val:
         result["val"] = evaluate_sasrec(model, dataset, "val", candidates=val_cands, count=0, **eval_kw)  # type: ignore[arg-type]
     if dataset.splits.get("test") is not None and len(dataset.split("test")) > 0:
-        result["test"] = evaluate_sasrec(model, dataset, "test", count=cfg.eval_candidates, cand_seed=cfg.cand_seed, **eval_kw)  # type: ignore[arg-type]
+        result["test"] = evaluate_sasrec(
+            model, dataset, "test", count=cfg.eval_candidates, cand_seed=cfg.cand_seed, ranks_file=out / TEST_RANKS_FILE, **eval_kw  # type: ignore[arg-type]
+        )
     atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
     return result

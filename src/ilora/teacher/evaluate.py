@@ -95,11 +95,17 @@ def _batches(n: int, size: int):
 
 def target_columns(candidates: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Column of the target in each candidate row; `IloraError` naming the first row where
-    the target does not occur exactly once."""
+    the target does not occur exactly once or another item repeats (it would count twice in
+    a rank and make a generated title match two candidates)."""
     count = (candidates == target[:, None]).sum(1)
     if not (count == 1).all():
         row = int(np.flatnonzero(count != 1)[0])
         raise IloraError(f"candidate row {row} contains the target {int(target[row])} {int(count[row])} times, expected once")
+    ordered = np.sort(candidates, axis=1)
+    repeats = (ordered[:, 1:] == ordered[:, :-1]).any(1)
+    if repeats.any():
+        row = int(np.flatnonzero(repeats)[0])
+        raise IloraError(f"candidate row {row} repeats an item ({candidates[row].tolist()}); candidates must be distinct")
     return (candidates == target[:, None]).argmax(1)
 
 
@@ -107,9 +113,14 @@ def answer_texts(teacher) -> list[str]:
     """Every item's title as the teacher was trained to write it (the generate protocol matches these).
 
     Its `TitleTable` tokens (truncated to ``max_title_tokens``), decoded as
-    `ILoRATeacher.generate` decodes its output.
+    `ILoRATeacher.generate` decodes its output. `IloraError` naming the item if a title decodes
+    to nothing: an empty string is in every output and would match any generation.
     """
-    return teacher.title_table.decoded(teacher.tokenizer)
+    texts = teacher.title_table.decoded(teacher.tokenizer)
+    empty = [i for i, text in enumerate(texts) if not text.strip()]
+    if empty:
+        raise IloraError(f"item {empty[0]}'s title decodes to empty text with this tokenizer ({len(empty)} items do); the generate protocol cannot match it")
+    return texts
 
 
 def teacher_generate_metrics(teacher, texts: Sequence[str], candidates: np.ndarray, target_col: Sequence[int]) -> dict[str, float]:
