@@ -234,6 +234,14 @@ def test_cli_prints_one_json_object(small, tmp_path, capsys) -> None:
     assert result["teacher"]["embedding_dim"] == 12
     assert set(result["gain"]) >= {"hr@10", "ndcg@10"} and result["baseline"]["steps"] == result["distilled"]["steps"]
 
+    # without --json: a table with each gain and its interval, read back from result.json's numbers
+    assert main([a for a in argv if a != "--json"] + ["--resume"]) == 0
+    table = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    written = json.loads((tmp_path / "run" / "result.json").read_text())
+    ndcg = written["gain_interval"]["metrics"]["ndcg@10"]
+    low, high = (f"{100 * x:+.1f}%" for x in ndcg["interval"])
+    assert table["ndcg@10"].split()[-3:] == [low, "to", high] and f"{100 * written['gain']['ndcg@10']:+.1f}%" in table["ndcg@10"]
+
     assert main(argv[:3] + [str(tmp_path / "nowhere"), "--out", str(tmp_path / "run2"), "--json"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "nowhere" in err and "manifest" in err

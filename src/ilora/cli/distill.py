@@ -2,7 +2,8 @@
 
 Trains the undistilled baseline and the distilled student with the same seed, split,
 epochs and early stopping on the validation split, then reports both students' test
-metrics and the relative gain per metric (``ilora.distill.train``). The output
+metrics, the relative gain per metric and its 95 % paired-bootstrap interval over the
+test samples (``ilora.distill.train``). The output
 directory holds ``baseline/`` and ``distilled/`` (SASRec model directories, what
 ``ilora rec eval --model`` reads), ``distill_config.json`` and ``result.json``.
 """
@@ -18,10 +19,13 @@ from ilora.config import add_arguments, add_config_arguments, config_from_args
 
 def _print_table(result: dict) -> None:
     base, dist, gain = result["baseline"]["test"], result["distilled"]["test"], result["gain"]
-    print(f"{'metric':<14}{'baseline':>10}{'distilled':>11}{'gain':>9}")
+    paired = (result.get("gain_interval") or {}).get("metrics", {})
+    print(f"{'metric':<14}{'baseline':>10}{'distilled':>11}{'gain':>9}   95 % interval (paired bootstrap)")
     for key, g in gain.items():
         shown = "n/a" if g is None else f"{100 * g:+.1f}%"
-        print(f"{key:<14}{base[key]:>10.4f}{dist[key]:>11.4f}{shown:>9}")
+        interval = (paired.get(key) or {}).get("interval")
+        span = "n/a" if interval is None else f"{100 * interval[0]:+.1f}% to {100 * interval[1]:+.1f}%"
+        print(f"{key:<14}{base[key]:>10.4f}{dist[key]:>11.4f}{shown:>9}   {span}")
     print(f"out: {result['out']}")
 
 
