@@ -263,6 +263,16 @@ def test_hook_rows_index_the_full_train_split(small, tmp_path) -> None:
     assert sorted(seen) == np.flatnonzero(train.length >= 3).tolist() and len(seen) < len(train)
 
 
+def test_a_partial_export_is_named_as_such(small, tmp_path) -> None:
+    outputs = oracle_outputs(small)
+    n = len(small.split("train"))
+    outputs.manifest.setdefault("splits", {})["train"] = {"rows": 64, "samples": n}
+    train = outputs.splits["train"]
+    train.topk_items, train.topk_confidence = train.topk_items[:64], train.topk_confidence[:64]
+    with pytest.raises(IloraError, match=f"a partial export \\(64 of {n} train samples, made with --limit\\)"):
+        distill(small, outputs, quick(), tmp_path / "x")
+
+
 def test_top_k_beyond_the_catalog_is_a_config_error(small, tmp_path) -> None:
     from ilora.errors import ConfigError
 

@@ -122,6 +122,20 @@ def test_bad_override_is_a_clear_error(tmp_path, capsys):
     assert "no_such_option" in capsys.readouterr().err
 
 
+def test_a_setting_a_later_stage_would_refuse_fails_before_the_first_stage(tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(SMALL))
+    out = tmp_path / "run"
+    assert main(["run", str(config), f"out={out}", "export.device=cuda"]) == 2
+    assert "export.device=cuda but torch sees no CUDA device" in capsys.readouterr().err
+    assert main(["run", str(config), f"out={out}", "distill.top_k=0"]) == 2
+    assert "top_k must be >= 1" in capsys.readouterr().err
+    assert not (out / "data").exists()  # nothing ran
+
+
 def test_interrupted_training_stage_resumes_from_its_checkpoints(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run"), "teacher": {**SMALL["teacher"], "checkpoint_every": 1}}))

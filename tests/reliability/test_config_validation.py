@@ -156,6 +156,16 @@ def test_unknown_gate_mode_for_evaluation() -> None:
     for mode, message in [("sometimes", "expected learned, uniform or expert:N"), ("expert:4", "in 0..3"), ("expert:x", "in 0..3")]:
         with pytest.raises(ConfigError, match=message):
             parse_gate_mode(mode, 4)
+    assert parse_gate_mode("expert:7", None) == ("expert", 7)  # syntax only: before a teacher is loaded
+    with pytest.raises(ConfigError, match="non-negative integer"):
+        parse_gate_mode("expert:x", None)
+
+
+@pytest.mark.parametrize("command", [["teacher", "eval"], ["teacher", "export", "--out", "OUT"]])
+def test_teacher_eval_and_export_refuse_a_bad_gate_before_reading_anything(command, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [a.replace("OUT", str(tmp_path / "out")) for a in command]
+    code = main([*argv, str(tmp_path / "no-data"), "--teacher", str(tmp_path / "no-teacher"), "--gate", "bogus"])
+    assert code == 2 and "gate 'bogus': expected learned, uniform or expert:N" in error_line(capsys)
 
 
 def test_unknown_target_modules_fail_at_build_before_training() -> None:

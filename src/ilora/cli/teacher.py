@@ -43,7 +43,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from ilora.data.candidates import candidate_sets, save_candidates
     from ilora.teacher.build import load_teacher
     from ilora.teacher.evaluate import evaluate_teacher
+    from ilora.teacher.model import parse_gate_mode
 
+    parse_gate_mode(args.gate, None)  # a typo fails here, not after the model has loaded
     dataset = load_data(args)
     split = dataset.split(args.split)
     if args.limit:
@@ -80,7 +82,9 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from ilora.outputs.export import ExportOptions, export_teacher_outputs
     from ilora.teacher.build import load_teacher
+    from ilora.teacher.model import parse_gate_mode
 
+    parse_gate_mode(args.gate, None)  # a typo fails here, not after the model has loaded
     opts = ExportOptions(
         splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
         top_k=args.top_k,

@@ -128,6 +128,12 @@ def check_teacher_outputs(dataset: SeqDataset, outputs: TeacherOutputs, cfg: Dis
             f"{source}: exported for other train samples than {dataset.source or 'the dataset'}'s (same count, different "
             "histories, targets or order): row i would not be train sample i"
         )
+    rows, total = exported.get("rows"), exported.get("samples")
+    if rows is not None and total is not None and int(rows) < int(total):
+        raise IloraError(
+            f"{source}: a partial export ({rows} of {total} train samples, made with --limit); distillation needs a row "
+            "for every train sample: export the train split without --limit"
+        )
     items = np.asarray(train.topk_items)
     conf = np.asarray(train.topk_confidence)
     if items.ndim != 2 or items.shape[0] != n:

@@ -56,6 +56,19 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig, metadata={"help": "students (ilora distill options)"})
 
 
+def check_run_config(cfg: RunConfig) -> None:
+    """`ConfigError` before any stage runs for what a stage would refuse later: the SASRec and
+    student options (their ``validate``) and a CUDA device asked for where torch sees none."""
+    import torch
+
+    cfg.rec.validate()
+    cfg.distill.validate()
+    if not torch.cuda.is_available():
+        for section in ("rec", "teacher", "export", "distill"):
+            if getattr(cfg, section).device == "cuda":
+                raise ConfigError(f"{section}.device=cuda but torch sees no CUDA device (set {section}.device=cpu)")
+
+
 def demo_config(out: str = "demo_out") -> RunConfig:
     """The embedded default of `ilora demo`: synthetic data, tiny models, CPU, a few minutes."""
     cfg = RunConfig(out=out)

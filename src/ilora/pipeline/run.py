@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ilora.config import to_dict
 from ilora.data import SeqDataset, candidate_sets, load_dataset, read_native, synthetic_from_config, write_native
-from ilora.pipeline.config import RunConfig
+from ilora.pipeline.config import RunConfig, check_run_config
 from ilora.pipeline.stages import run_stage
 from ilora.state_io import atomic_write_text
 
@@ -120,6 +120,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
     """Run (or resume) every stage; write ``report.md`` and plots; return the summary."""
     from ilora.pipeline.report import write_report
 
+    check_run_config(cfg)
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))

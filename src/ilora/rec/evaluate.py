@@ -71,9 +71,10 @@ def evaluate_scorer(
     with torch.no_grad():
         for start in range(0, n, batch_size):
             sl = slice(start, start + batch_size)
-            hist = torch.from_numpy(split.history[sl]).to(device)
-            length = torch.from_numpy(split.length[sl]).to(device)
-            target = torch.from_numpy(split.target[sl]).to(device)
+            # copies: a split's arrays may be read-only views of its Parquet file
+            hist = torch.tensor(split.history[sl], device=device)
+            length = torch.tensor(split.length[sl], device=device)
+            target = torch.tensor(split.target[sl], device=device)
             scores = scorer(hist, length).float()
             if scores.shape != (len(target), num_items):
                 raise IloraError(f"scorer returned shape {tuple(scores.shape)}, expected ({len(target)}, {num_items})")

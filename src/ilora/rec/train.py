@@ -349,10 +349,11 @@ def train_sasrec(
             dataset.split("val"), dataset.num_items, split_name="val", count=cfg.eval_candidates, seed=cfg.cand_seed
         )
 
-    history = torch.from_numpy(train.history)
-    length = torch.from_numpy(train.length)
-    target = torch.from_numpy(train.target)
-    rows = torch.from_numpy(train_rows)
+    # copies: a split's arrays may be read-only views of its Parquet file
+    history = torch.tensor(train.history)
+    length = torch.tensor(train.length)
+    target = torch.tensor(train.target)
+    rows = torch.tensor(train_rows)
     n = len(train)
     steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)

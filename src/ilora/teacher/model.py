@@ -44,8 +44,9 @@ def _cache_argument(decoder: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
 
 
-def parse_gate_mode(mode: str, num_experts: int) -> tuple[str, int | None]:
-    """``learned`` | ``uniform`` | ``expert:N`` -> (kind, N)."""
+def parse_gate_mode(mode: str, num_experts: int | None) -> tuple[str, int | None]:
+    """``learned`` | ``uniform`` | ``expert:N`` -> (kind, N). ``num_experts=None`` checks the
+    syntax only (before a teacher is loaded: N any non-negative integer)."""
     if mode in ("learned", "uniform"):
         return mode, None
     if mode.startswith("expert:"):
@@ -53,8 +54,9 @@ def parse_gate_mode(mode: str, num_experts: int) -> tuple[str, int | None]:
             n = int(mode.split(":", 1)[1])
         except ValueError:
             n = -1
-        if not 0 <= n < num_experts:
-            raise ConfigError(f"gate {mode!r}: expert index must be in 0..{num_experts - 1}")
+        if n < 0 or (num_experts is not None and n >= num_experts):
+            expected = "a non-negative integer" if num_experts is None else f"in 0..{num_experts - 1}"
+            raise ConfigError(f"gate {mode!r}: expert index must be {expected}")
         return "expert", n
     raise ConfigError(f"gate {mode!r}: expected learned, uniform or expert:N")
 
