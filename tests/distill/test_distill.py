@@ -263,6 +263,21 @@ def test_hook_rows_index_the_full_train_split(small, tmp_path) -> None:
     assert sorted(seen) == np.flatnonzero(train.length >= 3).tolist() and len(seen) < len(train)
 
 
+def test_ranks_of_another_run_are_refused_and_missing_ones_reported(small, tmp_path) -> None:
+    from ilora.rec.evaluate import load_ranks, save_ranks
+
+    cfg = quick(epochs=1, lambda_d=0.0, w_ed=0.0)
+    distill(small, oracle_outputs(small), cfg, tmp_path / "d")
+    ranks_file = tmp_path / "d" / "distilled" / "test_ranks.safetensors"
+    ranks = load_ranks(ranks_file)
+    save_ranks(ranks + 25, ranks_file)  # another run's ranks beside this result.json
+    with pytest.raises(IloraError, match="do not give the metrics of .*result.json"):
+        distill(small, oracle_outputs(small), cfg, tmp_path / "d", resume=True)
+    ranks_file.unlink()  # a student finished before runs saved their ranks
+    result = distill(small, oracle_outputs(small), cfg, tmp_path / "d", resume=True)
+    assert "train it again" in result["gain_interval"]["unavailable"]
+
+
 def test_a_partial_export_is_named_as_such(small, tmp_path) -> None:
     outputs = oracle_outputs(small)
     n = len(small.split("train"))

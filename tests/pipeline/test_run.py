@@ -129,11 +129,16 @@ def test_a_setting_a_later_stage_would_refuse_fails_before_the_first_stage(tmp_p
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(SMALL))
     out = tmp_path / "run"
-    assert main(["run", str(config), f"out={out}", "export.device=cuda"]) == 2
-    assert "export.device=cuda but torch sees no CUDA device" in capsys.readouterr().err
     assert main(["run", str(config), f"out={out}", "distill.top_k=0"]) == 2
     assert "top_k must be >= 1" in capsys.readouterr().err
+    assert main(["run", str(config), f"out={out}", "eval.gates=learned,expert:9"]) == 2
+    assert "eval.gates: gate 'expert:9': expert index must be in 0..3" in capsys.readouterr().err
     assert not (out / "data").exists()  # nothing ran
+    # the device is checked as the first stage that has work to do starts (a finished run's
+    # report can be rebuilt without a GPU), before that work
+    assert main(["run", str(config), f"out={out}", "export.device=cuda"]) == 2
+    assert "export.device=cuda but torch sees no CUDA device" in capsys.readouterr().err
+    assert not (out / "data" / "dataset").exists() and not (out / "data" / "stage.json").exists()
 
 
 def test_interrupted_training_stage_resumes_from_its_checkpoints(tmp_path, capsys):

@@ -24,7 +24,10 @@ def _print_table(result: dict) -> None:
     for key, g in gain.items():
         shown = "n/a" if g is None else f"{100 * g:+.1f}%"
         interval = (paired.get(key) or {}).get("interval")
-        span = "n/a" if interval is None else f"{100 * interval[0]:+.1f}% to {100 * interval[1]:+.1f}%"
+        if interval is None:
+            span = "n/a"
+        else:  # an upper end of None: unbounded (resamples where only the distilled student has hits)
+            span = f"{100 * interval[0]:+.1f}% to " + ("unbounded" if interval[1] is None else f"{100 * interval[1]:+.1f}%")
         print(f"{key:<14}{base[key]:>10.4f}{dist[key]:>11.4f}{shown:>9}   {span}")
     print(f"out: {result['out']}")
 

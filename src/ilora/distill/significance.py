@@ -24,17 +24,26 @@ from ilora.rec.metrics import FULL_KS, per_sample_metrics
 
 RESAMPLES = 2000
 LEVEL = 0.95
-CHUNK = 100  # resamples drawn at once: CHUNK x N indices in memory
+INDEX_BUDGET = 20_000_000  # sample indices drawn at once (160 MB); memory beyond them is O(N x metrics)
 
 
 def _bootstrap_means(values: np.ndarray, resamples: int, rng: np.random.Generator) -> np.ndarray:
-    """``(resamples, columns)`` means of ``values`` (N, columns) over rows drawn with replacement."""
+    """``(resamples, columns)`` means of ``values`` (N, columns) over rows drawn with replacement
+    (each resample: N indices, counted with `np.bincount`, so no resample is materialised)."""
     n = values.shape[0]
+    chunk = max(1, min(resamples, INDEX_BUDGET // n))
     means = []
-    for start in range(0, resamples, CHUNK):
-        idx = rng.integers(0, n, size=(min(CHUNK, resamples - start), n))
-        means.append(values[idx].mean(axis=1))
-    return np.concatenate(means)
+    for start in range(0, resamples, chunk):
+        for row in rng.integers(0, n, size=(min(chunk, resamples - start), n)):
+            means.append(np.bincount(row, minlength=n) @ values / n)
+    return np.stack(means)
+
+
+def _relative_gains(base: np.ndarray, distilled: np.ndarray) -> np.ndarray:
+    """``distilled / base - 1`` per resample; +inf where only the distilled student has hits, 0
+    where neither has any (nothing to compare: no change)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(base > 0, distilled / base - 1, np.where(distilled > 0, np.inf, 0.0))
 
 
 def paired_gain_intervals(
@@ -47,9 +56,12 @@ def paired_gain_intervals(
     seed: int = 0,
 ) -> dict[str, object]:
     """``{"samples", "resamples", "level", "seed", "metrics"}``; ``metrics`` holds, per metric
-    (``hr@K``, ``ndcg@K``): ``gain`` (None when the baseline's mean is 0), ``interval``
-    ([low, high] of the gain over the resamples whose baseline mean is not 0, or None when
-    fewer than 95 % of them are) and ``better`` / ``worse`` / ``same`` (samples)."""
+    (``hr@K``, ``ndcg@K``): ``gain`` (None when the baseline's mean is 0), ``interval`` (the
+    ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the resamples' gains, the lower one
+    rounded down and the upper one up to a resample's value; a resample whose baseline has no
+    hit counts as an infinite gain, and an upper end that lands there is None: unbounded; the
+    whole interval is None when the baseline's mean is 0) and ``better`` / ``worse`` / ``same``
+    (samples)."""
     if baseline_ranks.shape != distilled_ranks.shape or baseline_ranks.ndim != 1:
         raise IloraError(
             f"paired comparison needs the two students' ranks on the same test samples; got {tuple(baseline_ranks.shape)} and {tuple(distilled_ranks.shape)}"
@@ -73,11 +85,11 @@ def paired_gain_intervals(
     tail = (1 - level) / 2
     for j, name in enumerate(names):
         full_b, full_d = b[:, j].mean(), d[:, j].mean()
-        valid = boot_b[:, j] > 0
         interval = None
-        if valid.mean() >= 0.95:
-            rel = boot_d[valid, j] / boot_b[valid, j] - 1
-            interval = [float(np.quantile(rel, tail)), float(np.quantile(rel, 1 - tail))]
+        if full_b > 0:
+            rel = _relative_gains(boot_b[:, j], boot_d[:, j])
+            low, high = np.quantile(rel, tail, method="lower"), np.quantile(rel, 1 - tail, method="higher")
+            interval = [float(low), None if np.isinf(high) else float(high)]
         out[name] = {
             "gain": None if full_b == 0 else float(full_d / full_b - 1),
             "interval": interval,

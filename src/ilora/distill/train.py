@@ -47,6 +47,7 @@ from ilora.distill.student import student_factory
 from ilora.errors import ConfigError, IloraError
 from ilora.outputs.format import TeacherOutputs
 from ilora.rec.evaluate import load_ranks
+from ilora.rec.metrics import FULL_KS, metrics_from_ranks
 from ilora.rec.train import TEST_RANKS_FILE, RecTrainConfig, TrainBatch, train_sasrec
 from ilora.state_io import atomic_write_text, read_json
 
@@ -261,13 +262,32 @@ def student_run_options(cfg: DistillConfig, targets: TeacherTargets | None) -> d
     return {**options, "distill.teacher_targets_sha256": targets.sha256()}
 
 
-def gain_interval(out: Path, seed: int) -> dict[str, object] | None:
-    """`paired_gain_intervals` of the two students' test ranks (their ``test_ranks.safetensors``);
-    None without a test split."""
-    files = [out / name / TEST_RANKS_FILE for name in ("baseline", "distilled")]
-    if not all(f.is_file() for f in files):
+def student_ranks(directory: Path, result: dict[str, object]) -> torch.Tensor | None:
+    """A student's test ranks (``test_ranks.safetensors``), checked against its ``result.json``:
+    the same number of samples and the same full-ranking metrics, so ranks left by another run
+    are refused. None when the student finished before runs saved their ranks."""
+    path = directory / TEST_RANKS_FILE
+    if not path.is_file():
         return None
-    return paired_gain_intervals(load_ranks(files[0]), load_ranks(files[1]), seed=seed)
+    ranks = load_ranks(path)
+    test: dict = result["test"]  # type: ignore[assignment]
+    recomputed = metrics_from_ranks(ranks, FULL_KS)
+    if len(ranks) != test["num_samples"] or any(abs(recomputed[k] - float(test[k])) > 1e-9 for k in recomputed):
+        raise IloraError(f"{path}: these ranks do not give the metrics of {directory / 'result.json'} (left by another run?)")
+    return ranks
+
+
+def gain_interval(out: Path, students: dict[str, dict[str, object]], seed: int) -> dict[str, object] | None:
+    """`paired_gain_intervals` of the students' test ranks; None without a test split, and
+    ``{"unavailable": why}`` for students trained before runs saved their ranks."""
+    if any("test" not in result for result in students.values()):
+        return None
+    ranks = {name: student_ranks(out / name, result) for name, result in students.items()}
+    if any(r is None for r in ranks.values()):
+        why = "a student finished before runs saved their test ranks; train it again (without --resume) for the interval"
+        log.warning("no gain interval: %s", why)
+        return {"unavailable": why}
+    return paired_gain_intervals(ranks["baseline"], ranks["distilled"], seed=seed)
 
 
 def _run_summary(result: dict[str, object]) -> dict[str, object]:
@@ -316,7 +336,7 @@ def distill(
         "baseline": _run_summary(baseline),
         "distilled": _run_summary(distilled),
         "gain": relative_gain(baseline["test"], distilled["test"]),  # type: ignore[arg-type]
-        "gain_interval": gain_interval(out, cfg.seed),
+        "gain_interval": gain_interval(out, {"baseline": baseline, "distilled": distilled}, cfg.seed),
         "teacher": {
             "source": source,
             "top_k_exported": int(np.asarray(teacher_outputs.split("train").topk_items).shape[1]),

@@ -57,12 +57,25 @@ class RunConfig:
 
 
 def check_run_config(cfg: RunConfig) -> None:
-    """`ConfigError` before any stage runs for what a stage would refuse later: the SASRec and
-    student options (their ``validate``) and a CUDA device asked for where torch sees none."""
-    import torch
+    """`ConfigError` before any stage runs for options a later stage would refuse: the SASRec
+    and student options (their ``validate``) and the evaluation's gates."""
+    from ilora.teacher.model import parse_gate_mode
 
     cfg.rec.validate()
     cfg.distill.validate()
+    for gate in cfg.eval.gates:
+        if gate != "experts":
+            try:
+                parse_gate_mode(gate, cfg.teacher.num_experts)
+            except ConfigError as exc:
+                raise ConfigError(f"eval.gates: {exc}") from None
+
+
+def check_devices(cfg: RunConfig) -> None:
+    """`ConfigError` for a section on ``cuda`` where torch sees no CUDA device. Checked when a stage
+    is about to run, so a finished run still rebuilds its report on a machine without a GPU."""
+    import torch
+
     if not torch.cuda.is_available():
         for section in ("rec", "teacher", "export", "distill"):
             if getattr(cfg, section).device == "cuda":

@@ -107,8 +107,12 @@ def _percent(gain: float | None) -> str:
     return "n/a" if gain is None else f"{100 * gain:+.1f} %"
 
 
-def _interval(interval: list[float] | None) -> str:
-    return "n/a" if interval is None else f"{100 * interval[0]:+.1f} % to {100 * interval[1]:+.1f} %"
+def _interval(interval: list[float | None] | None) -> str:
+    """A gain interval in percent; an upper end of None is unbounded (`ilora.distill.significance`)."""
+    if interval is None:
+        return "n/a"
+    high = "unbounded" if interval[1] is None else f"{100 * interval[1]:+.1f} %"
+    return f"{100 * interval[0]:+.1f} % to {high}"
 
 
 def weak_teacher_note(summary: dict) -> str | None:

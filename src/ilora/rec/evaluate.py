@@ -110,8 +110,9 @@ def load_ranks(path: str | Path) -> torch.Tensor:
     except (OSError, SafetensorError) as exc:
         raise IloraError(f"{path}: cannot read ranks ({exc})") from None
     ranks = tensors.get("ranks")
+    found = ", ".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in sorted(tensors.items())) or "nothing"
     if set(tensors) != {"ranks"} or ranks.ndim != 1 or ranks.dtype != torch.int64 or (ranks.numel() and int(ranks.min()) < 0):
-        raise IloraError(f"{path}: expected one int64 vector 'ranks' of non-negative ranks, found {sorted(tensors)}")
+        raise IloraError(f"{path}: expected one int64 vector 'ranks' of non-negative ranks, found {found}")
     return ranks
 
 

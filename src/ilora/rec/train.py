@@ -318,6 +318,7 @@ def train_sasrec(
     out, checkpoints, finished = open_run(out_dir, cfg.checkpoint_every, resume, "result.json", lambda o: _finished_result(o, record))
     if finished is not None:
         return finished
+    (out / TEST_RANKS_FILE).unlink(missing_ok=True)  # an earlier run's; this one writes its own at the end
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
