@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import sys
 from pathlib import Path
 
@@ -68,11 +69,15 @@ def test_current_rss_agrees_with_proc_status_and_sees_an_allocation():
 
     before, source = export_bench.current_rss()
     assert source == "/proc/self/statm" and abs(before - vm_rss()) < 8 * MIB
-    block = np.ones(64 * MIB, dtype=np.uint8)  # touched: resident
+    # a fresh anonymous mapping, every page written: new resident memory (a NumPy array could
+    # reuse pages an earlier test freed but the allocator kept, and RSS would not move)
+    block = mmap.mmap(-1, 64 * MIB)
+    for offset in range(0, 64 * MIB, mmap.PAGESIZE):
+        block[offset] = 1
     after, _ = export_bench.current_rss()
     assert after - before >= 56 * MIB and abs(after - vm_rss()) < 8 * MIB
     assert export_bench.peak_rss() >= after - 8 * MIB
-    del block
+    block.close()
 
 
 # -- a small real export ---------------------------------------------------------------------
