@@ -133,10 +133,10 @@ def build_setup(shape: str, device: torch.device, *, gradient_checkpointing: boo
     from ilora.data.dataset import Catalog
     from ilora.rec.sasrec import SASRec, SASRecConfig
     from ilora.teacher.adapters import enable_gradient_checkpointing
-    from ilora.teacher.build import assemble, trainable_parameters
+    from ilora.teacher.build import assemble
     from ilora.teacher.compiled import CompiledLayers
     from ilora.teacher.config import TeacherConfig
-    from ilora.teacher.optim import build_optimizer, param_groups
+    from ilora.teacher.optim import teacher_optimizer
     from ilora.teacher.prompts import load_template
     from ilora.teacher.tiny import build_tiny_tokenizer
 
@@ -158,11 +158,7 @@ def build_setup(shape: str, device: torch.device, *, gradient_checkpointing: boo
     if gradient_checkpointing:
         enable_gradient_checkpointing(teacher.llm, teacher.gate_state)
     compiled = CompiledLayers(teacher.llm) if compile_layers else None  # as `teacher.compile` in training
-    groups = trainable_parameters(teacher)
-    # as the trainer: iLoRA's param groups, fused AdamW
-    optimizer = build_optimizer(
-        param_groups(groups["adapters"], teacher.gate_net, teacher.projector, cfg.lr, cfg.router_lr_scale, cfg.weight_decay), cfg.weight_decay
-    )
+    optimizer = teacher_optimizer(teacher, cfg)  # the trainer's
     inputs = InputsSetup(
         tokenizer=tokenizer,
         ref_tokenizer=reference_tokenizer(tokenizer),
@@ -175,7 +171,7 @@ def build_setup(shape: str, device: torch.device, *, gradient_checkpointing: boo
         probe=torch.empty(0),
         device=device,
     )
-    params = [p for g in groups.values() for p in g]
+    params = [p for g in optimizer.param_groups for p in g["params"]]
     return StepSetup(bundle, inputs, optimizer, params, device, device.type == "cuda", shape, compiled), source
 
 

@@ -18,16 +18,14 @@ from ilora.config import add_arguments, add_config_arguments, config_from_args
 
 
 def _print_table(result: dict) -> None:
+    from ilora.distill.significance import interval_text, metric_intervals
+
     base, dist, gain = result["baseline"]["test"], result["distilled"]["test"], result["gain"]
-    paired = (result.get("gain_interval") or {}).get("metrics", {})
+    paired = metric_intervals(result.get("gain_interval"))
     print(f"{'metric':<14}{'baseline':>10}{'distilled':>11}{'gain':>9}   95 % interval (paired bootstrap)")
     for key, g in gain.items():
         shown = "n/a" if g is None else f"{100 * g:+.1f}%"
-        interval = (paired.get(key) or {}).get("interval")
-        if interval is None:
-            span = "n/a"
-        else:  # an upper end of None: unbounded (resamples where only the distilled student has hits)
-            span = f"{100 * interval[0]:+.1f}% to " + ("unbounded" if interval[1] is None else f"{100 * interval[1]:+.1f}%")
+        span = interval_text(paired.get(key, {}).get("interval"), percent="%")
         print(f"{key:<14}{base[key]:>10.4f}{dist[key]:>11.4f}{shown:>9}   {span}")
     print(f"out: {result['out']}")
 

@@ -46,6 +46,21 @@ def _relative_gains(base: np.ndarray, distilled: np.ndarray) -> np.ndarray:
         return np.where(base > 0, distilled / base - 1, np.where(distilled > 0, np.inf, 0.0))
 
 
+def metric_intervals(gain_interval: dict[str, object] | None) -> dict[str, dict[str, object]]:
+    """The per-metric part of a `paired_gain_intervals` result; empty for None or an
+    ``{"unavailable": ...}`` note."""
+    return (gain_interval or {}).get("metrics", {})  # type: ignore[return-value]
+
+
+def interval_text(interval: list[float | None] | None, percent: str = " %") -> str:
+    """An interval of `paired_gain_intervals` in percent (``percent`` is the unit as written);
+    an upper end of None is unbounded."""
+    if interval is None:
+        return "n/a"
+    high = "unbounded" if interval[1] is None else f"{100 * interval[1]:+.1f}{percent}"
+    return f"{100 * interval[0]:+.1f}{percent} to {high}"
+
+
 def paired_gain_intervals(
     baseline_ranks: torch.Tensor,
     distilled_ranks: torch.Tensor,

@@ -19,6 +19,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ilora.distill.significance import interval_text, metric_intervals  # noqa: E402
+
 FULL_KEYS = ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20")
 
 
@@ -107,12 +109,6 @@ def _percent(gain: float | None) -> str:
     return "n/a" if gain is None else f"{100 * gain:+.1f} %"
 
 
-def _interval(interval: list[float | None] | None) -> str:
-    """A gain interval in percent; an upper end of None is unbounded (`ilora.distill.significance`)."""
-    if interval is None:
-        return "n/a"
-    high = "unbounded" if interval[1] is None else f"{100 * interval[1]:+.1f} %"
-    return f"{100 * interval[0]:+.1f} % to {high}"
 
 
 def weak_teacher_note(summary: dict) -> str | None:
@@ -158,18 +154,16 @@ def write_report(run: Path, summary: dict) -> Path:
     distill = summary.get("distill")
     if distill:
         base, dist, gain = distill["baseline"], distill["distilled"], distill.get("gain", {})
-        paired = (distill.get("gain_interval") or {}).get("metrics", {})
+        paired = metric_intervals(distill.get("gain_interval"))
         lines += [
             "## Students: baseline vs distilled (test, full ranking)", "",
             "| metric | baseline | distilled | gain | 95 % interval (paired bootstrap) | samples better / worse |", "|---|---|---|---|---|---|",
         ]
         for k in FULL_KEYS:
             if k in base:
-                g, p = gain.get(k), paired.get(k, {})
-                lines.append(
-                    f"| {k} | {base[k]:.4f} | {dist[k]:.4f} | {_percent(g)} | {_interval(p.get('interval'))} "
-                    f"| {p['better']} / {p['worse']} |" if p else f"| {k} | {base[k]:.4f} | {dist[k]:.4f} | {_percent(g)} | n/a | n/a |"
-                )
+                p = paired.get(k, {})
+                moved = f"{p['better']} / {p['worse']}" if p else "n/a"
+                lines.append(f"| {k} | {base[k]:.4f} | {dist[k]:.4f} | {_percent(gain.get(k))} | {interval_text(p.get('interval'))} | {moved} |")
         if paired:
             lines += ["", f"The interval resamples the {distill['gain_interval']['samples']} test samples (both students on the same ones); "
                       "one that contains 0 means the gain could be noise."]
@@ -201,8 +195,8 @@ def summary_table(summary: dict) -> str:
             lines.append(f"{'student ' + name:<30}" + "".join(f"{distill[name].get(k, float('nan')):>10.4f}" for k in keys))
         gain = distill.get("gain", {}).get("ndcg@10")
         if gain is not None:
-            interval = ((distill.get("gain_interval") or {}).get("metrics", {}).get("ndcg@10") or {}).get("interval")
-            lines.append(f"{'distillation gain (ndcg@10)':<30}{100 * gain:>+9.1f}%" + (f"   95 % interval {_interval(interval)}" if interval else ""))
+            interval = metric_intervals(distill.get("gain_interval")).get("ndcg@10", {}).get("interval")
+            lines.append(f"{'distillation gain (ndcg@10)':<30}{100 * gain:>+9.1f}%" + (f"   95 % interval {interval_text(interval)}" if interval else ""))
     ev = summary.get("eval")
     if ev:
         lines += ["", f"teacher on {ev['samples']} {ev['split']} samples, fixed candidates:",

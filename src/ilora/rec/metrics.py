@@ -61,6 +61,12 @@ def full_ranks(scores: torch.Tensor, target: torch.Tensor, exclude: torch.Tensor
     return beats.sum(dim=1)
 
 
+def repeated_rows(candidates: torch.Tensor) -> torch.Tensor:
+    """Bool ``(B,)``: rows of ``candidates`` ``(B, C)`` in which some id occurs twice."""
+    ordered = torch.as_tensor(candidates).sort(dim=1).values
+    return (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
+
+
 def candidate_ranks(scores: torch.Tensor, target: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """Pessimistic 0-based rank of ``target`` within its row of ``candidates`` ``(B, C)``.
 
@@ -77,8 +83,7 @@ def candidate_ranks(scores: torch.Tensor, target: torch.Tensor, candidates: torc
     if missing.numel():
         row = int(missing[0])
         raise IloraError(f"candidate set of sample {row} does not contain its target {int(target[row])} exactly once")
-    ordered = candidates.sort(dim=1).values
-    dup = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1).nonzero()
+    dup = repeated_rows(candidates).nonzero()
     if dup.numel():
         raise IloraError(f"candidate set of sample {int(dup[0])} repeats an item")
     cand_scores = scores.gather(1, candidates)

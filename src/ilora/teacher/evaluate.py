@@ -34,6 +34,7 @@ from tqdm import tqdm
 from ilora.data.dataset import Split
 from ilora.distributed import SINGLE, Dist
 from ilora.errors import ConfigError, IloraError
+from ilora.rec.metrics import repeated_rows
 
 
 def rank_of_target(scores: torch.Tensor, target_col: torch.Tensor) -> torch.Tensor:
@@ -101,10 +102,9 @@ def target_columns(candidates: np.ndarray, target: np.ndarray) -> np.ndarray:
     if not (count == 1).all():
         row = int(np.flatnonzero(count != 1)[0])
         raise IloraError(f"candidate row {row} contains the target {int(target[row])} {int(count[row])} times, expected once")
-    ordered = np.sort(candidates, axis=1)
-    repeats = (ordered[:, 1:] == ordered[:, :-1]).any(1)
-    if repeats.any():
-        row = int(np.flatnonzero(repeats)[0])
+    repeats = repeated_rows(torch.as_tensor(candidates)).nonzero()
+    if repeats.numel():
+        row = int(repeats[0])
         raise IloraError(f"candidate row {row} repeats an item ({candidates[row].tolist()}); candidates must be distinct")
     return (candidates == target[:, None]).argmax(1)
 

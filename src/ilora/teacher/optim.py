@@ -35,6 +35,15 @@ def build_optimizer(groups: list[dict], weight_decay: float) -> torch.optim.Adam
     return torch.optim.AdamW([dict(g) for g in groups], weight_decay=weight_decay, fused=True)
 
 
+def teacher_optimizer(teacher, cfg) -> torch.optim.AdamW:
+    """The trainer's optimizer for ``teacher`` under `TeacherConfig` ``cfg``: its LoRA experts,
+    gate network and projector in `param_groups`, fused (`build_optimizer`)."""
+    from ilora.teacher.adapters import adapter_parameters
+
+    groups = param_groups(adapter_parameters(teacher.llm), teacher.gate_net, teacher.projector, cfg.lr, cfg.router_lr_scale, cfg.weight_decay)
+    return build_optimizer(groups, cfg.weight_decay)
+
+
 IMPLEMENTATION_FLAGS = ("fused", "foreach")
 
 
@@ -43,13 +52,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
     torch takes ``fused`` / ``foreach`` from the saved groups, so a checkpoint written by torch's
     default AdamW would otherwise resume unfused (and keep its ``step`` counters on the CPU).
     Moments, step counts and hyperparameters come from ``state``; the update rule is the same."""
-    groups = [
-        {**saved, **{flag: current[flag] for flag in IMPLEMENTATION_FLAGS if flag in current}}
-        for saved, current in zip(state["param_groups"], optimizer.param_groups)
-    ]
-    if len(state["param_groups"]) != len(optimizer.param_groups):
-        groups = state["param_groups"]  # torch's own error names the mismatch
-    optimizer.load_state_dict({**state, "param_groups": groups})
+    if len(state["param_groups"]) == len(optimizer.param_groups):  # else torch's own error names the mismatch
+        flags = [{f: g[f] for f in IMPLEMENTATION_FLAGS if f in g} for g in optimizer.param_groups]
+        state = {**state, "param_groups": [{**saved, **own} for saved, own in zip(state["param_groups"], flags)]}
+    optimizer.load_state_dict(state)
 
 
 def warmup_length(warmup_ratio: float, total_steps: int) -> int:

@@ -68,11 +68,11 @@ from ilora.rec.sasrec import load_sasrec
 from ilora.state_io import atomic_write_text, read_json, save_state
 from ilora.teacher.adapters import adapter_state_dict, enable_gradient_checkpointing
 from ilora.teacher.batch import draw_hybrid_flags
-from ilora.teacher.build import build_teacher, rec_fingerprint, save_teacher, trainable_parameters
+from ilora.teacher.build import build_teacher, rec_fingerprint, save_teacher
 from ilora.teacher.compiled import CompiledLayers, check_can_compile
 from ilora.teacher.config import TeacherConfig
 from ilora.teacher.evaluate import evaluate_teacher
-from ilora.teacher.optim import build_optimizer, build_scheduler, load_optimizer_state, param_groups, warmup_length
+from ilora.teacher.optim import build_scheduler, load_optimizer_state, teacher_optimizer, warmup_length
 
 log = logging.getLogger(__name__)
 
@@ -331,9 +331,7 @@ def train_teacher(
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-    params = trainable_parameters(teacher)
-    groups = param_groups(params["adapters"], teacher.gate_net, teacher.projector, cfg.lr, cfg.router_lr_scale, cfg.weight_decay)
-    optimizer = build_optimizer(groups, cfg.weight_decay)
+    optimizer = teacher_optimizer(teacher, cfg)
     scheduler = build_scheduler(optimizer, warmup_length(cfg.warmup_ratio, total_steps), total_steps, cfg.min_lr_ratio)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if cfg.device == "cuda" else contextlib.nullcontext()
@@ -387,7 +385,7 @@ def train_teacher(
     before: dict = {}
     guard = NonFiniteGuard(cfg.skip_nonfinite, save_last_good)
     guard.skipped = p["skipped"]
-    all_params = [q for g in groups for q in g["params"]]
+    all_params = [q for g in optimizer.param_groups for q in g["params"]]
     micro = cfg.micro_batch_size or cfg.batch_size
     bar = tqdm(total=total_steps, initial=p["step"], desc="train teacher", unit="step", file=sys.stderr, dynamic_ncols=True, disable=not ctx.is_main)
     for epoch in range(p["epoch"], cfg.epochs):
