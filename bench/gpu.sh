@@ -6,11 +6,13 @@
 #
 # Runs, in this order: inputs, adapter, step-7b-b16-pipelined (the 7B shape, one length-grouped batch of 16
 # in one micro-batch, compiled decoder layers, no device syncs between the step's parts; profiled),
-# eval-7b (score vs generation-based evaluation of 32 samples with the 7B shape), step-7b-b16 (random
-# samples, eager, with a plain-LoRA baseline, profiled), step-7b-b16-compile (the same compiled; needs
-# >= 120 s left), step-7b (batch 8), step-1b (with eager-attention and float32 baselines); then, while time is left,
-# step-7b-ckpt (gradient checkpointing) and step-1b-compile (only with >= 150 s left). The 7B runs at batch 16 need an H200's memory for the
-# reference variant (about 100 GiB); on an H100 run the others.
+# step-7b-b32 (the same at batch 32, ours only: its reference does not fit; about 60 GiB; needs >= 120 s
+# left), eval-7b (score vs generation-based evaluation of 32 samples with the 7B shape), step-7b-b16
+# (random samples, eager, with a plain-LoRA baseline, profiled), step-7b-b16-compile (the same compiled;
+# needs >= 120 s left), step-7b (batch 8), step-1b (with eager-attention and float32 baselines); then,
+# while time is left, step-7b-ckpt (gradient checkpointing) and step-1b-compile (only with >= 150 s left).
+# The 7B runs at batch 16 need an H200's memory for the reference variant (about 100 GiB); on an H100 run
+# the others.
 # Each run has its own `timeout -k 10`; a failed run does not stop the others; nothing starts after the cap
 # (ILORA_GPU_CAP_S, default 300 s). Titles: <repo>/shared/datasets/lastfm/id2name.txt when present (the
 # session copies it there: ../shared does not travel to the device), else $ILORA_SHARED or ../shared as
@@ -47,7 +49,7 @@ DEADLINE=$((START + CAP))
 NOTE="bench/gpu.sh"
 SELECTED=" $* "
 
-RUNS=" inputs adapter step-7b-b16-pipelined eval-7b step-7b-b16 step-7b-b16-compile step-7b step-1b step-7b-ckpt step-1b-compile "
+RUNS=" inputs adapter step-7b-b16-pipelined step-7b-b32 eval-7b step-7b-b16 step-7b-b16-compile step-7b step-1b step-7b-ckpt step-1b-compile "
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
 
@@ -116,8 +118,12 @@ run() {  # run NAME LIMIT_S NEED_S ARGS... : one benchmark under `timeout`; skip
         tail -n 100 "$SCRATCH/$name.log"
         echo
     } >> "$LOGS"
-    local what="ok, ratio ?"
+    local what="ok, ratio ?" mfu
     [[ -n "$ratio" ]] && what=$(printf 'ok, ratio %.2f' "$ratio")
+    if [[ -z "$ratio" ]] && grep -q '"ratio": null' "$SCRATCH/$name.json" 2>/dev/null; then  # run without its reference
+        mfu=$(grep -o '"mfu": [0-9.e+-]*' "$SCRATCH/$name.json" | head -1 | cut -d' ' -f2)
+        what=$(awk -v m="${mfu:-0}" 'BEGIN { printf "ok, no reference, MFU of ours %.1f %%", 100 * m }')
+    fi
     ((rc != 0)) && what="FAILED"
     ((rc == 124 || rc == 137)) && what="TIMED OUT"
     say "$name: $what (rc=$rc, ${secs}s, limit ${limit}s, at $(($(date +%s) - START))s)"
@@ -127,6 +133,7 @@ run() {  # run NAME LIMIT_S NEED_S ARGS... : one benchmark under `timeout`; skip
 run inputs               60    30    inputs --budget-s 10
 run adapter              45    30    adapter --budget-s 10
 run step-7b-b16-pipelined 170  120   step --shape 7b --batch-size 16 --compile --no-part-syncs --group-by-length --budget-s 20 --profile "$SCRATCH/step-7b-b16-pipelined.prof"
+run step-7b-b32          170   120   step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --budget-s 20
 run eval-7b              120   90    eval --shape 7b --samples 32 --budget-s 20
 run step-7b-b16          100   60    step --shape 7b --batch-size 16 --lora-baseline --budget-s 25 --profile "$SCRATCH/step-7b-b16.prof"
 run step-7b-b16-compile  170   120   step --shape 7b --batch-size 16 --compile --lora-baseline --budget-s 25 --profile "$SCRATCH/step-7b-b16-compile.prof"

@@ -503,6 +503,25 @@ def test_step_cli_passes_group_by_length_and_the_fp32_refusal(synthetic_titles, 
     assert "CUDA only" in capsys.readouterr().err
 
 
+def test_step_without_reference_never_runs_it_and_has_no_ratio(synthetic_titles, capsys, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference ran")
+
+    monkeypatch.setattr(step_bench, "reference_output", refuse)
+    monkeypatch.setattr(step_bench, "reference_adapters", refuse)
+    results = tmp_path / "RESULTS.md"
+    argv = ["bench", "step", "--quick", "--no-reference", "--lora-baseline", "--repeats", "1", "--results", str(results)]
+    assert main([*argv, "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["variants"]) == {"ours", "lora"} and result["ratio"] is None
+    assert "reference" not in result["equal_work_checked"]["distance"]  # the gate check still ran
+    assert result["equal_work_checked"]["discriminates_gate"]
+    assert "No headline `ratio`: not measured (--no-reference)." in results.read_text()
+    assert main(argv) == 0  # the printed table, no JSON
+    assert "ratio: - (not measured (--no-reference))" in capsys.readouterr().out
+    assert main(["bench", "inputs", "--no-reference", "--no-record"]) == 2
+
+
 def test_untimed_parts_neither_sync_nor_record(monkeypatch):
     synced = []
     monkeypatch.setattr(common, "sync", lambda device: synced.append(device))

@@ -353,6 +353,13 @@ def machine_line(info: dict[str, Any]) -> str:
     return f"{text}; torch {info['torch']}, device {info['device']}"
 
 
+def headline(result: dict[str, Any]) -> str:
+    """The result's headline ratio as a Markdown line (a benchmark run without its reference has none)."""
+    if result["ratio"] is None:
+        return f"No headline `ratio`: {result.get('ratio_means', 'not measured')}."
+    return f"Headline `ratio` = **{result['ratio']:.2f}** ({result.get('ratio_means', '')})."
+
+
 def record_markdown(result: dict[str, Any], table: list[str], path: str | Path) -> Path:
     """Append ``result`` as a section of ``path``: heading, machine, ``table``, the JSON."""
     path = Path(path)
@@ -368,7 +375,7 @@ def record_markdown(result: dict[str, Any], table: list[str], path: str | Path) 
         "",
         *table,
         "",
-        f"Headline `ratio` = **{result['ratio']:.2f}** ({result.get('ratio_means', '')}).",
+        headline(result),
         "",
         "<details><summary>JSON</summary>",
         "",

@@ -544,13 +544,16 @@ def run_bench(
     profile: Path | None = None,
     part_times: bool = True,
     group_by_length: bool = False,
+    reference: bool = True,
 ) -> dict[str, Any]:
     """Time a training step of the reference and of ours (and of ours with eager attention when
     ``eager_baseline``, of plain LoRA when ``lora_baseline``), interleaved on one model; one
     JSON-ready dict. With ``profile``, one more step of ours runs under torch.profiler
     afterwards (`profile_step`). ``part_times=False`` times whole steps without the device
     syncs between their parts (inputs, forward, backward, optimizer), as training runs them.
-    ``group_by_length``: the batch is `grouped_samples`' (as training with ``group_by_length``)."""
+    ``group_by_length``: the batch is `grouped_samples`' (as training with ``group_by_length``).
+    ``reference=False`` leaves the reference out (for batches whose reference step does not
+    fit in memory): ``ratio`` is then None and MFU is the headline."""
     shape = shape or ("tiny-quick" if quick else "tiny")
     if device.type == "cpu" and shape in ("1b", "7b"):
         raise ConfigError(f"shape {shape} is for CUDA; on CPU use tiny")
@@ -565,7 +568,7 @@ def run_bench(
         samples = grouped_samples(setup, batch_size)
     else:
         samples = random_samples(len(setup.inputs.titles), batch_size, HISTORY_ITEMS, CANDIDATES, seed=0)
-    variants = ("reference", "ours") + (("ours_eager",) if eager_baseline else ()) + (("ours_fp32",) if fp32_baseline else ()) + (("lora",) if lora_baseline else ())
+    variants = (("reference",) if reference else ()) + ("ours",) + (("ours_eager",) if eager_baseline else ()) + (("ours_fp32",) if fp32_baseline else ()) + (("lora",) if lora_baseline else ())
     check = check_equal(setup, samples, variants)
     probe = our_batch(setup, samples)
     tokens = int(probe.attention_mask.sum())
@@ -623,8 +626,8 @@ def run_bench(
         "+ 4 x H x V per answer token (LM head); attention scores and LoRA not counted",
         "peak_flops": peak,
         "variants": variants,
-        "ratio": times["reference"].median / times["ours"].median,
-        "ratio_means": "reference / ours median time of a full training step",
+        "ratio": times["reference"].median / times["ours"].median if reference else None,
+        "ratio_means": "reference / ours median time of a full training step" if reference else "not measured (--no-reference)",
         "optimizer": optimizers,
         "optimizer_means": "the optimizer part alone (clip + AdamW step) on ours' gradients: foreach=True (torch's default "
         "on CUDA) vs fused=True (what the trainer and the variants above run), median seconds",

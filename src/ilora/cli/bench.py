@@ -39,6 +39,7 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
     "profile": ("step",),
     "no_part_syncs": ("step",),
     "group_by_length": ("step",),
+    "no_reference": ("step",),
     "samples": ("eval", "export"),
     "threads": ("export",),
     "data": ("grouping",),
@@ -79,6 +80,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
             profile=Path(args.profile) if args.profile else None,
             part_times=not args.no_part_syncs,
             group_by_length=args.group_by_length,
+            reference=not args.no_reference,
         )
     if args.benchmark in ("step", "grouping") and args.batch_size:
         kwargs["batch_size"] = args.batch_size
@@ -104,7 +106,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
         print_json(result)
     else:
         print("\n".join(module.markdown_table(result)))
-        print(f"ratio: {result['ratio']:.2f} ({result['ratio_means']})")
+        ratio = "-" if result["ratio"] is None else f"{result['ratio']:.2f}"
+        print(f"ratio: {ratio} ({result['ratio_means']})")
     return 0
 
 
@@ -150,6 +153,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--group-by-length", action="store_true",
         help="step: a length-grouped batch, as training with group_by_length forms them (default: random samples)",
+    )
+    p.add_argument(
+        "--no-reference", action="store_true",
+        help="step: leave the reference variant out (batches whose reference step does not fit in memory); no ratio, MFU is the headline",
     )
     p.add_argument(
         "--profile", default=None, metavar="FILE",
