@@ -527,8 +527,18 @@ def test_load_rejects_bad_keys_and_shapes(tmp_path):
     with pytest.raises(IloraError, match="unexpected key .*mlp.extra"):
         load_adapters(tiny_llama(), tmp_path, GateState(4))
 
-    with pytest.raises(ConfigError, match="experts"):
+    save_file(good, str(weights))
+    with pytest.raises(ConfigError, match=r"ilora_adapter.json: the saved adapter has 4 experts, the gate 3"):
         load_adapters(tiny_llama(), tmp_path, GateState(3))
+    # the same layer names exist in a deeper model, whose third layer the adapter never saw
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from helpers_tiny_models import TINY
+
+    deeper = LlamaForCausalLM(LlamaConfig(**{**TINY, "num_hidden_layers": 3}, tie_word_embeddings=False))
+    with pytest.raises(IloraError, match=r"ilora_adapter.json: this model has 7 layer\(s\) .* \(first: model.layers.2.self_attn.q_proj\): "
+                       "it was saved on another base model"):
+        load_adapters(deeper, tmp_path, GateState(4))
+    assert not gated_lora_modules(deeper)  # refused before injecting anything
     (tmp_path / "ilora_adapter.json").unlink()
     with pytest.raises(IloraError, match="ilora_adapter.json: file not found"):
         load_adapters(tiny_llama(), tmp_path, GateState(4))

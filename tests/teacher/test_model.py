@@ -276,6 +276,40 @@ def test_generate_and_score_agree_when_answers_are_forced(dataset, rec):
     assert checked >= 3, (loss.item(), texts)
 
 
+def test_generate_runs_with_a_tokenizer_without_pad_token(dataset, rec):
+    """Llama-2's tokenizer has no pad token: rows that finished early are filled with eos,
+    and the texts are those generated with a pad token (everything after eos is cut)."""
+    bundle = make_bundle(dataset, rec)
+    teacher = bundle.teacher.eval()
+    split, cands = sample_arrays(dataset, n=4)
+    prompts = bundle.prompt_collator.build(split.history, split.length, cands)
+    eos = teacher.tokenizer.eos_token_id
+    forced = {1: 2, 3: 0}  # sample -> step at which it emits eos: rows finish at different steps
+    lm_logits = teacher.lm_logits
+    step = []
+
+    def logits_with_early_eos(hidden):
+        logits = lm_logits(hidden).clone()
+        logits[:, eos] = -1e9
+        for row, at in forced.items():
+            if len(step) == at:
+                logits[row, eos] = 1e9
+        step.append(None)
+        return logits
+
+    teacher.lm_logits = logits_with_early_eos
+    try:
+        with_pad = teacher.generate(prompts, max_new_tokens=4)
+        step.clear()
+        teacher.tokenizer.pad_token = None
+        assert teacher.tokenizer.pad_token_id is None
+        without_pad = teacher.generate(prompts, max_new_tokens=4)
+    finally:
+        del teacher.lm_logits
+    assert without_pad == with_pad
+    assert with_pad[3] == "" and with_pad[0] != ""
+
+
 def test_evaluate_reports_the_metrics_of_its_scores_generations_and_gates(dataset, rec):
     """evaluate_teacher == the metrics recomputed here from the teacher's own scores,
     generations and gates, one sample at a time (a batch size that splits the samples)."""
@@ -450,3 +484,47 @@ def test_a_format_1_checkpoint_loads_without_fingerprint_checks_and_says_so(data
         loaded = load_teacher(tmp_path / "t", dataset.catalog)
     assert "format 1" in caplog.text
     assert torch.equal(loaded.teacher.rec.item_emb.weight, bundle.teacher.rec.item_emb.weight)
+
+
+def _save_base_llm(dataset, path, seed):
+    """A tiny Llama and its tokenizer saved as a model directory, as a downloaded model is."""
+    from ilora.teacher.tiny import build_tiny_llm, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(dataset.catalog.titles, vocab_size=300)
+    build_tiny_llm(tokenizer, hidden=32, layers=2, heads=4, seed=seed).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def test_a_teacher_refuses_another_model_at_its_base_llm_path(dataset, rec, tmp_path, caplog):
+    """A teacher names its base LLM by path; a checkpoint of the same architecture found there
+    later (another fine-tune) must not load silently under the teacher's adapters."""
+    from ilora.teacher.build import base_weights_sample
+    from ilora.teacher.tiny import load_llm
+
+    base = tmp_path / "base"
+    _save_base_llm(dataset, base, seed=0)
+    bundle = build_teacher(TeacherConfig(**{**SMALL, "llm": str(base)}), dataset.catalog, rec)
+    save_teacher(bundle, tmp_path / "teacher", dataset.catalog)
+    split, cands = sample_arrays(dataset)
+    prompts = bundle.prompt_collator.build(split.history, split.length, cands)
+    loaded = load_teacher(tmp_path / "teacher", dataset.catalog)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.teacher.eval().score_candidates(prompts, prompts.candidates),
+            bundle.teacher.eval().score_candidates(prompts, prompts.candidates),
+        )
+    # the sample ignores what the teacher adds (adapters, placeholder rows) and the loading dtype
+    plain, _ = load_llm(base, device="cpu")
+    assert base_weights_sample(plain) == base_weights_sample(bundle.teacher.llm) == base_weights_sample(plain.to(torch.bfloat16))
+
+    _save_base_llm(dataset, base, seed=1)  # same architecture and shapes, other weights
+    with pytest.raises(IloraError, match=f"{base}: not the base LLM the teacher in .*teacher was trained on"):
+        load_teacher(tmp_path / "teacher", dataset.catalog)
+
+    config = tmp_path / "teacher" / "teacher_config.json"  # a checkpoint saved before the sample was recorded
+    meta = json.loads(config.read_text())
+    del meta["llm_sample"]
+    config.write_text(json.dumps(meta))
+    with caplog.at_level("WARNING"):
+        load_teacher(tmp_path / "teacher", dataset.catalog)
+    assert "without a sample of its base LLM's weights" in caplog.text

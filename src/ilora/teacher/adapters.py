@@ -75,7 +75,7 @@ class MoELoraConfig:
     scaling_convention: Literal["per_expert", "total"] = option(
         "per_expert", "per_expert: scaling = alpha / rank_per_expert (iLoRA's); total: alpha / (E*r) (peft's usual for rank E*r)"
     )
-    dropout: float = option(0.05, "dropout on the adapter input (as peft's lora_dropout)")
+    dropout: float = option(0.1, "dropout on the adapter input (as peft's lora_dropout; iLoRA/LLaRA: 0.1)")
     target_modules: list[str] = option(
         [], "linear layers to adapt, by name or dotted path suffix; empty = auto (q,k,v,o,gate,up,down_proj)"
     )
@@ -682,16 +682,29 @@ def load_adapters(
 ) -> MoELoraConfig:
     """Inject gated LoRA layers as saved in ``adapter_dir`` and load their weights; returns the config.
 
-    The layers must land on exactly the saved module paths. The gate network is not
-    loaded here: use the teacher's loader, which restores experts and gate together.
+    The layers must land on exactly the saved module paths, and those must be every layer
+    the saved ``target_modules`` select in ``model``: an adapter saved on another (e.g.
+    deeper) base model is refused instead of leaving layers unadapted. The gate network is
+    not loaded here: use the teacher's loader, which restores experts and gate together.
     """
     cfg, adapted = read_adapter_config(adapter_dir)
+    config_path = Path(adapter_dir) / ILORA_CONFIG_FILE
     if state.num_experts != cfg.num_experts:
-        raise ConfigError(f"GateState has {state.num_experts} experts but the saved adapter has {cfg.num_experts}")
+        raise ConfigError(f"{config_path}: the saved adapter has {cfg.num_experts} experts, the gate {state.num_experts}")
     modules = dict(model.named_modules())
     for path in adapted:
         if not isinstance(modules.get(path), nn.Linear):
-            raise IloraError(f"{Path(adapter_dir) / ILORA_CONFIG_FILE}: adapted module {path} is not a linear layer of this model")
+            raise IloraError(f"{config_path}: adapted module {path} is not a linear layer of this model")
+    try:
+        selected = resolve_target_modules(model, list(cfg.target_modules) or find_target_modules(model))
+    except ConfigError as exc:
+        raise IloraError(f"{config_path}: {exc}") from None
+    uncovered = [path for path in selected if path not in set(adapted)]
+    if uncovered:
+        raise IloraError(
+            f"{config_path}: this model has {len(uncovered)} layer(s) its target_modules select that the saved adapter "
+            f"does not cover (first: {uncovered[0]}): it was saved on another base model"
+        )
     inject_gated_lora(model, dataclasses.replace(cfg, target_modules=list(adapted)), state, adapter_dtype=adapter_dtype)
     load_adapter_weights(model, adapter_dir)
     return cfg

@@ -3,7 +3,8 @@
 Checkpoint directory layout (everything needed to run the teacher offline):
 
     teacher_config.json          TeacherConfig + format version + fingerprints of the catalog,
-                                 of rec/, (tiny) of llm/ and of every part below; written last
+                                 of rec/, (tiny) of llm/ and of every part below, and a sample
+                                 of the base LLM's weights; written last
     adapter_model.safetensors    LoRA experts in peft's key layout (rank E*r)
     adapter_config.json          peft LoRA config (a peft tool reads the uniform-gate model)
     ilora_adapter.json           the experts' layout: E, rank per expert, alpha, scaling
@@ -21,8 +22,9 @@ of an earlier run. ``rec/`` and ``llm/`` are each written beside and then swappe
 
 `load_teacher` is the only way to load one: it checks the format version and the
 fingerprints (`rec_fingerprint` of the loaded SASRec, `directory_fingerprint` of
-``llm/``, `part_fingerprints` of the other parts) against ``teacher_config.json`` (a save
-interrupted part-way, new adapters beside an old gate say, is refused), rebuilds the model,
+``llm/``, `base_weights_sample` of a named base LLM, `part_fingerprints` of the other parts)
+against ``teacher_config.json`` (a save interrupted part-way, new adapters beside an old gate
+say, or another model at the base LLM's path, is refused), rebuilds the model,
 injects the adapters, loads the gate network and projector together, so a reloaded teacher can never run
 without its gate. A file that is missing or does not fit the saved config raises
 `IloraError` naming it.
@@ -45,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ilora.config import from_dict, to_dict
 from ilora.data.dataset import Catalog, validate_prompt_titles
@@ -85,6 +88,26 @@ def rec_fingerprint(rec: SASRec) -> str:
     for name, tensor in sorted(rec.state_dict().items()):
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         h.update(f"\x00{name}\x00{flat.dtype}\x00{tuple(tensor.shape)}\x00".encode())
+        h.update(flat.view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
+SAMPLED_EMBEDDING_ROWS = 32
+
+
+def base_weights_sample(llm: nn.Module) -> str:
+    """sha256 (16 hex digits) of a cheap sample of a base LLM's frozen weights: its first
+    `SAMPLED_EMBEDDING_ROWS` input-embedding rows and every 1-D parameter (the norms' weights,
+    biases), in order, rounded to bfloat16. Neither the adapters, nor the placeholder rows
+    (appended after the vocabulary), nor the dtype the model is loaded in (bf16 on CUDA, float32
+    on the CPU) change it; another checkpoint of the same architecture (a chat or other
+    fine-tune of the same base) does. Reads about a megabyte of a 7B model."""
+    h = hashlib.sha256()
+    rows = llm.get_input_embeddings().weight[:SAMPLED_EMBEDDING_ROWS]
+    vectors = [p for p in llm.parameters() if p.dim() == 1 and p.is_floating_point()]
+    for tensor in (rows, *vectors):
+        flat = tensor.detach().to("cpu", torch.bfloat16).contiguous().reshape(-1)
+        h.update(f"\x00{tuple(tensor.shape)}\x00".encode())
         h.update(flat.view(torch.uint8).numpy())
     return h.hexdigest()[:16]
 
@@ -178,13 +201,19 @@ def _load_checked(module: torch.nn.Module, path: Path, what: str) -> None:
 
 
 def build_teacher(cfg: TeacherConfig, catalog: Catalog, rec: SASRec, device: str = "cpu") -> TeacherBundle:
-    """A fresh teacher: base LLM (frozen) + new adapters, gate network and projector."""
+    """A fresh teacher: base LLM (frozen) + new adapters, gate network and projector.
+
+    Its random initialisation depends only on ``cfg.seed``; torch's global random state (CPU,
+    and ``device``'s when it is CUDA) is left as it was.
+    """
     validate_prompt_titles(catalog)
     if rec.config.num_items != catalog.num_items:
         raise IloraError(f"SASRec was trained on {rec.config.num_items} items but the dataset has {catalog.num_items}")
-    torch.manual_seed(cfg.seed)
-    llm, tokenizer = _base_llm(cfg, catalog, device)
-    return assemble(cfg, catalog, rec.to(device), llm, tokenizer, device)
+    cuda = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(cfg.seed)
+        llm, tokenizer = _base_llm(cfg, catalog, device)
+        return assemble(cfg, catalog, rec.to(device), llm, tokenizer, device)
 
 
 def _added_rows(teacher: ILoRATeacher) -> dict[str, torch.Tensor]:
@@ -219,7 +248,8 @@ def save_teacher(bundle: TeacherBundle, out_dir: str | Path, catalog: Catalog) -
     _replace_directory(out / "rec", teacher.rec.save)
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "catalog": catalog.sha256(),
-        "rec": rec_fingerprint(teacher.rec), "llm": llm_fingerprint, "parts": part_fingerprints(out), "config": to_dict(cfg),
+        "rec": rec_fingerprint(teacher.rec), "llm": llm_fingerprint, "llm_sample": base_weights_sample(teacher.llm),
+        "parts": part_fingerprints(out), "config": to_dict(cfg),
     }
     atomic_write_text(out / "teacher_config.json", json.dumps(meta, indent=2))
 
@@ -333,6 +363,7 @@ def load_teacher(ckpt: str | Path, catalog: Catalog, device: str = "cpu") -> Tea
         llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=default_dtype(device)).to(device)
     else:
         llm, _ = load_llm(cfg.llm, device=device, trust_remote_code=cfg.trust_remote_code)
+        check_base_llm(ckpt, cfg.llm, llm, meta.get("llm_sample"))
     if llm.get_input_embeddings().weight.shape[0] < len(tokenizer):
         llm.resize_token_embeddings(len(tokenizer))
     rows = _read_tensors(ckpt / "added_embeddings.safetensors", "placeholder embedding rows")
@@ -345,6 +376,19 @@ def load_teacher(ckpt: str | Path, catalog: Catalog, device: str = "cpu") -> Tea
         if "output" in rows:
             llm.get_output_embeddings().weight[ids] = rows["output"].to(device, llm.dtype)
     return assemble(cfg, catalog, rec, llm, tokenizer, device, checkpoint=ckpt)
+
+
+def check_base_llm(ckpt: Path, name: str, llm: nn.Module, expected: str | None) -> None:
+    """`IloraError` unless ``llm``, loaded from ``name``, is the base the teacher in ``ckpt`` was
+    saved with (`base_weights_sample`); a warning when the checkpoint predates that record."""
+    if expected is None:
+        log.warning("%s: saved by an older ilora without a sample of its base LLM's weights: cannot check that %s is "
+                    "the model it was trained on; save it again to record it", ckpt, name)
+    elif base_weights_sample(llm) != expected:
+        raise IloraError(
+            f"{name}: not the base LLM the teacher in {ckpt} was trained on (its embedding rows and norm weights differ "
+            "from those recorded in teacher_config.json): load the teacher with the model it was trained with"
+        )
 
 
 def check_parts(ckpt: Path, expected: object) -> None:

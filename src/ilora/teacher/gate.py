@@ -1,9 +1,13 @@
 """Gate networks: a user representation ``(B, D)`` -> softmax weights ``(B, E)`` over LoRA experts.
 
 * `MLPGate`: Linear -> GELU -> Linear.
-* `ResNetGate`: iLoRA's small 1-D ResNet router. The D-dim vector is read as a
-  1-channel signal of length D: a Conv1d stem, residual Conv1d blocks, adaptive average
-  pooling to a few positions, flatten, Linear to E.
+* `ResNetGate`: a small 1-D conv ResNet router in the spirit of iLoRA's, not a copy of it.
+  The D-dim vector is read as a 1-channel signal of length D: a Conv1d stem, residual
+  Conv1d blocks at one width (32 channels, 2 blocks, GELU), adaptive average pooling to a
+  few positions (8), flatten, Linear to E. iLoRA's router is deeper (three stages of 16,
+  32 and 64 channels with stride 2, three blocks each, ReLU, batch norm, global average
+  pooling, Linear(64, E)); ours has no batch norm, so a sample's gate never depends on the
+  rest of its batch.
 
 Both give ``softmax(logits / temperature)``; ``.logits(x)`` gives the logits.
 Fixed gates for evaluation: `uniform_gate` (all experts equal, i.e. plain LoRA) and
@@ -28,7 +32,7 @@ from ilora.errors import ConfigError
 class GateConfig:
     """The gate network that turns SASRec's user representation into expert weights."""
 
-    kind: Literal["mlp", "resnet"] = option("mlp", "mlp: Linear-GELU-Linear; resnet: iLoRA's 1-D conv ResNet router")
+    kind: Literal["mlp", "resnet"] = option("mlp", "mlp: Linear-GELU-Linear; resnet: a small 1-D conv ResNet router like iLoRA's")
     hidden: int = option(32, "mlp: hidden width; resnet: conv channels")
     blocks: int = option(2, "resnet: number of residual conv blocks")
     pool: int = option(8, "resnet: positions kept by the adaptive average pool before the last Linear")

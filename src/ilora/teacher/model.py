@@ -10,7 +10,8 @@ the per-sample gate in scope. Everything else calls it:
   prompt. The prompt is encoded once by `run`; all C answers then run as one
   continuation of its KV cache under a block attention mask (nothing copied per candidate).
 * `generate`: greedy decoding from the prompt, logits only at the last position.
-* teacher-output export (later) uses `score_candidates` and `run`.
+* teacher-output export (`ilora.outputs.export`) uses `score_candidates`, and `decode`
+  for the item embeddings.
 
 Gates: ``learned`` (the gate network on SASRec's user representation), ``uniform``
 (every expert 1/E: plain LoRA) or ``expert:N`` (all weight on expert N).
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ilora.errors import ConfigError, IloraError
+from ilora.teacher.batch import special_ids
 
 
 @dataclass
@@ -284,7 +286,7 @@ class ILoRATeacher(nn.Module):
         """Greedy decoding from prompts without answers (left-padded, `check_prompt_batch`);
         returns the decoded texts (up to eos, special tokens skipped)."""
         check_prompt_batch(batch, "generate")
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        eos, pad = special_ids(self.tokenizer)  # pad falls back to eos (Llama-2 has no pad token)
         out = self.run(batch, gate_mode, use_cache=True)
         cache, gates, attention = out.past_key_values, out.gates, batch.attention_mask
         position = attention.long().sum(1, keepdim=True)

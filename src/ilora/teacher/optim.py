@@ -1,4 +1,9 @@
-"""Optimiser and schedule for the teacher, as in iLoRA.
+"""Optimiser and schedule for the teacher: iLoRA's param groups, our own schedule.
+
+Where it differs from iLoRA: iLoRA runs Adam (the same as our AdamW at the default
+``weight_decay`` 0) and its warm-up starts from, and its cosine ends at, fixed learning
+rates (``lr_warmup_start_lr``, ``lr_decay_min_lr``); ours starts at ``lr / warmup_steps``
+and ends at ``min_lr_ratio * lr``.
 
 * Param groups: LoRA experts and projector at ``lr``; the gate network (router) at
   ``router_lr_scale * lr`` (iLoRA uses 0.3).
