@@ -191,10 +191,13 @@ def load_config(
     flags: dict[str, Any] | None = None,
     overrides: list[str] | None = None,
 ) -> T:
-    """Defaults < YAML file < explicit flags < ``key=value`` overrides."""
+    """Defaults < YAML file < explicit flags < ``key=value`` overrides. An error that the YAML
+    file alone causes (a misspelt key, a bad value) names the file."""
     tree: dict[str, Any] = {}
+    from_file: dict[str, Any] = {}
     if yaml_path is not None:
-        tree = merge_trees(tree, read_yaml(yaml_path))
+        from_file = read_yaml(yaml_path)
+        tree = merge_trees(tree, from_file)
     if flags:
         flat: dict[str, Any] = {}
         for key, value in flags.items():
@@ -202,7 +205,21 @@ def load_config(
         tree = merge_trees(tree, flat)
     if overrides:
         tree = merge_trees(tree, parse_overrides(overrides))
-    return from_dict(cls, tree)
+    try:
+        return from_dict(cls, tree)
+    except ConfigError as exc:
+        if from_file and _same_error(cls, from_file, str(exc)):
+            raise ConfigError(f"{yaml_path}: {exc}") from None
+        raise
+
+
+def _same_error(cls: type, tree: dict[str, Any], message: str) -> bool:
+    """Whether ``tree`` alone fails with ``message``."""
+    try:
+        from_dict(cls, tree)
+    except ConfigError as exc:
+        return str(exc) == message
+    return False
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:

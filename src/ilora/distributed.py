@@ -99,12 +99,20 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def require_device(device: str) -> None:
+    """`ConfigError` when ``device`` is cuda and torch sees no CUDA device."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but torch sees no CUDA device (use --device cpu)")
+
+
 def init_from_env(device: str) -> Dist:
     """Join the process group ``torchrun`` described in the environment (or return `SINGLE`).
 
     On CUDA each process uses GPU ``LOCAL_RANK`` (made the current device, so ``"cuda"``
-    means it) and NCCL; on CPU gloo. Joining twice returns the same `Dist`.
+    means it) and NCCL; on CPU gloo. Joining twice returns the same `Dist`. ``device`` cuda
+    where torch sees no CUDA device is a `ConfigError`, single process or not.
     """
+    require_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return SINGLE

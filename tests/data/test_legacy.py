@@ -64,6 +64,17 @@ def test_absent_split_is_none_and_only_its_use_fails(write_lastfm_like, legacy_f
         ds.split("val")
 
 
+def test_split_file_names_match_without_case_and_two_spellings_are_refused(write_lastfm_like, legacy_frame) -> None:
+    """DLLM2Rec's folders write val_data.df / test_data.df; LLaRA's Val_data.df / Test_data.df."""
+    directory = write_lastfm_like(["a", "b", "c"], {"train": legacy_frame([([0], 1)], 3), "val": legacy_frame([([1], 2)], 3)})
+    (directory / "Val_data.df").rename(directory / "val_data.df")
+    ds = read_legacy(directory, allow_pickle=True)
+    assert ds.splits["val"].target.tolist() == [2] and ds.splits["test"] is None
+    legacy_frame([([2], 0)], 3).to_pickle(directory / "Val_data.df")
+    with pytest.raises(DataError, match=r"two val split files, Val_data.df and val_data.df"):
+        read_legacy(directory, allow_pickle=True)
+
+
 def movielens_dir(tmp_path: Path) -> Path:
     directory = tmp_path / "ml"
     directory.mkdir()

@@ -278,13 +278,21 @@ def test_ranks_of_another_run_are_refused_and_missing_ones_reported(small, tmp_p
     assert "train it again" in result["gain_interval"]["unavailable"]
 
 
-def test_a_partial_export_is_named_as_such(small, tmp_path) -> None:
-    outputs = oracle_outputs(small)
+def test_a_partial_or_unfinished_export_is_named_as_such(small, tmp_path) -> None:
+    """The manifest entries as the exporter writes them: with --limit 64 the split exported is the
+    first 64 samples (rows = samples = 64, options.limit = 64); an interrupted export has fewer
+    rows than samples."""
     n = len(small.split("train"))
-    outputs.manifest.setdefault("splits", {})["train"] = {"rows": 64, "samples": n}
+    outputs = oracle_outputs(small)
+    outputs.manifest["options"] = {"limit": 64}
+    outputs.manifest.setdefault("splits", {})["train"] = {"rows": 64, "samples": 64, "complete": True}
     train = outputs.splits["train"]
     train.topk_items, train.topk_confidence = train.topk_items[:64], train.topk_confidence[:64]
-    with pytest.raises(IloraError, match=f"a partial export \\(64 of {n} train samples, made with --limit\\)"):
+    with pytest.raises(IloraError, match=f"a partial export \\(made with --limit 64: 64 of {n} train samples\\)"):
+        distill(small, outputs, quick(), tmp_path / "x")
+    outputs = oracle_outputs(small)
+    outputs.manifest.setdefault("splits", {})["train"] = {"rows": 64, "samples": n, "complete": False}
+    with pytest.raises(IloraError, match=f"an unfinished export \\(64 of {n} train samples written\\); run the same"):
         distill(small, outputs, quick(), tmp_path / "x")
 
 

@@ -153,10 +153,12 @@ def test_bce_training_reduces_loss(tmp_path) -> None:
     assert "val_cand_hr@1" not in rows[0]
 
 
-def test_without_val_split_keeps_last_epoch(tmp_path) -> None:
+def test_without_val_split_keeps_last_epoch_and_says_so(tmp_path, caplog) -> None:
     ds = make_dataset(with_val=False)
-    result = train_sasrec(ds, quick_cfg(epochs=2), tmp_path / "noval")
+    with caplog.at_level("WARNING", logger="ilora.rec.train"):
+        result = train_sasrec(ds, quick_cfg(epochs=2), tmp_path / "noval")
     assert result["best_epoch"] == 2 and "last epoch" in result["selected_by"] and "val" not in result
+    assert "has no validation split: training all 2 epochs without early stopping" in caplog.text
 
 
 def test_early_stopping(tmp_path) -> None:

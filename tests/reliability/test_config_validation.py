@@ -102,7 +102,15 @@ def test_yaml_unknown_keys_wrong_types_and_tags(yaml_text: str, message: str, tm
     path.write_text(yaml_text, encoding="utf-8")
     with pytest.raises(ConfigError) as info:
         load_config(TeacherConfig, yaml_path=path)
-    assert message in str(info.value)
+    assert message in str(info.value) and str(info.value).startswith(f"{path}: ")  # names the file
+
+
+def test_an_error_the_file_does_not_cause_does_not_name_it(tmp_path: Path) -> None:
+    path = tmp_path / "cfg.yaml"
+    path.write_text("micro_batch_size: 4\n", encoding="utf-8")  # fine alone; the flag makes it wrong
+    with pytest.raises(ConfigError) as info:
+        load_config(TeacherConfig, yaml_path=path, flags={"batch_size": 6})
+    assert str(info.value).startswith("batch_size 6 is not a multiple of micro_batch_size 4")
 
 
 def test_overrides_are_checked_too() -> None:
@@ -166,6 +174,17 @@ def test_teacher_eval_and_export_refuse_a_bad_gate_before_reading_anything(comma
     argv = [a.replace("OUT", str(tmp_path / "out")) for a in command]
     code = main([*argv, str(tmp_path / "no-data"), "--teacher", str(tmp_path / "no-teacher"), "--gate", "bogus"])
     assert code == 2 and "gate 'bogus': expected learned, uniform or expert:N" in error_line(capsys)
+
+
+@pytest.mark.parametrize("command", [["teacher", "eval"], ["teacher", "export", "--out", "OUT"]])
+def test_teacher_eval_and_export_refuse_cuda_without_a_gpu_before_reading_anything(command, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Was a traceback (torch's 'not compiled with CUDA' assertion) once the teacher was loaded."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = [a.replace("OUT", str(tmp_path / "out")) for a in command]
+    code = main([*argv, str(tmp_path / "no-data"), "--teacher", str(tmp_path / "no-teacher"), "--device", "cuda"])
+    assert code == 2 and "device=cuda but torch sees no CUDA device (use --device cpu)" in error_line(capsys)
 
 
 def test_unknown_target_modules_fail_at_build_before_training() -> None:

@@ -306,6 +306,7 @@ def test_remote_code_is_not_trusted_by_default(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", record)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", record)
     (tmp_path / "llm").mkdir()
+    (tmp_path / "llm" / "config.json").write_text("{}")  # a model directory (the loaders are fakes)
     load_llm(tmp_path / "llm", device="cpu")
     assert [k["trust_remote_code"] for k in seen] == [False, False]
 

@@ -80,7 +80,7 @@ def reference_generate(texts: list[str], candidates: list[list[str]], targets: l
             valid += 1
             correct += found[0] == titles[target].strip().lower()
     n = len(texts)
-    return {"valid_ratio": valid / n, "hr@1": correct / valid if valid else 0.0, "hr@1_all": correct / n}
+    return {"valid_ratio": valid / n, "hr@1": correct / valid if valid else math.nan, "hr@1_all": correct / n}
 
 
 WORDS = ["Muse", "Muse Band", "AC/DC", "enigma", "Moby", "Sigur Rós"]
@@ -97,7 +97,7 @@ def test_generate_metrics_equal_llara_first_line_matching(seed: int) -> None:
     got = generate_metrics(texts, candidates, targets)
     expected = reference_generate(texts, candidates, targets)
     for key, value in expected.items():
-        assert got[key] == pytest.approx(value, abs=1e-12), (key, texts)
+        assert got[key] == pytest.approx(value, abs=1e-12, nan_ok=True), (key, texts)
 
 
 def test_generate_metrics_edge_cases() -> None:
@@ -111,6 +111,8 @@ def test_generate_metrics_edge_cases() -> None:
     ]
     got = generate_metrics(texts, cands, [0] * 5)
     assert got == {"valid_ratio": 2 / 5, "hr@1": 1 / 2, "hr@1_all": 1 / 5}
+    none_valid = generate_metrics(texts[2:], cands[2:], [0] * 3)
+    assert none_valid["valid_ratio"] == 0 and none_valid["hr@1_all"] == 0 and math.isnan(none_valid["hr@1"])
 
 
 # -- target columns ---------------------------------------------------------------------------

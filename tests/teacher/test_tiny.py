@@ -92,3 +92,11 @@ def test_load_llm_missing(tmp_path, monkeypatch):
     (tmp_path / "weights.bin").write_text("x")
     with pytest.raises(IloraError, match="directory"):
         load_llm(tmp_path / "weights.bin", device="cpu")
+    # a model directory without its tokenizer, and one without config.json
+    tok = build_tiny_tokenizer(TEXTS, vocab_size=200)
+    build_tiny_llm(tok, hidden=32, layers=1).save_pretrained(tmp_path / "no_tokenizer")
+    with pytest.raises(IloraError, match=f"{tmp_path / 'no_tokenizer'}: cannot load its tokenizer .*tokenizer.json or tokenizer.model"):
+        load_llm(tmp_path / "no_tokenizer", device="cpu")
+    tok.save_pretrained(tmp_path / "no_config")
+    with pytest.raises(IloraError, match=f"{tmp_path / 'no_config'}: not a model directory: no config.json"):
+        load_llm(tmp_path / "no_config", device="cpu")

@@ -138,3 +138,49 @@ def test_the_logged_lr_is_the_lr_each_step_used(tmp_path) -> None:
     expected = [1e-3 * (s + 1) / 4 for s in range(4)] + [1e-3 * (1 + math.cos(math.pi * k / 2)) / 2 for k in range(2)]
     assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert logged == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_local_base_llm_is_recorded_by_absolute_path_and_resume_refuses_another_model_there(tmp_path, monkeypatch) -> None:
+    import json
+
+    from ilora.data import make_synthetic
+    from ilora.errors import IloraError
+    from ilora.rec.sasrec import SASRec, SASRecConfig
+    from ilora.teacher.build import load_teacher
+    from ilora.teacher.tiny import build_tiny_llm
+    from ilora.teacher.train import train_teacher
+
+    ds = make_synthetic(users=40, items=30, seed=5)
+    SASRec(SASRecConfig(num_items=ds.num_items, max_len=ds.max_len, hidden=16)).save(tmp_path / "rec")
+
+    def save_base(seed: int) -> None:
+        tokenizer = build_tiny_tokenizer(ds.catalog.titles, vocab_size=300)
+        build_tiny_llm(tokenizer, hidden=32, layers=2, heads=4, seed=seed).save_pretrained(tmp_path / "models" / "base")
+        tokenizer.save_pretrained(tmp_path / "models" / "base")
+
+    save_base(0)
+    monkeypatch.chdir(tmp_path / "models")
+    out = tmp_path / "out"
+    cfg = TeacherConfig(**{**SMALL, "llm": "base"}, max_steps=2, batch_size=4, val_samples=4, checkpoint_every=1)
+    train_teacher(ds, cfg, tmp_path / "rec", out)
+    recorded = json.loads((out / "teacher_config.json").read_text())["config"]["llm"]
+    assert recorded == str(tmp_path / "models" / "base")  # absolute: loadable from anywhere
+    monkeypatch.chdir(tmp_path)
+    load_teacher(out, ds.catalog)
+
+    (out / "train_summary.json").unlink()  # an interrupted run with a checkpoint at step 1
+    monkeypatch.chdir(tmp_path / "models")
+    save_base(1)  # another model of the same shapes at the same path
+    with pytest.raises(IloraError, match=r"base LLM \(--llm\).*llm: '[0-9a-f]{16}' -> '[0-9a-f]{16}'"):
+        train_teacher(ds, cfg, tmp_path / "rec", out, resume=True)
+    with pytest.raises(IloraError, match="not the base LLM the teacher"):
+        load_teacher(out, ds.catalog)
+    # a run recorded before the weight sample existed (no 'llm' entry) is compared without it
+    from ilora.teacher.train import check_same_inputs
+
+    inputs = {"rec": "r", "dataset": "d", "llm": "new"}
+    check_same_inputs({"rec": "r", "dataset": "d"}, inputs, out)
+    with pytest.raises(IloraError, match="llm: 'old' -> 'new'"):
+        check_same_inputs({**inputs, "llm": "old"}, inputs, out)
+    with pytest.raises(IloraError, match="rec: 'other' -> 'r'"):
+        check_same_inputs({"rec": "other", "dataset": "d"}, inputs, out)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ilora.cli.common import add_data_arguments, add_json_argument, load_data, nonnegative_int, positive_int, print_json
 from ilora.config import add_arguments, add_config_arguments, config_from_args
-from ilora.distributed import process_group
+from ilora.distributed import process_group, require_device
 from ilora.errors import IloraError
 from ilora.teacher.config import TeacherConfig
 
@@ -27,6 +27,7 @@ def run_train(args: argparse.Namespace) -> int:
     if not Path(args.rec).is_dir():
         raise IloraError(f"{args.rec}: SASRec directory not found (train one with `ilora rec train`)")
     dataset = load_data(args)
+    finished_before = args.resume and (Path(args.out) / "train_summary.json").is_file()
     with process_group(cfg.device) as ctx:
         summary = train_teacher(dataset, cfg, args.rec, args.out, resume=args.resume, ctx=ctx)
     if not ctx.is_main:
@@ -35,7 +36,8 @@ def run_train(args: argparse.Namespace) -> int:
         print_json(summary)
     else:
         best = summary["best_val"] or {}
-        print(f"teacher written to {args.out}; best val {cfg.select_metric} = {best.get(cfg.select_metric, float('nan')):.4f}")
+        what = f"training in {args.out} had already finished (nothing trained now)" if finished_before else f"teacher written to {args.out}"
+        print(f"{what}; best val {cfg.select_metric} = {best.get(cfg.select_metric, float('nan')):.4f}")
     return 0
 
 
@@ -46,6 +48,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ilora.teacher.model import parse_gate_mode
 
     parse_gate_mode(args.gate, None)  # a typo fails here, not after the model has loaded
+    require_device(args.device)
     dataset = load_data(args)
     split = dataset.split(args.split)
     if args.limit:
@@ -85,6 +88,7 @@ def run_export(args: argparse.Namespace) -> int:
     from ilora.teacher.model import parse_gate_mode
 
     parse_gate_mode(args.gate, None)  # a typo fails here, not after the model has loaded
+    require_device(args.device)
     opts = ExportOptions(
         splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
         top_k=args.top_k,

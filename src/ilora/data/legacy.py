@@ -6,7 +6,8 @@ Layout of a directory (as published in the iLoRA and LLaRA repositories, ``data/
   ``to_pickle``. Columns ``seq``, ``len_seq``, ``next`` in any order (extra columns are
   ignored). ``seq`` is the history, left-aligned and padded to a fixed width with the id
   ``num_items``; ``len_seq`` is the number of real items; ``next`` is the target.
-  A missing file means that split is absent (``None``).
+  Names match without regard to case (DLLM2Rec's folders write ``val_data.df``). A missing
+  file means that split is absent (``None``).
 * The catalog, one of (``id2name.txt`` wins if both exist):
 
   - ``id2name.txt`` (LastFM, Steam): UTF-8 lines ``id::name`` with ids ``0 .. n-1``;
@@ -79,7 +80,25 @@ COLUMNS = ("seq", "len_seq", "next")
 
 def is_legacy_dir(path: Path) -> bool:
     """True if ``path`` is a directory holding at least one iLoRA/LLaRA split file."""
-    return path.is_dir() and any((path / name).is_file() for name in LEGACY_SPLIT_FILES.values())
+    return path.is_dir() and bool(split_files(path))
+
+
+def split_files(directory: Path) -> dict[str, Path]:
+    """The split files present in ``directory``, by split, matched without regard to case:
+    LLaRA writes ``Val_data.df``, DLLM2Rec's folders ``val_data.df``. Two files for one split
+    (``Val_data.df`` beside ``val_data.df``) are a `DataError` naming both."""
+    names: dict[str, list[Path]] = {}
+    for entry in directory.iterdir():
+        if entry.is_file():
+            names.setdefault(entry.name.lower(), []).append(entry)
+    found = {}
+    for split, name in LEGACY_SPLIT_FILES.items():
+        matches = sorted(names.get(name.lower(), []))
+        if len(matches) > 1:
+            raise DataError(directory, f"two {split} split files, {' and '.join(m.name for m in matches)}", expected="one of them")
+        if matches:
+            found[split] = matches[0]
+    return found
 
 
 # --------------------------------------------------------------------------- pickles
@@ -504,7 +523,7 @@ def read_legacy(directory: str | Path, *, allow_pickle: bool = False) -> SeqData
     directory = Path(directory)
     if not is_legacy_dir(directory):
         raise DataError(directory, "no iLoRA/LLaRA split file", expected=", ".join(LEGACY_SPLIT_FILES.values()))
-    present = {name: directory / f for name, f in LEGACY_SPLIT_FILES.items() if (directory / f).is_file()}
+    present = split_files(directory)
     for path in present.values():
         require_opt_in(path, allow_pickle)
     catalog = read_legacy_catalog(directory)

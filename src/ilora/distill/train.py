@@ -130,10 +130,17 @@ def check_teacher_outputs(dataset: SeqDataset, outputs: TeacherOutputs, cfg: Dis
             "histories, targets or order): row i would not be train sample i"
         )
     rows, total = exported.get("rows"), exported.get("samples")
+    options = outputs.manifest.get("options", {}) if isinstance(outputs.manifest, dict) else {}
+    limit = options.get("limit") if isinstance(options, dict) else None
+    if limit and (total is None or int(total) < n):
+        raise IloraError(
+            f"{source}: a partial export (made with --limit {limit}: {total} of {n} train samples); distillation needs a "
+            "row for every train sample: export the train split without --limit"
+        )
     if rows is not None and total is not None and int(rows) < int(total):
         raise IloraError(
-            f"{source}: a partial export ({rows} of {total} train samples, made with --limit); distillation needs a row "
-            "for every train sample: export the train split without --limit"
+            f"{source}: an unfinished export ({rows} of {total} train samples written); run the same `ilora teacher "
+            "export` command again to finish it"
         )
     items = np.asarray(train.topk_items)
     conf = np.asarray(train.topk_confidence)

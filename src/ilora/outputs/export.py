@@ -54,7 +54,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -64,7 +63,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
+from ilora.progress import progress
 
 from ilora.data.candidates import candidate_sets
 from ilora.data.dataset import SPLITS, SeqDataset, Split
@@ -449,7 +448,7 @@ def export_split(
     info = manifest["splits"][name] if ctx.is_main else None
     first, count = start // opts.shard_rows, math.ceil(len(split) / opts.shard_rows)
     written = 0
-    bar = tqdm(total=len(split), initial=start, desc=f"export {name}", unit="sample", file=sys.stderr, dynamic_ncols=True, disable=not ctx.is_main)
+    bar = progress(total=len(split), initial=start, desc=f"export {name}", unit="sample", show=ctx.is_main)
     with bar:
         for round_first in range(first, count, ctx.world_size):
             number = round_first + ctx.rank

@@ -36,7 +36,6 @@ import copy
 import json
 import logging
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,7 +44,7 @@ from typing import Literal
 import numpy as np
 import torch
 from torch.nn import functional as F
-from tqdm import tqdm
+from ilora.progress import progress
 
 from ilora.checkpointing import NonFiniteGuard, check_resume_config, open_run, restore_rng_state, rng_state
 from ilora.config import option, to_dict
@@ -327,6 +326,9 @@ def train_sasrec(
     sample_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
 
     has_val = dataset.splits.get("val") is not None and len(dataset.split("val")) > 0
+    if not has_val:
+        log.warning("%s has no validation split: training all %d epochs without early stopping and keeping the last epoch's "
+                    "weights", dataset.source or "the dataset", cfg.epochs)
     arch = SASRecConfig(
         num_items=dataset.num_items, max_len=dataset.max_len, hidden=cfg.hidden, heads=cfg.heads, blocks=cfg.blocks, dropout=cfg.dropout
     )
@@ -367,7 +369,7 @@ def train_sasrec(
     guard = NonFiniteGuard(cfg.skip_nonfinite, lambda: checkpoints.save(p.step, run.state(before)))
     guard.skipped = p.skipped
     epoch = p.epoch
-    bar = tqdm(total=total, initial=p.step, desc="train sasrec", unit="step", file=sys.stderr, dynamic_ncols=True, leave=False)
+    bar = progress(total=total, initial=p.step, desc="train sasrec", unit="step", leave=False)
     try:
         for epoch in range(p.epoch, cfg.epochs + 1):
             p.epoch = epoch

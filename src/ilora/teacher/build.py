@@ -36,6 +36,7 @@ control character), before any model is built or read.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -198,6 +199,16 @@ def _load_checked(module: torch.nn.Module, path: Path, what: str) -> None:
         )
         raise IloraError(f"{path}: does not fit the {what} of teacher_config.json ({problem})")
     module.load_state_dict(saved)
+
+
+def resolve_llm_path(cfg: TeacherConfig) -> TeacherConfig:
+    """``cfg`` with a base LLM that is a local directory named by its absolute path: the teacher
+    checkpoint records ``cfg.llm``, and a relative path would later be looked up from wherever
+    a command runs (a hub id, or "tiny", is left as it is)."""
+    path = Path(cfg.llm).expanduser()
+    if cfg.llm == "tiny" or not path.is_dir():
+        return cfg
+    return dataclasses.replace(cfg, llm=str(path.resolve()))
 
 
 def build_teacher(cfg: TeacherConfig, catalog: Catalog, rec: SASRec, device: str = "cpu") -> TeacherBundle:
@@ -364,8 +375,8 @@ def load_teacher(ckpt: str | Path, catalog: Catalog, device: str = "cpu") -> Tea
     else:
         llm, _ = load_llm(cfg.llm, device=device, trust_remote_code=cfg.trust_remote_code)
         check_base_llm(ckpt, cfg.llm, llm, meta.get("llm_sample"))
-    if llm.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        llm.resize_token_embeddings(len(tokenizer))
+    if llm.get_input_embeddings().weight.shape[0] < len(tokenizer):  # the placeholder rows, overwritten below
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     rows = _read_tensors(ckpt / "added_embeddings.safetensors", "placeholder embedding rows")
     hidden = llm.get_input_embeddings().weight.shape[1]
     if set(rows) - {"output"} != {"ids", "input"} or rows["input"].shape != (rows["ids"].numel(), hidden):

@@ -24,12 +24,11 @@ batches and every rank gets the gathered results, in sample order.
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from ilora.progress import progress
 
 from ilora.data.dataset import Split
 from ilora.distributed import SINGLE, Dist
@@ -74,7 +73,8 @@ def matched_candidates(text: str, candidate_titles: Sequence[str]) -> list[int]:
 
 
 def generate_metrics(texts: Sequence[str], candidate_titles: Sequence[Sequence[str]], target_col: Sequence[int]) -> dict[str, float]:
-    """valid_ratio, hr@1 (correct / valid) and hr@1_all (correct / all)."""
+    """valid_ratio, hr@1 (correct / valid) and hr@1_all (correct / all). With no valid answer
+    hr@1 is 0/0: NaN (undefined), not 0; hr@1_all is then 0."""
     valid = correct = 0
     for text, titles, target in zip(texts, candidate_titles, target_col, strict=True):
         hits = matched_candidates(text, titles)
@@ -84,7 +84,7 @@ def generate_metrics(texts: Sequence[str], candidate_titles: Sequence[Sequence[s
     total = len(texts)
     return {
         "valid_ratio": valid / total if total else math.nan,
-        "hr@1": correct / valid if valid else 0.0,
+        "hr@1": correct / valid if valid else math.nan,
         "hr@1_all": correct / total if total else math.nan,
     }
 
@@ -132,7 +132,7 @@ def teacher_generate_metrics(teacher, texts: Sequence[str], candidates: np.ndarr
 def _my_batches(n: int, size: int, ctx: Dist, desc: str):
     """This rank's contiguous share of the batches (all of them in one process), with a progress bar on rank 0."""
     mine = ctx.chunk(list(_batches(n, size)))
-    return tqdm(mine, desc=desc, unit="batch", file=sys.stderr, leave=False, dynamic_ncols=True, disable=not ctx.is_main)
+    return progress(mine, desc=desc, unit="batch", leave=False, show=ctx.is_main)
 
 
 def _in_sample_order(ctx: Dist, per_batch: list) -> list:

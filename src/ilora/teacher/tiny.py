@@ -200,13 +200,22 @@ def load_llm(name_or_path: str | Path, *, device: str | torch.device, dtype: tor
         placement = {"device_map": {"": f"cuda:{index}"}}
     else:
         placement = {}
+    where = str(local) if local.is_dir() else source
+    unreachable = "not a model directory, and not a hub id that can be fetched or found in the local cache"
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise IloraError(f"{local}: not a model directory: no config.json (save_pretrained writes it)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(local) if local.is_dir() else source, dtype=dtype or default_dtype(device), **placement, **kwargs
-        )
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     except (OSError, ValueError) as err:
-        raise IloraError(
-            f"cannot load LLM {source!r}: not a model directory, and not a hub id that can be fetched or found in the local cache ({err})"
-        ) from err
+        if local.is_dir():
+            raise IloraError(
+                f"{local}: cannot load its tokenizer ({' '.join(str(err).split())}); a model directory needs the tokenizer files the model's "
+                "tokenizer.save_pretrained writes (e.g. tokenizer.json or tokenizer.model)"
+            ) from err
+        raise IloraError(f"cannot load LLM {source!r}: {unreachable} ({err})") from err
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or default_dtype(device), **placement, **kwargs)
+    except (OSError, ValueError) as err:
+        what = "a model directory transformers cannot load" if local.is_dir() else unreachable
+        raise IloraError(f"cannot load LLM {source!r}: {what} ({err})") from err
     return model.to(device), tokenizer

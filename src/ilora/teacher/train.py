@@ -33,10 +33,12 @@ instead (the schedule still advances). With ``checkpoint_every = N`` a checkpoin
 step: after its validation): adapter, gate and projector weights, AdamW and schedule
 state, the best-so-far weights and metrics, the epoch and the position in it (the
 order and curriculum flags are recomputed from ``(seed, epoch)`` and ``(seed, step)``),
-every RNG, both CSV logs, and the fingerprints of the SASRec and the dataset read.
-``resume=True`` continues from the newest intact one and ends bit for bit where an
-uninterrupted run ends (on CPU); it raises `IloraError` if the options (`check_resume_config`),
-the SASRec of ``rec_dir`` or the dataset differ from the interrupted run's. A run without ``resume``
+every RNG, both CSV logs, and the fingerprints of the SASRec, the dataset and the base
+LLM's weights (`base_weights_sample`) read. ``resume=True`` continues from the newest intact
+one and ends bit for bit where an uninterrupted run ends (on CPU); it raises `IloraError` if
+the options (`check_resume_config`), the SASRec of ``rec_dir``, the dataset or the model at
+the base LLM's path differ from the interrupted run's. A base LLM given as a local directory
+is recorded by its absolute path (`resolve_llm_path`). A run without ``resume``
 starts over and removes older checkpoints; resuming a finished run returns its summary
 (after the same checks against its ``train_config.json`` and ``train_summary.json``).
 """
@@ -55,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from ilora.progress import progress
 
 from ilora.checkpointing import CheckpointManager, NonFiniteGuard, check_resume_config, open_run, restore_rng_state, rng_state
 from ilora.config import to_dict
@@ -68,7 +70,7 @@ from ilora.rec.sasrec import load_sasrec
 from ilora.state_io import atomic_write_text, read_json, save_state
 from ilora.teacher.adapters import adapter_state_dict, enable_gradient_checkpointing
 from ilora.teacher.batch import draw_hybrid_flags
-from ilora.teacher.build import build_teacher, rec_fingerprint, save_teacher
+from ilora.teacher.build import base_weights_sample, build_teacher, rec_fingerprint, resolve_llm_path, save_teacher
 from ilora.teacher.compiled import CompiledLayers, check_can_compile
 from ilora.teacher.config import TeacherConfig
 from ilora.teacher.evaluate import evaluate_teacher
@@ -228,7 +230,15 @@ def _loader_generator(cfg: TeacherConfig, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, epoch, 7]).integers(2**62)))
 
 
-INPUTS = "another SASRec (--rec) or dataset"  # what a resume compares besides the options
+INPUTS = "another SASRec (--rec), dataset or base LLM (--llm)"  # what a resume compares besides the options
+
+
+def check_same_inputs(saved: dict | None, inputs: dict, where: Path) -> None:
+    """`check_resume_config` of the input fingerprints; a run recorded before the base LLM's
+    weight sample was (no ``llm`` entry) is compared without it."""
+    recorded = saved or {}
+    current = inputs if "llm" in recorded else {k: v for k, v in inputs.items() if k != "llm"}
+    check_resume_config(recorded, current, where, INPUTS)
 
 
 def _finished_summary(out: Path, cfg: TeacherConfig, inputs: dict) -> dict | None:
@@ -237,7 +247,7 @@ def _finished_summary(out: Path, cfg: TeacherConfig, inputs: dict) -> dict | Non
         return None
     check_resume_config(read_json(out / "train_config.json"), to_dict(cfg), out)
     summary = read_json(out / "train_summary.json")
-    check_resume_config(summary.get("inputs"), inputs, out, INPUTS)
+    check_same_inputs(summary.get("inputs"), inputs, out)
     log.info("%s: training already finished; returning its summary", out)
     return summary
 
@@ -290,7 +300,7 @@ def _load_checkpoint(checkpoints: CheckpointManager, cfg: TeacherConfig, inputs:
         if checkpoint is not None:
             saved, step = checkpoint.load(), checkpoint.step
             check_resume_config(saved["config"], to_dict(cfg), checkpoint.path)
-            check_resume_config(saved.get("inputs"), inputs, checkpoint.path, INPUTS)
+            check_same_inputs(saved.get("inputs"), inputs, checkpoint.path)
             log.info("resuming from %s (step %d)", checkpoint.path, checkpoint.step)
         else:
             log.warning("%s: no intact checkpoint to resume from; training from the start", checkpoints.root.parent)
@@ -309,14 +319,16 @@ def train_teacher(
     if cfg.compile:
         check_can_compile(cfg.device)
     # Everything that can reject the input runs before --out is touched.
+    cfg = resolve_llm_path(cfg)
     seed_everything(cfg.seed)
     train, val = dataset.split("train"), _val_subset(dataset.split("val"), cfg.val_samples)
     n_items = dataset.num_items
     rec = load_sasrec(rec_dir)
-    inputs = {"rec": rec_fingerprint(rec), "dataset": dataset.sha256()}  # what a resume must read again
     bundle = build_teacher(cfg, dataset.catalog, rec, cfg.device)
     teacher = bundle.teacher
-    check_ranks_agree(ctx, {**inputs, "train_samples": len(train), "config": to_dict(cfg), "llm": llm_signature(teacher.llm)})
+    # what a resume must read again: the same SASRec, dataset and base LLM weights
+    inputs = {"rec": rec_fingerprint(rec), "dataset": dataset.sha256(), "llm": base_weights_sample(teacher.llm)}
+    check_ranks_agree(ctx, {**inputs, "train_samples": len(train), "config": to_dict(cfg), "llm_signature": llm_signature(teacher.llm)})
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(teacher.llm, teacher.gate_state)
     compiled = CompiledLayers(teacher.llm) if cfg.compile else None
@@ -387,7 +399,7 @@ def train_teacher(
     guard.skipped = p["skipped"]
     all_params = [q for g in optimizer.param_groups for q in g["params"]]
     micro = cfg.micro_batch_size or cfg.batch_size
-    bar = tqdm(total=total_steps, initial=p["step"], desc="train teacher", unit="step", file=sys.stderr, dynamic_ncols=True, disable=not ctx.is_main)
+    bar = progress(total=total_steps, initial=p["step"], desc="train teacher", unit="step", show=ctx.is_main)
     for epoch in range(p["epoch"], cfg.epochs):
         p["epoch"] = epoch
         if p["step"] >= total_steps:
@@ -449,7 +461,7 @@ def train_teacher(
                 save_teacher(bundle, out, dataset.catalog)
             best_weights = trainable_state(teacher, copy=True)
         if ctx.is_main:
-            tqdm.write(f"epoch {epoch + 1}: val {cfg.select_metric} {metrics[cfg.select_metric]:.4f}", file=sys.stderr)
+            bar.write(f"epoch {epoch + 1}: val {cfg.select_metric} {metrics[cfg.select_metric]:.4f}", file=sys.stderr)
         if p["step"] < total_steps and epoch + 1 < cfg.epochs and checkpoints.due(p["step"]):
             p["epoch"], p["position"] = epoch + 1, 0
             save_checkpoint(p["step"], p, rng_state())
