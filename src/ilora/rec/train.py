@@ -389,7 +389,7 @@ def train_sasrec(
                     p.loss_sum, p.batches = p.loss_sum + loss.item(), p.batches + 1
                 p.step, p.position = p.step + 1, b + 1
                 bar.update(1)
-                bar.set_postfix(epoch=epoch, loss=f"{p.loss_sum / max(p.batches, 1):.4f}")
+                bar.set_postfix(epoch=epoch, loss=f"{p.loss_sum / max(p.batches, 1):.4f}", refresh=False)
                 if cfg.max_steps is not None and p.step >= cfg.max_steps:
                     break
                 if p.position < steps_per_epoch and checkpoints.due(p.step):

@@ -439,7 +439,7 @@ def train_teacher(
             p["step"], p["position"] = p["step"] + 1, k + 1
             elapsed = time.perf_counter() - started
             bar.update(1)
-            bar.set_postfix(loss=f"{total_loss:.3f}", samples_s=f"{n_step / elapsed:.1f}")
+            bar.set_postfix(loss=f"{total_loss:.3f}", samples_s=f"{n_step / elapsed:.1f}", refresh=False)
             step_log.log(
                 {"step": p["step"], "epoch": epoch + 1, "loss": total_loss, "lr": lr,
                  "grad_norm": grad_norm, "samples_per_s": n_step / elapsed, "tokens_per_s": tokens / elapsed},
