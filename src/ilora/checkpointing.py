@@ -262,16 +262,32 @@ class NonFiniteGuard:
         )
 
 
-def open_run(out_dir: str | Path, checkpoint_every: int, resume: bool, result_file: str, finished: Callable[[Path], Any]) -> tuple[Path, "CheckpointManager", Any]:
+def refuse_earlier_run(out: Path, result_file: str) -> None:
+    """`IloraError` when ``out`` holds a run (its ``result_file`` or checkpoints) that a fresh
+    run would delete."""
+    earlier = "a finished run" if (out / result_file).is_file() else (
+        "an interrupted run's checkpoints" if CheckpointManager(out, 0).checkpoints() else None
+    )
+    if earlier:
+        raise IloraError(f"{out}: holds {earlier}; pass --resume to continue or return it, --overwrite to start over, or use another --out")
+
+
+def open_run(
+    out_dir: str | Path, checkpoint_every: int, resume: bool, result_file: str, finished: Callable[[Path], Any], overwrite: bool = False
+) -> tuple[Path, "CheckpointManager", Any]:
     """Create ``out_dir`` for a training run; returns ``(out, checkpoints, finished_result)``.
 
     With ``resume``, ``finished(out)`` gives the stored result of a run that already
     completed (returned as the third item; the caller returns it as is), or None. Without
-    ``resume``, old checkpoints and the old ``result_file`` are removed: a fresh run.
+    ``resume``, a directory holding an earlier run (its ``result_file`` or checkpoints) is
+    refused unless ``overwrite``: then its checkpoints and ``result_file`` are removed and
+    the run starts over. A re-typed command must not delete hours of training.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     checkpoints = CheckpointManager(out, checkpoint_every)
+    if not resume and not overwrite:
+        refuse_earlier_run(out, result_file)
+    out.mkdir(parents=True, exist_ok=True)
     if resume:
         return out, checkpoints, finished(out)
     checkpoints.clear()

@@ -296,6 +296,17 @@ def test_a_partial_or_unfinished_export_is_named_as_such(small, tmp_path) -> Non
         distill(small, outputs, quick(), tmp_path / "x")
 
 
+def test_a_fresh_distillation_refuses_an_earlier_runs_students_unless_overwrite(small, tmp_path) -> None:
+    cfg = quick(epochs=1)
+    first = distill(small, oracle_outputs(small), cfg, tmp_path / "d")
+    config = (tmp_path / "d" / "distill_config.json").read_text()
+    with pytest.raises(IloraError, match="baseline: holds a finished run; pass --resume .* --overwrite to start over"):
+        distill(small, oracle_outputs(small), quick(epochs=1, lambda_d=0.5), tmp_path / "d")
+    assert (tmp_path / "d" / "distill_config.json").read_text() == config  # refused before anything was written
+    again = distill(small, oracle_outputs(small), cfg, tmp_path / "d", overwrite=True)
+    assert again["baseline"]["test"] == first["baseline"]["test"]  # trained again from the start, same seed
+
+
 def test_top_k_beyond_the_catalog_is_a_config_error(small, tmp_path) -> None:
     from ilora.errors import ConfigError
 

@@ -270,6 +270,32 @@ def test_only_intact_checkpoints_are_resumed_and_two_are_kept(tmp_path) -> None:
     assert manager.latest() is None and not manager.root.exists()
 
 
+def test_a_fresh_run_never_deletes_an_earlier_one_without_overwrite(data_dir, tmp_path) -> None:
+    """rec train refuses an --out holding a finished run or an interrupted run's checkpoints
+    unless --overwrite (teacher train: tests/teacher/test_train.py; distill:
+    tests/distill/test_distill.py); nothing is removed."""
+    from ilora.data import load_dataset
+    from ilora.rec.train import RecTrainConfig, train_sasrec
+
+    dataset = load_dataset(data_dir)
+    cfg = RecTrainConfig(epochs=1, max_steps=4, batch_size=16, hidden=16, eval_candidates=0, threads=1, checkpoint_every=2)
+    train_sasrec(dataset, cfg, tmp_path / "a")
+    for state, remove in (("a finished run", None), ("an interrupted run's checkpoints", "result.json")):
+        if remove:
+            (tmp_path / "a" / remove).unlink()
+        before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "a").rglob("*"))
+        with pytest.raises(IloraError, match=f"holds {state}; pass --resume .* --overwrite to start over"):
+            train_sasrec(dataset, cfg, tmp_path / "a")
+        assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "a").rglob("*")) == before
+    assert train_sasrec(dataset, cfg, tmp_path / "a", overwrite=True)["resumed_from"] is None
+
+    from ilora.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:  # one or the other
+        main(["rec", "train", str(data_dir), "--out", str(tmp_path / "a"), "--resume", "--overwrite"])
+    assert exit_info.value.code == 2
+
+
 def test_resume_refuses_other_options(data_dir, tmp_path) -> None:
     from ilora.data import load_dataset
     from ilora.rec.train import RecTrainConfig, train_sasrec

@@ -94,7 +94,11 @@ def test_a_new_run_in_a_used_out_keeps_its_own_sasrec_and_resume_refuses_another
     first = TeacherConfig(**SMALL, max_steps=2, batch_size=4, val_samples=4, checkpoint_every=1)
     second = dataclasses.replace(first, seed=1)
     train_teacher(ds, first, tmp_path / "rec0", out)
-    train_teacher(ds, second, tmp_path / "rec1", out)  # a fresh run (no resume) into the same out
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(IloraError, match="holds a finished run; pass --resume to continue or return it, --overwrite to start over"):
+        train_teacher(ds, second, tmp_path / "rec1", out)  # a re-typed command must not delete the trained teacher
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    train_teacher(ds, second, tmp_path / "rec1", out, overwrite=True)  # a fresh run into the same out
     loaded = load_teacher(out, ds.catalog)
     assert torch.equal(loaded.teacher.rec.item_emb.weight, load_sasrec(tmp_path / "rec1").item_emb.weight)
     with pytest.raises(IloraError, match="another SASRec"):  # the finished run read rec1
@@ -113,7 +117,7 @@ def test_a_new_run_in_a_used_out_keeps_its_own_sasrec_and_resume_refuses_another
     from ilora.teacher.train import _open_run
 
     assert load_teacher(out, ds.catalog) is not None
-    _open_run(out, second, {}, False, SINGLE)
+    _open_run(out, second, {}, False, SINGLE, overwrite=True)
     with pytest.raises(IloraError, match="teacher_config.json"):
         load_teacher(out, ds.catalog)
 

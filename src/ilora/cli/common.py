@@ -87,6 +87,16 @@ def nonnegative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def add_run_arguments(parser: argparse.ArgumentParser, resume_help: str) -> None:
+    """``--resume`` and ``--overwrite`` (one or the other) of a training command: without either, an
+    ``--out`` that holds an earlier run is refused rather than started over."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help=resume_help)
+    group.add_argument(
+        "--overwrite", action="store_true", help="start over in an --out that holds an earlier run (its checkpoints and results are removed)"
+    )
+
+
 def add_json_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
 

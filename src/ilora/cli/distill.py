@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ilora.cli.common import add_data_arguments, add_json_argument, load_data, print_json
+from ilora.cli.common import add_data_arguments, add_json_argument, add_run_arguments, load_data, print_json
 from ilora.config import add_arguments, add_config_arguments, config_from_args
 
 
@@ -38,7 +38,7 @@ def run_distill(args: argparse.Namespace) -> int:
     cfg.validate()
     dataset = load_data(args)
     outputs = read_teacher_outputs(args.teacher_outputs, ("train",))
-    result = distill(dataset, outputs, cfg, args.out, source=str(args.teacher_outputs), resume=args.resume)
+    result = distill(dataset, outputs, cfg, args.out, source=str(args.teacher_outputs), resume=args.resume, overwrite=args.overwrite)
     if args.json:
         print_json(result)
     else:
@@ -58,9 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_data_arguments(parser)
     parser.add_argument("--teacher-outputs", required=True, type=Path, metavar="DIR", help="directory written by `ilora teacher export`")
     parser.add_argument("--out", required=True, type=Path, help="output directory (baseline/, distilled/, result.json)")
-    parser.add_argument(
-        "--resume", action="store_true", help="continue each student from its newest intact checkpoint in --out (see --checkpoint-every)"
-    )
+    add_run_arguments(parser, "continue each student from its newest intact checkpoint in --out (see --checkpoint-every)")
     add_json_argument(parser)
     add_arguments(parser, DistillConfig)
     add_config_arguments(parser)

@@ -14,7 +14,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ilora.cli.common import add_data_arguments, add_json_argument, load_data, print_json
+from ilora.cli.common import add_data_arguments, add_json_argument, add_run_arguments, load_data, print_json
 from ilora.config import add_arguments, add_config_arguments, config_from_args
 from ilora.errors import IloraError
 
@@ -39,7 +39,7 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(RecTrainConfig, args)
     cfg.validate()
     dataset = load_data(args)
-    result = train_sasrec(dataset, cfg, args.out, resume=args.resume)
+    result = train_sasrec(dataset, cfg, args.out, resume=args.resume, overwrite=args.overwrite)
     _print_result(args, result)
     return 0
 
@@ -90,7 +90,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="train SASRec (selection on val only) and save the model directory")
     add_data_arguments(train)
     train.add_argument("--out", required=True, type=Path, help="output directory (model.safetensors, config.json, metrics.csv, tb/)")
-    train.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out (see --checkpoint-every)")
+    add_run_arguments(train, "continue from the newest intact checkpoint in --out (see --checkpoint-every)")
     add_json_argument(train)
     from ilora.rec.train import RecTrainConfig
 

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ilora.cli.common import add_data_arguments, add_json_argument, load_data, nonnegative_int, positive_int, print_json
+from ilora.cli.common import add_data_arguments, add_json_argument, add_run_arguments, load_data, nonnegative_int, positive_int, print_json
 from ilora.config import add_arguments, add_config_arguments, config_from_args
 from ilora.distributed import process_group, require_device
 from ilora.errors import IloraError
@@ -29,7 +29,7 @@ def run_train(args: argparse.Namespace) -> int:
     dataset = load_data(args)
     finished_before = args.resume and (Path(args.out) / "train_summary.json").is_file()
     with process_group(cfg.device) as ctx:
-        summary = train_teacher(dataset, cfg, args.rec, args.out, resume=args.resume, ctx=ctx)
+        summary = train_teacher(dataset, cfg, args.rec, args.out, resume=args.resume, overwrite=args.overwrite, ctx=ctx)
     if not ctx.is_main:
         return 0
     if args.json:
@@ -126,7 +126,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_data_arguments(train)
     train.add_argument("--rec", required=True, metavar="DIR", help="trained SASRec directory (ilora rec train / rec import-llara)")
     train.add_argument("--out", required=True, metavar="DIR", help="output directory for the teacher checkpoint and logs")
-    train.add_argument("--resume", action="store_true", help="continue from the newest intact checkpoint in --out (see --checkpoint-every)")
+    add_run_arguments(train, "continue from the newest intact checkpoint in --out (see --checkpoint-every)")
     add_json_argument(train)
     add_arguments(train, TeacherConfig)
     add_config_arguments(train)

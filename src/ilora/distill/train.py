@@ -38,7 +38,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from ilora.checkpointing import check_resume_config
+from ilora.checkpointing import check_resume_config, refuse_earlier_run
 from ilora.config import option, to_dict
 from ilora.data.dataset import SeqDataset
 from ilora.distill.losses import dro_loss, importance_weights, propensity_scores, ranking_distillation_loss
@@ -303,14 +303,16 @@ def _run_summary(result: dict[str, object]) -> dict[str, object]:
 
 
 def distill(
-    dataset: SeqDataset, teacher_outputs: TeacherOutputs, cfg: DistillConfig, out_dir: str | Path, *, source: str = "teacher outputs", resume: bool = False
+    dataset: SeqDataset, teacher_outputs: TeacherOutputs, cfg: DistillConfig, out_dir: str | Path, *, source: str = "teacher outputs",
+    resume: bool = False, overwrite: bool = False,
 ) -> dict[str, object]:
     """Train the baseline and the distilled student; write and return their test metrics and the gains.
 
     ``resume`` resumes each student from its own checkpoints (``baseline/checkpoints``,
     ``distilled/checkpoints``; a student that had finished is not trained again). A resume
     with other options or other teacher targets than the interrupted run's is refused
-    (`student_run_options`).
+    (`student_run_options`). Without ``resume``, students an earlier run left in ``out_dir``
+    are refused unless ``overwrite`` (then they are trained again from the start).
     """
     cfg.validate()
     if dataset.splits.get("test") is None or len(dataset.split("test")) == 0:
@@ -320,6 +322,9 @@ def distill(
     config_file = out / "distill_config.json"
     if resume and config_file.is_file():  # refuse other options before anything is written
         check_resume_config(read_json(config_file, "distill_config.json"), to_dict(cfg), out)
+    if not resume and not overwrite:  # nor start over on an earlier run's students
+        for student in ("baseline", "distilled"):
+            refuse_earlier_run(out / student, "result.json")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config_file, json.dumps(to_dict(cfg), indent=2) + "\n")
     propensity = propensity_scores(dataset.split("train").target, dataset.num_items) if cfg.dro_alpha else None
@@ -328,14 +333,14 @@ def distill(
     log.info("training the baseline student (no distillation)")
     base_hook = DistillationLoss(None, cfg, propensity) if cfg.dro_alpha else None
     baseline = train_sasrec(
-        dataset, rec_cfg, out / "baseline", extra_loss=base_hook, resume=resume, run_options=student_run_options(cfg, None)
+        dataset, rec_cfg, out / "baseline", extra_loss=base_hook, resume=resume, overwrite=overwrite, run_options=student_run_options(cfg, None)
     )
 
     log.info("training the distilled student (lambda_d=%s, w_ed=%s)", cfg.lambda_d, cfg.w_ed)
     hook = DistillationLoss(targets, cfg, propensity)
     factory = student_factory(targets.embeddings, w_ed=cfg.w_ed, seed=cfg.seed)
     distilled = train_sasrec(
-        dataset, rec_cfg, out / "distilled", extra_loss=hook, model_factory=factory, resume=resume,
+        dataset, rec_cfg, out / "distilled", extra_loss=hook, model_factory=factory, resume=resume, overwrite=overwrite,
         run_options=student_run_options(cfg, targets),
     )
 

@@ -41,7 +41,7 @@ def stage_data(cfg: RunConfig, directory: Path) -> dict:
 def stage_sasrec(cfg: RunConfig, dataset: SeqDataset, directory: Path) -> dict:
     from ilora.rec.train import train_sasrec
 
-    return train_sasrec(dataset, cfg.rec, directory / "model", resume=_has_checkpoints(directory))
+    return train_sasrec(dataset, cfg.rec, directory / "model", resume=_has_checkpoints(directory), overwrite=True)
 
 
 def sasrec_eval_config(cfg: RunConfig) -> dict:
@@ -68,7 +68,7 @@ def stage_sasrec_eval(cfg: RunConfig, dataset: SeqDataset, rec_dir: Path) -> dic
 def stage_teacher(cfg: RunConfig, dataset: SeqDataset, rec_dir: Path, directory: Path) -> dict:
     from ilora.teacher.train import train_teacher
 
-    summary = train_teacher(dataset, cfg.teacher, rec_dir, directory / "model", resume=_has_checkpoints(directory))
+    summary = train_teacher(dataset, cfg.teacher, rec_dir, directory / "model", resume=_has_checkpoints(directory), overwrite=True)
     return {"best_val": summary["best_val"], "steps": summary["steps"]}
 
 
@@ -112,7 +112,7 @@ def stage_distill(cfg: RunConfig, dataset: SeqDataset, outputs_dir: Path, direct
     from ilora.outputs import read_teacher_outputs
 
     outputs = read_teacher_outputs(outputs_dir)
-    result = distill(dataset, outputs, cfg.distill, directory, source=str(outputs_dir), resume=_has_checkpoints(directory))
+    result = distill(dataset, outputs, cfg.distill, directory, source=str(outputs_dir), resume=_has_checkpoints(directory), overwrite=True)
     return {"baseline": result["baseline"]["test"], "distilled": result["distilled"]["test"], "gain": result["gain"], "gain_interval": result["gain_interval"]}
 
 

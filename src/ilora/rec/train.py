@@ -297,6 +297,7 @@ def train_sasrec(
     extra_loss: ExtraLoss | None = None,
     model_factory: ModelFactory | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     run_options: dict[str, object] | None = None,
 ) -> dict[str, object]:
     """Train, keep the best-by-validation weights, save them to ``out_dir``; return final metrics.
@@ -314,7 +315,7 @@ def train_sasrec(
     cfg.validate()
     record = run_record(cfg, {**(run_options or {}), "dataset_sha256": dataset.sha256()})
     train, train_rows = _train_split(dataset, cfg.train_min_len)  # rejects bad input before --out is touched
-    out, checkpoints, finished = open_run(out_dir, cfg.checkpoint_every, resume, "result.json", lambda o: _finished_result(o, record))
+    out, checkpoints, finished = open_run(out_dir, cfg.checkpoint_every, resume, "result.json", lambda o: _finished_result(o, record), overwrite)
     if finished is not None:
         return finished
     (out / TEST_RANKS_FILE).unlink(missing_ok=True)  # an earlier run's; this one writes its own at the end

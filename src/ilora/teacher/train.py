@@ -252,12 +252,12 @@ def _finished_summary(out: Path, cfg: TeacherConfig, inputs: dict) -> dict | Non
     return summary
 
 
-def _open_run(out_dir, cfg: TeacherConfig, inputs: dict, resume: bool, ctx: Dist):
+def _open_run(out_dir, cfg: TeacherConfig, inputs: dict, resume: bool, ctx: Dist, overwrite: bool = False):
     """`open_run` on rank 0; every rank gets ``(out, checkpoints, finished summary or None)``.
     A fresh run (no ``resume``) also removes an earlier run's ``teacher_config.json``, so
     until this run saves its first teacher the directory holds none that would load."""
     if ctx.is_main:
-        out, checkpoints, finished = open_run(out_dir, cfg.checkpoint_every, resume, "train_summary.json", lambda o: _finished_summary(o, cfg, inputs))
+        out, checkpoints, finished = open_run(out_dir, cfg.checkpoint_every, resume, "train_summary.json", lambda o: _finished_summary(o, cfg, inputs), overwrite)
         if not resume:  # an earlier run's teacher is not this run's: unloadable until the first save
             (out / "teacher_config.json").unlink(missing_ok=True)
     else:
@@ -308,7 +308,8 @@ def _load_checkpoint(checkpoints: CheckpointManager, cfg: TeacherConfig, inputs:
 
 
 def train_teacher(
-    dataset: SeqDataset, cfg: TeacherConfig, rec_dir: str | Path, out_dir: str | Path, *, resume: bool = False, ctx: Dist = SINGLE
+    dataset: SeqDataset, cfg: TeacherConfig, rec_dir: str | Path, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+    ctx: Dist = SINGLE,
 ) -> dict:
     """Train the teacher (module docstring); ``resume`` continues from the newest intact checkpoint in ``out_dir``.
 
@@ -335,7 +336,7 @@ def train_teacher(
     train_cands = candidate_sets(train, n_items, count=cfg.num_candidates, seed=cfg.candidate_seed, split_name="train")
     val_cands = candidate_sets(val, n_items, count=cfg.num_candidates, seed=cfg.candidate_seed, split_name="val")
     lengths = prompt_lengths(bundle.train_collator, train, train_cands) if cfg.group_by_length else None
-    out, checkpoints, finished = _open_run(out_dir, cfg, inputs, resume, ctx)
+    out, checkpoints, finished = _open_run(out_dir, cfg, inputs, resume, ctx, overwrite)
     if finished is not None:
         return finished
 
