@@ -188,3 +188,18 @@ def test_a_local_base_llm_is_recorded_by_absolute_path_and_resume_refuses_anothe
         check_same_inputs({**inputs, "llm": "old"}, inputs, out)
     with pytest.raises(IloraError, match="rec: 'other' -> 'r'"):
         check_same_inputs({"rec": "other", "dataset": "d"}, inputs, out)
+
+
+def test_prompts_longer_than_the_models_context_are_reported(caplog) -> None:
+    from types import SimpleNamespace
+
+    from ilora.teacher.train import warn_long_prompts
+
+    with caplog.at_level("WARNING", logger="ilora.teacher.train"):
+        warn_long_prompts(np.array([10, 64, 65, 300]), SimpleNamespace(max_position_embeddings=64))
+    assert "2 of 4 training prompts are longer than the base LLM's max_position_embeddings 64 (longest: 300 tokens)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ilora.teacher.train"):
+        warn_long_prompts(np.array([10, 64]), SimpleNamespace(max_position_embeddings=64))
+        warn_long_prompts(np.array([10, 640]), SimpleNamespace())  # a config without the field: nothing to compare
+    assert caplog.text == ""

@@ -129,6 +129,18 @@ def prompt_lengths(collator, split: Split, candidates: np.ndarray, chunk: int = 
     return torch.cat(counts).numpy() if counts else np.zeros(0, dtype=np.int64)
 
 
+def warn_long_prompts(lengths: np.ndarray, config) -> None:
+    """A warning when training prompts are longer than the base LLM's ``max_position_embeddings``:
+    it was never trained at those positions (rotary models still run; the teacher may not learn)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and len(lengths) and int(lengths.max()) > limit:
+        log.warning(
+            "%d of %d training prompts are longer than the base LLM's max_position_embeddings %d (longest: %d tokens); "
+            "shorten the titles (max_title_tokens) or use a model with a longer context",
+            int((lengths > limit).sum()), len(lengths), limit, int(lengths.max()),
+        )
+
+
 def epoch_plan(
     n: int, cfg: TeacherConfig, epoch: int, first_step: int, total_steps: int, lengths: np.ndarray | None = None
 ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -335,7 +347,9 @@ def train_teacher(
     compiled = CompiledLayers(teacher.llm) if cfg.compile else None
     train_cands = candidate_sets(train, n_items, count=cfg.num_candidates, seed=cfg.candidate_seed, split_name="train")
     val_cands = candidate_sets(val, n_items, count=cfg.num_candidates, seed=cfg.candidate_seed, split_name="val")
-    lengths = prompt_lengths(bundle.train_collator, train, train_cands) if cfg.group_by_length else None
+    all_lengths = prompt_lengths(bundle.train_collator, train, train_cands)
+    warn_long_prompts(all_lengths, teacher.llm.config)
+    lengths = all_lengths if cfg.group_by_length else None
     out, checkpoints, finished = _open_run(out_dir, cfg, inputs, resume, ctx, overwrite)
     if finished is not None:
         return finished
