@@ -99,7 +99,7 @@ def check_resume_config(saved: dict[str, Any] | None, current: dict[str, Any], w
     if diff:
         raise IloraError(
             f"{where}: cannot resume with {what} than the interrupted run's ({'; '.join(diff)}); "
-            "rerun without --resume to start over"
+            "rerun with --overwrite instead of --resume to start over (in `ilora run`: delete that stage's directory)"
         )
 
 
@@ -262,31 +262,46 @@ class NonFiniteGuard:
         )
 
 
-def refuse_earlier_run(out: Path, result_file: str) -> None:
-    """`IloraError` when ``out`` holds a run (its ``result_file`` or checkpoints) that a fresh
-    run would delete."""
-    earlier = "a finished run" if (out / result_file).is_file() else (
-        "an interrupted run's checkpoints" if CheckpointManager(out, 0).checkpoints() else None
-    )
+def earlier_run(out: Path, result_file: str, others: tuple[str, ...] = ()) -> str | None:
+    """What an earlier run left in ``out`` that a fresh run would delete or overwrite (its
+    ``result_file``, checkpoints, or any of ``others``: a saved model), or None."""
+    if (out / result_file).is_file():
+        return f"a finished run ({result_file})"
+    if CheckpointManager(out, 0).checkpoints():
+        return "an interrupted run's checkpoints"
+    found = [name for name in others if (out / name).exists()]
+    return f"an earlier run's {', '.join(found)}" if found else None
+
+
+def earlier_run_error(out: str | Path, earlier: str) -> IloraError:
+    """The refusal of a fresh run in ``out``, which holds ``earlier`` (`earlier_run`)."""
+    return IloraError(f"{out}: holds {earlier}; pass --resume to continue or return it, --overwrite to start over, or use another --out")
+
+
+def refuse_earlier_run(out: Path, result_file: str, others: tuple[str, ...] = ()) -> None:
+    """`IloraError` when ``out`` holds an earlier run (`earlier_run`)."""
+    earlier = earlier_run(out, result_file, others)
     if earlier:
-        raise IloraError(f"{out}: holds {earlier}; pass --resume to continue or return it, --overwrite to start over, or use another --out")
+        raise earlier_run_error(out, earlier)
 
 
 def open_run(
-    out_dir: str | Path, checkpoint_every: int, resume: bool, result_file: str, finished: Callable[[Path], Any], overwrite: bool = False
+    out_dir: str | Path, checkpoint_every: int, resume: bool, result_file: str, finished: Callable[[Path], Any], overwrite: bool = False,
+    others: tuple[str, ...] = (),
 ) -> tuple[Path, "CheckpointManager", Any]:
     """Create ``out_dir`` for a training run; returns ``(out, checkpoints, finished_result)``.
 
     With ``resume``, ``finished(out)`` gives the stored result of a run that already
     completed (returned as the third item; the caller returns it as is), or None. Without
-    ``resume``, a directory holding an earlier run (its ``result_file`` or checkpoints) is
-    refused unless ``overwrite``: then its checkpoints and ``result_file`` are removed and
-    the run starts over. A re-typed command must not delete hours of training.
+    ``resume``, a directory holding an earlier run (its ``result_file``, checkpoints or any of
+    ``others``, see `earlier_run`) is refused unless ``overwrite``: then its checkpoints and
+    ``result_file`` are removed and the run starts over. A re-typed command must not delete
+    hours of training.
     """
     out = Path(out_dir)
     checkpoints = CheckpointManager(out, checkpoint_every)
     if not resume and not overwrite:
-        refuse_earlier_run(out, result_file)
+        refuse_earlier_run(out, result_file, others)
     out.mkdir(parents=True, exist_ok=True)
     if resume:
         return out, checkpoints, finished(out)

@@ -192,7 +192,8 @@ def load_config(
     overrides: list[str] | None = None,
 ) -> T:
     """Defaults < YAML file < explicit flags < ``key=value`` overrides. An error that the YAML
-    file alone causes (a misspelt key, a bad value) names the file."""
+    file alone causes here (a misspelt key, a value of the wrong type or out of a field's
+    choices) names the file; range checks a config's ``validate`` makes later do not."""
     tree: dict[str, Any] = {}
     from_file: dict[str, Any] = {}
     if yaml_path is not None:

@@ -300,7 +300,7 @@ def test_a_fresh_distillation_refuses_an_earlier_runs_students_unless_overwrite(
     cfg = quick(epochs=1)
     first = distill(small, oracle_outputs(small), cfg, tmp_path / "d")
     config = (tmp_path / "d" / "distill_config.json").read_text()
-    with pytest.raises(IloraError, match="baseline: holds a finished run; pass --resume .* --overwrite to start over"):
+    with pytest.raises(IloraError, match=r"baseline: holds a finished run \(result.json\); pass --resume .* --overwrite to start over"):
         distill(small, oracle_outputs(small), quick(epochs=1, lambda_d=0.5), tmp_path / "d")
     assert (tmp_path / "d" / "distill_config.json").read_text() == config  # refused before anything was written
     again = distill(small, oracle_outputs(small), cfg, tmp_path / "d", overwrite=True)

@@ -275,6 +275,7 @@ def test_a_fresh_run_never_deletes_an_earlier_one_without_overwrite(data_dir, tm
     unless --overwrite (teacher train: tests/teacher/test_train.py; distill:
     tests/distill/test_distill.py); nothing is removed."""
     from ilora.data import load_dataset
+    from ilora.rec.sasrec import load_sasrec
     from ilora.rec.train import RecTrainConfig, train_sasrec
 
     dataset = load_dataset(data_dir)
@@ -284,10 +285,14 @@ def test_a_fresh_run_never_deletes_an_earlier_one_without_overwrite(data_dir, tm
         if remove:
             (tmp_path / "a" / remove).unlink()
         before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "a").rglob("*"))
-        with pytest.raises(IloraError, match=f"holds {state}; pass --resume .* --overwrite to start over"):
+        with pytest.raises(IloraError, match=f"holds {state}.*; pass --resume .* --overwrite to start over"):
             train_sasrec(dataset, cfg, tmp_path / "a")
         assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "a").rglob("*")) == before
     assert train_sasrec(dataset, cfg, tmp_path / "a", overwrite=True)["resumed_from"] is None
+    imported = tmp_path / "imported"  # a model directory without a run (rec import-llara writes these)
+    load_sasrec(tmp_path / "a").save(imported)
+    with pytest.raises(IloraError, match="holds an earlier run's model.safetensors"):
+        train_sasrec(dataset, cfg, imported)
 
     from ilora.cli.main import main
 

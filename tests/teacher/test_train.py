@@ -95,9 +95,14 @@ def test_a_new_run_in_a_used_out_keeps_its_own_sasrec_and_resume_refuses_another
     second = dataclasses.replace(first, seed=1)
     train_teacher(ds, first, tmp_path / "rec0", out)
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    with pytest.raises(IloraError, match="holds a finished run; pass --resume to continue or return it, --overwrite to start over"):
+    with pytest.raises(IloraError, match=r"holds a finished run \(train_summary.json\); pass --resume to continue or return it, --overwrite to start over"):
         train_teacher(ds, second, tmp_path / "rec1", out)  # a re-typed command must not delete the trained teacher
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    killed = tmp_path / "killed"  # killed after saving its best teacher, without checkpoints (checkpoint_every=0)
+    killed.mkdir()
+    (killed / "teacher_config.json").write_text("{}")
+    with pytest.raises(IloraError, match="holds an earlier run's teacher_config.json; pass --resume"):
+        train_teacher(ds, second, tmp_path / "rec1", killed)
     train_teacher(ds, second, tmp_path / "rec1", out, overwrite=True)  # a fresh run into the same out
     loaded = load_teacher(out, ds.catalog)
     assert torch.equal(loaded.teacher.rec.item_emb.weight, load_sasrec(tmp_path / "rec1").item_emb.weight)
@@ -150,7 +155,7 @@ def test_a_local_base_llm_is_recorded_by_absolute_path_and_resume_refuses_anothe
     from ilora.data import make_synthetic
     from ilora.errors import IloraError
     from ilora.rec.sasrec import SASRec, SASRecConfig
-    from ilora.teacher.build import load_teacher
+    from ilora.teacher.build import load_teacher, resolve_llm_path
     from ilora.teacher.tiny import build_tiny_llm
     from ilora.teacher.train import train_teacher
 
@@ -174,6 +179,14 @@ def test_a_local_base_llm_is_recorded_by_absolute_path_and_resume_refuses_anothe
 
     (out / "train_summary.json").unlink()  # an interrupted run with a checkpoint at step 1
     monkeypatch.chdir(tmp_path / "models")
+    # a run recorded before paths were made absolute (llm: "base") resumes with the same relative path
+    from ilora.checkpointing import CheckpointManager
+    from ilora.teacher.train import check_same_options
+
+    recorded = CheckpointManager(out, 1).latest().load()["config"]
+    check_same_options({**recorded, "llm": "base"}, resolve_llm_path(cfg), out)
+    with pytest.raises(IloraError, match="llm: 'other' -> "):
+        check_same_options({**recorded, "llm": "other"}, resolve_llm_path(cfg), out)
     save_base(1)  # another model of the same shapes at the same path
     with pytest.raises(IloraError, match=r"base LLM \(--llm\).*llm: '[0-9a-f]{16}' -> '[0-9a-f]{16}'"):
         train_teacher(ds, cfg, tmp_path / "rec", out, resume=True)

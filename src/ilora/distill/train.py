@@ -291,7 +291,7 @@ def gain_interval(out: Path, students: dict[str, dict[str, object]], seed: int) 
         return None
     ranks = {name: student_ranks(out / name, result) for name, result in students.items()}
     if any(r is None for r in ranks.values()):
-        why = "a student finished before runs saved their test ranks; train it again (without --resume) for the interval"
+        why = "a student finished before runs saved their test ranks; train it again (with --overwrite) for the interval"
         log.warning("no gain interval: %s", why)
         return {"unavailable": why}
     return paired_gain_intervals(ranks["baseline"], ranks["distilled"], seed=seed)

@@ -27,7 +27,9 @@ continues from the newest intact one: weights, Adam state, best-so-far weights a
 score, patience counter, the epoch's sample order and position in it, the running
 train loss, every RNG (global, shuffling, negatives) and ``metrics.csv`` as it was then,
 so the result is bit for bit that of an uninterrupted run. A run without ``resume``
-starts over and removes older checkpoints; resuming a finished run returns its result.
+refuses an ``out_dir`` holding an earlier run (result, checkpoints or model) unless
+``overwrite``, which starts over and removes older checkpoints; resuming a finished run
+returns its result.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from ilora.data.dataset import SeqDataset, Split
 from ilora.errors import ConfigError, IloraError
 from ilora.rec.evaluate import evaluate_sasrec, fixed_candidates
 from ilora.rec.metrics import history_mask
-from ilora.rec.sasrec import SASRec, SASRecConfig
+from ilora.rec.sasrec import WEIGHTS_FILE, SASRec, SASRecConfig
 from ilora.state_io import atomic_write_text, read_json
 
 TEST_RANKS_FILE = "test_ranks.safetensors"
@@ -315,7 +317,9 @@ def train_sasrec(
     cfg.validate()
     record = run_record(cfg, {**(run_options or {}), "dataset_sha256": dataset.sha256()})
     train, train_rows = _train_split(dataset, cfg.train_min_len)  # rejects bad input before --out is touched
-    out, checkpoints, finished = open_run(out_dir, cfg.checkpoint_every, resume, "result.json", lambda o: _finished_result(o, record), overwrite)
+    out, checkpoints, finished = open_run(
+        out_dir, cfg.checkpoint_every, resume, "result.json", lambda o: _finished_result(o, record), overwrite, others=(WEIGHTS_FILE,)
+    )
     if finished is not None:
         return finished
     (out / TEST_RANKS_FILE).unlink(missing_ok=True)  # an earlier run's; this one writes its own at the end

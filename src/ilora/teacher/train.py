@@ -38,14 +38,18 @@ LLM's weights (`base_weights_sample`) read. ``resume=True`` continues from the n
 one and ends bit for bit where an uninterrupted run ends (on CPU); it raises `IloraError` if
 the options (`check_resume_config`), the SASRec of ``rec_dir``, the dataset or the model at
 the base LLM's path differ from the interrupted run's. A base LLM given as a local directory
-is recorded by its absolute path (`resolve_llm_path`). A run without ``resume``
-starts over and removes older checkpoints; resuming a finished run returns its summary
-(after the same checks against its ``train_config.json`` and ``train_summary.json``).
+is recorded by its absolute path (`resolve_llm_path`; a run recorded with the relative path
+that resolves to it resumes). A run without ``resume`` refuses an ``out_dir`` holding an
+earlier run (summary, checkpoints or a saved teacher), checked on rank 0 before any model is
+loaded and raised on every rank, unless ``overwrite``, which starts over and removes older
+checkpoints; resuming a finished run returns its summary (after the same checks against its
+``train_config.json`` and ``train_summary.json``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -59,7 +63,7 @@ import numpy as np
 import torch
 from ilora.progress import progress
 
-from ilora.checkpointing import CheckpointManager, NonFiniteGuard, check_resume_config, open_run, restore_rng_state, rng_state
+from ilora.checkpointing import CheckpointManager, NonFiniteGuard, check_resume_config, earlier_run, earlier_run_error, open_run, restore_rng_state, rng_state
 from ilora.config import to_dict
 from ilora.data.candidates import candidate_sets
 from ilora.data.dataset import SeqDataset, Split
@@ -253,11 +257,23 @@ def check_same_inputs(saved: dict | None, inputs: dict, where: Path) -> None:
     check_resume_config(recorded, current, where, INPUTS)
 
 
+EARLIER_RUN_FILES = ("teacher_config.json", "train_config.json")  # a run killed after saving its best teacher
+
+
+def check_same_options(saved: dict | None, cfg: TeacherConfig, where: Path) -> None:
+    """`check_resume_config` of the options; a run recorded with a relative ``llm`` path that
+    resolves to this run's absolute one (`resolve_llm_path`) counts as the same."""
+    saved = dict(saved or {})
+    if isinstance(saved.get("llm"), str) and resolve_llm_path(dataclasses.replace(cfg, llm=saved["llm"])).llm == cfg.llm:
+        saved["llm"] = cfg.llm
+    check_resume_config(saved, to_dict(cfg), where)
+
+
 def _finished_summary(out: Path, cfg: TeacherConfig, inputs: dict) -> dict | None:
     """The summary of a run that already finished in ``out`` with the same options, SASRec and data, if any."""
     if not ((out / "train_summary.json").is_file() and (out / "train_config.json").is_file()):
         return None
-    check_resume_config(read_json(out / "train_config.json"), to_dict(cfg), out)
+    check_same_options(read_json(out / "train_config.json"), cfg, out)
     summary = read_json(out / "train_summary.json")
     check_same_inputs(summary.get("inputs"), inputs, out)
     log.info("%s: training already finished; returning its summary", out)
@@ -269,7 +285,10 @@ def _open_run(out_dir, cfg: TeacherConfig, inputs: dict, resume: bool, ctx: Dist
     A fresh run (no ``resume``) also removes an earlier run's ``teacher_config.json``, so
     until this run saves its first teacher the directory holds none that would load."""
     if ctx.is_main:
-        out, checkpoints, finished = open_run(out_dir, cfg.checkpoint_every, resume, "train_summary.json", lambda o: _finished_summary(o, cfg, inputs), overwrite)
+        out, checkpoints, finished = open_run(
+            out_dir, cfg.checkpoint_every, resume, "train_summary.json", lambda o: _finished_summary(o, cfg, inputs), overwrite,
+            others=EARLIER_RUN_FILES,
+        )
         if not resume:  # an earlier run's teacher is not this run's: unloadable until the first save
             (out / "teacher_config.json").unlink(missing_ok=True)
     else:
@@ -311,7 +330,7 @@ def _load_checkpoint(checkpoints: CheckpointManager, cfg: TeacherConfig, inputs:
         checkpoint = checkpoints.latest()
         if checkpoint is not None:
             saved, step = checkpoint.load(), checkpoint.step
-            check_resume_config(saved["config"], to_dict(cfg), checkpoint.path)
+            check_same_options(saved["config"], cfg, checkpoint.path)
             check_same_inputs(saved.get("inputs"), inputs, checkpoint.path)
             log.info("resuming from %s (step %d)", checkpoint.path, checkpoint.step)
         else:
@@ -333,6 +352,10 @@ def train_teacher(
         check_can_compile(cfg.device)
     # Everything that can reject the input runs before --out is touched.
     cfg = resolve_llm_path(cfg)
+    if not resume and not overwrite:  # before minutes of model loading; every rank raises
+        earlier = ctx.broadcast(earlier_run(Path(out_dir), "train_summary.json", EARLIER_RUN_FILES) if ctx.is_main else None)
+        if earlier:
+            raise earlier_run_error(out_dir, earlier)
     seed_everything(cfg.seed)
     train, val = dataset.split("train"), _val_subset(dataset.split("val"), cfg.val_samples)
     n_items = dataset.num_items
