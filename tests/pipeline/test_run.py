@@ -163,3 +163,26 @@ def test_interrupted_training_stage_resumes_from_its_checkpoints(tmp_path, capsy
     (run / "teacher" / "stage.pending").write_text("another-config")
     assert main(["run", str(config)]) == 0
     assert "teacher: running" in capsys.readouterr().err
+
+
+def test_an_interrupted_distillation_keeps_its_finished_baseline(tmp_path, capsys):
+    """Killed after the baseline student finished, before the distilled one wrote a checkpoint:
+    the stage resumes, the baseline is returned as it was, the distilled student is trained."""
+    import shutil
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run")}))
+    assert main(["run", str(config)]) == 0
+    stage = tmp_path / "run" / "distill"
+    marker = json.loads((stage / "stage.json").read_text())
+    baseline = stage / "baseline" / "model.safetensors"
+    written = baseline.stat().st_mtime_ns
+    (stage / "stage.json").unlink()
+    (stage / "stage.pending").write_text(marker["key"])
+    (stage / "result.json").unlink()
+    shutil.rmtree(stage / "distilled")
+    capsys.readouterr()
+    assert main(["run", str(config)]) == 0
+    assert "distill: resuming" in capsys.readouterr().err
+    assert baseline.stat().st_mtime_ns == written  # not trained again
+    assert (stage / "distilled" / "result.json").is_file() and (stage / "stage.json").is_file()

@@ -24,9 +24,15 @@ def _gate_modes(cfg: RunConfig) -> list[str]:
     return modes
 
 
-def _has_checkpoints(directory: Path) -> bool:
-    """Whether an interrupted run left training checkpoints here (then the stage resumes them)."""
-    return any(directory.glob("**/checkpoints/step-*"))
+RESULT_FILES = ("result.json", "train_summary.json")  # what a finished trainer (or distill student) leaves
+
+
+def _has_earlier_work(directory: Path) -> bool:
+    """Whether an interrupted run of this stage left training checkpoints or finished trainers
+    here (`run_stage` keeps a directory only for the same config): the stage then resumes
+    them, and a finished one (the baseline student beside an unfinished distilled one) is
+    returned instead of being trained again."""
+    return any(directory.glob("**/checkpoints/step-*")) or any(any(directory.glob(f"**/{name}")) for name in RESULT_FILES)
 
 
 def stage_data(cfg: RunConfig, directory: Path) -> dict:
@@ -41,7 +47,7 @@ def stage_data(cfg: RunConfig, directory: Path) -> dict:
 def stage_sasrec(cfg: RunConfig, dataset: SeqDataset, directory: Path) -> dict:
     from ilora.rec.train import train_sasrec
 
-    return train_sasrec(dataset, cfg.rec, directory / "model", resume=_has_checkpoints(directory), overwrite=True)
+    return train_sasrec(dataset, cfg.rec, directory / "model", resume=_has_earlier_work(directory), overwrite=True)
 
 
 def sasrec_eval_config(cfg: RunConfig) -> dict:
@@ -68,7 +74,7 @@ def stage_sasrec_eval(cfg: RunConfig, dataset: SeqDataset, rec_dir: Path) -> dic
 def stage_teacher(cfg: RunConfig, dataset: SeqDataset, rec_dir: Path, directory: Path) -> dict:
     from ilora.teacher.train import train_teacher
 
-    summary = train_teacher(dataset, cfg.teacher, rec_dir, directory / "model", resume=_has_checkpoints(directory), overwrite=True)
+    summary = train_teacher(dataset, cfg.teacher, rec_dir, directory / "model", resume=_has_earlier_work(directory), overwrite=True)
     return {"best_val": summary["best_val"], "steps": summary["steps"]}
 
 
@@ -112,7 +118,7 @@ def stage_distill(cfg: RunConfig, dataset: SeqDataset, outputs_dir: Path, direct
     from ilora.outputs import read_teacher_outputs
 
     outputs = read_teacher_outputs(outputs_dir)
-    result = distill(dataset, outputs, cfg.distill, directory, source=str(outputs_dir), resume=_has_checkpoints(directory), overwrite=True)
+    result = distill(dataset, outputs, cfg.distill, directory, source=str(outputs_dir), resume=_has_earlier_work(directory), overwrite=True)
     return {"baseline": result["baseline"]["test"], "distilled": result["distilled"]["test"], "gain": result["gain"], "gain_interval": result["gain_interval"]}
 
 
