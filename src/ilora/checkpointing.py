@@ -274,8 +274,11 @@ def earlier_run(out: Path, result_file: str, others: tuple[str, ...] = ()) -> st
 
 
 def earlier_run_error(out: str | Path, earlier: str) -> IloraError:
-    """The refusal of a fresh run in ``out``, which holds ``earlier`` (`earlier_run`)."""
-    return IloraError(f"{out}: holds {earlier}; pass --resume to continue or return it, --overwrite to start over, or use another --out")
+    """The refusal of a fresh run in ``out``, which holds ``earlier`` (`earlier_run`). Only a
+    finished run or checkpoints can be resumed; a saved model alone can only be replaced."""
+    resumable = earlier.startswith(("a finished run", "an interrupted run"))
+    how = "pass --resume to continue or return it, --overwrite to start over" if resumable else "pass --overwrite to replace it"
+    return IloraError(f"{out}: holds {earlier}; {how}, or use another --out")
 
 
 def refuse_earlier_run(out: Path, result_file: str, others: tuple[str, ...] = ()) -> None:
@@ -292,7 +295,8 @@ def open_run(
     """Create ``out_dir`` for a training run; returns ``(out, checkpoints, finished_result)``.
 
     With ``resume``, ``finished(out)`` gives the stored result of a run that already
-    completed (returned as the third item; the caller returns it as is), or None. Without
+    completed (returned as the third item; the caller returns it as is), or None; a directory
+    with only ``others`` (a saved model, nothing to resume) is refused too. Without
     ``resume``, a directory holding an earlier run (its ``result_file``, checkpoints or any of
     ``others``, see `earlier_run`) is refused unless ``overwrite``: then its checkpoints and
     ``result_file`` are removed and the run starts over. A re-typed command must not delete
@@ -304,7 +308,14 @@ def open_run(
         refuse_earlier_run(out, result_file, others)
     out.mkdir(parents=True, exist_ok=True)
     if resume:
-        return out, checkpoints, finished(out)
+        result = finished(out)
+        left = [name for name in others if (out / name).exists()]
+        if result is None and not checkpoints.checkpoints() and left:  # --resume would train over it from the start
+            raise IloraError(
+                f"{out}: holds an earlier run's {', '.join(left)} but no checkpoint or finished run to resume; "
+                "pass --overwrite to replace it, or use another --out"
+            )
+        return out, checkpoints, result
     checkpoints.clear()
     (out / result_file).unlink(missing_ok=True)
     return out, checkpoints, None

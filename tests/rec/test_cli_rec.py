@@ -28,6 +28,11 @@ def test_import_then_eval(tmp_path, capsys) -> None:
     assert "allow-pickle" in capsys.readouterr().err
     info = run_json(capsys, ["rec", "import-llara", str(CKPT), "--out", str(tmp_path / "m"), "--allow-pickle", "--json"])
     assert (info["num_items"], info["max_len"], info["hidden"]) == (4606, 10, 64)
+    # a second import into the same directory replaces nothing without --overwrite
+    assert main(["rec", "import-llara", str(CKPT), "--out", str(tmp_path / "m"), "--allow-pickle"]) == 2
+    assert "holds an earlier run's model.safetensors, config.json; pass --overwrite to replace it" in capsys.readouterr().err
+    assert main(["rec", "import-llara", str(CKPT), "--out", str(tmp_path / "m"), "--allow-pickle", "--overwrite"]) == 0
+    capsys.readouterr()
     cands = tmp_path / "test_candidates.npy"
     argv = ["rec", "eval", str(LASTFM), "--allow-pickle", "--model", str(tmp_path / "m"), "--json"]
     result = run_json(capsys, argv + ["--save-candidates", str(cands)])

@@ -291,8 +291,11 @@ def test_a_fresh_run_never_deletes_an_earlier_one_without_overwrite(data_dir, tm
     assert train_sasrec(dataset, cfg, tmp_path / "a", overwrite=True)["resumed_from"] is None
     imported = tmp_path / "imported"  # a model directory without a run (rec import-llara writes these)
     load_sasrec(tmp_path / "a").save(imported)
-    with pytest.raises(IloraError, match="holds an earlier run's model.safetensors"):
+    with pytest.raises(IloraError, match="holds an earlier run's model.safetensors; pass --overwrite to replace it"):
         train_sasrec(dataset, cfg, imported)
+    with pytest.raises(IloraError, match="holds an earlier run's model.safetensors but no checkpoint or finished run to resume"):
+        train_sasrec(dataset, cfg, imported, resume=True)  # --resume would otherwise train over it from the start
+    assert sorted(p.name for p in imported.iterdir()) == ["config.json", "model.safetensors"]
 
     from ilora.cli.main import main
 

@@ -101,8 +101,10 @@ def test_a_new_run_in_a_used_out_keeps_its_own_sasrec_and_resume_refuses_another
     killed = tmp_path / "killed"  # killed after saving its best teacher, without checkpoints (checkpoint_every=0)
     killed.mkdir()
     (killed / "teacher_config.json").write_text("{}")
-    with pytest.raises(IloraError, match="holds an earlier run's teacher_config.json; pass --resume"):
+    with pytest.raises(IloraError, match="holds an earlier run's teacher_config.json; pass --overwrite to replace it"):
         train_teacher(ds, second, tmp_path / "rec1", killed)
+    with pytest.raises(IloraError, match="teacher_config.json but no checkpoint or finished run to resume; pass --overwrite"):
+        train_teacher(ds, second, tmp_path / "rec1", killed, resume=True)
     train_teacher(ds, second, tmp_path / "rec1", out, overwrite=True)  # a fresh run into the same out
     loaded = load_teacher(out, ds.catalog)
     assert torch.equal(loaded.teacher.rec.item_emb.weight, load_sasrec(tmp_path / "rec1").item_emb.weight)

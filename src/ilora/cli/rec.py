@@ -63,9 +63,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
+    from ilora.checkpointing import earlier_run
     from ilora.rec.llara_import import import_llara_checkpoint
-    from ilora.rec.sasrec import count_parameters
+    from ilora.rec.sasrec import WEIGHTS_FILE, count_parameters
 
+    earlier = None if args.overwrite else earlier_run(Path(args.out), "result.json", (WEIGHTS_FILE, "config.json"))
+    if earlier:  # a trained SASRec (or an earlier import) is not replaced without asking
+        raise IloraError(f"{args.out}: holds {earlier}; pass --overwrite to replace it, or use another --out")
     model = import_llara_checkpoint(args.checkpoint, allow_pickle=args.allow_pickle)
     out = model.save(args.out)
     cfg = model.config
@@ -113,6 +117,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     imp = sub.add_parser("import-llara", help="convert a LLaRA/iLoRA SASRec checkpoint (.pt) without running its code")
     imp.add_argument("checkpoint", type=Path, metavar="CKPT.pt", help="whole-module torch.save checkpoint")
     imp.add_argument("--out", required=True, type=Path, help="output model directory")
+    imp.add_argument("--overwrite", action="store_true", help="replace a model (or a training run's files) already in --out")
     imp.add_argument(
         "--allow-pickle",
         action="store_true",

@@ -48,6 +48,7 @@ from ilora.errors import ConfigError, IloraError
 from ilora.outputs.format import TeacherOutputs
 from ilora.rec.evaluate import load_ranks
 from ilora.rec.metrics import FULL_KS, metrics_from_ranks
+from ilora.rec.sasrec import WEIGHTS_FILE
 from ilora.rec.train import TEST_RANKS_FILE, RecTrainConfig, TrainBatch, train_sasrec
 from ilora.state_io import atomic_write_text, read_json
 
@@ -324,7 +325,7 @@ def distill(
         check_resume_config(read_json(config_file, "distill_config.json"), to_dict(cfg), out)
     if not resume and not overwrite:  # nor start over on an earlier run's students
         for student in ("baseline", "distilled"):
-            refuse_earlier_run(out / student, "result.json")
+            refuse_earlier_run(out / student, "result.json", (WEIGHTS_FILE,))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config_file, json.dumps(to_dict(cfg), indent=2) + "\n")
     propensity = propensity_scores(dataset.split("train").target, dataset.num_items) if cfg.dro_alpha else None
