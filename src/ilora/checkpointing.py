@@ -262,27 +262,39 @@ class NonFiniteGuard:
         )
 
 
-def earlier_run(out: Path, result_file: str, others: tuple[str, ...] = ()) -> str | None:
+@dataclass(frozen=True)
+class EarlierRun:
+    """What an earlier run left in a directory: ``what`` in words, and whether ``--resume``
+    can take it up (a finished run or checkpoints) or it can only be replaced (a saved model)."""
+
+    what: str
+    resumable: bool
+
+
+def earlier_run(out: Path, result_file: str, others: tuple[str, ...] = ()) -> EarlierRun | None:
     """What an earlier run left in ``out`` that a fresh run would delete or overwrite (its
     ``result_file``, checkpoints, or any of ``others``: a saved model), or None."""
     if (out / result_file).is_file():
-        return f"a finished run ({result_file})"
+        return EarlierRun(f"a finished run ({result_file})", resumable=True)
     if CheckpointManager(out, 0).checkpoints():
-        return "an interrupted run's checkpoints"
+        return EarlierRun("an interrupted run's checkpoints", resumable=True)
     found = [name for name in others if (out / name).exists()]
-    return f"an earlier run's {', '.join(found)}" if found else None
+    return EarlierRun(f"an earlier run's {', '.join(found)}", resumable=False) if found else None
 
 
-def earlier_run_error(out: str | Path, earlier: str) -> IloraError:
-    """The refusal of a fresh run in ``out``, which holds ``earlier`` (`earlier_run`). Only a
-    finished run or checkpoints can be resumed; a saved model alone can only be replaced."""
-    resumable = earlier.startswith(("a finished run", "an interrupted run"))
-    how = "pass --resume to continue or return it, --overwrite to start over" if resumable else "pass --overwrite to replace it"
-    return IloraError(f"{out}: holds {earlier}; {how}, or use another --out")
+def earlier_run_error(out: str | Path, earlier: EarlierRun, resuming: bool = False) -> IloraError:
+    """The refusal of a run in ``out``, which holds ``earlier``: a fresh one (say how to go on),
+    or with ``resuming`` one that finds nothing to resume."""
+    if resuming:
+        return IloraError(
+            f"{out}: holds {earlier.what} but no checkpoint or finished run to resume; pass --overwrite to replace it, or use another --out"
+        )
+    how = "pass --resume to continue or return it, --overwrite to start over" if earlier.resumable else "pass --overwrite to replace it"
+    return IloraError(f"{out}: holds {earlier.what}; {how}, or use another --out")
 
 
 def refuse_earlier_run(out: Path, result_file: str, others: tuple[str, ...] = ()) -> None:
-    """`IloraError` when ``out`` holds an earlier run (`earlier_run`)."""
+    """`earlier_run_error` when ``out`` holds an earlier run."""
     earlier = earlier_run(out, result_file, others)
     if earlier:
         raise earlier_run_error(out, earlier)
@@ -304,17 +316,14 @@ def open_run(
     """
     out = Path(out_dir)
     checkpoints = CheckpointManager(out, checkpoint_every)
-    if not resume and not overwrite:
-        refuse_earlier_run(out, result_file, others)
+    earlier = None if overwrite else earlier_run(out, result_file, others)
+    if earlier and not resume:
+        raise earlier_run_error(out, earlier)
     out.mkdir(parents=True, exist_ok=True)
     if resume:
         result = finished(out)
-        left = [name for name in others if (out / name).exists()]
-        if result is None and not checkpoints.checkpoints() and left:  # --resume would train over it from the start
-            raise IloraError(
-                f"{out}: holds an earlier run's {', '.join(left)} but no checkpoint or finished run to resume; "
-                "pass --overwrite to replace it, or use another --out"
-            )
+        if result is None and earlier and not earlier.resumable:  # --resume would train over it from the start
+            raise earlier_run_error(out, earlier, resuming=True)
         return out, checkpoints, result
     checkpoints.clear()
     (out / result_file).unlink(missing_ok=True)

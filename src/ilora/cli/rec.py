@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -63,13 +64,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_import(args: argparse.Namespace) -> int:
-    from ilora.checkpointing import earlier_run
+    from ilora.checkpointing import earlier_run, earlier_run_error
     from ilora.rec.llara_import import import_llara_checkpoint
     from ilora.rec.sasrec import WEIGHTS_FILE, count_parameters
 
     earlier = None if args.overwrite else earlier_run(Path(args.out), "result.json", (WEIGHTS_FILE, "config.json"))
-    if earlier:  # a trained SASRec (or an earlier import) is not replaced without asking
-        raise IloraError(f"{args.out}: holds {earlier}; pass --overwrite to replace it, or use another --out")
+    if earlier:  # a trained SASRec (or an earlier import) is not replaced without asking; an import resumes nothing
+        raise earlier_run_error(args.out, dataclasses.replace(earlier, resumable=False))
     model = import_llara_checkpoint(args.checkpoint, allow_pickle=args.allow_pickle)
     out = model.save(args.out)
     cfg = model.config

@@ -63,13 +63,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from ilora.progress import progress
 
 from ilora.data.candidates import candidate_sets
 from ilora.data.dataset import SPLITS, SeqDataset, Split
 from ilora.distributed import SINGLE, Dist
 from ilora.errors import ConfigError, IloraError
 from ilora.outputs.format import FORMAT, ITEM_EMBEDDINGS, MANIFEST, VERSION, file_sha256
+from ilora.progress import progress
 from ilora.rec.metrics import history_mask
 from ilora.state_io import atomic_write_text, fsync_file, save_tensors
 

@@ -46,13 +46,14 @@ from typing import Literal
 import numpy as np
 import torch
 from torch.nn import functional as F
-from ilora.progress import progress
 
 from ilora.checkpointing import NonFiniteGuard, check_resume_config, open_run, restore_rng_state, rng_state
 from ilora.config import option, to_dict
 from ilora.metrics_log import MetricsLog
 from ilora.data.dataset import SeqDataset, Split
+from ilora.distributed import require_device
 from ilora.errors import ConfigError, IloraError
+from ilora.progress import progress
 from ilora.rec.evaluate import evaluate_sasrec, fixed_candidates
 from ilora.rec.metrics import history_mask
 from ilora.rec.sasrec import WEIGHTS_FILE, SASRec, SASRecConfig
@@ -118,8 +119,7 @@ class RecTrainConfig:
                 raise ConfigError(problem)
         if self.monitor == "cand_hr@1" and self.eval_candidates == 0:
             raise ConfigError("monitor=cand_hr@1 needs eval_candidates > 0")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ConfigError("device=cuda but torch sees no CUDA device")
+        require_device(self.device)
 
 
 def sample_negatives(

@@ -28,11 +28,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from ilora.progress import progress
 
 from ilora.data.dataset import Split
 from ilora.distributed import SINGLE, Dist
 from ilora.errors import ConfigError, IloraError
+from ilora.progress import progress
 from ilora.rec.metrics import repeated_rows
 
 

@@ -61,15 +61,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from ilora.progress import progress
 
 from ilora.checkpointing import CheckpointManager, NonFiniteGuard, check_resume_config, earlier_run, earlier_run_error, open_run, restore_rng_state, rng_state
 from ilora.config import to_dict
 from ilora.data.candidates import candidate_sets
 from ilora.data.dataset import SeqDataset, Split
-from ilora.distributed import SINGLE, Dist
+from ilora.distributed import SINGLE, Dist, require_device
 from ilora.errors import ConfigError, IloraError
 from ilora.metrics_log import MetricsLog, NullLog
+from ilora.progress import progress
 from ilora.rec.sasrec import load_sasrec
 from ilora.state_io import atomic_write_text, read_json, save_state
 from ilora.teacher.adapters import adapter_state_dict, enable_gradient_checkpointing
@@ -346,8 +346,7 @@ def train_teacher(
 
     ``ctx``: this process's rank in a data-parallel run (`ilora.distributed.init_from_env`).
     """
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda: no CUDA device is available")
+    require_device(cfg.device)
     if cfg.compile:
         check_can_compile(cfg.device)
     # Everything that can reject the input runs before --out is touched.
