@@ -4,10 +4,11 @@
 #   bash bench/gpu.sh                       # from the repository root; sets PYTHONPATH=src itself
 #   bash bench/gpu.sh step-7b step-7b-ckpt  # only the named runs (a partial rerun)
 #
-# Runs, in this order: inputs, adapter, step-7b-b16-pipelined (the 7B shape, one length-grouped batch of 16
-# in one micro-batch, compiled decoder layers, no device syncs between the step's parts; profiled),
-# step-7b-b32 (the same at batch 32, ours only: its reference does not fit; about 60 GiB; needs >= 120 s
-# left), eval-7b (score vs generation-based evaluation of 32 samples with the 7B shape), step-7b-b16
+# Runs, in this order: inputs, adapter, step-7b-b32 (the 7B shape, one length-grouped batch of 32 in one
+# micro-batch, compiled decoder layers, no device syncs between the step's parts; ours only: its reference
+# does not fit; about 60 GiB), step-7b-b32-nodrop (the same with LoRA dropout 0: what dropout costs),
+# step-7b-b16-pipelined (the same at batch 16 with the reference; profiled), step-7b-b16-graphs (batch 16,
+# ours only, torch.compile's reduce-overhead mode: CUDA graphs against the device's idle time), eval-7b (score vs generation-based evaluation of 32 samples with the 7B shape), step-7b-b16
 # (random samples, eager, with a plain-LoRA baseline, profiled), step-7b-b16-compile (the same compiled;
 # needs >= 120 s left), step-7b (batch 8), step-1b (with eager-attention and float32 baselines); then,
 # while time is left, step-7b-ckpt (gradient checkpointing) and step-1b-compile (only with >= 150 s left).
@@ -49,7 +50,7 @@ DEADLINE=$((START + CAP))
 NOTE="bench/gpu.sh"
 SELECTED=" $* "
 
-RUNS=" inputs adapter step-7b-b16-pipelined step-7b-b32 eval-7b step-7b-b16 step-7b-b16-compile step-7b step-1b step-7b-ckpt step-1b-compile "
+RUNS=" inputs adapter step-7b-b32 step-7b-b32-nodrop step-7b-b16-pipelined step-7b-b16-graphs eval-7b step-7b-b16 step-7b-b16-compile step-7b step-1b step-7b-ckpt step-1b-compile "
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
 
@@ -120,10 +121,14 @@ run() {  # run NAME LIMIT_S NEED_S ARGS... : one benchmark under `timeout`; skip
     } >> "$LOGS"
     local what="ok, ratio ?" mfu
     [[ -n "$ratio" ]] && what=$(printf 'ok, ratio %.2f' "$ratio")
-    if [[ -z "$ratio" ]] && grep -q '"ratio": null' "$SCRATCH/$name.json" 2>/dev/null; then  # run without its reference
-        mfu=$(grep -o '"mfu": [0-9.e+-]*' "$SCRATCH/$name.json" | head -1 | cut -d' ' -f2)
-        what=$(awk -v m="${mfu:-0}" 'BEGIN { printf "ok, no reference, MFU of ours %.1f %%", 100 * m }')
-    fi
+    grep -q '"ratio": null' "$SCRATCH/$name.json" 2>/dev/null && what="ok, no reference"
+    mfu=$("$PY" -c "
+import json, sys
+v = json.load(open(sys.argv[1])).get('variants', {}).get('ours', {})
+if v.get('mfu') is not None:
+    print(f\"MFU of ours {100 * v['mfu']:.1f} % ({100 * v['mfu_all_params']:.1f} % counting all parameters), {1e3 * v['median_s']:.1f} ms\")
+" "$SCRATCH/$name.json" 2>/dev/null)
+    [[ -n "$mfu" ]] && what="$what, $mfu"
     ((rc != 0)) && what="FAILED"
     ((rc == 124 || rc == 137)) && what="TIMED OUT"
     say "$name: $what (rc=$rc, ${secs}s, limit ${limit}s, at $(($(date +%s) - START))s)"
@@ -132,8 +137,10 @@ run() {  # run NAME LIMIT_S NEED_S ARGS... : one benchmark under `timeout`; skip
 #   name                 limit need  arguments
 run inputs               60    30    inputs --budget-s 10
 run adapter              45    30    adapter --budget-s 10
-run step-7b-b16-pipelined 170  120   step --shape 7b --batch-size 16 --compile --no-part-syncs --group-by-length --budget-s 20 --profile "$SCRATCH/step-7b-b16-pipelined.prof"
 run step-7b-b32          170   120   step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --budget-s 20
+run step-7b-b32-nodrop   170   120   step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --lora-dropout 0 --budget-s 15
+run step-7b-b16-pipelined 170  120   step --shape 7b --batch-size 16 --compile --no-part-syncs --group-by-length --budget-s 20 --profile "$SCRATCH/step-7b-b16-pipelined.prof"
+run step-7b-b16-graphs   170   120   step --shape 7b --batch-size 16 --compile --compile-mode reduce-overhead --no-part-syncs --group-by-length --no-reference --budget-s 15
 run eval-7b              120   90    eval --shape 7b --samples 32 --budget-s 20
 run step-7b-b16          100   60    step --shape 7b --batch-size 16 --lora-baseline --budget-s 25 --profile "$SCRATCH/step-7b-b16.prof"
 run step-7b-b16-compile  170   120   step --shape 7b --batch-size 16 --compile --lora-baseline --budget-s 25 --profile "$SCRATCH/step-7b-b16-compile.prof"

@@ -522,6 +522,35 @@ def test_step_without_reference_never_runs_it_and_has_no_ratio(synthetic_titles,
     assert main(["bench", "inputs", "--no-reference", "--no-record"]) == 2
 
 
+def test_step_all_params_count_is_every_llm_parameter_and_lora_dropout_reaches_the_layers(synthetic_titles):
+    """The issue's MFU count uses every LLM parameter once (embeddings, head, norms; tied
+    weights once; LoRA experts not), counted here by walking the modules' own tensors."""
+    setup, _ = step_bench.build_setup("tiny-quick", CPU, lora_dropout=0.0)
+    llm = setup.bundle.teacher.llm
+    spec = step_bench.SHAPES["tiny-quick"]
+    h, i, layers, vocab = spec["hidden_size"], spec["intermediate_size"], spec["num_hidden_layers"], llm.config.vocab_size
+    untied_head = not llm.config.tie_word_embeddings
+    expected = vocab * h * (2 if untied_head else 1) + layers * (4 * h * h + 3 * h * i + 2 * h) + h  # + norms
+    assert step_bench.base_params(llm) == expected
+    assert step_bench.all_params_flops(setup, 100, False) == 4 * expected * 100
+    assert step_bench.all_params_flops(setup, 100, True) == 6 * expected * 100
+    layers_ = gated_lora_modules(llm).values()
+    assert all(isinstance(layer.lora_dropout, nn.Identity) for layer in layers_)
+    setup, _ = step_bench.build_setup("tiny-quick", CPU)  # the teacher's default dropout
+    assert {layer.lora_dropout.p for layer in gated_lora_modules(setup.bundle.teacher.llm).values()} == {0.1}
+
+
+def test_step_cli_passes_lora_dropout_and_refuses_a_compile_mode_without_compile(synthetic_titles, capsys):
+    argv = ["bench", "step", "--quick", "--no-reference", "--lora-dropout", "0", "--repeats", "1", "--no-record", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["sizes"]["lora_dropout"] == 0.0 and result["sizes"]["compile_mode"] == "default"
+    assert result["variants"]["ours"]["mfu_all_params"] is None  # no peak FLOP/s on a CPU
+    assert main(["bench", "step", "--quick", "--compile-mode", "reduce-overhead", "--no-record"]) == 2
+    assert "--compile-mode needs --compile" in capsys.readouterr().err
+    assert main(["bench", "inputs", "--lora-dropout", "0", "--no-record"]) == 2
+
+
 def test_untimed_parts_neither_sync_nor_record(monkeypatch):
     synced = []
     monkeypatch.setattr(common, "sync", lambda device: synced.append(device))

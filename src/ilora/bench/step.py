@@ -50,6 +50,7 @@ on CPU MFU is null.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -129,7 +130,15 @@ def build_llm(shape: str, tokenizer, device: torch.device, dtype: torch.dtype, s
     return model
 
 
-def build_setup(shape: str, device: torch.device, *, gradient_checkpointing: bool = False, compile_layers: bool = False) -> tuple[StepSetup, str]:
+def build_setup(
+    shape: str,
+    device: torch.device,
+    *,
+    gradient_checkpointing: bool = False,
+    compile_layers: bool = False,
+    compile_mode: str | None = None,
+    lora_dropout: float | None = None,
+) -> tuple[StepSetup, str]:
     from ilora.data.dataset import Catalog
     from ilora.rec.sasrec import SASRec, SASRecConfig
     from ilora.teacher.adapters import enable_gradient_checkpointing
@@ -144,6 +153,8 @@ def build_setup(shape: str, device: torch.device, *, gradient_checkpointing: boo
         raise ConfigError(f"shape {shape!r}: expected one of {', '.join(SHAPES)}")
     if compile_layers and gradient_checkpointing:
         raise ConfigError("--compile with --gradient-checkpointing is not supported (see enable_gradient_checkpointing)")
+    if compile_mode is not None and not compile_layers:
+        raise ConfigError("--compile-mode needs --compile")
     titles, source = load_titles()
     template = load_template("music")
     tokenizer = build_tiny_tokenizer(titles + list(template.pieces) * 50, vocab_size=TOKENIZER_VOCAB)
@@ -153,11 +164,13 @@ def build_setup(shape: str, device: torch.device, *, gradient_checkpointing: boo
     rec = SASRec(SASRecConfig(num_items=len(titles), max_len=HISTORY_ITEMS)).eval()
     # no title truncation: the reference's f-strings carry whole titles
     cfg = TeacherConfig(llm=f"random-{shape}", max_title_tokens=1024)
+    if lora_dropout is not None:
+        cfg = dataclasses.replace(cfg, lora_dropout=lora_dropout)
     bundle = assemble(cfg, Catalog(tuple(titles)), rec.to(device), llm, tokenizer, str(device))
     teacher = bundle.teacher
     if gradient_checkpointing:
         enable_gradient_checkpointing(teacher.llm, teacher.gate_state)
-    compiled = CompiledLayers(teacher.llm) if compile_layers else None  # as `teacher.compile` in training
+    compiled = CompiledLayers(teacher.llm, mode=compile_mode) if compile_layers else None  # as `teacher.compile` in training
     optimizer = teacher_optimizer(teacher, cfg)  # the trainer's
     inputs = InputsSetup(
         tokenizer=tokenizer,
@@ -421,6 +434,19 @@ def useful_flops(setup: StepSetup, tokens: int, answer_tokens: int, gradient_che
     return (4 + (2 if gradient_checkpointing else 0)) * n * tokens + 4 * head * answer_tokens
 
 
+def base_params(llm: nn.Module) -> int:
+    """Elements of all of the LLM's own parameters (embeddings, LM head, norms; LoRA experts excluded), tied ones once."""
+    from ilora.teacher.adapters import adapter_parameters
+
+    lora = {id(p) for p in adapter_parameters(llm)}
+    return sum(p.numel() for p in llm.parameters() if id(p) not in lora)
+
+
+def all_params_flops(setup: StepSetup, tokens: int, gradient_checkpointing: bool) -> float:
+    """The issue's MFU count: ``(4 [+ 2]) x N x tokens`` with ``N`` every LLM parameter (`base_params`)."""
+    return (4 + (2 if gradient_checkpointing else 0)) * base_params(setup.bundle.teacher.llm) * tokens
+
+
 def memory(setup: StepSetup, samples: dict[str, torch.Tensor], variants: tuple[str, ...]) -> dict[str, dict[str, int]]:
     """Per variant: saved-activation bytes of the forward (both devices) and the CUDA peak of a full step."""
     teacher = setup.bundle.teacher
@@ -545,6 +571,8 @@ def run_bench(
     part_times: bool = True,
     group_by_length: bool = False,
     reference: bool = True,
+    compile_mode: str | None = None,
+    lora_dropout: float | None = None,
 ) -> dict[str, Any]:
     """Time a training step of the reference and of ours (and of ours with eager attention when
     ``eager_baseline``, of plain LoRA when ``lora_baseline``), interleaved on one model; one
@@ -553,7 +581,9 @@ def run_bench(
     syncs between their parts (inputs, forward, backward, optimizer), as training runs them.
     ``group_by_length``: the batch is `grouped_samples`' (as training with ``group_by_length``).
     ``reference=False`` leaves the reference out (for batches whose reference step does not
-    fit in memory): ``ratio`` is then None and MFU is the headline."""
+    fit in memory): ``ratio`` is then None and MFU is the headline. ``compile_mode`` is
+    torch.compile's mode for the compiled layers (e.g. ``reduce-overhead``: CUDA graphs);
+    ``lora_dropout`` overrides the teacher's default adapter dropout (0.1)."""
     shape = shape or ("tiny-quick" if quick else "tiny")
     if device.type == "cpu" and shape in ("1b", "7b"):
         raise ConfigError(f"shape {shape} is for CUDA; on CPU use tiny")
@@ -563,7 +593,9 @@ def run_bench(
     budget_s = budget_s if budget_s is not None else (10.0 if quick else 120.0)
     if fp32_baseline and (device.type != "cuda" or compile_layers):
         raise ConfigError("--fp32-baseline measures bf16 autocast against float32: CUDA only (on a CPU both run float32), without --compile")
-    setup, source = build_setup(shape, device, gradient_checkpointing=gradient_checkpointing, compile_layers=compile_layers)
+    setup, source = build_setup(
+        shape, device, gradient_checkpointing=gradient_checkpointing, compile_layers=compile_layers, compile_mode=compile_mode, lora_dropout=lora_dropout
+    )
     if group_by_length:
         samples = grouped_samples(setup, batch_size)
     else:
@@ -581,6 +613,7 @@ def run_bench(
     optimizers = compare_optimizers(setup, samples)
     profiled = profile_step(setup, samples, profile, part_times=part_times) if profile else None
     flops = useful_flops(setup, tokens, answer_tokens, gradient_checkpointing)
+    flops_all = all_params_flops(setup, tokens, gradient_checkpointing)
     peak = peak_flops(device)
     variants = {}
     for name, t in times.items():
@@ -589,6 +622,7 @@ def run_bench(
             "samples_per_s": batch_size / t.median,
             "tokens_per_s": tokens / t.median,
             "mfu": flops / t.median / peak if peak else None,
+            "mfu_all_params": flops_all / t.median / peak if peak else None,
             "memory": mem[name],
         }
     llm = setup.bundle.teacher.llm
@@ -615,6 +649,8 @@ def run_bench(
             "experts": setup.bundle.teacher.num_experts,
             "gradient_checkpointing": gradient_checkpointing,
             "compile": compile_layers,
+            "compile_mode": compile_mode or "default",
+            "lora_dropout": setup.bundle.config.lora_dropout,
             "attention": llm.config._attn_implementation,
             "part_syncs": part_times,
             "batch": "length-grouped (as group_by_length trains)" if group_by_length else "random samples",
@@ -624,6 +660,10 @@ def run_bench(
         "flops_per_step": flops,
         "flops_counted": "useful FLOPs: (4 + 2 if gradient checkpointing) x decoder linear weights x non-padding tokens "
         "+ 4 x H x V per answer token (LM head); attention scores and LoRA not counted",
+        "flops_all_params_per_step": flops_all,
+        "flops_all_params_counted": "the issue's count, as in the H100 anchor table it quotes (4 x 6.74e9 x tokens at 7B): "
+        "(4 + 2 if gradient checkpointing) x all of the LLM's parameters (embeddings and LM head included, LoRA excluded) "
+        "x non-padding tokens; the basis of mfu_all_params",
         "peak_flops": peak,
         "variants": variants,
         "ratio": times["reference"].median / times["ours"].median if reference else None,
@@ -664,14 +704,14 @@ def markdown_table(result: dict[str, Any]) -> list[str]:
     lines = [
         f"Shape `{s['shape']}` ({s['layers']} layers, hidden {s['hidden']}, vocab {s['vocab']}, {s['dtype']}), batch {s['batch_size']}, "
         f"{s['tokens_per_sample']:.0f} tokens/sample ({s.get('batch', 'random samples')}, padded to {s['padded_width']['ours']}), checkpointing {s['gradient_checkpointing']}, compile {s['compile']}, "
-        f"attention {s['attention']}" + ("." if s.get("part_syncs", True) else ", no device syncs between the step's parts (no per-part times)."),
+        f"attention {s['attention']}, compile mode {s.get('compile_mode', 'default')}, LoRA dropout {s.get('lora_dropout', '-')}" + ("." if s.get("part_syncs", True) else ", no device syncs between the step's parts (no per-part times)."),
         "",
-        "| variant | step ms (inputs / forward / backward / optimizer) | samples/s | tokens/s | MFU | saved MiB | CUDA peak MiB |",
+        "| variant | step ms (inputs / forward / backward / optimizer) | samples/s | tokens/s | MFU (issue's count: all parameters) | saved MiB | CUDA peak MiB |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for name, v in result["variants"].items():
         p = v.get("parts_median_s", {})
-        mfu = "-" if v["mfu"] is None else f"{100 * v['mfu']:.1f}%"
+        mfu = "-" if v["mfu"] is None else f"{100 * v['mfu']:.1f}% ({100 * v['mfu_all_params']:.1f}%)"
         lines.append(
             f"| {name} | {ms(v['median_s'])} ({ms(p.get('inputs'))} / {ms(p.get('forward'))} / {ms(p.get('backward'))} / {ms(p.get('optimizer'))}) "
             f"| {v['samples_per_s']:.2f} | {v['tokens_per_s']:.0f} | {mfu} | {mib(v['memory']['saved_activation_bytes'])} "

@@ -40,6 +40,8 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
     "no_part_syncs": ("step",),
     "group_by_length": ("step",),
     "no_reference": ("step",),
+    "compile_mode": ("step",),
+    "lora_dropout": ("step",),
     "samples": ("eval", "export"),
     "threads": ("export",),
     "data": ("grouping",),
@@ -81,6 +83,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
             part_times=not args.no_part_syncs,
             group_by_length=args.group_by_length,
             reference=not args.no_reference,
+            compile_mode=args.compile_mode,
+            lora_dropout=args.lora_dropout,
         )
     if args.benchmark in ("step", "grouping") and args.batch_size:
         kwargs["batch_size"] = args.batch_size
@@ -157,6 +161,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-reference", action="store_true",
         help="step: leave the reference variant out (batches whose reference step does not fit in memory); no ratio, MFU is the headline",
+    )
+    p.add_argument(
+        "--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
+        help="step (with --compile): torch.compile's mode for the decoder layers (reduce-overhead: CUDA graphs; default: what training uses)",
+    )
+    p.add_argument(
+        "--lora-dropout", type=float, default=None, metavar="P",
+        help="step: the adapters' dropout (default: the teacher's, 0.1; 0 measures what dropout costs)",
     )
     p.add_argument(
         "--profile", default=None, metavar="FILE",

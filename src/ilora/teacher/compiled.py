@@ -42,11 +42,14 @@ def check_can_compile(device: str) -> None:
 
 
 class CompiledLayers:
-    """Compiled ``forward`` of every decoder layer of ``llm``, installed by `active`."""
+    """Compiled ``forward`` of every decoder layer of ``llm``, installed by `active`.
 
-    def __init__(self, llm: nn.Module, backend: str = "inductor") -> None:
+    ``mode`` is torch.compile's (None: its default; the trainer uses the default; ``ilora
+    bench step --compile-mode`` measures the others)."""
+
+    def __init__(self, llm: nn.Module, backend: str = "inductor", mode: str | None = None) -> None:
         self.layers = list(llm.get_decoder().layers)
-        self.compiled = [torch.compile(layer.forward, backend=backend) for layer in self.layers]
+        self.compiled = [torch.compile(layer.forward, backend=backend, mode=mode) for layer in self.layers]
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
