@@ -7,8 +7,10 @@
 # Runs, in this order: inputs, adapter, step-7b-b32 (the 7B shape, one length-grouped batch of 32 in one
 # micro-batch, compiled decoder layers, no device syncs between the step's parts; ours only: its reference
 # does not fit; about 60 GiB), step-7b-b32-nodrop (the same with LoRA dropout 0: what dropout costs),
-# step-7b-b16-pipelined (the same at batch 16 with the reference; profiled), step-7b-b16-graphs (batch 16,
-# ours only, torch.compile's reduce-overhead mode: CUDA graphs against the device's idle time), eval-7b (score vs generation-based evaluation of 32 samples with the 7B shape), step-7b-b16
+# step-7b-b16-pipelined (the same at batch 16 with the reference, about 100 GiB: an H200; profiled),
+# step-7b-b16-ours and step-7b-b16-nodrop (batch 16 without the reference, fits an H100; dropout 0.1 and 0),
+# step-7b-b32-autotune (batch 32 with torch.compile's max-autotune-no-cudagraphs mode; about 130 s),
+# eval-7b (score vs generation-based evaluation of 32 samples with the 7B shape), step-7b-b16
 # (random samples, eager, with a plain-LoRA baseline, profiled), step-7b-b16-compile (the same compiled;
 # needs >= 120 s left), step-7b (batch 8), step-1b (with eager-attention and float32 baselines); then,
 # while time is left, step-7b-ckpt (gradient checkpointing) and step-1b-compile (only with >= 150 s left).
@@ -50,7 +52,7 @@ DEADLINE=$((START + CAP))
 NOTE="bench/gpu.sh"
 SELECTED=" $* "
 
-RUNS=" inputs adapter step-7b-b32 step-7b-b32-nodrop step-7b-b16-pipelined step-7b-b16-graphs eval-7b step-7b-b16 step-7b-b16-compile step-7b step-1b step-7b-ckpt step-1b-compile "
+RUNS=" inputs adapter step-7b-b32 step-7b-b32-nodrop step-7b-b16-pipelined step-7b-b16-ours step-7b-b16-nodrop step-7b-b32-autotune eval-7b step-7b-b16 step-7b-b16-compile step-7b step-1b step-7b-ckpt step-1b-compile "
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
 
@@ -140,7 +142,9 @@ run adapter              45    30    adapter --budget-s 10
 run step-7b-b32          170   120   step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --budget-s 20
 run step-7b-b32-nodrop   170   120   step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --lora-dropout 0 --budget-s 15
 run step-7b-b16-pipelined 170  120   step --shape 7b --batch-size 16 --compile --no-part-syncs --group-by-length --budget-s 20 --profile "$SCRATCH/step-7b-b16-pipelined.prof"
-run step-7b-b16-graphs   170   120   step --shape 7b --batch-size 16 --compile --compile-mode reduce-overhead --no-part-syncs --group-by-length --no-reference --budget-s 15
+run step-7b-b16-ours      170   90    step --shape 7b --batch-size 16 --compile --no-part-syncs --group-by-length --no-reference --budget-s 15
+run step-7b-b16-nodrop    170   90    step --shape 7b --batch-size 16 --compile --no-part-syncs --group-by-length --no-reference --lora-dropout 0 --budget-s 15
+run step-7b-b32-autotune 330   200   step --shape 7b --batch-size 32 --compile --compile-mode max-autotune-no-cudagraphs --no-part-syncs --group-by-length --no-reference --budget-s 15
 run eval-7b              120   90    eval --shape 7b --samples 32 --budget-s 20
 run step-7b-b16          100   60    step --shape 7b --batch-size 16 --lora-baseline --budget-s 25 --profile "$SCRATCH/step-7b-b16.prof"
 run step-7b-b16-compile  170   120   step --shape 7b --batch-size 16 --compile --lora-baseline --budget-s 25 --profile "$SCRATCH/step-7b-b16-compile.prof"

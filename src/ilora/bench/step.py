@@ -582,7 +582,7 @@ def run_bench(
     ``group_by_length``: the batch is `grouped_samples`' (as training with ``group_by_length``).
     ``reference=False`` leaves the reference out (for batches whose reference step does not
     fit in memory): ``ratio`` is then None and MFU is the headline. ``compile_mode`` is
-    torch.compile's mode for the compiled layers (e.g. ``reduce-overhead``: CUDA graphs);
+    torch.compile's mode for the compiled layers (e.g. ``max-autotune-no-cudagraphs``);
     ``lora_dropout`` overrides the teacher's default adapter dropout (0.1)."""
     shape = shape or ("tiny-quick" if quick else "tiny")
     if device.type == "cpu" and shape in ("1b", "7b"):

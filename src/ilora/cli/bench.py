@@ -163,8 +163,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="step: leave the reference variant out (batches whose reference step does not fit in memory); no ratio, MFU is the headline",
     )
     p.add_argument(
-        "--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"),
-        help="step (with --compile): torch.compile's mode for the decoder layers (reduce-overhead: CUDA graphs; default: what training uses)",
+        "--compile-mode", default=None, choices=("default", "max-autotune-no-cudagraphs"),
+        help="step (with --compile): torch.compile's mode for the decoder layers (default: what training uses). Not "
+        "reduce-overhead: its CUDA graphs fail when one compiled layer function serves every layer (bench/RESULTS.md)",
     )
     p.add_argument(
         "--lora-dropout", type=float, default=None, metavar="P",

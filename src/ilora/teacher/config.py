@@ -46,7 +46,9 @@ class TeacherConfig:
     scaling_convention: Literal["per_expert", "total"] = option(
         "per_expert", "per_expert: scaling = alpha / rank_per_expert (iLoRA's: 16); total: alpha / (E x rank) (peft's usual: 4)"
     )
-    lora_dropout: float = option(0.1, "dropout on the adapter input (iLoRA/LLaRA: 0.1)")
+    lora_dropout: float = option(
+        0.1, "dropout on the adapter input (iLoRA/LLaRA: 0.1); costs about 5 % of a compiled 7B step and 15 GiB at micro-batch 32 (bench/RESULTS.md)"
+    )
     target_modules: list[str] = option([], "linear layers to adapt (comma-separated names); empty = q,k,v,o,gate,up,down_proj")
     gate: Literal["mlp", "resnet"] = option("mlp", "gate network on SASRec's user representation: mlp or resnet (a small 1-D conv router like iLoRA's)")
     gate_hidden: int = option(32, "gate network width")
