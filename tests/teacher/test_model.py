@@ -151,6 +151,25 @@ def test_saved_teacher_reloads_identically(dataset, rec, tmp_path):
         )
 
 
+def test_gate_options_reach_the_gate_and_survive_save_and_load(dataset, rec, tmp_path):
+    """gate_blocks, gate_pool and gate_temperature build the ResNet router they describe, and a
+    saved teacher reloads with the same router (checked against a softmax written here)."""
+    from ilora.teacher.gate import ResNetGate
+
+    options = dict(gate="resnet", gate_hidden=6, gate_blocks=1, gate_pool=3, gate_temperature=0.5)
+    bundle = make_bundle(dataset, rec, **options)
+    save_teacher(bundle, tmp_path / "t", dataset.catalog)
+    loaded = load_teacher(tmp_path / "t", dataset.catalog)
+    user = torch.randn(5, rec.config.hidden, generator=torch.Generator().manual_seed(0))
+    for gate in (bundle.teacher.gate_net, loaded.teacher.gate_net):
+        assert isinstance(gate, ResNetGate)
+        assert len(gate.blocks) == 1 and gate.pool.output_size == 3 and gate.head.in_features == 6 * 3
+        expected = torch.exp(gate.logits(user) / 0.5)
+        torch.testing.assert_close(gate(user), expected / expected.sum(-1, keepdim=True))
+    assert torch.equal(bundle.teacher.gate_net(user), loaded.teacher.gate_net(user))
+    assert {k: getattr(loaded.config, k) for k in options} == options
+
+
 def _base_weight(teacher):
     return teacher.llm.get_decoder().layers[0].self_attn.q_proj.base_layer.weight
 

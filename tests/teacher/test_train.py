@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -189,6 +190,11 @@ def test_a_local_base_llm_is_recorded_by_absolute_path_and_resume_refuses_anothe
     check_same_options({**recorded, "llm": "base"}, resolve_llm_path(cfg), out)
     with pytest.raises(IloraError, match="llm: 'other' -> "):
         check_same_options({**recorded, "llm": "other"}, resolve_llm_path(cfg), out)
+    # a run recorded before the gate's blocks, pool and temperature were options ran with their defaults
+    older = {k: v for k, v in recorded.items() if k not in ("gate_blocks", "gate_pool", "gate_temperature")}
+    check_same_options({**older, "llm": "base"}, resolve_llm_path(cfg), out)
+    with pytest.raises(IloraError, match=r"gate_temperature: 1\.0 -> 0\.5"):
+        check_same_options({**older, "llm": "base"}, resolve_llm_path(dataclasses.replace(cfg, gate_temperature=0.5)), out)
     save_base(1)  # another model of the same shapes at the same path
     with pytest.raises(IloraError, match=r"base LLM \(--llm\).*llm: '[0-9a-f]{16}' -> '[0-9a-f]{16}'"):
         train_teacher(ds, cfg, tmp_path / "rec", out, resume=True)

@@ -24,6 +24,11 @@ from ilora.teacher.adapters import MoELoraConfig
 from ilora.teacher.gate import GateConfig
 
 # Metrics of the score protocol that can select the best checkpoint (``select_metric``).
+# Options added after runs were already being recorded. A record written before one existed
+# ran with that option's default (each was a fixed value before it became an option), so a
+# record missing one of these reads as its default (`with_added_defaults`).
+ADDED_OPTIONS = ("gate_blocks", "gate_pool", "gate_temperature")
+
 SELECT_METRICS = ("hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr", "mean_target_logprob")
 
 
@@ -52,6 +57,9 @@ class TeacherConfig:
     target_modules: list[str] = option([], "linear layers to adapt (comma-separated names); empty = q,k,v,o,gate,up,down_proj")
     gate: Literal["mlp", "resnet"] = option("mlp", "gate network on SASRec's user representation: mlp or resnet (a small 1-D conv router like iLoRA's)")
     gate_hidden: int = option(32, "gate network width")
+    gate_blocks: int = option(2, "resnet gate: residual conv blocks")
+    gate_pool: int = option(8, "resnet gate: positions kept by the adaptive average pool before its last Linear")
+    gate_temperature: float = option(1.0, "softmax temperature of the gate (below 1: sharper expert choice)")
     # -- training ---------------------------------------------------------------------------------
     epochs: int = option(1, "training epochs")
     max_steps: int = option(0, "stop after this many optimiser steps (0: no limit; for smoke runs)")
@@ -148,4 +156,14 @@ class TeacherConfig:
         )
 
     def gate_config(self) -> GateConfig:
-        return GateConfig(kind=self.gate, hidden=self.gate_hidden)
+        return GateConfig(
+            kind=self.gate, hidden=self.gate_hidden, blocks=self.gate_blocks, pool=self.gate_pool, temperature=self.gate_temperature
+        )
+
+
+def with_added_defaults(saved: dict) -> dict:
+    """``saved`` (a recorded ``TeacherConfig``) with each `ADDED_OPTIONS` entry it lacks set to its default."""
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(TeacherConfig) if f.name in ADDED_OPTIONS}
+    return {**defaults, **saved}

@@ -76,7 +76,7 @@ from ilora.teacher.adapters import adapter_state_dict, enable_gradient_checkpoin
 from ilora.teacher.batch import draw_hybrid_flags
 from ilora.teacher.build import base_weights_sample, build_teacher, rec_fingerprint, resolve_llm_path, save_teacher
 from ilora.teacher.compiled import CompiledLayers, check_can_compile
-from ilora.teacher.config import TeacherConfig
+from ilora.teacher.config import TeacherConfig, with_added_defaults
 from ilora.teacher.evaluate import evaluate_teacher
 from ilora.teacher.optim import build_scheduler, load_optimizer_state, teacher_optimizer, warmup_length
 
@@ -262,8 +262,9 @@ EARLIER_RUN_FILES = ("teacher_config.json", "train_config.json")  # a run killed
 
 def check_same_options(saved: dict | None, cfg: TeacherConfig, where: Path) -> None:
     """`check_resume_config` of the options; a run recorded with a relative ``llm`` path that
-    resolves to this run's absolute one (`resolve_llm_path`) counts as the same."""
-    saved = dict(saved or {})
+    resolves to this run's absolute one (`resolve_llm_path`) counts as the same, and a record
+    from before an option existed reads as that option's default (`with_added_defaults`)."""
+    saved = with_added_defaults(dict(saved or {})) if saved else {}
     if isinstance(saved.get("llm"), str) and resolve_llm_path(dataclasses.replace(cfg, llm=saved["llm"])).llm == cfg.llm:
         saved["llm"] = cfg.llm
     check_resume_config(saved, to_dict(cfg), where)
