@@ -7,6 +7,8 @@
 # Runs, in this order: inputs, adapter, step-7b-b32 (the 7B shape, one length-grouped batch of 32 in one
 # micro-batch, compiled decoder layers, no device syncs between the step's parts; ours only: its reference
 # does not fit; about 60 GiB), step-7b-b32-nodrop (the same with LoRA dropout 0: what dropout costs),
+# step-7b-b32-cycled (batch 32, cycling through 4 length-grouped batches from shortest to longest, as
+# training meets them: shape changes, recompilation in the warm-up, dynamic-shape kernels; not yet run),
 # step-7b-b16-pipelined (the same at batch 16 with the reference, about 100 GiB: an H200; profiled),
 # step-7b-b16-ours and step-7b-b16-nodrop (batch 16 without the reference, fits an H100; dropout 0.1 and 0),
 # step-7b-b32-autotune (batch 32 with torch.compile's max-autotune-no-cudagraphs mode; about 130 s),
@@ -52,7 +54,7 @@ DEADLINE=$((START + CAP))
 NOTE="bench/gpu.sh"
 SELECTED=" $* "
 
-RUNS=" inputs adapter step-7b-b32 step-7b-b32-nodrop step-7b-b16-pipelined step-7b-b16-ours step-7b-b16-nodrop step-7b-b32-autotune eval-7b step-7b-b16 step-7b-b16-compile step-7b step-1b step-7b-ckpt step-1b-compile "
+RUNS=" inputs adapter step-7b-b32 step-7b-b32-nodrop step-7b-b32-cycled step-7b-b16-pipelined step-7b-b16-ours step-7b-b16-nodrop step-7b-b32-autotune eval-7b step-7b-b16 step-7b-b16-compile step-7b step-1b step-7b-ckpt step-1b-compile "
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
 
@@ -141,6 +143,7 @@ run inputs               60    30    inputs --budget-s 10
 run adapter              45    30    adapter --budget-s 10
 run step-7b-b32          170   120   step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --budget-s 20
 run step-7b-b32-nodrop   170   120   step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --lora-dropout 0 --budget-s 15
+run step-7b-b32-cycled   200   150   step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --batches 4 --repeats 8 --budget-s 20
 run step-7b-b16-pipelined 170  120   step --shape 7b --batch-size 16 --compile --no-part-syncs --group-by-length --budget-s 20 --profile "$SCRATCH/step-7b-b16-pipelined.prof"
 run step-7b-b16-ours      170   90    step --shape 7b --batch-size 16 --compile --no-part-syncs --group-by-length --no-reference --budget-s 15
 run step-7b-b16-nodrop    170   90    step --shape 7b --batch-size 16 --compile --no-part-syncs --group-by-length --no-reference --lora-dropout 0 --budget-s 15

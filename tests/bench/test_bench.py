@@ -435,7 +435,7 @@ def test_step_timed_runs_swap_outside_the_step_and_restore(synthetic_titles):
     setup, _ = step_bench.build_setup("tiny-quick", CPU)
     llm = setup.bundle.teacher.llm
     samples = common.random_samples(len(synthetic_titles), 2, 10, 20, seed=0)
-    runs, contexts = step_bench.timed_runs(setup, samples, step_bench.VARIANTS)
+    runs, contexts = step_bench.timed_runs(setup, [samples], step_bench.VARIANTS)
     before = dict(gated_lora_modules(llm))
     assert len(before) == 7 * step_bench.SHAPES["tiny-quick"]["num_hidden_layers"]
     seen = {}
@@ -549,6 +549,50 @@ def test_step_cli_passes_lora_dropout_and_refuses_a_compile_mode_without_compile
     assert main(["bench", "step", "--quick", "--compile-mode", "max-autotune-no-cudagraphs", "--no-record"]) == 2
     assert "--compile-mode needs --compile" in capsys.readouterr().err
     assert main(["bench", "inputs", "--lora-dropout", "0", "--no-record"]) == 2
+
+
+def test_step_grouped_batches_span_the_window_and_runs_cycle_through_them(synthetic_titles, monkeypatch):
+    from ilora.teacher.train import GROUP_WINDOW
+
+    setup, _ = step_bench.build_setup("tiny-quick", CPU)
+    collator = setup.bundle.train_collator
+
+    def key(batch):  # a sample as (history, length, candidates, target) rows
+        return sorted(tuple(map(tuple, torch.cat([batch["history"], batch["length"][:, None], batch["candidates"], batch["target"][:, None]], 1).tolist())))
+
+    every = step_bench.grouped_batches(setup, 2, GROUP_WINDOW)  # the whole window: each of its batches once
+    pool = common.random_samples(len(synthetic_titles), GROUP_WINDOW * 2, 10, 20, seed=0)
+    assert sorted(row for b in every for row in key(b)) == key(pool)
+    means = [float(collator.token_counts(b["history"], b["length"], b["candidates"], b["target"]).float().mean()) for b in every]
+    assert means != sorted(means)  # shuffled, as training meets them
+    three = step_bench.grouped_batches(setup, 2, 3)
+    three_means = sorted(float(collator.token_counts(b["history"], b["length"], b["candidates"], b["target"]).float().mean()) for b in three)
+    assert three_means[0] == min(means) and three_means[-1] == max(means)  # shortest and longest of the window
+    assert key(step_bench.grouped_batches(setup, 2, 1)[0]) == key(step_bench.grouped_samples(setup, 2))
+    with pytest.raises(ConfigError, match="batches"):
+        step_bench.grouped_batches(setup, 2, GROUP_WINDOW + 1)
+
+    stepped = []
+    monkeypatch.setattr(step_bench, "step_in_context", lambda setup, samples, parts, variant: stepped.append((variant, id(samples))))
+    runs, _ = step_bench.timed_runs(setup, three, ("ours", "lora"))
+    for _ in range(4):
+        runs["ours"](None)
+    runs["lora"](None)
+    assert stepped == [("ours", id(three[i])) for i in (0, 1, 2, 0)] + [("lora", id(three[0]))]
+
+
+def test_step_with_several_batches_reports_rates_over_the_timed_steps(synthetic_titles, capsys):
+    argv = ["bench", "step", "--quick", "--no-reference", "--group-by-length", "--batches", "3", "--batch-size", "2"]
+    assert main([*argv, "--repeats", "2", "--warmup", "1", "--no-record", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    sizes, ours = result["sizes"], result["variants"]["ours"]
+    each = sizes["tokens_per_sample_each"]
+    assert sizes["batches"] == 3 and len(each) == 3 and sizes["tokens_per_sample"] == pytest.approx(sum(each) / 3)
+    # timed calls 1 and 2 (after one warm-up call) stepped on batches 1 and 2
+    seconds = ours["median_s"] * 2  # the median of two rounds is their mean
+    assert ours["tokens_per_s"] == pytest.approx(2 * (each[1] + each[2]) / seconds)
+    assert ours["samples_per_s"] == pytest.approx(4 / seconds)
+    assert main(["bench", "inputs", "--batches", "2", "--no-record"]) == 2
 
 
 def test_untimed_parts_neither_sync_nor_record(monkeypatch):

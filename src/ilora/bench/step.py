@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import time
 from collections.abc import Iterator
@@ -188,19 +189,33 @@ def build_setup(
     return StepSetup(bundle, inputs, optimizer, params, device, device.type == "cuda", shape, compiled), source
 
 
-def grouped_samples(setup: StepSetup, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A batch as the trainer's ``group_by_length`` forms them: ``GROUP_WINDOW`` batches of
-    random samples, sorted by prompt length and cut into batches (`length_grouped`); of those,
-    the batch whose mean prompt length is the median's (a typical batch, not the shortest)."""
+def grouped_batches(setup: StepSetup, batch_size: int, count: int = 1, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """``count`` batches as the trainer's ``group_by_length`` forms them: ``GROUP_WINDOW``
+    batches of random samples, sorted by prompt length and cut into batches
+    (`length_grouped`). One batch: the one whose mean prompt length is the median's (a
+    typical batch, not the shortest). Several: evenly spaced over the window's batches
+    ordered by mean length (shortest to longest), returned in a shuffled order, as training
+    meets them."""
     from ilora.teacher.train import GROUP_WINDOW, length_grouped
 
+    if not 1 <= count <= GROUP_WINDOW:
+        raise ConfigError(f"batches: must be between 1 and {GROUP_WINDOW}, got {count}")
     pool = random_samples(len(setup.inputs.titles), GROUP_WINDOW * batch_size, HISTORY_ITEMS, CANDIDATES, seed=seed)
     lengths = setup.bundle.train_collator.token_counts(pool["history"], pool["length"], pool["candidates"], pool["target"]).numpy()
-    order = length_grouped(np.arange(len(lengths)), lengths, batch_size, np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    order = length_grouped(np.arange(len(lengths)), lengths, batch_size, rng)
     batches = order.reshape(GROUP_WINDOW, batch_size)
-    means = lengths[batches].mean(axis=1)
-    chosen = torch.from_numpy(batches[np.argsort(means, kind="stable")[GROUP_WINDOW // 2]])
-    return {key: value[chosen] for key, value in pool.items()}
+    by_length = batches[np.argsort(lengths[batches].mean(axis=1), kind="stable")]
+    if count == 1:
+        picked = [by_length[GROUP_WINDOW // 2]]
+    else:
+        picked = [by_length[i] for i in rng.permutation(np.linspace(0, GROUP_WINDOW - 1, count).round().astype(int))]
+    return [{key: value[torch.from_numpy(rows)] for key, value in pool.items()} for rows in picked]
+
+
+def grouped_samples(setup: StepSetup, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """The typical length-grouped batch (`grouped_batches` with one batch)."""
+    return grouped_batches(setup, batch_size, 1, seed)[0]
 
 
 def _autocast(setup: StepSetup):
@@ -328,10 +343,18 @@ def train_step(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts,
         return step_in_context(setup, samples, parts, variant)
 
 
-def timed_runs(setup: StepSetup, samples: dict[str, torch.Tensor], variants: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any]]:
+def timed_runs(
+    setup: StepSetup, batches: list[dict[str, torch.Tensor]], variants: tuple[str, ...]
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(runs, contexts)`` for `interleave`: each run is one step, each context the variant's
-    `variant_context`, entered and left outside the timed call (the swap is not timed)."""
-    runs = {v: (lambda parts, v=v: step_in_context(setup, samples, parts, v)) for v in variants}
+    `variant_context`, entered and left outside the timed call (the swap is not timed). The
+    k-th call of a variant's run steps on ``batches[k % len(batches)]``."""
+
+    def cycling(variant: str):
+        calls = itertools.count()
+        return lambda parts: step_in_context(setup, batches[next(calls) % len(batches)], parts, variant)
+
+    runs = {v: cycling(v) for v in variants}
     contexts = {v: (lambda v=v: variant_context(setup, v)) for v in variants}
     return runs, contexts
 
@@ -573,6 +596,7 @@ def run_bench(
     reference: bool = True,
     compile_mode: str | None = None,
     lora_dropout: float | None = None,
+    batches: int = 1,
 ) -> dict[str, Any]:
     """Time a training step of the reference and of ours (and of ours with eager attention when
     ``eager_baseline``, of plain LoRA when ``lora_baseline``), interleaved on one model; one
@@ -583,13 +607,21 @@ def run_bench(
     ``reference=False`` leaves the reference out (for batches whose reference step does not
     fit in memory): ``ratio`` is then None and MFU is the headline. ``compile_mode`` is
     torch.compile's mode for the compiled layers (e.g. ``max-autotune-no-cudagraphs``);
-    ``lora_dropout`` overrides the teacher's default adapter dropout (0.1)."""
+    ``lora_dropout`` overrides the teacher's default adapter dropout (0.1). ``batches`` > 1
+    cycles the steps through that many batches of different lengths (`grouped_batches`, or
+    random batches), as training meets them: with ``compile_layers`` that includes the
+    recompilation for new shapes in the warm-up (which then covers every batch) and the
+    dynamic-shape kernels after it. Time, samples/s, tokens/s and MFU are then over the timed
+    steps together (their FLOPs and tokens summed, divided by their summed time); with one
+    batch they use the median step time."""
     shape = shape or ("tiny-quick" if quick else "tiny")
     if device.type == "cpu" and shape in ("1b", "7b"):
         raise ConfigError(f"shape {shape} is for CUDA; on CPU use tiny")
     if quick:
         repeats = min(repeats, 3)
-    warmup = warmup if warmup is not None else (2 if compile_layers else 1)
+    if batches < 1:
+        raise ConfigError(f"batches: must be >= 1, got {batches}")
+    warmup = warmup if warmup is not None else (2 if compile_layers else 1) + (batches if batches > 1 else 0)
     budget_s = budget_s if budget_s is not None else (10.0 if quick else 120.0)
     if fp32_baseline and (device.type != "cuda" or compile_layers):
         raise ConfigError("--fp32-baseline measures bf16 autocast against float32: CUDA only (on a CPU both run float32), without --compile")
@@ -597,17 +629,19 @@ def run_bench(
         shape, device, gradient_checkpointing=gradient_checkpointing, compile_layers=compile_layers, compile_mode=compile_mode, lora_dropout=lora_dropout
     )
     if group_by_length:
-        samples = grouped_samples(setup, batch_size)
+        batch_list = grouped_batches(setup, batch_size, batches)
     else:
-        samples = random_samples(len(setup.inputs.titles), batch_size, HISTORY_ITEMS, CANDIDATES, seed=0)
+        batch_list = [random_samples(len(setup.inputs.titles), batch_size, HISTORY_ITEMS, CANDIDATES, seed=i) for i in range(batches)]
+    samples = batch_list[0]
     variants = (("reference",) if reference else ()) + ("ours",) + (("ours_eager",) if eager_baseline else ()) + (("ours_fp32",) if fp32_baseline else ()) + (("lora",) if lora_baseline else ())
     check = check_equal(setup, samples, variants)
-    probe = our_batch(setup, samples)
-    tokens = int(probe.attention_mask.sum())
-    answer_tokens = probe.num_targets
-    padded_width = {"ours": probe.input_ids.shape[1], "reference": reference_tokens(setup.inputs, samples)["input_ids"].shape[1]}
+    probes = [our_batch(setup, b) for b in batch_list]
+    tokens_each = [int(p.attention_mask.sum()) for p in probes]
+    answers_each = [p.num_targets for p in probes]
+    tokens, answer_tokens = tokens_each[0], answers_each[0]
+    padded_width = {"ours": probes[0].input_ids.shape[1], "reference": reference_tokens(setup.inputs, samples)["input_ids"].shape[1]}
 
-    runs, contexts = timed_runs(setup, samples, variants)
+    runs, contexts = timed_runs(setup, batch_list, variants)
     times = interleave(runs, device, warmup=warmup, repeats=repeats, budget_s=budget_s, contexts=contexts, part_times=part_times)
     mem = memory(setup, samples, variants)
     optimizers = compare_optimizers(setup, samples)
@@ -617,12 +651,20 @@ def run_bench(
     peak = peak_flops(device)
     variants = {}
     for name, t in times.items():
+        if batches == 1:
+            steps, step_tokens, step_flops, step_flops_all, seconds = 1, tokens, flops, flops_all, t.median
+        else:  # the k-th call stepped on batch k % batches; the timed calls follow the warm-up's
+            used = [(warmup + j) % batches for j in range(len(t.totals))]
+            steps, seconds = len(used), sum(t.totals)
+            step_tokens = sum(tokens_each[i] for i in used)
+            step_flops = sum(useful_flops(setup, tokens_each[i], answers_each[i], gradient_checkpointing) for i in used)
+            step_flops_all = sum(all_params_flops(setup, tokens_each[i], gradient_checkpointing) for i in used)
         variants[name] = {
             **t.summary(),
-            "samples_per_s": batch_size / t.median,
-            "tokens_per_s": tokens / t.median,
-            "mfu": flops / t.median / peak if peak else None,
-            "mfu_all_params": flops_all / t.median / peak if peak else None,
+            "samples_per_s": steps * batch_size / seconds,
+            "tokens_per_s": step_tokens / seconds,
+            "mfu": step_flops / seconds / peak if peak else None,
+            "mfu_all_params": step_flops_all / seconds / peak if peak else None,
             "memory": mem[name],
         }
     llm = setup.bundle.teacher.llm
@@ -643,9 +685,11 @@ def run_bench(
             "decoder_linear_params": decoder_linear_params(llm),
             "dtype": "bfloat16 (adapters float32, bf16 autocast)" if setup.autocast else "float32",
             "batch_size": batch_size,
-            "tokens_per_sample": tokens / batch_size,
-            "answer_tokens_per_sample": answer_tokens / batch_size,
+            "tokens_per_sample": sum(tokens_each) / len(tokens_each) / batch_size,
+            "answer_tokens_per_sample": sum(answers_each) / len(answers_each) / batch_size,
             "padded_width": padded_width,
+            "batches": batches,
+            **({"tokens_per_sample_each": [n / batch_size for n in tokens_each]} if batches > 1 else {}),
             "experts": setup.bundle.teacher.num_experts,
             "gradient_checkpointing": gradient_checkpointing,
             "compile": compile_layers,
@@ -703,7 +747,14 @@ def markdown_table(result: dict[str, Any]) -> list[str]:
     s = result["sizes"]
     lines = [
         f"Shape `{s['shape']}` ({s['layers']} layers, hidden {s['hidden']}, vocab {s['vocab']}, {s['dtype']}), batch {s['batch_size']}, "
-        f"{s['tokens_per_sample']:.0f} tokens/sample ({s.get('batch', 'random samples')}, padded to {s['padded_width']['ours']}), checkpointing {s['gradient_checkpointing']}, compile {s['compile']}, "
+        f"{s['tokens_per_sample']:.0f} tokens/sample ({s.get('batch', 'random samples')}, padded to {s['padded_width']['ours']}"
+        + (
+            f"; {s['batches']} batches cycled, {min(s['tokens_per_sample_each']):.0f}-{max(s['tokens_per_sample_each']):.0f} tokens/sample, "
+            "times and MFU over the timed steps together"
+            if s.get("batches", 1) > 1
+            else ""
+        )
+        + f"), checkpointing {s['gradient_checkpointing']}, compile {s['compile']}, "
         f"attention {s['attention']}, compile mode {s.get('compile_mode', 'default')}, LoRA dropout {s.get('lora_dropout', '-')}" + ("." if s.get("part_syncs", True) else ", no device syncs between the step's parts (no per-part times)."),
         "",
         "| variant | step ms (inputs / forward / backward / optimizer) | samples/s | tokens/s | MFU (issue's count: all parameters) | saved MiB | CUDA peak MiB |",

@@ -42,6 +42,7 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
     "no_reference": ("step",),
     "compile_mode": ("step",),
     "lora_dropout": ("step",),
+    "batches": ("step",),
     "samples": ("eval", "export"),
     "threads": ("export",),
     "data": ("grouping",),
@@ -86,6 +87,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
             compile_mode=args.compile_mode,
             lora_dropout=args.lora_dropout,
         )
+        if args.batches is not None:
+            kwargs["batches"] = args.batches
     if args.benchmark in ("step", "grouping") and args.batch_size:
         kwargs["batch_size"] = args.batch_size
     if args.benchmark == "eval" and args.samples:
@@ -170,6 +173,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lora-dropout", type=float, default=None, metavar="P",
         help="step: the adapters' dropout (default: the teacher's, 0.1; 0 measures what dropout costs)",
+    )
+    p.add_argument(
+        "--batches", type=positive_int, default=None, metavar="N",
+        help="step: cycle the steps through N batches of different lengths, as training meets them (default 1: one batch); "
+        "with --compile the warm-up covers the recompilation for new shapes",
     )
     p.add_argument(
         "--profile", default=None, metavar="FILE",
