@@ -8,7 +8,7 @@
 # micro-batch, compiled decoder layers, no device syncs between the step's parts; ours only: its reference
 # does not fit; about 60 GiB), step-7b-b32-nodrop (the same with LoRA dropout 0: what dropout costs),
 # step-7b-b32-cycled (batch 32, cycling through 4 length-grouped batches from shortest to longest, as
-# training meets them: shape changes, recompilation in the warm-up, dynamic-shape kernels; not yet run),
+# training meets them: shape changes, recompilation in the warm-up, dynamic-shape kernels; 90 s on an H100),
 # step-7b-b16-pipelined (the same at batch 16 with the reference, about 100 GiB: an H200; profiled),
 # step-7b-b16-ours and step-7b-b16-nodrop (batch 16 without the reference, fits an H100; dropout 0.1 and 0),
 # step-7b-b32-autotune (batch 32 with torch.compile's max-autotune-no-cudagraphs mode; about 130 s),
