@@ -115,6 +115,87 @@ def test_a_stage_rerun_with_the_same_config_refreshes_what_reads_it(tmp_path, ca
     assert token == marker["key"] and calls == ["a", "b", "a", "b"]
 
 
+def test_a_record_of_the_same_work_under_another_key_counts_as_current(tmp_path):
+    """A finished or interrupted stage is kept when its record differs only in how the run is
+    carried out (compile, workers, ...) or was written before an option existed (the legacy
+    form drops that option at its default); the skipped stage keeps its token, so what reads
+    it stays up to date. Anything else still reruns."""
+    from ilora.pipeline.stages import run_stage, stage_key
+
+    calls = []
+
+    def stage(name):
+        return lambda directory: calls.append(name) or {"name": name}
+
+    def legacy(config):  # "depth" became an option later; before, it was always 2
+        return {k: v for k, v in config.items() if not (k == "depth" and v == 2)}
+
+    def both(config):
+        token, _ = run_stage(tmp_path, "a", config, [], stage("a"), keep_partial=True, legacy=legacy)
+        run_stage(tmp_path, "b", {"y": 1}, [token], stage("b"))
+        return token
+
+    first = both({"x": 1, "depth": 2, "compile": False})
+    assert both({"x": 1, "depth": 2, "compile": True, "workers": 4}) == first and calls == ["a", "b"]
+    # a record from before "depth" existed: its key was made without it
+    old = {"x": 1, "compile": False}
+    marker = json.loads((tmp_path / "a" / "stage.json").read_text())
+    (tmp_path / "a" / "stage.json").write_text(json.dumps({**marker, "key": stage_key(old, []), "config": old}))
+    token = both({"x": 1, "depth": 2, "compile": False})
+    assert token.startswith(stage_key(old, [])) and calls == ["a", "b", "b"]  # b read another token
+    assert both({"x": 1, "depth": 2, "compile": False}) == token and calls == ["a", "b", "b"]
+    both({"x": 1, "depth": 3, "compile": False})  # not the default it had: another config
+    assert calls == ["a", "b", "b", "a", "b"]
+    # interrupted: an older bare-key stage.pending of the legacy form, and a JSON one that
+    # differs only in a resumable option, are resumed (files kept); another config is not
+    for pending in (stage_key(old, []), json.dumps({"key": "k", "config": {"x": 1, "depth": 2, "compile": True}})):
+        (tmp_path / "a" / "stage.json").unlink()
+        (tmp_path / "a" / "stage.pending").write_text(pending.replace('"k"', json.dumps(stage_key({"x": 1, "depth": 2, "compile": True}, []))))
+        (tmp_path / "a" / "partial").write_text("checkpoint")
+        both({"x": 1, "depth": 2, "compile": False})
+        assert (tmp_path / "a" / "partial").is_file()
+    (tmp_path / "a" / "stage.json").unlink()
+    (tmp_path / "a" / "stage.pending").write_text(json.dumps({"key": stage_key({"x": 9}, []), "config": {"x": 9}}))
+    both({"x": 1, "depth": 2, "compile": False})
+    assert not (tmp_path / "a" / "partial").exists()
+
+
+def test_an_older_teacher_stage_without_the_gate_options_stays_up_to_date(tmp_path, capsys):
+    """A run directory whose teacher stage was recorded before gate_blocks, gate_pool and
+    gate_temperature were options is not retrained (nor anything downstream of it)."""
+    from ilora.pipeline.stages import stage_key
+    from ilora.teacher.config import ADDED_OPTIONS
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run")}))
+    assert main(["run", str(config)]) == 0
+    run = tmp_path / "run"
+    sasrec = json.loads((run / "sasrec" / "stage.json").read_text())
+    marker = json.loads((run / "teacher" / "stage.json").read_text())
+    old = {k: v for k, v in marker["config"].items() if k not in ADDED_OPTIONS}
+    upstream = [f"{sasrec['key']}:{sasrec['run_id']}"]
+    assert stage_key(marker["config"], upstream) == marker["key"]  # the upstream the test rebuilds is the real one
+    (run / "teacher" / "stage.json").write_text(json.dumps({**marker, "key": stage_key(old, upstream), "config": old}))
+
+    def token(name):
+        m = json.loads((run / name / "stage.json").read_text())
+        return f"{m['key']}:{m['run_id']}"
+
+    def rekey(name, upstream):  # as the older version keyed the stages downstream of that teacher
+        m = json.loads((run / name / "stage.json").read_text())
+        (run / name / "stage.json").write_text(json.dumps({**m, "key": stage_key(m["config"], upstream)}))
+
+    rekey("eval", [token("teacher")])
+    rekey("export", [token("teacher")])
+    rekey("distill", [token("export"), token("data")])
+    capsys.readouterr()
+    assert main(["run", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert "teacher: up to date" in err and "eval: up to date" in err and "distill: up to date" in err
+    assert main(["run", str(config), "teacher.gate_temperature=0.5"]) == 0
+    assert "teacher: running" in capsys.readouterr().err
+
+
 def test_bad_override_is_a_clear_error(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(SMALL))

@@ -170,6 +170,22 @@ def test_gate_options_reach_the_gate_and_survive_save_and_load(dataset, rec, tmp
     assert {k: getattr(loaded.config, k) for k in options} == options
 
 
+def test_a_teacher_saved_before_the_gate_options_existed_loads_with_their_defaults(dataset, rec, tmp_path):
+    from ilora.teacher.config import ADDED_OPTIONS
+
+    bundle = make_bundle(dataset, rec, gate="resnet", gate_hidden=6)
+    save_teacher(bundle, tmp_path / "t", dataset.catalog)
+    meta_path = tmp_path / "t" / "teacher_config.json"
+    meta = json.loads(meta_path.read_text())
+    assert set(ADDED_OPTIONS) <= set(meta["config"])
+    meta["config"] = {k: v for k, v in meta["config"].items() if k not in ADDED_OPTIONS}
+    meta_path.write_text(json.dumps(meta))
+    loaded = load_teacher(tmp_path / "t", dataset.catalog)
+    assert (loaded.config.gate_blocks, loaded.config.gate_pool, loaded.config.gate_temperature) == (2, 8, 1.0)
+    user = torch.randn(3, rec.config.hidden, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(bundle.teacher.gate_net(user), loaded.teacher.gate_net(user))
+
+
 def _base_weight(teacher):
     return teacher.llm.get_decoder().layers[0].self_attn.q_proj.base_layer.weight
 

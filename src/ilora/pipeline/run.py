@@ -14,6 +14,7 @@ from ilora.config import to_dict
 from ilora.data import SeqDataset, candidate_sets, load_dataset, read_native, synthetic_from_config, write_native
 from ilora.pipeline.config import RunConfig, check_devices, check_run_config
 from ilora.pipeline.stages import run_stage
+from ilora.teacher.config import without_added_defaults
 from ilora.state_io import atomic_write_text
 
 
@@ -147,7 +148,8 @@ def run_pipeline(cfg: RunConfig) -> dict:
     rec_dir = run_dir / "sasrec" / "model"
     _, results["sasrec"] = run_stage(run_dir, "sasrec_eval", sasrec_eval_config(cfg), [rec_key], checked(lambda d: stage_sasrec_eval(cfg, dataset, rec_dir)))
     teacher_key, results["teacher"] = run_stage(
-        run_dir, "teacher", to_dict(cfg.teacher), [rec_key], checked(lambda d: stage_teacher(cfg, dataset, rec_dir, d)), keep_partial=True
+        run_dir, "teacher", to_dict(cfg.teacher), [rec_key], checked(lambda d: stage_teacher(cfg, dataset, rec_dir, d)), keep_partial=True,
+        legacy=without_added_defaults,
     )
     teacher_dir = run_dir / "teacher" / "model"
     _, results["eval"] = run_stage(run_dir, "eval", to_dict(cfg.eval), [teacher_key], checked(lambda d: stage_eval(cfg, dataset, teacher_dir, rec_dir, d)))

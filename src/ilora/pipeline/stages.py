@@ -8,6 +8,14 @@ or whose ``stage.json`` was lost) is run again from a clean directory, and so is
 everything downstream of it: downstream keys include its token, its key plus the random
 id of the run that completed it, so a rerun with the very same config (which need not
 give bit-identical weights, e.g. on a GPU) still refreshes what was built on it.
+
+Two records count as the current config too, so that a finished or interrupted stage is
+not thrown away for a change that does not touch its results: one whose config differs only
+in options that change how a run is carried out (`RESUMABLE_CHANGES`: ``compile``,
+``workers``, ...), and one written before an option existed, which ran with that option's
+default (the stage's ``legacy`` form of the config drops such options at their defaults;
+for the teacher `ilora.teacher.config.without_added_defaults`). A skipped stage keeps its
+recorded token, so the stages downstream of it stay up to date as well.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from typing import Any
 
 from ilora.state_io import atomic_write_text
 
+from ilora.checkpointing import RESUMABLE_CHANGES
+
 MARKER = "stage.json"
 PENDING = "stage.pending"
 
@@ -37,6 +47,48 @@ def stage_token(key: str, run_id: str | None) -> str:
     """What downstream keys include: the key and the id of the run that completed the stage
     (markers written before run ids existed have none: their key alone)."""
     return key if run_id is None else f"{key}:{run_id}"
+
+
+def _as_recorded(config: Any) -> Any:
+    """``config`` as a record of it reads back (JSON, as `run_stage` writes it)."""
+    return json.loads(json.dumps(config, default=str))
+
+
+def _same_work(recorded: Any, config: Any, legacy: Callable[[Any], Any]) -> bool:
+    """``recorded`` and ``config`` are equal once `RESUMABLE_CHANGES` and options at the
+    defaults they had before they existed (``legacy``) are left out."""
+
+    def essential(c: Any) -> Any:
+        c = legacy(c)
+        return {k: v for k, v in c.items() if k not in RESUMABLE_CHANGES} if isinstance(c, dict) else c
+
+    return essential(_as_recorded(recorded)) == essential(_as_recorded(config))
+
+
+def _matches(key: str, recorded_key: str | None, recorded_config: Any, config: Any, upstream: list[str], legacy: Callable[[Any], Any]) -> bool:
+    """Whether a record (its key, and its config when it kept one) stands for ``config`` on
+    ``upstream``: the same key; or a config that is the same work (`_same_work`) and whose key
+    was made with this very upstream; or, for a record that kept only its key, the key an
+    older version made from ``config``'s legacy form."""
+    if recorded_key == key:
+        return True
+    if recorded_config is not None:
+        return stage_key(recorded_config, upstream) == recorded_key and _same_work(recorded_config, config, legacy)
+    return recorded_key == stage_key(legacy(_as_recorded(config)), upstream)
+
+
+def _read_pending(path: Path) -> tuple[str | None, Any]:
+    """(key, config) of a ``stage.pending`` file: JSON ``{"key", "config"}``, or a bare key (older runs)."""
+    if not path.is_file():
+        return None, None
+    text = path.read_text(encoding="utf-8").strip()
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        return text, None
+    if isinstance(record, dict) and isinstance(record.get("key"), str):
+        return record["key"], record.get("config")
+    return text, None
 
 
 def read_marker(directory: Path) -> dict | None:
@@ -57,6 +109,7 @@ def run_stage(
     fn: Callable[[Path], dict],
     *,
     keep_partial: bool = False,
+    legacy: Callable[[Any], Any] = lambda config: config,
 ) -> tuple[str, dict]:
     """Run ``fn(stage_dir)`` unless ``stage.json`` already records the same key.
 
@@ -64,22 +117,25 @@ def run_stage(
     key, no ``stage.json``) keeps its files, for ``fn`` to resume them (trainers from their
     checkpoints, export from its shards); any other stage starts from a clean directory.
     Returns ``(token, result)``: the token (key and completion id) is what downstream stages
-    pass as ``upstream``.
+    pass as ``upstream``. A record of the same work under another key (module docstring;
+    ``legacy`` gives the config as a version before its newest options recorded it) counts
+    as current: a finished stage is skipped with its recorded token, an interrupted one resumed.
     """
     directory = run_dir / name
     key = stage_key(config, upstream)
     marker = read_marker(directory)
-    if marker is not None and marker.get("key") == key:
+    if marker is not None and _matches(key, marker.get("key"), marker.get("config"), config, upstream, legacy):
         print(f"[run] {name}: up to date, skipped", file=sys.stderr, flush=True)
-        return stage_token(key, marker.get("run_id")), marker["result"]
-    # Resume only an interrupted run of this very config (stage.pending holds its key);
-    # anything else (another config, a finished stage now stale) starts clean.
+        return stage_token(marker["key"], marker.get("run_id")), marker["result"]
+    # Resume only an interrupted run of this config (stage.pending records it); anything
+    # else (another config, a finished stage now stale) starts clean.
     pending = directory / PENDING
-    resumable = keep_partial and marker is None and pending.is_file() and pending.read_text().strip() == key
+    pending_key, pending_config = _read_pending(pending)
+    resumable = keep_partial and marker is None and pending_key is not None and _matches(key, pending_key, pending_config, config, upstream, legacy)
     if directory.exists() and not resumable:
         shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(pending, key)
+    atomic_write_text(pending, json.dumps({"key": key, "config": config}, default=str))
     print(f"[run] {name}: {'resuming' if resumable else 'running'}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     result = fn(directory)

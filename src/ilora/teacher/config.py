@@ -14,6 +14,7 @@ by the number of experts.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -23,12 +24,13 @@ from ilora.errors import ConfigError
 from ilora.teacher.adapters import MoELoraConfig
 from ilora.teacher.gate import GateConfig
 
-# Metrics of the score protocol that can select the best checkpoint (``select_metric``).
 # Options added after runs were already being recorded. A record written before one existed
 # ran with that option's default (each was a fixed value before it became an option), so a
-# record missing one of these reads as its default (`with_added_defaults`).
+# record missing one of these reads as its default (`with_added_defaults`; `ilora run`'s
+# stage records: `without_added_defaults`).
 ADDED_OPTIONS = ("gate_blocks", "gate_pool", "gate_temperature")
 
+# Metrics of the score protocol that can select the best checkpoint (``select_metric``).
 SELECT_METRICS = ("hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr", "mean_target_logprob")
 
 
@@ -112,6 +114,10 @@ class TeacherConfig:
         load_template(self.domain)  # an unknown domain or a missing template file fails now
         self.adapter_config()  # validates the adapter options
         self.gate_config()
+        if self.gate == "mlp" and (self.gate_blocks, self.gate_pool) != (2, 8):
+            raise ConfigError(
+                f"gate_blocks ({self.gate_blocks}) and gate_pool ({self.gate_pool}) apply to the resnet gate only; this config has gate: mlp"
+            )
 
     def _check_numbers(self) -> None:
         """Learning-rate schedule and regularisation options: finite and in range."""
@@ -161,9 +167,17 @@ class TeacherConfig:
         )
 
 
+def _added_defaults() -> dict:
+    return {f.name: f.default for f in dataclasses.fields(TeacherConfig) if f.name in ADDED_OPTIONS}
+
+
 def with_added_defaults(saved: dict) -> dict:
     """``saved`` (a recorded ``TeacherConfig``) with each `ADDED_OPTIONS` entry it lacks set to its default."""
-    import dataclasses
+    return {**_added_defaults(), **saved}
 
-    defaults = {f.name: f.default for f in dataclasses.fields(TeacherConfig) if f.name in ADDED_OPTIONS}
-    return {**defaults, **saved}
+
+def without_added_defaults(config: dict) -> dict:
+    """``config`` (a ``TeacherConfig`` as a dict) as a version before `ADDED_OPTIONS` recorded
+    it: those entries dropped where they hold their defaults (kept where they do not)."""
+    defaults = _added_defaults()
+    return {k: v for k, v in config.items() if not (k in defaults and v == defaults[k])}
