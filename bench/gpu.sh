@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The CUDA benchmarks in one call, for a session with one GPU (about 4 min on an H200, cap 300 s).
+# The CUDA benchmarks in one call, for a session with one GPU. The whole list takes about 12 min; nothing
+# starts after the cap (default 300 s), so a plain call runs the first few and skips the rest (each skip
+# says how to rerun it by name). Session 8 (H200 and H100): 153 s for the four 7B step runs of batch 32/16.
 #
 #   bash bench/gpu.sh                       # from the repository root; sets PYTHONPATH=src itself
 #   bash bench/gpu.sh step-7b step-7b-ckpt  # only the named runs (a partial rerun)
@@ -7,8 +9,8 @@
 # Runs, in this order: inputs, adapter, step-7b-b32 (the 7B shape, one length-grouped batch of 32 in one
 # micro-batch, compiled decoder layers, no device syncs between the step's parts; ours only: its reference
 # does not fit; about 60 GiB), step-7b-b32-nodrop (the same with LoRA dropout 0: what dropout costs),
-# step-7b-b32-cycled (batch 32, cycling through 4 length-grouped batches from shortest to longest, as
-# training meets them: shape changes, recompilation in the warm-up, dynamic-shape kernels; 90 s on an H100),
+# step-7b-b32-cycled (batch 32, cycling through 4 length-grouped batches of different lengths in a
+# shuffled order, as training meets them: shape changes, recompilation in the warm-up, dynamic-shape kernels; 90 s on an H100),
 # step-7b-b16-pipelined (the same at batch 16 with the reference, about 100 GiB: an H200; profiled),
 # step-7b-b16-ours and step-7b-b16-nodrop (batch 16 without the reference, fits an H100; dropout 0.1 and 0),
 # step-7b-b32-autotune (batch 32 with torch.compile's max-autotune-no-cudagraphs mode; about 130 s),
@@ -16,8 +18,8 @@
 # (random samples, eager, with a plain-LoRA baseline, profiled), step-7b-b16-compile (the same compiled;
 # needs >= 120 s left), step-7b (batch 8), step-1b (with eager-attention and float32 baselines); then,
 # while time is left, step-7b-ckpt (gradient checkpointing) and step-1b-compile (only with >= 150 s left).
-# The 7B runs at batch 16 need an H200's memory for the reference variant (about 100 GiB); on an H100 run
-# the others.
+# The 7B runs at batch 16 with the reference variant (step-7b-b16-pipelined, step-7b-b16, step-7b-b16-compile)
+# need an H200's memory (about 100 GiB); on an H100 name the others (all ours-only runs fit in 80 GiB).
 # Each run has its own `timeout -k 10`; a failed run does not stop the others; nothing starts after the cap
 # (ILORA_GPU_CAP_S, default 300 s). Titles: <repo>/shared/datasets/lastfm/id2name.txt when present (the
 # session copies it there: ../shared does not travel to the device), else $ILORA_SHARED or ../shared as
@@ -130,7 +132,7 @@ run() {  # run NAME LIMIT_S NEED_S ARGS... : one benchmark under `timeout`; skip
 import json, sys
 v = json.load(open(sys.argv[1])).get('variants', {}).get('ours', {})
 if v.get('mfu') is not None:
-    print(f\"MFU of ours {100 * v['mfu']:.1f} % ({100 * v['mfu_all_params']:.1f} % counting all parameters), {1e3 * v['median_s']:.1f} ms\")
+    print(f\"MFU of ours {100 * v['mfu']:.1f} % ({100 * v['mfu_all_params']:.1f} % counting all parameters), {1e3 * v.get('step_s', v['median_s']):.1f} ms\")
 " "$SCRATCH/$name.json" 2>/dev/null)
     [[ -n "$mfu" ]] && what="$what, $mfu"
     ((rc != 0)) && what="FAILED"

@@ -524,7 +524,7 @@ def test_step_without_reference_never_runs_it_and_has_no_ratio(synthetic_titles,
 
 def test_step_all_params_count_is_every_llm_parameter_and_lora_dropout_reaches_the_layers(synthetic_titles):
     """The issue's MFU count uses every LLM parameter once (embeddings, head, norms; tied
-    weights once; LoRA experts not), counted here by walking the modules' own tensors."""
+    weights once; LoRA experts not), against the closed-form count of a Llama's parameters."""
     setup, _ = step_bench.build_setup("tiny-quick", CPU, lora_dropout=0.0)
     llm = setup.bundle.teacher.llm
     spec = step_bench.SHAPES["tiny-quick"]
@@ -534,6 +534,10 @@ def test_step_all_params_count_is_every_llm_parameter_and_lora_dropout_reaches_t
     assert step_bench.base_params(llm) == expected
     assert step_bench.all_params_flops(setup, 100, False) == 4 * expected * 100
     assert step_bench.all_params_flops(setup, 100, True) == 6 * expected * 100
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, tie_word_embeddings=True))
+    assert step_bench.base_params(tied) == 50 * 8 + (4 * 8 * 8 + 3 * 8 * 16 + 2 * 8) + 8  # the shared table once
     layers_ = gated_lora_modules(llm).values()
     assert all(isinstance(layer.lora_dropout, nn.Identity) for layer in layers_)
     setup, _ = step_bench.build_setup("tiny-quick", CPU)  # the teacher's default dropout
@@ -568,7 +572,9 @@ def test_step_grouped_batches_span_the_window_and_runs_cycle_through_them(synthe
     three = step_bench.grouped_batches(setup, 2, 3)
     three_means = sorted(float(collator.token_counts(b["history"], b["length"], b["candidates"], b["target"]).float().mean()) for b in three)
     assert three_means[0] == min(means) and three_means[-1] == max(means)  # shortest and longest of the window
-    assert key(step_bench.grouped_batches(setup, 2, 1)[0]) == key(step_bench.grouped_samples(setup, 2))
+    one = step_bench.grouped_batches(setup, 2, 1)[0]  # the batch of median mean length
+    one_mean = float(collator.token_counts(one["history"], one["length"], one["candidates"], one["target"]).float().mean())
+    assert one_mean == sorted(means)[GROUP_WINDOW // 2]
     with pytest.raises(ConfigError, match="batches"):
         step_bench.grouped_batches(setup, 2, GROUP_WINDOW + 1)
 
@@ -588,10 +594,13 @@ def test_step_with_several_batches_reports_rates_over_the_timed_steps(synthetic_
     sizes, ours = result["sizes"], result["variants"]["ours"]
     each = sizes["tokens_per_sample_each"]
     assert sizes["batches"] == 3 and len(each) == 3 and sizes["tokens_per_sample"] == pytest.approx(sum(each) / 3)
-    # timed calls 1 and 2 (after one warm-up call) stepped on batches 1 and 2
+    assert sizes["warmup"] == 3  # --warmup 1 is raised so that every batch (and shape) is seen before timing
+    # timed calls 3 and 4 (after three warm-up calls) stepped on batches 0 and 1
     seconds = ours["median_s"] * 2  # the median of two rounds is their mean
-    assert ours["tokens_per_s"] == pytest.approx(2 * (each[1] + each[2]) / seconds)
+    assert ours["step_s"] == pytest.approx(ours["median_s"])
+    assert ours["tokens_per_s"] == pytest.approx(2 * (each[0] + each[1]) / seconds)
     assert ours["samples_per_s"] == pytest.approx(4 / seconds)
+    assert len(sizes["padded_width_each"]) == 3 and sizes["memory_measured_on"] == "the longest batch"
     assert main(["bench", "inputs", "--batches", "2", "--no-record"]) == 2
 
 

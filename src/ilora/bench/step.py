@@ -30,7 +30,10 @@ torch's default ``foreach`` kernels (`compare_optimizers`): the measurement behi
 
 With ``group_by_length`` the batch is one the trainer's ``group_by_length`` sampler would
 form (`grouped_samples`), so padding costs what it costs in such training; otherwise the
-samples are drawn at random.
+samples are drawn at random. With ``batches`` > 1 the steps cycle through that many batches
+of different lengths (`grouped_batches`), as training meets them, so compiled layers see new
+shapes (in the warm-up) and run their dynamic-shape kernels. ``lora_dropout`` overrides the
+teacher's adapter dropout (0 measures what it costs) and ``compile_mode`` torch.compile's mode.
 
 The variants run interleaved on one model; each variant's swap (reference adapters in,
 eager attention on) is made before its timed step and undone after it, outside the timer.
@@ -43,8 +46,11 @@ MFU counts useful FLOPs only: ``(4 + 2 if checkpointing) * N * tokens`` with ``N
 decoder layers' linear weights and ``tokens`` the non-padding tokens (frozen weights:
 forward 2N, input gradients 2N, no weight gradients; a recomputed forward 2N more),
 plus ``4 * H * V`` per answer token for the LM head. Attention-score FLOPs and the LoRA
-adapters are not counted. Peak FLOP/s come from `ilora.bench.common.PEAK_BF16_FLOPS`;
-on CPU MFU is null.
+adapters are not counted. ``mfu_all_params`` uses the issue's count instead, the one of the
+H100 anchor table it quotes: ``(4 [+ 2]) * P * tokens`` with ``P`` all of the LLM's
+parameters (embeddings and LM head too), which credits about 4 % at 7B that the step never
+computes (the embedding lookup, the head at non-answer tokens). Peak FLOP/s come from
+`ilora.bench.common.PEAK_BF16_FLOPS`; on CPU MFU is null.
 """
 
 from __future__ import annotations
@@ -154,6 +160,7 @@ def build_setup(
         raise ConfigError(f"shape {shape!r}: expected one of {', '.join(SHAPES)}")
     if compile_layers and gradient_checkpointing:
         raise ConfigError("--compile with --gradient-checkpointing is not supported (see enable_gradient_checkpointing)")
+    compile_mode = None if compile_mode == "default" else compile_mode
     if compile_mode is not None and not compile_layers:
         raise ConfigError("--compile-mode needs --compile")
     titles, source = load_titles()
@@ -190,9 +197,10 @@ def build_setup(
 
 
 def grouped_batches(setup: StepSetup, batch_size: int, count: int = 1, seed: int = 0) -> list[dict[str, torch.Tensor]]:
-    """``count`` batches as the trainer's ``group_by_length`` forms them: ``GROUP_WINDOW``
-    batches of random samples, sorted by prompt length and cut into batches
-    (`length_grouped`). One batch: the one whose mean prompt length is the median's (a
+    """``count`` length-grouped batches: ``GROUP_WINDOW`` batches of random samples, sorted by
+    prompt length and cut into batches (`length_grouped`, the trainer's sampler; the trainer
+    groups global batches and cuts them into micro-batches, so its extremes reach further
+    than a window of micro-batch-sized groups). One batch: the one whose mean prompt length is the median's (a
     typical batch, not the shortest). Several: evenly spaced over the window's batches
     ordered by mean length (shortest to longest), returned in a shuffled order, as training
     meets them."""
@@ -611,9 +619,11 @@ def run_bench(
     cycles the steps through that many batches of different lengths (`grouped_batches`, or
     random batches), as training meets them: with ``compile_layers`` that includes the
     recompilation for new shapes in the warm-up (which then covers every batch) and the
-    dynamic-shape kernels after it. Time, samples/s, tokens/s and MFU are then over the timed
-    steps together (their FLOPs and tokens summed, divided by their summed time); with one
-    batch they use the median step time."""
+    dynamic-shape kernels after it (the warm-up is at least ``batches`` rounds). Each variant's
+    step time (``step_s``) is then the mean of its timed steps (every variant steps on the same
+    sequence of batches), samples/s, tokens/s and MFU are over those steps together (their
+    FLOPs and tokens summed, divided by their summed time), and memory is measured on the
+    longest batch; with one batch the step time is the median."""
     shape = shape or ("tiny-quick" if quick else "tiny")
     if device.type == "cpu" and shape in ("1b", "7b"):
         raise ConfigError(f"shape {shape} is for CUDA; on CPU use tiny")
@@ -622,6 +632,7 @@ def run_bench(
     if batches < 1:
         raise ConfigError(f"batches: must be >= 1, got {batches}")
     warmup = warmup if warmup is not None else (2 if compile_layers else 1) + (batches if batches > 1 else 0)
+    warmup = max(warmup, batches) if batches > 1 else warmup  # every batch (and shape) seen before timing
     budget_s = budget_s if budget_s is not None else (10.0 if quick else 120.0)
     if fp32_baseline and (device.type != "cuda" or compile_layers):
         raise ConfigError("--fp32-baseline measures bf16 autocast against float32: CUDA only (on a CPU both run float32), without --compile")
@@ -639,16 +650,18 @@ def run_bench(
     tokens_each = [int(p.attention_mask.sum()) for p in probes]
     answers_each = [p.num_targets for p in probes]
     tokens, answer_tokens = tokens_each[0], answers_each[0]
+    longest = batch_list[int(np.argmax(tokens_each))]
     padded_width = {"ours": probes[0].input_ids.shape[1], "reference": reference_tokens(setup.inputs, samples)["input_ids"].shape[1]}
 
     runs, contexts = timed_runs(setup, batch_list, variants)
     times = interleave(runs, device, warmup=warmup, repeats=repeats, budget_s=budget_s, contexts=contexts, part_times=part_times)
-    mem = memory(setup, samples, variants)
+    mem = memory(setup, longest, variants)
     optimizers = compare_optimizers(setup, samples)
     profiled = profile_step(setup, samples, profile, part_times=part_times) if profile else None
     flops = useful_flops(setup, tokens, answer_tokens, gradient_checkpointing)
     flops_all = all_params_flops(setup, tokens, gradient_checkpointing)
     peak = peak_flops(device)
+    step_s = {name: t.median if batches == 1 else sum(t.totals) / len(t.totals) for name, t in times.items()}
     variants = {}
     for name, t in times.items():
         if batches == 1:
@@ -661,6 +674,7 @@ def run_bench(
             step_flops_all = sum(all_params_flops(setup, tokens_each[i], gradient_checkpointing) for i in used)
         variants[name] = {
             **t.summary(),
+            "step_s": step_s[name],
             "samples_per_s": steps * batch_size / seconds,
             "tokens_per_s": step_tokens / seconds,
             "mfu": step_flops / seconds / peak if peak else None,
@@ -689,7 +703,16 @@ def run_bench(
             "answer_tokens_per_sample": sum(answers_each) / len(answers_each) / batch_size,
             "padded_width": padded_width,
             "batches": batches,
-            **({"tokens_per_sample_each": [n / batch_size for n in tokens_each]} if batches > 1 else {}),
+            "warmup": warmup,
+            **(
+                {
+                    "tokens_per_sample_each": [n / batch_size for n in tokens_each],
+                    "padded_width_each": [p.input_ids.shape[1] for p in probes],
+                    "memory_measured_on": "the longest batch",
+                }
+                if batches > 1
+                else {}
+            ),
             "experts": setup.bundle.teacher.num_experts,
             "gradient_checkpointing": gradient_checkpointing,
             "compile": compile_layers,
@@ -701,41 +724,41 @@ def run_bench(
         },
         "titles": source,
         "equal_work_checked": check,
-        "flops_per_step": flops,
+        "flops_per_step": flops if batches == 1 else sum(useful_flops(setup, n, a, gradient_checkpointing) for n, a in zip(tokens_each, answers_each)) / batches,
         "flops_counted": "useful FLOPs: (4 + 2 if gradient checkpointing) x decoder linear weights x non-padding tokens "
         "+ 4 x H x V per answer token (LM head); attention scores and LoRA not counted",
-        "flops_all_params_per_step": flops_all,
+        "flops_all_params_per_step": flops_all if batches == 1 else sum(all_params_flops(setup, n, gradient_checkpointing) for n in tokens_each) / batches,
         "flops_all_params_counted": "the issue's count, as in the H100 anchor table it quotes (4 x 6.74e9 x tokens at 7B): "
         "(4 + 2 if gradient checkpointing) x all of the LLM's parameters (embeddings and LM head included, LoRA excluded) "
         "x non-padding tokens; the basis of mfu_all_params",
         "peak_flops": peak,
         "variants": variants,
-        "ratio": times["reference"].median / times["ours"].median if reference else None,
-        "ratio_means": "reference / ours median time of a full training step" if reference else "not measured (--no-reference)",
+        "ratio": step_s["reference"] / step_s["ours"] if reference else None,
+        "ratio_means": "reference / ours time of a full training step (step_s)" if reference else "not measured (--no-reference)",
         "optimizer": optimizers,
         "optimizer_means": "the optimizer part alone (clip + AdamW step) on ours' gradients: foreach=True (torch's default "
         "on CUDA) vs fused=True (what the trainer and the variants above run), median seconds",
         **({"profile": profiled} if profiled else {}),
         **(
             {
-                "sdpa_vs_eager": times["ours_eager"].median / times["ours"].median,
-                "sdpa_vs_eager_means": "ours with eager attention / ours with the default attention, median step time",
+                "sdpa_vs_eager": step_s["ours_eager"] / step_s["ours"],
+                "sdpa_vs_eager_means": "ours with eager attention / ours with the default attention, step time (step_s)",
             }
             if eager_baseline
             else {}
         ),
         **(
             {
-                "bf16_vs_fp32": times["ours_fp32"].median / times["ours"].median,
-                "bf16_vs_fp32_means": "ours in float32 without autocast / ours (bf16 weights, bf16 autocast), median step time",
+                "bf16_vs_fp32": step_s["ours_fp32"] / step_s["ours"],
+                "bf16_vs_fp32_means": "ours in float32 without autocast / ours (bf16 weights, bf16 autocast), step time (step_s)",
             }
             if fp32_baseline
             else {}
         ),
         **(
             {
-                "vs_lora": times["ours"].median / times["lora"].median,
-                "vs_lora_means": "ours / plain LoRA on the same weights (no gate), median step time",
+                "vs_lora": step_s["ours"] / step_s["lora"],
+                "vs_lora_means": "ours / plain LoRA on the same weights (no gate), step time (step_s)",
             }
             if lora_baseline
             else {}
@@ -749,8 +772,9 @@ def markdown_table(result: dict[str, Any]) -> list[str]:
         f"Shape `{s['shape']}` ({s['layers']} layers, hidden {s['hidden']}, vocab {s['vocab']}, {s['dtype']}), batch {s['batch_size']}, "
         f"{s['tokens_per_sample']:.0f} tokens/sample ({s.get('batch', 'random samples')}, padded to {s['padded_width']['ours']}"
         + (
-            f"; {s['batches']} batches cycled, {min(s['tokens_per_sample_each']):.0f}-{max(s['tokens_per_sample_each']):.0f} tokens/sample, "
-            "times and MFU over the timed steps together"
+            f"; {s['batches']} batches cycled, {min(s['tokens_per_sample_each']):.0f}-{max(s['tokens_per_sample_each']):.0f} tokens/sample "
+            f"padded to {min(s['padded_width_each'])}-{max(s['padded_width_each'])}; step time the mean of the timed steps, rates and MFU "
+            "over them together, memory on the longest batch"
             if s.get("batches", 1) > 1
             else ""
         )
@@ -764,7 +788,7 @@ def markdown_table(result: dict[str, Any]) -> list[str]:
         p = v.get("parts_median_s", {})
         mfu = "-" if v["mfu"] is None else f"{100 * v['mfu']:.1f}% ({100 * v['mfu_all_params']:.1f}%)"
         lines.append(
-            f"| {name} | {ms(v['median_s'])} ({ms(p.get('inputs'))} / {ms(p.get('forward'))} / {ms(p.get('backward'))} / {ms(p.get('optimizer'))}) "
+            f"| {name} | {ms(v.get('step_s', v['median_s']))} ({ms(p.get('inputs'))} / {ms(p.get('forward'))} / {ms(p.get('backward'))} / {ms(p.get('optimizer'))}) "
             f"| {v['samples_per_s']:.2f} | {v['tokens_per_s']:.0f} | {mfu} | {mib(v['memory']['saved_activation_bytes'])} "
             f"| {mib(v['memory'].get('cuda_peak_bytes'))} |"
         )

@@ -176,8 +176,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--batches", type=positive_int, default=None, metavar="N",
-        help="step: cycle the steps through N batches of different lengths, as training meets them (default 1: one batch); "
-        "with --compile the warm-up covers the recompilation for new shapes",
+        help="step: cycle the steps through N batches of different lengths (length-grouped with --group-by-length, else "
+        "random), as training meets them (default 1: one batch); the warm-up covers every batch, so recompilation for new "
+        "shapes is not timed",
     )
     p.add_argument(
         "--profile", default=None, metavar="FILE",
