@@ -224,3 +224,23 @@ def test_prompts_longer_than_the_models_context_are_reported(caplog) -> None:
         warn_long_prompts(np.array([10, 64]), SimpleNamespace(max_position_embeddings=64))
         warn_long_prompts(np.array([10, 640]), SimpleNamespace())  # a config without the field: nothing to compare
     assert caplog.text == ""
+
+
+def test_records_from_before_the_gate_options_read_as_their_old_values_not_todays_defaults(tmp_path, monkeypatch) -> None:
+    """A record without gate_pool ran with the old fixed 8; if the default ever changes (here
+    to 4), a run with the new default is other work: refused on resume, rerun by `ilora run`."""
+    from ilora.config import to_dict
+    from ilora.errors import IloraError
+    from ilora.pipeline.stages import _matches, stage_key
+    from ilora.teacher.config import ADDED_OPTIONS, without_added_defaults
+    from ilora.teacher.train import check_same_options
+
+    monkeypatch.setattr(TeacherConfig.__dataclass_fields__["gate_pool"], "default", 4)
+    current = TeacherConfig(gate="resnet", gate_pool=4)
+    old = {k: v for k, v in to_dict(TeacherConfig(gate="resnet")).items() if k not in ADDED_OPTIONS}
+    with pytest.raises(IloraError, match="gate_pool: 8 -> 4"):
+        check_same_options(old, current, tmp_path)
+    assert not _matches(stage_key(to_dict(current), []), stage_key(old, []), old, to_dict(current), [], without_added_defaults)
+    same = TeacherConfig(gate="resnet", gate_pool=8)
+    check_same_options(old, same, tmp_path)
+    assert _matches(stage_key(to_dict(same), []), stage_key(old, []), old, to_dict(same), [], without_added_defaults)

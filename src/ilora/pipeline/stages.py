@@ -2,19 +2,20 @@
 
 Each stage writes its outputs into ``<run>/<stage>/`` and, last, ``stage.json`` holding
 a key (a hash of the stage's config and of the keys of the stages it reads) and the
-stage's result. A stage whose ``stage.json`` holds the current key is skipped and its
-recorded result reused; any other stage (never run, interrupted, configured differently,
-or whose ``stage.json`` was lost) is run again from a clean directory, and so is
-everything downstream of it: downstream keys include its token, its key plus the random
+stage's result. A stage whose ``stage.json`` holds the current key (or a record of the same
+work, below) is skipped and its recorded result reused; any other stage (never run,
+configured differently, or whose ``stage.json`` was lost) is run again from a clean
+directory (an interrupted run of the same work resumes instead), and so is everything
+downstream of it: downstream keys include its token, its key plus the random
 id of the run that completed it, so a rerun with the very same config (which need not
 give bit-identical weights, e.g. on a GPU) still refreshes what was built on it.
 
 Two records count as the current config too, so that a finished or interrupted stage is
 not thrown away for a change that does not touch its results: one whose config differs only
 in options that change how a run is carried out (`RESUMABLE_CHANGES`: ``compile``,
-``workers``, ...), and one written before an option existed, which ran with that option's
-default (the stage's ``legacy`` form of the config drops such options at their defaults;
-for the teacher `ilora.teacher.config.without_added_defaults`). A skipped stage keeps its
+``workers``, ...), and one written before an option existed, which ran with the option's old
+fixed value (the stage's ``legacy`` form of the config drops such options where they hold
+that value; for the teacher `ilora.teacher.config.without_added_defaults`). A skipped stage keeps its
 recorded token, so the stages downstream of it stay up to date as well.
 """
 
@@ -111,10 +112,11 @@ def run_stage(
     keep_partial: bool = False,
     legacy: Callable[[Any], Any] = lambda config: config,
 ) -> tuple[str, dict]:
-    """Run ``fn(stage_dir)`` unless ``stage.json`` already records the same key.
+    """Run ``fn(stage_dir)`` unless ``stage.json`` already records the same key (or the same
+    work, `_matches`).
 
-    ``keep_partial``: an interrupted run of the same config (``stage.pending`` holds its
-    key, no ``stage.json``) keeps its files, for ``fn`` to resume them (trainers from their
+    ``keep_partial``: an interrupted run of the same work (``stage.pending`` records it, no
+    ``stage.json``) keeps its files, for ``fn`` to resume them (trainers from their
     checkpoints, export from its shards); any other stage starts from a clean directory.
     Returns ``(token, result)``: the token (key and completion id) is what downstream stages
     pass as ``upstream``. A record of the same work under another key (module docstring;

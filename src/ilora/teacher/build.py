@@ -57,7 +57,7 @@ from ilora.rec.sasrec import SASRec, load_sasrec
 from ilora.state_io import atomic_write_text, file_sha256, read_json, save_tensors
 from ilora.teacher.adapters import GateState, adapter_parameters, inject_gated_lora, load_adapters, save_adapters
 from ilora.teacher.batch import PromptCollator, TitleTable
-from ilora.teacher.config import TeacherConfig
+from ilora.teacher.config import TeacherConfig, with_added_defaults
 from ilora.teacher.gate import build_gate
 from ilora.teacher.model import ILoRATeacher
 from ilora.teacher.projector import ItemProjector
@@ -329,7 +329,7 @@ def read_teacher_config(ckpt: str | Path) -> tuple[TeacherConfig, dict]:
         if not isinstance(meta.get(key), kind):
             raise IloraError(f"{path}: entry {key!r} is missing or not a {'JSON object' if kind is dict else 'string'}")
     try:
-        cfg = from_dict(TeacherConfig, meta["config"])
+        cfg = from_dict(TeacherConfig, with_added_defaults(meta["config"]))
     except IloraError as exc:
         raise IloraError(f"{path}: invalid teacher config ({exc})") from None
     if version >= 2 and cfg.llm == "tiny" and not isinstance(meta.get("llm"), str):

@@ -24,11 +24,11 @@ from ilora.errors import ConfigError
 from ilora.teacher.adapters import MoELoraConfig
 from ilora.teacher.gate import GateConfig
 
-# Options added after runs were already being recorded. A record written before one existed
-# ran with that option's default (each was a fixed value before it became an option), so a
-# record missing one of these reads as its default (`with_added_defaults`; `ilora run`'s
-# stage records: `without_added_defaults`).
-ADDED_OPTIONS = ("gate_blocks", "gate_pool", "gate_temperature")
+# Options added after runs were already being recorded, with the fixed values every run had
+# before they existed. A record missing one of them reads as that value (`with_added_defaults`;
+# `ilora run`'s stage records: `without_added_defaults`). Pinned here, not read from the
+# current defaults: a later change of a default must not make old records match it.
+ADDED_OPTIONS: dict[str, object] = {"gate_blocks": 2, "gate_pool": 8, "gate_temperature": 1.0}
 
 # Metrics of the score protocol that can select the best checkpoint (``select_metric``).
 SELECT_METRICS = ("hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr", "mean_target_logprob")
@@ -114,7 +114,8 @@ class TeacherConfig:
         load_template(self.domain)  # an unknown domain or a missing template file fails now
         self.adapter_config()  # validates the adapter options
         self.gate_config()
-        if self.gate == "mlp" and (self.gate_blocks, self.gate_pool) != (2, 8):
+        resnet_only = {f.name: f.default for f in dataclasses.fields(self) if f.name in ("gate_blocks", "gate_pool")}
+        if self.gate == "mlp" and any(getattr(self, name) != default for name, default in resnet_only.items()):
             raise ConfigError(
                 f"gate_blocks ({self.gate_blocks}) and gate_pool ({self.gate_pool}) apply to the resnet gate only; this config has gate: mlp"
             )
@@ -167,17 +168,13 @@ class TeacherConfig:
         )
 
 
-def _added_defaults() -> dict:
-    return {f.name: f.default for f in dataclasses.fields(TeacherConfig) if f.name in ADDED_OPTIONS}
-
-
 def with_added_defaults(saved: dict) -> dict:
-    """``saved`` (a recorded ``TeacherConfig``) with each `ADDED_OPTIONS` entry it lacks set to its default."""
-    return {**_added_defaults(), **saved}
+    """``saved`` (a recorded ``TeacherConfig``) with each `ADDED_OPTIONS` entry it lacks set to
+    the value runs had before the option existed."""
+    return {**ADDED_OPTIONS, **saved}
 
 
 def without_added_defaults(config: dict) -> dict:
     """``config`` (a ``TeacherConfig`` as a dict) as a version before `ADDED_OPTIONS` recorded
-    it: those entries dropped where they hold their defaults (kept where they do not)."""
-    defaults = _added_defaults()
-    return {k: v for k, v in config.items() if not (k in defaults and v == defaults[k])}
+    it: those entries dropped where they hold their old fixed values (kept where they do not)."""
+    return {k: v for k, v in config.items() if not (k in ADDED_OPTIONS and v == ADDED_OPTIONS[k])}
