@@ -623,7 +623,7 @@ def run_bench(
     step time (``step_s``) is then the mean of its timed steps (every variant steps on the same
     sequence of batches), samples/s, tokens/s and MFU are over those steps together (their
     FLOPs and tokens summed, divided by their summed time), and memory is measured on the
-    longest batch; with one batch the step time is the median."""
+    widest batch (padded width); with one batch the step time is the median."""
     shape = shape or ("tiny-quick" if quick else "tiny")
     if device.type == "cpu" and shape in ("1b", "7b"):
         raise ConfigError(f"shape {shape} is for CUDA; on CPU use tiny")
@@ -650,7 +650,7 @@ def run_bench(
     tokens_each = [int(p.attention_mask.sum()) for p in probes]
     answers_each = [p.num_targets for p in probes]
     tokens, answer_tokens = tokens_each[0], answers_each[0]
-    longest = batch_list[int(np.argmax(tokens_each))]
+    longest = batch_list[max(range(batches), key=lambda i: (probes[i].input_ids.shape[1], tokens_each[i]))]  # the widest
     padded_width = {"ours": probes[0].input_ids.shape[1], "reference": reference_tokens(setup.inputs, samples)["input_ids"].shape[1]}
 
     runs, contexts = timed_runs(setup, batch_list, variants)
@@ -708,7 +708,7 @@ def run_bench(
                 {
                     "tokens_per_sample_each": [n / batch_size for n in tokens_each],
                     "padded_width_each": [p.input_ids.shape[1] for p in probes],
-                    "memory_measured_on": "the longest batch",
+                    "memory_measured_on": "the widest batch (padded width, then tokens)",
                 }
                 if batches > 1
                 else {}
@@ -770,11 +770,12 @@ def markdown_table(result: dict[str, Any]) -> list[str]:
     s = result["sizes"]
     lines = [
         f"Shape `{s['shape']}` ({s['layers']} layers, hidden {s['hidden']}, vocab {s['vocab']}, {s['dtype']}), batch {s['batch_size']}, "
-        f"{s['tokens_per_sample']:.0f} tokens/sample ({s.get('batch', 'random samples')}, padded to {s['padded_width']['ours']}"
+        f"{s['tokens_per_sample']:.0f} tokens/sample ({s.get('batch', 'random samples')}"
+        + (f", padded to {s['padded_width']['ours']}" if s.get("batches", 1) == 1 else "")
         + (
             f"; {s['batches']} batches cycled, {min(s['tokens_per_sample_each']):.0f}-{max(s['tokens_per_sample_each']):.0f} tokens/sample "
             f"padded to {min(s['padded_width_each'])}-{max(s['padded_width_each'])}; step time the mean of the timed steps, rates and MFU "
-            "over them together, memory on the longest batch"
+            "over them together, memory on the widest batch"
             if s.get("batches", 1) > 1
             else ""
         )
