@@ -378,7 +378,7 @@ def test_step_grouped_batch_is_the_median_batch_of_the_length_sorted_pool(synthe
     setup, _ = step_bench.build_setup("tiny-quick", CPU)
     collator = setup.bundle.train_collator
     count = lambda s: collator.token_counts(s["history"], s["length"], s["candidates"], s["target"]).numpy()  # noqa: E731
-    batch = step_bench.grouped_samples(setup, 8)
+    batch = step_bench.grouped_batches(setup, 8)[0]
     assert set(batch) == {"history", "length", "candidates", "target", "target_col"}
     assert torch.equal(batch["candidates"][torch.arange(8), batch["target_col"]], batch["target"])
 

@@ -29,7 +29,7 @@ AdamW). After the steps, the optimizer part alone is timed with ``fused=True`` a
 torch's default ``foreach`` kernels (`compare_optimizers`): the measurement behind that choice.
 
 With ``group_by_length`` the batch is one the trainer's ``group_by_length`` sampler would
-form (`grouped_samples`), so padding costs what it costs in such training; otherwise the
+form (`grouped_batches`), so padding costs what it costs in such training; otherwise the
 samples are drawn at random. With ``batches`` > 1 the steps cycle through that many batches
 of different lengths (`grouped_batches`), as training meets them, so compiled layers see new
 shapes (in the warm-up) and run their dynamic-shape kernels. ``lora_dropout`` overrides the
@@ -219,11 +219,6 @@ def grouped_batches(setup: StepSetup, batch_size: int, count: int = 1, seed: int
     else:
         picked = [by_length[i] for i in rng.permutation(np.linspace(0, GROUP_WINDOW - 1, count).round().astype(int))]
     return [{key: value[torch.from_numpy(rows)] for key, value in pool.items()} for rows in picked]
-
-
-def grouped_samples(setup: StepSetup, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """The typical length-grouped batch (`grouped_batches` with one batch)."""
-    return grouped_batches(setup, batch_size, 1, seed)[0]
 
 
 def _autocast(setup: StepSetup):
@@ -611,7 +606,7 @@ def run_bench(
     JSON-ready dict. With ``profile``, one more step of ours runs under torch.profiler
     afterwards (`profile_step`). ``part_times=False`` times whole steps without the device
     syncs between their parts (inputs, forward, backward, optimizer), as training runs them.
-    ``group_by_length``: the batch is `grouped_samples`' (as training with ``group_by_length``).
+    ``group_by_length``: the batch is `grouped_batches`' (as training with ``group_by_length``).
     ``reference=False`` leaves the reference out (for batches whose reference step does not
     fit in memory): ``ratio`` is then None and MFU is the headline. ``compile_mode`` is
     torch.compile's mode for the compiled layers (e.g. ``max-autotune-no-cudagraphs``);
@@ -632,7 +627,8 @@ def run_bench(
     if batches < 1:
         raise ConfigError(f"batches: must be >= 1, got {batches}")
     warmup = warmup if warmup is not None else (2 if compile_layers else 1) + (batches if batches > 1 else 0)
-    warmup = max(warmup, batches) if batches > 1 else warmup  # every batch (and shape) seen before timing
+    if batches > 1:
+        warmup = max(warmup, batches)  # every batch (and shape) seen before timing
     budget_s = budget_s if budget_s is not None else (10.0 if quick else 120.0)
     if fp32_baseline and (device.type != "cuda" or compile_layers):
         raise ConfigError("--fp32-baseline measures bf16 autocast against float32: CUDA only (on a CPU both run float32), without --compile")
@@ -649,7 +645,8 @@ def run_bench(
     probes = [our_batch(setup, b) for b in batch_list]
     tokens_each = [int(p.attention_mask.sum()) for p in probes]
     answers_each = [p.num_targets for p in probes]
-    tokens, answer_tokens = tokens_each[0], answers_each[0]
+    flops_each = [useful_flops(setup, n, a, gradient_checkpointing) for n, a in zip(tokens_each, answers_each)]
+    flops_all_each = [all_params_flops(setup, n, gradient_checkpointing) for n in tokens_each]
     longest = batch_list[max(range(batches), key=lambda i: (probes[i].input_ids.shape[1], tokens_each[i]))]  # the widest
     padded_width = {"ours": probes[0].input_ids.shape[1], "reference": reference_tokens(setup.inputs, samples)["input_ids"].shape[1]}
 
@@ -658,20 +655,16 @@ def run_bench(
     mem = memory(setup, longest, variants)
     optimizers = compare_optimizers(setup, samples)
     profiled = profile_step(setup, samples, profile, part_times=part_times) if profile else None
-    flops = useful_flops(setup, tokens, answer_tokens, gradient_checkpointing)
-    flops_all = all_params_flops(setup, tokens, gradient_checkpointing)
     peak = peak_flops(device)
     step_s = {name: t.median if batches == 1 else sum(t.totals) / len(t.totals) for name, t in times.items()}
     variants = {}
     for name, t in times.items():
-        if batches == 1:
-            steps, step_tokens, step_flops, step_flops_all, seconds = 1, tokens, flops, flops_all, t.median
-        else:  # the k-th call stepped on batch k % batches; the timed calls follow the warm-up's
-            used = [(warmup + j) % batches for j in range(len(t.totals))]
-            steps, seconds = len(used), sum(t.totals)
-            step_tokens = sum(tokens_each[i] for i in used)
-            step_flops = sum(useful_flops(setup, tokens_each[i], answers_each[i], gradient_checkpointing) for i in used)
-            step_flops_all = sum(all_params_flops(setup, tokens_each[i], gradient_checkpointing) for i in used)
+        # the k-th call stepped on batch k % batches; the timed calls follow the warm-up's
+        used = [0] if batches == 1 else [(warmup + j) % batches for j in range(len(t.totals))]
+        steps, seconds = len(used), step_s[name] * len(used)
+        step_tokens = sum(tokens_each[i] for i in used)
+        step_flops = sum(flops_each[i] for i in used)
+        step_flops_all = sum(flops_all_each[i] for i in used)
         variants[name] = {
             **t.summary(),
             "step_s": step_s[name],
@@ -724,10 +717,10 @@ def run_bench(
         },
         "titles": source,
         "equal_work_checked": check,
-        "flops_per_step": flops if batches == 1 else sum(useful_flops(setup, n, a, gradient_checkpointing) for n, a in zip(tokens_each, answers_each)) / batches,
+        "flops_per_step": sum(flops_each) / batches,
         "flops_counted": "useful FLOPs: (4 + 2 if gradient checkpointing) x decoder linear weights x non-padding tokens "
         "+ 4 x H x V per answer token (LM head); attention scores and LoRA not counted",
-        "flops_all_params_per_step": flops_all if batches == 1 else sum(all_params_flops(setup, n, gradient_checkpointing) for n in tokens_each) / batches,
+        "flops_all_params_per_step": sum(flops_all_each) / batches,
         "flops_all_params_counted": "the issue's count, as in the H100 anchor table it quotes (4 x 6.74e9 x tokens at 7B): "
         "(4 + 2 if gradient checkpointing) x all of the LLM's parameters (embeddings and LM head included, LoRA excluded) "
         "x non-padding tokens; the basis of mfu_all_params",

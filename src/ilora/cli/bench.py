@@ -86,9 +86,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
             reference=not args.no_reference,
             compile_mode=args.compile_mode,
             lora_dropout=args.lora_dropout,
+            batches=args.batches or 1,
         )
-        if args.batches is not None:
-            kwargs["batches"] = args.batches
     if args.benchmark in ("step", "grouping") and args.batch_size:
         kwargs["batch_size"] = args.batch_size
     if args.benchmark == "eval" and args.samples:

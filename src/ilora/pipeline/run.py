@@ -14,8 +14,8 @@ from ilora.config import to_dict
 from ilora.data import SeqDataset, candidate_sets, load_dataset, read_native, synthetic_from_config, write_native
 from ilora.pipeline.config import RunConfig, check_devices, check_run_config
 from ilora.pipeline.stages import run_stage
-from ilora.teacher.config import without_added_defaults
 from ilora.state_io import atomic_write_text
+from ilora.teacher.config import without_added_defaults
 
 
 def _gate_modes(cfg: RunConfig) -> list[str]:

@@ -31,9 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ilora.state_io import atomic_write_text
-
 from ilora.checkpointing import RESUMABLE_CHANGES
+from ilora.state_io import atomic_write_text
 
 MARKER = "stage.json"
 PENDING = "stage.pending"

@@ -14,7 +14,6 @@ by the number of experts.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -114,8 +113,8 @@ class TeacherConfig:
         load_template(self.domain)  # an unknown domain or a missing template file fails now
         self.adapter_config()  # validates the adapter options
         self.gate_config()
-        resnet_only = {f.name: f.default for f in dataclasses.fields(self) if f.name in ("gate_blocks", "gate_pool")}
-        if self.gate == "mlp" and any(getattr(self, name) != default for name, default in resnet_only.items()):
+        default = GateConfig()
+        if self.gate == "mlp" and (self.gate_blocks, self.gate_pool) != (default.blocks, default.pool):
             raise ConfigError(
                 f"gate_blocks ({self.gate_blocks}) and gate_pool ({self.gate_pool}) apply to the resnet gate only; this config has gate: mlp"
             )
