@@ -239,7 +239,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} [default: {default}]"
+        # argparse %-formats help texts: a literal % ("about 5 % of a step") must be doubled
+        help_text = f"{f.metadata.get('help', '')} [default: {default}]".replace("%", "%%")
         if tp is bool:
             group.add_argument(flag, dest=f"cfg__{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif get_origin(tp) is Literal:

@@ -1,0 +1,33 @@
+"""Every command's --help renders (argparse %-formats help texts; a stray % once broke one)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from ilora.cli.main import build_parser, main
+
+
+def commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    """(path, parser) for every command and sub-command."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from commands(sub, (*path, name))
+
+
+def test_every_command_formats_its_help():
+    found = list(commands(build_parser()))
+    assert ("teacher", "train") in [path for path, _ in found]
+    for path, parser in found:
+        assert parser.format_help(), path
+
+
+def test_teacher_train_help_shows_percent_signs(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["teacher", "train", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "5 % of a compiled 7B step" in " ".join(out.split())
