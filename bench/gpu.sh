@@ -6,7 +6,9 @@
 #   bash bench/gpu.sh                       # from the repository root; sets PYTHONPATH=src itself
 #   bash bench/gpu.sh step-7b step-7b-ckpt  # only the named runs (a partial rerun)
 #
-# Runs, in this order: inputs, adapter, step-7b-b32 (the 7B shape, one length-grouped batch of 32 in one
+# Runs, in this order: inputs, adapter, step-7b-b32-shared and step-7b-b32-nodrop-shared (step-7b-b32 and
+# -nodrop below, each with an ours_shared variant beside ours: q/k/v and gate/up adapters grouped, one dropout
+# mask and one A product per input; not yet run on a GPU), step-7b-b32 (the 7B shape, one length-grouped batch of 32 in one
 # micro-batch, compiled decoder layers, no device syncs between the step's parts; ours only: its reference
 # does not fit; about 60 GiB), step-7b-b32-nodrop (the same with LoRA dropout 0: what dropout costs),
 # step-7b-b32-cycled (batch 32, cycling through 4 length-grouped batches of different lengths in a
@@ -56,7 +58,7 @@ DEADLINE=$((START + CAP))
 NOTE="bench/gpu.sh"
 SELECTED=" $* "
 
-RUNS=" inputs adapter step-7b-b32 step-7b-b32-nodrop step-7b-b32-cycled step-7b-b16-pipelined step-7b-b16-ours step-7b-b16-nodrop step-7b-b32-autotune eval-7b step-7b-b16 step-7b-b16-compile step-7b step-1b step-7b-ckpt step-1b-compile "
+RUNS=" inputs adapter step-7b-b32-shared step-7b-b32-nodrop-shared step-7b-b32 step-7b-b32-nodrop step-7b-b32-cycled step-7b-b16-pipelined step-7b-b16-ours step-7b-b16-nodrop step-7b-b32-autotune eval-7b step-7b-b16 step-7b-b16-compile step-7b step-1b step-7b-ckpt step-1b-compile "
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
 
@@ -130,9 +132,11 @@ run() {  # run NAME LIMIT_S NEED_S ARGS... : one benchmark under `timeout`; skip
     grep -q '"ratio": null' "$SCRATCH/$name.json" 2>/dev/null && what="ok, no reference"
     mfu=$("$PY" -c "
 import json, sys
-v = json.load(open(sys.argv[1])).get('variants', {}).get('ours', {})
-if v.get('mfu') is not None:
-    print(f\"MFU of ours {100 * v['mfu']:.1f} % ({100 * v['mfu_all_params']:.1f} % counting all parameters), {1e3 * v.get('step_s', v['median_s']):.1f} ms\")
+variants = json.load(open(sys.argv[1])).get('variants', {})
+print('; '.join(
+    f\"MFU of {name} {100 * v['mfu']:.1f} % ({100 * v['mfu_all_params']:.1f} % counting all parameters), {1e3 * v.get('step_s', v['median_s']):.1f} ms\"
+    for name, v in variants.items() if name in ('ours', 'ours_shared') and v.get('mfu') is not None
+))
 " "$SCRATCH/$name.json" 2>/dev/null)
     [[ -n "$mfu" ]] && what="$what, $mfu"
     ((rc != 0)) && what="FAILED"
@@ -143,6 +147,8 @@ if v.get('mfu') is not None:
 #   name                 limit need  arguments
 run inputs               60    30    inputs --budget-s 10
 run adapter              45    30    adapter --budget-s 10
+run step-7b-b32-shared   260   200   step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --shared-inputs --budget-s 25
+run step-7b-b32-nodrop-shared 260 200 step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --shared-inputs --lora-dropout 0 --budget-s 25
 run step-7b-b32          170   120   step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --budget-s 20
 run step-7b-b32-nodrop   170   120   step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --lora-dropout 0 --budget-s 15
 run step-7b-b32-cycled   200   150   step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --batches 4 --repeats 8 --budget-s 20

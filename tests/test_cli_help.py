@@ -25,9 +25,10 @@ def test_every_command_formats_its_help():
         assert parser.format_help(), path
 
 
-def test_teacher_train_help_shows_percent_signs(capsys):
+def test_teacher_train_help_shows_percent_signs_and_the_shared_inputs_option(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["teacher", "train", "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
+    assert "--share-adapter-inputs" in out
     assert "5 % of a compiled 7B step" in " ".join(out.split())

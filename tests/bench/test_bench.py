@@ -443,19 +443,21 @@ def test_step_timed_runs_swap_outside_the_step_and_restore(synthetic_titles):
     def observe(name):
         def run(parts):
             q_proj = llm.model.layers[0].self_attn.q_proj
-            seen[name] = (type(q_proj).__name__, llm.config._attn_implementation)
+            seen[name] = (type(q_proj).__name__, llm.config._attn_implementation, getattr(q_proj, "shared_input", None) is not None)
             assert math.isfinite(runs[name](parts))
         return run
 
     common.interleave({v: observe(v) for v in runs}, CPU, warmup=0, repeats=1, contexts=contexts)
     assert seen == {
-        "reference": ("ReferenceGatedLinear", "sdpa"),
-        "ours": ("GatedLoraLinear", "sdpa"),
-        "ours_eager": ("GatedLoraLinear", "eager"),
-        "ours_fp32": ("GatedLoraLinear", "sdpa"),
-        "lora": ("PlainLoraView", "sdpa"),
+        "reference": ("ReferenceGatedLinear", "sdpa", False),
+        "ours": ("GatedLoraLinear", "sdpa", False),
+        "ours_eager": ("GatedLoraLinear", "eager", False),
+        "ours_fp32": ("GatedLoraLinear", "sdpa", False),
+        "ours_shared": ("GatedLoraLinear", "sdpa", True),
+        "lora": ("PlainLoraView", "sdpa", False),
     }
     assert gated_lora_modules(llm) == before  # the swap was undone
+    assert all(layer.shared_input is None for layer in before.values())
     assert llm.config._attn_implementation == "sdpa"
 
 
@@ -553,6 +555,31 @@ def test_step_cli_passes_lora_dropout_and_refuses_a_compile_mode_without_compile
     assert main(["bench", "step", "--quick", "--compile-mode", "max-autotune-no-cudagraphs", "--no-record"]) == 2
     assert "--compile-mode needs --compile" in capsys.readouterr().err
     assert main(["bench", "inputs", "--lora-dropout", "0", "--no-record"]) == 2
+
+
+def test_step_shared_inputs_times_ours_with_grouped_adapters_beside_ours(synthetic_titles, capsys, monkeypatch):
+    """--shared-inputs adds ours_shared: the same teacher with q/k/v and gate/up grouped (checked
+    equal to ours with dropout off), whose steps really compute one A product per group."""
+    from ilora.teacher.shared_input import SharedInput
+
+    products = []
+    original = SharedInput.lora_hidden
+
+    def counted(group, position, x):
+        products.append(group._input is not x)
+        return original(group, position, x)
+
+    monkeypatch.setattr(SharedInput, "lora_hidden", counted)
+    argv = ["bench", "step", "--quick", "--no-reference", "--shared-inputs", "--repeats", "1", "--warmup", "0", "--no-record", "--json"]
+    assert main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["variants"]) == {"ours", "ours_shared"}
+    assert result["equal_work_checked"]["distance"]["ours_shared"] < 1e-5
+    assert result["shared_vs_ours"] == result["variants"]["ours"]["step_s"] / result["variants"]["ours_shared"]["step_s"]
+    layers = step_bench.SHAPES["tiny-quick"]["num_hidden_layers"]
+    assert products and sum(products) * 5 == len(products) * 2  # per decoder layer: 5 grouped layers, 2 products
+    assert len(products) % (5 * layers) == 0
+    assert main(["bench", "inputs", "--shared-inputs", "--no-record"]) == 2
 
 
 def test_step_grouped_batches_span_the_window_and_runs_cycle_through_them(synthetic_titles, monkeypatch):

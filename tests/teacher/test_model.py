@@ -134,6 +134,26 @@ def test_gradient_checkpointing_gives_the_same_gradients(dataset, rec):
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_shared_adapter_inputs_option_groups_the_layers_and_keeps_the_gradients(dataset, rec, tmp_path):
+    """``share_adapter_inputs`` groups q/k/v and gate/up of every decoder layer; without dropout the
+    teacher's gradients equal the ungrouped teacher's, and a saved teacher reloads grouped."""
+    split, cands = sample_arrays(dataset, n=4)
+    plain = make_bundle(dataset, rec)
+    batch = plain.train_collator.build(split.history, split.length, cands, split.target)
+    expected = _grads(plain, batch)
+    shared = make_bundle(dataset, rec, share_adapter_inputs=True)
+    grouped = [path.rsplit(".", 1)[-1] for path, m in gated_lora_modules(shared.teacher.llm).items() if m.shared_input]
+    assert grouped == ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"] * 2
+    got = _grads(shared, batch)
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+    save_teacher(shared, tmp_path / "t", dataset.catalog)
+    loaded = load_teacher(tmp_path / "t", dataset.catalog)
+    assert loaded.config.share_adapter_inputs
+    assert sum(m.shared_input is not None for m in gated_lora_modules(loaded.teacher.llm).values()) == 10
+
+
 def test_saved_teacher_reloads_identically(dataset, rec, tmp_path):
     bundle = make_bundle(dataset, rec)
     save_teacher(bundle, tmp_path / "t", dataset.catalog)

@@ -20,6 +20,9 @@ with AdamW, gradient clipping and (CUDA) bf16 autocast, as ``ilora teacher train
   same model for that variant's steps only, so the SDPA fast path is measured side by side.
 * ``ours_fp32`` (with ``fp32_baseline``, CUDA): ``ours`` with the LLM's weights in float32
   and no autocast (`full_precision`), so bf16 autocast is measured side by side.
+* ``ours_shared`` (with ``shared_inputs``): ``ours`` with the adapters of layers that read one
+  input (q/k/v, gate/up) grouped (`ilora.teacher.shared_input`): one dropout mask and one ``A``
+  product per input, the teacher's ``share_adapter_inputs`` option, measured side by side.
 * ``lora`` (with ``lora_baseline``): ``ours`` with every gated layer run as plain LoRA on
   the same weights (`ilora.bench.adapter.PlainLoraView`) and the uniform gate (no SASRec
   or gate network): what the step would cost without iLoRA's gating, the floor for ours.
@@ -259,7 +262,7 @@ def our_loss(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts, g
     return loss
 
 
-VARIANTS = ("reference", "ours", "ours_eager", "ours_fp32", "lora")
+VARIANTS = ("reference", "ours", "ours_eager", "ours_fp32", "ours_shared", "lora")
 
 
 @contextlib.contextmanager
@@ -298,13 +301,16 @@ def full_precision(setup: StepSetup) -> Iterator[None]:
 
 def variant_context(setup: StepSetup, variant: str) -> contextlib.ExitStack:
     """How ``variant`` runs the shared model: einsum adapters (reference), eager attention
-    (ours_eager), float32 weights without autocast (ours_fp32), plain LoRA (lora); with
-    ``--compile`` the compiled decoder layers too."""
+    (ours_eager), float32 weights without autocast (ours_fp32), grouped adapter inputs
+    (ours_shared), plain LoRA (lora); with ``--compile`` the compiled decoder layers too."""
+    from ilora.teacher.shared_input import shared_adapter_inputs
+
     llm = setup.bundle.teacher.llm
     swaps = {
         "reference": lambda: reference_adapters(llm),
         "ours_eager": lambda: attention(llm, "eager"),
         "ours_fp32": lambda: full_precision(setup),
+        "ours_shared": lambda: shared_adapter_inputs(llm),
         "lora": lambda: plain_lora_adapters(llm),
         "ours": contextlib.nullcontext,
     }
@@ -600,9 +606,11 @@ def run_bench(
     compile_mode: str | None = None,
     lora_dropout: float | None = None,
     batches: int = 1,
+    shared_inputs: bool = False,
 ) -> dict[str, Any]:
     """Time a training step of the reference and of ours (and of ours with eager attention when
-    ``eager_baseline``, of plain LoRA when ``lora_baseline``), interleaved on one model; one
+    ``eager_baseline``, of plain LoRA when ``lora_baseline``, of ours with grouped adapter inputs
+    when ``shared_inputs``), interleaved on one model; one
     JSON-ready dict. With ``profile``, one more step of ours runs under torch.profiler
     afterwards (`profile_step`). ``part_times=False`` times whole steps without the device
     syncs between their parts (inputs, forward, backward, optimizer), as training runs them.
@@ -640,7 +648,8 @@ def run_bench(
     else:
         batch_list = [random_samples(len(setup.inputs.titles), batch_size, HISTORY_ITEMS, CANDIDATES, seed=i) for i in range(batches)]
     samples = batch_list[0]
-    variants = (("reference",) if reference else ()) + ("ours",) + (("ours_eager",) if eager_baseline else ()) + (("ours_fp32",) if fp32_baseline else ()) + (("lora",) if lora_baseline else ())
+    optional = {"ours_eager": eager_baseline, "ours_fp32": fp32_baseline, "ours_shared": shared_inputs, "lora": lora_baseline}
+    variants = (("reference",) if reference else ()) + ("ours",) + tuple(v for v, wanted in optional.items() if wanted)
     check = check_equal(setup, samples, variants)
     probes = [our_batch(setup, b) for b in batch_list]
     tokens_each = [int(p.attention_mask.sum()) for p in probes]
@@ -750,6 +759,15 @@ def run_bench(
         ),
         **(
             {
+                "shared_vs_ours": step_s["ours"] / step_s["ours_shared"],
+                "shared_vs_ours_means": "ours / ours with grouped adapter inputs (one dropout mask and one A product for q/k/v "
+                "and for gate/up), step time (step_s); above 1: grouping is faster",
+            }
+            if shared_inputs
+            else {}
+        ),
+        **(
+            {
                 "vs_lora": step_s["ours"] / step_s["lora"],
                 "vs_lora_means": "ours / plain LoRA on the same weights (no gate), step time (step_s)",
             }
@@ -799,6 +817,8 @@ def markdown_table(result: dict[str, Any]) -> list[str]:
             f"Equal-work check (answer-position logits, random lora_B; relative distance to ours: {distances}): tolerance {check['tolerance']:.3g}, "
             f"learned vs uniform gate {check['gate_effect']:.3g}: it {verdict} the gate apart.",
         ]
+    if "shared_vs_ours" in result:
+        lines += ["", f"Ours / ours with grouped adapter inputs (step time): {result['shared_vs_ours']:.3f}x."]
     if "vs_lora" in result:
         lines += ["", f"Ours / plain LoRA on the same weights (step time): {result['vs_lora']:.3f}x."]
     if "optimizer" in result:

@@ -43,6 +43,7 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
     "compile_mode": ("step",),
     "lora_dropout": ("step",),
     "batches": ("step",),
+    "shared_inputs": ("step",),
     "samples": ("eval", "export"),
     "threads": ("export",),
     "data": ("grouping",),
@@ -87,6 +88,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
             compile_mode=args.compile_mode,
             lora_dropout=args.lora_dropout,
             batches=args.batches or 1,
+            shared_inputs=args.shared_inputs,
         )
     if args.benchmark in ("step", "grouping") and args.batch_size:
         kwargs["batch_size"] = args.batch_size
@@ -147,6 +149,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lora-baseline", action="store_true",
         help="step: also time plain LoRA on the same weights, without the gate (what iLoRA's gating costs)",
+    )
+    p.add_argument(
+        "--shared-inputs", action="store_true",
+        help="step: also time ours with the adapters of q/k/v and of gate/up grouped (one dropout mask and one A product "
+        "per input: the teacher's share_adapter_inputs option)",
     )
     p.add_argument(
         "--fp32-baseline", action="store_true",

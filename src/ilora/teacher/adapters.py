@@ -279,7 +279,8 @@ class GatedLoraLinear(nn.Module):
     autocast the adapter runs in ``lora_A``'s dtype (the input is cast to it); under
     autocast the input keeps its dtype, since autocast runs the products in its own dtype
     anyway (a float32 copy of the input would be made only to be cast back). The output is
-    cast back to the base output's dtype.
+    cast back to the base output's dtype. Layers that read one input (q/k/v, gate/up) can
+    compute their ``A`` products together under one dropout mask (`ilora.teacher.shared_input`).
     """
 
     def __init__(
@@ -306,6 +307,8 @@ class GatedLoraLinear(nn.Module):
         self.lora_dropout: nn.Module = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(base_layer.in_features, cfg.total_rank, bias=False, **factory)
         self.lora_B = nn.Linear(cfg.total_rank, base_layer.out_features, bias=False, **factory)
+        # (group, position) when this layer's A product is computed with its siblings' (shared_input.py)
+        self.shared_input: tuple[Any, int] | None = None
         self.reset_lora_parameters(cfg.init)
 
     def reset_lora_parameters(self, init: str = "zeros") -> None:
@@ -338,11 +341,19 @@ class GatedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_x = self.gate_state.scaled_gate_for(x, self.rank_per_expert, self.scaling)
         result = self.base_layer(x)
-        h = self.lora_A(self.lora_dropout(adapter_input(x, self.lora_A.weight.dtype)))
+        if self.shared_input is None:
+            h = self.lora_hidden(x)
+        else:
+            group, position = self.shared_input
+            h = group.lora_hidden(position, x)
         if gate_x.dim() == 2:  # per sample: (B, E*r) -> (B, 1, ..., 1, E*r)
             gate_x = gate_x.view(gate_x.shape[0], *([1] * (h.dim() - 2)), gate_x.shape[-1])
         delta = self.lora_B(h * gate_x.to(device=h.device, dtype=h.dtype))
         return result + delta.to(result.dtype)
+
+    def lora_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """This layer's own ``lora_A(dropout(x))``, rank ``E*r`` (before the gate)."""
+        return self.lora_A(self.lora_dropout(adapter_input(x, self.lora_A.weight.dtype)))
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, rank_per_expert={self.rank_per_expert}, scaling={self.scaling:g}"

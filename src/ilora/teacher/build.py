@@ -62,6 +62,7 @@ from ilora.teacher.gate import build_gate
 from ilora.teacher.model import ILoRATeacher
 from ilora.teacher.projector import ItemProjector
 from ilora.teacher.prompts import load_template
+from ilora.teacher.shared_input import share_adapter_inputs
 from ilora.teacher.tiny import add_placeholder_tokens, build_tiny_llm, build_tiny_tokenizer, default_dtype, load_llm
 
 FORMAT = "ilora-teacher"
@@ -159,6 +160,8 @@ def assemble(cfg: TeacherConfig, catalog: Catalog, rec: SASRec, llm, tokenizer, 
         inject_gated_lora(llm, adapter_cfg, state)
     else:
         load_adapters(llm, checkpoint, state)
+    if cfg.share_adapter_inputs:
+        share_adapter_inputs(llm)
     rec_dim = rec.config.hidden
     gate_net = build_gate(cfg.gate_config(), rec_dim, adapter_cfg.num_experts)
     projector = ItemProjector(rec_dim, llm.config.hidden_size)

@@ -27,7 +27,7 @@ from ilora.teacher.gate import GateConfig
 # before they existed. A record missing one of them reads as that value (`with_added_defaults`;
 # `ilora run`'s stage records: `without_added_defaults`). Pinned here, not read from the
 # current defaults: a later change of a default must not make old records match it.
-ADDED_OPTIONS: dict[str, object] = {"gate_blocks": 2, "gate_pool": 8, "gate_temperature": 1.0}
+ADDED_OPTIONS: dict[str, object] = {"gate_blocks": 2, "gate_pool": 8, "gate_temperature": 1.0, "share_adapter_inputs": False}
 
 # Metrics of the score protocol that can select the best checkpoint (``select_metric``).
 SELECT_METRICS = ("hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr", "mean_target_logprob")
@@ -54,6 +54,11 @@ class TeacherConfig:
     )
     lora_dropout: float = option(
         0.1, "dropout on the adapter input (iLoRA/LLaRA: 0.1); costs about 5 % of a compiled 7B step and 15 GiB at micro-batch 32 (bench/RESULTS.md)"
+    )
+    share_adapter_inputs: bool = option(
+        False,
+        "adapters of layers that read one input (q/k/v, gate/up) draw one dropout mask and run one A product per input "
+        "(as LoRA on a fused qkv projection) instead of one per layer; the same results without dropout (teacher/shared_input.py)",
     )
     target_modules: list[str] = option([], "linear layers to adapt (comma-separated names); empty = q,k,v,o,gate,up,down_proj")
     gate: Literal["mlp", "resnet"] = option("mlp", "gate network on SASRec's user representation: mlp or resnet (a small 1-D conv router like iLoRA's)")

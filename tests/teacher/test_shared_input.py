@@ -1,0 +1,242 @@
+"""Layers that share an input (q/k/v, gate/up): one A product and one dropout mask for the group.
+
+Checked against the ungrouped layers (each tested against a slow per-sample reference in
+test_adapters.py) without dropout, and against a hand-computed dropout with recovered masks."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers_tiny_models import padded_batch, tiny_llama, tiny_qwen2  # noqa: E402
+
+from ilora.errors import ConfigError  # noqa: E402
+from ilora.teacher.adapters import GatedLoraLinear, GateState, MoELoraConfig, enable_gradient_checkpointing, gated_lora_modules, inject_gated_lora  # noqa: E402
+from ilora.teacher.shared_input import SharedInput, share_adapter_inputs, shared_adapter_inputs, unshare_adapter_inputs  # noqa: E402
+
+
+def injected(make_model=tiny_llama, seed=0, **cfg_kwargs):
+    model = make_model()
+    cfg = MoELoraConfig(**{"init": "random", "dropout": 0.0, **cfg_kwargs})
+    state = GateState(cfg.num_experts)
+    torch.manual_seed(seed)
+    inject_gated_lora(model, cfg, state)
+    return model, state
+
+
+def model_grads(model, state, seed=11):
+    """Logits, and gradients of a fixed loss w.r.t. the gate logits and every trainable weight."""
+    gen = torch.Generator().manual_seed(seed)
+    dtype = model.lm_head.weight.dtype
+    logits = torch.randn(3, 4, generator=gen, dtype=dtype).requires_grad_(True)
+    ids, mask = padded_batch()
+    with state.use(torch.softmax(logits, dim=-1)):
+        out = model(input_ids=ids, attention_mask=mask).logits
+    (out * torch.randn(out.shape, generator=gen, dtype=dtype) * mask[..., None]).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return out.detach(), logits.grad, grads
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_qwen2])
+def test_grouping_finds_qkv_and_gate_up_of_every_layer(make_model):
+    model, _ = injected(make_model)
+    groups = share_adapter_inputs(model)
+    layers = gated_lora_modules(model)
+    names = sorted(tuple(path.rsplit(".", 1)[-1] for path, m in layers.items() if m.shared_input and m.shared_input[0] is g) for g in groups)
+    assert names == [("gate_proj", "up_proj")] * 2 + [("q_proj", "k_proj", "v_proj")] * 2
+    assert layers["model.layers.0.self_attn.o_proj"].shared_input is None
+    assert layers["model.layers.0.mlp.down_proj"].shared_input is None
+    unshare_adapter_inputs(model)
+    assert all(m.shared_input is None for m in layers.values())
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_qwen2])
+def test_without_dropout_outputs_and_gradients_equal_the_ungrouped_layers(make_model, monkeypatch):
+    model, state = injected(make_model)
+    model.train().double()  # float64: the two summation orders agree to far below the tolerance
+    reference = model_grads(model, state)
+    computed = []
+    product = SharedInput.lora_hidden
+
+    def counted(group, position, x):
+        computed.append(group._input is not x)  # True where the group's product is computed
+        return product(group, position, x)
+
+    monkeypatch.setattr(SharedInput, "lora_hidden", counted)
+    with shared_adapter_inputs(model) as groups:
+        shared = model_grads(model, state)
+        assert all(g._input is None for g in groups)  # every member took its columns: nothing held
+    assert len(computed) == 10 and sum(computed) == 4  # 2 layers x (q, k, v, gate, up); one product per group
+    out, logit_grad, grads = shared
+    ref_out, ref_logit_grad, ref_grads = reference
+    torch.testing.assert_close(out, ref_out, rtol=1e-10, atol=1e-12)
+    assert ref_logit_grad.abs().max() > 1e-4
+    torch.testing.assert_close(logit_grad, ref_logit_grad, rtol=1e-10, atol=1e-12)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 28
+    for name in grads:
+        assert ref_grads[name].abs().max() > 1e-6, name
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def identity_group(dropout: float, size: int = 6):
+    """Three layers on one input whose adapters pass ``dropout(x)`` through unchanged:
+    zero base weight, A = B = identity (E * r = size), uniform gate, so out = scaling / E * dropout(x)."""
+    cfg = MoELoraConfig(num_experts=3, rank_per_expert=size // 3, alpha=float(size // 3), dropout=dropout)
+    state = GateState(3)
+    layers = []
+    for _ in range(3):
+        layer = GatedLoraLinear(nn.Linear(size, size, bias=False), cfg, state)
+        with torch.no_grad():
+            layer.base_layer.weight.zero_()
+            layer.lora_A.weight.copy_(torch.eye(size))
+            layer.lora_B.weight.copy_(torch.eye(size))
+        layers.append(layer.train())
+    return layers, state, cfg.scaling / 3  # scaling = alpha / r = 1: out = dropout(x) / 3
+
+
+def dropped(layers, state, factor, x):
+    with state.use(torch.full((x.shape[0], 3), 1 / 3)):
+        return [layer(x) / factor for layer in layers]
+
+
+def test_with_dropout_the_members_share_one_mask_and_each_call_draws_a_new_one():
+    torch.manual_seed(0)
+    layers, state, factor = identity_group(dropout=0.5)
+    x = torch.rand(4, 5, 6) + 1.0  # no zeros: a zero output means a dropped element
+    SharedInput(layers)
+    first = dropped(layers, state, factor, x)
+    masks = [out != 0 for out in first]
+    assert torch.equal(masks[0], masks[1]) and torch.equal(masks[0], masks[2])
+    assert 0.3 < masks[0].float().mean() < 0.7
+    for out, mask in zip(first, masks):  # kept elements scaled by 1 / (1 - p), as nn.Dropout
+        torch.testing.assert_close(out[mask], x[mask] / 0.5)
+    second = dropped(layers, state, factor, x)
+    assert not torch.equal(second[0] != 0, masks[0])  # a fresh mask for the next input
+    for layer in layers:  # ungrouped: each layer its own mask
+        layer.shared_input = None
+    own = [out != 0 for out in dropped(layers, state, factor, x)]
+    assert not (torch.equal(own[0], own[1]) and torch.equal(own[0], own[2]))
+
+
+def test_another_input_or_an_in_place_change_gets_its_own_product():
+    torch.manual_seed(0)
+    layers, state, factor = identity_group(dropout=0.0)
+    group = SharedInput(layers)
+    q, k, v = layers
+    x1, x2 = torch.randn(2, 3, 6), torch.randn(2, 3, 6)
+    with state.use(torch.full((2, 3), 1 / 3)):
+        torch.testing.assert_close(q(x1) / factor, x1)
+        torch.testing.assert_close(k(x2) / factor, x2)  # not x1's product
+        torch.testing.assert_close(v(x1) / factor, x1)
+        torch.testing.assert_close(q(x1) / factor, x1)
+        x1.mul_(2.0)  # in place after q computed the group's product
+        torch.testing.assert_close(k(x1) / factor, x1)
+        torch.testing.assert_close(v(x1) / factor, x1)
+        assert group._input is x1  # q's columns of the changed x1 are still held ...
+        torch.testing.assert_close(q(x1) / factor, x1)
+    assert group._input is None  # ... until q takes them
+
+
+def test_under_inference_mode_each_member_computes_its_own_product(monkeypatch):
+    """Inference tensors have no version counter, so the group cannot tell an in-place change:
+    each member runs its own product (the results equal the ungrouped model's)."""
+    model, state = injected()
+    ids, mask = padded_batch()
+    gate = torch.softmax(torch.randn(3, 4, generator=torch.Generator().manual_seed(2)), -1)
+    with torch.no_grad(), state.use(gate):
+        ungrouped = model(input_ids=ids, attention_mask=mask).logits
+    share_adapter_inputs(model)
+    own = []
+    product = GatedLoraLinear.lora_hidden
+    monkeypatch.setattr(GatedLoraLinear, "lora_hidden", lambda layer, x: own.append(1) or product(layer, x))
+    with torch.no_grad(), state.use(gate):
+        grouped = model(input_ids=ids, attention_mask=mask).logits
+    assert len(own) == 4  # o_proj and down_proj of 2 layers: the others through their groups
+    with torch.inference_mode(), state.use(gate):
+        out = model(input_ids=ids, attention_mask=mask).logits
+    assert len(own) == 4 + 14  # every layer its own
+    torch.testing.assert_close(out, ungrouped)
+    torch.testing.assert_close(grouped, ungrouped)
+
+
+def test_gradient_checkpointing_recomputes_the_shared_mask():
+    """With dropout, a checkpointed model's recomputation draws the forward's masks again
+    (torch restores the RNG state), so its gradients equal the plain model's."""
+
+    def grads(checkpointing):
+        model, state = injected(dropout=0.3)
+        model.train()
+        share_adapter_inputs(model)
+        if checkpointing:
+            enable_gradient_checkpointing(model, state)
+        calls = []
+        model.model.layers[0].self_attn.k_proj.register_forward_pre_hook(lambda *_: calls.append(1))
+        torch.manual_seed(5)
+        return *model_grads(model, state), len(calls)
+
+    out, logit_grad, g, calls = grads(False)
+    c_out, c_logit_grad, c_g, c_calls = grads(True)
+    assert (calls, c_calls) == (1, 2)  # checkpointing really recomputed the layer
+    torch.testing.assert_close(c_out, out)
+    torch.testing.assert_close(c_logit_grad, logit_grad)
+    for name in g:
+        torch.testing.assert_close(c_g[name], g[name], msg=name)
+
+
+def test_a_grouped_decoder_layer_compiles_without_graph_breaks():
+    import torch._dynamo
+
+    model, state = injected()
+    model.train()
+    layer = model.model.layers[0]
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(3, 5, model.config.hidden_size, generator=gen)
+    pos = model.model.rotary_emb(hidden, torch.arange(5)[None].expand(3, 5))
+    gate = torch.softmax(torch.randn(3, 4, generator=gen), -1)
+    torch._dynamo.reset()
+    try:
+        dropout_model, dropout_state = injected(dropout=0.05)
+        dropout_model.train()
+        share_adapter_inputs(dropout_model)
+        with dropout_state.use(gate):
+            explained = torch._dynamo.explain(dropout_model.model.layers[0])(hidden, attention_mask=None, position_embeddings=pos)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        results = []
+        eager_results = []
+        with shared_adapter_inputs(model) as groups:
+            compiled = torch.compile(layer, backend="eager", fullgraph=True)
+            for module, sink in ((layer, eager_results), (compiled, results)):
+                x = hidden.clone().requires_grad_(True)
+                with state.use(gate):
+                    out = module(x, attention_mask=None, position_embeddings=pos)
+                out = out[0] if isinstance(out, tuple) else out
+                out.pow(2).sum().backward()
+                sink += [out.detach(), x.grad, layer.self_attn.k_proj.lora_A.weight.grad.clone()]
+                layer.zero_grad(set_to_none=True)
+                assert all(g._input is None for g in groups)
+        for eager, comp in zip(eager_results, results):
+            torch.testing.assert_close(comp, eager)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_grouping_errors():
+    model, _ = injected(target_modules=["o_proj", "down_proj"])
+    with pytest.raises(ConfigError, match="no two sibling gated LoRA layers"):
+        share_adapter_inputs(model)
+    model, _ = injected()
+    share_adapter_inputs(model)
+    with pytest.raises(ConfigError, match="already belongs"):
+        share_adapter_inputs(model)
+    layers, _, _ = identity_group(dropout=0.0)
+    with pytest.raises(ConfigError, match="at least 2"):
+        SharedInput(layers[:1])
+    layers[1].lora_dropout = nn.Dropout(0.2)
+    with pytest.raises(ConfigError, match="one dropout"):
+        SharedInput(layers)
