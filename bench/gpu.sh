@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
-# The CUDA benchmarks in one call, for a session with one GPU. The whole list takes about 12 min; nothing
+# The CUDA benchmarks in one call, for a session with one GPU. The whole list takes about 19 min; nothing
 # starts after the cap (default 300 s), so a plain call runs the first few and skips the rest (each skip
 # says how to rerun it by name). Session 8 (H200 and H100): 153 s for the four 7B step runs of batch 32/16.
 #
 #   bash bench/gpu.sh                       # from the repository root; sets PYTHONPATH=src itself
 #   bash bench/gpu.sh step-7b step-7b-ckpt  # only the named runs (a partial rerun)
 #
-# Runs, in this order: inputs, adapter, step-7b-b32-shared and step-7b-b32-nodrop-shared (step-7b-b32 and
-# -nodrop below, each with an ours_shared variant beside ours: q/k/v and gate/up adapters grouped, one dropout
-# mask and one A product per input; not yet run on a GPU), step-7b-b32 (the 7B shape, one length-grouped batch of 32 in one
+# Runs, in this order: inputs, adapter, step-7b-b32 (the 7B shape, one length-grouped batch of 32 in one
 # micro-batch, compiled decoder layers, no device syncs between the step's parts; ours only: its reference
 # does not fit; about 60 GiB), step-7b-b32-nodrop (the same with LoRA dropout 0: what dropout costs),
+# step-7b-b32-shared and step-7b-b32-nodrop-shared (the same two, each with an ours_shared variant beside
+# ours: q/k/v and gate/up adapters grouped, one dropout mask and one A product per input (share_adapter_inputs);
+# not yet run on a GPU; each needs 200 s of the cap left to start: bash bench/gpu.sh step-7b-b32-shared step-7b-b32-nodrop-shared),
 # step-7b-b32-cycled (batch 32, cycling through 4 length-grouped batches of different lengths in a
 # shuffled order, as training meets them: shape changes, recompilation in the warm-up, dynamic-shape kernels; 90 s on an H100),
 # step-7b-b16-pipelined (the same at batch 16 with the reference, about 100 GiB: an H200; profiled),
@@ -58,7 +59,7 @@ DEADLINE=$((START + CAP))
 NOTE="bench/gpu.sh"
 SELECTED=" $* "
 
-RUNS=" inputs adapter step-7b-b32-shared step-7b-b32-nodrop-shared step-7b-b32 step-7b-b32-nodrop step-7b-b32-cycled step-7b-b16-pipelined step-7b-b16-ours step-7b-b16-nodrop step-7b-b32-autotune eval-7b step-7b-b16 step-7b-b16-compile step-7b step-1b step-7b-ckpt step-1b-compile "
+RUNS=" inputs adapter step-7b-b32 step-7b-b32-nodrop step-7b-b32-shared step-7b-b32-nodrop-shared step-7b-b32-cycled step-7b-b16-pipelined step-7b-b16-ours step-7b-b16-nodrop step-7b-b32-autotune eval-7b step-7b-b16 step-7b-b16-compile step-7b step-1b step-7b-ckpt step-1b-compile "
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
 
@@ -147,10 +148,10 @@ print('; '.join(
 #   name                 limit need  arguments
 run inputs               60    30    inputs --budget-s 10
 run adapter              45    30    adapter --budget-s 10
-run step-7b-b32-shared   260   200   step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --shared-inputs --budget-s 25
-run step-7b-b32-nodrop-shared 260 200 step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --shared-inputs --lora-dropout 0 --budget-s 25
 run step-7b-b32          170   120   step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --budget-s 20
 run step-7b-b32-nodrop   170   120   step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --lora-dropout 0 --budget-s 15
+run step-7b-b32-shared   260   200   step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --shared-inputs --budget-s 25
+run step-7b-b32-nodrop-shared 260 200 step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --shared-inputs --lora-dropout 0 --budget-s 25
 run step-7b-b32-cycled   200   150   step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --batches 4 --repeats 8 --budget-s 20
 run step-7b-b16-pipelined 170  120   step --shape 7b --batch-size 16 --compile --no-part-syncs --group-by-length --budget-s 20 --profile "$SCRATCH/step-7b-b16-pipelined.prof"
 run step-7b-b16-ours      170   90    step --shape 7b --batch-size 16 --compile --no-part-syncs --group-by-length --no-reference --budget-s 15

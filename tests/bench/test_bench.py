@@ -566,7 +566,7 @@ def test_step_shared_inputs_times_ours_with_grouped_adapters_beside_ours(synthet
     original = SharedInput.lora_hidden
 
     def counted(group, position, x):
-        products.append(group._input is not x)
+        products.append(not group._holds(x, position))  # True where the group's product is computed
         return original(group, position, x)
 
     monkeypatch.setattr(SharedInput, "lora_hidden", counted)

@@ -65,7 +65,7 @@ def test_without_dropout_outputs_and_gradients_equal_the_ungrouped_layers(make_m
     product = SharedInput.lora_hidden
 
     def counted(group, position, x):
-        computed.append(group._input is not x)  # True where the group's product is computed
+        computed.append(not group._holds(x, position))  # True where the group's product is computed
         return product(group, position, x)
 
     monkeypatch.setattr(SharedInput, "lora_hidden", counted)
@@ -226,17 +226,71 @@ def test_a_grouped_decoder_layer_compiles_without_graph_breaks():
         torch._dynamo.reset()
 
 
+def test_compiled_layers_of_a_grouped_model_equal_the_eager_grouped_model():
+    """As training compiles (`CompiledLayers`: one compiled function for every decoder layer),
+    each layer's groups use that layer's own A weights: outputs and gradients equal eager's."""
+    import torch._dynamo
+
+    from ilora.teacher.compiled import CompiledLayers
+
+    model, state = injected()
+    model.train()
+    share_adapter_inputs(model)
+    torch._dynamo.reset()
+    try:
+        compiled = CompiledLayers(model, backend="aot_eager")
+        eager = model_grads(model, state)
+        with compiled.active():
+            comp = model_grads(model, state)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(comp[0], eager[0])
+    torch.testing.assert_close(comp[1], eager[1])
+    for name in eager[2]:
+        torch.testing.assert_close(comp[2][name], eager[2][name], msg=name)
+
+
+def test_a_product_that_raises_leaves_nothing_claimed_for_its_input(monkeypatch):
+    """If computing the group's product fails, the group still holds only the previous input's
+    columns, so a retry with the new input computes its own product instead of a stale one."""
+    from ilora.teacher import shared_input
+
+    torch.manual_seed(0)
+    layers, state, factor = identity_group(dropout=0.0)
+    group = SharedInput(layers)
+    q, k, v = layers
+    x1, x2 = torch.randn(2, 3, 6), torch.randn(2, 3, 6)
+    linear = shared_input.F.linear
+    with state.use(torch.full((2, 3), 1 / 3)):
+        q(x1)
+        k(x1)  # v's columns of x1 still held
+        monkeypatch.setattr(shared_input.F, "linear", lambda *a: (_ for _ in ()).throw(RuntimeError("out of memory")))
+        with pytest.raises(RuntimeError, match="out of memory"):
+            k(x2)
+        monkeypatch.setattr(shared_input.F, "linear", linear)
+        torch.testing.assert_close(v(x2) / factor, x2)
+        torch.testing.assert_close(k(x2) / factor, x2)
+        torch.testing.assert_close(q(x2) / factor, x2)
+    assert group._input is None
+
+
 def test_grouping_errors():
     model, _ = injected(target_modules=["o_proj", "down_proj"])
     with pytest.raises(ConfigError, match="no two sibling gated LoRA layers"):
         share_adapter_inputs(model)
     model, _ = injected()
-    share_adapter_inputs(model)
+    SharedInput([model.model.layers[1].mlp.gate_proj, model.model.layers[1].mlp.up_proj])
     with pytest.raises(ConfigError, match="already belongs"):
-        share_adapter_inputs(model)
+        share_adapter_inputs(model)  # all or nothing: layer 0, grouped first, is let go again
+    assert [path for path, m in gated_lora_modules(model).items() if m.shared_input] == ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
     layers, _, _ = identity_group(dropout=0.0)
     with pytest.raises(ConfigError, match="at least 2"):
         SharedInput(layers[:1])
     layers[1].lora_dropout = nn.Dropout(0.2)
     with pytest.raises(ConfigError, match="one dropout"):
         SharedInput(layers)
+    from ilora.teacher.config import TeacherConfig
+
+    with pytest.raises(ConfigError, match="adapt no two layers that read one input"):
+        TeacherConfig(share_adapter_inputs=True, target_modules=["q_proj", "o_proj", "up_proj"])
+    assert TeacherConfig(share_adapter_inputs=True, target_modules=["model.layers.0.self_attn.k_proj", "v_proj"]).share_adapter_inputs

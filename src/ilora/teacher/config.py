@@ -117,6 +117,14 @@ class TeacherConfig:
 
         load_template(self.domain)  # an unknown domain or a missing template file fails now
         self.adapter_config()  # validates the adapter options
+        if self.share_adapter_inputs and self.target_modules:
+            from ilora.teacher.shared_input import SHARED_INPUT_NAMES, names_share_an_input
+
+            if not names_share_an_input(self.target_modules):
+                raise ConfigError(
+                    f"share_adapter_inputs: target_modules {', '.join(self.target_modules)} adapt no two layers that read one input "
+                    f"({'; '.join('/'.join(entry) for entry in SHARED_INPUT_NAMES)}); turn the option off or adapt them"
+                )
         self.gate_config()
         default = GateConfig()
         if self.gate == "mlp" and (self.gate_blocks, self.gate_pool) != (default.blocks, default.pool):

@@ -91,8 +91,9 @@ class SharedInput:
             member = self.members[position]
             weight = torch.cat([layer.lora_A.weight for layer in self.members])
             dropped = member.lora_dropout(adapter_input(x, weight.dtype))
-            self._input, self._version = x, x._version
-            self._hidden = list(F.linear(dropped, weight).split(self.ranks, dim=-1))
+            hidden = list(F.linear(dropped, weight).split(self.ranks, dim=-1))
+            # held only once computed: a product that raised leaves nothing that claims to be x's
+            self._input, self._version, self._hidden = x, x._version, hidden
         hidden = self._hidden[position]
         self._hidden[position] = None
         if all(h is None for h in self._hidden):
@@ -113,22 +114,36 @@ class SharedInput:
 def share_adapter_inputs(model: nn.Module, names: tuple[tuple[str, ...], ...] = SHARED_INPUT_NAMES) -> list[SharedInput]:
     """Group, under every module of ``model``, its gated LoRA children named in one entry of ``names``.
 
-    Returns the groups; `ConfigError` when there is none (no two sibling layers of an entry are
-    adapted) or a layer is grouped already.
+    Returns the groups. All or nothing: `ConfigError`, with no layer grouped, when there is no
+    group to make (no two sibling layers of an entry are adapted) or a layer is grouped already.
     """
-    groups = []
+    found = []
     for parent in model.modules():
         for entry in names:
             members = [child for name in entry if isinstance(child := getattr(parent, name, None), GatedLoraLinear)]
             if len(members) >= 2:
-                groups.append(SharedInput(members))
-    if not groups:
+                found.append(members)
+    if not found:
         raise ConfigError(
             "share_adapter_inputs: no two sibling gated LoRA layers read one input here (looked for "
             + "; ".join("/".join(entry) for entry in names)
             + "); adapt at least two of them, or turn the option off"
         )
+    groups: list[SharedInput] = []
+    try:
+        for members in found:
+            groups.append(SharedInput(members))
+    except ConfigError:
+        for group in groups:
+            group.dissolve()
+        raise
     return groups
+
+
+def names_share_an_input(target_modules: list[str], names: tuple[tuple[str, ...], ...] = SHARED_INPUT_NAMES) -> bool:
+    """Whether ``target_modules`` (layer names or dotted path suffixes) adapt two layers of one entry of ``names``."""
+    leaves = {target.rsplit(".", 1)[-1] for target in target_modules}
+    return any(len(leaves.intersection(entry)) >= 2 for entry in names)
 
 
 def unshare_adapter_inputs(model: nn.Module) -> None:
