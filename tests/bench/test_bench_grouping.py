@@ -24,3 +24,10 @@ def test_grouping_bench_counts_tokens_of_the_same_samples() -> None:
     assert r["token_ratio"] == e["plain"] / e["grouped"] > 1
     assert r["timed_tokens"]["grouped"] <= r["timed_tokens"]["plain"]
     assert set(r["variants"]) == {"plain", "grouped"} and r["ratio"] > 0
+
+
+def test_allow_pickle_without_data_is_refused_not_ignored(capsys) -> None:
+    from ilora.cli.main import main
+
+    assert main(["bench", "grouping", "--allow-pickle", "--no-record"]) == 2
+    assert "--allow-pickle applies to --data's pickles" in capsys.readouterr().err

@@ -217,8 +217,11 @@ def test_a_setting_a_later_stage_would_refuse_fails_before_the_first_stage(tmp_p
     assert not (out / "data").exists()  # nothing ran
     # the device is checked as the first stage that has work to do starts (a finished run's
     # report can be rebuilt without a GPU), before that work
-    assert main(["run", str(config), f"out={out}", "export.device=cuda"]) == 2
-    assert "export.device=cuda but torch sees no CUDA device" in capsys.readouterr().err
+    for section in ("rec", "export", "distill"):
+        assert main(["run", str(config), f"out={out}", f"{section}.device=cuda"]) == 2
+        assert f"{section}.device=cuda but torch sees no CUDA device (set {section}.device=cpu)" in capsys.readouterr().err
+    assert main(["run", str(config), f"out={out}", "rec.threads=0"]) == 2
+    assert "threads must be >= 1" in capsys.readouterr().err
     assert not (out / "data" / "dataset").exists() and not (out / "data" / "stage.json").exists()
 
 

@@ -152,6 +152,10 @@ def test_teacher_train_cli_fails_before_touching_anything(argv: list[str], messa
         (["--epochs", "0"], "epochs must be >= 1"),
         (["--batch-size", "x"], "batch_size: 'x' is not a valid int"),
         (["bogus=1"], "unknown option bogus"),
+        (["--threads", "0"], "threads must be >= 1"),
+        (["--hidden", "0"], "hidden, heads and blocks must be >= 1"),
+        (["--heads", "3"], "hidden 64 must be divisible by heads 3"),
+        (["--dropout", "1.5"], "dropout must be in [0, 1), got 1.5"),
     ],
 )
 def test_rec_train_cli_fails_before_touching_anything(argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -299,3 +303,32 @@ def test_teacher_eval_and_export_refuse_bad_counts_before_loading_anything(comma
         main(["teacher", command, str(tmp_path / "no-data"), "--teacher", str(tmp_path / "no-teacher"), *extra, *argv])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_rec_train_refuses_more_candidates_than_items_before_creating_out(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data, out = tmp_path / "data", tmp_path / "out"
+    assert main(["data", "synth", str(data), "--users", "30", "--items", "20"]) == 0
+    capsys.readouterr()
+    assert main(["rec", "train", str(data), "--out", str(out), "--eval-candidates", "5000"]) == 2
+    assert "cannot draw 4999 negatives" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command", [["teacher", "eval"], ["teacher", "export", "--out", "OUT"]])
+def test_an_expert_the_teacher_lacks_is_refused_before_reading_data(command, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """expert:N is checked against the saved teacher's config before the data (here: missing) is read."""
+    import torch
+
+    from ilora.data import make_synthetic
+    from ilora.rec.sasrec import SASRec, SASRecConfig
+    from ilora.teacher.build import build_teacher, save_teacher
+
+    dataset = make_synthetic(users=20, items=15, seed=0)
+    torch.manual_seed(0)
+    rec = SASRec(SASRecConfig(num_items=dataset.num_items, max_len=dataset.max_len, hidden=16)).eval()
+    cfg = TeacherConfig(tiny_hidden=32, tiny_layers=1, tiny_heads=4, tiny_vocab=300, max_title_tokens=8)
+    save_teacher(build_teacher(cfg, dataset.catalog, rec), tmp_path / "teacher", dataset.catalog)
+    argv = [a.replace("OUT", str(tmp_path / "out")) for a in command]
+    code = main([*argv, str(tmp_path / "no-data"), "--teacher", str(tmp_path / "teacher"), "--gate", "expert:9"])
+    assert code == 2 and "expert index must be in 0..3" in error_line(capsys)
+    assert not (tmp_path / "out").exists()

@@ -38,7 +38,7 @@ NUM_EXPERTS = 4
 RANKS = (2, 8)
 TOKENS, BATCH = 256, 8
 HIDDEN, QUICK_HIDDEN = 4096, 1024
-DROPOUT = 0.05
+DROPOUT = MoELoraConfig().dropout  # the teacher's (0.1); runs before 2026-11-26 used 0.05
 ALPHA = 32.0
 # measured rounds: a CUDA call is sub-millisecond, so many rounds cost little and steady the median
 CPU_WARMUP, CPU_REPEATS = 1, 7

@@ -64,6 +64,7 @@ def check_options_apply(args: argparse.Namespace) -> None:
 def run_bench_command(args: argparse.Namespace) -> int:
     from ilora.bench import benchmark_module
     from ilora.bench.common import check_device, record_markdown
+    from ilora.errors import ConfigError
 
     check_options_apply(args)
     device = check_device(args.device)
@@ -99,6 +100,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if args.benchmark == "export":
         kwargs.update(samples=args.samples, threads=args.threads)
     if args.benchmark == "grouping":
+        if args.allow_pickle and not args.data:
+            raise ConfigError("bench grouping: --allow-pickle applies to --data's pickles; no --data was given (the built-in synthetic data has none)")
         kwargs.update(data=args.data, allow_pickle=args.allow_pickle)
     result = module.run_bench(device, **kwargs)
     if args.note:

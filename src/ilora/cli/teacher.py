@@ -8,10 +8,9 @@ files and prints the result.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from ilora.cli.common import add_data_arguments, add_json_argument, add_run_arguments, load_data, nonnegative_int, positive_int, print_json
+from ilora.cli.common import add_data_arguments, add_json_argument, add_run_arguments, load_data, nonnegative_int, positive_int, print_json, strict_json
 from ilora.config import add_arguments, add_config_arguments, config_from_args
 from ilora.distributed import process_group, require_device
 from ilora.errors import IloraError
@@ -43,12 +42,13 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from ilora.data.candidates import candidate_sets, save_candidates
-    from ilora.teacher.build import load_teacher
+    from ilora.teacher.build import load_teacher, read_teacher_config
     from ilora.teacher.evaluate import evaluate_teacher
     from ilora.teacher.model import parse_gate_mode
 
     parse_gate_mode(args.gate, None)  # a typo fails here, not after the model has loaded
     require_device(args.device)
+    parse_gate_mode(args.gate, read_teacher_config(args.teacher)[0].num_experts)  # expert:N in range, before any data
     dataset = load_data(args)
     split = dataset.split(args.split)
     if args.limit:
@@ -69,7 +69,7 @@ def run_eval(args: argparse.Namespace) -> int:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         save_candidates(out / f"candidates_{args.split}.npy", candidates)
-        (out / f"eval_{args.split}_{args.protocol}_{args.gate.replace(':', '')}.json").write_text(json.dumps(result, indent=2))
+        (out / f"eval_{args.split}_{args.protocol}_{args.gate.replace(':', '')}.json").write_text(strict_json(result, indent=2))
     if args.json:
         print_json(result)
     else:
@@ -84,11 +84,12 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     from ilora.outputs.export import ExportOptions, export_teacher_outputs
-    from ilora.teacher.build import load_teacher
+    from ilora.teacher.build import load_teacher, read_teacher_config
     from ilora.teacher.model import parse_gate_mode
 
     parse_gate_mode(args.gate, None)  # a typo fails here, not after the model has loaded
     require_device(args.device)
+    parse_gate_mode(args.gate, read_teacher_config(args.teacher)[0].num_experts)  # expert:N in range, before any data
     opts = ExportOptions(
         splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
         top_k=args.top_k,

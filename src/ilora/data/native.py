@@ -139,7 +139,7 @@ def write_native(ds: SeqDataset, out_dir: str | Path, *, overwrite: bool = False
     out = Path(out_dir)
     if out.exists():
         if not overwrite:
-            raise IloraError(f"{out}: already exists (pass --overwrite / overwrite=True to replace it)")
+            raise IloraError(f"{out}: already exists (pass --overwrite to replace it; Python: overwrite=True)")
         if not out.is_dir() or not (is_native_dir(out) or not any(out.iterdir())):
             raise IloraError(f"{out}: refusing to overwrite: it is not an ilora native dataset directory")
     ds.validate()

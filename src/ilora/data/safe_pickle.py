@@ -27,11 +27,11 @@ import numpy as np
 from ilora.errors import IloraError
 
 PICKLE_OPT_IN_HINT = (
-    "pickles can execute code; pass --allow-pickle (allow_pickle=True) to read it with a restricted "
+    "pickles can execute code; pass --allow-pickle (`ilora run`: data.allow_pickle: true; Python: allow_pickle=True) to read it with a restricted "
     "unpickler, or convert it once with `ilora data convert SRC DST --allow-pickle`"
 )
 CHECKPOINT_OPT_IN_HINT = (
-    "pickles can execute code; pass --allow-pickle (allow_pickle=True) to read it with a restricted "
+    "pickles can execute code; pass --allow-pickle (Python: allow_pickle=True) to read it with a restricted "
     "unpickler (once: `ilora rec import-llara` writes the model as safetensors)"
 )
 

@@ -72,8 +72,8 @@ class DistillConfig(RecTrainConfig):
     dro_alpha: float = option(0.0, "weight of DLLM2Rec's DRO term on the recommendation and distillation losses (0: off; DLLM2Rec uses 1)")
     dro_beta: float = option(1.0, "DRO robustness radius (temperature of its log-sum-exp)")
 
-    def validate(self) -> None:
-        super().validate()
+    def validate(self, *, check_device: bool = True) -> None:
+        super().validate(check_device=check_device)
         checks = [
             (self.top_k >= 1, "top_k must be >= 1"),
             (self.lambda_d >= 0, "lambda_d must be >= 0"),

@@ -99,7 +99,9 @@ class RecTrainConfig:
     checkpoint_every: int = option(0, "write a resumable checkpoint every N optimizer steps into OUT/checkpoints (0: off)")
     skip_nonfinite: bool = option(False, "skip a step whose loss or gradient is NaN/inf instead of stopping the run")
 
-    def validate(self) -> None:
+    def validate(self, *, check_device: bool = True) -> None:
+        """`ConfigError` for an option out of range; with ``check_device`` also for ``cuda``
+        where torch sees no CUDA device (``ilora run`` checks devices per stage instead)."""
         checks = [
             (self.epochs >= 1, "epochs must be >= 1"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
@@ -113,13 +115,18 @@ class RecTrainConfig:
             (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
             (math.isfinite(self.grad_clip) and self.grad_clip >= 0, "grad_clip must be a finite number >= 0"),
             (self.checkpoint_every >= 0, "checkpoint_every must be >= 0"),
+            (self.threads is None or self.threads >= 1, f"threads must be >= 1 (or unset: torch's default), got {self.threads}"),
+            (min(self.hidden, self.heads, self.blocks) >= 1, "hidden, heads and blocks must be >= 1"),
+            (self.hidden % max(self.heads, 1) == 0, f"hidden {self.hidden} must be divisible by heads {self.heads}"),
+            (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
         ]
         for ok, problem in checks:
             if not ok:
                 raise ConfigError(problem)
         if self.monitor == "cand_hr@1" and self.eval_candidates == 0:
             raise ConfigError("monitor=cand_hr@1 needs eval_candidates > 0")
-        require_device(self.device)
+        if check_device:
+            require_device(self.device)
 
 
 def sample_negatives(
@@ -317,6 +324,12 @@ def train_sasrec(
     cfg.validate()
     record = run_record(cfg, {**(run_options or {}), "dataset_sha256": dataset.sha256()})
     train, train_rows = _train_split(dataset, cfg.train_min_len)  # rejects bad input before --out is touched
+    has_val = dataset.splits.get("val") is not None and len(dataset.split("val")) > 0
+    val_cands = None
+    if has_val and cfg.eval_candidates:  # also refuses more candidates than items before --out is touched
+        val_cands = fixed_candidates(
+            dataset.split("val"), dataset.num_items, split_name="val", count=cfg.eval_candidates, seed=cfg.cand_seed
+        )
     out, checkpoints, finished = open_run(
         out_dir, cfg.checkpoint_every, resume, "result.json", lambda o: _finished_result(o, record), overwrite, others=(WEIGHTS_FILE,)
     )
@@ -330,7 +343,6 @@ def train_sasrec(
     generator = torch.Generator().manual_seed(cfg.seed)
     sample_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
 
-    has_val = dataset.splits.get("val") is not None and len(dataset.split("val")) > 0
     if not has_val:
         log.warning("%s has no validation split: training all %d epochs without early stopping and keeping the last epoch's "
                     "weights", dataset.source or "the dataset", cfg.epochs)
@@ -350,12 +362,6 @@ def train_sasrec(
     elif resume:
         log.warning("%s: no intact checkpoint to resume from; training from the start", out)
     atomic_write_text(out / "train_config.json", json.dumps(record, indent=2) + "\n")
-
-    val_cands = None
-    if has_val and cfg.eval_candidates:
-        val_cands = fixed_candidates(
-            dataset.split("val"), dataset.num_items, split_name="val", count=cfg.eval_candidates, seed=cfg.cand_seed
-        )
 
     # copies: a split's arrays may be read-only views of its Parquet file
     history = torch.tensor(train.history)
