@@ -32,3 +32,11 @@ def test_teacher_train_help_shows_percent_signs_and_the_shared_inputs_option(cap
     out = capsys.readouterr().out
     assert "--share-adapter-inputs" in out
     assert "5 % of a compiled 7B step" in " ".join(out.split())
+
+
+def test_an_unknown_flag_shows_the_usage_of_the_command_given(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["rec", "train", "DATA", "--out", "OUT", "--bogus"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ilora rec train ") and "unrecognized arguments: --bogus" in err

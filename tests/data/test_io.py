@@ -50,9 +50,9 @@ def test_load_each_format_sets_source_and_format(native_dir: Path, small_lastfm:
 
 def test_options_of_interaction_logs_are_refused_for_stored_datasets(native_dir: Path, small_lastfm: Path, log_dir: Path) -> None:
     """--max-len / --items used to be ignored silently for native and LLaRA data."""
-    with pytest.raises(ConfigError, match="max_len only apply to interaction logs; this is a native dataset"):
+    with pytest.raises(ConfigError, match="max_len only applies to interaction logs; this is a native dataset"):
         load_dataset(native_dir, max_len=5)
-    with pytest.raises(ConfigError, match="items only apply to interaction logs; this is a llara dataset"):
+    with pytest.raises(ConfigError, match="items only applies to interaction logs; this is a llara dataset"):
         load_dataset(small_lastfm, allow_pickle=True, items=log_dir / "items.csv")
     assert load_dataset(log_dir, max_len=2).max_len == 2 and load_dataset(log_dir).max_len == 10
 

@@ -233,7 +233,7 @@ def test_commands_that_are_not_data_parallel_refuse_torchrun(work, monkeypatch, 
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["rec", "train", str(work / "data"), "--out", str(work / "never")]) == 2
-    assert "does not run data-parallel" in capsys.readouterr().err and not (work / "never").exists()
+    assert "`ilora rec train` does not run data-parallel" in capsys.readouterr().err and not (work / "never").exists()
 
 
 @pytest.mark.slow  # torchrun with 2 processes

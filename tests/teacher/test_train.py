@@ -244,3 +244,17 @@ def test_records_from_before_the_gate_options_read_as_their_old_values_not_today
     same = TeacherConfig(gate="resnet", gate_pool=8)
     check_same_options(old, same, tmp_path)
     assert _matches(stage_key(to_dict(same), []), stage_key(old, []), old, to_dict(same), [], without_added_defaults)
+
+
+def test_a_sasrec_of_another_dataset_is_named_and_refused_before_the_llm_loads(tmp_path, monkeypatch) -> None:
+    from ilora.data import make_synthetic
+    from ilora.errors import IloraError
+    from ilora.rec.sasrec import SASRec, SASRecConfig
+    from ilora.teacher import train
+
+    ds = make_synthetic(users=40, items=30, seed=5)
+    SASRec(SASRecConfig(num_items=ds.num_items + 7, max_len=ds.max_len, hidden=16)).save(tmp_path / "other-rec")
+    monkeypatch.setattr(train, "build_teacher", lambda *a, **k: pytest.fail("the teacher was built"))
+    with pytest.raises(IloraError, match=rf"other-rec: this SASRec was trained on {ds.num_items + 7} items but the dataset has {ds.num_items}"):
+        train.train_teacher(ds, TeacherConfig(**SMALL, max_steps=1), tmp_path / "other-rec", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

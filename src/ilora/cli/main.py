@@ -47,13 +47,26 @@ def build_parser() -> argparse.ArgumentParser:
 OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*=")
 
 
+def command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The parser of the (sub)command ``argv`` names (``rec train`` -> its own), for its usage line."""
+    for token in argv:
+        commands = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if commands is None:
+            break
+        if token in commands.choices:
+            parser = commands.choices[token]
+        elif not token.startswith("-"):
+            break
+    return parser
+
+
 def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """Parse ``argv``; ``key=value`` overrides may stand anywhere after the command."""
     args, unknown = parser.parse_known_args(argv)
     extra = [tok for tok in unknown if OVERRIDE.match(tok)]
     rest = [tok for tok in unknown if not OVERRIDE.match(tok)]
     if rest or (extra and not hasattr(args, "overrides")):
-        parser.error(f"unrecognized arguments: {' '.join(rest or extra)}")
+        command_parser(parser, argv).error(f"unrecognized arguments: {' '.join(rest or extra)}")
     if extra:
         args.overrides = list(args.overrides or []) + extra
     return args
@@ -65,14 +78,14 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
-def refuse_unsupported_torchrun(args: argparse.Namespace) -> None:
+def refuse_unsupported_torchrun(args: argparse.Namespace, command: str) -> None:
     """Under torchrun (WORLD_SIZE > 1) only commands that set ``distributed=True`` may run:
     any other would run as N independent copies writing into the same output."""
     from ilora.distributed import launched_by_torchrun
 
     if launched_by_torchrun() and not getattr(args, "distributed", False):
         raise IloraError(
-            f"`ilora {args.command}` does not run data-parallel; under torchrun only `teacher train`, `teacher eval` and "
+            f"`{command}` does not run data-parallel; under torchrun only `teacher train`, `teacher eval` and "
             "`teacher export` do (start other commands as one process)"
         )
 
@@ -84,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_arguments(parser, argv)
     try:
-        refuse_unsupported_torchrun(args)
+        refuse_unsupported_torchrun(args, command_parser(parser, argv).prog)
         result = args.run(args)
     except (IloraError, OSError) as exc:
         if debug:

@@ -122,8 +122,11 @@ def load_dataset(
         raise DataError(path, "not found")
     chosen = detect_format(path) if format == "auto" else format
     if chosen != "interactions" and (max_len is not None or items is not None):
-        given = " and ".join(name for name, v in (("max_len", max_len), ("items", items)) if v is not None)
-        raise ConfigError(f"{path}: {given} only apply to interaction logs; this is a {chosen} dataset (it stores its own history width and titles)")
+        given = [name for name, v in (("max_len", max_len), ("items", items)) if v is not None]
+        verb = "applies" if len(given) == 1 else "apply"
+        raise ConfigError(
+            f"{path}: {' and '.join(given)} only {verb} to interaction logs; this is a {chosen} dataset (it stores its own history width and titles)"
+        )
     if chosen == "native":
         ds = read_native(_dataset_dir(path))
     elif chosen == "llara":

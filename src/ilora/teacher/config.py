@@ -116,7 +116,9 @@ class TeacherConfig:
         from ilora.teacher.prompts import load_template
 
         load_template(self.domain)  # an unknown domain or a missing template file fails now
-        self.adapter_config()  # validates the adapter options
+        # the adapter's and the gate's own checks, their messages naming this config's options
+        _named_as_options(self.adapter_config, ADAPTER_OPTION_NAMES)
+        _named_as_options(self.gate_config, GATE_OPTION_NAMES)
         if self.share_adapter_inputs and self.target_modules:
             from ilora.teacher.shared_input import SHARED_INPUT_NAMES, names_share_an_input
 
@@ -125,7 +127,6 @@ class TeacherConfig:
                     f"share_adapter_inputs: target_modules {', '.join(self.target_modules)} adapt no two layers that read one input "
                     f"({'; '.join('/'.join(entry) for entry in SHARED_INPUT_NAMES)}); turn the option off or adapt them"
                 )
-        self.gate_config()
         default = GateConfig()
         if self.gate == "mlp" and (self.gate_blocks, self.gate_pool) != (default.blocks, default.pool):
             raise ConfigError(
@@ -178,6 +179,24 @@ class TeacherConfig:
         return GateConfig(
             kind=self.gate, hidden=self.gate_hidden, blocks=self.gate_blocks, pool=self.gate_pool, temperature=self.gate_temperature
         )
+
+
+# What `MoELoraConfig`'s and `GateConfig`'s error messages call an option -> its `TeacherConfig` name.
+ADAPTER_OPTION_NAMES = {"dropout": "lora_dropout"}
+GATE_OPTION_NAMES = {"gate kind": "gate", "gate hidden": "gate_hidden", "gate blocks": "gate_blocks", "gate pool": "gate_pool", "gate temperature": "gate_temperature"}
+
+
+def _named_as_options(build, names: dict[str, str]) -> None:
+    """Run ``build``; a `ConfigError` whose message starts with a key of ``names`` is raised
+    again starting with its value: the name of the flag and key the user set."""
+    try:
+        build()
+    except ConfigError as exc:
+        text = str(exc)
+        for inner, outer in names.items():
+            if text.startswith(inner + ":"):
+                raise ConfigError(outer + text[len(inner) :]) from None
+        raise
 
 
 def with_added_defaults(saved: dict) -> dict:

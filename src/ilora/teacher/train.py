@@ -360,6 +360,8 @@ def train_teacher(
     train, val = dataset.split("train"), _val_subset(dataset.split("val"), cfg.val_samples)
     n_items = dataset.num_items
     rec = load_sasrec(rec_dir)
+    if rec.config.num_items != dataset.num_items:  # before the base LLM is loaded; build_teacher checks it too
+        raise IloraError(f"{rec_dir}: this SASRec was trained on {rec.config.num_items} items but the dataset has {dataset.num_items} (a SASRec of another dataset?)")
     bundle = build_teacher(cfg, dataset.catalog, rec, cfg.device)
     teacher = bundle.teacher
     # what a resume must read again: the same SASRec, dataset and base LLM weights
