@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -124,6 +126,27 @@ def _parse_json(path: Path) -> Any:
         raise IloraError(f"{path}: not valid JSON ({exc})") from None
     except RecursionError:
         raise IloraError(f"{path}: JSON nested too deeply to read") from None
+
+
+def strict_json(obj: Any, indent: int | None = None) -> str:
+    """``obj`` as strict JSON: a NaN or infinite number (e.g. hr@1 when no generated output was
+    valid) becomes ``null``, numpy values Python ones, anything else unknown its ``str``."""
+    return json.dumps(_strict(obj), indent=indent, sort_keys=False, allow_nan=False, default=str)
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays as Python values and non-finite floats as None."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _strict(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

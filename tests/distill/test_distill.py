@@ -312,3 +312,10 @@ def test_top_k_beyond_the_catalog_is_a_config_error(small, tmp_path) -> None:
 
     with pytest.raises(ConfigError, match=f"top_k={small.num_items + 1} is more than the catalog's {small.num_items} items"):
         distill(small, oracle_outputs(small), quick(top_k=small.num_items + 1), tmp_path / "x")
+
+
+def test_impossible_candidate_sets_are_refused_before_out_is_written(small, tmp_path):
+    """A resume with corrected options must not meet a distill_config.json of a run that never trained."""
+    with pytest.raises(IloraError, match="cannot draw 4999 negatives"):
+        distill(small, oracle_outputs(small), quick(eval_candidates=5000), tmp_path / "d")
+    assert not (tmp_path / "d").exists()

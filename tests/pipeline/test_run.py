@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
 from ilora.cli.main import main
@@ -115,6 +116,28 @@ def test_a_stage_rerun_with_the_same_config_refreshes_what_reads_it(tmp_path, ca
     assert token == marker["key"] and calls == ["a", "b", "a", "b"]
 
 
+def test_a_stage_refused_by_its_check_keeps_the_finished_stage_files(tmp_path):
+    """The device check runs before a stale stage's directory is cleared: a run refused for want
+    of a GPU must not first delete the finished stage it would have redone."""
+    from ilora.errors import ConfigError
+    from ilora.pipeline.stages import run_stage
+
+    def work(directory):
+        (directory / "weights.bin").write_text("trained")
+        return {}
+
+    def refuse():
+        raise ConfigError("distill.device=cuda but torch sees no CUDA device")
+
+    run_stage(tmp_path, "distill", {"lambda_d": 0.8}, [], work)
+    before = sorted(p.name for p in (tmp_path / "distill").iterdir())
+    assert before == ["stage.json", "weights.bin"]
+    run_stage(tmp_path, "distill", {"lambda_d": 0.8}, [], work, check=refuse)  # up to date: no check, no work
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        run_stage(tmp_path, "distill", {"lambda_d": 0.5}, [], work, check=refuse)  # stale: checked first
+    assert sorted(p.name for p in (tmp_path / "distill").iterdir()) == before
+
+
 def test_a_record_of_the_same_work_under_another_key_counts_as_current(tmp_path):
     """A finished or interrupted stage is kept when its record differs only in how the run is
     carried out (compile, workers, ...) or was written before an option existed (the legacy
@@ -221,7 +244,7 @@ def test_a_setting_a_later_stage_would_refuse_fails_before_the_first_stage(tmp_p
         assert main(["run", str(config), f"out={out}", f"{section}.device=cuda"]) == 2
         assert f"{section}.device=cuda but torch sees no CUDA device (set {section}.device=cpu)" in capsys.readouterr().err
     assert main(["run", str(config), f"out={out}", "rec.threads=0"]) == 2
-    assert "threads must be >= 1" in capsys.readouterr().err
+    assert "rec: threads must be >= 1" in capsys.readouterr().err
     assert not (out / "data" / "dataset").exists() and not (out / "data" / "stage.json").exists()
 
 

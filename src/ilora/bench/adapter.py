@@ -33,12 +33,13 @@ from torch import nn
 from ilora.bench.common import cuda_peak, interleave, machine_info, mib, ms, now_utc, saved_activation_bytes
 from ilora.errors import IloraError
 from ilora.teacher.adapters import GatedLoraLinear, GateState, MoELoraConfig, adapter_input, gated_lora_modules
+from ilora.teacher.config import TeacherConfig
 
 NUM_EXPERTS = 4
 RANKS = (2, 8)
 TOKENS, BATCH = 256, 8
 HIDDEN, QUICK_HIDDEN = 4096, 1024
-DROPOUT = MoELoraConfig().dropout  # the teacher's (0.1); runs before 2026-11-26 used 0.05
+DROPOUT = TeacherConfig.__dataclass_fields__["lora_dropout"].default  # the teacher's (0.1); runs before 2026-11-26 used 0.05
 ALPHA = 32.0
 # measured rounds: a CUDA call is sub-millisecond, so many rounds cost little and steady the median
 CPU_WARMUP, CPU_REPEATS = 1, 7

@@ -3,39 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from typing import Any
+
+from ilora.state_io import strict_json
 
 
 def print_json(obj: Any) -> None:
     """One JSON object on stdout (the `--json` contract), as `strict_json` writes it."""
     sys.stdout.write(strict_json(obj) + "\n")
     sys.stdout.flush()
-
-
-def strict_json(obj: Any, indent: int | None = None) -> str:
-    """``obj`` as strict JSON: a NaN or infinite number (e.g. hr@1 when no generated output was
-    valid) becomes ``null``, numpy values Python ones, anything else unknown its ``str``."""
-    return json.dumps(_strict(obj), indent=indent, sort_keys=False, allow_nan=False, default=str)
-
-
-def _strict(value: Any) -> Any:
-    """``value`` with numpy scalars and arrays as Python values and non-finite floats as None."""
-    import numpy as np
-
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _strict(value.tolist())
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:

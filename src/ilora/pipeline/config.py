@@ -61,8 +61,11 @@ def check_run_config(cfg: RunConfig) -> None:
     and student options (their ``validate``) and the evaluation's gates."""
     from ilora.teacher.model import parse_gate_mode
 
-    cfg.rec.validate(check_device=False)  # devices: `check_devices`, when a stage has work to do
-    cfg.distill.validate(check_device=False)
+    for section in ("rec", "distill"):  # devices: `check_devices`, when a stage has work to do
+        try:
+            getattr(cfg, section).validate(check_device=False)
+        except ConfigError as exc:
+            raise ConfigError(f"{section}: {exc}") from None
     for gate in cfg.eval.gates:
         if gate != "experts":
             try:

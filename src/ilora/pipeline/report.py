@@ -11,7 +11,6 @@ Plots (each only when its inputs exist):
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import matplotlib
@@ -20,6 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ilora.distill.significance import interval_text, metric_intervals  # noqa: E402
+from ilora.state_io import strict_json  # noqa: E402
 
 FULL_KEYS = ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20")
 
@@ -176,7 +176,7 @@ def write_report(run: Path, summary: dict) -> Path:
     lines += ["## Stage times (s)", "", "| " + " | ".join(stages) + " |", "|" + "---|" * len(stages), "| " + " | ".join(_fmt(v) for v in stages.values()) + " |", ""]
     path = run / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
-    (run / "summary.json").write_text(json.dumps(summary, indent=2, default=str), encoding="utf-8")
+    (run / "summary.json").write_text(strict_json(summary, indent=2), encoding="utf-8")
     return path
 
 

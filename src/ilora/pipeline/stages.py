@@ -110,6 +110,7 @@ def run_stage(
     *,
     keep_partial: bool = False,
     legacy: Callable[[Any], Any] = lambda config: config,
+    check: Callable[[], None] = lambda: None,
 ) -> tuple[str, dict]:
     """Run ``fn(stage_dir)`` unless ``stage.json`` already records the same key (or the same
     work, `_matches`).
@@ -121,6 +122,8 @@ def run_stage(
     pass as ``upstream``. A record of the same work under another key (module docstring;
     ``legacy`` gives the config as a version before its newest options recorded it) counts
     as current: a finished stage is skipped with its recorded token, an interrupted one resumed.
+    ``check()`` runs when the stage has work to do, before its directory is touched (a refusal
+    there, e.g. no CUDA device, leaves a finished stage's files in place).
     """
     directory = run_dir / name
     key = stage_key(config, upstream)
@@ -130,6 +133,7 @@ def run_stage(
         return stage_token(marker["key"], marker.get("run_id")), marker["result"]
     # Resume only an interrupted run of this config (stage.pending records it); anything
     # else (another config, a finished stage now stale) starts clean.
+    check()
     pending = directory / PENDING
     pending_key, pending_config = _read_pending(pending)
     resumable = keep_partial and marker is None and pending_key is not None and _matches(key, pending_key, pending_config, config, upstream, legacy)
