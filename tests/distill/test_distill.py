@@ -318,4 +318,6 @@ def test_impossible_candidate_sets_are_refused_before_out_is_written(small, tmp_
     """A resume with corrected options must not meet a distill_config.json of a run that never trained."""
     with pytest.raises(IloraError, match="cannot draw 4999 negatives"):
         distill(small, oracle_outputs(small), quick(eval_candidates=5000), tmp_path / "d")
+    with pytest.raises(IloraError, match="min_len=999"):
+        distill(small, oracle_outputs(small), quick(train_min_len=999), tmp_path / "d")
     assert not (tmp_path / "d").exists()

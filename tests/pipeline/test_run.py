@@ -76,6 +76,31 @@ def test_changing_the_teachers_evaluation_does_not_retrain_anything(tmp_path, ca
     assert summary["eval"]["sasrec_same_candidates"]["mask_history"]
 
 
+def test_a_finished_run_goes_on_on_another_device_without_redoing_its_stages(tmp_path, capsys, monkeypatch):
+    """A stage's device is checked only when that stage (or one it feeds) has work, before its
+    directory is touched; a finished stage recorded on another device stays up to date."""
+    import torch
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run")}))
+    assert main(["run", str(config)]) == 0
+    run = tmp_path / "run"
+    keys = _stage_keys(run)
+    eval_files = sorted(p.name for p in (run / "eval").iterdir())
+    capsys.readouterr()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    # as if the teacher had been trained on a GPU: a changed evaluation needs its device, and is refused untouched
+    assert main(["run", str(config), "teacher.device=cuda", "eval.limit=5"]) == 2
+    assert "teacher.device=cuda but torch sees no CUDA device (set teacher.device=cpu)" in capsys.readouterr().err
+    assert sorted(p.name for p in (run / "eval").iterdir()) == eval_files and _stage_keys(run) == keys
+    # the teacher, finished "on cuda", is not redone for the device; only the students, whose option changed, run
+    assert main(["run", str(config), "teacher.device=cuda", "distill.lambda_d=0.5"]) == 0
+    err = capsys.readouterr().err
+    assert "teacher: up to date" in err and "distill: running" in err
+    changed = _stage_keys(run)
+    assert {k for k in keys if changed[k] != keys[k]} == {"distill"}
+
+
 def test_interrupted_stage_is_rerun(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run")}))
@@ -136,6 +161,36 @@ def test_a_stage_refused_by_its_check_keeps_the_finished_stage_files(tmp_path):
     with pytest.raises(ConfigError, match="no CUDA device"):
         run_stage(tmp_path, "distill", {"lambda_d": 0.5}, [], work, check=refuse)  # stale: checked first
     assert sorted(p.name for p in (tmp_path / "distill").iterdir()) == before
+
+
+def test_a_device_change_keeps_a_finished_stage_but_not_an_interrupted_one(tmp_path):
+    """Finished work is the same on any device; interrupted work resumes only on the device its
+    checkpoints came from (another device starts the stage clean)."""
+    from ilora.pipeline.stages import PENDING, run_stage, stage_key
+
+    calls = []
+
+    def work(directory):
+        calls.append(sorted(p.name for p in directory.iterdir()))
+        (directory / "checkpoint.bin").write_text("step 5")
+        return {}
+
+    run_stage(tmp_path, "a", {"x": 1, "device": "cuda"}, [], work, keep_partial=True)
+    run_stage(tmp_path, "a", {"x": 1, "device": "cpu"}, [], work, keep_partial=True)
+    assert len(calls) == 1  # finished on cuda: up to date on cpu
+    on_cuda = {"x": 1, "device": "cuda"}
+
+    def interrupt():  # as if interrupted on cuda, its checkpoint written
+        (tmp_path / "a" / "stage.json").unlink(missing_ok=True)
+        (tmp_path / "a" / "checkpoint.bin").write_text("step 5")
+        (tmp_path / "a" / PENDING).write_text(json.dumps({"key": stage_key(on_cuda, []), "config": on_cuda}))
+
+    interrupt()
+    run_stage(tmp_path, "a", {"x": 1, "device": "cuda", "workers": 2}, [], work, keep_partial=True)
+    assert calls[-1] == ["checkpoint.bin", PENDING]  # the same device: resumed
+    interrupt()
+    run_stage(tmp_path, "a", {"x": 1, "device": "cpu"}, [], work, keep_partial=True)
+    assert calls[-1] == [PENDING]  # another device: started clean, the cuda checkpoint not offered
 
 
 def test_a_record_of_the_same_work_under_another_key_counts_as_current(tmp_path):

@@ -49,7 +49,7 @@ from ilora.outputs.format import TeacherOutputs
 from ilora.rec.evaluate import load_ranks
 from ilora.rec.metrics import FULL_KS, metrics_from_ranks
 from ilora.rec.sasrec import WEIGHTS_FILE
-from ilora.rec.train import TEST_RANKS_FILE, RecTrainConfig, TrainBatch, train_sasrec, val_candidates
+from ilora.rec.train import TEST_RANKS_FILE, RecTrainConfig, TrainBatch, check_training_input, train_sasrec
 from ilora.state_io import atomic_write_text, read_json
 
 log = logging.getLogger(__name__)
@@ -319,7 +319,7 @@ def distill(
     if dataset.splits.get("test") is None or len(dataset.split("test")) == 0:
         raise IloraError(f"{dataset.source or 'dataset'}: distillation is evaluated on the test split, which is absent or empty")
     targets = check_teacher_outputs(dataset, teacher_outputs, cfg, source)
-    val_candidates(dataset, cfg)  # impossible candidate sets fail before --out is touched
+    check_training_input(dataset, cfg)  # what the students' training would refuse fails before --out is touched
     out = Path(out_dir)
     config_file = out / "distill_config.json"
     if resume and config_file.is_file():  # refuse other options before anything is written

@@ -74,13 +74,18 @@ def check_run_config(cfg: RunConfig) -> None:
                 raise ConfigError(f"eval.gates: {exc}") from None
 
 
-def check_devices(cfg: RunConfig) -> None:
-    """`ConfigError` for a section on ``cuda`` where torch sees no CUDA device. Checked when a stage
-    is about to run, so a finished run still rebuilds its report on a machine without a GPU."""
+DEVICE_SECTIONS = ("rec", "teacher", "export", "distill")
+
+
+def check_devices(cfg: RunConfig, sections: tuple[str, ...] = DEVICE_SECTIONS) -> None:
+    """`ConfigError` for one of ``sections`` on ``cuda`` where torch sees no CUDA device. Checked
+    when a stage is about to run, for the sections it and the stages that read it use, so a
+    finished run still rebuilds its report on a machine without a GPU, and a section whose
+    stages are done is never asked to change (changing it would make them stale)."""
     import torch
 
     if not torch.cuda.is_available():
-        for section in ("rec", "teacher", "export", "distill"):
+        for section in sections:
             if getattr(cfg, section).device == "cuda":
                 raise ConfigError(f"{section}.device=cuda but torch sees no CUDA device (set {section}.device=cpu)")
 

@@ -6,14 +6,13 @@ continues where it stopped and a changed option reruns exactly the stages it aff
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
 
 from ilora.config import to_dict
 from ilora.data import SeqDataset, candidate_sets, load_dataset, read_native, synthetic_from_config, write_native
-from ilora.pipeline.config import RunConfig, check_devices, check_run_config
+from ilora.pipeline.config import DEVICE_SECTIONS, RunConfig, check_devices, check_run_config
 from ilora.pipeline.stages import run_stage
 from ilora.state_io import atomic_write_text
 from ilora.teacher.config import without_added_defaults
@@ -129,32 +128,41 @@ def run_pipeline(cfg: RunConfig) -> dict:
     from ilora.pipeline.report import write_report
 
     check_run_config(cfg)
-    # the device check runs only for a stage not up to date, before its directory is touched
-    stage = functools.partial(run_stage, check=lambda: check_devices(cfg))
+
+    def devices(*sections: str):
+        """The check of a stage that has work: the devices of the sections it and the stages that
+        read it (transitively: they run again after it) use; run before its directory is touched."""
+        return lambda: check_devices(cfg, sections)
+
+    everything = devices(*DEVICE_SECTIONS)
 
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
     results: dict = {}
 
-    data_key, results["data"] = stage(run_dir, "data", to_dict(cfg.data), [], lambda d: stage_data(cfg, d))
+    data_key, results["data"] = run_stage(run_dir, "data", to_dict(cfg.data), [], lambda d: stage_data(cfg, d), check=everything)
     dataset = read_native(run_dir / "data" / "dataset")
-    rec_key, trained = stage(run_dir, "sasrec", to_dict(cfg.rec), [data_key], lambda d: stage_sasrec(cfg, dataset, d), keep_partial=True)
+    rec_key, trained = run_stage(run_dir, "sasrec", to_dict(cfg.rec), [data_key], lambda d: stage_sasrec(cfg, dataset, d), keep_partial=True, check=everything)
     results["sasrec_train"] = {k: trained.get(k) for k in ("best_epoch", "epochs_run", "steps", "seconds")}
     rec_dir = run_dir / "sasrec" / "model"
-    _, results["sasrec"] = stage(run_dir, "sasrec_eval", sasrec_eval_config(cfg), [rec_key], lambda d: stage_sasrec_eval(cfg, dataset, rec_dir))
-    teacher_key, results["teacher"] = stage(
+    _, results["sasrec"] = run_stage(run_dir, "sasrec_eval", sasrec_eval_config(cfg), [rec_key], lambda d: stage_sasrec_eval(cfg, dataset, rec_dir))
+    teacher_key, results["teacher"] = run_stage(
         run_dir, "teacher", to_dict(cfg.teacher), [rec_key], lambda d: stage_teacher(cfg, dataset, rec_dir, d), keep_partial=True,
-        legacy=without_added_defaults,
+        legacy=without_added_defaults, check=devices("teacher", "export", "distill"),
     )
     teacher_dir = run_dir / "teacher" / "model"
-    _, results["eval"] = stage(run_dir, "eval", to_dict(cfg.eval), [teacher_key], lambda d: stage_eval(cfg, dataset, teacher_dir, rec_dir, d))
-    export_key, results["export"] = stage(
-        run_dir, "export", to_dict(cfg.export), [teacher_key], lambda d: stage_export(cfg, dataset, teacher_dir, d), keep_partial=True
+    _, results["eval"] = run_stage(
+        run_dir, "eval", to_dict(cfg.eval), [teacher_key], lambda d: stage_eval(cfg, dataset, teacher_dir, rec_dir, d), check=devices("teacher")
+    )
+    export_key, results["export"] = run_stage(
+        run_dir, "export", to_dict(cfg.export), [teacher_key], lambda d: stage_export(cfg, dataset, teacher_dir, d), keep_partial=True,
+        check=devices("export", "distill"),
     )
     outputs_dir = run_dir / "export" / "outputs"
-    _, results["distill"] = stage(
-        run_dir, "distill", to_dict(cfg.distill), [export_key, data_key], lambda d: stage_distill(cfg, dataset, outputs_dir, d), keep_partial=True
+    _, results["distill"] = run_stage(
+        run_dir, "distill", to_dict(cfg.distill), [export_key, data_key], lambda d: stage_distill(cfg, dataset, outputs_dir, d), keep_partial=True,
+        check=devices("distill"),
     )
     summary = {"out": str(run_dir), **results}
     write_report(run_dir, summary)

@@ -13,7 +13,8 @@ give bit-identical weights, e.g. on a GPU) still refreshes what was built on it.
 Two records count as the current config too, so that a finished or interrupted stage is
 not thrown away for a change that does not touch its results: one whose config differs only
 in options that change how a run is carried out (`RESUMABLE_CHANGES`: ``compile``,
-``workers``, ...), and one written before an option existed, which ran with the option's old
+``workers``, ...; for a finished stage also ``device``, so a run finished on a GPU is not
+redone to rebuild or extend it on a CPU), and one written before an option existed, which ran with the option's old
 fixed value (the stage's ``legacy`` form of the config drops such options where they hold
 that value; for the teacher `ilora.teacher.config.without_added_defaults`). A skipped stage keeps its
 recorded token, so the stages downstream of it stay up to date as well.
@@ -36,6 +37,9 @@ from ilora.state_io import atomic_write_text
 
 MARKER = "stage.json"
 PENDING = "stage.pending"
+# A finished stage is the same work on another device (its results are made; only a resume
+# of interrupted work must stay on the device its checkpoints were written from).
+FINISHED_ANYWHERE = frozenset({"device"})
 
 
 def stage_key(config: Any, upstream: list[str]) -> str:
@@ -54,26 +58,29 @@ def _as_recorded(config: Any) -> Any:
     return json.loads(json.dumps(config, default=str))
 
 
-def _same_work(recorded: Any, config: Any, legacy: Callable[[Any], Any]) -> bool:
-    """``recorded`` and ``config`` are equal once `RESUMABLE_CHANGES` and options at the
-    defaults they had before they existed (``legacy``) are left out."""
+def _same_work(recorded: Any, config: Any, legacy: Callable[[Any], Any], ignored: frozenset[str] = RESUMABLE_CHANGES) -> bool:
+    """``recorded`` and ``config`` are equal once ``ignored`` (`RESUMABLE_CHANGES`) and options
+    at the defaults they had before they existed (``legacy``) are left out."""
 
     def essential(c: Any) -> Any:
         c = legacy(c)
-        return {k: v for k, v in c.items() if k not in RESUMABLE_CHANGES} if isinstance(c, dict) else c
+        return {k: v for k, v in c.items() if k not in ignored} if isinstance(c, dict) else c
 
     return essential(_as_recorded(recorded)) == essential(_as_recorded(config))
 
 
-def _matches(key: str, recorded_key: str | None, recorded_config: Any, config: Any, upstream: list[str], legacy: Callable[[Any], Any]) -> bool:
+def _matches(
+    key: str, recorded_key: str | None, recorded_config: Any, config: Any, upstream: list[str], legacy: Callable[[Any], Any],
+    ignored: frozenset[str] = RESUMABLE_CHANGES,
+) -> bool:
     """Whether a record (its key, and its config when it kept one) stands for ``config`` on
-    ``upstream``: the same key; or a config that is the same work (`_same_work`) and whose key
-    was made with this very upstream; or, for a record that kept only its key, the key an
-    older version made from ``config``'s legacy form."""
+    ``upstream``: the same key; or a config that is the same work (`_same_work` leaving out
+    ``ignored``) and whose key was made with this very upstream; or, for a record that kept
+    only its key, the key an older version made from ``config``'s legacy form."""
     if recorded_key == key:
         return True
     if recorded_config is not None:
-        return stage_key(recorded_config, upstream) == recorded_key and _same_work(recorded_config, config, legacy)
+        return stage_key(recorded_config, upstream) == recorded_key and _same_work(recorded_config, config, legacy, ignored)
     return recorded_key == stage_key(legacy(_as_recorded(config)), upstream)
 
 
@@ -128,7 +135,8 @@ def run_stage(
     directory = run_dir / name
     key = stage_key(config, upstream)
     marker = read_marker(directory)
-    if marker is not None and _matches(key, marker.get("key"), marker.get("config"), config, upstream, legacy):
+    finished_ignores = RESUMABLE_CHANGES | FINISHED_ANYWHERE
+    if marker is not None and _matches(key, marker.get("key"), marker.get("config"), config, upstream, legacy, finished_ignores):
         print(f"[run] {name}: up to date, skipped", file=sys.stderr, flush=True)
         return stage_token(marker["key"], marker.get("run_id")), marker["result"]
     # Resume only an interrupted run of this config (stage.pending records it); anything

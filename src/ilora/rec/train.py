@@ -307,6 +307,13 @@ def val_candidates(dataset: SeqDataset, cfg: RecTrainConfig) -> np.ndarray | Non
     return fixed_candidates(dataset.split("val"), dataset.num_items, split_name="val", count=cfg.eval_candidates, seed=cfg.cand_seed)
 
 
+def check_training_input(dataset: SeqDataset, cfg: RecTrainConfig) -> None:
+    """Raise for what `train_sasrec` would refuse in ``dataset`` under ``cfg`` (no train sample
+    with ``train_min_len`` history items, candidate sets the data cannot fill), without training."""
+    _train_split(dataset, cfg.train_min_len)
+    val_candidates(dataset, cfg)
+
+
 def train_sasrec(
     dataset: SeqDataset,
     cfg: RecTrainConfig,
