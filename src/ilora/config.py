@@ -149,7 +149,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     tree: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
+            raise ConfigError(f"override {item!r} is not of the form key=value (overrides go after the command's positional arguments: a key=value before them is read as one)")
         key, value = item.split("=", 1)
         if not key:
             raise ConfigError(f"override {item!r} has an empty key")
