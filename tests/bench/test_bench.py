@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,9 @@ from ilora.bench import step as step_bench
 from ilora.cli.main import main
 from ilora.errors import ConfigError, IloraError
 from ilora.teacher.adapters import GatedLoraLinear, GateState, MoELoraConfig, gated_lora_modules
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "teacher"))
+from helpers_adapters import record_group_products  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared"
 LASTFM_TITLES = SHARED / "datasets" / "lastfm" / "id2name.txt"
@@ -560,16 +564,7 @@ def test_step_cli_passes_lora_dropout_and_refuses_a_compile_mode_without_compile
 def test_step_shared_inputs_times_ours_with_grouped_adapters_beside_ours(synthetic_titles, capsys, monkeypatch):
     """--shared-inputs adds ours_shared: the same teacher with q/k/v and gate/up grouped (checked
     equal to ours with dropout off), whose steps really compute one A product per group."""
-    from ilora.teacher.shared_input import SharedInput
-
-    products = []
-    original = SharedInput.lora_hidden
-
-    def counted(group, position, x):
-        products.append(not group._holds(x, position))  # True where the group's product is computed
-        return original(group, position, x)
-
-    monkeypatch.setattr(SharedInput, "lora_hidden", counted)
+    products = record_group_products(monkeypatch)
     argv = ["bench", "step", "--quick", "--no-reference", "--shared-inputs", "--repeats", "1", "--warmup", "0", "--no-record", "--json"]
     assert main(argv) == 0
     result = json.loads(capsys.readouterr().out)

@@ -15,6 +15,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers_tiny_models import padded_batch, tiny_llama, tiny_qwen2  # noqa: E402
+from helpers_adapters import injected  # noqa: E402
 
 from ilora.config import from_dict  # noqa: E402
 from ilora.errors import ConfigError, IloraError  # noqa: E402
@@ -319,15 +320,6 @@ def test_changing_one_samples_gate_changes_only_that_sample():
 
 
 # -- injection ------------------------------------------------------------------------------------
-
-
-def injected(make_model, seed=0, **cfg_kwargs):
-    model = make_model()
-    cfg = MoELoraConfig(**{"init": "random", "dropout": 0.0, **cfg_kwargs})
-    state = GateState(cfg.num_experts)
-    torch.manual_seed(seed)
-    inject_gated_lora(model, cfg, state)
-    return model, state
 
 
 @pytest.mark.parametrize("make_model", [tiny_llama, tiny_qwen2])

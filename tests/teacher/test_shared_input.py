@@ -14,19 +14,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers_tiny_models import padded_batch, tiny_llama, tiny_qwen2  # noqa: E402
+from helpers_adapters import injected, record_group_products  # noqa: E402
 
 from ilora.errors import ConfigError  # noqa: E402
-from ilora.teacher.adapters import GatedLoraLinear, GateState, MoELoraConfig, enable_gradient_checkpointing, gated_lora_modules, inject_gated_lora  # noqa: E402
+from ilora.teacher.adapters import GatedLoraLinear, GateState, MoELoraConfig, enable_gradient_checkpointing, gated_lora_modules  # noqa: E402
 from ilora.teacher.shared_input import SharedInput, share_adapter_inputs, shared_adapter_inputs, unshare_adapter_inputs  # noqa: E402
-
-
-def injected(make_model=tiny_llama, seed=0, **cfg_kwargs):
-    model = make_model()
-    cfg = MoELoraConfig(**{"init": "random", "dropout": 0.0, **cfg_kwargs})
-    state = GateState(cfg.num_experts)
-    torch.manual_seed(seed)
-    inject_gated_lora(model, cfg, state)
-    return model, state
 
 
 def model_grads(model, state, seed=11):
@@ -61,14 +53,7 @@ def test_without_dropout_outputs_and_gradients_equal_the_ungrouped_layers(make_m
     model, state = injected(make_model)
     model.train().double()  # float64: the two summation orders agree to far below the tolerance
     reference = model_grads(model, state)
-    computed = []
-    product = SharedInput.lora_hidden
-
-    def counted(group, position, x):
-        computed.append(not group._holds(x, position))  # True where the group's product is computed
-        return product(group, position, x)
-
-    monkeypatch.setattr(SharedInput, "lora_hidden", counted)
+    computed = record_group_products(monkeypatch)
     with shared_adapter_inputs(model) as groups:
         shared = model_grads(model, state)
         assert all(g._input is None for g in groups)  # every member took its columns: nothing held
