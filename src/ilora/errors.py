@@ -25,10 +25,13 @@ class DataError(IloraError):
         row: int | None = None,
         item: int | None = None,
         expected: str | None = None,
+        line: int | None = None,
     ) -> None:
         where = str(path) if path is not None else "<data>"
         if row is not None:
             where += f", row {row}"
+        if line is not None:  # a text file's 1-based line, where it differs from the row
+            where += f" (line {line})"
         if item is not None:
             where += f", id {item}"
         text = f"{where}: {problem}"
@@ -38,6 +41,7 @@ class DataError(IloraError):
         self.path = None if path is None else Path(path)
         self.row = row
         self.item = item
+        self.line = line
 
 
 class ConfigError(IloraError):

@@ -112,10 +112,10 @@ def test_titles_that_look_like_missing_values_stay_text(tmp_path: Path) -> None:
     ("log", "items", "pattern"),
     [
         ("user,item\n1,a\n", None, r"interactions.csv: missing column\(s\) timestamp"),
-        ("user,item,timestamp\n1,a,1\n1,,2\n", None, r"interactions.csv, row 1: missing item"),
-        ("user,item,timestamp\n1,a,1\n1,b,yesterday\n", None, r"interactions.csv, row 1: timestamp 'yesterday'"),
-        ("user,item,timestamp\n1,a,1\n1,q,2\n", "item,title\na,A\nb,B\n", r"interactions.csv, row 1: item 'q' is not in items.csv"),
-        ("user,item,timestamp\n1,a,1\n", "item,title\na,A\na,B\n", r"items.csv, row 1: duplicate item key 'a' \(first in row 0\)"),
+        ("user,item,timestamp\n1,a,1\n1,,2\n", None, r"interactions.csv, row 1 \(line 3\): missing item"),
+        ("user,item,timestamp\n1,a,1\n1,b,yesterday\n", None, r"interactions.csv, row 1 \(line 3\): timestamp 'yesterday'"),
+        ("user,item,timestamp\n1,a,1\n1,q,2\n", "item,title\na,A\nb,B\n", r"interactions.csv, row 1 \(line 3\): item 'q' is not in items.csv"),
+        ("user,item,timestamp\n1,a,1\n", "item,title\na,A\na,B\n", r"items.csv, row 1 \(line 3\): duplicate item key 'a' \(first in row 0\)"),
         ("user,item,timestamp\n1,a,1\n", "item,name\na,A\n", r"items.csv: missing column\(s\) title"),
     ],
 )
@@ -149,11 +149,11 @@ def test_leave_one_out_small_users_and_bad_max_len() -> None:
 @pytest.mark.parametrize(
     ("log", "pattern"),
     [
-        ("user,item,timestamp\nu,a,1\nu,b,inf\nu,c,2\n", r"interactions\.csv, row 1: timestamp 'inf' is not finite"),
-        ("user,item,timestamp\nu,a,1\nu,b,2\nu,c,-Infinity\n", r"interactions\.csv, row 2: timestamp '-Infinity' is not finite"),
-        ("user,item,timestamp\nu,a,1\nu,b,nan\nu,c,2\n", r"interactions\.csv, row 1: timestamp 'nan' \(expected a finite number"),
-        ("user,item,timestamp\nu,a,NaN\nu,b,1\nu,c,2\n", r"interactions\.csv, row 0: timestamp 'NaN'"),
-        ("user,item,timestamp\nu,a,2020-01-01\nu,b,NaT\nu,c,2021-01-01\n", r"interactions\.csv, row 1: timestamp 'NaT' \(expected an ISO-8601"),
+        ("user,item,timestamp\nu,a,1\nu,b,inf\nu,c,2\n", r"interactions\.csv, row 1 \(line 3\): timestamp 'inf' is not finite"),
+        ("user,item,timestamp\nu,a,1\nu,b,2\nu,c,-Infinity\n", r"interactions\.csv, row 2 \(line 4\): timestamp '-Infinity' is not finite"),
+        ("user,item,timestamp\nu,a,1\nu,b,nan\nu,c,2\n", r"interactions\.csv, row 1 \(line 3\): timestamp 'nan' \(expected a finite number"),
+        ("user,item,timestamp\nu,a,NaN\nu,b,1\nu,c,2\n", r"interactions\.csv, row 0 \(line 2\): timestamp 'NaN'"),
+        ("user,item,timestamp\nu,a,2020-01-01\nu,b,NaT\nu,c,2021-01-01\n", r"interactions\.csv, row 1 \(line 3\): timestamp 'NaT' \(expected an ISO-8601"),
     ],
 )
 def test_non_finite_csv_timestamps_name_the_row(tmp_path: Path, log: str, pattern: str) -> None:

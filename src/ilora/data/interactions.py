@@ -158,6 +158,12 @@ def _read_csv(path: Path) -> pd.DataFrame:
     return frame
 
 
+def _at(path: Path, row: int) -> dict[str, int | None]:
+    """``DataError`` position of data row ``row`` (0-based, header excluded): in a CSV also
+    its line in the file (1-based, after the header line)."""
+    return {"row": row, "line": None if path.suffix == ".parquet" else row + 2}
+
+
 def read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame:
     """CSV (every cell as text, nothing turned into NaN but empty cells) or Parquet; checks columns."""
     try:
@@ -177,7 +183,7 @@ def read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame:
     for column in columns:
         blank = frame[column].isna().to_numpy() | (frame[column].astype(str).str.len() == 0).to_numpy()
         if blank.any():
-            raise DataError(path, f"missing {column}", row=int(np.flatnonzero(blank)[0]))
+            raise DataError(path, f"missing {column}", **_at(path, int(np.flatnonzero(blank)[0])))
     return frame
 
 
@@ -188,7 +194,7 @@ def _keys(path: Path, series: pd.Series, column: str) -> np.ndarray:
     values = series.tolist()
     for row, value in enumerate(values):
         if not isinstance(value, (str, int, np.integer)) or isinstance(value, (bool, np.bool_)):
-            raise DataError(path, f"{column} key {value!r} is a {type(value).__name__}", row=row, expected="an integer or a string")
+            raise DataError(path, f"{column} key {value!r} is a {type(value).__name__}", **_at(path, row), expected="an integer or a string")
     return np.array([str(v) for v in values], dtype=object)
 
 
@@ -222,7 +228,7 @@ def _first_non_finite(path: Path, series: pd.Series, times: np.ndarray) -> None:
         bad = np.flatnonzero(~np.isfinite(times))
         if bad.size:
             row = int(bad[0])
-            raise DataError(path, f"timestamp {series.tolist()[row]!r} is not finite", row=row, expected="a finite number")
+            raise DataError(path, f"timestamp {series.tolist()[row]!r} is not finite", **_at(path, row), expected="a finite number")
 
 
 def _times(path: Path, series: pd.Series) -> np.ndarray:
@@ -239,7 +245,7 @@ def _times(path: Path, series: pd.Series) -> np.ndarray:
         return series.to_numpy(dtype="datetime64[ns]").astype(np.int64)
     values = series.tolist()
     if series.dtype.kind == "b":
-        raise DataError(path, f"timestamp {values[0]!r} is a bool", row=0, expected="a number or an ISO-8601 date-time")
+        raise DataError(path, f"timestamp {values[0]!r} is a bool", **_at(path, 0), expected="a number or an ISO-8601 date-time")
     numeric = bool(values) and _parses_as_number(values[0])
     try:
         if numeric:
@@ -258,7 +264,7 @@ def _times(path: Path, series: pd.Series) -> np.ndarray:
     row = next((r for r, value in enumerate(values) if not check(value)), None)
     if row is None:
         raise DataError(path, "unreadable timestamp column", expected="all numbers or all ISO-8601 date-times")
-    raise DataError(path, f"timestamp {values[row]!r}", row=row, expected=kind)
+    raise DataError(path, f"timestamp {values[row]!r}", **_at(path, row), expected=kind)
 
 
 def read_items_table(path: Path) -> tuple[pd.Index, Catalog]:
@@ -269,7 +275,7 @@ def read_items_table(path: Path) -> tuple[pd.Index, Catalog]:
     if duplicated.any():
         row = int(np.flatnonzero(duplicated)[0])
         first = int(np.flatnonzero(keys == keys[row])[0])
-        raise DataError(path, f"duplicate item key {keys[row]!r} (first in row {first})", row=row)
+        raise DataError(path, f"duplicate item key {keys[row]!r} (first in row {first})", **_at(path, row))
     return pd.Index(keys), Catalog(tuple(str(t) for t in frame["title"].tolist()), source=str(path))
 
 
@@ -287,7 +293,7 @@ def read_interactions(path: str | Path, *, items: str | Path | None = None, max_
         if unknown.size:
             row = int(unknown[0])
             raise DataError(
-                log_path, f"item {item_keys[row]!r} is not in {items_path.name}", row=row, expected=f"an item key listed in {items_path}"
+                log_path, f"item {item_keys[row]!r} is not in {items_path.name}", **_at(log_path, row), expected=f"an item key listed in {items_path}"
             )
     else:
         item_ids, uniques = pd.factorize(item_keys, sort=False)
