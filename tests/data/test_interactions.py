@@ -174,3 +174,19 @@ def test_parquet_bool_and_infinite_timestamps_are_refused(tmp_path: Path, timest
     frame.to_parquet(tmp_path / "interactions.parquet")
     with pytest.raises(DataError, match=rf"interactions\.parquet, {pattern}"):
         read_interactions(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("log", "line"),
+    [
+        ("user,item,timestamp\r\nu,a,1\r\nu,b,x\r\n", " (line 3)"),  # CRLF: one record per line
+        ("\ufeffuser,item,timestamp\nu,a,1\nu,b,x\n", " (line 3)"),  # a BOM
+        ("user,item,timestamp\nu,a,1\n\nu,b,x\n", ""),  # a blank line: records and lines part, no line given
+        ('user,item,timestamp\n"u\nv",a,1\nu,b,x\n', ""),  # a quoted cell spanning two lines
+    ],
+)
+def test_the_csv_line_is_given_only_where_it_is_certain(tmp_path, log, line):
+    (tmp_path / "interactions.csv").write_text(log, encoding="utf-8", newline="")
+    with pytest.raises(DataError) as error:
+        read_interactions(tmp_path)
+    assert f"interactions.csv, row 1{line}: timestamp 'x'" in str(error.value)

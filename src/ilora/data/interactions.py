@@ -42,6 +42,8 @@ appearance in the file), then by time. `leave_one_out` is the reusable core (als
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -159,9 +161,26 @@ def _read_csv(path: Path) -> pd.DataFrame:
 
 
 def _at(path: Path, row: int) -> dict[str, int | None]:
-    """``DataError`` position of data row ``row`` (0-based, header excluded): in a CSV also
-    its line in the file (1-based, after the header line)."""
-    return {"row": row, "line": None if path.suffix == ".parquet" else row + 2}
+    """``DataError`` position of data row ``row`` (0-based, header excluded), with its line in
+    the file where that is certain (`_csv_line`)."""
+    return {"row": row, "line": _csv_line(path, row)}
+
+
+def _csv_line(path: Path, row: int) -> int | None:
+    """The 1-based line of data row ``row`` of a CSV whose records are one non-blank line each
+    (header on line 1), so the line is ``row + 2``; None for Parquet, or a CSV with blank
+    lines or a quoted cell spanning lines, where records and lines part (run on errors only)."""
+    if path.suffix == ".parquet":
+        return None
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        return None
+    lines = text.splitlines()
+    if any(not line.strip() for line in lines):
+        return None
+    records = sum(1 for _ in csv.reader(io.StringIO(text, newline="")))
+    return row + 2 if records == len(lines) else None
 
 
 def read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame:
