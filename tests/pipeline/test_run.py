@@ -93,6 +93,11 @@ def test_a_finished_run_goes_on_on_another_device_without_redoing_its_stages(tmp
     assert main(["run", str(config), "teacher.device=cuda", "eval.limit=5"]) == 2
     assert "teacher.device=cuda but torch sees no CUDA device (set teacher.device=cpu)" in capsys.readouterr().err
     assert sorted(p.name for p in (run / "eval").iterdir()) == eval_files and _stage_keys(run) == keys
+    # input the students' training would refuse is refused before their finished stage is cleared
+    distill_files = sorted(p.name for p in (run / "distill").iterdir())
+    assert main(["run", str(config), "distill.train_min_len=999"]) == 2
+    assert "min_len=999" in capsys.readouterr().err
+    assert sorted(p.name for p in (run / "distill").iterdir()) == distill_files and _stage_keys(run) == keys
     # the teacher, finished "on cuda", is not redone for the device; only the students, whose option changed, run
     assert main(["run", str(config), "teacher.device=cuda", "distill.lambda_d=0.5"]) == 0
     err = capsys.readouterr().err
@@ -163,7 +168,7 @@ def test_a_stage_refused_by_its_check_keeps_the_finished_stage_files(tmp_path):
     assert sorted(p.name for p in (tmp_path / "distill").iterdir()) == before
 
 
-def test_a_device_change_keeps_a_finished_stage_but_not_an_interrupted_one(tmp_path):
+def test_a_device_change_keeps_a_finished_stage_but_not_an_interrupted_one(tmp_path, capsys):
     """Finished work is the same on any device; interrupted work resumes only on the device its
     checkpoints came from (another device starts the stage clean)."""
     from ilora.pipeline.stages import PENDING, run_stage, stage_key
@@ -188,9 +193,11 @@ def test_a_device_change_keeps_a_finished_stage_but_not_an_interrupted_one(tmp_p
     interrupt()
     run_stage(tmp_path, "a", {"x": 1, "device": "cuda", "workers": 2}, [], work, keep_partial=True)
     assert calls[-1] == ["checkpoint.bin", PENDING]  # the same device: resumed
+    capsys.readouterr()
     interrupt()
     run_stage(tmp_path, "a", {"x": 1, "device": "cpu"}, [], work, keep_partial=True)
     assert calls[-1] == [PENDING]  # another device: started clean, the cuda checkpoint not offered
+    assert "a: an interrupted run of other options (or on another device) is discarded with its checkpoints" in capsys.readouterr().err
 
 
 def test_a_record_of_the_same_work_under_another_key_counts_as_current(tmp_path):

@@ -126,13 +126,15 @@ def stage_distill(cfg: RunConfig, dataset: SeqDataset, outputs_dir: Path, direct
 def run_pipeline(cfg: RunConfig) -> dict:
     """Run (or resume) every stage; write ``report.md`` and plots; return the summary."""
     from ilora.pipeline.report import write_report
+    from ilora.rec.train import check_training_input
 
     check_run_config(cfg)
 
-    def devices(*sections: str):
-        """The check of a stage that has work: the devices of the sections it and the stages that
-        read it (transitively: they run again after it) use; run before its directory is touched."""
-        return lambda: check_devices(cfg, sections)
+    def devices(*sections: str, then=lambda: None):
+        """The check of a stage that has work, run before its directory is touched: the devices of
+        the sections it and the stages that read it (transitively: they run again after it) use,
+        then ``then`` (what the stage's own work would refuse in its input)."""
+        return lambda: (check_devices(cfg, sections), then())
 
     everything = devices(*DEVICE_SECTIONS)
 
@@ -143,7 +145,10 @@ def run_pipeline(cfg: RunConfig) -> dict:
 
     data_key, results["data"] = run_stage(run_dir, "data", to_dict(cfg.data), [], lambda d: stage_data(cfg, d), check=everything)
     dataset = read_native(run_dir / "data" / "dataset")
-    rec_key, trained = run_stage(run_dir, "sasrec", to_dict(cfg.rec), [data_key], lambda d: stage_sasrec(cfg, dataset, d), keep_partial=True, check=everything)
+    rec_key, trained = run_stage(
+        run_dir, "sasrec", to_dict(cfg.rec), [data_key], lambda d: stage_sasrec(cfg, dataset, d), keep_partial=True,
+        check=devices(*DEVICE_SECTIONS, then=lambda: check_training_input(dataset, cfg.rec)),
+    )
     results["sasrec_train"] = {k: trained.get(k) for k in ("best_epoch", "epochs_run", "steps", "seconds")}
     rec_dir = run_dir / "sasrec" / "model"
     _, results["sasrec"] = run_stage(run_dir, "sasrec_eval", sasrec_eval_config(cfg), [rec_key], lambda d: stage_sasrec_eval(cfg, dataset, rec_dir))
@@ -162,7 +167,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
     outputs_dir = run_dir / "export" / "outputs"
     _, results["distill"] = run_stage(
         run_dir, "distill", to_dict(cfg.distill), [export_key, data_key], lambda d: stage_distill(cfg, dataset, outputs_dir, d), keep_partial=True,
-        check=devices("distill"),
+        check=devices("distill", then=lambda: check_training_input(dataset, cfg.distill)),
     )
     summary = {"out": str(run_dir), **results}
     write_report(run_dir, summary)

@@ -145,6 +145,12 @@ def run_stage(
     pending = directory / PENDING
     pending_key, pending_config = _read_pending(pending)
     resumable = keep_partial and marker is None and pending_key is not None and _matches(key, pending_key, pending_config, config, upstream, legacy)
+    if keep_partial and marker is None and pending_key is not None and not resumable:
+        print(
+            f"[run] {name}: an interrupted run of other options (or on another device) is discarded with its checkpoints; "
+            "it resumes only with the options it started with",
+            file=sys.stderr, flush=True,
+        )
     if directory.exists() and not resumable:
         shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)
