@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ilora.cli.common import add_data_arguments, add_json_argument, add_run_arguments, load_data, nonnegative_int, positive_int, print_json, strict_json
+from ilora.cli.common import add_data_arguments, add_json_argument, add_run_arguments, load_data, nonnegative_int, positive_int, print_json
 from ilora.config import add_arguments, add_config_arguments, config_from_args
 from ilora.distributed import process_group, require_device
 from ilora.errors import IloraError
+from ilora.state_io import strict_json
 from ilora.teacher.config import TeacherConfig
 
 SPLIT_CHOICES = ("train", "val", "test")
@@ -40,15 +41,23 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    from ilora.data.candidates import candidate_sets, save_candidates
-    from ilora.teacher.build import load_teacher, read_teacher_config
-    from ilora.teacher.evaluate import evaluate_teacher
+def check_gate_and_device(args: argparse.Namespace) -> None:
+    """Before any data or model is read: ``--gate``'s spelling, ``--device``, then ``expert:N``
+    against the saved teacher's config (a small JSON file)."""
+    from ilora.teacher.build import read_teacher_config
     from ilora.teacher.model import parse_gate_mode
 
-    parse_gate_mode(args.gate, None)  # a typo fails here, not after the model has loaded
+    parse_gate_mode(args.gate, None)
     require_device(args.device)
-    parse_gate_mode(args.gate, read_teacher_config(args.teacher)[0].num_experts)  # expert:N in range, before any data
+    parse_gate_mode(args.gate, read_teacher_config(args.teacher)[0].num_experts)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ilora.data.candidates import candidate_sets, save_candidates
+    from ilora.teacher.build import load_teacher
+    from ilora.teacher.evaluate import evaluate_teacher
+
+    check_gate_and_device(args)
     dataset = load_data(args)
     split = dataset.split(args.split)
     if args.limit:
@@ -84,12 +93,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     from ilora.outputs.export import ExportOptions, export_teacher_outputs
-    from ilora.teacher.build import load_teacher, read_teacher_config
-    from ilora.teacher.model import parse_gate_mode
+    from ilora.teacher.build import load_teacher
 
-    parse_gate_mode(args.gate, None)  # a typo fails here, not after the model has loaded
-    require_device(args.device)
-    parse_gate_mode(args.gate, read_teacher_config(args.teacher)[0].num_experts)  # expert:N in range, before any data
+    check_gate_and_device(args)
     opts = ExportOptions(
         splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
         top_k=args.top_k,

@@ -130,11 +130,17 @@ def run_pipeline(cfg: RunConfig) -> dict:
 
     check_run_config(cfg)
 
-    def devices(*sections: str, then=lambda: None):
+    def devices(*sections: str, then=None):
         """The check of a stage that has work, run before its directory is touched: the devices of
         the sections it and the stages that read it (transitively: they run again after it) use,
         then ``then`` (what the stage's own work would refuse in its input)."""
-        return lambda: (check_devices(cfg, sections), then())
+
+        def check() -> None:
+            check_devices(cfg, sections)
+            if then is not None:
+                then()
+
+        return check
 
     everything = devices(*DEVICE_SECTIONS)
 

@@ -37,9 +37,10 @@ from ilora.state_io import atomic_write_text
 
 MARKER = "stage.json"
 PENDING = "stage.pending"
-# A finished stage is the same work on another device (its results are made; only a resume
-# of interrupted work must stay on the device its checkpoints were written from).
-FINISHED_ANYWHERE = frozenset({"device"})
+# What a finished stage's record may differ in and still stand for the config: how a run is
+# carried out, and its device (the results are made; only a resume of interrupted work must
+# stay on the device its checkpoints were written from).
+FINISHED_IGNORED = RESUMABLE_CHANGES | {"device"}
 
 
 def stage_key(config: Any, upstream: list[str]) -> str:
@@ -135,8 +136,7 @@ def run_stage(
     directory = run_dir / name
     key = stage_key(config, upstream)
     marker = read_marker(directory)
-    finished_ignores = RESUMABLE_CHANGES | FINISHED_ANYWHERE
-    if marker is not None and _matches(key, marker.get("key"), marker.get("config"), config, upstream, legacy, finished_ignores):
+    if marker is not None and _matches(key, marker.get("key"), marker.get("config"), config, upstream, legacy, FINISHED_IGNORED):
         print(f"[run] {name}: up to date, skipped", file=sys.stderr, flush=True)
         return stage_token(marker["key"], marker.get("run_id")), marker["result"]
     # Resume only an interrupted run of this config (stage.pending records it); anything
@@ -144,8 +144,9 @@ def run_stage(
     check()
     pending = directory / PENDING
     pending_key, pending_config = _read_pending(pending)
-    resumable = keep_partial and marker is None and pending_key is not None and _matches(key, pending_key, pending_config, config, upstream, legacy)
-    if keep_partial and marker is None and pending_key is not None and not resumable:
+    interrupted = keep_partial and marker is None and pending_key is not None
+    resumable = interrupted and _matches(key, pending_key, pending_config, config, upstream, legacy)
+    if interrupted and not resumable:
         print(
             f"[run] {name}: an interrupted run of other options (or on another device) is discarded with its checkpoints; "
             "it resumes only with the options it started with",

@@ -298,11 +298,14 @@ def _finished_result(out: Path, record: dict[str, object]) -> dict[str, object] 
     return read_json(result, "result.json")
 
 
+def _has_val(dataset: SeqDataset) -> bool:
+    return dataset.splits.get("val") is not None and len(dataset.split("val")) > 0
+
+
 def val_candidates(dataset: SeqDataset, cfg: RecTrainConfig) -> np.ndarray | None:
     """The fixed val candidate sets ``cfg`` evaluates with (None without a val split or with
     ``eval_candidates`` 0); raises for sets the data cannot fill (more candidates than items)."""
-    val = dataset.splits.get("val")
-    if val is None or len(val) == 0 or not cfg.eval_candidates:
+    if not _has_val(dataset) or not cfg.eval_candidates:
         return None
     return fixed_candidates(dataset.split("val"), dataset.num_items, split_name="val", count=cfg.eval_candidates, seed=cfg.cand_seed)
 
@@ -340,7 +343,7 @@ def train_sasrec(
     cfg.validate()
     record = run_record(cfg, {**(run_options or {}), "dataset_sha256": dataset.sha256()})
     train, train_rows = _train_split(dataset, cfg.train_min_len)  # rejects bad input before --out is touched
-    has_val = dataset.splits.get("val") is not None and len(dataset.split("val")) > 0
+    has_val = _has_val(dataset)
     val_cands = val_candidates(dataset, cfg)  # refuses more candidates than items before --out is touched
     out, checkpoints, finished = open_run(
         out_dir, cfg.checkpoint_every, resume, "result.json", lambda o: _finished_result(o, record), overwrite, others=(WEIGHTS_FILE,)

@@ -214,6 +214,12 @@ def resolve_llm_path(cfg: TeacherConfig) -> TeacherConfig:
     return dataclasses.replace(cfg, llm=str(path.resolve()))
 
 
+def check_sasrec_items(rec: SASRec, num_items: int, source: str | Path = "SASRec") -> None:
+    """`IloraError` unless ``rec`` (read from ``source``) was trained on a catalog of ``num_items`` items."""
+    if rec.config.num_items != num_items:
+        raise IloraError(f"{source}: this SASRec was trained on {rec.config.num_items} items but the dataset has {num_items} (a SASRec of another dataset?)")
+
+
 def build_teacher(cfg: TeacherConfig, catalog: Catalog, rec: SASRec, device: str = "cpu") -> TeacherBundle:
     """A fresh teacher: base LLM (frozen) + new adapters, gate network and projector.
 
@@ -221,8 +227,7 @@ def build_teacher(cfg: TeacherConfig, catalog: Catalog, rec: SASRec, device: str
     and ``device``'s when it is CUDA) is left as it was.
     """
     validate_prompt_titles(catalog)
-    if rec.config.num_items != catalog.num_items:
-        raise IloraError(f"SASRec was trained on {rec.config.num_items} items but the dataset has {catalog.num_items}")
+    check_sasrec_items(rec, catalog.num_items)
     cuda = [torch.device(device)] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(cfg.seed)

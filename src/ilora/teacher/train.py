@@ -74,7 +74,7 @@ from ilora.rec.sasrec import load_sasrec
 from ilora.state_io import atomic_write_text, read_json, save_state
 from ilora.teacher.adapters import adapter_state_dict, enable_gradient_checkpointing
 from ilora.teacher.batch import draw_hybrid_flags
-from ilora.teacher.build import base_weights_sample, build_teacher, rec_fingerprint, resolve_llm_path, save_teacher
+from ilora.teacher.build import base_weights_sample, build_teacher, check_sasrec_items, rec_fingerprint, resolve_llm_path, save_teacher
 from ilora.teacher.compiled import CompiledLayers, check_can_compile
 from ilora.teacher.config import TeacherConfig, with_added_defaults
 from ilora.teacher.evaluate import evaluate_teacher
@@ -360,8 +360,7 @@ def train_teacher(
     train, val = dataset.split("train"), _val_subset(dataset.split("val"), cfg.val_samples)
     n_items = dataset.num_items
     rec = load_sasrec(rec_dir)
-    if rec.config.num_items != dataset.num_items:  # before the base LLM is loaded; build_teacher checks it too
-        raise IloraError(f"{rec_dir}: this SASRec was trained on {rec.config.num_items} items but the dataset has {dataset.num_items} (a SASRec of another dataset?)")
+    check_sasrec_items(rec, dataset.num_items, rec_dir)  # naming --rec (build_teacher's own check cannot)
     bundle = build_teacher(cfg, dataset.catalog, rec, cfg.device)
     teacher = bundle.teacher
     # what a resume must read again: the same SASRec, dataset and base LLM weights
