@@ -145,6 +145,15 @@ def test_deterministic_given_seed_and_max_steps(tmp_path) -> None:
     assert not all(torch.equal(models[0][k], models[2][k]) for k in models[0])
 
 
+def test_max_steps_zero_means_no_limit_as_for_the_teacher(tmp_path) -> None:
+    ds = make_dataset()
+    steps_per_epoch = -(-len(ds.splits["train"]) // 64)
+    unlimited = train_sasrec(ds, quick_cfg(epochs=2, max_steps=0), tmp_path / "zero")
+    assert unlimited["steps"] == 2 * steps_per_epoch
+    with pytest.raises(ConfigError, match="max_steps must be >= 0"):
+        quick_cfg(max_steps=-1).validate()
+
+
 def test_bce_training_reduces_loss(tmp_path) -> None:
     ds = make_dataset()
     train_sasrec(ds, quick_cfg(epochs=4, loss="bce", negatives=4, eval_candidates=0), tmp_path / "bce")

@@ -452,8 +452,9 @@ def test_subprocess_one_line_without_debug_and_traceback_with_it(tmp_path: Path)
     assert plain.stderr.startswith(f"error: {source / 'train_data.df'}, row 1, id 7: next item outside the catalog")
     assert not dst.exists()
     debug = _cli("--debug", "data", "convert", str(source), str(dst), "--allow-pickle")
-    assert debug.returncode not in (0, 2)
+    assert debug.returncode == 2 and debug.stdout == ""
     assert "Traceback (most recent call last)" in debug.stderr and "DataError" in debug.stderr
+    assert debug.stderr.splitlines()[-1] == plain.stderr.rstrip("\n")
     assert not dst.exists()
 
 

@@ -5,9 +5,10 @@ Conventions shared by every command:
 * results printed with ``--json`` are one JSON object on stdout; logs and progress go
   to stderr;
 * bad input ends with exit code 2 and a one-line ``error: ...`` on stderr; ``--debug``
-  shows the traceback instead. Bad input is an `IloraError`, or an ``OSError`` from the
-  file system (a path that is not a directory, a full disk, no permission: the message
-  names the path); any other exception is a bug and keeps its traceback.
+  prints the traceback before that line (the exit code stays 2). Bad input is an
+  `IloraError`, or an ``OSError`` from the file system (a path that is not a directory,
+  a full disk, no permission: the message names the path); any other exception is a bug
+  and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import importlib
 import logging
 import re
 import sys
+import traceback
 
 from ilora import __version__
 from ilora.errors import IloraError
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         result = args.run(args)
     except (IloraError, OSError) as exc:
         if debug:
-            raise
+            traceback.print_exc()
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

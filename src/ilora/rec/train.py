@@ -71,7 +71,7 @@ class RecTrainConfig:
     """Options of `train_sasrec` / ``ilora rec train``."""
 
     epochs: int = option(30, "maximum number of passes over the train split")
-    max_steps: int | None = option(None, "stop after this many optimizer steps in total (none: no limit)")
+    max_steps: int | None = option(None, "stop after this many optimizer steps in total (0 or none: no limit, as the teacher's max_steps)")
     batch_size: int = option(256, "training samples per optimizer step")
     lr: float = option(1e-3, "Adam learning rate")
     weight_decay: float = option(0.0, "Adam weight decay (L2)")
@@ -104,7 +104,7 @@ class RecTrainConfig:
         where torch sees no CUDA device (``ilora run`` checks devices per stage instead)."""
         checks = [
             (self.epochs >= 1, "epochs must be >= 1"),
-            (self.max_steps is None or self.max_steps >= 1, "max_steps must be >= 1"),
+            (self.max_steps is None or self.max_steps >= 0, f"max_steps must be >= 0 (0 or unset: no limit), got {self.max_steps}"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.lr > 0, "lr must be > 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
@@ -385,7 +385,7 @@ def train_sasrec(
     rows = torch.tensor(train_rows)
     n = len(train)
     steps_per_epoch = (n + cfg.batch_size - 1) // cfg.batch_size
-    total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
+    total = steps_per_epoch * cfg.epochs if not cfg.max_steps else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     p = run.progress
     logger = run.logger = MetricsLog(out, purge_step=None if resumed_from is None else resumed_from + 1)
     if saved is not None:
@@ -416,7 +416,7 @@ def train_sasrec(
                 p.step, p.position = p.step + 1, b + 1
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{p.loss_sum / max(p.batches, 1):.4f}", refresh=False)
-                if cfg.max_steps is not None and p.step >= cfg.max_steps:
+                if cfg.max_steps and p.step >= cfg.max_steps:
                     break
                 if p.position < steps_per_epoch and checkpoints.due(p.step):
                     checkpoints.save(p.step, run.state())
@@ -434,7 +434,7 @@ def train_sasrec(
                     p.bad_epochs += 1
             logger.log(row, p.step)
             log.info("epoch %d step %d " + " ".join(f"{k}={v:.4f}" for k, v in row.items() if k not in ("epoch", "step")), epoch, p.step)
-            if cfg.max_steps is not None and p.step >= cfg.max_steps:
+            if cfg.max_steps and p.step >= cfg.max_steps:
                 break
             if has_val and cfg.patience and p.bad_epochs >= cfg.patience:
                 log.info("early stop: no better val %s for %d epochs", cfg.monitor, p.bad_epochs)
