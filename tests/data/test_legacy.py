@@ -215,6 +215,8 @@ def test_reported_row_is_the_file_row_after_dropped_rows(small_lastfm: Path) -> 
         (b"0::a\n1::b\n1::c\n", r"id2name.txt, row 2, id 1: duplicate catalog id \(line 3; first on line 2\)"),
         (b"0::a\n1::b\n3::c\n", r"id2name.txt, row 2, id 3: catalog id out of range"),
         (b"0::a\nx::b\n", r"id2name.txt, row 1: non-integer id 'x'"),
+        (b"0::a\n1_0::b\n", r"id2name.txt, row 1: non-integer id '1_0'"),  # int() reads it as 10
+        ("0::a\n\u0661::b\n".encode(), r"id2name.txt, row 1: non-integer id '\u0661'"),  # an Arabic-Indic 1
         (b"0::a\n1 b\n", r"id2name.txt, row 1: line 2 has no '::' separator"),
         (b"0::a\n1::caf\xe9\n", r"id2name.txt, row 1: undecodable text at byte 11 \(line 2\) \(expected utf-8 text\)"),
         (b"\n\n", r"id2name.txt: the item catalog is empty"),
@@ -224,6 +226,15 @@ def test_catalog_errors(small_lastfm: Path, content: bytes, pattern: str) -> Non
     (small_lastfm / "id2name.txt").write_bytes(content)
     with pytest.raises(DataError, match=pattern):
         read_legacy(small_lastfm, allow_pickle=True)
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+def test_catalog_lines_end_in_any_convention(small_lastfm: Path, newline: bytes) -> None:
+    """Old Mac files end lines with a bare CR: they used to read as one item titled 'a\\r1::b...'."""
+    titles = [f"t{i}" for i in range(6)]
+    (small_lastfm / "id2name.txt").write_bytes(newline.join(f"{i}::  {t} ".encode() for i, t in enumerate(titles)) + newline)
+    catalog = read_legacy(small_lastfm, allow_pickle=True).catalog
+    assert [catalog.title(i) for i in range(catalog.num_items)] == titles
 
 
 def test_missing_catalog(small_lastfm: Path) -> None:
@@ -280,6 +291,12 @@ def test_real_lastfm(lastfm_dir: Path) -> None:
             pd.DataFrame({"seq": [np.array([0, 2**63, P], dtype=np.uint64)], "len_seq": [2], "next": [2]}),
             r"row 0: value 9223372036854775808 in column seq does not fit in int64",
         ),
+        # pairs stored as arrays, and a 2-D cell, stack into a 3-D matrix (was an IndexError traceback)
+        (
+            pd.DataFrame({"seq": [[np.array([0, 5]), np.array([1, 4]), np.array([P, 0])]], "len_seq": [2], "next": [2]}),
+            r"row 0: non-integer value a ndarray of length 2 in column seq",
+        ),
+        (pd.DataFrame({"seq": [np.zeros((3, 2), dtype=np.int64)], "len_seq": [2], "next": [2]}), r"row 0: non-integer value a ndarray of length 2 in column seq"),
     ],
 )
 def test_pairs_must_be_pairs_and_big_ids_keep_their_value(small_lastfm: Path, frame: pd.DataFrame, pattern: str) -> None:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import ast
 import builtins
+import copyreg
 import io
 import os
 import pickle
 import re
 import subprocess
+import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -29,7 +31,7 @@ import pytest
 import torch
 
 from ilora.cli.main import main
-from ilora.data import legacy, safe_pickle
+from ilora.data import frame_pickle, legacy, safe_pickle
 from ilora.rec import llara_import
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "ilora"
@@ -147,25 +149,29 @@ def _index_from_range_pickle(n: int) -> bytes:
     return pickle.dumps(Crafted(), protocol=4)
 
 
+UNREADABLE = r"not a readable pickle \(ValueError: "
+NOT_A_FRAME = r"not a DataFrame pickle this reader accepts: "
+
+
 @pytest.mark.parametrize(
     ("data", "refusal"),
     [
         # each would allocate what a number in a 40-byte file asks for (here only 1 MB; 1.5 GB works the same)
-        (b"cbuiltins\nbytearray\n(L1000000L\ntR.", r"refused bytearray\(int\)"),
-        (b"cnumpy\nndarray\n((L1000000L\ntS'O'\ntR.", r"refused initial ndarray shape \(1000000,\)"),
-        (b"cnumpy._core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(L1000000L\ntS'O'\ntR.", r"refused initial ndarray shape \(1000000,\)"),
-        (b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(K\x00tS'V9'\ntR.", r"refused dtype 'V9'"),
-        (b"cnumpy._core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(K\x00tS'longer-than-8'\ntR.", r"refused dtype spec"),
-        # DataFrame(None, RangeIndex(0, 10**6), ["seq"]) would fill a million cells (its RangeIndex call is refused first)
-        (b"cpandas\nDataFrame\n(Ncpandas\nRangeIndex\n(I0\nI1000000\ntR(Vseq\nltR.", r"refused a direct RangeIndex\(\.\.\.\) call"),
-        (b"cpandas\nDataFrame\n(NNNtR.", r"refused a DataFrame\(\.\.\.\) call with arguments"),
+        (b"cbuiltins\nbytearray\n(L1000000L\ntR.", UNREADABLE + r"refused bytearray\(int\)"),
+        (b"cnumpy\nndarray\n((L1000000L\ntS'O'\ntR.", UNREADABLE + r"refused initial ndarray shape \(1000000,\)"),
+        (b"cnumpy._core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(L1000000L\ntS'O'\ntR.", UNREADABLE + r"refused initial ndarray shape \(1000000,\)"),
+        (b"cnumpy.core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(K\x00tS'V9'\ntR.", UNREADABLE + r"refused dtype 'V9'"),
+        (b"cnumpy._core.multiarray\n_reconstruct\n(cnumpy\nndarray\n(K\x00tS'longer-than-8'\ntR.", UNREADABLE + r"refused dtype spec"),
+        # pandas names are inert records: DataFrame(None, RangeIndex(0, 10**6), ["seq"]) would fill a million cells
+        (b"cpandas\nDataFrame\n(Ncpandas\nRangeIndex\n(I0\nI1000000\ntR(Vseq\nltR.", NOT_A_FRAME + r"DataFrame with 3 arguments \(expected 0\)"),
+        (b"cpandas\nDataFrame\n(NNNtR.", NOT_A_FRAME + r"DataFrame with 3 arguments"),
         # _new_Index(Index, {"data": RangeIndex(0, 10**6), "dtype": "float64"}) would materialise a million floats
-        (_index_from_range_pickle(10**6), r"refused an Index built from RangeIndex"),
+        (_index_from_range_pickle(10**6), r"the pickle holds a _new_Index"),
     ],
 )
 def test_tiny_pickles_cannot_ask_for_big_allocations(data: bytes, refusal: str, tmp_path: Path) -> None:
     (tmp_path / "bomb.df").write_bytes(data)
-    with pytest.raises(safe_pickle.IloraError, match=rf"bomb\.df: not a readable pickle \(ValueError: {refusal}"):
+    with pytest.raises(safe_pickle.IloraError, match=rf"bomb\.df: {refusal}"):
         legacy.read_dataframe_pickle(tmp_path / "bomb.df", allow_pickle=True)
 
 
@@ -195,6 +201,155 @@ def test_short_object_list_cannot_crash_the_interpreter(tmp_path: Path) -> None:
     result = subprocess.run([os.sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-500:]  # a crash would be a negative return code
     assert "refused:" in result.stdout and "object array of shape (2, 9)" in result.stdout
+
+
+# pandas' own unpickling trusts block placements and axis lengths; the reader treats both as data.
+
+
+class _NewObj:
+    """An object whose unpickling is ``cls.__new__(cls)`` and then ``BUILD state`` (NEWOBJ + BUILD)."""
+
+    def __init__(self, cls, state) -> None:
+        self.cls, self.state = cls, state
+
+    @property  # type: ignore[misc]
+    def __class__(self):  # pickle checks that NEWOBJ's class is the object's own
+        return self.cls
+
+    def __reduce__(self):
+        return copyreg.__newobj__, (self.cls,), self.state
+
+
+def _frame_pickle(manager) -> bytes:
+    return pickle.dumps(_NewObj(pd.DataFrame, {"_mgr": manager, "_typ": "dataframe"}), protocol=5)
+
+
+def _block_manager(values: np.ndarray, placement, columns, rows, layout: str):
+    """A BlockManager as pandas >= 1.3 pickles it (``reduce``) or as earlier pandas did (``setstate``)."""
+    from pandas._libs.internals import _unpickle_block
+    from pandas.core.internals.managers import BlockManager
+
+    axes = [pd.Index(columns, dtype=object), rows]
+    if layout == "reduce":
+        return _Payload(BlockManager, (_Payload(_unpickle_block, values, placement, 2),), axes)
+    blocks = [{"values": values, "mgr_locs": placement}]
+    return _NewObj(BlockManager, (axes, [values], [columns], {"0.14.1": {"axes": axes, "blocks": blocks}}))
+
+
+def _read_in_a_subprocess(path: Path) -> str:
+    """Read ``path`` in a child process: a regression here is a crash, which must not take pytest down."""
+    script = (
+        "from pathlib import Path; from ilora.data.legacy import read_dataframe_pickle\n"
+        "from ilora.errors import IloraError\n"
+        f"try:\n    frame = read_dataframe_pickle(Path({str(path)!r}), allow_pickle=True)\n    print('read:', frame.to_dict('list'))\n"
+        "except IloraError as e:\n    print('refused:', e)\n"
+    )
+    result = subprocess.run([os.sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"rc {result.returncode}: {result.stderr[-500:]}"  # a crash is a negative return code
+    return result.stdout
+
+
+@pytest.mark.parametrize("layout", ["reduce", "setstate"])
+@pytest.mark.parametrize("position", [0, 5, 10**8])
+def test_a_block_placed_past_the_columns_is_refused_not_written_out_of_bounds(layout: str, position: int, tmp_path: Path) -> None:
+    """pandas writes a block's number at its placement in arrays sized by the columns: past them, out of bounds."""
+    manager = _block_manager(np.array([[7]]), slice(position, position + 1, 1), ["next"], pd.RangeIndex(1), layout)
+    (tmp_path / "oob.df").write_bytes(_frame_pickle(manager))
+    out = _read_in_a_subprocess(tmp_path / "oob.df")
+    if position == 0:
+        assert out.strip() == "read: {'next': [7]}"
+    else:
+        assert f"refused: {tmp_path / 'oob.df'}: not a DataFrame pickle this reader accepts: a block placed at {position}:" in out
+
+
+@pytest.mark.parametrize("layout", ["reduce", "setstate"])
+def test_both_block_manager_layouts_read_a_real_frame(layout: str, tmp_path: Path) -> None:
+    frame = pd.DataFrame({"seq": [[0, 1, 5], [2, 5, 5]], "len_seq": [2, 1], "next": [2, 3]})
+    seq = np.empty((1, 2), dtype=object)
+    seq[0, 0], seq[0, 1] = [0, 1, 5], [2, 5, 5]
+    ints = np.array([[2, 1], [2, 3]])
+    from pandas._libs.internals import _unpickle_block
+    from pandas.core.internals.managers import BlockManager
+
+    axes = [pd.Index(["len_seq", "seq", "next"], dtype=object), pd.RangeIndex(2)]
+    placements = [(seq, slice(1, 2, 1)), (ints, np.array([0, 2]))]
+    if layout == "reduce":
+        manager = _Payload(BlockManager, tuple(_Payload(_unpickle_block, v, p, 2) for v, p in placements), axes)
+    else:
+        blocks = [{"values": v, "mgr_locs": p} for v, p in placements]
+        manager = _NewObj(BlockManager, (axes, [v for v, _ in placements], [], {"0.14.1": {"axes": axes, "blocks": blocks}}))
+    (tmp_path / "ok.df").write_bytes(_frame_pickle(manager))
+    back = legacy.read_dataframe_pickle(tmp_path / "ok.df", allow_pickle=True)
+    assert {c: back[c].tolist() for c in frame.columns} == frame.to_dict("list")
+
+
+@pytest.mark.parametrize(
+    ("values", "placement", "columns", "rows", "refusal"),
+    [
+        # a column axis of 2**26 labels and no block: pandas fills two arrays of that length
+        (None, None, pd.RangeIndex(2**26), pd.RangeIndex(1), "blocks that place 0 columns in a frame of 67108864"),
+        (np.array([[7], [8]]), slice(0, 2, 1), ["next", "seq"], pd.RangeIndex(3), r"a block of shape \(2, 1\) in a frame of 3 rows"),
+        (np.array([[7], [8]]), slice(0, 1, 1), ["next", "seq"], pd.RangeIndex(1), "a block of 2 columns placed at 1 positions"),
+        (np.array([[7], [8]]), np.array([1, 1]), ["next", "seq"], pd.RangeIndex(1), "a column placed in two blocks"),
+        (np.array([[7]]), slice(0, 1, 1), ["next", "next"], pd.RangeIndex(1), "blocks that place 1 columns in a frame of 2"),
+    ],
+)
+def test_axes_must_agree_with_the_blocks(values, placement, columns, rows, refusal: str, tmp_path: Path) -> None:
+    from pandas.core.internals.managers import BlockManager
+
+    if values is None:
+        manager = _Payload(BlockManager, (), [columns, rows])
+    else:
+        manager = _block_manager(values, placement, columns, rows, "reduce")
+    (tmp_path / "axes.df").write_bytes(_frame_pickle(manager))
+    tracemalloc.start()
+    try:
+        with pytest.raises(safe_pickle.IloraError, match=rf"axes\.df: not a DataFrame pickle this reader accepts: {refusal}"):
+            legacy.read_dataframe_pickle(tmp_path / "axes.df", allow_pickle=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, peak
+
+
+def test_a_buffer_stored_once_cannot_be_copied_a_thousand_times(tmp_path: Path) -> None:
+    """The memo lets a file name one stored buffer again and again; each copy is charged to a budget."""
+    from numpy._core.numeric import _frombuffer
+
+    buffer = bytes(1 << 20)
+    copies = {
+        "bytearray": lambda: _Payload(bytearray, buffer),
+        "frombuffer": lambda: _Payload(_frombuffer, buffer, np.dtype("u1"), (1 << 20,), "C"),
+    }
+    for name, copy in copies.items():
+        (tmp_path / f"{name}.df").write_bytes(pickle.dumps([copy() for _ in range(1000)], protocol=4))
+        assert (tmp_path / f"{name}.df").stat().st_size < 1.1 * len(buffer)
+        with pytest.raises(safe_pickle.IloraError, match="would take the data built from this pickle past"):
+            legacy.read_dataframe_pickle(tmp_path / f"{name}.df", allow_pickle=True)
+
+
+def test_rows_sharing_one_history_list_cannot_ask_for_a_huge_matrix(tmp_path: Path) -> None:
+    shared = list(range(4000))
+    frame = pd.DataFrame({"seq": [shared] * 5000, "len_seq": [1] * 5000, "next": [1] * 5000})
+    (tmp_path / "shared.df").write_bytes(pickle.dumps(frame, protocol=5))
+    with pytest.raises(safe_pickle.IloraError, match=r"shared\.df: the seq lists hold 20000000 ids in a file of \d+ bytes \(rows share lists\)"):
+        legacy.read_dataframe_pickle(tmp_path / "shared.df", allow_pickle=True)
+
+
+def test_string_columns_are_refused_without_decoding_them(tmp_path: Path) -> None:
+    """An Arrow array of nulls has no buffers: a tiny file could claim a billion rows of it."""
+    import pyarrow as pa
+
+    nulls = pd.arrays.ArrowStringArray.__new__(pd.arrays.ArrowStringArray)
+    nulls.__dict__.update({"_pa_array": pa.chunked_array([pa.nulls(2**24)]), "_dtype": pd.StringDtype("pyarrow", na_value=np.nan), "_cache": {}})
+    frame = pd.DataFrame({"seq": nulls}, copy=False)
+    frame.to_pickle(tmp_path / "nulls.df")
+    assert (tmp_path / "nulls.df").stat().st_size < 2000
+    with pytest.raises(safe_pickle.IloraError, match=r"nulls\.df: not a DataFrame pickle this reader accepts: column seq holds strings"):
+        legacy.read_dataframe_pickle(tmp_path / "nulls.df", allow_pickle=True)
+    pd.DataFrame({"seq": ["a", "b"]}, dtype=pd.StringDtype("pyarrow", na_value=np.nan)).to_pickle(tmp_path / "strings.df")
+    with pytest.raises(safe_pickle.IloraError, match=r"strings\.df: not a DataFrame pickle this reader accepts: column seq holds strings"):
+        legacy.read_dataframe_pickle(tmp_path / "strings.df", allow_pickle=True)
 
 
 # --------------------------------------------------------------------------- torch checkpoints
@@ -239,12 +394,37 @@ def test_whole_torch_module_checkpoint_is_not_a_sasrec(tmp_path: Path) -> None:
         llara_import.import_llara_checkpoint(ckpt, allow_pickle=True)
 
 
+def test_checkpoint_tensors_cannot_ask_for_more_than_their_storage(tmp_path: Path) -> None:
+    # a zero stride: one stored float viewed as 10**8 of them, cloned on rebuild
+    ckpt = _checkpoint_with({"w": torch.zeros(1).expand(10**8)}, tmp_path / "stride0.pt")
+    with pytest.raises(safe_pickle.IloraError, match=r"tensor of size \(100000000,\) holds more elements than its storage of 1"):
+        llara_import.read_module_pickle(ckpt, allow_pickle=True)
+    # a thousand views of one 1 MiB storage: each would be cloned
+    shared = torch.zeros(2**18)
+    ckpt = _checkpoint_with([shared[:] for _ in range(1000)], tmp_path / "views.pt")
+    assert ckpt.stat().st_size < 2 * 2**20
+    with pytest.raises(safe_pickle.IloraError, match="would take the data built from this pickle past"):
+        llara_import.read_module_pickle(ckpt, allow_pickle=True)
+
+
+def test_compressed_checkpoint_entries_are_refused(tmp_path: Path) -> None:
+    """torch.save stores every entry; a deflated one could inflate far past the file's size."""
+    plain = _checkpoint_with({"w": torch.zeros(4)}, tmp_path / "plain.pt")
+    with pytest.raises(safe_pickle.IloraError, match=r"plain\.pt: the checkpoint holds dict"):  # read, then found not a SASRec
+        llara_import.read_module_pickle(plain, allow_pickle=True)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(tmp_path / "deflated.pt", "w", compression=zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    with pytest.raises(safe_pickle.IloraError, match=r"deflated\.pt: compressed archive entry"):
+        llara_import.read_module_pickle(tmp_path / "deflated.pt", allow_pickle=True)
+
+
 # --------------------------------------------------------------------------- allow-lists are documented
 
 
 def test_dataframe_allow_list_is_in_the_docstring() -> None:
-    doc = " ".join(legacy.__doc__.split())
-    for module, name in legacy.dataframe_pickle_globals():
+    doc = " ".join(frame_pickle.__doc__.split())
+    for module, name in frame_pickle.dataframe_pickle_globals():
         assert name in doc, (module, name)
         assert module.split(".")[-1] in doc or module in ("builtins", "pandas", "numpy", "pyarrow.lib"), (module, name)
 

@@ -26,36 +26,13 @@ item: ``len_seq == 1`` and an all-padding ``seq``) cannot be a sample; they are 
 counted (``dropped_no_history`` in `read_legacy`'s ``load_info``). Every other inconsistency
 is a `DataError` naming the file, the row (0-based position in the DataFrame) and the id.
 
-Pickles can run code, so reading needs ``allow_pickle=True`` and then goes through
-`RestrictedUnpickler` with exactly these globals (a DataFrame of ints, lists and tuples of
-NumPy ints needs nothing else):
-
-* pandas: ``pandas.core.frame.DataFrame`` (our `_PickledDataFrame`: only the argument-less
-  construction pickling uses, never a call that could ask for ``rows x columns`` cells),
-  ``pandas.core.internals.managers.BlockManager``,
-  ``pandas._libs.internals._unpickle_block`` (also under its pandas <= 1.3 name
-  ``pandas.core.internals.blocks.new_block``), ``pandas.core.indexes.base._new_Index``,
-  ``pandas.core.indexes.base.Index`` (also the removed ``pandas.core.indexes.numeric``
-  ``Int64Index`` / ``UInt64Index``, read as ``Index``), ``pandas.core.indexes.range.RangeIndex``;
-* NumPy, under both ``numpy.core`` (NumPy 1) and ``numpy._core`` (NumPy 2):
-  ``multiarray._reconstruct`` (our `_reconstruct`: plain, empty ``(0,)`` ndarrays only, as
-  pickling writes them, whose pickled state is checked before NumPy applies it, see
-  `_CheckedArray`), ``multiarray.scalar`` and ``numeric._frombuffer`` (dtype checked, no
-  object buffers); and ``numpy.ndarray`` (our `_ndarray`: the same checks when called),
-  ``numpy.dtype`` (always a private copy: NumPy's ``dtype.__setstate__`` rewrites a
-  descriptor in place, and every dtype is compared with a fresh one before use);
-* ``builtins.slice`` (block placements), ``builtins.bytearray`` (protocol-4 buffers; our
-  `_bytearray`: a copy of a bytes-like argument only, so a number cannot ask for gigabytes);
-* pandas >= 3 writes the public names ``pandas.DataFrame`` / ``pandas.Index`` /
-  ``pandas.RangeIndex`` and stores string column labels as Arrow arrays:
-  ``pandas.StringDtype``, ``pandas.arrays.ArrowStringArray``, ``pyarrow.lib.py_buffer``,
-  ``pyarrow.lib.type_for_alias`` and ``pyarrow.lib._restore_array`` (wrapped: every
-  restored array is fully validated, so bad offsets cannot reach memory).
+Pickles can run code, so reading needs ``allow_pickle=True``, and even then nothing of
+pandas runs on the file: `ilora.data.frame_pickle` reads it as data (its docstring lists
+the allow-list of globals and the checks).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
 import reprlib
@@ -64,10 +41,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 
 from ilora.data.dataset import MAX_HISTORY_LEN, Catalog, SeqDataset, Split, validate_split
-from ilora.data.safe_pickle import canonical_dtype, private_dtype, require_opt_in, restricted_loads
+from ilora.data.frame_pickle import read_frame_pickle
+from ilora.data.safe_pickle import require_opt_in
 from ilora.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -104,201 +81,23 @@ def split_files(directory: Path) -> dict[str, Path]:
 # --------------------------------------------------------------------------- pickles
 
 
-def _numpy_core_modules() -> list[Any]:
-    """The NumPy core package under its current name, for both pickled spellings."""
-    try:
-        from numpy._core import multiarray, numeric  # NumPy >= 2
-    except ImportError:  # pragma: no cover - NumPy 1.x
-        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
-    return [multiarray, numeric]
-
-
-def _restore_validated_array(data: Any) -> pa.Array:
-    """``pyarrow.lib._restore_array`` followed by a full validation of offsets and buffers."""
-    array = pa.lib._restore_array(data)
-    try:
-        array.validate(full=True)
-    except pa.ArrowInvalid as exc:
-        raise ValueError(f"invalid Arrow array in pickle: {exc}") from None
-    return array
-
-
-def _scalar(dtype: Any, data: Any = None) -> Any:
-    """``multiarray.scalar`` with a checked dtype."""
-    return _numpy_core_modules()[0].scalar(canonical_dtype(dtype), *(() if data is None else (data,)))
-
-
-def _frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
-    """``numeric._frombuffer`` with a checked, non-object dtype (NumPy checks the sizes)."""
-    dtype = canonical_dtype(dtype)
-    if dtype.hasobject or order not in ("C", "F"):
-        raise ValueError("refused an object or oddly ordered buffer array in pickle")
-    return np.frombuffer(buf, dtype=dtype).reshape(shape, order=order).copy()
-
-
-class _CheckedArray(np.ndarray):
-    """The arrays a DataFrame pickle rebuilds: ``ndarray.__setstate__`` after checking the state.
-
-    NumPy's own ``__setstate__`` trusts an object array's element list to match the shape;
-    a shorter list crashes the interpreter (NumPy 2.4). Here the state must be
-    ``(version, shape, dtype, fortran, data)`` with a plain shape, and ``data`` exactly
-    ``prod(shape)`` objects (plain object dtype) or ``prod(shape) * itemsize`` bytes.
-    """
-
-    def __setstate__(self, state: Any) -> None:
-        if not (isinstance(state, tuple) and len(state) == 5 and state[0] == 1):
-            raise ValueError("unsupported ndarray state in pickle")
-        _version, shape, dtype, fortran, data = state
-        if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)):
-            raise ValueError(f"bad ndarray shape {shape!r:.80} in pickle")
-        if not isinstance(fortran, bool):
-            raise ValueError("bad ndarray order in pickle")
-        dtype = canonical_dtype(dtype)
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        if dtype.hasobject:
-            if dtype != np.dtype(object) or not isinstance(data, list) or len(data) != count:
-                raise ValueError(f"object array of shape {shape} with {type(data).__name__} data in pickle")
-        elif not isinstance(data, (bytes, bytearray)) or len(data) != count * dtype.itemsize:
-            raise ValueError(f"array of shape {shape} and dtype {dtype} with {len(data) if isinstance(data, (bytes, bytearray)) else type(data).__name__} bytes")
-        super().__setstate__((1, shape, dtype, fortran, data))
-
-
-def _reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
-    """``numpy.core.multiarray._reconstruct`` for plain ndarrays only, giving a `_CheckedArray`.
-
-    Pickling always writes ``_reconstruct(ndarray, (0,), b"b")`` and sends the real shape
-    with the state, so any other shape (which would allocate before any check) is refused;
-    the placeholder dtype goes through `canonical_dtype` like every other dtype.
-    """
-    if subtype is not np.ndarray and subtype is not _ndarray:
-        raise ValueError(f"refused to rebuild an array of type {subtype!r:.80}")
-    if not (isinstance(shape, tuple) and len(shape) == 1 and type(shape[0]) is int and shape[0] == 0):
-        raise ValueError(f"refused initial ndarray shape {shape!r:.80} in pickle (expected (0,))")
-    return np.ndarray.__new__(_CheckedArray, (0,), _placeholder_dtype(dtype))
-
-
-def _placeholder_dtype(dtype: Any) -> np.dtype:
-    """The dtype argument of `_reconstruct` / `_ndarray`: a short spec (``b"b"``) or a pickled dtype, checked."""
-    if isinstance(dtype, bytes):
-        dtype = dtype.decode("ascii", errors="replace")
-    if isinstance(dtype, str):
-        dtype = private_dtype(dtype)
-    return canonical_dtype(dtype)
-
-
-def _ndarray(shape: Any, dtype: Any = "f8", *args: Any) -> np.ndarray:
-    """What the allow-list maps ``numpy.ndarray`` to: called, it builds what `_reconstruct` builds."""
-    if args:
-        raise ValueError("refused ndarray buffer arguments in pickle")
-    return _reconstruct(np.ndarray, shape, dtype)
-
-
-class _PickledDataFrame(pd.DataFrame):
-    """What the allow-list maps ``DataFrame`` to: built only as pickling builds one.
-
-    Pickling writes ``DataFrame.__new__(DataFrame)`` (NEWOBJ, no arguments) and then the
-    state (the block manager). A call with arguments, such as ``DataFrame(None, index,
-    columns)``, would let a few bytes ask pandas for ``rows x columns`` cells; it is refused.
-    """
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> "_PickledDataFrame":
-        if args or kwargs:
-            raise ValueError("refused a DataFrame(...) call with arguments in pickle")
-        return super().__new__(cls)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:  # only a REDUCE call gets here
-        raise ValueError("refused a DataFrame(...) call in pickle")
-
-
-def _bytearray(data: Any = b"") -> bytearray:
-    """What the allow-list maps ``builtins.bytearray`` to: a copy of bytes-like data, never ``bytearray(n)``."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise ValueError(f"refused bytearray({type(data).__name__}) in pickle (bytes-like data only)")
-    return bytearray(data)
-
-
-class _IndexClass:
-    """What the allow-list maps the Index classes to: a name `_new_Index` may rebuild, never a call.
-
-    Pickling writes ``_new_Index(<class>, {...})``; a direct ``Index(RangeIndex(0, n),
-    dtype=float)`` call would let a few bytes materialise ``n`` values, so it is refused.
-    """
-
-    def __init__(self, cls: type) -> None:
-        self.cls = cls
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise ValueError(f"refused a direct {self.cls.__name__}(...) call in pickle")
-
-
-def _checked_new_Index(cls: Any, d: Any) -> Any:
-    """``pandas.core.indexes.base._new_Index`` for the forms pickling writes: a `RangeIndex`
-    from its integer bounds (nothing materialised), any other index from data the pickle
-    itself holds (an array or a list), never from a lazy range that a dtype would expand."""
-    from pandas.api.extensions import ExtensionArray
-    from pandas.core.indexes.base import _new_Index
-    from pandas.core.indexes.range import RangeIndex
-
-    if not isinstance(cls, _IndexClass) or not isinstance(d, dict):
-        raise ValueError(f"refused _new_Index({type(cls).__name__}, {type(d).__name__}) in pickle")
-    if issubclass(cls.cls, RangeIndex):
-        if not set(d) <= {"start", "stop", "step", "name"} or not all(type(d.get(k, 0)) is int for k in ("start", "stop", "step")):
-            raise ValueError("refused a RangeIndex that is not start/stop/step integers in pickle")
-    elif not isinstance(d.get("data"), (np.ndarray, ExtensionArray, list, tuple)):
-        raise ValueError(f"refused an Index built from {type(d.get('data')).__name__} in pickle (arrays or lists only)")
-    return _new_Index(cls.cls, d)
-
-
-@functools.cache
-def dataframe_pickle_globals() -> dict[tuple[str, str], Any]:
-    """The allow-list (module, name) -> object for DataFrame pickles (see the module docstring)."""
-    from pandas._libs.internals import _unpickle_block
-    from pandas.core.indexes.base import Index
-    from pandas.core.indexes.range import RangeIndex
-    from pandas.core.internals.managers import BlockManager
-
-    allowed: dict[tuple[str, str], Any] = {
-        ("pandas.core.frame", "DataFrame"): _PickledDataFrame,
-        ("pandas", "DataFrame"): _PickledDataFrame,
-        ("pandas.core.internals.managers", "BlockManager"): BlockManager,
-        ("pandas._libs.internals", "_unpickle_block"): _unpickle_block,
-        ("pandas.core.internals.blocks", "new_block"): _unpickle_block,
-        ("pandas.core.indexes.base", "_new_Index"): _checked_new_Index,
-        ("pandas.core.indexes.base", "Index"): _IndexClass(Index),
-        ("pandas", "Index"): _IndexClass(Index),
-        ("pandas.core.indexes.numeric", "Int64Index"): _IndexClass(Index),
-        ("pandas.core.indexes.numeric", "UInt64Index"): _IndexClass(Index),
-        ("pandas.core.indexes.range", "RangeIndex"): _IndexClass(RangeIndex),
-        ("pandas", "RangeIndex"): _IndexClass(RangeIndex),
-        # pandas 3 pickles string column labels as Arrow-backed arrays.
-        ("pandas", "StringDtype"): pd.StringDtype,
-        ("pandas.arrays", "ArrowStringArray"): pd.arrays.ArrowStringArray,
-        ("pyarrow.lib", "_restore_array"): _restore_validated_array,
-        ("pyarrow.lib", "py_buffer"): pa.py_buffer,
-        ("pyarrow.lib", "type_for_alias"): pa.lib.type_for_alias,
-        ("numpy", "ndarray"): _ndarray,
-        ("numpy", "dtype"): private_dtype,
-        ("builtins", "slice"): slice,
-        ("builtins", "bytearray"): _bytearray,
-    }
-    for core in ("numpy.core", "numpy._core"):
-        allowed[(f"{core}.multiarray", "_reconstruct")] = _reconstruct
-        allowed[(f"{core}.multiarray", "scalar")] = _scalar
-        allowed[(f"{core}.numeric", "_frombuffer")] = _frombuffer
-    return allowed
-
-
 def read_dataframe_pickle(path: Path, *, allow_pickle: bool) -> pd.DataFrame:
-    """Read a ``.df`` pickle with the restricted unpickler; opt-in required."""
+    """The ``seq``, ``len_seq`` and ``next`` columns of a ``.df`` pickle (those it has); opt-in required.
+
+    The file is read as data (`ilora.data.frame_pickle`). The ``seq`` lists may hold at most
+    as many ids as the file has bytes: an honest pickle spends at least two bytes on each,
+    while rows that share one list through the pickle memo could otherwise make a small
+    file ask for a history matrix of gigabytes.
+    """
     require_opt_in(path, allow_pickle)
-    frame = restricted_loads(path.read_bytes(), dataframe_pickle_globals(), path)
-    if not isinstance(frame, pd.DataFrame):
-        raise DataError(path, f"the pickle holds a {type(frame).__name__}", expected="a pandas DataFrame")
-    try:  # a damaged stream can give a DataFrame without its internals
-        frame = pd.DataFrame({c: frame[c].tolist() for c in frame.columns if c in COLUMNS})
-    except Exception as exc:  # noqa: BLE001 - any failure here is a damaged file, not a bug
-        raise DataError(path, f"damaged DataFrame ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
-    return frame
+    data = path.read_bytes()
+    _labels, _rows, columns = read_frame_pickle(path, data, COLUMNS)
+    seq = columns.get("seq")
+    if seq is not None and seq.dtype == object:
+        ids = sum(len(v) for v in seq.tolist() if isinstance(v, (list, tuple, np.ndarray)))
+        if ids > len(data):
+            raise DataError(path, f"the seq lists hold {ids} ids in a file of {len(data)} bytes (rows share lists)", expected="one list per row")
+    return pd.DataFrame({name: np.asarray(values) for name, values in columns.items()})
 
 
 # --------------------------------------------------------------------------- catalogs
@@ -313,7 +112,17 @@ def _decode(path: Path, encoding: str) -> list[str]:
         raise DataError(
             path, f"undecodable text at byte {exc.start} (line {line + 1})", row=line, expected=f"{encoding} text"
         ) from None
-    return text.removeprefix("\ufeff").split("\n")
+    return _LINE_BREAK.split(text.removeprefix("\ufeff"))
+
+
+_LINE_BREAK = re.compile(r"\r\n|\n|\r")  # Unix, Windows and old Mac line ends
+_ID = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() would also take "1_0" and other scripts' digits
+
+
+def _catalog_id(path: Path, key: str, line: int, expected: str) -> int:
+    if not _ID.fullmatch(key.strip()):
+        raise DataError(path, f"non-integer id {key.strip()!r} (line {line + 1})", row=line, expected=expected)
+    return int(key.strip())
 
 
 def _catalog_from_pairs(path: Path, pairs: list[tuple[int, int, str]], first_id: int) -> Catalog:
@@ -346,17 +155,12 @@ def read_id2name(path: Path) -> Catalog:
     """``id::name`` lines (UTF-8, ids 0-based, no gaps); blank lines are skipped."""
     pairs = []
     for line, text in enumerate(_decode(path, "utf-8")):
-        text = text.rstrip("\r")
         if not text.strip():
             continue
         key, sep, name = text.partition("::")
         if not sep:
             raise DataError(path, f"line {line + 1} has no '::' separator: {text[:60]!r}", row=line, expected="id::name")
-        try:
-            item = int(key.strip())
-        except ValueError:
-            raise DataError(path, f"non-integer id {key.strip()!r} (line {line + 1})", row=line, expected="id::name") from None
-        pairs.append((line, item, name.strip()))
+        pairs.append((line, _catalog_id(path, key, line, "id::name"), name.strip()))
     return _catalog_from_pairs(path, pairs, first_id=0)
 
 
@@ -375,17 +179,12 @@ def read_movielens_items(path: Path) -> Catalog:
     """MovieLens ``u.item`` (latin-1, ``id|title|...``, ids 1-based) -> 0-based catalog."""
     pairs = []
     for line, text in enumerate(_decode(path, "latin-1")):
-        text = text.rstrip("\r")
         if not text.strip():
             continue
         fields = text.split("|")
         if len(fields) < 2:
             raise DataError(path, f"line {line + 1} has no '|' separator: {text[:60]!r}", row=line, expected="id|title|...")
-        try:
-            item = int(fields[0].strip())
-        except ValueError:
-            raise DataError(path, f"non-integer id {fields[0]!r} (line {line + 1})", row=line, expected="id|title|...") from None
-        pairs.append((line, item - 1, movielens_title(fields[1])))
+        pairs.append((line, _catalog_id(path, fields[0], line, "id|title|...") - 1, movielens_title(fields[1])))
     return _catalog_from_pairs(path, pairs, first_id=0)
 
 
@@ -469,7 +268,7 @@ def _history_matrix(path: Path, values: list[Any], pairs: bool) -> np.ndarray:
         matrix = np.array([[0]], dtype=object)
     if pairs:
         matrix = matrix[:, :, 0] if matrix.ndim == 3 and matrix.shape[2] == 2 else np.array([[0]], dtype=object)
-    ids = _as_ids(matrix)
+    ids = _as_ids(matrix) if matrix.ndim == 2 else None  # cells that are arrays (of pairs) stack deeper
     if ids is None:
         raise _first_non_int(path, "seq", values, pairs=pairs)
     return ids

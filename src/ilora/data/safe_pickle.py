@@ -73,6 +73,35 @@ class RestrictedUnpickler(pickle.Unpickler):
             ) from None
 
 
+class ByteBudget:
+    """What one load may still copy for array, buffer and tensor data.
+
+    The pickle memo lets a file name one stored buffer (or storage) again and again, and an
+    allow-listed constructor that copies its argument would copy it each time: a megabyte
+    stored once could become gigabytes. Each copy is charged here; `for_file` allows a few
+    times the file's size (honest pickles copy each stored buffer about once).
+    """
+
+    FILE_MULTIPLE = 4
+    FLOOR = 1 << 20
+
+    def __init__(self, limit: int) -> None:
+        self.limit = self.left = limit
+
+    @classmethod
+    def for_file(cls, size: int) -> "ByteBudget":
+        return cls(cls.FILE_MULTIPLE * size + cls.FLOOR)
+
+    def charge(self, size: int, what: str) -> None:
+        """Raise ``ValueError`` if copying ``size`` more bytes (for ``what``) would exceed the budget."""
+        if size > self.left:
+            raise ValueError(
+                f"{what} of {size} bytes would take the data built from this pickle past {self.limit} bytes "
+                "(a few times the file's size: the file reuses a stored buffer)"
+            )
+        self.left -= size
+
+
 _DTYPE_KINDS = "biufcOUS"
 
 

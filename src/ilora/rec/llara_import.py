@@ -20,13 +20,18 @@ The complete allow-list (`_allowed_globals`):
   and from ``torch.nn.modules``: ``dropout.Dropout``, ``sparse.Embedding``,
   ``normalization.LayerNorm``, ``linear.Linear``, ``activation.Softmax``, ``conv.Conv1d``;
 * ``torch._utils._rebuild_tensor_v2``, ``_rebuild_parameter`` and
-  ``_rebuild_parameter_with_state`` -> this file's checked rebuilders;
+  ``_rebuild_parameter_with_state`` -> this file's checked rebuilders (a view inside its
+  storage and no larger than it; the copies of one load total at most a few times the
+  file's size, `ilora.data.safe_pickle.ByteBudget`);
 * ``torch.FloatStorage``, ``DoubleStorage``, ``HalfStorage``, ``BFloat16Storage``,
   ``LongStorage``, ``IntStorage`` -> dtype markers for ``persistent_load``;
 * ``collections.OrderedDict``; ``builtins.set`` / ``__builtin__.set``; ``torch.device`` -> a
   string; ``numpy.dtype`` -> `ilora.data.safe_pickle.private_dtype`;
   ``numpy.core.multiarray.scalar`` / ``numpy._core.multiarray.scalar`` -> plain numbers only;
   ``_codecs.encode`` -> latin-1 text to bytes only.
+
+Every archive entry must be stored uncompressed, as ``torch.save`` writes them, so no entry
+inflates past the file's size.
 
 The records are then checked (classes, hyper-parameters, every tensor's shape) and
 copied into `ilora.rec.sasrec.SASRec` (one block; ``Conv1d`` kernels of size 1 become
@@ -36,6 +41,8 @@ linear weights).
 from __future__ import annotations
 
 import collections
+import functools
+import math
 import zipfile
 from pathlib import Path
 from typing import Any, ClassVar
@@ -43,7 +50,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ilora.data.safe_pickle import CHECKPOINT_OPT_IN_HINT, RestrictedUnpickler, UnsafePickleError, canonical_dtype, private_dtype, require_opt_in
+from ilora.data.safe_pickle import CHECKPOINT_OPT_IN_HINT, ByteBudget, RestrictedUnpickler, UnsafePickleError, canonical_dtype, private_dtype, require_opt_in
 from ilora.errors import IloraError
 from ilora.rec.sasrec import SASRec, SASRecConfig, load_state_checked
 
@@ -99,9 +106,13 @@ class _StorageType:
 
 
 def _rebuild_tensor_v2(
-    storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any, metadata: Any = None
+    storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any, hooks: Any, metadata: Any = None, *, budget: ByteBudget
 ) -> torch.Tensor:
-    """A tensor view of a storage read from the zip, checked and copied."""
+    """A tensor view of a storage read from the zip, checked and copied (the copy charged to ``budget``).
+
+    A view may not hold more elements than its storage: a zero stride would let a tiny
+    file ask for a copy of any size (``torch.save`` of an ordinary parameter never writes one).
+    """
     if not isinstance(storage, torch.Tensor) or storage.ndim != 1:
         raise IloraError(f"tensor rebuilt from {type(storage).__name__}, expected a storage from the archive")
     if not (isinstance(offset, int) and isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)):
@@ -113,6 +124,13 @@ def _rebuild_tensor_v2(
     extent = offset + sum((s - 1) * st for s, st in zip(size, stride)) + 1 if all(size) else offset
     if extent > storage.numel():
         raise IloraError(f"tensor of size {size} reaches past its storage of {storage.numel()} elements")
+    elements = math.prod(size)
+    if elements > storage.numel():
+        raise IloraError(f"tensor of size {size} holds more elements than its storage of {storage.numel()} (overlapping strides)")
+    try:
+        budget.charge(elements * storage.element_size(), "a tensor")
+    except ValueError as exc:
+        raise IloraError(str(exc)) from None
     return storage.as_strided(size, stride, offset).clone()
 
 
@@ -144,14 +162,16 @@ def _device(kind: Any, index: Any = None) -> str:
     return f"{kind}" if index is None else f"{kind}:{index}"
 
 
-def _allowed_globals() -> dict[tuple[str, str], Any]:
+def _allowed_globals(budget: ByteBudget | None = None) -> dict[tuple[str, str], Any]:
+    """The allow-list of one load; tensor copies are charged to ``budget``."""
+    rebuild_tensor = functools.partial(_rebuild_tensor_v2, budget=budget or ByteBudget.for_file(0))
     allowed: dict[tuple[str, str], Any] = {key: _record_class(*key) for key in _MODULE_CLASSES}
     allowed.update(
         {
             ("collections", "OrderedDict"): collections.OrderedDict,
             ("__builtin__", "set"): set,
             ("builtins", "set"): set,
-            ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+            ("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor,
             ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
             ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
             ("torch", "device"): _device,
@@ -179,6 +199,9 @@ def read_module_pickle(path: str | Path, *, allow_pickle: bool) -> ModuleRecord:
         pickles = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
         if len(pickles) != 1:
             raise IloraError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}")
+        compressed = [info.filename for info in archive.infolist() if info.compress_type != zipfile.ZIP_STORED]
+        if compressed:  # a compressed entry could inflate far past the file's size
+            raise IloraError(f"{path}: compressed archive entry {compressed[0]!r} (torch.save writes every entry uncompressed)")
         prefix = pickles[0][: -len("data.pkl")]
         byteorder = prefix + "byteorder"
         if byteorder in names and archive.read(byteorder).strip() != b"little":
@@ -201,7 +224,7 @@ def read_module_pickle(path: str | Path, *, allow_pickle: bool) -> ModuleRecord:
             return storages[key]
 
         with archive.open(pickles[0]) as fh:
-            unpickler = RestrictedUnpickler(fh, _allowed_globals(), path, persistent_load=persistent_load)
+            unpickler = RestrictedUnpickler(fh, _allowed_globals(ByteBudget.for_file(path.stat().st_size)), path, persistent_load=persistent_load)
             try:
                 root = unpickler.load()
             except (UnsafePickleError, IloraError):
