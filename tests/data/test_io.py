@@ -57,6 +57,24 @@ def test_options_of_interaction_logs_are_refused_for_stored_datasets(native_dir:
     assert load_dataset(log_dir, max_len=2).max_len == 2 and load_dataset(log_dir).max_len == 10
 
 
+def test_a_df_file_that_is_not_a_split_file_is_refused_not_replaced_by_its_directory(small_lastfm: Path) -> None:
+    """Naming my_other_split.df used to read the directory's train/val/test files and report them as that file."""
+    other = small_lastfm / "my_other_split.df"
+    other.write_bytes((small_lastfm / "Val_data.df").read_bytes())
+    for fmt in ("auto", "llara"):
+        with pytest.raises(DataError, match=r"my_other_split\.df: not an iLoRA/LLaRA split file .*whole directory"):
+            load_dataset(other, format=fmt, allow_pickle=True)
+    assert load_dataset(small_lastfm / "Val_data.df", allow_pickle=True).splits["train"] is not None
+
+
+def test_no_samples_left_after_min_len_is_refused(native_dir: Path) -> None:
+    """The check used to run before the filter: convert --min-len wrote a dataset nothing could read back."""
+    longest = max(int(split.length.max()) for split in load_dataset(native_dir).splits.values() if split is not None)
+    assert load_dataset(native_dir, min_len=longest)
+    with pytest.raises(DataError, match=rf"no samples in any split \(expected at least one sample with at least {longest + 1} history items"):
+        load_dataset(native_dir, min_len=longest + 1)
+
+
 def test_ambiguous_directory_needs_explicit_format(native_dir: Path, small_lastfm: Path) -> None:
     for name in ("train_data.df", "id2name.txt"):
         (native_dir / name).write_bytes((small_lastfm / name).read_bytes())

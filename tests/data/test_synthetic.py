@@ -55,7 +55,7 @@ def test_last_item_markov_model_beats_popularity_by_far() -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{"users": 0}, {"items": 1}, {"follow": 0.8, "stay": 0.3}, {"min_interactions": 1}, {"genres": 1000}],
+    [{"users": 0}, {"items": 1}, {"follow": 0.8, "stay": 0.3}, {"min_interactions": 1}, {"genres": 1000}, {"seed": -1}],
 )
 def test_bad_options(options: dict) -> None:
     with pytest.raises(ConfigError):

@@ -314,9 +314,9 @@ def test_empty_split_is_read_but_not_evaluated(tmp_path: Path, capsys: pytest.Ca
     assert code == 2 and out == ""
     line = error_line(err)
     assert str(source) in line and "the val split has no samples" in line
-    # filtering every sample away with --min-len is refused the same way
+    # filtering every sample of every split away with --min-len is refused when the data is read
     code, _, err = run_cli(capsys, "rec", "eval", str(source), "--allow-pickle", "--model", str(model), "--min-len", "4")
-    assert code == 2 and "the test split has no samples (min_len=4)" in error_line(err)
+    assert code == 2 and "no samples in any split (expected at least one sample with at least 4 history items (--min-len))" in error_line(err)
 
 
 def test_dataset_without_any_sample_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,7 +11,8 @@ The padding id is explicit and always equals ``num_items`` (the iLoRA/LLaRA and
 DLLM2Rec convention: the embedding table has one extra row for padding).
 
 Titles are stored verbatim: the readers and the native format keep any text (empty
-titles, newlines, control characters) and never clean it. Only the teacher, which puts
+titles, newlines, control characters) and never clean it, except that the legacy
+``id2name.txt`` / ``u.item`` readers drop the whitespace around each name. Only the teacher, which puts
 titles into prompts, requires prompt-safe titles (`check_prompt_title`, run by
 `validate_prompt_titles` when a teacher is built or loaded): at least one non-space
 character, one line (no character that ``str.splitlines`` breaks on) and no other control

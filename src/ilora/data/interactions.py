@@ -9,8 +9,10 @@ Input files
   infinities, booleans and NaT are errors naming the row).
 * Items (optional): CSV or Parquet with columns ``item``, ``title``.
 
-Every CSV line must have as many fields as the header. A log that yields no sample at all
-(no user with two interactions) is an error.
+A CSV line with more fields than the header is an error; a shorter one is read as if its
+missing last fields were empty (pandas cannot tell the two apart), which is an error for
+``user``, ``item`` and ``timestamp`` and goes unnoticed for an extra column. A log that
+yields no sample at all (no user with two interactions) is an error.
 
 ``path`` may be a directory holding ``interactions.csv`` or ``interactions.parquet`` and,
 optionally, ``items.csv`` or ``items.parquet``; or the interactions file itself, with the
@@ -143,7 +145,8 @@ def _undecodable(path: Path, encoding: str) -> DataError:
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
-    """Every cell as text; every line must have as many fields as the header (line numbers in errors)."""
+    """Every cell as text; a line with more fields than the header is an error (a shorter one
+    reads as if its missing fields were empty)."""
     try:
         # header=None: pandas then checks every line against the first one, including the
         # first data line (with a header row, an extra field there silently becomes the index).

@@ -4,12 +4,13 @@ Formats (``format="auto"`` picks one from what is at ``path``):
 
 * ``native``: a directory with ``dataset.json`` (`ilora.data.native`), or that file;
 * ``llara``: an iLoRA/LLaRA directory with ``train_data.df`` / ``Val_data.df`` /
-  ``Test_data.df`` (`ilora.data.legacy`), or one of those files; needs ``allow_pickle``;
+  ``Test_data.df`` (`ilora.data.legacy`), or one of those files (which stands for its
+  whole directory; another ``.df`` name is an error); needs ``allow_pickle``;
 * ``interactions``: a directory with ``interactions.csv|parquet``, or a ``.csv`` /
   ``.parquet`` log (`ilora.data.interactions`).
 
 A directory that matches more than one format is an error (name the format explicitly).
-So is a dataset without a single sample in any split; one empty split is fine (commands
+So is a dataset without a single sample in any split once ``min_len`` has filtered it; one empty split is fine (commands
 that evaluate a split refuse an empty one, see `ilora.cli.common.load_data`).
 
 ``min_len`` drops samples with fewer history items in every split (the reference
@@ -48,7 +49,7 @@ def detect_format(path: str | Path) -> str:
     if path.is_file():
         if path.name == META_FILE:
             return "native"
-        if path.name in LEGACY_SPLIT_FILES.values() or path.suffix == ".df":
+        if path.suffix == ".df":
             return "llara"
         if is_interactions_path(path):
             return "interactions"
@@ -72,6 +73,17 @@ def detect_format(path: str | Path) -> str:
 
 def _dataset_dir(path: Path) -> Path:
     return path.parent if path.is_file() else path
+
+
+def _legacy_dir(path: Path) -> Path:
+    """The iLoRA/LLaRA directory ``path`` names: itself, or the directory of one of its split files."""
+    if path.is_file() and path.name.lower() not in {name.lower() for name in LEGACY_SPLIT_FILES.values()}:
+        raise DataError(
+            path,
+            "not an iLoRA/LLaRA split file (a split file stands for its whole directory, which is what is read)",
+            expected=f"{', '.join(LEGACY_SPLIT_FILES.values())}, or the directory that holds them",
+        )
+    return _dataset_dir(path)
 
 
 def filter_min_len(ds: SeqDataset, min_len: int) -> SeqDataset:
@@ -130,14 +142,16 @@ def load_dataset(
     if chosen == "native":
         ds = read_native(_dataset_dir(path))
     elif chosen == "llara":
-        ds = read_legacy(_dataset_dir(path), allow_pickle=allow_pickle)
+        ds = read_legacy(_legacy_dir(path), allow_pickle=allow_pickle)
     else:
         ds = read_interactions(path, items=items, max_len=10 if max_len is None else max_len)
     ds.source = str(path)
-    if not any(len(split) for split in ds.splits.values() if split is not None):
-        raise DataError(path, "no samples in any split", expected="at least one sample with a history")
     _warn_about_titles(ds)
-    return filter_min_len(ds, min_len)
+    ds = filter_min_len(ds, min_len)
+    if not any(len(split) for split in ds.splits.values() if split is not None):
+        kept = "with a history" if min_len == 1 else f"with at least {min_len} history items (--min-len)"
+        raise DataError(path, "no samples in any split", expected=f"at least one sample {kept}")
+    return ds
 
 
 def _warn_about_titles(ds: SeqDataset) -> None:

@@ -76,6 +76,8 @@ def _check(cfg: SynthConfig) -> None:
         raise ConfigError(f"follow and stay must be >= 0 with follow + stay <= 1 (got {cfg.follow}, {cfg.stay})")
     if cfg.max_len < 1:
         raise ConfigError(f"max_len must be >= 1 (got {cfg.max_len})")
+    if cfg.seed < 0:
+        raise ConfigError(f"seed must be >= 0 (got {cfg.seed})")
 
 
 def _unique(title: str, used: set[str]) -> str:
