@@ -365,12 +365,32 @@ def test_generate_runs_with_a_tokenizer_without_pad_token(dataset, rec):
     assert with_pad[3] == "" and with_pad[0] != ""
 
 
+def overfit(bundle, split, cands, answers, steps=40):
+    """Train ``bundle``'s teacher on ``split`` until it writes ``answers`` (item ids), as
+    `test_generate_and_score_agree_when_answers_are_forced` does; returns it in eval mode."""
+    teacher = bundle.teacher
+    batch = bundle.train_collator.build(split.history, split.length, cands, answers)
+    opt = torch.optim.Adam([p for p in teacher.parameters() if p.requires_grad], lr=3e-3)
+    teacher.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        teacher.loss(batch).backward()
+        opt.step()
+    return teacher.eval()
+
+
 def test_evaluate_reports_the_metrics_of_its_scores_generations_and_gates(dataset, rec):
     """evaluate_teacher == the metrics recomputed here from the teacher's own scores,
-    generations and gates, one sample at a time (a batch size that splits the samples)."""
-    bundle = make_bundle(dataset, rec)
-    teacher = bundle.teacher.eval()
+    generations and gates, one sample at a time (a batch size that splits the samples).
+    The teacher is overfitted to write the target for 4 samples and another candidate for 2,
+    so that its generations are valid, some right and some wrong (a random teacher writes no
+    title: the generate metrics would be 0 whatever evaluate_teacher did)."""
+    bundle = make_bundle(dataset, rec, curriculum=False)
     split, cands = sample_arrays(dataset, n=6)
+    answers = split.target.copy()
+    for i in (1, 4):  # the first candidate that is not the target
+        answers[i] = next(int(c) for c in cands[i] if c != split.target[i])
+    teacher = overfit(bundle, split, cands, answers)
     titles = dataset.catalog.titles
     m = evaluate_teacher(bundle, split, cands, protocol="score", batch_size=4)
     scores, gates, texts = [], [], []
@@ -398,7 +418,9 @@ def test_evaluate_reports_the_metrics_of_its_scores_generations_and_gates(datase
         found = [i for i in cand if answers[i].strip().lower() in line]
         valid += len(found) == 1
         correct += found == [target]
+    assert valid >= 4 and 0 < correct < valid, texts  # the reference counts are not trivial
     assert (g["valid_ratio"], g["hr@1_all"]) == (pytest.approx(valid / 6), pytest.approx(correct / 6))
+    assert g["hr@1"] == pytest.approx(correct / valid)
     assert g["gate_stats"]["mean_weight"] == pytest.approx(mean_gate, abs=1e-6)
 
     # max_new_tokens reaches the decoder and the metrics record it; the score protocol refuses it
@@ -414,6 +436,21 @@ def test_evaluate_reports_the_metrics_of_its_scores_generations_and_gates(datase
     finally:
         del teacher.generate
     assert calls == [2, 2] + [int(teacher.title_table.length.max()) + 8] * 2
+
+
+def test_evaluating_a_split_without_samples_is_an_error_not_a_torch_error(dataset, rec):
+    from ilora.teacher.evaluate import generate_split, score_split
+
+    bundle = make_bundle(dataset, rec)
+    split, cands = sample_arrays(dataset, n=3)
+    empty, none = split.subset(slice(0, 0)), cands[:0]
+    for protocol in ("score", "generate"):
+        with pytest.raises(IloraError, match=f"{protocol} evaluation: the split has no samples"):
+            evaluate_teacher(bundle, empty, none, protocol=protocol)
+    with pytest.raises(IloraError, match="scoring: the split has no samples"):
+        score_split(bundle, empty, none)
+    with pytest.raises(IloraError, match="generation: the split has no samples"):
+        generate_split(bundle, empty, none)
 
 
 def test_generate_protocol_matches_the_truncated_titles_the_teacher_learnt(dataset):

@@ -1,4 +1,5 @@
-"""Teacher training's data plan: length-grouped batches (`group_by_length`) and prompt lengths."""
+"""Teacher training: its data plan (length-grouped batches, prompt lengths), one step's loss and
+gradient over micro-batches, runs in a used out directory, and the inputs it refuses."""
 
 from __future__ import annotations
 
@@ -258,3 +259,126 @@ def test_a_sasrec_of_another_dataset_is_named_and_refused_before_the_llm_loads(t
     with pytest.raises(IloraError, match=rf"other-rec: this SASRec was trained on {ds.num_items + 7} items but the dataset has {ds.num_items}"):
         train.train_teacher(ds, TeacherConfig(**SMALL, max_steps=1), tmp_path / "other-rec", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_micro_batches_give_the_loss_and_gradient_of_the_whole_batch() -> None:
+    """A partial last global batch (6 of batch_size 8) of mixed hybrid / text-only samples cut
+    into micro-batches of 4 + 2 (left-padded) gives the loss and gradient of a slow reference: each sample alone and
+    unpadded, full-vocabulary cross-entropy summed over its answer tokens, divided by the
+    answer tokens of all 6."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    from ilora.data import candidate_sets, make_synthetic
+    from ilora.distributed import SINGLE
+    from ilora.rec.sasrec import SASRec, SASRecConfig
+    from ilora.teacher.build import build_teacher
+    from ilora.teacher.train import rank_micro_batches, step_forward_backward, wrap_for_training
+
+    ds = make_synthetic(users=40, items=30, seed=5)
+    torch.manual_seed(0)
+    rec = SASRec(SASRecConfig(num_items=ds.num_items, max_len=ds.max_len, hidden=16, dropout=0.0))
+    bundle = build_teacher(TeacherConfig(**SMALL, batch_size=8, micro_batch_size=4), ds.catalog, rec)
+    teacher = bundle.teacher
+    params = {name: q for name, q in teacher.named_parameters() if q.requires_grad}
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # every trainable tensor random (LoRA B is zero at init): every gradient non-zero
+        for q in params.values():
+            q.copy_(torch.randn(q.shape, generator=g, dtype=q.dtype) * 0.1)
+    train = ds.split("train")
+    cands = candidate_sets(train, ds.num_items, count=5, seed=0, split_name="train")
+    idx = np.array([0, 7, 3, 11, 5, 19])
+    flags = np.array([True, False, True, True, False, True])  # hybrid and text-only prompts in both micro-batches
+
+    def build(rows: np.ndarray, hybrid: np.ndarray):
+        return bundle.train_collator.build(train.history[rows], train.length[rows], cands[rows], train.target[rows], hybrid=hybrid)
+
+    teacher.train()
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for i, flag in zip(idx, flags, strict=True):
+        one = build(np.array([i]), np.array([flag]))
+        assert bool(one.attention_mask.all())  # one sample alone: no padding
+        with teacher.gate_state.use(teacher.gates(one.history, one.length)):
+            logits = teacher.llm(inputs_embeds=teacher.embed(one), attention_mask=one.attention_mask).logits[0]
+        labels = one.labels[0, 1:]
+        answer = labels != -100
+        total = total + F.cross_entropy(logits[:-1][answer].double(), labels[answer], reduction="sum")
+        count += int(answer.sum())
+    expected_loss = total / count
+    expected_loss.backward()
+    expected = {name: q.grad.clone() for name, q in params.items()}
+    for q in params.values():
+        q.grad = None
+
+    plan = rank_micro_batches(idx, flags, 4, SINGLE)
+    micro = [(build(rows, hybrid), counts) for rows, hybrid, counts in plan]
+    assert [len(b) for b, _ in micro] == [4, 2]
+    assert not all(bool(b.attention_mask.all()) for b, _ in micro)  # some rows are padded
+    assert all(bool(b.attention_mask[:, -1].all()) for b, _ in micro)  # on the left
+    targets = sum(b.num_targets for b, counts in micro if counts)
+    assert targets == count
+    loss = step_forward_backward(wrap_for_training(teacher, SINGLE), micro, targets, contextlib.nullcontext(), SINGLE)
+    assert loss == pytest.approx(float(expected_loss), rel=1e-6)
+    for name, q in params.items():
+        scale = float(expected[name].abs().max())
+        assert scale > 0, name
+        torch.testing.assert_close(q.grad, expected[name].to(q.grad.dtype), rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+
+def _first_items_only(ds, name: str):
+    """``ds`` with split ``name``'s histories cut to their first item (len_seq 1): ``--min-len 2``
+    then drops every sample of that split."""
+    from ilora.data.dataset import Split
+
+    split = ds.split(name)
+    history = split.history.copy()
+    history[:, 1:] = ds.catalog.padding_id
+    ds.splits[name] = Split(history, np.ones_like(split.length), split.target.copy())
+    return ds
+
+
+@pytest.mark.parametrize("name", ["val", "train"])
+def test_a_split_emptied_by_min_len_is_refused_before_any_model_loads_or_out_is_written(tmp_path, monkeypatch, name) -> None:
+    """Training validates every epoch and keeps the best epoch: without val samples it has
+    nothing to select by (and without train samples nothing to train). Both are refused up
+    front, naming the split and what the loader dropped, not after an epoch by torch."""
+    from ilora.data import make_synthetic
+    from ilora.data.io import filter_min_len
+    from ilora.errors import IloraError
+    from ilora.teacher import train
+
+    ds = filter_min_len(_first_items_only(make_synthetic(users=40, items=30, seed=5), name), 2)
+    assert len(ds.split(name)) == 0 and len(ds.split("val" if name == "train" else "train")) > 0
+    rows = ds.load_info["splits"][name]["rows_in_source"]
+    monkeypatch.setattr(train, "load_sasrec", lambda *a, **k: pytest.fail("the SASRec was loaded"))
+    monkeypatch.setattr(train, "build_teacher", lambda *a, **k: pytest.fail("the teacher was built"))
+    expected = rf"the {name} split has no samples \({rows} rows in the source, {rows} dropped below min_len=2\); .*lower --min-len"
+    with pytest.raises(IloraError, match=expected):
+        train.train_teacher(ds, TeacherConfig(**SMALL, max_steps=1), tmp_path / "rec", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    ds.splits[name] = None  # an absent split: refused as well
+    with pytest.raises(IloraError, match=f"the {name} split is absent"):
+        train.train_teacher(ds, TeacherConfig(**SMALL, max_steps=1), tmp_path / "rec", tmp_path / "out")
+
+
+def test_cli_train_and_eval_refuse_a_val_split_that_min_len_empties(tmp_path, capsys) -> None:
+    from ilora.cli.main import main
+    from ilora.data import make_synthetic, write_native
+    from ilora.rec.sasrec import SASRec, SASRecConfig
+
+    ds = _first_items_only(make_synthetic(users=40, items=30, seed=5), "val")
+    write_native(ds, tmp_path / "data")
+    SASRec(SASRecConfig(num_items=ds.num_items, max_len=ds.max_len, hidden=16)).save(tmp_path / "rec")
+    args = ["teacher", "train", str(tmp_path / "data"), "--min-len", "2", "--rec", str(tmp_path / "rec"), "--out", str(tmp_path / "t"),
+            "--max-steps", "1", "--tiny-hidden", "32", "--tiny-vocab", "300"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the val split has no samples" in err[0] and "dropped below min_len=2" in err[0], err
+    assert not (tmp_path / "t").exists()
+    assert main(args[:3] + args[5:] + ["--val-samples", "4"]) == 0  # without --min-len the val split has samples
+    capsys.readouterr()
+    assert main(["teacher", "eval", str(tmp_path / "data"), "--teacher", str(tmp_path / "t"), "--split", "val", "--min-len", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the val split has no samples (min_len=2)" in err[0], err

@@ -74,7 +74,7 @@ class TeacherConfig:
     micro_batch_size: int = option(0, "samples per forward/backward on one rank; batch_size must be a multiple (0: = batch_size)")
     lr: float = option(7e-4, "learning rate of the adapters and the projector (iLoRA: 7e-4)")
     router_lr_scale: float = option(0.3, "the gate network's lr is this times lr (iLoRA: 0.3)")
-    weight_decay: float = option(0.0, "AdamW weight decay")
+    weight_decay: float = option(0.0, "AdamW (decoupled) weight decay on every trainable group (iLoRA: 1e-5 as L2 in Adam, projector and gate only)")
     warmup_ratio: float = option(0.05, "linear warm-up over this fraction of the optimiser steps")
     min_lr_ratio: float = option(0.1, "cosine decay ends at this fraction of lr")
     grad_clip: float = option(1.0, "clip the gradient norm to this (0: off)")

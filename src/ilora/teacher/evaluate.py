@@ -15,7 +15,8 @@
   ``max_title_tokens`` tokens and decoded as `ILoRATeacher.generate` decodes, so a
   teacher that writes the trained answer exactly is always matched, long titles included.
 
-NaN scores are an error (`IloraError` naming the sample); ``-inf`` is a valid score.
+NaN scores are an error (`IloraError` naming the sample); ``-inf`` is a valid score. A split
+without samples is an `IloraError` too (`require_samples`): it has no metrics to report.
 
 Given a `Dist` of several ranks, each scores (or generates for) a contiguous share of the
 batches and every rank gets the gathered results, in sample order.
@@ -129,6 +130,13 @@ def teacher_generate_metrics(teacher, texts: Sequence[str], candidates: np.ndarr
     return generate_metrics(texts, [[answers[int(i)] for i in row] for row in candidates], target_col)
 
 
+def require_samples(split: Split, what: str) -> None:
+    """`IloraError` if ``split`` has no samples: metrics over none are undefined (and there is
+    nothing to concatenate), so ``what`` refuses it instead of reporting them."""
+    if len(split) == 0:
+        raise IloraError(f"{what}: the split has no samples (absent rows, or all dropped by --min-len or --limit); nothing to evaluate")
+
+
 def _my_batches(n: int, size: int, ctx: Dist, desc: str):
     """This rank's contiguous share of the batches (all of them in one process), with a progress bar on rank 0."""
     mine = ctx.chunk(list(_batches(n, size)))
@@ -147,8 +155,9 @@ def score_split(
     """(N, C) candidate log-likelihoods and the (N, E) gates used, batch by batch.
 
     With several ranks each scores a contiguous share of the same batches and every rank
-    gets the gathered result, in sample order.
+    gets the gathered result, in sample order. An empty split is an `IloraError`.
     """
+    require_samples(split, "scoring")
     teacher = bundle.teacher.eval()
     scores, gates = [], []
     for sl in _my_batches(len(split), batch_size, ctx, desc):
@@ -169,7 +178,9 @@ def generate_split(
     bundle, split: Split, candidates: np.ndarray, gate_mode: str = "learned", batch_size: int = 16, device: str = "cpu", max_new_tokens: int | None = None, ctx: Dist = SINGLE
 ) -> tuple[list[str], torch.Tensor]:
     """Greedy generations for every sample (prompt without answer) and the (N, E) gates used;
-    split across ranks as `score_split`. ``max_new_tokens`` None: the longest title + 8."""
+    split across ranks as `score_split`. ``max_new_tokens`` None: the longest title + 8.
+    An empty split is an `IloraError`."""
+    require_samples(split, "generation")
     teacher = bundle.teacher.eval()
     limit = max_new_tokens or default_max_new_tokens(teacher)
     texts: list[list[str]] = []
@@ -189,11 +200,13 @@ def evaluate_teacher(
 
     The generate protocol matches the teacher's `answer_texts` (its catalog titles truncated
     to ``max_title_tokens`` and decoded) and decodes up to ``max_new_tokens`` (`generate_split`).
+    A split without samples is an `IloraError` (`require_samples`), checked before anything runs.
     """
     from ilora.teacher.gate import gate_statistics
 
     if max_new_tokens is not None and protocol != "generate":
         raise ConfigError(f"max_new_tokens applies to the generate protocol only, not to {protocol!r}")
+    require_samples(split, f"{protocol} evaluation")
     cols = target_columns(candidates, split.target)
     if protocol == "score":
         scores, gates = score_split(bundle, split, candidates, gate_mode, batch_size, device, ctx=ctx)

@@ -1,12 +1,23 @@
 """Optimiser and schedule for the teacher: iLoRA's param groups, our own schedule.
 
-Where it differs from iLoRA: iLoRA runs Adam (the same as our AdamW at the default
-``weight_decay`` 0) and its warm-up starts from, and its cosine ends at, fixed learning
-rates (``lr_warmup_start_lr``, ``lr_decay_min_lr``); ours starts at ``lr / warmup_steps``
-and ends at ``min_lr_ratio * lr``.
+Where it differs from iLoRA:
+
+* Weight decay. iLoRA runs ``torch.optim.Adam`` with its ``weight_decay`` (default 1e-5) on
+  the projector and router groups only, as L2 regularisation (added to the gradient, so it
+  passes through Adam's moments), and none on the LLM's LoRA group. Ours is AdamW: decoupled
+  decay (``p -= lr * weight_decay * p``, outside the moments) at one ``weight_decay`` for
+  every group, LoRA experts included; the default 0 decays nothing. So by default our update
+  is Adam's without any decay, and iLoRA's small L2 pull on the projector and router is not
+  reproduced; a non-zero ``weight_decay`` is not iLoRA's regulariser either (decoupled, and
+  on the experts too).
+* Schedule. iLoRA's warm-up starts from, and its cosine ends at, fixed learning rates
+  (``lr_warmup_start_lr``, ``lr_decay_min_lr``); ours starts at ``lr / warmup_steps`` and
+  ends at ``min_lr_ratio * lr``.
+
+What we do:
 
 * Param groups: LoRA experts and projector at ``lr``; the gate network (router) at
-  ``router_lr_scale * lr`` (iLoRA uses 0.3).
+  ``router_lr_scale * lr`` (iLoRA uses 0.3); every group with ``weight_decay``.
 * AdamW with ``fused=True`` (`build_optimizer`): one kernel for all parameters' updates
   instead of torch's default ``foreach`` kernels per operation. The same update (`ilora bench
   step` checks both agree to 1e-5 and times them: the optimizer part 1.6-2.1x faster on the CPU,

@@ -24,7 +24,9 @@ dropout draws per rank, so with dropout > 0 the masks (not the expected update) 
 from a single-process run.
 Validation by the score protocol after every epoch; the best checkpoint by
 ``select_metric`` on validation only is written to ``out_dir`` (with the last
-optimiser/scheduler/RNG state in ``out_dir/trainer_state.*``).
+optimiser/scheduler/RNG state in ``out_dir/trainer_state.*``). Training therefore needs a
+val split with samples: an absent or empty val (or train) split is refused with `IloraError`
+(`split_with_samples`) before any model is loaded or ``out_dir`` is touched.
 
 A step whose loss or gradient norm is NaN/inf stops the run with `IloraError` naming the
 step, after a checkpoint of the state before it; ``skip_nonfinite`` drops the update
@@ -217,6 +219,31 @@ def seed_rank_streams(cfg: TeacherConfig, ctx: Dist, step: int) -> None:
         torch.manual_seed(int(np.random.default_rng([cfg.seed, ctx.rank, step]).integers(2**62)))
 
 
+def split_with_samples(dataset: SeqDataset, name: str, why: str) -> Split:
+    """The split ``name``; `IloraError` if it is absent (`SeqDataset.split`) or has no samples.
+
+    The message names the dataset and the split, says what the loader dropped (its
+    ``load_info``: rows in the source, rows below ``min_len``, rows without history) and
+    ``why`` training needs the split, so that the user can fix the data or ``--min-len``.
+    """
+    split = dataset.split(name)
+    if len(split):
+        return split
+    counts = (dataset.load_info.get("splits") or {}).get(name) or {}
+    seen = []
+    if "rows_in_source" in counts:
+        seen.append(f"{counts['rows_in_source']} rows in the source")
+    if counts.get("dropped_below_min_len"):
+        seen.append(f"{counts['dropped_below_min_len']} dropped below min_len={dataset.load_info.get('min_len')}")
+    if counts.get("dropped_no_history"):
+        seen.append(f"{counts['dropped_no_history']} dropped without history")
+    detail = f" ({', '.join(seen)})" if seen else ""
+    raise IloraError(
+        f"{dataset.source or 'dataset'}: the {name} split has no samples{detail}; {why}: "
+        f"give the data a {name} split with samples (or load it with a lower --min-len)"
+    )
+
+
 def _val_subset(split: Split, limit: int) -> Split:
     return split if not limit or limit >= len(split) else split.subset(slice(0, limit))
 
@@ -357,7 +384,8 @@ def train_teacher(
         if earlier:
             raise earlier_run_error(out_dir, earlier)
     seed_everything(cfg.seed)
-    train, val = dataset.split("train"), _val_subset(dataset.split("val"), cfg.val_samples)
+    train = split_with_samples(dataset, "train", "teacher training needs training samples")
+    val = _val_subset(split_with_samples(dataset, "val", "teacher training validates every epoch and keeps the best epoch by it"), cfg.val_samples)
     n_items = dataset.num_items
     rec = load_sasrec(rec_dir)
     check_sasrec_items(rec, dataset.num_items, rec_dir)  # naming --rec (build_teacher's own check cannot)
