@@ -213,7 +213,8 @@ def write_outputs_dir(outputs: TeacherOutputs, directory) -> None:
     pq.write_table(table, shard)
     save_file({"item_embeddings": outputs.item_embeddings}, str(directory / ITEM_EMBEDDINGS))
     manifest = dict(outputs.manifest)
-    manifest["item_embeddings"] = {"file": ITEM_EMBEDDINGS, "dim": int(outputs.item_embeddings.shape[1])}
+    emb = {"file": ITEM_EMBEDDINGS, "dim": int(outputs.item_embeddings.shape[1]), "sha256": file_sha256(directory / ITEM_EMBEDDINGS)}
+    manifest["item_embeddings"] = emb
     manifest["splits"] = {
         "train": {"rows": n, "complete": True, "shards": [{"file": "train/part-00000.parquet", "first_index": 0, "rows": n, "sha256": file_sha256(shard)}]}
     }

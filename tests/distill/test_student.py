@@ -102,3 +102,44 @@ def test_training_reaches_the_projection_and_not_the_teacher_table() -> None:
     expected_w = {w: w * own[w].T[:, :-1] @ table for w in grads}  # the padding row's teacher row is zero
     for w in grads:
         assert torch.allclose(grads[w][0], expected_w[w], atol=1e-6)
+
+
+def whole_table_forward(self, ids: torch.Tensor) -> torch.Tensor:
+    """The reference: project the whole teacher table, then look the ids up in the combined table."""
+    return torch.nn.functional.embedding(ids, self.weight + self.w_ed * self.proj(self.teacher))
+
+
+def test_looking_up_projects_only_the_distinct_ids_looked_up() -> None:
+    model = DistilledSASRec(CFG, teacher_table(), w_ed=0.3, seed=0)
+    seen = []
+    model.item_emb.proj.register_forward_hook(lambda module, args, out: seen.append(args[0].detach().clone()))
+    ids = torch.tensor([[3, 3, 9, CFG.num_items], [9, 0, 3, CFG.num_items]])  # with repeats and the padding id
+    model.item_embeddings(ids)
+    assert len(seen) == 1 and torch.equal(seen[0], model.item_emb.teacher[torch.tensor([0, 3, 9, CFG.num_items])])
+
+
+def test_scores_and_gradients_equal_the_whole_table_projection(monkeypatch) -> None:
+    """Training mode (dropout drawn from the same seed), repeated and padded ids: the loss and
+    every parameter's gradient equal those of projecting the whole teacher table."""
+    import copy
+
+    model = DistilledSASRec(CFG, teacher_table(), w_ed=0.7, seed=3).train()
+    reference = copy.deepcopy(model)
+    history, length = histories()
+    history = history.clone()
+    history[0, 1] = history[0, 0]  # a repeated id inside a row
+    target = torch.tensor([1, 2, 3, 4, 5, 6])
+    ids = torch.tensor([[2, 2, CFG.num_items, 14]])
+    results = []
+    for net in (model, reference):
+        if net is reference:
+            monkeypatch.setattr(type(net.item_emb), "forward", whole_table_forward)
+        torch.manual_seed(11)
+        loss = torch.nn.functional.cross_entropy(net.scores(history, length), target) + net.item_embeddings(ids).square().sum()
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad.clone() for name, p in net.named_parameters()}))
+    (loss, grads), (ref_loss, ref_grads) = results
+    assert torch.allclose(loss, ref_loss, rtol=1e-6, atol=1e-7)
+    assert grads.keys() == ref_grads.keys() and "item_emb.proj.weight" in grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-5, msg=name)  # summation order differs

@@ -190,7 +190,7 @@ def _outputs_dir(dataset, directory: Path) -> None:
     save_file({"item_embeddings": rng.normal(size=(items, 8)).astype(np.float32)}, str(directory / ITEM_EMBEDDINGS))
     shard = {"file": "train/part-00000.parquet", "first_index": 0, "rows": n, "sha256": file_sha256(directory / "train" / "part-00000.parquet")}
     manifest = {"format": FORMAT, "version": VERSION, "top_k": k, "dataset": {"num_items": items},
-                "item_embeddings": {"file": ITEM_EMBEDDINGS, "dim": 8}, "splits": {"train": {"rows": n, "complete": True, "shards": [shard]}}}
+                "item_embeddings": {"file": ITEM_EMBEDDINGS, "dim": 8, "sha256": file_sha256(directory / ITEM_EMBEDDINGS)}, "splits": {"train": {"rows": n, "complete": True, "shards": [shard]}}}
     (directory / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
 
 

@@ -31,13 +31,13 @@ def _print_table(result: dict) -> None:
 
 
 def run_distill(args: argparse.Namespace) -> int:
-    from ilora.distill.train import DistillConfig, distill
+    from ilora.distill.train import DISTILL_COLUMNS, DistillConfig, distill
     from ilora.outputs.format import read_teacher_outputs
 
     cfg = config_from_args(DistillConfig, args)
     cfg.validate()
     dataset = load_data(args)
-    outputs = read_teacher_outputs(args.teacher_outputs, ("train",))
+    outputs = read_teacher_outputs(args.teacher_outputs, ("train",), columns=DISTILL_COLUMNS)
     result = distill(dataset, outputs, cfg, args.out, source=str(args.teacher_outputs), resume=args.resume, overwrite=args.overwrite)
     if args.json:
         print_json(result)

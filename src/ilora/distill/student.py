@@ -7,8 +7,9 @@ teacher's embedding of that item::
 
 ``H_teacher`` is the width of the teacher's table (read from the file, never fixed).
 The combined embedding is what `SASRec.item_embeddings` returns and what the sequence
-encoder reads for the history. The scores over items come, as in DLLM2Rec, from the
-SASRec's separate ``output`` layer (DLLM2Rec's ``s_fc``): DLLM2Rec adds the teacher term
+encoder reads for the history; a lookup projects only the teacher rows of the ids it
+looks up (each distinct id once), as DLLM2Rec does, not the whole teacher table. The
+scores over items come, as in DLLM2Rec, from the SASRec's separate ``output`` layer (DLLM2Rec's ``s_fc``): DLLM2Rec adds the teacher term
 to the input embeddings only and never ties the output layer to them, so neither do we.
 The padding row gets ``E[pad] + w_ed * b``; padded positions are zeroed by the encoder,
 so it has no effect.
@@ -61,7 +62,11 @@ class DistilledItemEmbedding(nn.Embedding):
         return self.weight + self.w_ed * self.proj(self.teacher)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.table())
+        """``E[ids] + w_ed * (W t_ids + b)``, the rows of `table` for ``ids``: only the teacher
+        rows the batch looks up are projected, each distinct id once (not the whole table)."""
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        projected = self.proj(self.teacher[unique])
+        return F.embedding(ids, self.weight) + self.w_ed * F.embedding(inverse, projected)
 
 
 class DistilledSASRec(SASRec):

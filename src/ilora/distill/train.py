@@ -55,6 +55,7 @@ from ilora.state_io import atomic_write_text, read_json
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
+DISTILL_COLUMNS = ("topk_items", "topk_confidence")  # what `distill` reads of the teacher outputs' rows
 
 
 @dataclass

@@ -44,13 +44,12 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
 from ilora.data.dataset import SeqDataset, Split
 from ilora.errors import IloraError
-from ilora.outputs.format import ITEM_EMBEDDINGS, file_sha256
+from ilora.outputs.format import ITEM_EMBEDDINGS, file_sha256, list_matrix
 from ilora.state_io import fsync_file
 
 DLLM2REC_DIR = "dllm2rec"
@@ -63,16 +62,6 @@ DLLM2REC_FILES = (RANK_FILE, CONFIDENCE_FILE, EMBEDDINGS_FILE)
 DATA_FILES = tuple(f"{DATA_DIR}/{name}" for name in (TRAIN_CSV, VAL_CSV, TEST_CSV, STATIS_CSV))
 CONFIDENCE_NOTE = "-log(topk_confidence): DLLM2Rec weighs exp(-c), i.e. our softmax confidence"
 CSV_BLOCK = 65536  # samples formatted at a time
-
-
-def list_matrix(table, name: str, width: int, source: Path) -> np.ndarray:
-    """A list column whose rows all hold ``width`` values, as an ``(n, width)`` array."""
-    column = table.column(name).combine_chunks()
-    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-    if lengths.size and (lengths != width).any():
-        row = int(np.flatnonzero(lengths != width)[0])
-        raise IloraError(f"{source}: row {row} of column {name} has {int(lengths[row])} values, expected {width}")
-    return column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), width)
 
 
 def dllm2rec_confidence(confidence: np.ndarray) -> np.ndarray:

@@ -5,8 +5,9 @@ For every sample of each requested split:
 * **Candidate pool**: the sample's fixed candidates (`ilora.data.candidate_sets`, the
   teacher's ``candidate_seed``, ``split_name`` = the split, ``--pool-candidates`` of
   them, target included) followed by SASRec's top-N items (``--pool-sasrec``, from
-  ``teacher.rec.scores(history, length)``; the sample's history items are excluded, as a
-  DLLM2Rec-style teacher ranks unseen items; the padding id never has a score),
+  ``teacher.rec.scores(history, length)``; the sample's history items are excluded, our
+  choice: BIGRec, the teacher DLLM2Rec was tuned with, ranks every item; the padding id
+  never has a score),
   deduplicated (first occurrence kept). Either part may be 0, not both. Pools differ in
   size; a batch pads them to its longest pool by repeating the first item and masks the
   padding out, so it is never scored into the softmax nor selected.

@@ -32,7 +32,8 @@ Parquet columns (one row per sample):
      "confidence": "softmax of the pool's log-likelihoods",
      "gate": "learned",
      "options": {...every export option but the splits: what a resumed export must share...},
-     "item_embeddings": {"file": "item_embeddings.safetensors", "dim": H, "method": ...},
+     "item_embeddings": {"file": "item_embeddings.safetensors", "dim": H, "method": ...,
+                         "sha256": ...},
      "splits": {"train": {"rows": R, "complete": true, "samples": n, "samples_sha256": ...,
                           "shards": [{"file": "train/part-00000.parquet", "first_index": 0,
                                       "rows": r, "sha256": ...}, ...]}, ...},
@@ -49,38 +50,71 @@ The fixed candidates contain each sample's target (they are the evaluation proto
 candidate sets). For the train split that is the label the student learns anyway, but for an
 exported val or test split every pool holds its answer: use those top-K lists for analysis,
 never as features of a model evaluated on the same split.
+
+Reading (`read_teacher_outputs`): list columns go straight from the Arrow buffers to
+NumPy (no Python object per value); ``columns=`` reads only the list columns a caller
+uses (the others are ``None`` in `SplitOutputs`). Every shard is checked against the
+manifest (file present, sha256 unless ``verify=False``, rows = the next samples in
+order) and every column read is checked: a list of the same width in every row of every
+shard (``top_k`` for the three top-K columns, the first shard's width for ``gate`` and
+``user_embedding``), no null row or value, integer item ids, float values, no NaN score
+(``-inf`` is a valid score) and only finite confidences, gate weights and user
+embeddings. A violation is a `DataError` naming the shard and its row.
+
+``item_embeddings.sha256`` is required when ``item_embeddings.safetensors`` is read with
+``verify=True`` (`ilora teacher export` writes it before any shard, so every manifest
+it writes has it): a manifest without it is refused rather than trusted unverified. A
+directory without the embeddings file reads with ``item_embeddings = None`` (enough to
+distil with ``w_ed = 0``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ilora.errors import IloraError
+from ilora.errors import DataError, IloraError
 from ilora.state_io import file_sha256, read_json
 
 FORMAT = "ilora-teacher-outputs"
 VERSION = 1
 MANIFEST = "manifest.json"
 ITEM_EMBEDDINGS = "item_embeddings.safetensors"
-COLUMNS = ("index", "topk_items", "topk_scores", "topk_confidence", "gate", "user_embedding")
+LIST_COLUMNS = {  # list column -> the dtype it is read as
+    "topk_items": np.int64,
+    "topk_scores": np.float32,
+    "topk_confidence": np.float32,
+    "gate": np.float32,
+    "user_embedding": np.float32,
+}
+COLUMNS = ("index", *LIST_COLUMNS)
+TOP_K_COLUMNS = ("topk_items", "topk_scores", "topk_confidence")  # rows of manifest["top_k"] values
+FINITE_COLUMNS = ("topk_confidence", "gate", "user_embedding")  # scores may be -inf, never NaN
 
 
 @dataclass
 class SplitOutputs:
-    """Teacher outputs of one split, as dense arrays (row i = sample i of the split)."""
+    """Teacher outputs of one split, as dense arrays (row i = sample i of the split);
+    a column the reader was not asked for is ``None``."""
 
-    topk_items: np.ndarray  # int64 (n, K)
-    topk_scores: np.ndarray  # float32 (n, K)
-    topk_confidence: np.ndarray  # float32 (n, K)
-    gate: np.ndarray  # float32 (n, E)
-    user_embedding: np.ndarray  # float32 (n, d)
+    topk_items: np.ndarray | None  # int64 (n, K)
+    topk_scores: np.ndarray | None  # float32 (n, K)
+    topk_confidence: np.ndarray | None  # float32 (n, K)
+    gate: np.ndarray | None  # float32 (n, E)
+    user_embedding: np.ndarray | None  # float32 (n, d)
 
     def __len__(self) -> int:
-        return len(self.topk_items)
+        for name in LIST_COLUMNS:
+            value = getattr(self, name)
+            if value is not None:
+                return len(value)
+        return 0
 
 
 @dataclass
@@ -109,58 +143,168 @@ def read_manifest(directory: str | Path) -> dict:
     return manifest
 
 
-def _column(table, name: str, path: Path, dtype) -> np.ndarray:
-    if name not in table.column_names:
-        raise IloraError(f"{path}: missing column {name}")
-    values = table.column(name).to_pylist() if name != "index" else table.column(name).to_numpy()
+def _is_list(kind: pa.DataType) -> bool:
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+
+
+def list_matrix(table: pa.Table, name: str, width: int | None, source: Path) -> np.ndarray:
+    """List column ``name`` as an ``(n, width)`` array, straight from the Arrow buffers (no
+    Python object per value; zero-copy for a one-chunk column without nulls).
+
+    ``width=None`` takes row 0's length. Raises `DataError` naming ``source`` and the row for
+    a column that is not a list, a null row, a row of another length, or a null value.
+    """
+    chunked = table.column(name)
+    if not _is_list(chunked.type):
+        raise DataError(source, f"column {name} is {chunked.type}", expected="a list column")
+    column = chunked.combine_chunks()
+    if column.null_count:
+        row = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(source, f"column {name} is null", row=row, expected="a list of values")
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if width is None:
+        width = int(lengths[0]) if lengths.size else 0
+    if lengths.size and (lengths != width).any():
+        row = int(np.flatnonzero(lengths != width)[0])
+        raise DataError(source, f"column {name} has {int(lengths[row])} values", row=row, expected=f"{width} values")
+    values = column.flatten()
+    if values.null_count:
+        at = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(source, f"column {name} has a null value at position {at % width}", row=at // width)
+    return values.to_numpy(zero_copy_only=False).reshape(len(column), width)
+
+
+def _typed(matrix: np.ndarray, name: str, source: Path) -> np.ndarray:
+    """``matrix`` as column ``name``'s dtype, after checking its value type and values."""
+    dtype = LIST_COLUMNS[name]
+    if np.issubdtype(dtype, np.integer) and not np.issubdtype(matrix.dtype, np.integer):
+        raise DataError(source, f"column {name} holds {matrix.dtype} values", expected="integer item ids")
+    if np.issubdtype(dtype, np.floating) and not np.issubdtype(matrix.dtype, np.floating):
+        raise DataError(source, f"column {name} holds {matrix.dtype} values", expected="floating-point numbers")
+    matrix = matrix.astype(dtype, copy=False)
+    if np.issubdtype(dtype, np.floating):
+        bad = ~np.isfinite(matrix) if name in FINITE_COLUMNS else np.isnan(matrix)
+        if bad.any():
+            row, at = (int(i) for i in np.argwhere(bad)[0])
+            wanted = "finite numbers" if name in FINITE_COLUMNS else "numbers (-inf allowed, not NaN)"
+            raise DataError(source, f"column {name} holds {matrix[row, at]} at position {at}", row=row, expected=wanted)
+    return matrix
+
+
+def _read_shard(path: Path, columns: Sequence[str]) -> pa.Table:
+    """The ``index`` column and ``columns`` of one shard (only those are read from disk)."""
     try:
-        return np.asarray(values, dtype=dtype)
-    except ValueError:
-        raise IloraError(f"{path}: column {name} has rows of different lengths") from None
+        names = pq.read_schema(path).names
+        missing = [c for c in ("index", *columns) if c not in names]
+        if missing:
+            raise DataError(path, f"missing column(s) {', '.join(missing)}", expected=f"columns {', '.join(COLUMNS)}")
+        return pq.read_table(path, columns=["index", *columns])
+    except pa.ArrowException as exc:
+        raise DataError(path, f"not a readable Parquet shard ({' '.join(str(exc).split())})") from None
 
 
-def read_split(directory: Path, name: str, info: dict, *, verify: bool = True) -> SplitOutputs:
-    """All shards of one split, checked against the manifest (rows, order, checksums)."""
+def _index(table: pa.Table, path: Path) -> np.ndarray:
+    column = table.column("index")
+    if not pa.types.is_integer(column.type) or column.null_count:
+        raise DataError(path, f"column index is {column.type} with {column.null_count} null(s)", expected="int64 sample positions")
+    return column.to_numpy().astype(np.int64, copy=False)
+
+
+def _check_columns(columns: Sequence[str]) -> tuple[str, ...]:
+    unknown = [c for c in columns if c not in LIST_COLUMNS]
+    if unknown:
+        raise ValueError(f"unknown teacher-output column(s) {', '.join(unknown)}; the list columns are {', '.join(LIST_COLUMNS)}")
+    return tuple(dict.fromkeys(columns))
+
+
+def read_split(
+    directory: Path, name: str, info: dict, *, verify: bool = True, columns: Sequence[str] = tuple(LIST_COLUMNS), top_k: int | None = None
+) -> SplitOutputs:
+    """The ``columns`` (list columns) of all shards of one split, checked against the manifest
+    entry ``info`` (rows, order, checksums) and ``top_k`` (the width of the top-K columns;
+    ``None``: the first shard's), and each value checked (module docstring)."""
+    columns = _check_columns(columns)
     if not info.get("complete"):
         raise IloraError(f"{directory}: the {name} export is incomplete (resume it with `ilora teacher export`)")
-    parts: dict[str, list[np.ndarray]] = {c: [] for c in COLUMNS}
-    expected = 0
+    total = sum(int(shard["rows"]) for shard in info["shards"])
+    if total != info["rows"]:
+        raise IloraError(f"{directory}: the {name} shards hold {total} rows, the manifest says {info['rows']}")
+    widths: dict[str, int | None] = {c: top_k if c in TOP_K_COLUMNS else None for c in columns}
+    arrays: dict[str, np.ndarray] = {}  # filled shard by shard: one shard's Arrow data in memory at a time
+    start = 0
     for shard in info["shards"]:
         path = directory / shard["file"]
         if not path.is_file():
             raise IloraError(f"{path}: shard listed in the manifest is missing")
         if verify and file_sha256(path) != shard["sha256"]:
             raise IloraError(f"{path}: checksum does not match the manifest (corrupted or replaced)")
-        table = pq.read_table(path)
-        index = _column(table, "index", path, np.int64)
-        if len(index) != shard["rows"] or not np.array_equal(index, np.arange(expected, expected + len(index))):
-            raise IloraError(f"{path}: rows are not samples {expected}..{expected + shard['rows'] - 1} in order")
-        expected += len(index)
-        parts["index"].append(index)
-        for col, dtype in (("topk_items", np.int64), ("topk_scores", np.float32), ("topk_confidence", np.float32), ("gate", np.float32), ("user_embedding", np.float32)):
-            parts[col].append(_column(table, col, path, dtype))
-    if expected != info["rows"]:
-        raise IloraError(f"{directory}: the {name} shards hold {expected} rows, the manifest says {info['rows']}")
-    cat = {c: np.concatenate(v) if v else np.empty((0,)) for c, v in parts.items()}
-    return SplitOutputs(cat["topk_items"], cat["topk_scores"], cat["topk_confidence"], cat["gate"], cat["user_embedding"])
+        table = _read_shard(path, columns)
+        index = _index(table, path)
+        stop = start + int(shard["rows"])
+        if len(index) != shard["rows"] or not np.array_equal(index, np.arange(start, start + len(index))):
+            raise IloraError(f"{path}: rows are not samples {start}..{stop - 1} in order")
+        for col in columns:
+            matrix = _typed(list_matrix(table, col, widths[col], path), col, path)
+            if col not in arrays:  # the first shard with rows fixes the width every later shard must have
+                if widths[col] is None and not len(matrix):
+                    continue
+                widths[col] = matrix.shape[1]
+                arrays[col] = np.empty((total, widths[col]), LIST_COLUMNS[col])
+            arrays[col][start:stop] = matrix
+        start = stop
+        del table
+    for col in columns:
+        arrays.setdefault(col, np.empty((0, widths[col] or 0), LIST_COLUMNS[col]))
+    pa.default_memory_pool().release_unused()  # hand the shards' decoded buffers back: the arrays are what stays
+    return SplitOutputs(**{c: arrays.get(c) for c in LIST_COLUMNS})
 
 
-def read_teacher_outputs(directory: str | Path, splits: tuple[str, ...] = ("train",), *, verify: bool = True) -> TeacherOutputs:
-    """Read the manifest, the requested splits and the item embeddings."""
+def read_item_embeddings(directory: Path, manifest: dict, *, verify: bool = True) -> np.ndarray | None:
+    """``item_embeddings.safetensors`` as float32 ``(num_items, H)``; ``None`` when the file is
+    absent. With ``verify``, the manifest must hold its sha256 and the file must match it."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    path = directory / ITEM_EMBEDDINGS
+    if not path.is_file():
+        return None
+    if verify:
+        expected = (manifest.get("item_embeddings") or {}).get("sha256")
+        if not expected:
+            raise IloraError(
+                f"{directory / MANIFEST}: no item_embeddings.sha256, so {path} cannot be verified "
+                "(`ilora teacher export` always writes it; export again)"
+            )
+        if file_sha256(path) != expected:
+            raise IloraError(f"{path}: checksum does not match the manifest (corrupted or replaced)")
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as exc:
+        raise DataError(path, f"not a readable safetensors file ({exc})") from None
+    if "item_embeddings" not in tensors:
+        raise DataError(path, "no tensor named item_embeddings", expected="item_embeddings: float32 (num_items, H)")
+    return tensors["item_embeddings"].astype(np.float32, copy=False)
+
+
+def read_teacher_outputs(
+    directory: str | Path, splits: tuple[str, ...] = ("train",), *, verify: bool = True, columns: Sequence[str] | None = None
+) -> TeacherOutputs:
+    """Read the manifest, the requested splits and the item embeddings.
+
+    ``columns``: the list columns to read (default: all of `LIST_COLUMNS`); the others are
+    ``None`` in each `SplitOutputs` and are neither read from disk nor checked.
+    """
     directory = Path(directory)
     manifest = read_manifest(directory)
+    columns = _check_columns(tuple(LIST_COLUMNS) if columns is None else columns)
+    top_k = manifest.get("top_k")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise IloraError(f"{directory / MANIFEST}: top_k is {top_k!r}, expected a positive integer")
     out = TeacherOutputs(manifest)
     for name in splits:
         info = manifest.get("splits", {}).get(name)
         if info is None:
             raise IloraError(f"{directory}: no {name} split was exported")
-        out.splits[name] = read_split(directory, name, info, verify=verify)
-    emb = directory / ITEM_EMBEDDINGS
-    if emb.is_file():
-        expected = manifest.get("item_embeddings", {}).get("sha256")
-        if verify and expected and file_sha256(emb) != expected:
-            raise IloraError(f"{emb}: checksum does not match the manifest (corrupted or replaced)")
-        out.item_embeddings = load_file(str(emb))["item_embeddings"].astype(np.float32)
+        out.splits[name] = read_split(directory, name, info, verify=verify, columns=columns, top_k=top_k)
+    out.item_embeddings = read_item_embeddings(directory, manifest, verify=verify)
     return out

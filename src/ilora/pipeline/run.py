@@ -115,10 +115,10 @@ def stage_export(cfg: RunConfig, dataset: SeqDataset, teacher_dir: Path, directo
 
 
 def stage_distill(cfg: RunConfig, dataset: SeqDataset, outputs_dir: Path, directory: Path) -> dict:
-    from ilora.distill.train import distill
+    from ilora.distill.train import DISTILL_COLUMNS, distill
     from ilora.outputs import read_teacher_outputs
 
-    outputs = read_teacher_outputs(outputs_dir)
+    outputs = read_teacher_outputs(outputs_dir, ("train",), columns=DISTILL_COLUMNS)
     result = distill(dataset, outputs, cfg.distill, directory, source=str(outputs_dir), resume=_has_earlier_work(directory), overwrite=True)
     return {"baseline": result["baseline"]["test"], "distilled": result["distilled"]["test"], "gain": result["gain"], "gain_interval": result["gain_interval"]}
 
