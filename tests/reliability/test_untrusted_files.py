@@ -312,18 +312,34 @@ def test_axes_must_agree_with_the_blocks(values, placement, columns, rows, refus
     assert peak < 16 * 2**20, peak
 
 
+class _RebuiltArray:
+    """Unpickles as NumPy's own arrays do: ``_reconstruct(ndarray, (0,), b"b")`` and then ``BUILD state``."""
+
+    def __init__(self, state) -> None:
+        self.state = state
+
+    def __reduce__(self):
+        from numpy._core.multiarray import _reconstruct
+
+        return _reconstruct, (np.ndarray, (0,), b"b"), self.state
+
+
 def test_a_buffer_stored_once_cannot_be_copied_a_thousand_times(tmp_path: Path) -> None:
     """The memo lets a file name one stored buffer again and again; each copy is charged to a budget."""
+    from numpy._core.multiarray import scalar
     from numpy._core.numeric import _frombuffer
 
     buffer = bytes(1 << 20)
     copies = {
         "bytearray": lambda: _Payload(bytearray, buffer),
         "frombuffer": lambda: _Payload(_frombuffer, buffer, np.dtype("u1"), (1 << 20,), "C"),
+        "scalar": lambda: _Payload(scalar, np.dtype(f"U{len(buffer) // 4}"), buffer),  # a 1 MiB string scalar
+        "object-array": lambda: _RebuiltArray(pointers),  # 1 MiB of pointers to one stored list of Nones
     }
+    pointers = (1, (2**17,), np.dtype(object), False, [None] * 2**17)
     for name, copy in copies.items():
         (tmp_path / f"{name}.df").write_bytes(pickle.dumps([copy() for _ in range(1000)], protocol=4))
-        assert (tmp_path / f"{name}.df").stat().st_size < 1.1 * len(buffer)
+        assert (tmp_path / f"{name}.df").stat().st_size < 1.1 * len(buffer), name
         with pytest.raises(safe_pickle.IloraError, match="would take the data built from this pickle past"):
             legacy.read_dataframe_pickle(tmp_path / f"{name}.df", allow_pickle=True)
 

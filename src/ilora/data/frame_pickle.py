@@ -84,8 +84,8 @@ class _CheckedArray(np.ndarray):
         elif not isinstance(data, (bytes, bytearray)) or len(data) != count * dtype.itemsize:
             size = len(data) if isinstance(data, (bytes, bytearray)) else type(data).__name__
             raise ValueError(f"array of shape {shape} and dtype {dtype} with {size} bytes")
-        elif self.budget is not None:
-            self.budget.charge(len(data), "an array")
+        if self.budget is not None:  # an object array copies its list's pointers
+            self.budget.charge(count * dtype.itemsize, "an array")
         super().__setstate__((1, shape, dtype, fortran, data))
 
 
@@ -117,6 +117,8 @@ def _numpy_globals(budget: ByteBudget) -> dict[tuple[str, str], Any]:
         return reconstruct(np.ndarray, shape, dtype)
 
     def scalar(dtype: Any, data: Any = None) -> Any:
+        if isinstance(data, (bytes, bytearray)):  # a scalar copies its bytes too (a string one up to MiBs)
+            budget.charge(len(data), "a scalar")
         return _numpy_core_modules()[0].scalar(canonical_dtype(dtype), *(() if data is None else (data,)))
 
     def frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
