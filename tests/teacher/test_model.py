@@ -102,6 +102,69 @@ def test_candidate_scores_equal_per_candidate_full_sequences(dataset, rec, gate_
             assert float(fast[b, c]) == pytest.approx(expected, abs=1e-4)
 
 
+@pytest.mark.parametrize("gate_mode", ["learned", "expert:1"])
+def test_generate_equals_per_sample_unpadded_greedy_decoding(dataset, rec, gate_mode):
+    """Batched, left-padded, KV-cached generation == greedy decoding of each prompt alone,
+    recomputing the whole unpadded sequence with HF's own forward (default positions) per token."""
+    bundle = make_bundle(dataset, rec)
+    teacher, tok = bundle.teacher.eval(), bundle.teacher.tokenizer
+    split, cands = sample_arrays(dataset, n=4)
+    assert len(set(split.length.tolist())) > 1  # prompts of different lengths: the batch is padded
+    prompts = bundle.prompt_collator.build(split.history, split.length, cands)
+    fast = teacher.generate(prompts, gate_mode, max_new_tokens=6)
+    for r in range(len(split)):
+        one = bundle.prompt_collator.build(split.history[r : r + 1], split.length[r : r + 1], cands[r : r + 1])
+        prompt = teacher.embed(one)[0]
+        gate = teacher.gates(one.history, one.length, gate_mode)
+        generated: list[int] = []
+        with torch.no_grad(), teacher.gate_state.use(gate):
+            for _ in range(6):
+                new = teacher.llm.get_input_embeddings()(torch.tensor(generated, dtype=torch.long)).to(prompt.dtype)
+                token = int(teacher.llm(inputs_embeds=torch.cat([prompt, new])[None]).logits[0, -1].argmax())
+                if token == tok.eos_token_id:
+                    break
+                generated.append(token)
+        assert fast[r] == tok.decode(generated, skip_special_tokens=True)
+
+
+def test_scoring_and_generation_run_without_dropout_and_restore_the_mode(dataset, rec):
+    bundle = make_bundle(dataset, rec, lora_dropout=0.5)
+    split, cands = sample_arrays(dataset)
+    prompts = bundle.prompt_collator.build(split.history, split.length, cands)
+    exact = bundle.teacher.eval().score_candidates(prompts, prompts.candidates)
+    texts = bundle.teacher.generate(prompts, max_new_tokens=4)
+    bundle.teacher.train()
+    assert torch.equal(bundle.teacher.score_candidates(prompts, prompts.candidates), exact)
+    assert bundle.teacher.generate(prompts, max_new_tokens=4) == texts
+    assert bundle.teacher.training and not bundle.teacher.rec.training
+    with pytest.raises(IloraError, match="max_new_tokens must be >= 1, got 0"):
+        bundle.teacher.generate(prompts, max_new_tokens=0)
+
+
+@pytest.mark.parametrize("family", ["granite", "cohere", "gemma2", "llama"])
+def test_head_logits_are_the_models_own_logits(family):
+    """Granite scales, Cohere scales and Gemma 2 soft-caps the output layer's logits in their forward."""
+    import transformers
+
+    from ilora.teacher.model import head_logits
+
+    sizes = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, eos_token_id=1, bos_token_id=0, pad_token_id=0)
+    config, model_class = {
+        "granite": (transformers.GraniteConfig(**sizes, logits_scaling=8.0), transformers.GraniteForCausalLM),
+        "cohere": (transformers.CohereConfig(**sizes, logit_scale=0.0625), transformers.CohereForCausalLM),
+        "gemma2": (transformers.Gemma2Config(**sizes, num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.5), transformers.Gemma2ForCausalLM),
+        "llama": (transformers.LlamaConfig(**sizes), transformers.LlamaForCausalLM),
+    }[family]
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=ids).last_hidden_state
+        assert torch.allclose(head_logits(model, hidden), model(input_ids=ids).logits, atol=1e-6)
+        if family != "llama":  # the plain output layer would be another distribution
+            assert not torch.allclose(model.get_output_embeddings()(hidden), model(input_ids=ids).logits, atol=1e-3)
+
+
 def test_different_experts_give_different_scores(dataset, rec):
     bundle = make_bundle(dataset, rec)
     split, cands = sample_arrays(dataset)

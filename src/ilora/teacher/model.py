@@ -23,6 +23,7 @@ The frozen SASRec stays in eval mode whatever mode the teacher is put in (`ILoRA
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -119,6 +120,40 @@ def pack_answers(ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[to
     return packed, segment, offset
 
 
+def in_eval_mode(method):
+    """Run a teacher ``method`` in eval mode (LoRA dropout off, so scores and texts are
+    exact, whatever mode the caller left the teacher in), then restore the caller's mode."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        was_training = self.training
+        self.eval()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.train(was_training)
+
+    return wrapper
+
+
+def head_logits(llm, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits of a causal LM's output layer on ``hidden``, with the changes some families make
+    after that layer in their own forward: Granite divides by ``logits_scaling``, Cohere
+    multiplies by ``logit_scale``, Gemma 2/3 soft-cap with ``final_logit_softcapping``
+    (``cap * tanh(logits / cap)``). Without them the loss, scores and generations would use
+    another distribution than the model's."""
+    logits = llm.get_output_embeddings()(hidden)
+    config = llm.config
+    if getattr(config, "logits_scaling", None):
+        logits = logits / config.logits_scaling
+    if getattr(config, "logit_scale", None):
+        logits = logits * config.logit_scale
+    if getattr(config, "final_logit_softcapping", None):
+        cap = config.final_logit_softcapping
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
 class ILoRATeacher(nn.Module):
     """Frozen LLM + gated LoRA experts + gate network + projector, reading a frozen SASRec.
 
@@ -203,7 +238,8 @@ class ILoRATeacher(nn.Module):
         return self.decode(embeds, batch.attention_mask, position_ids, gates, use_cache=use_cache)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.llm.get_output_embeddings()(hidden)
+        """The LM head on ``hidden``, as the model's own forward applies it (`head_logits`)."""
+        return head_logits(self.llm, hidden)
 
     # -- what the one path is used for ---------------------------------------------------------
     def loss(self, batch, gate_mode: str = "learned", reduction: str = "mean") -> torch.Tensor:
@@ -230,6 +266,7 @@ class ILoRATeacher(nn.Module):
         return self.lm_logits(out.hidden[rows, cols]), batch.labels[rows, cols + 1]
 
     @torch.no_grad()
+    @in_eval_mode
     def score_candidates(self, batch, candidates: torch.Tensor, gate_mode: str = "learned", chunk: int = 4096) -> torch.Tensor:
         """(B, C) exact log-likelihood of each candidate's answer tokens (title + eos) given the prompt.
 
@@ -241,10 +278,10 @@ class ILoRATeacher(nn.Module):
         is copied per candidate and the gate stays one per sample. LM-head logits are
         computed only at the positions that predict an answer token, ``chunk`` rows at a time.
 
-        Raises `IloraError` if the prompts are not left-padded or carry answers
-        (`check_prompt_batch`), if ``candidates`` is not (B, C), if a candidate id is outside
-        the catalog ``0..num_items - 1``, or if the LLM runs FlashAttention (it cannot take
-        the block mask).
+        Runs in eval mode (`in_eval_mode`). Raises `IloraError` if the prompts are not
+        left-padded or carry answers (`check_prompt_batch`), if ``candidates`` is not (B, C),
+        if a candidate id is outside the catalog ``0..num_items - 1``, or if the LLM runs
+        FlashAttention (it cannot take the block mask).
         """
         check_prompt_batch(batch, "score_candidates")
         if candidates.ndim != 2 or candidates.shape[0] != len(batch):
@@ -282,10 +319,14 @@ class ILoRATeacher(nn.Module):
         return scores.index_put_((rows, segment[real]), logp, accumulate=True)
 
     @torch.no_grad()
+    @in_eval_mode
     def generate(self, batch, gate_mode: str = "learned", max_new_tokens: int = 32) -> list[str]:
         """Greedy decoding from prompts without answers (left-padded, `check_prompt_batch`);
-        returns the decoded texts (up to eos, special tokens skipped)."""
+        returns the decoded texts (up to eos, special tokens skipped). Runs in eval mode
+        (`in_eval_mode`); ``max_new_tokens`` must be >= 1."""
         check_prompt_batch(batch, "generate")
+        if max_new_tokens < 1:
+            raise IloraError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
         eos, pad = special_ids(self.tokenizer)  # pad falls back to eos (Llama-2 has no pad token)
         out = self.run(batch, gate_mode, use_cache=True)
         cache, gates, attention = out.past_key_values, out.gates, batch.attention_mask
