@@ -51,6 +51,10 @@ def test_import_then_eval(tmp_path, capsys) -> None:
 def test_eval_errors(tmp_path, capsys) -> None:
     assert main(["rec", "eval", str(LASTFM), "--model", str(tmp_path / "missing"), "--allow-pickle"]) == 2
     assert "not found" in capsys.readouterr().err
+    # it used to report a candidates_file it never wrote
+    argv = ["rec", "eval", str(LASTFM), "--model", str(tmp_path / "missing"), "--allow-pickle", "--candidates", "0"]
+    assert main([*argv, "--save-candidates", str(tmp_path / "c.npy")]) == 2
+    assert "--save-candidates needs --candidates > 0" in capsys.readouterr().err and not (tmp_path / "c.npy").exists()
 
 
 @pytest.mark.slow

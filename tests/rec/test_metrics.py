@@ -151,3 +151,9 @@ def test_a_history_id_outside_the_catalog_is_named_not_scattered():
     with pytest.raises(IloraError, match="sample 1, position 1: item id 11, expected 0..9"):
         history_mask(history, torch.tensor([2, 3]), 10)
     assert history_mask(history[:1], torch.tensor([2]), 10).nonzero()[:, 1].tolist() == [1, 2]
+
+
+def test_an_empty_split_is_an_error_not_zero_metrics() -> None:
+    empty = Split(np.zeros((0, WIDTH), dtype=np.int64), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    with pytest.raises(IloraError, match="the split has no samples"):
+        evaluate_scorer(lambda h, ln: torch.zeros(len(h), N_ITEMS), empty, N_ITEMS)

@@ -137,6 +137,10 @@ def test_load_errors(tmp_path) -> None:
     (tmp_path / "m" / "config.json").write_text(json.dumps({"num_items": 3, "max_len": 2}))
     with pytest.raises(IloraError, match="format"):
         load_sasrec(tmp_path / "m")
+    # a float size used to pass the config and fail in torch with a TypeError traceback
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "max_len": 10.0}))
+    with pytest.raises(IloraError, match="sizes must be integers"):
+        load_sasrec(tmp_path / "m")
 
 
 def test_bad_inputs() -> None:

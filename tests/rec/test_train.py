@@ -181,8 +181,25 @@ def test_early_stopping(tmp_path) -> None:
 def test_config_validation(tmp_path) -> None:
     with pytest.raises(ConfigError, match="monitor"):
         train_sasrec(make_dataset(), quick_cfg(monitor="cand_hr@1", eval_candidates=0), tmp_path / "x")
+    # one candidate has no cand_hr@1 (it would be 1 by construction): it used to fail with a KeyError after an epoch
+    with pytest.raises(ConfigError, match=r"monitor=cand_hr@1 needs eval_candidates >= 2"):
+        train_sasrec(make_dataset(), quick_cfg(monitor="cand_hr@1", eval_candidates=1), tmp_path / "x")
     with pytest.raises(ConfigError, match="batch_size"):
         quick_cfg(batch_size=0).validate()
+    for field, value in (("seed", -1), ("seed", 2**64 - 1), ("cand_seed", -1)):
+        with pytest.raises(ConfigError, match=f"{field} must be in"):
+            quick_cfg(**{field: value}).validate()
+    assert not (tmp_path / "x").exists()
+
+
+def test_test_candidate_sets_the_data_cannot_fill_fail_before_training(tmp_path) -> None:
+    """They used to be drawn after training, leaving a model nothing would resume or overwrite."""
+    ds = make_dataset(with_val=False)
+    longest = max(len(set(row[:n].tolist())) for row, n in zip(ds.split("test").history, ds.split("test").length))
+    count = N_ITEMS - longest + 1  # the target plus more negatives than the fullest history leaves
+    with pytest.raises(IloraError, match=r"test split, row \d+: only \d+ items"):
+        train_sasrec(ds, quick_cfg(eval_candidates=count), tmp_path / "late")
+    assert not (tmp_path / "late").exists()
 
 
 def test_a_ranks_file_holding_anything_else_is_refused(tmp_path) -> None:

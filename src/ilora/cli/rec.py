@@ -51,8 +51,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.candidates < 0:
         raise IloraError("--candidates must be >= 0")
-    model = load_sasrec(args.model)
+    if args.save_candidates and not args.candidates:
+        raise IloraError("--save-candidates needs --candidates > 0 (with 0 there are no candidate sets to save)")
     dataset = load_data(args)
+    model = load_sasrec(args.model)
     kwargs = dict(count=args.candidates, cand_seed=args.seed, mask_history=args.mask_history, batch_size=args.batch_size)
     result = evaluate_sasrec(model, dataset, args.split, candidates_out=args.save_candidates, **kwargs)  # type: ignore[arg-type]
     result["model"] = str(args.model)

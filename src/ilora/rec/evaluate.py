@@ -60,10 +60,13 @@ def evaluate_scorer(
     ranks_file: str | Path | None = None,
 ) -> dict[str, object]:
     """Full-ranking HR/NDCG@{1,5,10,20} and, given candidate sets, ``cand_hr@K``/``cand_ndcg@K``;
-    with ``ranks_file``, the full-ranking ranks saved there (`save_ranks`)."""
+    with ``ranks_file``, the full-ranking ranks saved there (`save_ranks`). An empty split is
+    an `IloraError`."""
     if batch_size < 1:
         raise IloraError(f"batch_size must be positive, got {batch_size}")
     n = len(split)
+    if n == 0:
+        raise IloraError("evaluation: the split has no samples; metrics over none are undefined")
     cand = None if candidates is None else torch.as_tensor(np.asarray(candidates), dtype=torch.long)
     if cand is not None and cand.shape[0] != n:
         raise IloraError(f"{cand.shape[0]} candidate sets for {n} samples")

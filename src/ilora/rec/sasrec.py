@@ -18,6 +18,9 @@ channels sum to exactly 0); that only touches padded rows, whose outputs are zer
 anyway (or, degenerately, a real row whose normalised query sums to exactly 0.0), so it
 is left out.
 
+Initialisation is ours: item and position embeddings are drawn from N(0, 0.01), where the
+reference modules keep PyTorch's default N(0, 1); the other layers keep PyTorch's defaults.
+
 Histories are left-aligned: positions ``>= length`` are padding. Validity comes from
 ``length`` alone, so whatever ids sit beyond ``length`` do not change any output at a
 valid position. The user representation is the final hidden state at ``length - 1``.
@@ -54,6 +57,9 @@ class SASRecConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
+        sizes = (self.num_items, self.max_len, self.hidden, self.heads, self.blocks)
+        if not all(type(v) is int for v in sizes) or not all(type(v) in (int, float) for v in (self.dropout, self.layer_norm_eps)):
+            raise IloraError(f"SASRec config: sizes must be integers and dropout / layer_norm_eps numbers ({self})")
         if self.num_items < 1 or self.max_len < 1 or self.hidden < 1 or self.blocks < 1 or self.heads < 1:
             raise IloraError(f"SASRec config: sizes must be positive ({self})")
         if self.hidden % self.heads:

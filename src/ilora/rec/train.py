@@ -119,12 +119,14 @@ class RecTrainConfig:
             (min(self.hidden, self.heads, self.blocks) >= 1, "hidden, heads and blocks must be >= 1"),
             (self.hidden % max(self.heads, 1) == 0, f"hidden {self.hidden} must be divisible by heads {self.heads}"),
             (0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}"),
+            (0 <= self.seed < 2**63 - 1, f"seed must be in 0..2**63-2, got {self.seed}"),
+            (0 <= self.cand_seed < 2**63, f"cand_seed must be in 0..2**63-1, got {self.cand_seed}"),
         ]
         for ok, problem in checks:
             if not ok:
                 raise ConfigError(problem)
-        if self.monitor == "cand_hr@1" and self.eval_candidates == 0:
-            raise ConfigError("monitor=cand_hr@1 needs eval_candidates > 0")
+        if self.monitor == "cand_hr@1" and self.eval_candidates < 2:
+            raise ConfigError(f"monitor=cand_hr@1 needs eval_candidates >= 2 (with {self.eval_candidates} there is no cand_hr@1 to select by)")
         if check_device:
             require_device(self.device)
 
@@ -310,11 +312,21 @@ def val_candidates(dataset: SeqDataset, cfg: RecTrainConfig) -> np.ndarray | Non
     return fixed_candidates(dataset.split("val"), dataset.num_items, split_name="val", count=cfg.eval_candidates, seed=cfg.cand_seed)
 
 
+def test_candidates(dataset: SeqDataset, cfg: RecTrainConfig) -> np.ndarray | None:
+    """The fixed test candidate sets of the final evaluation (None without a test split or with
+    ``eval_candidates`` 0); drawn before training, so that sets the data cannot fill fail first."""
+    if dataset.splits.get("test") is None or not len(dataset.split("test")) or not cfg.eval_candidates:
+        return None
+    return fixed_candidates(dataset.split("test"), dataset.num_items, split_name="test", count=cfg.eval_candidates, seed=cfg.cand_seed)
+
+
 def check_training_input(dataset: SeqDataset, cfg: RecTrainConfig) -> None:
     """Raise for what `train_sasrec` would refuse in ``dataset`` under ``cfg`` (no train sample
-    with ``train_min_len`` history items, candidate sets the data cannot fill), without training."""
+    with ``train_min_len`` history items, val or test candidate sets the data cannot fill),
+    without training."""
     _train_split(dataset, cfg.train_min_len)
     val_candidates(dataset, cfg)
+    test_candidates(dataset, cfg)
 
 
 def train_sasrec(
@@ -345,6 +357,7 @@ def train_sasrec(
     train, train_rows = _train_split(dataset, cfg.train_min_len)  # rejects bad input before --out is touched
     has_val = _has_val(dataset)
     val_cands = val_candidates(dataset, cfg)  # refuses more candidates than items before --out is touched
+    test_cands = test_candidates(dataset, cfg)
     out, checkpoints, finished = open_run(
         out_dir, cfg.checkpoint_every, resume, "result.json", lambda o: _finished_result(o, record), overwrite, others=(WEIGHTS_FILE,)
     )
@@ -469,7 +482,7 @@ def train_sasrec(
         result["val"] = evaluate_sasrec(model, dataset, "val", candidates=val_cands, count=0, **eval_kw)  # type: ignore[arg-type]
     if dataset.splits.get("test") is not None and len(dataset.split("test")) > 0:
         result["test"] = evaluate_sasrec(
-            model, dataset, "test", count=cfg.eval_candidates, cand_seed=cfg.cand_seed, ranks_file=out / TEST_RANKS_FILE, **eval_kw  # type: ignore[arg-type]
+            model, dataset, "test", candidates=test_cands, count=0, ranks_file=out / TEST_RANKS_FILE, **eval_kw  # type: ignore[arg-type]
         )
     atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
     return result
