@@ -296,7 +296,7 @@ def test_real_lastfm(lastfm_dir: Path) -> None:
             pd.DataFrame({"seq": [[np.array([0, 5]), np.array([1, 4]), np.array([P, 0])]], "len_seq": [2], "next": [2]}),
             r"row 0: non-integer value a ndarray of length 2 in column seq",
         ),
-        (pd.DataFrame({"seq": [np.zeros((3, 2), dtype=np.int64)], "len_seq": [2], "next": [2]}), r"row 0: non-integer value a ndarray of length 2 in column seq"),
+        (pd.DataFrame({"seq": [np.zeros((3, 2), dtype=np.int64)], "len_seq": [2], "next": [2]}), r"row 0: seq is a 2-d array, not a list"),
     ],
 )
 def test_pairs_must_be_pairs_and_big_ids_keep_their_value(small_lastfm: Path, frame: pd.DataFrame, pattern: str) -> None:

@@ -20,9 +20,11 @@ import io
 import os
 import pickle
 import re
+import struct
 import subprocess
 import tracemalloc
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -229,7 +231,7 @@ def _block_manager(values: np.ndarray, placement, columns, rows, layout: str):
     from pandas._libs.internals import _unpickle_block
     from pandas.core.internals.managers import BlockManager
 
-    axes = [pd.Index(columns, dtype=object), rows]
+    axes = [columns if isinstance(columns, pd.Index) else pd.Index(columns, dtype=object), rows]
     if layout == "reduce":
         return _Payload(BlockManager, (_Payload(_unpickle_block, values, placement, 2),), axes)
     blocks = [{"values": values, "mgr_locs": placement}]
@@ -287,7 +289,9 @@ def test_both_block_manager_layouts_read_a_real_frame(layout: str, tmp_path: Pat
     ("values", "placement", "columns", "rows", "refusal"),
     [
         # a column axis of 2**26 labels and no block: pandas fills two arrays of that length
-        (None, None, pd.RangeIndex(2**26), pd.RangeIndex(1), "blocks that place 0 columns in a frame of 67108864"),
+        (None, None, pd.RangeIndex(2**26), pd.RangeIndex(1), r"67108864 columns in a file of \d+ bytes"),
+        # no rows: a block of 2**25 columns holds no bytes, yet listing its positions would take gigabytes
+        (np.zeros((2**25, 0)), slice(0, 2**25, 1), pd.RangeIndex(2**25), pd.RangeIndex(0), r"33554432 columns in a file of \d+ bytes"),
         (np.array([[7], [8]]), slice(0, 2, 1), ["next", "seq"], pd.RangeIndex(3), r"a block of shape \(2, 1\) in a frame of 3 rows"),
         (np.array([[7], [8]]), slice(0, 1, 1), ["next", "seq"], pd.RangeIndex(1), "a block of 2 columns placed at 1 positions"),
         (np.array([[7], [8]]), np.array([1, 1]), ["next", "seq"], pd.RangeIndex(1), "a column placed in two blocks"),
@@ -342,6 +346,46 @@ def test_a_buffer_stored_once_cannot_be_copied_a_thousand_times(tmp_path: Path) 
         assert (tmp_path / f"{name}.df").stat().st_size < 1.1 * len(buffer), name
         with pytest.raises(safe_pickle.IloraError, match="would take the data built from this pickle past"):
             legacy.read_dataframe_pickle(tmp_path / f"{name}.df", allow_pickle=True)
+
+
+def _shared_graph(depth: int) -> list:
+    """A list whose two entries are one list, down ``depth`` levels: 2**depth leaves when expanded,
+    a few bytes per level when pickled (the memo shares each level)."""
+    graph: list = [0]
+    for _ in range(depth):
+        graph = [graph, graph]
+    return graph
+
+
+@pytest.mark.parametrize(
+    ("make", "refusal"),
+    [
+        # the C unpickler's memo is an array: a 9-byte file would size it to 2**27 entries (a dict here)
+        (lambda: b"\x80\x04Nr\x00\x00\x00\x08.", r"the pickle holds a NoneType"),
+        # hashing a tuple graph shared through the memo takes 2**depth steps: dict keys must be atoms
+        (lambda: pickle.dumps([{(1, 2): 3}], protocol=4), r"refused a dict key or set member of type tuple \(atoms only\)"),
+        # a scalar without its bytes makes NumPy allocate the dtype's width on every call
+        (lambda: pickle.dumps([_Payload(np._core.multiarray.scalar, np.dtype("U4"))], protocol=4), r"refused a NumPy scalar of dtype <U4 without exactly its 16 bytes"),
+        # a string dtype whose width never came: an array of it holds no bytes at any length
+        (lambda: pickle.dumps(_RebuiltArray((1, (3, 10**9), _Payload(np.dtype, "U"), False, b"")), protocol=4), r"refused the zero-width dtype '<U0'"),
+        # an error message quoting a shared graph would expand it: quoted values are bounded
+        (lambda: pickle.dumps(_Payload(np._core.multiarray._reconstruct, np.ndarray, _shared_graph(40), b"b"), protocol=4), r"refused initial ndarray shape \[\[\[\.\.\.\], \[\.\.\.\]\], \[\[\.\.\.\], \[\.\.\.\]\]\]"),
+        # a cell holding a shared graph: NumPy would expand it before any check
+        (lambda: pickle.dumps(pd.DataFrame({"seq": [[0, 1]], "len_seq": [2], "next": pd.Series([_shared_graph(40)], dtype=object)}), protocol=5), r"row 0: non-integer value a list of length 2 in column next"),
+    ],
+)
+def test_small_files_cannot_ask_for_exponential_work(make, refusal: str, tmp_path: Path) -> None:
+    data = make()
+    assert len(data) < 2000
+    (tmp_path / "small.df").write_bytes(data)
+    tracemalloc.start()
+    try:
+        with pytest.raises(safe_pickle.IloraError, match=refusal):
+            legacy.read_legacy(legacy_dir(tmp_path / "ds", data), allow_pickle=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, peak
 
 
 def test_rows_sharing_one_history_list_cannot_ask_for_a_huge_matrix(tmp_path: Path) -> None:
@@ -423,6 +467,43 @@ def test_checkpoint_tensors_cannot_ask_for_more_than_their_storage(tmp_path: Pat
         llara_import.read_module_pickle(ckpt, allow_pickle=True)
 
 
+def _overlapping_storages_zip(n: int, payload: int) -> bytes:
+    """A torch-like zip whose n stored entries each run from their own header to the end of one
+    shared payload: the archive holds about n * payload bytes in a file of about payload bytes."""
+    header = struct.Struct("<IHHHHHIIIHH")  # a local file header without its name
+
+    def local(name: bytes, crc: int, size: int) -> bytes:
+        return header.pack(0x04034B50, 20, 0, 0, 0, 0, crc, size, size, len(name), 0) + name
+
+    names = [f"d/data/{k:07d}".encode() for k in range(n)]  # 44-byte headers: sizes stay multiples of 4
+    region = b"".join(local(name, 0, 0) for name in names) + b"\0" * (payload // 4 * 4)
+    step = header.size + len(names[0])
+    pids = b"".join(
+        b"(X\x07\x00\x00\x00storage" + b"ctorch\nFloatStorage\n" + b"X\x07\x00\x00\x00" + f"{k:07d}".encode()
+        + b"X\x03\x00\x00\x00cpu" + b"J" + struct.pack("<i", (len(region) - (k + 1) * step) // 4) + b"tQ"
+        for k in range(n)
+    )
+    pkl = b"\x80\x02](" + pids + b"e."
+    entries = [(name, region[(k + 1) * step :], k * step) for k, name in enumerate(names)]
+    out = bytearray(region)
+    for name, data in ((b"d/data.pkl", pkl), (b"d/version", b"3\n")):
+        entries.append((name, data, len(out)))
+        out += local(name, zlib.crc32(data), len(data)) + data
+    directory = b"".join(
+        struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 20, 20, 0, 0, 0, 0, zlib.crc32(data), len(data), len(data), len(name), 0, 0, 0, 0, 0, offset) + name
+        for name, data, offset in entries
+    )
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(entries), len(entries), len(directory), len(out), 0)
+    return bytes(out + directory + end)
+
+
+def test_overlapping_checkpoint_entries_cannot_multiply_the_file(tmp_path: Path) -> None:
+    (tmp_path / "overlap.pt").write_bytes(_overlapping_storages_zip(300, 40_000))
+    assert (tmp_path / "overlap.pt").stat().st_size < 100_000
+    with pytest.raises(safe_pickle.IloraError, match=r"overlap\.pt: a storage of \d+ bytes would take the data built from this pickle past"):
+        llara_import.read_module_pickle(tmp_path / "overlap.pt", allow_pickle=True)
+
+
 def test_compressed_checkpoint_entries_are_refused(tmp_path: Path) -> None:
     """torch.save stores every entry; a deflated one could inflate far past the file's size."""
     plain = _checkpoint_with({"w": torch.zeros(4)}, tmp_path / "plain.pt")
@@ -477,7 +558,7 @@ def test_source_never_unpickles_unsafely() -> None:
             if kwargs.get("trust_remote_code") == "True":
                 problems.append(where + " with trust_remote_code=True")
     assert problems == []
-    unpicklers = [p.name for p in SRC.rglob("*.py") if "pickle.Unpickler" in p.read_text(encoding="utf-8")]
+    unpicklers = [p.name for p in SRC.rglob("*.py") if re.search(r"pickle\._?Unpickler", p.read_text(encoding="utf-8"))]
     assert unpicklers == ["safe_pickle.py"]
 
 

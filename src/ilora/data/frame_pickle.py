@@ -26,9 +26,12 @@ globals, and nothing else:
 * ``builtins.slice`` (block placements) and ``builtins.bytearray`` (protocol-4 buffers: a
   copy of bytes-like data only, never ``bytearray(n)``).
 
-Every byte that these constructors copy is charged to a `ByteBudget` of a few times the
-file's size, so a buffer the file stores once cannot be copied a thousand times through
-the pickle memo. The records are then read by `frame_columns`, which checks what pandas
+The unpickler is CPython's pure-Python one (`ilora.data.safe_pickle.RestrictedUnpickler`:
+a dict memo, and dict keys and set members that must be atoms). Every byte that these
+constructors copy is charged to a `ByteBudget` of a few times the file's size, so a buffer
+the file stores once cannot be copied a thousand times through the pickle memo; dtypes of
+zero width (which hold no bytes at any length) are refused, and so is a frame with more
+columns than the file has bytes. The records are then read by `frame_columns`, which checks what pandas
 would have trusted: the frame's layout, that every block sits inside the columns and
 every column is placed exactly once, that each block has one row per index entry, and
 that Arrow labels are well-formed strings. Only then are the columns handed out as NumPy
@@ -42,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from ilora.data.safe_pickle import ByteBudget, canonical_dtype, private_dtype, restricted_loads
+from ilora.data.safe_pickle import ByteBudget, canonical_dtype, private_dtype, restricted_loads, short_repr
 from ilora.errors import DataError
 
 # --------------------------------------------------------------------------- NumPy, checked
@@ -73,7 +76,7 @@ class _CheckedArray(np.ndarray):
             raise ValueError("unsupported ndarray state in pickle")
         _version, shape, dtype, fortran, data = state
         if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)):
-            raise ValueError(f"bad ndarray shape {shape!r:.80} in pickle")
+            raise ValueError(f"bad ndarray shape {short_repr(shape)} in pickle")
         if not isinstance(fortran, bool):
             raise ValueError("bad ndarray order in pickle")
         dtype = canonical_dtype(dtype)
@@ -106,9 +109,9 @@ def _numpy_globals(budget: ByteBudget) -> dict[tuple[str, str], Any]:
         # Pickling always writes _reconstruct(ndarray, (0,), b"b") and sends the real shape with
         # the state, so any other shape (which would allocate before any check) is refused.
         if subtype is not np.ndarray and subtype is not ndarray:
-            raise ValueError(f"refused to rebuild an array of type {subtype!r:.80}")
+            raise ValueError(f"refused to rebuild an array of type {short_repr(subtype)}")
         if not (isinstance(shape, tuple) and len(shape) == 1 and type(shape[0]) is int and shape[0] == 0):
-            raise ValueError(f"refused initial ndarray shape {shape!r:.80} in pickle (expected (0,))")
+            raise ValueError(f"refused initial ndarray shape {short_repr(shape)} in pickle (expected (0,))")
         return np.ndarray.__new__(array_type, (0,), _placeholder_dtype(dtype))
 
     def ndarray(shape: Any, dtype: Any = "f8", *args: Any) -> np.ndarray:
@@ -117,9 +120,13 @@ def _numpy_globals(budget: ByteBudget) -> dict[tuple[str, str], Any]:
         return reconstruct(np.ndarray, shape, dtype)
 
     def scalar(dtype: Any, data: Any = None) -> Any:
-        if isinstance(data, (bytes, bytearray)):  # a scalar copies its bytes too (a string one up to MiBs)
-            budget.charge(len(data), "a scalar")
-        return _numpy_core_modules()[0].scalar(canonical_dtype(dtype), *(() if data is None else (data,)))
+        # as pickling writes NumPy scalars: the element's own bytes (a string one may be MiBs, and
+        # the memo can hand the same bytes to many calls, so each copy is charged)
+        dtype = canonical_dtype(dtype)
+        if dtype.hasobject or not isinstance(data, bytes) or len(data) != dtype.itemsize:
+            raise ValueError(f"refused a NumPy scalar of dtype {dtype.str} without exactly its {dtype.itemsize} bytes")
+        budget.charge(len(data), "a scalar")
+        return _numpy_core_modules()[0].scalar(dtype, data)
 
     def frombuffer(buf: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
         dtype = canonical_dtype(dtype)
@@ -260,9 +267,10 @@ def _arrow_strings(record: Any) -> list[str]:
     _need(isinstance(data, tuple) and len(data) == 7, "an Arrow array in an unknown layout")
     type_, length, null_count, offset, buffers, children, dictionary = data
     alias = _only(type_, ArrowType, args=1).args[0]
-    _need(alias in ("string", "utf8", "large_string", "large_utf8"), f"an Arrow array of type {alias!r:.40} (strings only)")
+    _need(type(alias) is str and alias in ("string", "utf8", "large_string", "large_utf8"), f"an Arrow array of type {short_repr(alias)} (strings only)")
     length, offset = _int(length, "the Arrow array's length"), _int(offset, "the Arrow array's offset")
-    _need(null_count == 0 and children == [] and dictionary is None, "missing, nested or dictionary Arrow labels")
+    _need(type(null_count) is int and null_count == 0, "Arrow labels with missing values")
+    _need(type(children) is list and not children and dictionary is None, "nested or dictionary Arrow labels")
     _need(length >= 0 and offset >= 0, "a negative Arrow length or offset")
     _need(isinstance(buffers, list) and len(buffers) == 3 and buffers[0] is None, "an Arrow string array in an unknown layout")
     width = 8 if alias.startswith("large") else 4
@@ -291,6 +299,7 @@ def _index_values(record: Any) -> range | list[Any] | np.ndarray:
     if type(data) is ArrowStringArray:
         return _arrow_strings(data)
     _need(isinstance(data, np.ndarray) and data.ndim == 1, f"an index built from {_describe(data)} (1-D arrays only)")
+    _need(data.dtype.kind in "biufO", f"an index of dtype {data.dtype.str} (numbers or objects only)")
     return data
 
 
@@ -310,7 +319,7 @@ def _blocks(manager: Any) -> tuple[list[tuple[Any, Any]], Any]:
         for block in blocks:
             block = _only(block, Block, args=3, state=False)
             values, placement, ndim = block.args
-            _need(ndim == 2, f"a block of {ndim!r:.20} dimensions in a DataFrame")
+            _need(type(ndim) is int and ndim == 2, f"a block of {short_repr(ndim)} dimensions in a DataFrame")
             pairs.append((values, placement))
         return pairs, axes
     state = manager.state
@@ -352,14 +361,16 @@ def _length(index: range | list[Any] | np.ndarray, what: str) -> int:
         raise _Bad(f"{what} longer than any array") from None
 
 
-def frame_columns(frame: Any, wanted: tuple[str, ...]) -> tuple[list[Any], int, dict[str, np.ndarray]]:
+def frame_columns(frame: Any, wanted: tuple[str, ...], max_columns: int) -> tuple[list[Any], int, dict[str, np.ndarray]]:
     """The records of an unpickled DataFrame -> (column labels, rows, the ``wanted`` columns as 1-D arrays).
 
     Raises `_Bad` (via `read_frame_pickle`, a `DataError`) for anything pandas would have
     had to trust: an unknown layout, a block outside the columns, a column placed twice or
     never, a block whose shape disagrees with the axes. A wanted column held by something
     other than a NumPy block (an Arrow string array) is refused too. Nothing is sized by
-    an axis alone: the axes must agree with the blocks, whose values the file holds.
+    an axis alone: the axes must agree with the blocks, whose values the file holds, and
+    there may be at most ``max_columns`` columns (a block of no rows holds no bytes at any
+    width, so the file's size is the bound).
     """
     frame = _only(frame, Frame, args=0, state=True)
     state = frame.state
@@ -368,11 +379,13 @@ def frame_columns(frame: Any, wanted: tuple[str, ...]) -> tuple[list[Any], int, 
     _need(isinstance(axes, (list, tuple)) and len(axes) == 2, "a DataFrame without two axes")
     label_index = _index_values(axes[0])
     count = _length(label_index, "a column index")
+    _need(count <= max_columns, f"{count} columns in a file of {max_columns} bytes")
     rows = _length(_index_values(axes[1]), "a row index")
     blocks = []
     for values, placement in pairs:
         if isinstance(values, np.ndarray):
             _need(values.ndim == 2 and values.shape[1] == rows, f"a block of shape {values.shape} in a frame of {rows} rows")
+            _need(values.dtype.kind in "biufcO", f"a block of dtype {values.dtype.str} (numbers, bools or objects only)")
             width = values.shape[0]
         else:  # an extension array (pandas >= 3 strings): one column
             _need(type(values) is ArrowStringArray, f"a block of {_describe(values)}")
@@ -381,6 +394,8 @@ def frame_columns(frame: Any, wanted: tuple[str, ...]) -> tuple[list[Any], int, 
     _need(sum(len(positions) for _, positions in blocks) == count, f"blocks that place {sum(len(p) for _, p in blocks)} columns in a frame of {count}")
     _need(len({p for _, positions in blocks for p in positions}) == count, "a column placed in two blocks")
     labels = list(label_index)  # no longer than the blocks' own columns
+    odd = next((label for label in labels if not isinstance(label, (str, int, np.integer))), None)
+    _need(odd is None, f"a column label that is {_describe(odd)}")
     _need(all(sum(label == name for label in labels) <= 1 for name in wanted), f"a column among {', '.join(wanted)} named twice")
     columns: dict[str, np.ndarray] = {}
     for values, positions in blocks:
@@ -398,6 +413,8 @@ def read_frame_pickle(path: Path, data: bytes, wanted: tuple[str, ...]) -> tuple
     if type(frame) is not Frame:
         raise DataError(path, f"the pickle holds {_describe(frame)}", expected="a pandas DataFrame")
     try:
-        return frame_columns(frame, wanted)
+        return frame_columns(frame, wanted, max_columns=len(data))
     except _Bad as exc:
         raise DataError(path, f"not a DataFrame pickle this reader accepts: {exc}") from None
+    except (TypeError, ValueError) as exc:  # a record holding what no pickling of a DataFrame writes
+        raise DataError(path, f"not a DataFrame pickle this reader accepts ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None

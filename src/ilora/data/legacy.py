@@ -3,8 +3,9 @@
 Layout of a directory (as published in the iLoRA and LLaRA repositories, ``data/ref/<name>/``):
 
 * ``train_data.df``, ``Val_data.df``, ``Test_data.df``: pandas DataFrames saved with
-  ``to_pickle``. Columns ``seq``, ``len_seq``, ``next`` in any order (extra columns are
-  ignored). ``seq`` is the history, left-aligned and padded to a fixed width with the id
+  ``to_pickle``. Columns ``seq``, ``len_seq``, ``next`` in any order (extra columns of
+  numbers, bools, strings or Python objects are ignored; date, timedelta, category and
+  nullable-integer columns and MultiIndex axes are refused: their pickles need pandas code). ``seq`` is the history, left-aligned and padded to a fixed width with the id
   ``num_items``; ``len_seq`` is the number of real items; ``next`` is the target.
   Names match without regard to case (DLLM2Rec's folders write ``val_data.df``). A missing
   file means that split is absent (``None``).
@@ -28,7 +29,8 @@ is a `DataError` naming the file, the row (0-based position in the DataFrame) an
 
 Pickles can run code, so reading needs ``allow_pickle=True``, and even then nothing of
 pandas runs on the file: `ilora.data.frame_pickle` reads it as data (its docstring lists
-the allow-list of globals and the checks).
+the allow-list of globals and the checks). Every cell is then checked in Python (a flat
+list of integer ids, or of ``(id, rating)`` pairs) before NumPy sees the column.
 """
 
 from __future__ import annotations
@@ -94,10 +96,11 @@ def read_dataframe_pickle(path: Path, *, allow_pickle: bool) -> pd.DataFrame:
     _labels, _rows, columns = read_frame_pickle(path, data, COLUMNS)
     seq = columns.get("seq")
     if seq is not None and seq.dtype == object:
-        ids = sum(len(v) for v in seq.tolist() if isinstance(v, (list, tuple, np.ndarray)))
+        ids = sum(len(v) for v in seq.tolist() if _is_cell(v))
         if ids > len(data):
             raise DataError(path, f"the seq lists hold {ids} ids in a file of {len(data)} bytes (rows share lists)", expected="one list per row")
-    return pd.DataFrame({name: np.asarray(values) for name, values in columns.items()})
+    # the column's own dtype: pandas would otherwise infer one from an object column (strings)
+    return pd.DataFrame({name: pd.Series(np.asarray(values), dtype=values.dtype, copy=False) for name, values in columns.items()})
 
 
 # --------------------------------------------------------------------------- catalogs
@@ -230,12 +233,18 @@ def _short(value: Any) -> str:
     return f"a {type(value).__name__} of length {len(value)}" if hasattr(value, "__len__") else f"a {type(value).__name__}"
 
 
-def _first_non_int(path: Path, column: str, values: list[Any], *, pairs: bool) -> DataError:
-    """The error for the first element of ``values`` (rows of a column) that is not an integer id."""
+def _first_bad_cell(path: Path, column: str, values: list[Any], *, pairs: bool) -> DataError | None:
+    """The error for the first element of ``values`` (rows of a column) that is not an integer
+    id (or, with ``pairs``, an ``(id, rating)`` pair); None if every element is one.
+
+    Run before NumPy sees the cells: a pickle can make a cell any object graph (lists
+    shared through the memo, nested 2**depth times when expanded), and only flat lists of
+    numbers may reach ``np.array``.
+    """
     for row, value in enumerate(values):
         elements = value if column == "seq" else [value]
-        if not isinstance(elements, (list, tuple, np.ndarray)):
-            return DataError(path, f"{column} is a {type(value).__name__}, not a list", row=row, expected="a list of ids")
+        if not _is_cell(elements):
+            return DataError(path, f"{column} is {_a(value)}, not a list", row=row, expected="a list of ids")
         for element in elements:
             if pairs and not (isinstance(element, (tuple, list)) and len(element) == 2):
                 return DataError(path, f"{_short(element)} in column {column} is not an (id, rating) pair", row=row)
@@ -244,24 +253,44 @@ def _first_non_int(path: Path, column: str, values: list[Any], *, pairs: bool) -
                 return DataError(path, f"non-integer value {_short(item)} in column {column}", row=row, expected="integers")
             if not -(2**63) <= int(item) < 2**63:
                 return DataError(path, f"value {item} in column {column} does not fit in int64", row=row)
-    return DataError(path, f"column {column} cannot be read as integer ids", expected="integers of one shape")
+            if pairs and not isinstance(element[1], (int, float, np.integer, np.floating)):
+                return DataError(path, f"rating {_short(element[1])} in column {column} is not a number", row=row)
+    return None
+
+
+def _is_cell(value: Any) -> bool:
+    """A list-like cell: a list, a tuple or a 1-D array (a 0-d array has no length)."""
+    return isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.ndim == 1)
+
+
+def _a(value: Any) -> str:
+    return f"a {type(value).__name__}" if not isinstance(value, np.ndarray) else f"a {value.ndim}-d array"
+
+
+def _first_non_int(path: Path, column: str, values: list[Any], *, pairs: bool) -> DataError:
+    """`_first_bad_cell`'s error, or a generic one for cells that are numbers of mixed shapes."""
+    return _first_bad_cell(path, column, values, pairs=pairs) or DataError(
+        path, f"column {column} cannot be read as integer ids", expected="integers of one shape"
+    )
 
 
 def _history_matrix(path: Path, values: list[Any], pairs: bool) -> np.ndarray:
     """The ``seq`` column -> int64 ``(n, width)``, or a `DataError` for ragged / non-integer rows."""
     if not values:
         return np.zeros((0, 0), dtype=np.int64)
-    widths = [len(v) if isinstance(v, (list, tuple, np.ndarray)) else -1 for v in values]
+    widths = [len(v) if _is_cell(v) else -1 for v in values]
     for row, width in enumerate(widths):
         if width == -1:
-            kind = type(values[row]).__name__
-            raise DataError(path, f"seq is a {kind}, not a list", row=row, expected="a padded list of ids")
+            raise DataError(path, f"seq is {_a(values[row])}, not a list", row=row, expected="a padded list of ids")
         if width == 0:
             raise DataError(path, "empty history list", row=row, expected="a padded list of ids")
         if width != widths[0]:
             raise DataError(path, f"seq has {width} entries, row 0 has {widths[0]}", row=row, expected="one padded width")
     if widths[0] > MAX_HISTORY_LEN:
         raise DataError(path, f"seq has {widths[0]} entries", row=0, expected=f"a history width of at most {MAX_HISTORY_LEN}")
+    bad = _first_bad_cell(path, "seq", values, pairs=pairs)
+    if bad is not None:
+        raise bad
     try:
         matrix = np.array(values)
     except (ValueError, TypeError):
@@ -283,9 +312,10 @@ def _id_column(path: Path, series: pd.Series, column: str) -> np.ndarray:
             raise _first_non_int(path, column, values, pairs=False)
         return ids
     pairs = bool(values) and isinstance(values[0], (tuple, list))
+    bad = _first_bad_cell(path, column, values, pairs=pairs)
+    if bad is not None:
+        raise bad
     try:
-        if pairs and not all(isinstance(v, (tuple, list)) and len(v) == 2 for v in values):
-            raise ValueError("not all (id, rating) pairs")
         array = np.array([v[0] for v in values] if pairs else values)
     except (TypeError, IndexError, KeyError, ValueError):
         array = np.array([None], dtype=object)
@@ -305,7 +335,7 @@ def frame_to_split(frame: pd.DataFrame, path: Path, catalog: Catalog) -> tuple[S
     if missing:
         raise DataError(path, f"missing column(s) {', '.join(missing)}", expected=f"columns {', '.join(COLUMNS)}")
     seq = frame["seq"].tolist()
-    first = next((v[0] for v in seq if isinstance(v, (list, tuple, np.ndarray)) and len(v)), None)
+    first = next((v[0] for v in seq if _is_cell(v) and len(v)), None)
     pairs = isinstance(first, (tuple, list))
     history = _history_matrix(path, seq, pairs)
     length = _id_column(path, frame["len_seq"], "len_seq")

@@ -50,24 +50,40 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ilora.data.safe_pickle import CHECKPOINT_OPT_IN_HINT, ByteBudget, RestrictedUnpickler, UnsafePickleError, canonical_dtype, private_dtype, require_opt_in
+from ilora.data.safe_pickle import CHECKPOINT_OPT_IN_HINT, ByteBudget, RestrictedUnpickler, UnsafePickleError, canonical_dtype, private_dtype, require_opt_in, short_repr
 from ilora.errors import IloraError
 from ilora.rec.sasrec import SASRec, SASRecConfig, load_state_checked
 
 
 class ModuleRecord:
-    """The pickled state of one module, as inert data (``kind`` names the original class)."""
+    """The pickled state of one module, as inert data (``kind`` names the original class).
+
+    The pickled ``__dict__`` is kept apart from the record's own attributes (`state`), so a
+    key such as ``state`` cannot shadow a method; it must be a dict of string keys, and its
+    ``_parameters`` / ``_modules`` dicts too.
+    """
 
     kind: ClassVar[str] = ""
 
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, dict) or not all(type(k) is str for k in state):
+            raise ValueError(f"a pickled {self.kind} whose state is {short_repr(state)}, expected a dict of attributes")
+        self._state = state
+
     def state(self) -> dict[str, Any]:
-        return self.__dict__
+        return getattr(self, "_state", {})
+
+    def dict_attr(self, name: str) -> dict[str, Any]:
+        value = self.state().get(name) or {}
+        if not isinstance(value, dict):
+            raise ValueError(f"a pickled {self.kind} whose {name} is {short_repr(value)}, expected a dict")
+        return dict(value)
 
     def parameters(self) -> dict[str, torch.Tensor | None]:
-        return dict(self.__dict__.get("_parameters") or {})
+        return self.dict_attr("_parameters")
 
     def children(self) -> dict[str, Any]:
-        return dict(self.__dict__.get("_modules") or {})
+        return self.dict_attr("_modules")
 
 
 def _record_class(module: str, name: str) -> type[ModuleRecord]:
@@ -207,15 +223,22 @@ def read_module_pickle(path: str | Path, *, allow_pickle: bool) -> ModuleRecord:
         if byteorder in names and archive.read(byteorder).strip() != b"little":
             raise IloraError(f"{path}: big-endian checkpoints are not supported")
         storages: dict[str, torch.Tensor] = {}
+        budget = ByteBudget.for_file(path.stat().st_size)  # storages read and tensors copied
 
         def persistent_load(pid: Any) -> torch.Tensor:
             if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
-                raise IloraError(f"{path}: unexpected persistent id {pid!r:.80}")
+                raise IloraError(f"{path}: unexpected persistent id {short_repr(pid)}")
             _tag, stype, key, _location, numel = pid
+            if type(key) is not str or type(numel) is not int:
+                raise IloraError(f"{path}: unexpected persistent id {short_repr(pid)}")
             if key not in storages:
                 entry = f"{prefix}data/{key}"
                 if entry not in names:
                     raise IloraError(f"{path}: storage {key!r} is missing from the archive")
+                try:  # an entry overlapping others could make the archive's bytes count many times over
+                    budget.charge(archive.getinfo(entry).file_size, "a storage")
+                except ValueError as exc:
+                    raise IloraError(f"{path}: {exc}") from None
                 raw = archive.read(entry)
                 itemsize = torch.empty(0, dtype=stype.dtype).element_size()
                 if len(raw) != int(numel) * itemsize:
@@ -224,7 +247,7 @@ def read_module_pickle(path: str | Path, *, allow_pickle: bool) -> ModuleRecord:
             return storages[key]
 
         with archive.open(pickles[0]) as fh:
-            unpickler = RestrictedUnpickler(fh, _allowed_globals(ByteBudget.for_file(path.stat().st_size)), path, persistent_load=persistent_load)
+            unpickler = RestrictedUnpickler(fh, _allowed_globals(budget), path, persistent_load=persistent_load)
             try:
                 root = unpickler.load()
             except (UnsafePickleError, IloraError):
@@ -242,6 +265,16 @@ _EXPECTED_CHILDREN = {
 }  # fmt: skip
 
 
+def _same(value: Any, expected: Any) -> bool:
+    """``value == expected`` for a pickled value, types first: comparing a tensor (or an
+    array) would not give a bool. An int stands for an equal float."""
+    if isinstance(expected, tuple):
+        return type(value) is tuple and len(value) == len(expected) and all(_same(v, e) for v, e in zip(value, expected))
+    if isinstance(expected, float) and type(value) in (int, float):
+        return value == expected
+    return type(value) is type(expected) and value == expected
+
+
 class _Checker:
     """Walks the records, checking classes and hyper-parameters, and collects our state dict."""
 
@@ -255,16 +288,16 @@ class _Checker:
     def module(self, rec: Any, where: str, kind: str) -> ModuleRecord:
         if not isinstance(rec, ModuleRecord) or not rec.kind.endswith("." + kind):
             self.fail(where, f"expected a {kind} module, found {getattr(rec, 'kind', type(rec).__name__)}")
-        if rec.state().get("_buffers"):
-            self.fail(where, f"unexpected buffers {sorted(rec.state()['_buffers'])}")
+        if rec.dict_attr("_buffers"):
+            self.fail(where, f"unexpected buffers {sorted(rec.dict_attr('_buffers'))}")
         return rec
 
     def attr(self, rec: ModuleRecord, where: str, name: str, expected: Any) -> None:
         value = rec.state().get(name, "<missing>")
         if isinstance(expected, tuple) and isinstance(value, list):
             value = tuple(value)
-        if value != expected:
-            self.fail(where, f"{name}={value!r}, expected {expected!r}")
+        if not _same(value, expected):
+            self.fail(where, f"{name}={short_repr(value)}, expected {expected!r}")
 
     def params(self, rec: ModuleRecord, where: str, mapping: dict[str, tuple[str, tuple[int, ...]]]) -> None:
         params = rec.parameters()
@@ -314,14 +347,14 @@ class _Checker:
         rec = self.module(rec, where, "Dropout")
         p = rec.state().get("p")
         if not isinstance(p, float) or not 0.0 <= p < 1.0:
-            self.fail(where, f"dropout p={p!r}")
+            self.fail(where, f"dropout p={short_repr(p)}")
         return float(p)  # type: ignore[arg-type]
 
 
 def _int_attr(check: _Checker, rec: ModuleRecord, where: str, name: str) -> int:
     value = rec.state().get(name)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        check.fail(where, f"{name}={value!r}, expected a positive integer")
+        check.fail(where, f"{name}={short_repr(value)}, expected a positive integer")
     return int(value)  # type: ignore[arg-type]
 
 
@@ -342,7 +375,7 @@ def convert_record(root: ModuleRecord, path: str | Path) -> tuple[SASRecConfig, 
     check.attr(attn, "mh_attn", "hidden_size", hidden)
     eps = children["ln_1"].state().get("eps") if isinstance(children["ln_1"], ModuleRecord) else None
     if not isinstance(eps, float) or eps <= 0:
-        check.fail("ln_1", f"eps={eps!r}")
+        check.fail("ln_1", f"eps={short_repr(eps)}")
     dropout = check.dropout_p(children["emb_dropout"], "emb_dropout")
     check.dropout_p(children["dropout"], "dropout")
     cfg = SASRecConfig(num_items=num_items, max_len=max_len, hidden=hidden, heads=heads, blocks=1, dropout=dropout, layer_norm_eps=eps)  # type: ignore[arg-type]
@@ -375,7 +408,10 @@ def convert_record(root: ModuleRecord, path: str | Path) -> tuple[SASRecConfig, 
 def import_llara_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> SASRec:
     """A `SASRec` (eval mode, CPU) with the weights of a LLaRA/iLoRA whole-module checkpoint."""
     root = read_module_pickle(path, allow_pickle=allow_pickle)
-    cfg, tensors = convert_record(root, path)
+    try:
+        cfg, tensors = convert_record(root, path)
+    except (TypeError, ValueError, RuntimeError) as exc:  # records holding what no torch.save of a SASRec writes
+        raise IloraError(f"{path}: not a LLaRA SASRec checkpoint this importer reads ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
     model = SASRec(cfg)
     load_state_checked(model, tensors, path)
     return model.eval()
