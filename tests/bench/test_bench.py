@@ -696,6 +696,10 @@ def test_bench_adapter_quick_json(capsys):
     mem = r["rows"][0]["memory"]
     # the reference saves the (batch, tokens, E, out) stack that ours never makes
     assert mem["reference"]["extra_saved_bytes"] > mem["ours"]["extra_saved_bytes"]
+    # each goal's verdict is the headline figure against the issue's threshold
+    met = r["goals_met"]
+    assert met["vs_lora <= 1.05"] == (r["vs_lora"] <= 1.05) and met["vs_reference >= 1.5"] == (r["vs_reference"] >= 1.5)
+    assert met["gate_saved_ours_over_reference <= 1/4"] == (r["gate_saved_ours_over_reference"] <= 0.25)
 
 
 @pytest.mark.slow
@@ -753,3 +757,12 @@ def test_bench_cuda_without_gpu_is_a_one_line_error(capsys):
         pytest.skip("a GPU is present")
     assert main(["bench", "adapter", "--device", "cuda", "--quick", "--no-record"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_peak_flops_are_per_card_not_per_family():
+    """An H100 PCIe or NVL has less compute than the SXM part; an unknown card gets no MFU."""
+    from ilora.bench.common import peak_flops_of
+
+    assert peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops_of("NVIDIA H200") == 989e12
+    assert peak_flops_of("NVIDIA H100 PCIe") == 756e12 and peak_flops_of("NVIDIA H100 NVL") == 835e12
+    assert peak_flops_of("NVIDIA H100") is None and peak_flops_of("NVIDIA A100-SXM4-80GB") is None

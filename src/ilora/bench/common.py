@@ -31,8 +31,15 @@ import torch
 
 from ilora.errors import ConfigError
 
-# Dense bf16 peak FLOP/s by GPU name fragment (SXM parts; H200 has the H100's compute).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12}
+# Dense bf16 peak FLOP/s by GPU name fragments, most specific first (NVIDIA datasheets; the H200
+# has the H100 SXM's compute). A card matching none of them gets no MFU rather than a wrong one.
+PEAK_BF16_FLOPS = (
+    (("H100", "PCIe"), 756e12),
+    (("H100", "NVL"), 835e12),
+    (("H100", "HBM3"), 989e12),  # the SXM part: "NVIDIA H100 80GB HBM3"
+    (("H100", "SXM"), 989e12),
+    (("H200",), 989e12),
+)
 
 SHARED_TITLES = Path("datasets") / "lastfm" / "id2name.txt"
 
@@ -94,11 +101,12 @@ def peak_flops(device: torch.device) -> float | None:
     """Dense bf16 peak FLOP/s of the GPU from `PEAK_BF16_FLOPS`; None on CPU or an unknown GPU."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for fragment, flops in PEAK_BF16_FLOPS.items():
-        if fragment in name:
-            return flops
-    return None
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(name: str) -> float | None:
+    """`PEAK_BF16_FLOPS` of the first entry whose fragments all occur in the GPU ``name``."""
+    return next((flops for fragments, flops in PEAK_BF16_FLOPS if all(f in name for f in fragments)), None)
 
 
 def sync(device: torch.device) -> None:
