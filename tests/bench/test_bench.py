@@ -765,4 +765,5 @@ def test_peak_flops_are_per_card_not_per_family():
 
     assert peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops_of("NVIDIA H200") == 989e12
     assert peak_flops_of("NVIDIA H100 PCIe") == 756e12 and peak_flops_of("NVIDIA H100 NVL") == 835e12
+    assert peak_flops_of("NVIDIA H200 NVL") == 835e12 and peak_flops_of("NVIDIA GH200 480GB") == 989e12
     assert peak_flops_of("NVIDIA H100") is None and peak_flops_of("NVIDIA A100-SXM4-80GB") is None

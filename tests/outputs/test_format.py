@@ -95,6 +95,20 @@ def test_columns_reads_only_the_columns_asked_for(tmp_path) -> None:
     assert train.topk_scores is None and train.gate is None and train.user_embedding is None and len(train) == 6
     with pytest.raises(ValueError, match="unknown teacher-output column"):
         read_teacher_outputs(tmp_path, ("train",), columns=("topk_items", "gates"))
+    with pytest.raises(ValueError, match="no teacher-output columns"):  # its splits would have no rows
+        read_teacher_outputs(tmp_path, ("train",), columns=())
+
+
+@pytest.mark.parametrize("claimed", [10**15, -3, "7"])
+def test_shard_row_counts_are_checked_against_the_files_before_anything_is_sized(tmp_path, claimed) -> None:
+    """A manifest claiming 10**15 rows used to make the reader ask NumPy for hundreds of TiB."""
+    write(tmp_path, [table(0, rows(5, 4))])
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest["splits"]["train"]["shards"][0]["rows"] = claimed
+    manifest["splits"]["train"]["rows"] = claimed
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    expected = "holds 5 rows, the manifest says" if type(claimed) is int and claimed >= 0 else "expected a count"
+    one_line_error(tmp_path, expected, error=IloraError)
 
 
 def test_reading_allocates_no_python_object_per_value(tmp_path) -> None:

@@ -310,6 +310,20 @@ def test_a_setting_a_later_stage_would_refuse_fails_before_the_first_stage(tmp_p
     assert not (out / "data" / "dataset").exists() and not (out / "data" / "stage.json").exists()
 
 
+def test_data_the_teacher_would_refuse_fails_before_sasrec_trains(tmp_path, capsys):
+    """An empty val split used to train SASRec first and fail at the teacher stage."""
+    from ilora.data import make_synthetic, write_native
+
+    dataset = make_synthetic(users=60, items=40, seed=1)
+    dataset.splits["val"] = dataset.splits["val"].subset(slice(0, 0))
+    write_native(dataset, tmp_path / "no_val")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, "data": {"path": str(tmp_path / "no_val")}, "out": str(tmp_path / "run")}))
+    assert main(["run", str(config)]) == 2
+    assert "the val split has no samples" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "sasrec" / "stage.json").exists() and not (tmp_path / "run" / "sasrec" / "model").exists()
+
+
 def test_interrupted_training_stage_resumes_from_its_checkpoints(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run"), "teacher": {**SMALL["teacher"], "checkpoint_every": 1}}))

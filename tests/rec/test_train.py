@@ -200,6 +200,11 @@ def test_test_candidate_sets_the_data_cannot_fill_fail_before_training(tmp_path)
     with pytest.raises(IloraError, match=r"test split, row \d+: only \d+ items"):
         train_sasrec(ds, quick_cfg(eval_candidates=count), tmp_path / "late")
     assert not (tmp_path / "late").exists()
+    # drawn up front, the sets still say where they came from, and are the ones `rec eval` draws
+    result = train_sasrec(ds, quick_cfg(epochs=1, eval_candidates=5, cand_seed=7), tmp_path / "ok")
+    assert result["test"]["cand_seed"] == 7 and result["test"]["cand_count"] == 5
+    again = evaluate_sasrec(load_sasrec(tmp_path / "ok"), ds, "test", count=5, cand_seed=7)
+    assert again["cand_hr@1"] == result["test"]["cand_hr@1"]
 
 
 def test_a_ranks_file_holding_anything_else_is_refused(tmp_path) -> None:

@@ -141,28 +141,58 @@ def test_scoring_and_generation_run_without_dropout_and_restore_the_mode(dataset
         bundle.teacher.generate(prompts, max_new_tokens=0)
 
 
-@pytest.mark.parametrize("family", ["granite", "cohere", "gemma2", "llama"])
-def test_head_logits_are_the_models_own_logits(family):
-    """Granite scales, Cohere scales and Gemma 2 soft-caps the output layer's logits in their forward."""
+FAMILY_LOGIT_CHANGES = {
+    "granite": dict(logits_scaling=8.0),  # divides
+    "hyperclovax": dict(logits_scaling=0.25),  # multiplies: the same field, the other way
+    "cohere": dict(logit_scale=0.0625),
+    "falcon_h1": dict(lm_head_multiplier=0.3),
+    "gemma2": dict(final_logit_softcapping=0.5),
+    "llama": dict(),
+}
+
+
+def tiny_family_model(family: str, **extra):
     import transformers
 
-    from ilora.teacher.model import head_logits
-
-    sizes = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, eos_token_id=1, bos_token_id=0, pad_token_id=0)
-    config, model_class = {
-        "granite": (transformers.GraniteConfig(**sizes, logits_scaling=8.0), transformers.GraniteForCausalLM),
-        "cohere": (transformers.CohereConfig(**sizes, logit_scale=0.0625), transformers.CohereForCausalLM),
-        "gemma2": (transformers.Gemma2Config(**sizes, num_key_value_heads=2, head_dim=8, final_logit_softcapping=0.5), transformers.Gemma2ForCausalLM),
-        "llama": (transformers.LlamaConfig(**sizes), transformers.LlamaForCausalLM),
-    }[family]
+    config = transformers.AutoConfig.for_model(
+        family, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=8, bos_token_id=0, eos_token_id=1, pad_token_id=0, **{**FAMILY_LOGIT_CHANGES[family], **extra},
+    )
     torch.manual_seed(0)
-    model = model_class(config).eval()
-    ids = torch.randint(0, 50, (2, 7))
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_LOGIT_CHANGES))
+def test_head_logits_are_the_models_own_logits(family):
+    """These families scale or soft-cap the output layer's logits in their own forward."""
+    from ilora.teacher.model import check_head_logits, head_logits
+
+    model = tiny_family_model(family)
+    ids = torch.randint(0, 64, (2, 7))
     with torch.no_grad():
         hidden = model.get_decoder()(input_ids=ids).last_hidden_state
         assert torch.allclose(head_logits(model, hidden), model(input_ids=ids).logits, atol=1e-6)
         if family != "llama":  # the plain output layer would be another distribution
             assert not torch.allclose(model.get_output_embeddings()(hidden), model(input_ids=ids).logits, atol=1e-3)
+    check_head_logits(model)
+
+
+def test_a_family_whose_logits_ilora_does_not_reproduce_is_refused():
+    import transformers
+
+    from ilora.teacher.model import check_head_logits
+
+    class Rescaled(transformers.LlamaForCausalLM):  # a family that changes its logits in a way head_logits does not know
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 3.0
+            return out
+
+    model = tiny_family_model("llama")
+    rescaled = Rescaled(model.config).eval()
+    rescaled.load_state_dict(model.state_dict())
+    with pytest.raises(ConfigError, match="model type 'llama': its forward changes the output layer's logits"):
+        check_head_logits(rescaled)
 
 
 def test_different_experts_give_different_scores(dataset, rec):

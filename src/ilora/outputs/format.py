@@ -191,6 +191,14 @@ def _typed(matrix: np.ndarray, name: str, source: Path) -> np.ndarray:
     return matrix
 
 
+def _shard_rows(path: Path) -> int:
+    """The row count in a shard's Parquet footer (nothing else is read)."""
+    try:
+        return pq.read_metadata(path).num_rows
+    except pa.ArrowException as exc:
+        raise DataError(path, f"not a readable Parquet shard ({' '.join(str(exc).split())})") from None
+
+
 def _read_shard(path: Path, columns: Sequence[str]) -> pa.Table:
     """The ``index`` column and ``columns`` of one shard (only those are read from disk)."""
     try:
@@ -212,6 +220,8 @@ def _index(table: pa.Table, path: Path) -> np.ndarray:
 
 def _check_columns(columns: Sequence[str]) -> tuple[str, ...]:
     unknown = [c for c in columns if c not in LIST_COLUMNS]
+    if not columns:
+        raise ValueError("no teacher-output columns asked for (a split without columns would have no rows)")
     if unknown:
         raise ValueError(f"unknown teacher-output column(s) {', '.join(unknown)}; the list columns are {', '.join(LIST_COLUMNS)}")
     return tuple(dict.fromkeys(columns))
@@ -226,7 +236,15 @@ def read_split(
     columns = _check_columns(columns)
     if not info.get("complete"):
         raise IloraError(f"{directory}: the {name} export is incomplete (resume it with `ilora teacher export`)")
-    total = sum(int(shard["rows"]) for shard in info["shards"])
+    for shard in info["shards"]:  # every count checked against its file before anything is sized by it
+        path, rows = directory / shard["file"], shard.get("rows")
+        if type(rows) is not int or rows < 0:
+            raise IloraError(f"{directory / MANIFEST}: shard {shard['file']} has rows {rows!r}, expected a count")
+        if not path.is_file():
+            raise IloraError(f"{path}: shard listed in the manifest is missing")
+        if _shard_rows(path) != rows:
+            raise IloraError(f"{path}: holds {_shard_rows(path)} rows, the manifest says {rows}")
+    total = sum(shard["rows"] for shard in info["shards"])
     if total != info["rows"]:
         raise IloraError(f"{directory}: the {name} shards hold {total} rows, the manifest says {info['rows']}")
     widths: dict[str, int | None] = {c: top_k if c in TOP_K_COLUMNS else None for c in columns}
@@ -234,8 +252,6 @@ def read_split(
     start = 0
     for shard in info["shards"]:
         path = directory / shard["file"]
-        if not path.is_file():
-            raise IloraError(f"{path}: shard listed in the manifest is missing")
         if verify and file_sha256(path) != shard["sha256"]:
             raise IloraError(f"{path}: checksum does not match the manifest (corrupted or replaced)")
         table = _read_shard(path, columns)

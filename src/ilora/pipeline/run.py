@@ -123,6 +123,16 @@ def stage_distill(cfg: RunConfig, dataset: SeqDataset, outputs_dir: Path, direct
     return {"baseline": result["baseline"]["test"], "distilled": result["distilled"]["test"], "gain": result["gain"], "gain_interval": result["gain_interval"]}
 
 
+def check_teacher_input(cfg: RunConfig, dataset: SeqDataset) -> None:
+    """What the teacher and evaluation stages would refuse in the data (an empty train or val
+    split, an empty evaluation split), checked before SASRec trains, not after."""
+    from ilora.teacher.train import split_with_samples
+
+    split_with_samples(dataset, "train", "teacher training needs training samples")
+    split_with_samples(dataset, "val", "teacher training validates every epoch and keeps the best epoch by it")
+    split_with_samples(dataset, cfg.eval.split, f"the eval stage evaluates it (eval.split={cfg.eval.split})")
+
+
 def run_pipeline(cfg: RunConfig) -> dict:
     """Run (or resume) every stage; write ``report.md`` and plots; return the summary."""
     from ilora.pipeline.report import write_report
@@ -153,14 +163,14 @@ def run_pipeline(cfg: RunConfig) -> dict:
     dataset = read_native(run_dir / "data" / "dataset")
     rec_key, trained = run_stage(
         run_dir, "sasrec", to_dict(cfg.rec), [data_key], lambda d: stage_sasrec(cfg, dataset, d), keep_partial=True,
-        check=devices(*DEVICE_SECTIONS, then=lambda: check_training_input(dataset, cfg.rec)),
+        check=devices(*DEVICE_SECTIONS, then=lambda: (check_training_input(dataset, cfg.rec), check_teacher_input(cfg, dataset))),
     )
     results["sasrec_train"] = {k: trained.get(k) for k in ("best_epoch", "epochs_run", "steps", "seconds")}
     rec_dir = run_dir / "sasrec" / "model"
     _, results["sasrec"] = run_stage(run_dir, "sasrec_eval", sasrec_eval_config(cfg), [rec_key], lambda d: stage_sasrec_eval(cfg, dataset, rec_dir))
     teacher_key, results["teacher"] = run_stage(
         run_dir, "teacher", to_dict(cfg.teacher), [rec_key], lambda d: stage_teacher(cfg, dataset, rec_dir, d), keep_partial=True,
-        legacy=without_added_defaults, check=devices("teacher", "export", "distill"),
+        legacy=without_added_defaults, check=devices("teacher", "export", "distill", then=lambda: check_teacher_input(cfg, dataset)),
     )
     teacher_dir = run_dir / "teacher" / "model"
     _, results["eval"] = run_stage(

@@ -484,5 +484,7 @@ def train_sasrec(
         result["test"] = evaluate_sasrec(
             model, dataset, "test", candidates=test_cands, count=0, ranks_file=out / TEST_RANKS_FILE, **eval_kw  # type: ignore[arg-type]
         )
+        if test_cands is not None:  # drawn before training, from cand_seed: say so, as evaluate_sasrec does when it draws them
+            result["test"]["cand_seed"] = cfg.cand_seed
     atomic_write_text(out / "result.json", json.dumps(result, indent=2) + "\n")
     return result

@@ -59,7 +59,7 @@ from ilora.teacher.adapters import GateState, adapter_parameters, inject_gated_l
 from ilora.teacher.batch import PromptCollator, TitleTable
 from ilora.teacher.config import TeacherConfig, with_added_defaults
 from ilora.teacher.gate import build_gate
-from ilora.teacher.model import ILoRATeacher
+from ilora.teacher.model import ILoRATeacher, check_head_logits
 from ilora.teacher.projector import ItemProjector
 from ilora.teacher.prompts import load_template
 from ilora.teacher.shared_input import share_adapter_inputs
@@ -153,6 +153,7 @@ def assemble(cfg: TeacherConfig, catalog: Catalog, rec: SASRec, llm, tokenizer, 
     Fresh adapters, gate network and projector, or, with ``checkpoint``, the ones saved
     there: all three together, so a loaded teacher can never lack its gate.
     """
+    check_head_logits(llm)
     placeholders = add_placeholder_tokens(tokenizer, llm)
     adapter_cfg = cfg.adapter_config()
     state = GateState(adapter_cfg.num_experts)

@@ -126,6 +126,8 @@ def in_eval_mode(method):
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
+        if not self.training:  # nothing to switch (and no walk over every module)
+            return method(self, *args, **kwargs)
         was_training = self.training
         self.eval()
         try:
@@ -138,20 +140,45 @@ def in_eval_mode(method):
 
 def head_logits(llm, hidden: torch.Tensor) -> torch.Tensor:
     """Logits of a causal LM's output layer on ``hidden``, with the changes some families make
-    after that layer in their own forward: Granite divides by ``logits_scaling``, Cohere
-    multiplies by ``logit_scale``, Gemma 2/3 soft-cap with ``final_logit_softcapping``
+    after that layer in their own forward: Granite divides by ``logits_scaling`` (HyperCLOVA X
+    multiplies by it), Cohere multiplies by ``logit_scale``, Falcon-H1 by
+    ``lm_head_multiplier``, Gemma 2/3 soft-cap with ``final_logit_softcapping``
     (``cap * tanh(logits / cap)``). Without them the loss, scores and generations would use
-    another distribution than the model's."""
+    another distribution than the model's; `check_head_logits` catches a family not listed."""
     logits = llm.get_output_embeddings()(hidden)
     config = llm.config
     if getattr(config, "logits_scaling", None):
-        logits = logits / config.logits_scaling
-    if getattr(config, "logit_scale", None):
-        logits = logits * config.logit_scale
+        scale = config.logits_scaling
+        logits = logits * scale if config.model_type == "hyperclovax" else logits / scale
+    for name in ("logit_scale", "lm_head_multiplier"):
+        if getattr(config, name, None):
+            logits = logits * getattr(config, name)
     if getattr(config, "final_logit_softcapping", None):
         cap = config.final_logit_softcapping
         logits = torch.tanh(logits / cap) * cap
     return logits
+
+
+def check_head_logits(llm, tolerance: float = 1e-3) -> None:
+    """`ConfigError` unless `head_logits` on the decoder's output reproduces the model's own
+    logits, on one two-token forward (run before the adapters are injected): a family whose
+    forward changes the logits in a way `head_logits` does not know would otherwise train and
+    score on another distribution, silently."""
+    was_training = llm.training
+    llm.eval()
+    try:
+        ids = torch.tensor([[0, 1]], device=llm.get_output_embeddings().weight.device)
+        with torch.no_grad():
+            own = llm(input_ids=ids).logits.float()
+            ours = head_logits(llm, llm.get_decoder()(input_ids=ids).last_hidden_state).float()
+    finally:
+        llm.train(was_training)
+    gap = float((ours - own).abs().max())
+    if gap > tolerance * max(float(own.abs().max()), 1.0):
+        raise ConfigError(
+            f"model type {llm.config.model_type!r}: its forward changes the output layer's logits (a scale or a cap) "
+            f"in a way ilora does not reproduce (largest difference {gap:.3g}); it cannot be the teacher's LLM yet"
+        )
 
 
 class ILoRATeacher(nn.Module):
