@@ -363,6 +363,17 @@ def _shared_graph(depth: int) -> list:
         (lambda: pickle.dumps(_RebuiltArray((1, (3, 10**9), _Payload(np.dtype, "U"), False, b"")), protocol=4), r"refused the zero-width dtype '<U0'"),
         # an error message quoting a shared graph would expand it: quoted values are bounded
         (lambda: pickle.dumps(_Payload(np._core.multiarray._reconstruct, np.ndarray, _shared_graph(40), b"b"), protocol=4), r"refused initial ndarray shape \[\[\[\.\.\.\], \[\.\.\.\]\], \[\[\.\.\.\], \[\.\.\.\]\]\]"),
+        # a 12-byte file: CPython's BYTEARRAY8 allocates the length the file states before reading
+        (lambda: b"\x80\x05\x96" + (3 * 10**9).to_bytes(8, "little") + b".", r"BYTEARRAY8 of 3000000000 bytes, the file holds 1"),
+        # slices of slices: 300,000 levels crash CPython when freed; slice bounds must be integers
+        (lambda: pickle.dumps(_Payload(slice, _Payload(slice, 1)), protocol=4), r"refused a slice of slice \(integers only\)"),
+        # SETITEMS on an array would write (and convert) every element: items go into dicts only
+        (lambda: pickle.dumps(_RebuiltArray((1, (4,), np.dtype("i8"), False, bytes(32))), protocol=4)[:-1] + b"(\x88K\x01u.", r"refused to add items to a _BudgetedArray \(only to a dict\)"),
+        # BUILD sets state only on the reader's own types (torch's Tensor.__setstate__ resizes a storage)
+        (lambda: pickle.dumps(_Payload(bytearray, b"ab"), protocol=4)[:-1] + b"}b.", r"refused to set the state of a bytearray"),
+        # a memoised million-digit integer costs its size at every hash: 64-bit integers only
+        (lambda: pickle.dumps([2**600], protocol=4), r"refused an integer of 76 bytes \(64-bit integers only\)"),
+        (lambda: b"\x80\x02I" + b"9" * 40 + b"\n.", r"refused a long text integer"),
         # a cell holding a shared graph: NumPy would expand it before any check
         (lambda: pickle.dumps(pd.DataFrame({"seq": [[0, 1]], "len_seq": [2], "next": pd.Series([_shared_graph(40)], dtype=object)}), protocol=5), r"row 0: non-integer value a list of length 2 in column next"),
     ],
@@ -495,6 +506,21 @@ def test_overlapping_checkpoint_entries_cannot_multiply_the_file(tmp_path: Path)
     assert (tmp_path / "overlap.pt").stat().st_size < 100_000
     with pytest.raises(safe_pickle.IloraError, match=r"overlap\.pt: a storage of \d+ bytes would take the data built from this pickle past"):
         llara_import.read_module_pickle(tmp_path / "overlap.pt", allow_pickle=True)
+
+
+def test_many_one_byte_containers_are_charged(tmp_path: Path) -> None:
+    """EMPTY_SET is one byte and a set 216: a file of them would be 200 times its size in memory."""
+    data = b"\x80\x04" + b"\x8f" * 2_000_000 + b"."
+    (tmp_path / "sets.df").write_bytes(data)
+    with pytest.raises(safe_pickle.IloraError, match=r"a set of 216 bytes would take the data built from this pickle past"):
+        legacy.read_dataframe_pickle(tmp_path / "sets.df", allow_pickle=True)
+
+
+def test_a_damaged_checkpoint_archive_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = _checkpoint_with({"w": torch.zeros(4)}, tmp_path / "good.pt").read_bytes()
+    (tmp_path / "damaged.pt").write_bytes(good.replace(b"PK\x03\x04", b"PK\x03\x05", 1))  # the first local header
+    code, line = run_cli(capsys, "rec", "import-llara", str(tmp_path / "damaged.pt"), "--out", str(tmp_path / "out"), "--allow-pickle")
+    assert code == 2 and "damaged.pt: not a readable torch zip checkpoint (BadZipFile" in line
 
 
 def test_compressed_checkpoint_entries_are_refused(tmp_path: Path) -> None:

@@ -23,8 +23,8 @@ globals, and nothing else:
   ``numpy.ndarray`` (the same when called), ``multiarray.scalar`` and
   ``numeric._frombuffer`` (dtype checked, no object buffers), ``numpy.dtype`` (a private
   stand-in, see `ilora.data.safe_pickle.PickledDtype`).
-* ``builtins.slice`` (block placements) and ``builtins.bytearray`` (protocol-4 buffers: a
-  copy of bytes-like data only, never ``bytearray(n)``).
+* ``builtins.slice`` (block placements: integer bounds only) and ``builtins.bytearray``
+  (protocol-4 buffers: a copy of bytes-like data only, never ``bytearray(n)``).
 
 The unpickler is CPython's pure-Python one (`ilora.data.safe_pickle.RestrictedUnpickler`:
 a dict memo, and dict keys and set members that must be atoms). Every byte that these
@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from ilora.data.safe_pickle import ByteBudget, canonical_dtype, private_dtype, restricted_loads, short_repr
+from ilora.data.safe_pickle import ByteBudget, PickledDtype, canonical_dtype, private_dtype, restricted_loads, short_repr
 from ilora.errors import DataError
 
 # --------------------------------------------------------------------------- NumPy, checked
@@ -101,6 +101,14 @@ def _placeholder_dtype(dtype: Any) -> np.dtype:
     return canonical_dtype(dtype)
 
 
+def int_slice(*bounds: Any) -> slice:
+    """What the allow-list maps ``builtins.slice`` to: integer (or None) bounds only. A slice of
+    slices nested 300,000 deep crashes CPython when it is freed (no recursion guard there)."""
+    if not 1 <= len(bounds) <= 3 or not all(b is None or type(b) is int for b in bounds):
+        raise ValueError(f"refused a slice of {', '.join(type(b).__name__ for b in bounds[:3])} (integers only)")
+    return slice(*bounds)
+
+
 def _numpy_globals(budget: ByteBudget) -> dict[tuple[str, str], Any]:
     """The NumPy and builtins part of the allow-list, charging ``budget`` for copied bytes."""
     array_type = type("_BudgetedArray", (_CheckedArray,), {"budget": budget})
@@ -144,7 +152,7 @@ def _numpy_globals(budget: ByteBudget) -> dict[tuple[str, str], Any]:
     allowed: dict[tuple[str, str], Any] = {
         ("numpy", "ndarray"): ndarray,
         ("numpy", "dtype"): private_dtype,
-        ("builtins", "slice"): slice,
+        ("builtins", "slice"): int_slice,
         ("builtins", "bytearray"): bytearray_,
     }
     for core in ("numpy.core", "numpy._core"):
@@ -409,7 +417,7 @@ def frame_columns(frame: Any, wanted: tuple[str, ...], max_columns: int) -> tupl
 def read_frame_pickle(path: Path, data: bytes, wanted: tuple[str, ...]) -> tuple[list[Any], int, dict[str, np.ndarray]]:
     """Unpickle ``data`` (the bytes of ``path``) as a DataFrame; see `frame_columns`. Opt-in is the caller's."""
     budget = ByteBudget.for_file(len(data))
-    frame = restricted_loads(data, dataframe_pickle_globals(budget), path)
+    frame = restricted_loads(data, dataframe_pickle_globals(budget), path, buildable=(_Record, _CheckedArray, PickledDtype))
     if type(frame) is not Frame:
         raise DataError(path, f"the pickle holds {_describe(frame)}", expected="a pandas DataFrame")
     try:

@@ -5,7 +5,8 @@ Layout of a directory (as published in the iLoRA and LLaRA repositories, ``data/
 * ``train_data.df``, ``Val_data.df``, ``Test_data.df``: pandas DataFrames saved with
   ``to_pickle``. Columns ``seq``, ``len_seq``, ``next`` in any order (extra columns of
   numbers, bools, strings or Python objects are ignored; date, timedelta, category and
-  nullable-integer columns and MultiIndex axes are refused: their pickles need pandas code). ``seq`` is the history, left-aligned and padded to a fixed width with the id
+  nullable-integer columns, MultiIndex axes and the Python-backed strings pandas 3 writes
+  without pyarrow are refused: their pickles need pandas code). Protocols 3 to 5 only. ``seq`` is the history, left-aligned and padded to a fixed width with the id
   ``num_items``; ``len_seq`` is the number of real items; ``next`` is the target.
   Names match without regard to case (DLLM2Rec's folders write ``val_data.df``). A missing
   file means that split is absent (``None``).

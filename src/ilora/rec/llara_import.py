@@ -50,7 +50,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ilora.data.safe_pickle import CHECKPOINT_OPT_IN_HINT, ByteBudget, RestrictedUnpickler, UnsafePickleError, canonical_dtype, private_dtype, require_opt_in, short_repr
+from ilora.data.safe_pickle import CHECKPOINT_OPT_IN_HINT, ByteBudget, PickledDtype, RestrictedUnpickler, UnsafePickleError, canonical_dtype, private_dtype, require_opt_in, short_repr
 from ilora.errors import IloraError
 from ilora.rec.sasrec import SASRec, SASRecConfig, load_state_checked
 
@@ -130,31 +130,28 @@ def _rebuild_tensor_v2(
     file ask for a copy of any size (``torch.save`` of an ordinary parameter never writes one).
     """
     if not isinstance(storage, torch.Tensor) or storage.ndim != 1:
-        raise IloraError(f"tensor rebuilt from {type(storage).__name__}, expected a storage from the archive")
+        raise ValueError(f"tensor rebuilt from {type(storage).__name__}, expected a storage from the archive")
     if not (isinstance(offset, int) and isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)):
-        raise IloraError("malformed tensor record (offset/size/stride)")
+        raise ValueError("malformed tensor record (offset/size/stride)")
     if not all(isinstance(v, int) and v >= 0 for v in (*size, *stride)) or offset < 0:
-        raise IloraError("malformed tensor record (negative or non-integer size/stride)")
+        raise ValueError("malformed tensor record (negative or non-integer size/stride)")
     if hooks:
-        raise IloraError("a tensor carries backward hooks; refusing to import")
+        raise ValueError("a tensor carries backward hooks; refusing to import")
     extent = offset + sum((s - 1) * st for s, st in zip(size, stride)) + 1 if all(size) else offset
     if extent > storage.numel():
-        raise IloraError(f"tensor of size {size} reaches past its storage of {storage.numel()} elements")
+        raise ValueError(f"tensor of size {size} reaches past its storage of {storage.numel()} elements")
     elements = math.prod(size)
     if elements > storage.numel():
-        raise IloraError(f"tensor of size {size} holds more elements than its storage of {storage.numel()} (overlapping strides)")
-    try:
-        budget.charge(elements * storage.element_size(), "a tensor")
-    except ValueError as exc:
-        raise IloraError(str(exc)) from None
+        raise ValueError(f"tensor of size {size} holds more elements than its storage of {storage.numel()} (overlapping strides)")
+    budget.charge(elements * storage.element_size() + 256, "a tensor")  # + its own object, for many empty ones
     return storage.as_strided(size, stride, offset).clone()
 
 
 def _rebuild_parameter(data: Any, requires_grad: Any, hooks: Any, state: Any = None) -> torch.Tensor:
     if not isinstance(data, torch.Tensor):
-        raise IloraError(f"parameter rebuilt from {type(data).__name__}, expected a tensor")
+        raise ValueError(f"parameter rebuilt from {type(data).__name__}, expected a tensor")
     if hooks or state:
-        raise IloraError("a parameter carries hooks or extra state; refusing to import")
+        raise ValueError("a parameter carries hooks or extra state; refusing to import")
     return data
 
 
@@ -162,20 +159,23 @@ def _numpy_scalar(dtype: Any, data: Any = None) -> int | float | bool:
     """NumPy's ``scalar(dtype, bytes)`` for plain numeric dtypes only, returned as a Python number."""
     dtype = canonical_dtype(dtype)
     if dtype.kind not in "biuf" or not isinstance(data, bytes):
-        raise IloraError(f"refused a NumPy scalar of dtype {dtype!r} (only plain numbers are accepted)")
+        raise ValueError(f"refused a NumPy scalar of dtype {dtype!r} (only plain numbers are accepted)")
     if len(data) != dtype.itemsize:
-        raise IloraError("malformed NumPy scalar")
+        raise ValueError("malformed NumPy scalar")
     return np.frombuffer(data, dtype=dtype)[0].item()
 
 
 def _latin1_encode(text: Any, encoding: Any = "utf-8") -> bytes:
     if not isinstance(text, str) or encoding != "latin1":
-        raise IloraError("refused a _codecs.encode call other than latin1 text (how pickles carry raw bytes)")
+        raise ValueError("refused a _codecs.encode call other than latin1 text (how pickles carry raw bytes)")
     return text.encode("latin1")
 
 
 def _device(kind: Any, index: Any = None) -> str:
-    return f"{kind}" if index is None else f"{kind}:{index}"
+    """``torch.device(kind, index)`` as a string; a name and an optional integer index only."""
+    if type(kind) is not str or len(kind) > 16 or not (index is None or type(index) is int):
+        raise ValueError(f"refused torch.device({short_repr(kind)}, {short_repr(index)})")
+    return kind if index is None else f"{kind}:{index}"
 
 
 def _allowed_globals(budget: ByteBudget | None = None) -> dict[tuple[str, str], Any]:
@@ -210,8 +210,20 @@ def read_module_pickle(path: str | Path, *, allow_pickle: bool) -> ModuleRecord:
         raise IloraError(f"{path}: checkpoint not found")
     if not zipfile.is_zipfile(path):
         raise IloraError(f"{path}: not a torch zip checkpoint (legacy torch.save formats are not supported)")
+    try:
+        root = _read_archive(path)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, RuntimeError, NotImplementedError, EOFError, ValueError, KeyError) as exc:
+        # a damaged or odd archive (bad directory, encrypted or unsupported entry): bad input
+        raise IloraError(f"{path}: not a readable torch zip checkpoint ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(root, ModuleRecord) or not root.kind.endswith(".SASRec"):
+        raise IloraError(f"{path}: the checkpoint holds {type(root).__name__}, expected a pickled SASRec module")
+    return root
+
+
+def _read_archive(path: Path) -> Any:
+    """The unpickled ``data.pkl`` of the torch zip checkpoint at ``path`` (`read_module_pickle`)."""
     with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
+        names = set(archive.namelist())
         pickles = [n for n in names if n == "data.pkl" or n.endswith("/data.pkl")]
         if len(pickles) != 1:
             raise IloraError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}")
@@ -247,16 +259,16 @@ def read_module_pickle(path: str | Path, *, allow_pickle: bool) -> ModuleRecord:
             return storages[key]
 
         with archive.open(pickles[0]) as fh:
-            unpickler = RestrictedUnpickler(fh, _allowed_globals(budget), path, persistent_load=persistent_load)
+            unpickler = RestrictedUnpickler(
+                fh, _allowed_globals(budget), path, size=archive.getinfo(pickles[0]).file_size,
+                buildable=(ModuleRecord, PickledDtype), persistent_load=persistent_load,
+            )
             try:
-                root = unpickler.load()
+                return unpickler.load()
             except (UnsafePickleError, IloraError):
                 raise
             except Exception as exc:  # malformed pickle stream: report it as bad input
-                raise IloraError(f"{path}: not a readable module pickle ({type(exc).__name__}: {exc})") from None
-    if not isinstance(root, ModuleRecord) or not root.kind.endswith(".SASRec"):
-        raise IloraError(f"{path}: the checkpoint holds {type(root).__name__}, expected a pickled SASRec module")
-    return root
+                raise IloraError(f"{path}: not a readable module pickle ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
 
 
 _EXPECTED_CHILDREN = {
