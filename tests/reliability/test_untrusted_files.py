@@ -508,12 +508,23 @@ def test_overlapping_checkpoint_entries_cannot_multiply_the_file(tmp_path: Path)
         llara_import.read_module_pickle(tmp_path / "overlap.pt", allow_pickle=True)
 
 
-def test_many_one_byte_containers_are_charged(tmp_path: Path) -> None:
-    """EMPTY_SET is one byte and a set 216: a file of them would be 200 times its size in memory."""
-    data = b"\x80\x04" + b"\x8f" * 2_000_000 + b"."
-    (tmp_path / "sets.df").write_bytes(data)
-    with pytest.raises(safe_pickle.IloraError, match=r"a set of 216 bytes would take the data built from this pickle past"):
-        legacy.read_dataframe_pickle(tmp_path / "sets.df", allow_pickle=True)
+@pytest.mark.parametrize(("opcode", "charged"), [(b"\x8f", "a set of 216 bytes"), (b"(", "a mark of 64 bytes"), (b"N\x94", "a memo entry of 100 bytes")])
+def test_many_one_byte_objects_are_charged(opcode: bytes, charged: str, tmp_path: Path) -> None:
+    """EMPTY_SET is one byte and a set 216; a MARK makes a stack, a MEMOIZE a memo entry: a file of them
+    would be 70-200 times its size in memory."""
+    data = b"\x80\x04" + opcode * (2_000_000 // len(opcode)) + b"."
+    (tmp_path / "flood.df").write_bytes(data)
+    with pytest.raises(safe_pickle.IloraError, match=rf"{charged} would take the data built from this pickle past"):
+        legacy.read_dataframe_pickle(tmp_path / "flood.df", allow_pickle=True)
+
+
+def test_checkpoint_sets_and_ordered_dicts_hash_only_plain_values() -> None:
+    """Their calls would hash a tuple graph shared through the memo (2**depth steps)."""
+    assert safe_pickle.atom_set(["a", 1]) == {"a", 1} and llara_import._ordered_dict() == {}
+    with pytest.raises(ValueError, match="refused a set"):
+        safe_pickle.atom_set([((1, 2), (1, 2))])
+    with pytest.raises(ValueError, match="refused an OrderedDict"):
+        llara_import._ordered_dict([((1, 2), 3)])
 
 
 def test_a_damaged_checkpoint_archive_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

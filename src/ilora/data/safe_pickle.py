@@ -68,6 +68,15 @@ _SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 40, 40
 _SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = _SHORT.maxfrozenset = 4
 
 
+def atom_set(members: Any = ()) -> set:
+    """What the allow-lists map ``builtins.set`` to: a set of atoms only (hashing a tuple graph
+    shared through the memo would take 2**depth steps)."""
+    members = list(members) if isinstance(members, (list, tuple)) else None
+    if members is None or any(type(m) not in _ATOMS for m in members):
+        raise ValueError("refused a set(...) call on anything but a list of plain values")
+    return set(members)
+
+
 def short_repr(value: Any) -> str:
     """A bounded repr of a value read from a file, for error messages: ``f"{x!r:.80}"`` would
     build the whole repr first, which a shared (memoised) nested list makes exponential."""
@@ -88,9 +97,9 @@ class RestrictedUnpickler(pickle._Unpickler):
     * integers fit in 64 bits (a memoised million-digit key costs its size at every hash);
     * ``BYTEARRAY8`` reads its bytes before allocating them (CPython allocates the length the
       file states first);
-    * the containers it creates are charged to an object budget of 16 times ``size`` (the
-      file's length) plus 16 MiB: a file of one-byte ``EMPTY_SET`` opcodes would otherwise
-      become 216 bytes per byte.
+    * the containers it creates, its marks and its memo entries are charged to an object
+      budget of 16 times ``size`` (the file's length) plus 16 MiB: a file of one-byte
+      ``EMPTY_SET`` (or ``MARK``) opcodes would otherwise become 216 (70) bytes per byte.
 
     The real LastFM train file (2.4 MB) loads in about 0.6 s.
 
@@ -209,6 +218,26 @@ class RestrictedUnpickler(pickle._Unpickler):
     def load_tuple3(self) -> None:
         self.stack[-3:] = [self._new((self.stack[-3], self.stack[-2], self.stack[-1]))]
 
+    def load_mark(self) -> None:
+        self._objects.charge(64, "a mark")  # a new stack and a metastack slot per one-byte opcode
+        super().load_mark()
+
+    def _memo_put(self, put: Callable[[Any], None]) -> None:
+        self._objects.charge(100, "a memo entry")
+        put(self)
+
+    def load_put(self) -> None:
+        self._memo_put(pickle._Unpickler.load_put)
+
+    def load_binput(self) -> None:
+        self._memo_put(pickle._Unpickler.load_binput)
+
+    def load_long_binput(self) -> None:
+        self._memo_put(pickle._Unpickler.load_long_binput)
+
+    def load_memoize(self) -> None:
+        self._memo_put(pickle._Unpickler.load_memoize)
+
     def load_build(self) -> None:
         if not isinstance(self.stack[-2], self._buildable):
             raise pickle.UnpicklingError(f"refused to set the state of a {type(self.stack[-2]).__name__}")
@@ -261,6 +290,11 @@ class RestrictedUnpickler(pickle._Unpickler):
     dispatch[pickle.TUPLE2[0]] = load_tuple2
     dispatch[pickle.TUPLE3[0]] = load_tuple3
     dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.MARK[0]] = load_mark
+    dispatch[pickle.PUT[0]] = load_put
+    dispatch[pickle.BINPUT[0]] = load_binput
+    dispatch[pickle.LONG_BINPUT[0]] = load_long_binput
+    dispatch[pickle.MEMOIZE[0]] = load_memoize
     dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
     dispatch[pickle.LONG1[0]] = load_long1
     dispatch[pickle.LONG4[0]] = load_long4

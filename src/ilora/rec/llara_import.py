@@ -25,7 +25,8 @@ The complete allow-list (`_allowed_globals`):
   file's size, `ilora.data.safe_pickle.ByteBudget`);
 * ``torch.FloatStorage``, ``DoubleStorage``, ``HalfStorage``, ``BFloat16Storage``,
   ``LongStorage``, ``IntStorage`` -> dtype markers for ``persistent_load``;
-* ``collections.OrderedDict``; ``builtins.set`` / ``__builtin__.set``; ``torch.device`` -> a
+* ``collections.OrderedDict`` (called empty, filled by checked ``SETITEMS``); ``builtins.set`` /
+  ``__builtin__.set`` (plain values only); ``torch.device`` -> a
   string; ``numpy.dtype`` -> `ilora.data.safe_pickle.private_dtype`;
   ``numpy.core.multiarray.scalar`` / ``numpy._core.multiarray.scalar`` -> plain numbers only;
   ``_codecs.encode`` -> latin-1 text to bytes only.
@@ -50,7 +51,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ilora.data.safe_pickle import CHECKPOINT_OPT_IN_HINT, ByteBudget, PickledDtype, RestrictedUnpickler, UnsafePickleError, canonical_dtype, private_dtype, require_opt_in, short_repr
+from ilora.data.safe_pickle import CHECKPOINT_OPT_IN_HINT, ByteBudget, PickledDtype, RestrictedUnpickler, UnsafePickleError, atom_set, canonical_dtype, private_dtype, require_opt_in, short_repr
 from ilora.errors import IloraError
 from ilora.rec.sasrec import SASRec, SASRecConfig, load_state_checked
 
@@ -171,6 +172,14 @@ def _latin1_encode(text: Any, encoding: Any = "utf-8") -> bytes:
     return text.encode("latin1")
 
 
+def _ordered_dict(items: Any = ()) -> collections.OrderedDict:
+    """``collections.OrderedDict`` as torch pickles it: called empty, then filled by ``SETITEMS``
+    (whose keys the unpickler checks); never from an iterable of pairs it would hash unchecked."""
+    if items != ():
+        raise ValueError("refused an OrderedDict(...) call with items")
+    return collections.OrderedDict()
+
+
 def _device(kind: Any, index: Any = None) -> str:
     """``torch.device(kind, index)`` as a string; a name and an optional integer index only."""
     if type(kind) is not str or len(kind) > 16 or not (index is None or type(index) is int):
@@ -184,9 +193,9 @@ def _allowed_globals(budget: ByteBudget | None = None) -> dict[tuple[str, str], 
     allowed: dict[tuple[str, str], Any] = {key: _record_class(*key) for key in _MODULE_CLASSES}
     allowed.update(
         {
-            ("collections", "OrderedDict"): collections.OrderedDict,
-            ("__builtin__", "set"): set,
-            ("builtins", "set"): set,
+            ("collections", "OrderedDict"): _ordered_dict,
+            ("__builtin__", "set"): atom_set,
+            ("builtins", "set"): atom_set,
             ("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor,
             ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
             ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
@@ -230,6 +239,9 @@ def _read_archive(path: Path) -> Any:
         compressed = [info.filename for info in archive.infolist() if info.compress_type != zipfile.ZIP_STORED]
         if compressed:  # a compressed entry could inflate far past the file's size
             raise IloraError(f"{path}: compressed archive entry {compressed[0]!r} (torch.save writes every entry uncompressed)")
+        odd = [info.filename for info in archive.infolist() if info.file_size != info.compress_size]
+        if odd:  # a stored entry is its bytes: a larger stated size is a lie the budgets would trust
+            raise IloraError(f"{path}: archive entry {odd[0]!r} states a size other than the bytes it stores")
         prefix = pickles[0][: -len("data.pkl")]
         byteorder = prefix + "byteorder"
         if byteorder in names and archive.read(byteorder).strip() != b"little":
@@ -260,7 +272,7 @@ def _read_archive(path: Path) -> Any:
 
         with archive.open(pickles[0]) as fh:
             unpickler = RestrictedUnpickler(
-                fh, _allowed_globals(budget), path, size=archive.getinfo(pickles[0]).file_size,
+                fh, _allowed_globals(budget), path, size=path.stat().st_size,
                 buildable=(ModuleRecord, PickledDtype), persistent_load=persistent_load,
             )
             try:
