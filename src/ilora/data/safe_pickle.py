@@ -56,11 +56,7 @@ class _ShortRepr(reprlib.Repr):
         return f"<{type(x).__name__}>"
 
     def repr_int(self, x: int, level: int) -> str:
-        return builtins_repr(x) if -(2**64) < x < 2**64 else "<a huge int>"
-
-
-def builtins_repr(x: Any) -> str:
-    return repr(x)
+        return repr(x) if -(2**64) < x < 2**64 else "<a huge int>"
 
 
 _SHORT = _ShortRepr()

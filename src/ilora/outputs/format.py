@@ -242,8 +242,9 @@ def read_split(
             raise IloraError(f"{directory / MANIFEST}: shard {shard['file']} has rows {rows!r}, expected a count")
         if not path.is_file():
             raise IloraError(f"{path}: shard listed in the manifest is missing")
-        if _shard_rows(path) != rows:
-            raise IloraError(f"{path}: holds {_shard_rows(path)} rows, the manifest says {rows}")
+        stored = _shard_rows(path)
+        if stored != rows:
+            raise IloraError(f"{path}: holds {stored} rows, the manifest says {rows}")
     total = sum(shard["rows"] for shard in info["shards"])
     if total != info["rows"]:
         raise IloraError(f"{directory}: the {name} shards hold {total} rows, the manifest says {info['rows']}")

@@ -304,20 +304,13 @@ def _has_val(dataset: SeqDataset) -> bool:
     return dataset.splits.get("val") is not None and len(dataset.split("val")) > 0
 
 
-def val_candidates(dataset: SeqDataset, cfg: RecTrainConfig) -> np.ndarray | None:
-    """The fixed val candidate sets ``cfg`` evaluates with (None without a val split or with
-    ``eval_candidates`` 0); raises for sets the data cannot fill (more candidates than items)."""
-    if not _has_val(dataset) or not cfg.eval_candidates:
+def split_candidates(dataset: SeqDataset, cfg: RecTrainConfig, name: str) -> np.ndarray | None:
+    """The fixed candidate sets ``cfg`` evaluates split ``name`` with (None without samples in that
+    split or with ``eval_candidates`` 0); raises for sets the data cannot fill (more candidates than
+    items), so callers draw them before training, and before --out is touched."""
+    if dataset.splits.get(name) is None or not len(dataset.split(name)) or not cfg.eval_candidates:
         return None
-    return fixed_candidates(dataset.split("val"), dataset.num_items, split_name="val", count=cfg.eval_candidates, seed=cfg.cand_seed)
-
-
-def test_candidates(dataset: SeqDataset, cfg: RecTrainConfig) -> np.ndarray | None:
-    """The fixed test candidate sets of the final evaluation (None without a test split or with
-    ``eval_candidates`` 0); drawn before training, so that sets the data cannot fill fail first."""
-    if dataset.splits.get("test") is None or not len(dataset.split("test")) or not cfg.eval_candidates:
-        return None
-    return fixed_candidates(dataset.split("test"), dataset.num_items, split_name="test", count=cfg.eval_candidates, seed=cfg.cand_seed)
+    return fixed_candidates(dataset.split(name), dataset.num_items, split_name=name, count=cfg.eval_candidates, seed=cfg.cand_seed)
 
 
 def check_training_input(dataset: SeqDataset, cfg: RecTrainConfig) -> None:
@@ -325,8 +318,8 @@ def check_training_input(dataset: SeqDataset, cfg: RecTrainConfig) -> None:
     with ``train_min_len`` history items, val or test candidate sets the data cannot fill),
     without training."""
     _train_split(dataset, cfg.train_min_len)
-    val_candidates(dataset, cfg)
-    test_candidates(dataset, cfg)
+    for name in ("val", "test"):
+        split_candidates(dataset, cfg, name)
 
 
 def train_sasrec(
@@ -356,8 +349,7 @@ def train_sasrec(
     record = run_record(cfg, {**(run_options or {}), "dataset_sha256": dataset.sha256()})
     train, train_rows = _train_split(dataset, cfg.train_min_len)  # rejects bad input before --out is touched
     has_val = _has_val(dataset)
-    val_cands = val_candidates(dataset, cfg)  # refuses more candidates than items before --out is touched
-    test_cands = test_candidates(dataset, cfg)
+    val_cands, test_cands = (split_candidates(dataset, cfg, name) for name in ("val", "test"))
     out, checkpoints, finished = open_run(
         out_dir, cfg.checkpoint_every, resume, "result.json", lambda o: _finished_result(o, record), overwrite, others=(WEIGHTS_FILE,)
     )

@@ -128,12 +128,11 @@ def in_eval_mode(method):
     def wrapper(self, *args, **kwargs):
         if not self.training:  # nothing to switch (and no walk over every module)
             return method(self, *args, **kwargs)
-        was_training = self.training
         self.eval()
         try:
             return method(self, *args, **kwargs)
         finally:
-            self.train(was_training)
+            self.train()
 
     return wrapper
 
