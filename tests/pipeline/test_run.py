@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -369,3 +370,14 @@ def test_an_interrupted_distillation_keeps_its_finished_baseline(tmp_path, capsy
     assert "distill: resuming" in capsys.readouterr().err
     assert baseline.stat().st_mtime_ns == written  # not trained again
     assert (stage / "distilled" / "result.json").is_file() and (stage / "stage.json").is_file()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_passes_the_run_checks(path):
+    """The configs README points users to parse into a `RunConfig` whose options every stage accepts
+    (devices aside: a CUDA config is checked on a machine without one)."""
+    from ilora.config import load_config
+    from ilora.pipeline.config import RunConfig, check_run_config
+
+    cfg = load_config(RunConfig, yaml_path=path)
+    check_run_config(cfg)  # TeacherConfig checked its own options (batch multiples, shared inputs) when built

@@ -4,6 +4,8 @@ file format."""
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import sys
 from pathlib import Path
@@ -210,6 +212,37 @@ def test_autocast_adapter_makes_no_float32_copy_of_the_input():
     with RecordOps() as rec, state.use(gate), torch.no_grad():
         layer(x16)
     assert [op for op in rec.ops if op[1] == (2, 5, 32) and op[2] == torch.float32]
+
+
+@pytest.mark.parametrize("regime", ["float32", "autocast", "bf16 base, float32 adapters"])
+def test_outputs_and_gradients_match_the_reference_in_every_dtype_regime(regime):
+    """float32 throughout, bf16 autocast over a bf16 base (training on CUDA), and float32 adapters
+    on a bf16 base without autocast (the product in the adapters' dtype, as peft): outputs and
+    adapter gradients match the float32 reference formulation to the regime's precision."""
+    layer, state, _ = make_layer(in_f=32, out_f=16, experts=4, rank=2)
+    x = torch.randn(2, 5, 32)
+    gate = torch.softmax(torch.randn(2, 4), dim=-1)
+    weights_out = torch.randn(2, 5, 16)
+    A = layer.lora_A.weight.detach().clone().requires_grad_(True)
+    B = layer.lora_B.weight.detach().clone().requires_grad_(True)
+    ref = reference_forward(x, layer.base_layer.weight.detach(), layer.base_layer.bias.detach(), A, B, gate, 4, 2, layer.scaling)
+    (ref * weights_out).sum().backward()
+
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if regime == "autocast" else contextlib.nullcontext()
+    if regime != "float32":
+        layer.base_layer.to(torch.bfloat16)
+        x = x.to(torch.bfloat16)
+    with autocast, state.use(gate):
+        with RecordOps() as forward:
+            out = layer(x)
+        (out.float() * weights_out).sum().backward()
+    assert out.dtype == (torch.float32 if regime == "float32" else torch.bfloat16)
+    if regime == "bf16 base, float32 adapters":  # the B product in float32, cast to bf16 for the sum
+        assert ("mm", (10, 16), torch.float32) in forward.ops or ("bmm", (2, 5, 16), torch.float32) in forward.ops, forward.ops
+    tol = 1e-5 if regime == "float32" else 4e-2
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(layer.lora_A.weight.grad, A.grad, rtol=tol, atol=tol * A.grad.abs().max().item())
+    torch.testing.assert_close(layer.lora_B.weight.grad, B.grad, rtol=tol, atol=tol * B.grad.abs().max().item())
 
 
 def test_the_gate_is_expanded_once_per_forward_for_all_layers_of_one_config():
