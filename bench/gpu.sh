@@ -8,7 +8,7 @@
 #
 # Runs, in this order: inputs, adapter, step-7b-b32 (the 7B shape, one length-grouped batch of 32 in one
 # micro-batch, compiled decoder layers, no device syncs between the step's parts; ours only: its reference
-# does not fit; about 60 GiB), step-7b-b32-nodrop (the same with LoRA dropout 0: what dropout costs),
+# does not fit; 57 GiB on an H100), step-7b-b32-nodrop (the same with LoRA dropout 0: what dropout costs),
 # step-7b-b32-shared and step-7b-b32-nodrop-shared (the same two, each with an ours_shared variant beside
 # ours: q/k/v and gate/up adapters grouped, one dropout mask and one A product per input (share_adapter_inputs);
 # each needs 200 s of the cap left to start; 57 s and 45 s on an H100), step-7b-b40-shared (the first at
