@@ -381,3 +381,31 @@ def test_every_shipped_config_loads_and_passes_the_run_checks(path):
 
     cfg = load_config(RunConfig, yaml_path=path)
     check_run_config(cfg)  # TeacherConfig checked its own options (batch multiples, shared inputs) when built
+
+
+def test_a_stage_leaves_no_cycle_held_model_behind(tmp_path):
+    """What a stage's work kept only in reference cycles (a compiled model holds some, and with
+    them its weights) is freed when the stage ends, before the next stage loads its own model,
+    without waiting for the cyclic collector's own schedule."""
+    import gc
+    import weakref
+
+    import torch
+
+    from ilora.pipeline.stages import run_stage
+
+    left = []
+
+    def stage(directory):
+        weight = torch.zeros(4)
+        holder = {"weight": weight}
+        holder["self"] = holder  # a cycle: refcounting alone never frees it
+        left.append(weakref.ref(weight))
+        return {}
+
+    gc.disable()
+    try:
+        run_stage(tmp_path, "a", {"x": 1}, [], stage)
+        assert left[0]() is None
+    finally:
+        gc.enable()

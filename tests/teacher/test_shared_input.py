@@ -279,3 +279,24 @@ def test_grouping_errors():
     with pytest.raises(ConfigError, match="adapt no two layers that read one input"):
         TeacherConfig(share_adapter_inputs=True, target_modules=["q_proj", "o_proj", "up_proj"])
     assert TeacherConfig(share_adapter_inputs=True, target_modules=["model.layers.0.self_attn.k_proj", "v_proj"]).share_adapter_inputs
+
+
+def test_a_dropped_grouped_model_is_freed_without_the_cycle_collector():
+    """Members point to their group; a group pointing back would form a reference cycle that
+    keeps a dropped teacher's grouped layers (frozen 7B weights included) alive until a full
+    garbage collection, e.g. the eval stage's teacher while the export stage loads its own."""
+    import gc
+    import weakref
+
+    model, _ = injected(dropout=0.1)
+    share_adapter_inputs(model)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.shared_input is not None
+    refs = [weakref.ref(q_proj), weakref.ref(q_proj.base_layer.weight), weakref.ref(q_proj.shared_input[0])]
+    del q_proj
+    gc.disable()
+    try:
+        del model
+        assert [r() is None for r in refs] == [True, True, True]
+    finally:
+        gc.enable()

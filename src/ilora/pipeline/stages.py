@@ -22,6 +22,7 @@ recorded token, so the stages downstream of it stay up to date as well.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import shutil
@@ -109,6 +110,17 @@ def read_marker(directory: Path) -> dict | None:
         return None
 
 
+def release_memory() -> None:
+    """Free what a finished stage's models left behind before the next stage loads its own:
+    objects only reference cycles keep (compiled modules hold some, and with them a model's
+    weights) and, on CUDA, the caching allocator's unused blocks."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_stage(
     run_dir: Path,
     name: str,
@@ -159,6 +171,7 @@ def run_stage(
     print(f"[run] {name}: {'resuming' if resumable else 'running'}", file=sys.stderr, flush=True)
     started = time.perf_counter()
     result = fn(directory)
+    release_memory()
     result = {**result, "seconds": round(time.perf_counter() - started, 2)}
     run_id = uuid.uuid4().hex
     atomic_write_text(directory / MARKER, json.dumps({"key": key, "run_id": run_id, "config": config, "result": result}, indent=2, default=str))

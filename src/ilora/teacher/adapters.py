@@ -341,8 +341,8 @@ class GatedLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_x = self.gate_state.scaled_gate_for(x, self.rank_per_expert, self.scaling)
         result = self.base_layer(x)
-        if self.shared_input is None:
-            h = self.lora_hidden(x)
+        if self.shared_input is None or (not torch.compiler.is_compiling() and x.is_inference()):
+            h = self.lora_hidden(x)  # an inference tensor has no version counter for the group to check
         else:
             group, position = self.shared_input
             h = group.lora_hidden(position, x)

@@ -19,10 +19,17 @@ by default.
 
 A member takes the group's result only for the very tensor it was computed from (the same
 object and, outside torch.compile, the same version: not modified in place since); called
-with any other tensor it computes the group's product afresh for that one, so a model that
-feeds the members different inputs still gets each layer's own product, only without the
-saving. The result is dropped once every member has taken its columns. Under
-``torch.inference_mode`` (tensors without a version counter) each member computes its own.
+with any other tensor it computes the whole group's product afresh for that one, so a model
+that feeds the members different inputs still gets each layer's own product, at the cost of
+the group's full product per such call instead of the layer's own (and the other members'
+columns of it are held until the group's next call). The result is dropped once every
+member has taken its columns. Under ``torch.inference_mode`` (tensors without a version
+counter) each member computes its own (`GatedLoraLinear.forward`).
+
+A group holds its members' ``lora_A`` and dropout modules, not the members: a member points
+to its group, so a group pointing back would make a reference cycle that keeps a dropped
+model's grouped layers, frozen weights included, alive until the cyclic garbage collector
+runs.
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ class SharedInput:
     """Gated LoRA layers reading one input tensor: their ``A`` products as one, under one dropout mask.
 
     Sets each member's ``shared_input`` to ``(self, position)``; `GatedLoraLinear.forward`
-    then asks `lora_hidden` for its ``A`` product instead of computing it.
+    then asks `lora_hidden` for its ``A`` product instead of computing it. Holds the members'
+    ``lora_A`` and dropout modules only (see the module docstring).
     """
 
     def __init__(self, members: list[GatedLoraLinear]) -> None:
@@ -65,7 +73,9 @@ class SharedInput:
                 raise ConfigError("layers sharing an input must keep their LoRA A weights in one dtype on one device")
             if _dropout_p(layer) != _dropout_p(first):
                 raise ConfigError(f"layers sharing an input must have one dropout, got {_dropout_p(first)} and {_dropout_p(layer)}")
-        self.members = list(members)  # a plain list: the layers stay their parents' submodules
+        # plain lists, not the members: the modules stay their layers' submodules, and no cycle forms
+        self.lora_A = [layer.lora_A for layer in members]
+        self.dropout = [layer.lora_dropout for layer in members]
         self.ranks = [layer.lora_A.out_features for layer in members]
         self._input: torch.Tensor | None = None
         self._version = -1
@@ -82,15 +92,12 @@ class SharedInput:
     def lora_hidden(self, position: int, x: torch.Tensor) -> torch.Tensor:
         """Member ``position``'s ``lora_A(dropout(x))``, computed for the whole group on first use.
 
-        An inference tensor (made under ``torch.inference_mode``) has no version counter to
-        tell an in-place change, so for one the member computes its own product.
+        Not for an inference tensor (made under ``torch.inference_mode``): it has no version
+        counter to tell an in-place change, so the member computes its own product.
         """
-        if not torch.compiler.is_compiling() and x.is_inference():
-            return self.members[position].lora_hidden(x)
         if not self._holds(x, position):
-            member = self.members[position]
-            weight = torch.cat([layer.lora_A.weight for layer in self.members])
-            dropped = member.lora_dropout(adapter_input(x, weight.dtype))
+            weight = torch.cat([lora_A.weight for lora_A in self.lora_A])
+            dropped = self.dropout[position](adapter_input(x, weight.dtype))
             hidden = list(F.linear(dropped, weight).split(self.ranks, dim=-1))
             # held only once computed: a product that raised leaves nothing that claims to be x's
             self._input, self._version, self._hidden = x, x._version, hidden
@@ -103,12 +110,6 @@ class SharedInput:
     def clear(self) -> None:
         """Drop the held input and result."""
         self._input, self._version, self._hidden = None, -1, []
-
-    def dissolve(self) -> None:
-        """Return the members to computing their own products."""
-        self.clear()
-        for layer in self.members:
-            layer.shared_input = None
 
 
 def share_adapter_inputs(model: nn.Module, names: tuple[tuple[str, ...], ...] = SHARED_INPUT_NAMES) -> list[SharedInput]:
@@ -134,8 +135,9 @@ def share_adapter_inputs(model: nn.Module, names: tuple[tuple[str, ...], ...] = 
         for members in found:
             groups.append(SharedInput(members))
     except ConfigError:
-        for group in groups:
-            group.dissolve()
+        for members in found[: len(groups)]:
+            for layer in members:
+                layer.shared_input = None
         raise
     return groups
 
@@ -150,15 +152,19 @@ def unshare_adapter_inputs(model: nn.Module) -> None:
     """Every gated LoRA layer of ``model`` computes its own ``A`` product again."""
     for layer in gated_lora_modules(model).values():
         if layer.shared_input is not None:
-            layer.shared_input[0].dissolve()
+            layer.shared_input[0].clear()
+            layer.shared_input = None
 
 
 @contextlib.contextmanager
 def shared_adapter_inputs(model: nn.Module) -> Iterator[list[SharedInput]]:
-    """`share_adapter_inputs` for the block, undone after it (the step benchmark's ``ours_shared``)."""
+    """`share_adapter_inputs` for the block, undone after it (the step benchmark's ``ours_shared``).
+
+    On entry no layer of ``model`` is grouped (`share_adapter_inputs` refuses one that is), so
+    undoing every group of the model undoes exactly this block's.
+    """
     groups = share_adapter_inputs(model)
     try:
         yield groups
     finally:
-        for group in groups:
-            group.dissolve()
+        unshare_adapter_inputs(model)
