@@ -31,7 +31,7 @@ def test_teacher_train_help_shows_percent_signs_and_the_shared_inputs_option(cap
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "--share-adapter-inputs" in out
-    assert "5 % of a compiled 7B step" in " ".join(out.split())
+    assert "5.8 % of a compiled 7B step" in " ".join(out.split())
 
 
 def test_an_unknown_flag_shows_the_usage_of_the_command_given(capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -198,7 +199,7 @@ def test_a_device_change_keeps_a_finished_stage_but_not_an_interrupted_one(tmp_p
     interrupt()
     run_stage(tmp_path, "a", {"x": 1, "device": "cpu"}, [], work, keep_partial=True)
     assert calls[-1] == [PENDING]  # another device: started clean, the cuda checkpoint not offered
-    assert "a: an interrupted run of other options (or on another device) is discarded with its checkpoints" in capsys.readouterr().err
+    assert "a: an interrupted run of other options (or on another device, or with other upstream results) is discarded with its files" in capsys.readouterr().err
 
 
 def test_a_record_of_the_same_work_under_another_key_counts_as_current(tmp_path):
@@ -409,3 +410,32 @@ def test_a_stage_leaves_no_cycle_held_model_behind(tmp_path):
         assert left[0]() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("export.limit=100", r"export\.limit=100: the run's distillation needs a teacher row for every train sample"),
+        ("export.splits=test", r"export\.splits=\['test'\]: the run's distillation reads the train split"),
+    ],
+)
+def test_run_refuses_an_export_distillation_cannot_use_before_any_stage(tmp_path, capsys, override, message):
+    """A partial or train-less export would fail only at the distill stage, after SASRec, the
+    teacher, evaluation and export had run: refused up front, with nothing written."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run")}))
+    assert main(["run", str(config), override]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_and_teacher_eval_refuse_fewer_than_two_candidates(tmp_path, capsys):
+    """One candidate is the target alone: hr@1 would be 1.0 for any model."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run")}))
+    assert main(["run", str(config), "eval.candidates=1"]) == 2
+    assert "eval.candidates: must be >= 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["teacher", "eval", str(tmp_path), "--teacher", str(tmp_path), "--candidates", "1"])
+    assert exit_info.value.code == 2
+    assert "--candidates: must be >= 2, got 1" in capsys.readouterr().err

@@ -290,7 +290,7 @@ def test_deeply_nested_yaml_is_a_config_error(tmp_path: Path) -> None:
     [
         ("eval", ["--limit", "-55"], "--limit: must be >= 0, got -55"),
         ("eval", ["--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
-        ("eval", ["--candidates", "0"], "--candidates: must be >= 1, got 0"),
+        ("eval", ["--candidates", "0"], "--candidates: must be >= 2, got 0"),
         ("export", ["--top-k", "0"], "--top-k: must be >= 1, got 0"),
         ("export", ["--shard-rows", "-1"], "--shard-rows: must be >= 1, got -1"),
         ("export", ["--pool-sasrec", "-2"], "--pool-sasrec: must be >= 0, got -2"),

@@ -72,6 +72,11 @@ def positive_int(text: str) -> int:
     return _int_at_least(text, 1)
 
 
+def candidate_count(text: str) -> int:
+    """argparse type: candidates per sample, >= 2 (the target and at least one other item to rank it against)."""
+    return _int_at_least(text, 2)
+
+
 def nonnegative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
     return _int_at_least(text, 0)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ilora.cli.common import add_data_arguments, add_json_argument, add_run_arguments, load_data, nonnegative_int, positive_int, print_json
+from ilora.cli.common import add_data_arguments, add_json_argument, add_run_arguments, candidate_count, load_data, nonnegative_int, positive_int, print_json
 from ilora.config import add_arguments, add_config_arguments, config_from_args
 from ilora.distributed import process_group, require_device
 from ilora.errors import IloraError
@@ -151,7 +151,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--split", default="test", choices=SPLIT_CHOICES, help="split to evaluate [default: test]")
     ev.add_argument("--protocol", default="score", choices=("score", "generate"), help="score (default) or generate")
     ev.add_argument("--gate", default="learned", metavar="MODE", help="learned (default), uniform (plain LoRA) or expert:N (all weight on expert N)")
-    ev.add_argument("--candidates", type=positive_int, default=20, metavar="N", help="candidates per sample, target included [default: 20]")
+    ev.add_argument("--candidates", type=candidate_count, default=20, metavar="N", help="candidates per sample, target included [default: 20]")
     ev.add_argument("--seed", type=int, default=0, help="seed of the fixed candidate sets [default: 0]")
     ev.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="prompts per batch [default: 16]")
     ev.add_argument(

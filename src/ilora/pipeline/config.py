@@ -38,6 +38,8 @@ class EvalSection:
     max_new_tokens: int = option(0, "generate protocol: most tokens decoded (0: the longest title + 8; LLaRA used 64)")
 
     def __post_init__(self) -> None:
+        if self.candidates < 2:
+            raise ConfigError(f"eval.candidates: must be >= 2 (the target and at least one other item), got {self.candidates}")
         if self.max_new_tokens < 0:
             raise ConfigError(f"eval.max_new_tokens: must be >= 0, got {self.max_new_tokens}")
         bad = [p for p in self.protocols if p not in ("score", "generate")]
@@ -58,7 +60,8 @@ class RunConfig:
 
 def check_run_config(cfg: RunConfig) -> None:
     """`ConfigError` before any stage runs for options a later stage would refuse: the SASRec
-    and student options (their ``validate``) and the evaluation's gates."""
+    and student options (their ``validate``), a partial or train-less export (distillation
+    reads every train sample's outputs) and the evaluation's gates."""
     from ilora.teacher.model import parse_gate_mode
 
     for section in ("rec", "distill"):  # devices: `check_devices`, when a stage has work to do
@@ -66,6 +69,13 @@ def check_run_config(cfg: RunConfig) -> None:
             getattr(cfg, section).validate(check_device=False)
         except ConfigError as exc:
             raise ConfigError(f"{section}: {exc}") from None
+    if cfg.export.limit:
+        raise ConfigError(
+            f"export.limit={cfg.export.limit}: the run's distillation needs a teacher row for every train sample; "
+            "set export.limit=0 (`ilora teacher export --limit` makes a partial export outside a run)"
+        )
+    if "train" not in cfg.export.splits:
+        raise ConfigError(f"export.splits={list(cfg.export.splits)}: the run's distillation reads the train split's outputs; include train")
     for gate in cfg.eval.gates:
         if gate != "experts":
             try:

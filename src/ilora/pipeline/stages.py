@@ -160,7 +160,7 @@ def run_stage(
     resumable = interrupted and _matches(key, pending_key, pending_config, config, upstream, legacy)
     if interrupted and not resumable:
         print(
-            f"[run] {name}: an interrupted run of other options (or on another device) is discarded with its checkpoints; "
+            f"[run] {name}: an interrupted run of other options (or on another device, or with other upstream results) is discarded with its files; "
             "it resumes only with the options it started with",
             file=sys.stderr, flush=True,
         )

@@ -53,7 +53,7 @@ class TeacherConfig:
         "per_expert", "per_expert: scaling = alpha / rank_per_expert (iLoRA's: 16); total: alpha / (E x rank) (peft's usual: 4)"
     )
     lora_dropout: float = option(
-        0.1, "dropout on the adapter input (iLoRA/LLaRA: 0.1); costs about 5 % of a compiled 7B step and 15 GiB at micro-batch 32 (bench/RESULTS.md)"
+        0.1, "dropout on the adapter input (iLoRA/LLaRA: 0.1); costs 5.8 % of a compiled 7B step and 14.7 GiB at micro-batch 32, 3.5 % and 6.8 GiB with share_adapter_inputs (H100, bench/RESULTS.md)"
     )
     share_adapter_inputs: bool = option(
         False,
