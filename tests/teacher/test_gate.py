@@ -73,7 +73,8 @@ def test_gate_statistics_by_hand():
     d02 = math.sqrt(0.75**2 + 0.75**2)
     d12 = math.sqrt(0.25**2 + 0.25**2)
     assert stats["mean_pairwise_distance"] == pytest.approx((d01 + d02 + d12) / 3)
-    # argmax: sample 0 -> expert 0, sample 1 ties -> first (0), sample 2 -> expert 1
-    assert stats["argmax_share"] == pytest.approx([2 / 3, 1 / 3])
+    # argmax: sample 0 -> expert 0, sample 1 ties -> half to each, sample 2 -> expert 1
+    assert stats["argmax_share"] == pytest.approx([1.5 / 3, 1.5 / 3])
     single = gate_statistics(uniform_gate(1, 4))
     assert single["mean_pairwise_distance"] == 0.0 and single["mean_entropy"] == pytest.approx(math.log(4))
+    assert single["argmax_share"] == pytest.approx([0.25] * 4)  # the uniform gate favours no expert

@@ -159,7 +159,9 @@ def gate_statistics(gates: torch.Tensor) -> dict[str, float | list[float] | int]
     * ``mean_entropy`` (nats) and ``max_entropy`` = ln E: near the max = near uniform.
     * ``mean_pairwise_distance``: mean Euclidean distance between the gates of two
       different samples (0 for a single sample).
-    * ``argmax_share``: per expert, the share of samples whose largest weight is that expert.
+    * ``argmax_share``: per expert, the share of samples whose largest weight is that expert;
+      a sample whose largest weight several experts share counts 1/k for each of its k
+      (the uniform gate gives 1/E each, not everything to expert 0).
     """
     if gates.dim() != 2 or gates.shape[0] < 1:
         raise ValueError(f"gate_statistics expects a non-empty (batch, experts) tensor, got {tuple(gates.shape)}")
@@ -170,7 +172,8 @@ def gate_statistics(gates: torch.Tensor) -> dict[str, float | list[float] | int]
         pairwise = torch.pdist(g, p=2).mean().item()
     else:
         pairwise = 0.0
-    share = torch.bincount(g.argmax(dim=1), minlength=experts).double() / batch
+    is_max = (g == g.max(dim=1, keepdim=True).values).double()
+    share = (is_max / is_max.sum(dim=1, keepdim=True)).sum(dim=0) / batch
     return {
         "num_samples": batch,
         "mean_weight": g.mean(dim=0).tolist(),
