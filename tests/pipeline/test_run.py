@@ -415,7 +415,7 @@ def test_a_stage_leaves_no_cycle_held_model_behind(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("export.limit=100", r"export\.limit=100: the run's distillation needs a teacher row for every train sample"),
+        ("export.limit=100", r"export\.limit=100: `ilora run` exports every sample \(export\.limit must be 0\)"),
         ("export.splits=test", r"export\.splits=\['test'\]: the run's distillation reads the train split"),
     ],
 )
@@ -439,3 +439,10 @@ def test_run_and_teacher_eval_refuse_fewer_than_two_candidates(tmp_path, capsys)
         main(["teacher", "eval", str(tmp_path), "--teacher", str(tmp_path), "--candidates", "1"])
     assert exit_info.value.code == 2
     assert "--candidates: must be >= 2, got 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["rec", "eval", str(tmp_path), "--model", str(tmp_path), "--candidates", "1"])
+    assert exit_info.value.code == 2
+    assert "--candidates: must be 0 (none) or >= 2" in capsys.readouterr().err
+    config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run"), "teacher": {**SMALL["teacher"], "num_candidates": 1}}))
+    assert main(["run", str(config)]) == 2
+    assert "num_candidates: must be >= 2" in capsys.readouterr().err

@@ -300,3 +300,13 @@ def test_a_dropped_grouped_model_is_freed_without_the_cycle_collector():
         assert [r() is None for r in refs] == [True, True, True]
     finally:
         gc.enable()
+
+
+def test_the_benchmark_block_undoes_only_its_own_groups():
+    model, _ = injected()
+    o_projs = [layer.self_attn.o_proj for layer in model.model.layers]
+    SharedInput(o_projs)  # a group made before the block, of layers the block does not group
+    with shared_adapter_inputs(model):
+        assert model.model.layers[0].self_attn.q_proj.shared_input is not None
+    assert model.model.layers[0].self_attn.q_proj.shared_input is None
+    assert all(layer.shared_input is not None for layer in o_projs)

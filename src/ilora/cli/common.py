@@ -77,6 +77,14 @@ def candidate_count(text: str) -> int:
     return _int_at_least(text, 2)
 
 
+def optional_candidate_count(text: str) -> int:
+    """argparse type: candidates per sample, 0 (none) or >= 2."""
+    value = _int_at_least(text, 0)
+    if value == 1:
+        raise argparse.ArgumentTypeError("must be 0 (none) or >= 2 (the target and at least one other item), got 1")
+    return value
+
+
 def nonnegative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
     return _int_at_least(text, 0)

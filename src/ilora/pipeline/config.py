@@ -71,8 +71,8 @@ def check_run_config(cfg: RunConfig) -> None:
             raise ConfigError(f"{section}: {exc}") from None
     if cfg.export.limit:
         raise ConfigError(
-            f"export.limit={cfg.export.limit}: the run's distillation needs a teacher row for every train sample; "
-            "set export.limit=0 (`ilora teacher export --limit` makes a partial export outside a run)"
+            f"export.limit={cfg.export.limit}: `ilora run` exports every sample (export.limit must be 0), since its "
+            "distillation needs a teacher row for every train sample; `ilora teacher export --limit` makes a partial export outside a run"
         )
     if "train" not in cfg.export.splits:
         raise ConfigError(f"export.splits={list(cfg.export.splits)}: the run's distillation reads the train split's outputs; include train")

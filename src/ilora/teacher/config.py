@@ -100,6 +100,8 @@ class TeacherConfig:
         for name in ("batch_size", "epochs", "num_candidates", "eval_batch_size", "max_title_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.num_candidates < 2:
+            raise ConfigError(f"num_candidates: must be >= 2 (the target and at least one other item), got {self.num_candidates}")
         for name in ("max_steps", "micro_batch_size", "val_samples", "workers", "candidate_seed", "seed", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")

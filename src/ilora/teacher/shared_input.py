@@ -57,7 +57,8 @@ class SharedInput:
 
     Sets each member's ``shared_input`` to ``(self, position)``; `GatedLoraLinear.forward`
     then asks `lora_hidden` for its ``A`` product instead of computing it. Holds the members'
-    ``lora_A`` and dropout modules only (see the module docstring).
+    ``lora_A`` and dropout modules only (see the module docstring): a member whose ``lora_A``
+    or dropout module is replaced afterwards must be grouped again.
     """
 
     def __init__(self, members: list[GatedLoraLinear]) -> None:
@@ -159,12 +160,13 @@ def unshare_adapter_inputs(model: nn.Module) -> None:
 @contextlib.contextmanager
 def shared_adapter_inputs(model: nn.Module) -> Iterator[list[SharedInput]]:
     """`share_adapter_inputs` for the block, undone after it (the step benchmark's ``ours_shared``).
-
-    On entry no layer of ``model`` is grouped (`share_adapter_inputs` refuses one that is), so
-    undoing every group of the model undoes exactly this block's.
-    """
+    Only the block's own groups are undone; groups made before it stay."""
     groups = share_adapter_inputs(model)
     try:
         yield groups
     finally:
-        unshare_adapter_inputs(model)
+        for layer in gated_lora_modules(model).values():
+            if layer.shared_input is not None and any(layer.shared_input[0] is group for group in groups):
+                layer.shared_input = None
+        for group in groups:
+            group.clear()
