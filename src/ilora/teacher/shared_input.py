@@ -136,9 +136,7 @@ def share_adapter_inputs(model: nn.Module, names: tuple[tuple[str, ...], ...] = 
         for members in found:
             groups.append(SharedInput(members))
     except ConfigError:
-        for members in found[: len(groups)]:
-            for layer in members:
-                layer.shared_input = None
+        unshare_adapter_inputs(model, groups)
         raise
     return groups
 
@@ -149,11 +147,15 @@ def names_share_an_input(target_modules: list[str], names: tuple[tuple[str, ...]
     return any(len(leaves.intersection(entry)) >= 2 for entry in names)
 
 
-def unshare_adapter_inputs(model: nn.Module) -> None:
-    """Every gated LoRA layer of ``model`` computes its own ``A`` product again."""
+def unshare_adapter_inputs(model: nn.Module, groups: list[SharedInput] | None = None) -> None:
+    """The gated LoRA layers of ``model`` in ``groups`` (default: in any group) compute their own
+    ``A`` products again."""
     for layer in gated_lora_modules(model).values():
-        if layer.shared_input is not None:
-            layer.shared_input[0].clear()
+        if layer.shared_input is None:
+            continue
+        group = layer.shared_input[0]
+        if groups is None or any(group is g for g in groups):
+            group.clear()
             layer.shared_input = None
 
 
@@ -165,8 +167,4 @@ def shared_adapter_inputs(model: nn.Module) -> Iterator[list[SharedInput]]:
     try:
         yield groups
     finally:
-        for layer in gated_lora_modules(model).values():
-            if layer.shared_input is not None and any(layer.shared_input[0] is group for group in groups):
-                layer.shared_input = None
-        for group in groups:
-            group.clear()
+        unshare_adapter_inputs(model, groups)
