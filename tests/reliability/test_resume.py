@@ -149,6 +149,37 @@ def test_teacher_killed_mid_epoch_resumes_bit_for_bit(data_dir, rec_dir, tmp_pat
     assert [p.name for p in CheckpointManager(out, 2).checkpoints()] == ["step-000000010", "step-000000008"]
 
 
+@pytest.mark.slow  # two CLI subprocesses
+def test_a_second_run_on_a_live_runs_out_is_refused_and_changes_nothing(data_dir, rec_dir, tmp_path) -> None:
+    """A `--resume` typed while the first run still trains (the mistake that once had two
+    teacher runs writing one directory) is refused, naming the live run's pid."""
+    out = tmp_path / "teacher"
+    args = ["teacher", "train", str(data_dir), "--rec", str(rec_dir), "--out", str(out), "--json", "--checkpoint-every", "2",
+            "--epochs", "1", "--batch-size", "8", "tiny_hidden=16", "tiny_layers=1", "tiny_heads=2", "tiny_vocab=300",
+            "num_candidates=5", "val_samples=4"]
+    marker = tmp_path / "blocked"
+    live = _start(args, tmp_path / "live.log", BLOCK_AT="4", MARKER=str(marker))
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists():
+            assert live.poll() is None, (tmp_path / "live.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "timed out waiting for the checkpoint"
+            time.sleep(0.05)
+        before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+        second = _start(args + ["--resume"], tmp_path / "second.log")
+        second.communicate(timeout=240)
+        log = (tmp_path / "second.log").read_text()
+        assert second.returncode == 2, log[-3000:]
+        assert f"error: {out}: another process" in log and "is writing here; wait until it ends, or use another --out" in log
+        if Path("/proc/locks").is_file():
+            assert f"(pid {live.pid})" in log
+        assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+        assert live.poll() is None
+    finally:
+        live.kill()
+        live.wait()
+
+
 @pytest.mark.slow  # three CLI subprocesses
 def test_sasrec_killed_mid_epoch_resumes_bit_for_bit(data_dir, tmp_path) -> None:
     out = tmp_path / "sasrec"

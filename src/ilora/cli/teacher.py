@@ -92,6 +92,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from ilora.dir_lock import refuse_if_busy
     from ilora.outputs.export import ExportOptions, export_teacher_outputs
     from ilora.teacher.build import load_teacher
 
@@ -109,6 +110,7 @@ def run_export(args: argparse.Namespace) -> int:
     )
     dataset = load_data(args)
     with process_group(args.device) as ctx:  # first: on CUDA it picks this rank's GPU
+        refuse_if_busy(args.out, ctx)  # before loading the teacher; the export claims --out itself
         bundle = load_teacher(args.teacher, dataset.catalog, device=args.device)
         result = export_teacher_outputs(bundle, dataset, args.out, opts, teacher_dir=args.teacher, overwrite=args.overwrite, ctx=ctx).to_dict()
     if not ctx.is_main:

@@ -41,6 +41,7 @@ import torch
 from ilora.checkpointing import check_resume_config, refuse_earlier_run
 from ilora.config import option, to_dict
 from ilora.data.dataset import SeqDataset
+from ilora.dir_lock import claims_out_dir
 from ilora.distill.losses import dro_loss, importance_weights, propensity_scores, ranking_distillation_loss
 from ilora.distill.significance import paired_gain_intervals
 from ilora.distill.student import student_factory
@@ -304,6 +305,7 @@ def _run_summary(result: dict[str, object]) -> dict[str, object]:
     return {k: result[k] for k in keep if k in result}
 
 
+@claims_out_dir("out_dir")
 def distill(
     dataset: SeqDataset, teacher_outputs: TeacherOutputs, cfg: DistillConfig, out_dir: str | Path, *, source: str = "teacher outputs",
     resume: bool = False, overwrite: bool = False,

@@ -67,6 +67,7 @@ import torch
 
 from ilora.data.candidates import candidate_sets
 from ilora.data.dataset import SPLITS, SeqDataset, Split
+from ilora.dir_lock import claims_out_dir
 from ilora.distributed import SINGLE, Dist
 from ilora.errors import ConfigError, IloraError
 from ilora.outputs.format import FORMAT, ITEM_EMBEDDINGS, MANIFEST, VERSION, file_sha256
@@ -502,6 +503,7 @@ def _ensure_item_embeddings(bundle, out: Path, manifest: dict, device: str) -> t
     return emb.shape
 
 
+@claims_out_dir("out")
 def export_teacher_outputs(
     bundle,
     dataset: SeqDataset,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ilora.config import to_dict
 from ilora.data import SeqDataset, candidate_sets, load_dataset, read_native, synthetic_from_config, write_native
+from ilora.dir_lock import claim_out_dir
 from ilora.pipeline.config import DEVICE_SECTIONS, RunConfig, check_devices, check_run_config
 from ilora.pipeline.stages import run_stage
 from ilora.state_io import atomic_write_text
@@ -154,38 +155,37 @@ def run_pipeline(cfg: RunConfig) -> dict:
 
     everything = devices(*DEVICE_SECTIONS)
 
-    run_dir = Path(cfg.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
-    results: dict = {}
+    with claim_out_dir(cfg.out) as run_dir:  # one process per run directory
+        atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
+        results: dict = {}
 
-    data_key, results["data"] = run_stage(run_dir, "data", to_dict(cfg.data), [], lambda d: stage_data(cfg, d), check=everything)
-    dataset = read_native(run_dir / "data" / "dataset")
-    rec_key, trained = run_stage(
-        run_dir, "sasrec", to_dict(cfg.rec), [data_key], lambda d: stage_sasrec(cfg, dataset, d), keep_partial=True,
-        check=devices(*DEVICE_SECTIONS, then=lambda: (check_training_input(dataset, cfg.rec), check_teacher_input(cfg, dataset))),
-    )
-    results["sasrec_train"] = {k: trained.get(k) for k in ("best_epoch", "epochs_run", "steps", "seconds")}
-    rec_dir = run_dir / "sasrec" / "model"
-    _, results["sasrec"] = run_stage(run_dir, "sasrec_eval", sasrec_eval_config(cfg), [rec_key], lambda d: stage_sasrec_eval(cfg, dataset, rec_dir))
-    teacher_key, results["teacher"] = run_stage(
-        run_dir, "teacher", to_dict(cfg.teacher), [rec_key], lambda d: stage_teacher(cfg, dataset, rec_dir, d), keep_partial=True,
-        legacy=without_added_defaults, check=devices("teacher", "export", "distill", then=lambda: check_teacher_input(cfg, dataset)),
-    )
-    teacher_dir = run_dir / "teacher" / "model"
-    _, results["eval"] = run_stage(
-        run_dir, "eval", to_dict(cfg.eval), [teacher_key], lambda d: stage_eval(cfg, dataset, teacher_dir, rec_dir, d), check=devices("teacher")
-    )
-    export_key, results["export"] = run_stage(
-        run_dir, "export", to_dict(cfg.export), [teacher_key], lambda d: stage_export(cfg, dataset, teacher_dir, d), keep_partial=True,
-        check=devices("export", "distill"),
-    )
-    outputs_dir = run_dir / "export" / "outputs"
-    _, results["distill"] = run_stage(
-        run_dir, "distill", to_dict(cfg.distill), [export_key, data_key], lambda d: stage_distill(cfg, dataset, outputs_dir, d), keep_partial=True,
-        check=devices("distill", then=lambda: check_training_input(dataset, cfg.distill)),
-    )
-    summary = {"out": str(run_dir), **results}
-    write_report(run_dir, summary)
-    print(f"[run] report: {run_dir / 'report.md'}", file=sys.stderr, flush=True)
-    return summary
+        data_key, results["data"] = run_stage(run_dir, "data", to_dict(cfg.data), [], lambda d: stage_data(cfg, d), check=everything)
+        dataset = read_native(run_dir / "data" / "dataset")
+        rec_key, trained = run_stage(
+            run_dir, "sasrec", to_dict(cfg.rec), [data_key], lambda d: stage_sasrec(cfg, dataset, d), keep_partial=True,
+            check=devices(*DEVICE_SECTIONS, then=lambda: (check_training_input(dataset, cfg.rec), check_teacher_input(cfg, dataset))),
+        )
+        results["sasrec_train"] = {k: trained.get(k) for k in ("best_epoch", "epochs_run", "steps", "seconds")}
+        rec_dir = run_dir / "sasrec" / "model"
+        _, results["sasrec"] = run_stage(run_dir, "sasrec_eval", sasrec_eval_config(cfg), [rec_key], lambda d: stage_sasrec_eval(cfg, dataset, rec_dir))
+        teacher_key, results["teacher"] = run_stage(
+            run_dir, "teacher", to_dict(cfg.teacher), [rec_key], lambda d: stage_teacher(cfg, dataset, rec_dir, d), keep_partial=True,
+            legacy=without_added_defaults, check=devices("teacher", "export", "distill", then=lambda: check_teacher_input(cfg, dataset)),
+        )
+        teacher_dir = run_dir / "teacher" / "model"
+        _, results["eval"] = run_stage(
+            run_dir, "eval", to_dict(cfg.eval), [teacher_key], lambda d: stage_eval(cfg, dataset, teacher_dir, rec_dir, d), check=devices("teacher")
+        )
+        export_key, results["export"] = run_stage(
+            run_dir, "export", to_dict(cfg.export), [teacher_key], lambda d: stage_export(cfg, dataset, teacher_dir, d), keep_partial=True,
+            check=devices("export", "distill"),
+        )
+        outputs_dir = run_dir / "export" / "outputs"
+        _, results["distill"] = run_stage(
+            run_dir, "distill", to_dict(cfg.distill), [export_key, data_key], lambda d: stage_distill(cfg, dataset, outputs_dir, d), keep_partial=True,
+            check=devices("distill", then=lambda: check_training_input(dataset, cfg.distill)),
+        )
+        summary = {"out": str(run_dir), **results}
+        write_report(run_dir, summary)
+        print(f"[run] report: {run_dir / 'report.md'}", file=sys.stderr, flush=True)
+        return summary

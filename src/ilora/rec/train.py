@@ -51,6 +51,7 @@ from ilora.checkpointing import NonFiniteGuard, check_resume_config, open_run, r
 from ilora.config import option, to_dict
 from ilora.metrics_log import MetricsLog
 from ilora.data.dataset import SeqDataset, Split
+from ilora.dir_lock import claims_out_dir
 from ilora.distributed import require_device
 from ilora.errors import ConfigError, IloraError
 from ilora.progress import progress
@@ -322,6 +323,7 @@ def check_training_input(dataset: SeqDataset, cfg: RecTrainConfig) -> None:
         split_candidates(dataset, cfg, name)
 
 
+@claims_out_dir("out_dir")
 def train_sasrec(
     dataset: SeqDataset,
     cfg: RecTrainConfig,

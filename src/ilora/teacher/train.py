@@ -68,6 +68,7 @@ from ilora.checkpointing import CheckpointManager, NonFiniteGuard, check_resume_
 from ilora.config import to_dict
 from ilora.data.candidates import candidate_sets
 from ilora.data.dataset import SeqDataset, Split
+from ilora.dir_lock import claims_out_dir
 from ilora.distributed import SINGLE, Dist, require_device
 from ilora.errors import ConfigError, IloraError
 from ilora.metrics_log import MetricsLog, NullLog
@@ -366,6 +367,7 @@ def _load_checkpoint(checkpoints: CheckpointManager, cfg: TeacherConfig, inputs:
     return ctx.broadcast((saved, step))
 
 
+@claims_out_dir("out_dir")
 def train_teacher(
     dataset: SeqDataset, cfg: TeacherConfig, rec_dir: str | Path, out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
     ctx: Dist = SINGLE,
