@@ -29,13 +29,44 @@ def test_a_redirected_bar_redraws_at_most_every_30_s(monkeypatch) -> None:
                 time.sleep(0.15)
                 bar.update(1)
                 bar.set_postfix(loss=f"{step:.3f}", refresh=False)
-        return out.getvalue().count("\r")
+        return out.getvalue().count("\n")
 
     ours = run(lambda out: progress(total=4))
     plain = run(lambda out: tqdm(total=4, file=out))
-    assert ours <= 2 < plain
+    assert ours <= 2
+    assert plain == 1 and run(lambda out: tqdm(total=4, file=out, mininterval=0)) == 1  # tqdm: one line of redraws
     with progress(total=1) as bar:
         assert bar.mininterval == bar.maxinterval == REDIRECTED_INTERVAL_S == 30.0
+
+
+def test_a_redirected_bar_and_log_lines_each_keep_their_own_lines(monkeypatch) -> None:
+    """What a batch job's log file holds: no carriage return, no bar line continued by a log line."""
+    import logging
+
+    out = io.StringIO()
+    monkeypatch.setattr(progress_module.sys, "stderr", out)
+    log = logging.getLogger("test_progress")
+    handler = logging.StreamHandler(out)
+    log.addHandler(handler)
+    try:
+        with progress(total=2, desc="train", mininterval=0, maxinterval=0) as bar:
+            bar.update(1)
+            log.warning("epoch 1 done")
+            bar.update(1)
+        with progress(total=1, desc="eval", leave=False) as bar:
+            bar.update(1)
+        with progress(total=1, desc="train") as outer:  # a validation bar inside the training bar
+            for _ in progress(range(2), desc="eval", leave=False, mininterval=0, maxinterval=0):
+                pass
+            outer.update(1)
+    finally:
+        log.removeHandler(handler)
+    text = out.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    lines = text.splitlines()
+    assert "epoch 1 done" in lines
+    assert all(line == "epoch 1 done" or line.startswith(("train:", "eval:")) for line in lines), lines
+    assert lines[-1].startswith("train: 100%|") and any(line.startswith("eval: 100%|") for line in lines)
 
 
 def test_a_terminal_bar_keeps_tqdms_interval_and_a_hidden_bar_writes_nothing(monkeypatch) -> None:
