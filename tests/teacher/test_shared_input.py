@@ -281,6 +281,39 @@ def test_grouping_errors():
     assert TeacherConfig(share_adapter_inputs=True, target_modules=["model.layers.0.self_attn.k_proj", "v_proj"]).share_adapter_inputs
 
 
+@pytest.mark.parametrize(
+    ("targets", "groups_expected"),
+    [
+        (["q_proj", "k_proj"], True),
+        (["q_proj", "o_proj", "up_proj"], False),
+        (["model.layers.0.self_attn.k_proj", "v_proj"], True),
+        (["layers.1.self_attn.q_proj", "self_attn.k_proj"], True),
+        (["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.k_proj"], False),  # one of each in two layers
+        (["layers.0.self_attn.q_proj", "layers.0.mlp.up_proj"], False),  # one layer, two inputs
+        (["0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"], True),
+        (["layers.0.mlp.gate_proj", "layers.1.mlp.up_proj", "layers.1.mlp.gate_proj"], True),
+        (["q_proj", "layers.0.self_attn.q_proj"], False),  # one name twice
+    ],
+)
+def test_the_config_check_agrees_with_the_grouping_of_a_built_model(targets, groups_expected):
+    """`TeacherConfig` refuses, before any model is loaded, exactly the target lists whose
+    built model has no group to make (the reference: grouping the injected layers)."""
+    from ilora.teacher.config import TeacherConfig
+
+    model, _ = injected(target_modules=targets)
+    try:
+        share_adapter_inputs(model)
+        groups_form = True
+    except ConfigError:
+        groups_form = False
+    assert groups_form == groups_expected
+    if groups_form:
+        assert TeacherConfig(share_adapter_inputs=True, target_modules=targets).share_adapter_inputs
+    else:
+        with pytest.raises(ConfigError, match="adapt no two layers that read one input"):
+            TeacherConfig(share_adapter_inputs=True, target_modules=targets)
+
+
 def test_a_dropped_grouped_model_is_freed_without_the_cycle_collector():
     """Members point to their group; a group pointing back would form a reference cycle that
     keeps a dropped teacher's grouped layers (frozen 7B weights included) alive until a full

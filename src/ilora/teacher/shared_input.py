@@ -141,10 +141,24 @@ def share_adapter_inputs(model: nn.Module, names: tuple[tuple[str, ...], ...] = 
     return groups
 
 
+def _one_module_can_end_with_both(a: str, b: str) -> bool:
+    """Whether some module path can end with both dotted suffixes ``a`` and ``b`` ("" ends every path)."""
+    return not a or not b or a == b or a.endswith("." + b) or b.endswith("." + a)
+
+
 def names_share_an_input(target_modules: list[str], names: tuple[tuple[str, ...], ...] = SHARED_INPUT_NAMES) -> bool:
-    """Whether ``target_modules`` (layer names or dotted path suffixes) adapt two layers of one entry of ``names``."""
-    leaves = {target.rsplit(".", 1)[-1] for target in target_modules}
-    return any(len(leaves.intersection(entry)) >= 2 for entry in names)
+    """Whether ``target_modules`` (layer names or dotted path suffixes, matched as peft does) can
+    adapt two sibling layers of one entry of ``names``: two targets with different names of the
+    entry whose parent paths one module can have (``q_proj`` and ``layers.0.self_attn.k_proj``
+    can; ``layers.0.self_attn.q_proj`` and ``layers.1.self_attn.k_proj`` cannot). Whether the
+    model has such a module is known only when it is built (`share_adapter_inputs`)."""
+    targets = [target.rpartition(".")[::2] for target in target_modules]  # (parent path, layer name)
+    for entry in names:
+        hits = [(parent, leaf) for parent, leaf in targets if leaf in entry]
+        for i, (parent, leaf) in enumerate(hits):
+            if any(leaf != other and _one_module_can_end_with_both(parent, up) for up, other in hits[i + 1 :]):
+                return True
+    return False
 
 
 def unshare_adapter_inputs(model: nn.Module, groups: list[SharedInput] | None = None) -> None:
