@@ -314,6 +314,20 @@ def test_rec_train_refuses_more_candidates_than_items_before_creating_out(tmp_pa
     assert not out.exists()
 
 
+def test_one_candidate_is_refused_by_sasrec_training_and_distillation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A set of the target alone gives cand_hr@1 = 1.0 for any model."""
+    from ilora.distill.train import DistillConfig
+    from ilora.rec.train import RecTrainConfig
+
+    for make in (lambda: RecTrainConfig(eval_candidates=1).validate(), lambda: DistillConfig(eval_candidates=1).validate()):
+        with pytest.raises(ConfigError, match="eval_candidates must be 0 .* or >= 2 .* got 1"):
+            make()
+    RecTrainConfig(eval_candidates=0).validate()
+    RecTrainConfig(eval_candidates=2).validate()
+    assert main(["rec", "train", str(tmp_path / "no-data"), "--out", str(tmp_path / "out"), "--eval-candidates", "1"]) == 2
+    assert "eval_candidates must be 0" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("command", [["teacher", "eval"], ["teacher", "export", "--out", "OUT"]])
 def test_an_expert_the_teacher_lacks_is_refused_before_reading_data(command, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """expert:N is checked against the saved teacher's config before the data (here: missing) is read."""

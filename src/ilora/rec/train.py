@@ -88,7 +88,7 @@ class RecTrainConfig:
     monitor: Literal["ndcg@10", "hr@10", "ndcg@20", "hr@20", "cand_hr@1"] = option(
         "ndcg@10", "validation metric that selects the best epoch"
     )
-    eval_candidates: int = option(20, "candidate-set size for val/test cand_hr@1 (0: skip candidate metrics)")
+    eval_candidates: int = option(20, "candidate-set size for val/test cand_hr@1, >= 2 (0: skip candidate metrics)")
     cand_seed: int = option(0, "seed of the fixed val/test candidate sets (kept apart from `seed` so runs compare)")
     mask_history: bool = option(False, "leave history items out of the full ranking during evaluation")
     train_min_len: int = option(1, "train only on samples with at least this many history items (--min-len filters every split at load time)")
@@ -111,7 +111,11 @@ class RecTrainConfig:
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (self.negatives >= 1, "negatives must be >= 1"),
             (self.patience >= 0, "patience must be >= 0"),
-            (self.eval_candidates >= 0, "eval_candidates must be >= 0"),
+            (
+                self.eval_candidates == 0 or self.eval_candidates >= 2,
+                f"eval_candidates must be 0 (no candidate metrics) or >= 2 (the target and at least one other item; with 1, "
+                f"cand_hr@1 is 1.0 for any model), got {self.eval_candidates}",
+            ),
             (self.train_min_len >= 1, "train_min_len must be >= 1"),
             (self.eval_batch_size >= 1, "eval_batch_size must be >= 1"),
             (math.isfinite(self.grad_clip) and self.grad_clip >= 0, "grad_clip must be a finite number >= 0"),
