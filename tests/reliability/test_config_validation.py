@@ -26,6 +26,7 @@ def error_line(capsys: pytest.CaptureFixture[str]) -> str:
 
 
 INVALID_TEACHER = [
+    ({"select_metric": "hr@5", "num_candidates": 5}, "select_metric hr@5 is 1.0 for every epoch with num_candidates 5"),
     ({"num_experts": 0}, "num_experts: must be >= 1, got 0"),
     ({"num_experts": -3}, "num_experts: must be >= 1, got -3"),
     ({"rank_per_expert": 0}, "rank_per_expert: must be >= 1, got 0"),

@@ -113,6 +113,11 @@ class TeacherConfig:
         self._check_numbers()
         if self.select_metric not in SELECT_METRICS:
             raise ConfigError(f"select_metric: {self.select_metric!r} is not one of {', '.join(SELECT_METRICS)}")
+        if self.select_metric == "hr@5" and self.num_candidates <= 5:
+            raise ConfigError(
+                f"select_metric hr@5 is 1.0 for every epoch with num_candidates {self.num_candidates} (the target is always "
+                "among the first 5), so it would keep the first epoch; pick another metric or more candidates"
+            )
         if self.llm == "tiny":
             self._check_tiny()
         from ilora.teacher.prompts import load_template

@@ -5,11 +5,13 @@
   ``ndcg@10``, ``mrr``, ``mean_target_logprob`` and ``valid_ratio`` = 1.
 * generate: greedy generation, then the reference rule: an output is *valid* if exactly
   one candidate title occurs in it (case-insensitive substring, first line only, as
-  LLaRA's validation and test steps take it). Decoding stops at eos or after
+  LLaRA's validation and test steps take it). The first token is never eos (LLaRA's
+  ``min_new_tokens=1``). Decoding stops at eos or after
   ``max_new_tokens``: by default the longest (truncated) title + 8 tokens, enough for any
   trained answer; LLaRA generates up to 64, which ``max_new_tokens=64`` reproduces.
   ``valid_ratio`` = valid / all; ``hr@1`` = correct / valid (the iLoRA/LLaRA
-  definition, which ignores invalid outputs) and ``hr@1_all`` = correct / all.
+  definition, which ignores invalid outputs; NaN with no valid output, where LLaRA reports 0)
+  and ``hr@1_all`` = correct / all.
   The titles matched (candidates and target alike) are the teacher's answer texts
   (`answer_texts`): each title as the teacher was trained to write it, i.e. truncated to
   ``max_title_tokens`` tokens and decoded as `ILoRATeacher.generate` decodes, so a

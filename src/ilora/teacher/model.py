@@ -348,8 +348,9 @@ class ILoRATeacher(nn.Module):
     @in_eval_mode
     def generate(self, batch, gate_mode: str = "learned", max_new_tokens: int = 32) -> list[str]:
         """Greedy decoding from prompts without answers (left-padded, `check_prompt_batch`);
-        returns the decoded texts (up to eos, special tokens skipped). Runs in eval mode
-        (`in_eval_mode`); ``max_new_tokens`` must be >= 1."""
+        returns the decoded texts (up to eos, special tokens skipped). The first token is never
+        eos, as in LLaRA (``min_new_tokens=1``): an empty answer would always be invalid. Runs in
+        eval mode (`in_eval_mode`); ``max_new_tokens`` must be >= 1."""
         check_prompt_batch(batch, "generate")
         if max_new_tokens < 1:
             raise IloraError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -360,8 +361,11 @@ class ILoRATeacher(nn.Module):
         last = out.hidden[:, -1]
         done = torch.zeros(last.shape[0], dtype=torch.bool, device=last.device)
         steps = []
-        for _ in range(max_new_tokens):
-            token = self.lm_logits(last).argmax(-1)
+        for number in range(max_new_tokens):
+            logits = self.lm_logits(last)
+            if number == 0:
+                logits[:, eos] = float("-inf")
+            token = logits.argmax(-1)
             token = torch.where(done, torch.full_like(token, pad), token)
             steps.append(token)
             done |= token == eos
