@@ -10,7 +10,7 @@ import torch
 
 from ilora.cli.main import main
 from ilora.data import SeqDataset, candidate_sets, make_synthetic, write_native
-from ilora.errors import ConfigError, IloraError
+from ilora.errors import ConfigError, DataError, IloraError
 from ilora.outputs import read_teacher_outputs
 from ilora.outputs.export import ExportOptions, build_pools, export_teacher_outputs, sasrec_top_unseen, score_pool, select_top_k
 from ilora.outputs.format import read_manifest
@@ -181,7 +181,14 @@ def test_a_nan_score_of_a_real_pool_item_is_an_error_naming_the_sample():
     assert top.items.tolist() == [[1, 4], [6, 5]] and not torch.isnan(top.confidence).any()
     scores = nan_in_padding.clone()
     scores[1, 2] = float("nan")
-    with pytest.raises(IloraError, match="val sample 41: the teacher's score of pool item 6 is NaN"):
+    with pytest.raises(IloraError, match="val sample 41: the teacher's score of pool item 6 is nan"):
+        select_top_k(scores, pool, mask, 2, "val sample", first_row=40)
+    scores[1, 2] = float("inf")
+    with pytest.raises(IloraError, match="val sample 41: the teacher's score of pool item 6 is inf"):
+        select_top_k(scores, pool, mask, 2, "val sample", first_row=40)
+    # a row whose every real score is -inf would get NaN confidences, which the reader refuses
+    scores[1, :3] = float("-inf")
+    with pytest.raises(IloraError, match="val sample 41: the teacher scores every item of its pool -inf"):
         select_top_k(scores, pool, mask, 2, "val sample", first_row=40)
 
 
@@ -191,6 +198,11 @@ def test_top_k_beyond_the_pool_is_refused_before_any_work(teacher, dataset, tmp_
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="both 0"):
         ExportOptions(pool_sasrec=0, pool_candidates=0)
+    # candidate sets a row cannot fill (30 items; a history of up to 10): refused before the first shard,
+    # not after the manifest, the item embeddings and the shards before that row were written
+    with pytest.raises(DataError, match="train split.*cannot draw 27 negatives"):
+        export(teacher, dataset, tmp_path / "o", splits=("train",), top_k=2, pool_sasrec=2, pool_candidates=28, shard_rows=5)
+    assert not (tmp_path / "o").exists()
 
 
 def test_training_loss_and_export_share_the_model_call_and_agree_on_the_prompt(teacher, dataset):
@@ -294,6 +306,17 @@ def test_another_teacher_or_options_are_refused_unless_overwrite(teacher, datase
     result = export((other, tmp_path / "t2"), dataset, out, overwrite=True, **{**OPTS, "limit": 4})
     assert result.written == 4
     assert read_manifest(out)["teacher"]["path"] == str((tmp_path / "t2").resolve())
+    # --overwrite replaces an export whose manifest this ilora cannot read (another version, or cut short) ...
+    for text in ('{"format": "ilora-teacher-outputs", "version": 0}', '{"format": "ilora-tea'):
+        (out / "manifest.json").write_text(text)
+        with pytest.raises(IloraError, match="manifest.json: (format version 0|not valid JSON)"):
+            export(teacher, dataset, out, **{**OPTS, "limit": 4})
+        assert export(teacher, dataset, out, overwrite=True, **{**OPTS, "limit": 4}).written == 4
+    # ... but not another program's manifest
+    (out / "manifest.json").write_text('{"format": "something-else"}')
+    with pytest.raises(IloraError, match="a manifest of format 'something-else', not ilora teacher outputs"):
+        export(teacher, dataset, out, overwrite=True, **{**OPTS, "limit": 4})
+    assert (out / "manifest.json").read_text() == '{"format": "something-else"}'
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")

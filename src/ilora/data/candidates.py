@@ -102,6 +102,13 @@ def _negatives(keys: np.ndarray, history: np.ndarray, target: np.ndarray, need: 
     return out
 
 
+def check_candidate_room(split: Split, num_items: int, *, count: int, split_name: str) -> None:
+    """`DataError` naming the first row of ``split`` that has fewer than ``count - 1`` items
+    outside its history and target, as `candidate_sets` would raise (without drawing)."""
+    valid = np.arange(split.max_len)[None, :] < split.length[:, None]
+    _check_room(np.where(valid, split.history, -1), split.target, num_items, count, split_name, np.arange(len(split)))
+
+
 def candidate_sets(
     split: Split,
     num_items: int,

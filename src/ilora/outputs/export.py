@@ -65,7 +65,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ilora.data.candidates import candidate_sets
+from ilora.data.candidates import candidate_sets, check_candidate_room
 from ilora.data.dataset import SPLITS, SeqDataset, Split
 from ilora.dir_lock import claims_out_dir
 from ilora.distributed import SINGLE, Dist
@@ -194,10 +194,14 @@ def select_top_k(scores: torch.Tensor, pool: torch.Tensor, mask: torch.Tensor, k
     if bool((size < k).any()):
         row = int((size < k).nonzero()[0, 0])
         raise IloraError(f"{rows} {first_row + row}: its candidate pool has {int(size[row])} items, fewer than top-k {k}")
-    nan = torch.isnan(scores) & mask
+    nan = (torch.isnan(scores) | (scores == float("inf"))) & mask
     if bool(nan.any()):
         row, col = (int(i) for i in nan.nonzero()[0])
-        raise IloraError(f"{rows} {first_row + row}: the teacher's score of pool item {int(pool[row, col])} is NaN; cannot rank it")
+        raise IloraError(f"{rows} {first_row + row}: the teacher's score of pool item {int(pool[row, col])} is {float(scores[row, col])}; cannot rank it")
+    hopeless = ~(torch.isfinite(scores) & mask).any(1)  # softmax of a row of -inf only: NaN confidences
+    if bool(hopeless.any()):
+        row = int(hopeless.nonzero()[0, 0])
+        raise IloraError(f"{rows} {first_row + row}: the teacher scores every item of its pool -inf; no confidence can be given")
     masked = scores.float().masked_fill(~mask, float("-inf"))
     confidence = torch.softmax(masked, dim=1)
     order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :k]
@@ -346,16 +350,29 @@ def _remove_outputs(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _refuse_foreign_manifest(path: Path) -> None:
+    """`IloraError` when ``path`` is a JSON object of another format (another program's file,
+    not ours to delete); one of ours of any version, or unreadable, may be replaced."""
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return
+    if isinstance(manifest, dict) and manifest.get("format", FORMAT) != FORMAT:
+        raise IloraError(f"{path}: a manifest of format {manifest.get('format')!r}, not ilora teacher outputs; use another --out")
+
+
 def prepare_out(out: Path, fresh: dict, overwrite: bool) -> dict:
-    """The manifest to continue from: the previous one when it matches, else a fresh one."""
+    """The manifest to continue from: the previous one when it matches, else a fresh one.
+    ``overwrite`` replaces an earlier export whatever its manifest's version or state."""
     if (out / MANIFEST).is_file():
         from ilora.outputs.format import read_manifest
 
-        old = read_manifest(out)
         if not overwrite:
+            old = read_manifest(out)
             check_same_export(old, fresh, out)
             old["teacher"]["path"] = fresh["teacher"]["path"]
             return old
+        _refuse_foreign_manifest(out / MANIFEST)
         _remove_outputs(out)
     elif out.is_dir() and any(out.iterdir()):
         if not overwrite:
@@ -532,6 +549,9 @@ def export_teacher_outputs(
         split = dataset.split(name)
         splits[name] = split.subset(slice(0, opts.limit)) if opts.limit else split
     check_pool(opts, dataset.num_items, dataset.max_len)
+    shown = opts.pool_candidates or bundle.config.num_candidates
+    for name, split in splits.items():  # what a late shard's candidate sets would refuse, before any is written
+        check_candidate_room(split, bundle.teacher.rec.num_items, count=shown, split_name=name)
     bundle.teacher.eval()
     hidden = bundle.teacher.llm.config.hidden_size
     manifest, shape = None, None
