@@ -75,17 +75,31 @@ def holder_pid(path: Path) -> int | None:
     return None
 
 
+def _held_here(path: Path) -> bool:
+    """Whether a claim of this process holds directory ``path`` (compared by device and inode)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    for fd in _held:
+        with contextlib.suppress(OSError):
+            held = os.fstat(fd)
+            if (held.st_dev, held.st_ino) == (st.st_dev, st.st_ino):
+                return True
+    return False
+
+
 def busy_message(path: Path) -> str:
     pid = holder_pid(path)
-    if pid == os.getpid():
+    if _held_here(path) or pid == os.getpid():
         return f"{path}: this process holds it already (a nested claim of one --out)"
     who = f"another process (pid {pid})" if pid is not None else "another process"
     return f"{path}: {who} is writing here; wait until it ends, or use another --out"
 
 
-def lock_directory(path: Path) -> int | None:
+def lock_directory(path: Path, warn: bool = True) -> int | None:
     """An open descriptor of directory ``path`` holding its exclusive lock, or None where no
-    lock can be taken (no ``fcntl``; a file system that cannot lock: warned).
+    lock can be taken (no ``fcntl``; a file system that cannot lock: warned if ``warn``).
 
     Raises `IloraError` when another process (or another claim in this one) holds it."""
     if fcntl is None:
@@ -98,7 +112,9 @@ def lock_directory(path: Path) -> int | None:
         if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise IloraError(busy_message(path)) from None
         if err.errno in CANNOT_LOCK:
-            log.warning("%s: this file system cannot lock a directory (%s); a second command on this --out will not be refused", path, err.strerror)
+            if warn:
+                log.warning("%s: this file system cannot lock a directory (%s); a second command on this --out will not be refused",
+                            path, err.strerror)
             return None
         raise
     _held.add(fd)
@@ -177,11 +193,14 @@ def refuse_if_busy(out: str | Path, ctx: Dist = SINGLE) -> None:
     """`IloraError` on every rank now if another process holds ``out``: a check before minutes
     of model loading, for a command whose claim comes after it (``teacher export``)."""
     refusal = None
-    if ctx.is_main and Path(out).is_dir():
+    if ctx.is_main:
         try:
-            release(lock_directory(Path(out)))
+            if Path(out).is_dir():
+                release(lock_directory(Path(out), warn=False))
         except IloraError as err:
             refusal = str(err)
+        except OSError:  # the claim itself says what is wrong with --out
+            pass
     refusal = ctx.broadcast(refusal)
     if refusal is not None:
         raise IloraError(refusal)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ilora.data.candidates import candidate_sets, load_candidates, save_candidates
+from ilora.data.candidates import candidate_sets, check_candidate_room, load_candidates, save_candidates
 from ilora.data.dataset import Split
 from ilora.data.synthetic import make_synthetic
 from ilora.errors import ConfigError, DataError
@@ -83,6 +83,27 @@ def test_too_many_candidates_names_the_row() -> None:
         candidate_sets(split, 12, count=10, seed=1, split_name="val")
     with pytest.raises(ConfigError):
         candidate_sets(split, 12, count=0, seed=1, split_name="val")
+
+
+@pytest.mark.parametrize("count", [2, 5, 8, 9, 10, 11, 12])
+def test_the_room_check_refuses_exactly_what_drawing_refuses(count: int, np_rng: np.random.Generator) -> None:
+    """`check_candidate_room` looks only at rows whose length could leave too little room; it
+    must still refuse (with the same message) exactly when `candidate_sets` does."""
+    rows, width, items = 300, 6, 12
+    history = np_rng.integers(0, items, size=(rows, width))  # repeats: fewer distinct items than the length
+    length = np_rng.integers(0, width + 1, size=rows)
+    split = Split(np.where(np.arange(width) < length[:, None], history, items), length, np_rng.integers(0, items, size=rows))
+    try:
+        candidate_sets(split, items, count=count, seed=0, split_name="train")
+        expected = None
+    except DataError as err:
+        expected = str(err)
+    if expected is None:
+        check_candidate_room(split, items, count=count, split_name="train")
+    else:
+        with pytest.raises(DataError) as refused:
+            check_candidate_room(split, items, count=count, split_name="train")
+        assert str(refused.value) == expected
 
 
 def test_save_and_load(tmp_path: Path, split_and_items) -> None:

@@ -337,3 +337,25 @@ def test_cli_export_json(teacher, dataset, tmp_path, capsys):
     assert outputs.split("val").topk_items.shape == (4, 3)
     assert main(base + ["--top-k", "40", "--pool-sasrec", "4", "--pool-candidates", "3"]) == 2
     assert "top-k 40 exceeds" in capsys.readouterr().err
+
+
+def test_cli_export_refuses_what_the_shards_would_before_loading_the_teacher(teacher, dataset, tmp_path, capsys, monkeypatch):
+    """Candidate sets a row cannot fill, and a pool of the target alone, are refused before the
+    teacher loads (minutes at 7B), not after."""
+    import ilora.teacher.build as build
+
+    def load_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was loaded")
+
+    monkeypatch.setattr(build, "load_teacher", load_teacher)
+    data = tmp_path / "data"
+    write_native(dataset, data)
+    base = ["teacher", "export", str(data), "--teacher", str(teacher[1]), "--out", str(tmp_path / "o"), "--top-k", "2", "--pool-sasrec", "2"]
+    assert main(base + ["--pool-candidates", "28"]) == 2
+    assert "cannot draw 27 negatives" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses it
+        main(base + ["--pool-candidates", "1"])
+    assert exit_info.value.code == 2 and "must be 0 (none) or >= 2" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ConfigError, match="pool-candidates: must be 0 \\(none\\) or >= 2"):
+        ExportOptions(pool_candidates=1)

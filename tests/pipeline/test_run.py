@@ -326,6 +326,25 @@ def test_data_the_teacher_would_refuse_fails_before_sasrec_trains(tmp_path, caps
     assert not (tmp_path / "run" / "sasrec" / "stage.json").exists() and not (tmp_path / "run" / "sasrec" / "model").exists()
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"teacher": {**SMALL["teacher"], "num_candidates": 38}}, "train split, row"),
+        ({"eval": {**SMALL["eval"], "candidates": 38}}, "test split, row"),
+        ({"export": {**SMALL["export"], "pool_candidates": 38, "splits": ["train", "val"]}}, "train split, row"),
+    ],
+)
+def test_candidate_sets_a_row_cannot_fill_fail_before_sasrec_trains(tmp_path, capsys, override, message):
+    """40 items, histories of up to 10: 38 candidates leave some rows short of negatives. The
+    teacher, eval or export stage found that only after SASRec (and the teacher) had trained."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, **override, "out": str(tmp_path / "run")}))
+    assert main(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "cannot draw 37 negatives" in err
+    assert not (tmp_path / "run" / "sasrec" / "stage.json").exists() and not (tmp_path / "run" / "sasrec" / "model").exists()
+
+
 def test_interrupted_training_stage_resumes_from_its_checkpoints(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run"), "teacher": {**SMALL["teacher"], "checkpoint_every": 1}}))

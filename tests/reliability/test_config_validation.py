@@ -26,7 +26,6 @@ def error_line(capsys: pytest.CaptureFixture[str]) -> str:
 
 
 INVALID_TEACHER = [
-    ({"select_metric": "hr@5", "num_candidates": 5}, "select_metric hr@5 is 1.0 for every epoch with num_candidates 5"),
     ({"num_experts": 0}, "num_experts: must be >= 1, got 0"),
     ({"num_experts": -3}, "num_experts: must be >= 1, got -3"),
     ({"rank_per_expert": 0}, "rank_per_expert: must be >= 1, got 0"),
@@ -313,6 +312,26 @@ def test_rec_train_refuses_more_candidates_than_items_before_creating_out(tmp_pa
     assert main(["rec", "train", str(data), "--out", str(out), "--eval-candidates", "5000"]) == 2
     assert "cannot draw 4999 negatives" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_select_metric_hr5_over_5_candidates_is_refused_by_training_alone(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """hr@5 over <= 5 candidates is 1.0 every epoch, so it would keep the first; a teacher saved
+    with that setting must still load, evaluate and export (its select_metric is unused there)."""
+    from ilora.pipeline.config import RunConfig, check_run_config
+    from ilora.teacher.config import check_training_options
+
+    constant = TeacherConfig(select_metric="hr@5", num_candidates=5)  # a saved teacher's config: accepted
+    with pytest.raises(ConfigError, match="select_metric hr@5 is 1.0 for every epoch with num_candidates 5"):
+        check_training_options(constant)
+    check_training_options(TeacherConfig(select_metric="hr@5", num_candidates=6))
+    with pytest.raises(ConfigError, match="teacher: select_metric hr@5"):
+        check_run_config(RunConfig(out=str(tmp_path / "run"), teacher=constant))
+    assert main(["data", "synth", str(tmp_path / "data"), "--users", "20", "--items", "20"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "teacher"
+    argv = ["teacher", "train", str(tmp_path / "data"), "--rec", str(tmp_path / "no-rec"), "--out", str(out), "select_metric=hr@5", "num_candidates=5"]
+    assert main(argv) == 2
+    assert "select_metric hr@5 is 1.0" in capsys.readouterr().err and not out.exists()  # before the SASRec is read
 
 
 def test_one_candidate_is_refused_by_sasrec_training_and_distillation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ilora.cli.common import add_data_arguments, add_json_argument, add_run_arguments, candidate_count, load_data, nonnegative_int, positive_int, print_json
+from ilora.cli.common import add_data_arguments, add_json_argument, add_run_arguments, candidate_count, load_data, nonnegative_int, optional_candidate_count, positive_int, print_json
 from ilora.config import add_arguments, add_config_arguments, config_from_args
 from ilora.distributed import process_group, require_device
 from ilora.errors import IloraError
@@ -21,9 +21,11 @@ SPLIT_CHOICES = ("train", "val", "test")
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from ilora.teacher.config import check_training_options
     from ilora.teacher.train import train_teacher
 
     cfg = config_from_args(TeacherConfig, args)
+    check_training_options(cfg)
     if not Path(args.rec).is_dir():
         raise IloraError(f"{args.rec}: SASRec directory not found (train one with `ilora rec train`)")
     dataset = load_data(args)
@@ -93,8 +95,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     from ilora.dir_lock import refuse_if_busy
-    from ilora.outputs.export import ExportOptions, export_teacher_outputs
-    from ilora.teacher.build import load_teacher
+    from ilora.outputs.export import ExportOptions, check_export_input, export_teacher_outputs
+    from ilora.teacher.build import load_teacher, read_teacher_config
 
     check_gate_and_device(args)
     opts = ExportOptions(
@@ -109,6 +111,7 @@ def run_export(args: argparse.Namespace) -> int:
         limit=args.limit,
     )
     dataset = load_data(args)
+    check_export_input(dataset, opts, read_teacher_config(args.teacher)[0].num_candidates)  # before loading the teacher
     with process_group(args.device) as ctx:  # first: on CUDA it picks this rank's GPU
         refuse_if_busy(args.out, ctx)  # before loading the teacher; the export claims --out itself
         bundle = load_teacher(args.teacher, dataset.catalog, device=args.device)
@@ -181,7 +184,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ex.add_argument("--splits", default="train", metavar="LIST", help="comma-separated splits to export [default: train]")
     ex.add_argument("--top-k", type=positive_int, default=10, metavar="K", help="items kept per sample [default: 10]")
     ex.add_argument("--pool-sasrec", type=nonnegative_int, default=50, metavar="N", help="SASRec's top-N unseen items in the pool (0: none) [default: 50]")
-    ex.add_argument("--pool-candidates", type=nonnegative_int, default=20, metavar="N", help="fixed candidates in the pool and the prompt (0: none in the pool) [default: 20]")
+    ex.add_argument("--pool-candidates", type=optional_candidate_count, default=20, metavar="N", help="fixed candidates in the pool and the prompt, 0 (none in the pool) or >= 2 [default: 20]")
     ex.add_argument("--shard-rows", type=positive_int, default=8192, metavar="N", help="rows per Parquet shard [default: 8192]")
     ex.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="prompts per batch [default: 16]")
     ex.add_argument("--gate", default="learned", metavar="MODE", help="learned (default), uniform or expert:N")

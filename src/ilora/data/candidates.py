@@ -104,9 +104,12 @@ def _negatives(keys: np.ndarray, history: np.ndarray, target: np.ndarray, need: 
 
 def check_candidate_room(split: Split, num_items: int, *, count: int, split_name: str) -> None:
     """`DataError` naming the first row of ``split`` that has fewer than ``count - 1`` items
-    outside its history and target, as `candidate_sets` would raise (without drawing)."""
-    valid = np.arange(split.max_len)[None, :] < split.length[:, None]
-    _check_room(np.where(valid, split.history, -1), split.target, num_items, count, split_name, np.arange(len(split)))
+    outside its history and target, as `candidate_sets` would raise (without drawing). Only rows
+    whose history is long enough to leave too little room are looked at (usually none)."""
+    rows = np.flatnonzero(num_items - split.length.astype(np.int64) - 1 < count - 1)  # history + target: <= length + 1 items
+    if rows.size:
+        valid = np.arange(split.max_len)[None, :] < split.length[rows, None]
+        _check_room(np.where(valid, split.history[rows], -1), split.target[rows], num_items, count, split_name, rows)
 
 
 def candidate_sets(

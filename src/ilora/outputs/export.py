@@ -110,6 +110,8 @@ class ExportOptions:
         for name in ("pool_sasrec", "pool_candidates", "limit"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name.replace('_', '-')}: must be >= 0, got {getattr(self, name)}")
+        if self.pool_candidates == 1:
+            raise ConfigError("pool-candidates: must be 0 (none) or >= 2 (the target and at least one other item), got 1")
         if self.pool_sasrec == 0 and self.pool_candidates == 0:
             raise ConfigError("pool-sasrec and pool-candidates are both 0: the candidate pool would be empty")
 
@@ -143,6 +145,22 @@ def check_pool(opts: ExportOptions, num_items: int, max_len: int) -> None:
             f"pool-candidates {opts.pool_candidates} and pool-sasrec {opts.pool_sasrec} capped at the "
             f"{num_items} - {max_len} items outside a history); lower --top-k or enlarge the pool"
         )
+
+
+def check_export_input(dataset: SeqDataset, opts: ExportOptions, num_candidates: int) -> dict[str, Split]:
+    """The splits to export (cut to ``opts.limit``), after what the export would refuse in them:
+    a pool smaller than top-k (`check_pool`), and candidate sets of ``opts.pool_candidates``
+    (0: the teacher's ``num_candidates``) that a row cannot fill, which the shards would otherwise
+    find one by one after the manifest, the item embeddings and earlier shards were written.
+    Cheap: commands run it before loading the teacher too."""
+    splits = {}
+    for name in opts.splits:
+        split = dataset.split(name)
+        splits[name] = split.subset(slice(0, opts.limit)) if opts.limit else split
+    check_pool(opts, dataset.num_items, dataset.max_len)
+    for name, split in splits.items():
+        check_candidate_room(split, dataset.num_items, count=opts.pool_candidates or num_candidates, split_name=name)
+    return splits
 
 
 def sasrec_top_unseen(rec_scores: torch.Tensor, history: torch.Tensor, length: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -544,14 +562,7 @@ def export_teacher_outputs(
     t0 = time.perf_counter()
     out = Path(out)
     parse_gate_mode(opts.gate, bundle.teacher.num_experts)
-    splits = {}
-    for name in opts.splits:
-        split = dataset.split(name)
-        splits[name] = split.subset(slice(0, opts.limit)) if opts.limit else split
-    check_pool(opts, dataset.num_items, dataset.max_len)
-    shown = opts.pool_candidates or bundle.config.num_candidates
-    for name, split in splits.items():  # what a late shard's candidate sets would refuse, before any is written
-        check_candidate_room(split, bundle.teacher.rec.num_items, count=shown, split_name=name)
+    splits = check_export_input(dataset, opts, bundle.config.num_candidates)
     bundle.teacher.eval()
     hidden = bundle.teacher.llm.config.hidden_size
     manifest, shape = None, None

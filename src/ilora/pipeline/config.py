@@ -62,8 +62,13 @@ def check_run_config(cfg: RunConfig) -> None:
     """`ConfigError` before any stage runs for options a later stage would refuse: the SASRec
     and student options (their ``validate``), a partial or train-less export (distillation
     reads every train sample's outputs) and the evaluation's gates."""
+    from ilora.teacher.config import check_training_options
     from ilora.teacher.model import parse_gate_mode
 
+    try:
+        check_training_options(cfg.teacher)
+    except ConfigError as exc:
+        raise ConfigError(f"teacher: {exc}") from None
     for section in ("rec", "distill"):  # devices: `check_devices`, when a stage has work to do
         try:
             getattr(cfg, section).validate(check_device=False)

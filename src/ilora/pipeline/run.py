@@ -125,13 +125,20 @@ def stage_distill(cfg: RunConfig, dataset: SeqDataset, outputs_dir: Path, direct
 
 
 def check_teacher_input(cfg: RunConfig, dataset: SeqDataset) -> None:
-    """What the teacher and evaluation stages would refuse in the data (an empty train or val
-    split, an empty evaluation split), checked before SASRec trains, not after."""
-    from ilora.teacher.train import split_with_samples
+    """What the teacher, evaluation and export stages would refuse in the data (an empty train or
+    val split, an empty evaluation split, candidate sets a row cannot fill), checked before SASRec
+    trains, not after."""
+    from ilora.data.candidates import check_candidate_room
+    from ilora.outputs.export import check_export_input
+    from ilora.teacher.train import split_with_samples, val_subset
 
     split_with_samples(dataset, "train", "teacher training needs training samples")
     split_with_samples(dataset, "val", "teacher training validates every epoch and keeps the best epoch by it")
     split_with_samples(dataset, cfg.eval.split, f"the eval stage evaluates it (eval.split={cfg.eval.split})")
+    for name, split in (("train", dataset.split("train")), ("val", val_subset(dataset.split("val"), cfg.teacher.val_samples))):
+        check_candidate_room(split, dataset.num_items, count=cfg.teacher.num_candidates, split_name=name)
+    check_candidate_room(dataset.split(cfg.eval.split), dataset.num_items, count=cfg.eval.candidates, split_name=cfg.eval.split)
+    check_export_input(dataset, cfg.export, cfg.teacher.num_candidates)
 
 
 def run_pipeline(cfg: RunConfig) -> dict:

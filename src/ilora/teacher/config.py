@@ -113,11 +113,6 @@ class TeacherConfig:
         self._check_numbers()
         if self.select_metric not in SELECT_METRICS:
             raise ConfigError(f"select_metric: {self.select_metric!r} is not one of {', '.join(SELECT_METRICS)}")
-        if self.select_metric == "hr@5" and self.num_candidates <= 5:
-            raise ConfigError(
-                f"select_metric hr@5 is 1.0 for every epoch with num_candidates {self.num_candidates} (the target is always "
-                "among the first 5), so it would keep the first epoch; pick another metric or more candidates"
-            )
         if self.llm == "tiny":
             self._check_tiny()
         from ilora.teacher.prompts import load_template
@@ -216,3 +211,13 @@ def without_added_defaults(config: dict) -> dict:
     """``config`` (a ``TeacherConfig`` as a dict) as a version before `ADDED_OPTIONS` recorded
     it: those entries dropped where they hold their old fixed values (kept where they do not)."""
     return {k: v for k, v in config.items() if not (k in ADDED_OPTIONS and v == ADDED_OPTIONS[k])}
+
+
+def check_training_options(cfg: TeacherConfig) -> None:
+    """`ConfigError` for options only training refuses: a teacher saved with them still loads,
+    evaluates and exports (its ``select_metric`` is no longer used then)."""
+    if cfg.select_metric == "hr@5" and cfg.num_candidates <= 5:
+        raise ConfigError(
+            f"select_metric hr@5 is 1.0 for every epoch with num_candidates {cfg.num_candidates} (the target is always "
+            "among the first 5), so it would keep the first epoch; pick another metric or more candidates"
+        )

@@ -369,7 +369,7 @@ class ILoRATeacher(nn.Module):
             token = torch.where(done, torch.full_like(token, pad), token)
             steps.append(token)
             done |= token == eos
-            if bool(done.all()):
+            if bool(done.all()) or number == max_new_tokens - 1:  # no forward for a token never used
                 break
             attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
             embeds = self.llm.get_input_embeddings()(token[:, None])

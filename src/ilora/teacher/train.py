@@ -79,7 +79,7 @@ from ilora.teacher.adapters import adapter_state_dict, enable_gradient_checkpoin
 from ilora.teacher.batch import draw_hybrid_flags
 from ilora.teacher.build import base_weights_sample, build_teacher, check_sasrec_items, rec_fingerprint, resolve_llm_path, save_teacher
 from ilora.teacher.compiled import CompiledLayers, check_can_compile
-from ilora.teacher.config import TeacherConfig, with_added_defaults
+from ilora.teacher.config import TeacherConfig, check_training_options, with_added_defaults
 from ilora.teacher.evaluate import evaluate_teacher
 from ilora.teacher.optim import build_scheduler, load_optimizer_state, teacher_optimizer, warmup_length
 
@@ -245,7 +245,8 @@ def split_with_samples(dataset: SeqDataset, name: str, why: str) -> Split:
     )
 
 
-def _val_subset(split: Split, limit: int) -> Split:
+def val_subset(split: Split, limit: int) -> Split:
+    """The validation samples training scores every epoch: the first ``limit`` (0: all)."""
     return split if not limit or limit >= len(split) else split.subset(slice(0, limit))
 
 
@@ -377,6 +378,7 @@ def train_teacher(
     ``ctx``: this process's rank in a data-parallel run (`ilora.distributed.init_from_env`).
     """
     require_device(cfg.device)
+    check_training_options(cfg)
     if cfg.compile:
         check_can_compile(cfg.device)
     # Everything that can reject the input runs before --out is touched.
@@ -387,7 +389,7 @@ def train_teacher(
             raise earlier_run_error(out_dir, earlier)
     seed_everything(cfg.seed)
     train = split_with_samples(dataset, "train", "teacher training needs training samples")
-    val = _val_subset(split_with_samples(dataset, "val", "teacher training validates every epoch and keeps the best epoch by it"), cfg.val_samples)
+    val = val_subset(split_with_samples(dataset, "val", "teacher training validates every epoch and keeps the best epoch by it"), cfg.val_samples)
     n_items = dataset.num_items
     rec = load_sasrec(rec_dir)
     check_sasrec_items(rec, dataset.num_items, rec_dir)  # naming --rec (build_teacher's own check cannot)
