@@ -226,8 +226,7 @@ def test_teacher_export_refuses_a_busy_out_before_loading_the_teacher(tmp_path: 
 
     from ilora.teacher.config import TeacherConfig
 
-    monkeypatch.setattr(cli_teacher, "check_gate_and_device", lambda args: None)  # these read the teacher's config
-    monkeypatch.setattr(build, "read_teacher_config", lambda path: (TeacherConfig(), {}))
+    monkeypatch.setattr(cli_teacher, "check_gate_and_device", lambda args: TeacherConfig())  # reads the teacher's config
     monkeypatch.setattr(build, "load_teacher", load_teacher)
     assert main(["data", "synth", str(tmp_path / "data"), "--users", "20", "--items", "20"]) == 0
     capsys.readouterr()

@@ -141,18 +141,26 @@ def _remove_if_empty(dirs: list[Path]) -> None:
 
 def _claim_on_this_rank(out: Path) -> tuple[int | None, list[Path]]:
     """Create ``out`` and lock it: (descriptor or None, the directories created). Raises
-    `IloraError` (with every directory it created removed again) when it cannot."""
-    if out.exists() and not out.is_dir():
-        raise IloraError(f"{out}: exists and is not a directory; --out must name a directory")
-    created = _missing_dirs(out)
+    `IloraError` when it cannot, with every directory it created removed again; a busy
+    directory is someone else's (an empty one they created too), so nothing is removed then."""
+    created: list[Path] = []
     try:
+        if out.exists() and not out.is_dir():
+            raise IloraError(f"{out}: exists and is not a directory; --out must name a directory")
+        created = _missing_dirs(out)
         out.mkdir(parents=True, exist_ok=True)
         return lock_directory(out), created
-    except IloraError:  # busy: someone else's directory, none of ours (an empty one they created is theirs too)
-        raise
-    except OSError as err:
+    except OSError as err:  # e.g. a parent it may not enter
         _remove_if_empty(created)
         raise IloraError(f"{out}: cannot create, open or lock it as --out ({err.strerror or err})") from None
+
+
+def _raise_on_every_rank(refusal: str | None, ctx: Dist) -> None:
+    """`IloraError` with rank 0's ``refusal`` on every rank, if it has one: every rank reaches
+    this broadcast, so none waits for rank 0 forever."""
+    refusal = ctx.broadcast(refusal)
+    if refusal is not None:
+        raise IloraError(refusal)
 
 
 @contextlib.contextmanager
@@ -169,11 +177,7 @@ def claim_out_dir(out: str | Path, ctx: Dist = SINGLE) -> Iterator[Path]:
             fd, created = _claim_on_this_rank(out)
         except IloraError as err:
             refusal = str(err)
-        except OSError as err:  # e.g. a parent it may not enter: still reach the broadcast
-            refusal = f"{out}: cannot create, open or lock it as --out ({err.strerror or err})"
-    refusal = ctx.broadcast(refusal)
-    if refusal is not None:
-        raise IloraError(refusal)
+    _raise_on_every_rank(refusal, ctx)
     try:
         yield out
     except BaseException:
@@ -201,9 +205,7 @@ def refuse_if_busy(out: str | Path, ctx: Dist = SINGLE) -> None:
             refusal = str(err)
         except OSError:  # the claim itself says what is wrong with --out
             pass
-    refusal = ctx.broadcast(refusal)
-    if refusal is not None:
-        raise IloraError(refusal)
+    _raise_on_every_rank(refusal, ctx)
 
 
 def claims_out_dir(param: str):

@@ -43,15 +43,17 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_gate_and_device(args: argparse.Namespace) -> None:
+def check_gate_and_device(args: argparse.Namespace) -> TeacherConfig:
     """Before any data or model is read: ``--gate``'s spelling, ``--device``, then ``expert:N``
-    against the saved teacher's config (a small JSON file)."""
+    against the saved teacher's config (a small JSON file), which it returns."""
     from ilora.teacher.build import read_teacher_config
     from ilora.teacher.model import parse_gate_mode
 
     parse_gate_mode(args.gate, None)
     require_device(args.device)
-    parse_gate_mode(args.gate, read_teacher_config(args.teacher)[0].num_experts)
+    saved = read_teacher_config(args.teacher)[0]
+    parse_gate_mode(args.gate, saved.num_experts)
+    return saved
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -96,9 +98,9 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from ilora.dir_lock import refuse_if_busy
     from ilora.outputs.export import ExportOptions, check_export_input, export_teacher_outputs
-    from ilora.teacher.build import load_teacher, read_teacher_config
+    from ilora.teacher.build import load_teacher
 
-    check_gate_and_device(args)
+    saved = check_gate_and_device(args)
     opts = ExportOptions(
         splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
         top_k=args.top_k,
@@ -111,7 +113,7 @@ def run_export(args: argparse.Namespace) -> int:
         limit=args.limit,
     )
     dataset = load_data(args)
-    check_export_input(dataset, opts, read_teacher_config(args.teacher)[0].num_candidates)  # before loading the teacher
+    check_export_input(dataset, opts, saved.num_candidates)  # before loading the teacher
     with process_group(args.device) as ctx:  # first: on CUDA it picks this rank's GPU
         refuse_if_busy(args.out, ctx)  # before loading the teacher; the export claims --out itself
         bundle = load_teacher(args.teacher, dataset.catalog, device=args.device)

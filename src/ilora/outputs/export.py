@@ -212,12 +212,12 @@ def select_top_k(scores: torch.Tensor, pool: torch.Tensor, mask: torch.Tensor, k
     if bool((size < k).any()):
         row = int((size < k).nonzero()[0, 0])
         raise IloraError(f"{rows} {first_row + row}: its candidate pool has {int(size[row])} items, fewer than top-k {k}")
-    nan = (torch.isnan(scores) | (scores == float("inf"))) & mask
-    if bool(nan.any()):
-        row, col = (int(i) for i in nan.nonzero()[0])
-        raise IloraError(f"{rows} {first_row + row}: the teacher's score of pool item {int(pool[row, col])} is {float(scores[row, col])}; cannot rank it")
+    unrankable = (torch.isnan(scores) | (scores == float("inf"))) & mask
     hopeless = ~(torch.isfinite(scores) & mask).any(1)  # softmax of a row of -inf only: NaN confidences
-    if bool(hopeless.any()):
+    if bool((unrankable.any(1) | hopeless).any()):  # one device sync for both faults
+        if bool(unrankable.any()):
+            row, col = (int(i) for i in unrankable.nonzero()[0])
+            raise IloraError(f"{rows} {first_row + row}: the teacher's score of pool item {int(pool[row, col])} is {float(scores[row, col])}; cannot rank it")
         row = int(hopeless.nonzero()[0, 0])
         raise IloraError(f"{rows} {first_row + row}: the teacher scores every item of its pool -inf; no confidence can be given")
     masked = scores.float().masked_fill(~mask, float("-inf"))
