@@ -767,3 +767,30 @@ def test_peak_flops_are_per_card_not_per_family():
     assert peak_flops_of("NVIDIA H100 PCIe") == 756e12 and peak_flops_of("NVIDIA H100 NVL") == 835e12
     assert peak_flops_of("NVIDIA H200 NVL") == 835e12 and peak_flops_of("NVIDIA GH200 480GB") == 989e12
     assert peak_flops_of("NVIDIA H100") is None and peak_flops_of("NVIDIA A100-SXM4-80GB") is None
+
+
+def test_a_compiled_step_past_the_recompile_limit_fails_instead_of_timing_eager_layers():
+    """Past torch.compile's recompile limit torch would run the function eager for good; under
+    the step bench's `recompile_limit` (8 graphs per variant) that is an error naming the cause,
+    and torch's own settings are back afterwards."""
+    import torch._dynamo
+
+    from ilora.errors import IloraError
+
+    before = (torch._dynamo.config.recompile_limit, torch._dynamo.config.fail_on_recompile_limit_hit)
+    torch._dynamo.reset()
+    try:
+        double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)  # a graph per input size
+        with step_bench.recompile_limit(2):
+            for n in range(1, 17):
+                double(torch.ones(n))  # 16 graphs: within 8 per variant for 2 variants
+        torch._dynamo.reset()
+        with pytest.raises(IloraError, match="compiled a decoder layer more than 8 times"):
+            with step_bench.recompile_limit(1):
+                for n in range(1, 10):
+                    double(torch.ones(n))
+        with step_bench.recompile_limit(None):  # not compiled: torch's settings untouched
+            assert (torch._dynamo.config.recompile_limit, torch._dynamo.config.fail_on_recompile_limit_hit) == before
+    finally:
+        torch._dynamo.reset()
+    assert (torch._dynamo.config.recompile_limit, torch._dynamo.config.fail_on_recompile_limit_hit) == before

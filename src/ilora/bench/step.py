@@ -299,6 +299,37 @@ def full_precision(setup: StepSetup) -> Iterator[None]:
         setup.autocast = autocast
 
 
+RECOMPILES_PER_VARIANT = 8  # torch.compile's default limit for one function, per timed variant
+
+
+@contextlib.contextmanager
+def recompile_limit(variants: int | None) -> Iterator[None]:
+    """With compiled layers (``variants`` timed on them; None: not compiled, nothing changes):
+    torch.compile's recompile limit raised to `RECOMPILES_PER_VARIANT` per variant, and a hit is
+    an `IloraError` instead of torch's warning.
+
+    Every variant's swaps change what the one compiled layer function is guarded on, and new
+    batch shapes recompile it, so several variants cycling through batches can pass torch's
+    default of 8 graphs; past it torch runs the layers eager for the rest of the process, and
+    the benchmark would report eager steps under a compiled variant's name (session 13: a
+    three-variant cycled run timed ``ours`` at 558 ms against 430 ms with two variants)."""
+    if variants is None:
+        yield
+        return
+    import torch._dynamo
+
+    limit = RECOMPILES_PER_VARIANT * variants
+    with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+        try:
+            yield
+        except torch._dynamo.exc.FailOnRecompileLimitHit as error:
+            raise IloraError(
+                f"step bench: torch.compile compiled a decoder layer more than {limit} times ({RECOMPILES_PER_VARIANT} per "
+                f"variant, {variants} variants); past that it would run the layers eager and the figures would time eager "
+                "steps as compiled ones. Time fewer variants or batches per run (TORCH_LOGS=recompiles says why it recompiled)"
+            ) from error
+
+
 def variant_context(setup: StepSetup, variant: str) -> contextlib.ExitStack:
     """How ``variant`` runs the shared model: einsum adapters (reference), eager attention
     (ours_eager), float32 weights without autocast (ours_fp32), grouped adapter inputs
@@ -650,20 +681,21 @@ def run_bench(
     samples = batch_list[0]
     optional = {"ours_eager": eager_baseline, "ours_fp32": fp32_baseline, "ours_shared": shared_inputs, "lora": lora_baseline}
     variants = (("reference",) if reference else ()) + ("ours",) + tuple(v for v, wanted in optional.items() if wanted)
-    check = check_equal(setup, samples, variants)
-    probes = [our_batch(setup, b) for b in batch_list]
-    tokens_each = [int(p.attention_mask.sum()) for p in probes]
-    answers_each = [p.num_targets for p in probes]
-    flops_each = [useful_flops(setup, n, a, gradient_checkpointing) for n, a in zip(tokens_each, answers_each)]
-    flops_all_each = [all_params_flops(setup, n, gradient_checkpointing) for n in tokens_each]
-    longest = batch_list[max(range(batches), key=lambda i: (probes[i].input_ids.shape[1], tokens_each[i]))]  # the widest
-    padded_width = {"ours": probes[0].input_ids.shape[1], "reference": reference_tokens(setup.inputs, samples)["input_ids"].shape[1]}
+    with recompile_limit(len(variants) if compile_layers else None):
+        check = check_equal(setup, samples, variants)
+        probes = [our_batch(setup, b) for b in batch_list]
+        tokens_each = [int(p.attention_mask.sum()) for p in probes]
+        answers_each = [p.num_targets for p in probes]
+        flops_each = [useful_flops(setup, n, a, gradient_checkpointing) for n, a in zip(tokens_each, answers_each)]
+        flops_all_each = [all_params_flops(setup, n, gradient_checkpointing) for n in tokens_each]
+        longest = batch_list[max(range(batches), key=lambda i: (probes[i].input_ids.shape[1], tokens_each[i]))]  # the widest
+        padded_width = {"ours": probes[0].input_ids.shape[1], "reference": reference_tokens(setup.inputs, samples)["input_ids"].shape[1]}
 
-    runs, contexts = timed_runs(setup, batch_list, variants)
-    times = interleave(runs, device, warmup=warmup, repeats=repeats, budget_s=budget_s, contexts=contexts, part_times=part_times)
-    mem = memory(setup, longest, variants)
-    optimizers = compare_optimizers(setup, samples)
-    profiled = profile_step(setup, samples, profile, part_times=part_times) if profile else None
+        runs, contexts = timed_runs(setup, batch_list, variants)
+        times = interleave(runs, device, warmup=warmup, repeats=repeats, budget_s=budget_s, contexts=contexts, part_times=part_times)
+        mem = memory(setup, longest, variants)
+        optimizers = compare_optimizers(setup, samples)
+        profiled = profile_step(setup, samples, profile, part_times=part_times) if profile else None
     peak = peak_flops(device)
     step_s = {name: t.median if batches == 1 else sum(t.totals) / len(t.totals) for name, t in times.items()}
     variants = {}
