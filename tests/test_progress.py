@@ -78,3 +78,39 @@ def test_a_terminal_bar_keeps_tqdms_interval_and_a_hidden_bar_writes_nothing(mon
     with progress(total=3, show=False) as hidden:
         hidden.update(3)
     assert hidden.disable and hidden_out.getvalue() == ""
+
+
+def test_transformers_bars_in_a_redirected_log_are_plain_lines_and_the_hook_is_restored(monkeypatch) -> None:
+    """What loading a model writes into a batch job's log: transformers' "Loading weights" bar
+    as plain lines (no carriage return or cursor move), and nothing changed after the block."""
+    import pytest
+    from transformers.utils import logging as hf_logging
+
+    if not hasattr(hf_logging, "set_tqdm_hook"):
+        pytest.skip("this transformers has no set_tqdm_hook: its bars stay its own")
+    out = io.StringIO()
+    monkeypatch.setattr(progress_module.sys, "stderr", out)
+    previous = hf_logging.set_tqdm_hook(None)
+    try:
+        with progress_module.library_bars_as_lines():
+            for _ in hf_logging.tqdm(range(3), desc="Loading weights", mininterval=0):
+                pass
+            hf_logging.disable_progress_bar()  # transformers' own switch still hides its bars
+            try:
+                for _ in hf_logging.tqdm(range(2), desc="Hidden"):
+                    pass
+            finally:
+                hf_logging.enable_progress_bar()
+        assert hf_logging.set_tqdm_hook(None) is None  # the block's hook is gone again
+        text = out.getvalue()
+        assert "\r" not in text and "\x1b" not in text and "Hidden" not in text
+        lines = text.splitlines()
+        assert lines and all(line.startswith("Loading weights:") for line in lines)
+        assert lines[-1].startswith("Loading weights: 100%|") and "3/3" in lines[-1]
+        monkeypatch.setattr(progress_module.sys, "stderr", FakeTerminal())
+        with progress_module.library_bars_as_lines():  # a terminal: transformers' bar as it draws it
+            bar = hf_logging.tqdm(range(1), desc="Loading weights")
+            assert not isinstance(bar.fp, progress_module.LineWriter)
+            bar.close()
+    finally:
+        hf_logging.set_tqdm_hook(previous)

@@ -53,6 +53,7 @@ from torch import nn
 from ilora.config import from_dict, to_dict
 from ilora.data.dataset import Catalog, validate_prompt_titles
 from ilora.errors import IloraError
+from ilora.progress import library_bars_as_lines
 from ilora.rec.sasrec import SASRec, load_sasrec
 from ilora.state_io import atomic_write_text, file_sha256, read_json, save_tensors
 from ilora.teacher.adapters import GateState, adapter_parameters, inject_gated_lora, load_adapters, save_adapters
@@ -264,7 +265,8 @@ def save_teacher(bundle: TeacherBundle, out_dir: str | Path, catalog: Catalog) -
     llm_fingerprint = None
     if cfg.llm == "tiny":
         base = _base_copy(teacher)
-        llm_fingerprint = directory_fingerprint(_replace_directory(out / "llm", lambda d: base.save_pretrained(d, safe_serialization=True)))
+        with library_bars_as_lines():
+            llm_fingerprint = directory_fingerprint(_replace_directory(out / "llm", lambda d: base.save_pretrained(d, safe_serialization=True)))
     _replace_directory(out / "rec", teacher.rec.save)
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "catalog": catalog.sha256(),
@@ -380,7 +382,8 @@ def load_teacher(ckpt: str | Path, catalog: Catalog, device: str = "cpu") -> Tea
         llm_dir = ckpt / "llm"
         if not llm_dir.is_dir() or (fingerprints and directory_fingerprint(llm_dir) != meta["llm"]):
             raise IloraError(f"{llm_dir}: missing, or not the base LLM this teacher was saved with (fingerprint differs from teacher_config.json's)")
-        llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=default_dtype(device)).to(device)
+        with library_bars_as_lines():
+            llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=default_dtype(device)).to(device)
     else:
         llm, _ = load_llm(cfg.llm, device=device, trust_remote_code=cfg.trust_remote_code)
         check_base_llm(ckpt, cfg.llm, llm, meta.get("llm_sample"))

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ilora.errors import ConfigError, IloraError
+from ilora.progress import library_bars_as_lines
 
 HISTORY_TOKEN = "[HistoryEmb]"
 CANDIDATE_TOKEN = "[CansEmb]"
@@ -214,7 +215,8 @@ def load_llm(name_or_path: str | Path, *, device: str | torch.device, dtype: tor
             ) from err
         raise IloraError(f"cannot load LLM {source!r}: {unreachable} ({err})") from err
     try:
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or default_dtype(device), **placement, **kwargs)
+        with library_bars_as_lines():
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or default_dtype(device), **placement, **kwargs)
     except (OSError, ValueError) as err:
         what = "a model directory transformers cannot load" if local.is_dir() else unreachable
         raise IloraError(f"cannot load LLM {source!r}: {what} ({err})") from err
