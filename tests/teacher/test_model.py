@@ -455,7 +455,8 @@ def test_generate_and_score_agree_when_answers_are_forced(dataset, rec):
 
 def test_generate_runs_with_a_tokenizer_without_pad_token(dataset, rec):
     """Llama-2's tokenizer has no pad token: rows that finished early are filled with eos,
-    and the texts are those generated with a pad token (everything after eos is cut)."""
+    and the texts are those generated with a pad token: each row's greedy tokens up to its
+    eos, decoded (checked against the tokens the forced logits chose at each step)."""
     bundle = make_bundle(dataset, rec)
     teacher = bundle.teacher.eval()
     split, cands = sample_arrays(dataset, n=4)
@@ -463,28 +464,41 @@ def test_generate_runs_with_a_tokenizer_without_pad_token(dataset, rec):
     eos = teacher.tokenizer.eos_token_id
     forced = {1: 2, 3: 1}  # sample -> step at which it emits eos: rows finish at different steps (never at 0)
     lm_logits = teacher.lm_logits
-    step = []
+    chosen = []  # per step, the token each row's logits pick
 
     def logits_with_early_eos(hidden):
         logits = lm_logits(hidden).clone()
         logits[:, eos] = -1e9
         for row, at in forced.items():
-            if len(step) == at:
+            if len(chosen) == at:
                 logits[row, eos] = 1e9
-        step.append(None)
+        chosen.append(logits.argmax(-1).tolist())
         return logits
 
     teacher.lm_logits = logits_with_early_eos
     try:
         with_pad = teacher.generate(prompts, max_new_tokens=4)
-        step.clear()
+        chosen_with_pad = list(chosen)
+        chosen.clear()
         teacher.tokenizer.pad_token = None
         assert teacher.tokenizer.pad_token_id is None
         without_pad = teacher.generate(prompts, max_new_tokens=4)
     finally:
         del teacher.lm_logits
+    assert len(chosen_with_pad) == len(chosen) == 4  # rows 0 and 2 never finish: all 4 steps
+
+    def live(picks):  # each row's picks up to and including its eos (after it, pad or eos is fed: the picks differ)
+        return [[step[row] for step in picks][: forced.get(row, 3) + 1] for row in range(4)]
+
+    assert live(chosen) == live(chosen_with_pad)
+    expected = []
+    for row in range(4):
+        tokens = [picked[row] for picked in chosen_with_pad][: forced.get(row, 4)]
+        assert eos not in tokens
+        expected.append(teacher.tokenizer.decode(tokens, skip_special_tokens=True))
+    assert with_pad == expected
     assert without_pad == with_pad
-    assert with_pad[0] != ""
+    assert all(text != "" for text in with_pad[:3])
 
 
 def overfit(bundle, split, cands, answers, steps=40):
