@@ -80,7 +80,7 @@ def test_a_terminal_bar_keeps_tqdms_interval_and_a_hidden_bar_writes_nothing(mon
     assert hidden.disable and hidden_out.getvalue() == ""
 
 
-def test_transformers_bars_in_a_redirected_log_are_plain_lines_and_the_hook_is_restored(monkeypatch) -> None:
+def test_transformers_bars_in_a_redirected_log_are_plain_lines_and_the_hook_is_restored(monkeypatch, recwarn) -> None:
     """What loading a model writes into a batch job's log: transformers' "Loading weights" bar
     as plain lines (no carriage return or cursor move), and nothing changed after the block."""
     import pytest
@@ -88,9 +88,12 @@ def test_transformers_bars_in_a_redirected_log_are_plain_lines_and_the_hook_is_r
 
     if not hasattr(hf_logging, "set_tqdm_hook"):
         pytest.skip("this transformers has no set_tqdm_hook: its bars stay its own")
+    # recwarn: huggingface_hub's warning that HF_HUB_DISABLE_PROGRESS_BARS=1 keeps its own bars off is recorded, not printed
     out = io.StringIO()
     monkeypatch.setattr(progress_module.sys, "stderr", out)
     previous = hf_logging.set_tqdm_hook(None)
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # HF_HUB_DISABLE_PROGRESS_BARS=1 would start transformers' off too
     try:
         with progress_module.library_bars_as_lines():
             for _ in hf_logging.tqdm(range(3), desc="Loading weights", mininterval=0):
@@ -107,10 +110,12 @@ def test_transformers_bars_in_a_redirected_log_are_plain_lines_and_the_hook_is_r
         lines = text.splitlines()
         assert lines and all(line.startswith("Loading weights:") for line in lines)
         assert lines[-1].startswith("Loading weights: 100%|") and "3/3" in lines[-1]
-        monkeypatch.setattr(progress_module.sys, "stderr", FakeTerminal())
-        with progress_module.library_bars_as_lines():  # a terminal: transformers' bar as it draws it
-            bar = hf_logging.tqdm(range(1), desc="Loading weights")
-            assert not isinstance(bar.fp, progress_module.LineWriter)
-            bar.close()
+        terminal = FakeTerminal()
+        monkeypatch.setattr(progress_module.sys, "stderr", terminal)
+        with progress_module.library_bars_as_lines():  # a terminal: transformers' bar as tqdm draws it
+            for _ in hf_logging.tqdm(range(2), desc="Loading weights", mininterval=0):
+                pass
+        assert "\r" in terminal.getvalue()  # redrawn in place, not as lines
     finally:
         hf_logging.set_tqdm_hook(previous)
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()

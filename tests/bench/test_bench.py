@@ -794,3 +794,30 @@ def test_a_compiled_step_past_the_recompile_limit_fails_instead_of_timing_eager_
     finally:
         torch._dynamo.reset()
     assert (torch._dynamo.config.recompile_limit, torch._dynamo.config.fail_on_recompile_limit_hit) == before
+
+
+def test_a_compiled_step_bench_measures_under_the_recompile_limit(synthetic_titles, monkeypatch):
+    """run_bench with compiled layers runs its measurements (from the equality check on) under
+    `recompile_limit` for its variants; without compiling, torch's settings stay as they are."""
+    import shutil
+
+    import torch._dynamo
+
+    if not any(shutil.which(c) for c in ("c++", "g++", "clang++")):
+        pytest.skip("compiling on the CPU needs a C++ compiler")
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def record(*args, **kwargs):
+        seen.append((torch._dynamo.config.recompile_limit, torch._dynamo.config.fail_on_recompile_limit_hit))
+        raise Stop
+
+    monkeypatch.setattr(step_bench, "check_equal", record)
+    defaults = (torch._dynamo.config.recompile_limit, torch._dynamo.config.fail_on_recompile_limit_hit)
+    for compile_layers in (True, False):
+        with pytest.raises(Stop):
+            step_bench.run_bench(CPU, quick=True, compile_layers=compile_layers, shared_inputs=True, reference=False)
+    assert seen == [(2 * step_bench.RECOMPILES_PER_VARIANT, True), defaults]  # ours and ours_shared
+    assert (torch._dynamo.config.recompile_limit, torch._dynamo.config.fail_on_recompile_limit_hit) == defaults

@@ -657,7 +657,9 @@ def run_bench(
     step time (``step_s``) is then the mean of its timed steps (every variant steps on the same
     sequence of batches), samples/s, tokens/s and MFU are over those steps together (their
     FLOPs and tokens summed, divided by their summed time), and memory is measured on the
-    widest batch (padded width); with one batch the step time is the median."""
+    widest batch (padded width); with one batch the step time is the median. With
+    ``compile_layers`` the measurements run under `recompile_limit`: a run that would pass it
+    raises instead of timing eager layers."""
     shape = shape or ("tiny-quick" if quick else "tiny")
     if device.type == "cpu" and shape in ("1b", "7b"):
         raise ConfigError(f"shape {shape} is for CUDA; on CPU use tiny")

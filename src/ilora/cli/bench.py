@@ -145,7 +145,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shape", default=None, choices=("tiny", "tiny-quick", "1b", "7b"), help="step, eval: model shape (default tiny; 1b/7b on CUDA; eval's tiny is the --llm tiny teacher)")
     p.add_argument("--batch-size", type=positive_int, default=None, metavar="B", help="step: samples per step (default 8); grouping: batch size (default 16)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="step: recompute decoder layers in backward")
-    p.add_argument("--compile", action="store_true", help="step: torch.compile each decoder layer")
+    p.add_argument(
+        "--compile", action="store_true",
+        help="step: torch.compile each decoder layer (a run past torch.compile's recompile limit, 8 graphs per timed variant, fails)",
+    )
     p.add_argument(
         "--eager-baseline", action="store_true", help="step: also time ours with eager attention (measures the default SDPA attention)"
     )
