@@ -218,3 +218,20 @@ def test_item_embeddings_without_a_manifest_sha256_are_refused(tmp_path) -> None
     assert read_teacher_outputs(tmp_path, ("train",), verify=False).item_embeddings.shape == (ITEMS, H)
     (tmp_path / ITEM_EMBEDDINGS).unlink()  # no file: nothing to verify (distillation with w_ed = 0 needs none)
     assert read_teacher_outputs(tmp_path, ("train",)).item_embeddings is None
+
+
+def test_item_embeddings_the_manifest_records_but_missing_are_an_error_not_none(tmp_path) -> None:
+    """An export whose file was lost (not copied along) is not an export without embeddings."""
+    write(tmp_path, [table(0, rows(3, 14))])
+    (tmp_path / ITEM_EMBEDDINGS).unlink()
+    for verify in (True, False):
+        one_line_error(tmp_path, r"item_embeddings.safetensors: missing, though .*manifest.json records it", IloraError, verify=verify)
+
+
+def test_a_shard_past_32_bit_list_offsets_is_refused_not_wrapped() -> None:
+    from ilora.outputs.export import _list_column
+
+    big = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape=(2**25, 64), strides=(0, 0))  # 2^31 values, no memory
+    with pytest.raises(IloraError, match="passes Parquet's 32-bit list offsets; use a smaller --shard-rows"):
+        _list_column(big, np.float32)
+    assert _list_column(np.ones((3, 4), np.float32), np.float32).to_pylist() == [[1.0] * 4] * 3

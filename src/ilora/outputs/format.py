@@ -278,12 +278,16 @@ def read_split(
 
 def read_item_embeddings(directory: Path, manifest: dict, *, verify: bool = True) -> np.ndarray | None:
     """``item_embeddings.safetensors`` as float32 ``(num_items, H)``; ``None`` when the file is
-    absent. With ``verify``, the manifest must hold its sha256 and the file must match it."""
+    absent and the manifest records none (an export that has none); an error when the manifest
+    records one that is missing. With ``verify``, the manifest must hold its sha256 and the
+    file must match it."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
     path = directory / ITEM_EMBEDDINGS
     if not path.is_file():
+        if (manifest.get("item_embeddings") or {}).get("sha256"):
+            raise IloraError(f"{path}: missing, though {directory / MANIFEST} records it (removed or not copied with the export?)")
         return None
     if verify:
         expected = (manifest.get("item_embeddings") or {}).get("sha256")
