@@ -221,6 +221,36 @@ def write_outputs_dir(outputs: TeacherOutputs, directory) -> None:
     (directory / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
 
 
+def test_a_control_seed_trains_the_baseline_again_and_reports_what_the_seed_alone_moves(small, tmp_path) -> None:
+    """control_seed: a third student, the baseline with another seed (checked against plain SASRec
+    training with that seed), its gain over the baseline and that gain's interval; the other two
+    students are those of a run without it."""
+    import dataclasses
+
+    from ilora.errors import ConfigError
+
+    outputs = oracle_outputs(small)
+    cfg = quick(epochs=1, control_seed=5)
+    result = distill(small, outputs, cfg, tmp_path / "d")
+    alone = train_sasrec(small, dataclasses.replace(cfg.rec_config(), seed=5), tmp_path / "alone")
+    control, base = result["control"], result["baseline"]["test"]
+    assert control["seed"] == 5 and control["test"] == alone["test"]
+    assert control["test"] != base  # another seed alone moves the metrics
+    for key, gain in control["gain"].items():
+        expected = None if base[key] == 0 else (control["test"][key] - base[key]) / base[key]
+        assert gain == (pytest.approx(expected) if expected is not None else None)
+        assert control["gain_interval"]["metrics"][key]["gain"] == (pytest.approx(gain) if gain is not None else None)
+    assert control["gain_interval"]["samples"] == small.split("test").target.shape[0]
+    assert json.loads((tmp_path / "d" / "result.json").read_text())["control"]["gain"] == control["gain"]
+    plain = distill(small, outputs, quick(epochs=1), tmp_path / "e")
+    assert "control" not in plain
+    assert plain["baseline"]["test"] == result["baseline"]["test"] and plain["distilled"]["test"] == result["distilled"]["test"]
+    again = distill(small, outputs, cfg, tmp_path / "d", resume=True)  # finished students are not trained again
+    assert again["control"]["test"] == control["test"] and again["control"]["steps"] == control["steps"]
+    with pytest.raises(ConfigError, match="control_seed must differ from seed"):
+        quick(seed=3, control_seed=3).validate()
+
+
 def test_cli_prints_one_json_object(small, tmp_path, capsys) -> None:
     data_dir = tmp_path / "data"
     write_native(small, data_dir)
@@ -242,6 +272,15 @@ def test_cli_prints_one_json_object(small, tmp_path, capsys) -> None:
     ndcg = written["gain_interval"]["metrics"]["ndcg@10"]
     low, high = (f"{100 * x:+.1f}%" for x in ndcg["interval"])
     assert table["ndcg@10"].split()[-3:] == [low, "to", high] and f"{100 * written['gain']['ndcg@10']:+.1f}%" in table["ndcg@10"]
+
+    # with a control seed the table adds the control's gain and its interval to each row
+    control_argv = [a if a != str(tmp_path / "run") else str(tmp_path / "run3") for a in argv if a != "--json"] + ["control_seed=4"]
+    assert main(control_argv) == 0
+    out = capsys.readouterr().out
+    written = json.loads((tmp_path / "run3" / "result.json").read_text())["control"]
+    row = {line.split()[0]: line for line in out.splitlines()}["ndcg@10"]
+    low, high = (f"{100 * x:+.1f}%" for x in written["gain_interval"]["metrics"]["ndcg@10"]["interval"])
+    assert "control (seed 4)" in out and row.split()[-4:] == [f"{100 * written['gain']['ndcg@10']:+.1f}%,", low, "to", high]
 
     assert main(argv[:3] + [str(tmp_path / "nowhere"), "--out", str(tmp_path / "run2"), "--json"]) == 2
     err = capsys.readouterr().err

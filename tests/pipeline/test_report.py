@@ -25,3 +25,21 @@ def test_no_note_for_a_stronger_teacher_or_without_evaluation():
     assert weak_teacher_note(summary(0.775, 0.775)) is None
     assert weak_teacher_note({"distill": {}}) is None
     assert "teacher ranks" not in summary_table(summary(0.8, 0.775))
+
+
+def test_a_seed_control_is_shown_beside_the_distillation_gain(tmp_path):
+    from ilora.pipeline.report import write_report
+
+    run = summary(0.8, 0.775)
+    run["out"] = str(tmp_path)
+    del run["eval"]  # the students' part of the report alone
+    interval = {"samples": 200, "metrics": {"ndcg@10": {"gain": 0.05, "interval": [-0.01, 0.12], "better": 9, "worse": 4, "same": 187}}}
+    run["distill"]["gain_interval"] = {"samples": 200, "metrics": {"ndcg@10": {"gain": -0.27, "interval": [-0.3, -0.2], "better": 1, "worse": 30, "same": 169}}}
+    run["distill"]["control"] = {"seed": 1, "test": {"ndcg@10": 0.672}, "gain": {"ndcg@10": 0.05}, "gain_interval": interval}
+    table = summary_table(run)
+    assert "seed control gain (ndcg@10)" in table and "+5.0%" in table and "-1.0 % to +12.0 %" in table
+    report = write_report(tmp_path, run).read_text()
+    assert "control (seed 1): gain, interval" in report and "| +5.0 %, -1.0 % to +12.0 % |" in report
+    del run["distill"]["control"]
+    assert "seed control" not in summary_table(run)
+    assert "`distill.control_seed`" in write_report(tmp_path, run).read_text()

@@ -5,7 +5,9 @@ epochs and early stopping on the validation split, then reports both students' t
 metrics, the relative gain per metric and its 95 % paired-bootstrap interval over the
 test samples (``ilora.distill.train``). The output
 directory holds ``baseline/`` and ``distilled/`` (SASRec model directories, what
-``ilora rec eval --model`` reads), ``distill_config.json`` and ``result.json``.
+``ilora rec eval --model`` reads; with ``--control-seed N`` also ``control/``, the baseline
+trained with seed N, whose gain over the baseline is what another seed alone moves),
+``distill_config.json`` and ``result.json``.
 """
 
 from __future__ import annotations
@@ -22,12 +24,22 @@ def _print_table(result: dict) -> None:
 
     base, dist, gain = result["baseline"]["test"], result["distilled"]["test"], result["gain"]
     paired = metric_intervals(result.get("gain_interval"))
-    print(f"{'metric':<14}{'baseline':>10}{'distilled':>11}{'gain':>9}   95 % interval (paired bootstrap)")
+    control = result.get("control")
+    seeds = f"   control (seed {control['seed']}): gain, interval" if control else ""
+    print(f"{'metric':<14}{'baseline':>10}{'distilled':>11}{'gain':>9}   {'95 % interval (paired bootstrap)':<34}{seeds}")
     for key, g in gain.items():
-        shown = "n/a" if g is None else f"{100 * g:+.1f}%"
         span = interval_text(paired.get(key, {}).get("interval"), percent="%")
-        print(f"{key:<14}{base[key]:>10.4f}{dist[key]:>11.4f}{shown:>9}   {span}")
+        row = f"{key:<14}{base[key]:>10.4f}{dist[key]:>11.4f}{_percent(g):>9}   {span:<34}"
+        if control:
+            row += f"   {_percent(control['gain'].get(key)):>8}, {interval_text(metric_intervals(control.get('gain_interval')).get(key, {}).get('interval'), percent='%')}"
+        print(row.rstrip())
+    if control:
+        print("control: the baseline trained again with another seed; its gain is what the seed alone moves")
     print(f"out: {result['out']}")
+
+
+def _percent(gain: float | None) -> str:
+    return "n/a" if gain is None else f"{100 * gain:+.1f}%"
 
 
 def run_distill(args: argparse.Namespace) -> int:

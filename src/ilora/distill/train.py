@@ -18,7 +18,10 @@ runs' test metrics (full-ranking HR/NDCG@1,5,10,20, plus candidate metrics when
 ``(distilled - baseline) / baseline`` (``null`` when the baseline is 0), and
 ``gain_interval``: for each full-ranking metric a 95 % paired-bootstrap interval of that gain
 over the test samples and the counts of samples the distilled student ranks better, worse
-or the same (`ilora.distill.significance`).
+or the same (`ilora.distill.significance`). The interval covers the test sample, not training
+randomness; with ``control_seed`` a third student, ``control``, is the baseline trained with
+that seed, and ``result.json``'s ``control`` holds its gain over the baseline and that gain's
+interval: how far another seed alone moves the metrics.
 
 Teacher outputs are matched to the dataset before training: the same number of items
 (and the same catalog, when the manifest records its fingerprint), one train row per
@@ -73,6 +76,10 @@ class DistillConfig(RecTrainConfig):
     w_ed: float = option(0.2, "weight of the teacher's projected item embedding added to the student's (0: no embedding distillation)")
     dro_alpha: float = option(0.0, "weight of DLLM2Rec's DRO term on the recommendation and distillation losses (0: off; DLLM2Rec uses 1)")
     dro_beta: float = option(1.0, "DRO robustness radius (temperature of its log-sum-exp)")
+    control_seed: int | None = option(
+        None, "also train the baseline again with this seed (control/) and report its gain over the baseline: "
+        "the seed-to-seed spread a teacher's gain must beat (none: off)"
+    )
 
     def validate(self, *, check_device: bool = True) -> None:
         super().validate(check_device=check_device)
@@ -85,6 +92,7 @@ class DistillConfig(RecTrainConfig):
             (self.w_ed >= 0, "w_ed must be >= 0"),
             (self.dro_alpha >= 0, "dro_alpha must be >= 0"),
             (self.dro_beta > 0, "dro_beta must be > 0"),
+            (self.control_seed != self.seed, f"control_seed must differ from seed ({self.seed}): the control would be the baseline itself"),
         ]
         for ok, problem in checks:
             if not ok:
@@ -268,7 +276,7 @@ def student_run_options(cfg: DistillConfig, targets: TeacherTargets | None) -> d
     rec = {f.name for f in dataclasses.fields(RecTrainConfig)}
     if targets is None:
         return {f"distill.{k}": getattr(cfg, k) for k in DRO_OPTIONS}
-    options = {f"distill.{k}": v for k, v in to_dict(cfg).items() if k not in rec}
+    options = {f"distill.{k}": v for k, v in to_dict(cfg).items() if k not in rec and k != "control_seed"}
     return {**options, "distill.teacher_targets_sha256": targets.sha256()}
 
 
@@ -288,16 +296,29 @@ def student_ranks(directory: Path, result: dict[str, object]) -> torch.Tensor | 
 
 
 def gain_interval(out: Path, students: dict[str, dict[str, object]], seed: int) -> dict[str, object] | None:
-    """`paired_gain_intervals` of the students' test ranks; None without a test split, and
-    ``{"unavailable": why}`` for students trained before runs saved their ranks."""
+    """`paired_gain_intervals` of two students' test ranks, ``students`` being the baseline's
+    result and then the other's, by directory name under ``out``; None without a test split,
+    and ``{"unavailable": why}`` for students trained before runs saved their ranks."""
     if any("test" not in result for result in students.values()):
         return None
-    ranks = {name: student_ranks(out / name, result) for name, result in students.items()}
-    if any(r is None for r in ranks.values()):
+    ranks = [student_ranks(out / name, result) for name, result in students.items()]
+    if any(r is None for r in ranks):
         why = "a student finished before runs saved their test ranks; train it again (with --overwrite) for the interval"
         log.warning("no gain interval: %s", why)
         return {"unavailable": why}
-    return paired_gain_intervals(ranks["baseline"], ranks["distilled"], seed=seed)
+    base, other = ranks
+    return paired_gain_intervals(base, other, seed=seed)
+
+
+def control_summary(out: Path, baseline: dict[str, object], control: dict[str, object], cfg: DistillConfig) -> dict[str, object]:
+    """The control student (the baseline trained with ``control_seed``): its run, and its gain over
+    the baseline with the same paired interval as the distilled student's: what another seed alone moves."""
+    return {
+        "seed": cfg.control_seed,
+        **_run_summary(control),
+        "gain": relative_gain(baseline["test"], control["test"]),  # type: ignore[arg-type]
+        "gain_interval": gain_interval(out, {"baseline": baseline, "control": control}, cfg.seed),
+    }
 
 
 def _run_summary(result: dict[str, object]) -> dict[str, object]:
@@ -328,7 +349,7 @@ def distill(
     if resume and config_file.is_file():  # refuse other options before anything is written
         check_resume_config(read_json(config_file, "distill_config.json"), to_dict(cfg), out)
     if not resume and not overwrite:  # nor start over on an earlier run's students
-        for student in ("baseline", "distilled"):
+        for student in ("baseline", "distilled", *(("control",) if cfg.control_seed is not None else ())):
             refuse_earlier_run(out / student, "result.json", (WEIGHTS_FILE,))
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config_file, json.dumps(to_dict(cfg), indent=2) + "\n")
@@ -349,11 +370,21 @@ def distill(
         run_options=student_run_options(cfg, targets),
     )
 
+    control = None
+    if cfg.control_seed is not None:
+        log.info("training the control student (the baseline with seed %s)", cfg.control_seed)
+        control_hook = DistillationLoss(None, cfg, propensity) if cfg.dro_alpha else None
+        control = train_sasrec(
+            dataset, dataclasses.replace(rec_cfg, seed=cfg.control_seed), out / "control", extra_loss=control_hook, resume=resume,
+            overwrite=overwrite, run_options=student_run_options(cfg, None),
+        )
+
     result: dict[str, object] = {
         "baseline": _run_summary(baseline),
         "distilled": _run_summary(distilled),
         "gain": relative_gain(baseline["test"], distilled["test"]),  # type: ignore[arg-type]
         "gain_interval": gain_interval(out, {"baseline": baseline, "distilled": distilled}, cfg.seed),
+        **({"control": control_summary(out, baseline, control, cfg)} if control is not None else {}),
         "teacher": {
             "source": source,
             "top_k_exported": int(np.asarray(teacher_outputs.split("train").topk_items).shape[1]),

@@ -155,18 +155,27 @@ def write_report(run: Path, summary: dict) -> Path:
     if distill:
         base, dist, gain = distill["baseline"], distill["distilled"], distill.get("gain", {})
         paired = metric_intervals(distill.get("gain_interval"))
+        control = distill.get("control")
+        seeds = metric_intervals(control.get("gain_interval")) if control else {}
+        extra = f" control (seed {control['seed']}): gain, interval |" if control else ""
         lines += [
             "## Students: baseline vs distilled (test, full ranking)", "",
-            "| metric | baseline | distilled | gain | 95 % interval (paired bootstrap) | samples better / worse |", "|---|---|---|---|---|---|",
+            "| metric | baseline | distilled | gain | 95 % interval (paired bootstrap) | samples better / worse |" + extra,
+            "|---|---|---|---|---|---|" + ("---|" if control else ""),
         ]
         for k in FULL_KEYS:
             if k in base:
                 p = paired.get(k, {})
                 moved = f"{p['better']} / {p['worse']}" if p else "n/a"
-                lines.append(f"| {k} | {base[k]:.4f} | {dist[k]:.4f} | {_percent(gain.get(k))} | {interval_text(p.get('interval'))} | {moved} |")
+                row = f"| {k} | {base[k]:.4f} | {dist[k]:.4f} | {_percent(gain.get(k))} | {interval_text(p.get('interval'))} | {moved} |"
+                if control:
+                    row += f" {_percent(control['gain'].get(k))}, {interval_text(seeds.get(k, {}).get('interval'))} |"
+                lines.append(row)
         if paired:
             lines += ["", f"The interval resamples the {distill['gain_interval']['samples']} test samples (both students on the same ones); "
-                      "one that contains 0 means the gain could be noise."]
+                      "one that contains 0 means the gain could be noise. It leaves out training randomness: "
+                      + ("the control column is the baseline trained again with another seed, what the seed alone moves."
+                         if control else "a baseline trained with another seed (`distill.control_seed`) shows how far the seed alone moves the metrics.")]
         plot_students(base, dist, run / "students.png")
         note = weak_teacher_note(summary)
         lines += ["", *([note, ""] if note else []), "![students](students.png)", ""]
@@ -197,6 +206,11 @@ def summary_table(summary: dict) -> str:
         if gain is not None:
             interval = metric_intervals(distill.get("gain_interval")).get("ndcg@10", {}).get("interval")
             lines.append(f"{'distillation gain (ndcg@10)':<30}{100 * gain:>+9.1f}%" + (f"   95 % interval {interval_text(interval)}" if interval else ""))
+        control = distill.get("control")
+        seed_gain = control["gain"].get("ndcg@10") if control else None
+        if seed_gain is not None:
+            interval = metric_intervals(control.get("gain_interval")).get("ndcg@10", {}).get("interval")
+            lines.append(f"{'seed control gain (ndcg@10)':<30}{100 * seed_gain:>+9.1f}%" + (f"   95 % interval {interval_text(interval)}" if interval else ""))
     ev = summary.get("eval")
     if ev:
         lines += ["", f"teacher on {ev['samples']} {ev['split']} samples, fixed candidates:",

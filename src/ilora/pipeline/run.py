@@ -121,7 +121,11 @@ def stage_distill(cfg: RunConfig, dataset: SeqDataset, outputs_dir: Path, direct
 
     outputs = read_teacher_outputs(outputs_dir, ("train",), columns=DISTILL_COLUMNS)
     result = distill(dataset, outputs, cfg.distill, directory, source=str(outputs_dir), resume=_has_earlier_work(directory), overwrite=True)
-    return {"baseline": result["baseline"]["test"], "distilled": result["distilled"]["test"], "gain": result["gain"], "gain_interval": result["gain_interval"]}
+    summary = {"baseline": result["baseline"]["test"], "distilled": result["distilled"]["test"], "gain": result["gain"], "gain_interval": result["gain_interval"]}
+    if "control" in result:
+        control = result["control"]
+        summary["control"] = {"seed": control["seed"], "test": control["test"], "gain": control["gain"], "gain_interval": control["gain_interval"]}
+    return summary
 
 
 def check_teacher_input(cfg: RunConfig, dataset: SeqDataset) -> None:
