@@ -249,6 +249,13 @@ def test_a_control_seed_trains_the_baseline_again_and_reports_what_the_seed_alon
     assert again["control"]["test"] == control["test"] and again["control"]["steps"] == control["steps"]
     with pytest.raises(ConfigError, match="control_seed must differ from seed"):
         quick(seed=3, control_seed=3).validate()
+    with pytest.raises(ConfigError, match="control_seed must be in 0..2"):  # before any student trains
+        quick(control_seed=-1).validate()
+    # an earlier run's control: refused by a fresh run without it, removed by --overwrite without it
+    with pytest.raises(IloraError, match="control"):
+        distill(small, outputs, quick(epochs=1), tmp_path / "d")
+    rerun = distill(small, outputs, quick(epochs=1), tmp_path / "d", overwrite=True)
+    assert "control" not in rerun and not (tmp_path / "d" / "control").exists()
 
 
 def test_cli_prints_one_json_object(small, tmp_path, capsys) -> None:

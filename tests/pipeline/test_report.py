@@ -43,3 +43,17 @@ def test_a_seed_control_is_shown_beside_the_distillation_gain(tmp_path):
     del run["distill"]["control"]
     assert "seed control" not in summary_table(run)
     assert "`distill.control_seed`" in write_report(tmp_path, run).read_text()
+
+
+def test_the_demo_trains_a_seed_control_unless_told_otherwise():
+    from ilora.config import from_dict, merge_trees, parse_overrides, to_dict
+    from ilora.pipeline.config import RunConfig, demo_config, with_demo_control
+
+    def demo(*overrides):
+        tree = parse_overrides(list(overrides))
+        return with_demo_control(from_dict(RunConfig, merge_trees(to_dict(demo_config()), tree)), tree).distill
+
+    assert demo().control_seed == demo().seed + 1 == 1
+    assert demo("distill.seed=1").control_seed == 2  # follows the seed: never the seed itself
+    assert demo("distill.control_seed=7").control_seed == 7
+    assert demo("distill.control_seed=none").control_seed is None

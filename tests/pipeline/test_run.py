@@ -274,7 +274,13 @@ def test_an_older_teacher_stage_without_the_gate_options_stays_up_to_date(tmp_pa
 
     rekey("eval", [token("teacher")])
     rekey("export", [token("teacher")])
-    rekey("distill", [token("export"), token("data")])
+    # and a distill stage recorded before control_seed was an option
+    from ilora.distill.train import ADDED_OPTIONS as DISTILL_ADDED
+
+    distill_marker = json.loads((run / "distill" / "stage.json").read_text())
+    distill_old = {k: v for k, v in distill_marker["config"].items() if k not in DISTILL_ADDED}
+    assert distill_old != distill_marker["config"]
+    (run / "distill" / "stage.json").write_text(json.dumps({**distill_marker, "config": distill_old, "key": stage_key(distill_old, [token("export"), token("data")])}))
     capsys.readouterr()
     assert main(["run", str(config)]) == 0
     err = capsys.readouterr().err

@@ -15,12 +15,12 @@ from ilora.cli.run import print_summary
 
 def run_demo(args: argparse.Namespace) -> int:
     from ilora.config import from_dict, merge_trees, parse_overrides, to_dict
-    from ilora.pipeline.config import RunConfig, demo_config
+    from ilora.pipeline.config import RunConfig, demo_config, with_demo_control
     from ilora.pipeline.run import run_pipeline
 
     base = to_dict(demo_config(args.out))
     tree = parse_overrides(args.overrides)
-    cfg = from_dict(RunConfig, merge_trees(base, tree))
+    cfg = with_demo_control(from_dict(RunConfig, merge_trees(base, tree)), tree)
     return print_summary(args, run_pipeline(cfg))
 
 

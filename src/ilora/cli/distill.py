@@ -26,7 +26,7 @@ def _print_table(result: dict) -> None:
     paired = metric_intervals(result.get("gain_interval"))
     control = result.get("control")
     seeds = f"   control (seed {control['seed']}): gain, interval" if control else ""
-    print(f"{'metric':<14}{'baseline':>10}{'distilled':>11}{'gain':>9}   {'95 % interval (paired bootstrap)':<34}{seeds}")
+    print(f"{'metric':<14}{'baseline':>10}{'distilled':>11}{'gain':>9}   {'95 % interval (paired bootstrap)':<34}{seeds}".rstrip())
     for key, g in gain.items():
         span = interval_text(paired.get(key, {}).get("interval"), percent="%")
         row = f"{key:<14}{base[key]:>10.4f}{dist[key]:>11.4f}{_percent(g):>9}   {span:<34}"
@@ -69,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     add_data_arguments(parser)
     parser.add_argument("--teacher-outputs", required=True, type=Path, metavar="DIR", help="directory written by `ilora teacher export`")
-    parser.add_argument("--out", required=True, type=Path, help="output directory (baseline/, distilled/, result.json)")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (baseline/, distilled/, control/ with --control-seed, result.json)")
     add_run_arguments(parser, "continue each student from its newest intact checkpoint in --out (see --checkpoint-every)")
     add_json_argument(parser)
     add_arguments(parser, DistillConfig)

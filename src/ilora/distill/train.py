@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -60,6 +61,17 @@ log = logging.getLogger(__name__)
 
 RESULT_FILE = "result.json"
 DISTILL_COLUMNS = ("topk_items", "topk_confidence")  # what `distill` reads of the teacher outputs' rows
+
+
+# Options added after distillation runs were first recorded, with the value that reproduces those
+# runs: `ilora run` keeps a distill stage recorded without them current while they keep that value.
+ADDED_OPTIONS: dict[str, object] = {"control_seed": None}
+
+
+def without_added_defaults(config: dict) -> dict:
+    """``config`` (a ``DistillConfig`` as a dict) as a version before `ADDED_OPTIONS` recorded
+    it: those entries dropped where they hold their old values (kept where they do not)."""
+    return {k: v for k, v in config.items() if not (k in ADDED_OPTIONS and v == ADDED_OPTIONS[k])}
 
 
 @dataclass
@@ -92,7 +104,8 @@ class DistillConfig(RecTrainConfig):
             (self.w_ed >= 0, "w_ed must be >= 0"),
             (self.dro_alpha >= 0, "dro_alpha must be >= 0"),
             (self.dro_beta > 0, "dro_beta must be > 0"),
-            (self.control_seed != self.seed, f"control_seed must differ from seed ({self.seed}): the control would be the baseline itself"),
+            (self.control_seed is None or 0 <= self.control_seed < 2**63 - 1, f"control_seed must be in 0..2**63-2, got {self.control_seed}"),
+            (self.control_seed != self.seed, f"control_seed must differ from seed ({self.seed}): the control would be the baseline itself; set another control_seed"),
         ]
         for ok, problem in checks:
             if not ok:
@@ -334,7 +347,8 @@ def distill(
     """Train the baseline and the distilled student; write and return their test metrics and the gains.
 
     ``resume`` resumes each student from its own checkpoints (``baseline/checkpoints``,
-    ``distilled/checkpoints``; a student that had finished is not trained again). A resume
+    ``distilled/checkpoints``, ``control/checkpoints`` with ``control_seed``; a student that had
+    finished is not trained again). A resume
     with other options or other teacher targets than the interrupted run's is refused
     (`student_run_options`). Without ``resume``, students an earlier run left in ``out_dir``
     are refused unless ``overwrite`` (then they are trained again from the start).
@@ -349,8 +363,10 @@ def distill(
     if resume and config_file.is_file():  # refuse other options before anything is written
         check_resume_config(read_json(config_file, "distill_config.json"), to_dict(cfg), out)
     if not resume and not overwrite:  # nor start over on an earlier run's students
-        for student in ("baseline", "distilled", *(("control",) if cfg.control_seed is not None else ())):
+        for student in ("baseline", "distilled", "control"):
             refuse_earlier_run(out / student, "result.json", (WEIGHTS_FILE,))
+    if overwrite and cfg.control_seed is None and (out / "control").is_dir():  # no control in this run: none left beside its result
+        shutil.rmtree(out / "control")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config_file, json.dumps(to_dict(cfg), indent=2) + "\n")
     propensity = propensity_scores(dataset.split("train").target, dataset.num_items) if cfg.dro_alpha else None

@@ -117,5 +117,12 @@ def demo_config(out: str = "demo_out") -> RunConfig:
     cfg.eval.batch_size = 32
     cfg.export = replace(cfg.export, batch_size=32)
     cfg.distill.epochs = 20
-    cfg.distill.control_seed = cfg.distill.seed + 1  # the seed's own spread, beside the distillation gain
+    return cfg
+
+
+def with_demo_control(cfg: RunConfig, overrides: dict) -> RunConfig:
+    """The demo's ``cfg`` with a seed control for its distillation (`DistillConfig.control_seed`):
+    ``distill.seed + 1``, unless the user's ``overrides`` set ``distill.control_seed`` (to none, say)."""
+    if "control_seed" not in (overrides.get("distill") or {}):
+        cfg.distill.control_seed = cfg.distill.seed + 1
     return cfg

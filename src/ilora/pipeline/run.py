@@ -13,6 +13,7 @@ from pathlib import Path
 from ilora.config import to_dict
 from ilora.data import SeqDataset, candidate_sets, load_dataset, read_native, synthetic_from_config, write_native
 from ilora.dir_lock import claim_out_dir
+from ilora.distill.train import without_added_defaults as distill_without_added_defaults
 from ilora.pipeline.config import DEVICE_SECTIONS, RunConfig, check_devices, check_run_config
 from ilora.pipeline.stages import run_stage
 from ilora.state_io import atomic_write_text
@@ -194,7 +195,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
         outputs_dir = run_dir / "export" / "outputs"
         _, results["distill"] = run_stage(
             run_dir, "distill", to_dict(cfg.distill), [export_key, data_key], lambda d: stage_distill(cfg, dataset, outputs_dir, d), keep_partial=True,
-            check=devices("distill", then=lambda: check_training_input(dataset, cfg.distill)),
+            legacy=distill_without_added_defaults, check=devices("distill", then=lambda: check_training_input(dataset, cfg.distill)),
         )
         summary = {"out": str(run_dir), **results}
         write_report(run_dir, summary)
