@@ -69,8 +69,8 @@ def _library_bar(factory: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) ->
 def library_bars_as_lines() -> Iterator[None]:
     """Within the block, transformers' progress bars follow `progress`'s rule: unchanged on a
     terminal, one line per redraw (no carriage returns or cursor moves) at most every 30 s
-    when stderr is redirected. transformers older than its ``set_tqdm_hook`` (before 5.x)
-    keeps its own bars. The previous hook is restored on exit."""
+    when stderr is redirected. A transformers without ``set_tqdm_hook`` (5.24 has it) keeps its
+    own bars. The previous hook is restored on exit."""
     from transformers.utils import logging as hf_logging
 
     set_hook = getattr(hf_logging, "set_tqdm_hook", None)

@@ -368,3 +368,18 @@ def test_impossible_candidate_sets_are_refused_before_out_is_written(small, tmp_
     with pytest.raises(IloraError, match="min_len=999"):
         distill(small, oracle_outputs(small), quick(train_min_len=999), tmp_path / "d")
     assert not (tmp_path / "d").exists()
+
+
+def test_a_distillation_without_embedding_distillation_needs_no_embeddings_file(small, tmp_path, capsys) -> None:
+    """w_ed = 0 reads no item embeddings, so an export copied without its (large) embeddings file
+    still distils; with w_ed > 0 the missing file is named."""
+    data_dir = tmp_path / "data"
+    write_native(small, data_dir)
+    write_outputs_dir(oracle_outputs(small), tmp_path / "outputs")
+    (tmp_path / "outputs" / ITEM_EMBEDDINGS).unlink()
+    argv = ["distill", str(data_dir), "--teacher-outputs", str(tmp_path / "outputs"), "--json"]
+    argv += ["--epochs", "1", "--device", "cpu", "hidden=16", "eval_candidates=0", "threads=1"]
+    assert main(argv + ["--out", str(tmp_path / "ranking_only"), "w_ed=0"]) == 0
+    assert json.loads(capsys.readouterr().out)["teacher"]["embedding_dim"] is None
+    assert main(argv + ["--out", str(tmp_path / "with_ed")]) == 2
+    assert "item_embeddings.safetensors: missing, though" in capsys.readouterr().err

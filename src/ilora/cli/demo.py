@@ -1,7 +1,9 @@
 """`ilora demo`: `ilora run` on the embedded synthetic default, offline, on CPU.
 
 The configuration is `ilora.pipeline.config.demo_config` (synthetic data, 1000 users,
-500 items; SASRec; a tiny-Llama teacher with 4 experts x rank 2); it prints the final
+500 items; SASRec; a tiny-Llama teacher with 4 experts x rank 2) with the user's overrides,
+plus a seed control for the distillation (`with_demo_control`: a third student, the baseline
+with seed ``distill.seed + 1``, unless ``distill.control_seed`` is given); it prints the final
 table and leaves the report, plots and every artefact in ``--out``.
 """
 
@@ -29,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo",
         help="run the pipeline on the embedded synthetic default (offline, CPU)",
         description="`ilora run` with the embedded default: synthetic data -> SASRec -> tiny iLoRA teacher -> "
-        "evaluation -> teacher outputs -> baseline and distilled SASRec students. Prints the final table.",
+        "evaluation -> teacher outputs -> baseline, distilled and seed-control SASRec students. Prints the final table.",
     )
     p.add_argument("--out", default="demo_out", metavar="DIR", help="run directory [default: demo_out]")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="change the default, e.g. teacher.max_steps=50")

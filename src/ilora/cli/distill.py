@@ -49,7 +49,7 @@ def run_distill(args: argparse.Namespace) -> int:
     cfg = config_from_args(DistillConfig, args)
     cfg.validate()
     dataset = load_data(args)
-    outputs = read_teacher_outputs(args.teacher_outputs, ("train",), columns=DISTILL_COLUMNS)
+    outputs = read_teacher_outputs(args.teacher_outputs, ("train",), columns=DISTILL_COLUMNS, embeddings=cfg.w_ed > 0)
     result = distill(dataset, outputs, cfg, args.out, source=str(args.teacher_outputs), resume=args.resume, overwrite=args.overwrite)
     if args.json:
         print_json(result)

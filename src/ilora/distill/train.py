@@ -89,8 +89,8 @@ class DistillConfig(RecTrainConfig):
     dro_alpha: float = option(0.0, "weight of DLLM2Rec's DRO term on the recommendation and distillation losses (0: off; DLLM2Rec uses 1)")
     dro_beta: float = option(1.0, "DRO robustness radius (temperature of its log-sum-exp)")
     control_seed: int | None = option(
-        None, "also train the baseline again with this seed (control/) and report its gain over the baseline: "
-        "the seed-to-seed spread a teacher's gain must beat (none: off)"
+        None, "also train the baseline again with this seed (control/) and report its gain over the baseline: one other "
+        "seed's effect, to set beside the teacher's gain (none: off)"
     )
 
     def validate(self, *, check_device: bool = True) -> None:

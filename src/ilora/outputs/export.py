@@ -407,7 +407,7 @@ def prepare_out(out: Path, fresh: dict, overwrite: bool) -> dict:
 def _list_column(rows: np.ndarray, dtype) -> pa.Array:
     n, width = rows.shape
     if n * width >= 2**31:  # np.arange would wrap the 32-bit offsets silently
-        raise IloraError(f"a shard of {n} rows x {width} values passes Parquet's 32-bit list offsets; use a smaller --shard-rows")
+        raise IloraError(f"a shard of {n} rows x {width} values passes Parquet's 32-bit list offsets; use a smaller --shard-rows (export.shard_rows in ilora run)")
     offsets = pa.array(np.arange(0, n * width + 1, width, dtype=np.int32))
     return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(rows, dtype=dtype).reshape(-1)))
 

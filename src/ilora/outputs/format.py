@@ -308,12 +308,15 @@ def read_item_embeddings(directory: Path, manifest: dict, *, verify: bool = True
 
 
 def read_teacher_outputs(
-    directory: str | Path, splits: tuple[str, ...] = ("train",), *, verify: bool = True, columns: Sequence[str] | None = None
+    directory: str | Path, splits: tuple[str, ...] = ("train",), *, verify: bool = True, columns: Sequence[str] | None = None,
+    embeddings: bool = True,
 ) -> TeacherOutputs:
-    """Read the manifest, the requested splits and the item embeddings.
+    """Read the manifest, the requested splits and (``embeddings``) the item embeddings.
 
     ``columns``: the list columns to read (default: all of `LIST_COLUMNS`); the others are
-    ``None`` in each `SplitOutputs` and are neither read from disk nor checked.
+    ``None`` in each `SplitOutputs` and are neither read from disk nor checked. Without
+    ``embeddings`` the item embeddings are neither read nor checked (``item_embeddings`` is
+    None): a distillation with ``w_ed = 0`` needs none.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
@@ -327,5 +330,5 @@ def read_teacher_outputs(
         if info is None:
             raise IloraError(f"{directory}: no {name} split was exported")
         out.splits[name] = read_split(directory, name, info, verify=verify, columns=columns, top_k=top_k)
-    out.item_embeddings = read_item_embeddings(directory, manifest, verify=verify)
+    out.item_embeddings = read_item_embeddings(directory, manifest, verify=verify) if embeddings else None
     return out

@@ -106,7 +106,8 @@ def check_devices(cfg: RunConfig, sections: tuple[str, ...] = DEVICE_SECTIONS) -
 
 
 def demo_config(out: str = "demo_out") -> RunConfig:
-    """The embedded default of `ilora demo`: synthetic data, tiny models, CPU, a few minutes."""
+    """The embedded default of `ilora demo` (which adds a seed control, `with_demo_control`):
+    synthetic data, tiny models, CPU, a few minutes."""
     cfg = RunConfig(out=out)
     cfg.rec.epochs = 20
     cfg.teacher.max_steps = 150

@@ -120,7 +120,7 @@ def stage_distill(cfg: RunConfig, dataset: SeqDataset, outputs_dir: Path, direct
     from ilora.distill.train import DISTILL_COLUMNS, distill
     from ilora.outputs import read_teacher_outputs
 
-    outputs = read_teacher_outputs(outputs_dir, ("train",), columns=DISTILL_COLUMNS)
+    outputs = read_teacher_outputs(outputs_dir, ("train",), columns=DISTILL_COLUMNS, embeddings=cfg.distill.w_ed > 0)
     result = distill(dataset, outputs, cfg.distill, directory, source=str(outputs_dir), resume=_has_earlier_work(directory), overwrite=True)
     summary = {"baseline": result["baseline"]["test"], "distilled": result["distilled"]["test"], "gain": result["gain"], "gain_interval": result["gain_interval"]}
     if "control" in result:
