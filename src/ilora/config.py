@@ -134,6 +134,13 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(cfg)
 
 
+def without_added_defaults(config: dict[str, Any], added: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a config as a dict) as a version before the options in ``added`` (option ->
+    the value runs had before it existed) recorded it: those entries dropped where they hold that
+    value, kept where they do not."""
+    return {k: v for k, v in config.items() if not (k in added and v == added[k])}
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.replace("-", "_").split(".")
     node = tree

@@ -20,7 +20,7 @@ from ilora.config import add_arguments, add_config_arguments, config_from_args
 
 
 def _print_table(result: dict) -> None:
-    from ilora.distill.significance import interval_text, metric_intervals
+    from ilora.distill.significance import gain_text, interval_text, metric_intervals
 
     base, dist, gain = result["baseline"]["test"], result["distilled"]["test"], result["gain"]
     paired = metric_intervals(result.get("gain_interval"))
@@ -29,17 +29,13 @@ def _print_table(result: dict) -> None:
     print(f"{'metric':<14}{'baseline':>10}{'distilled':>11}{'gain':>9}   {'95 % interval (paired bootstrap)':<34}{seeds}".rstrip())
     for key, g in gain.items():
         span = interval_text(paired.get(key, {}).get("interval"), percent="%")
-        row = f"{key:<14}{base[key]:>10.4f}{dist[key]:>11.4f}{_percent(g):>9}   {span:<34}"
+        row = f"{key:<14}{base[key]:>10.4f}{dist[key]:>11.4f}{gain_text(g, '%'):>9}   {span:<34}"
         if control:
-            row += f"   {_percent(control['gain'].get(key)):>8}, {interval_text(metric_intervals(control.get('gain_interval')).get(key, {}).get('interval'), percent='%')}"
+            row += f"   {gain_text(control['gain'].get(key), '%'):>8}, {interval_text(metric_intervals(control.get('gain_interval')).get(key, {}).get('interval'), percent='%')}"
         print(row.rstrip())
     if control:
         print("control: the baseline trained again with another seed; its gain is what the seed alone moves")
     print(f"out: {result['out']}")
-
-
-def _percent(gain: float | None) -> str:
-    return "n/a" if gain is None else f"{100 * gain:+.1f}%"
 
 
 def run_distill(args: argparse.Namespace) -> int:

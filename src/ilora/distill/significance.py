@@ -52,6 +52,11 @@ def metric_intervals(gain_interval: dict[str, object] | None) -> dict[str, dict[
     return (gain_interval or {}).get("metrics", {})  # type: ignore[return-value]
 
 
+def gain_text(gain: float | None, percent: str = " %") -> str:
+    """A relative gain in percent (``percent`` is the unit as written); n/a for None."""
+    return "n/a" if gain is None else f"{100 * gain:+.1f}{percent}"
+
+
 def interval_text(interval: list[float | None] | None, percent: str = " %") -> str:
     """An interval of `paired_gain_intervals` in percent (``percent`` is the unit as written);
     an upper end of None is unbounded."""

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from ilora.checkpointing import check_resume_config, refuse_earlier_run
-from ilora.config import option, to_dict
+from ilora.config import option, to_dict, without_added_defaults as drop_added_defaults
 from ilora.data.dataset import SeqDataset
 from ilora.dir_lock import claims_out_dir
 from ilora.distill.losses import dro_loss, importance_weights, propensity_scores, ranking_distillation_loss
@@ -71,7 +71,7 @@ ADDED_OPTIONS: dict[str, object] = {"control_seed": None}
 def without_added_defaults(config: dict) -> dict:
     """``config`` (a ``DistillConfig`` as a dict) as a version before `ADDED_OPTIONS` recorded
     it: those entries dropped where they hold their old values (kept where they do not)."""
-    return {k: v for k, v in config.items() if not (k in ADDED_OPTIONS and v == ADDED_OPTIONS[k])}
+    return drop_added_defaults(config, ADDED_OPTIONS)
 
 
 @dataclass
@@ -389,9 +389,8 @@ def distill(
     control = None
     if cfg.control_seed is not None:
         log.info("training the control student (the baseline with seed %s)", cfg.control_seed)
-        control_hook = DistillationLoss(None, cfg, propensity) if cfg.dro_alpha else None
-        control = train_sasrec(
-            dataset, dataclasses.replace(rec_cfg, seed=cfg.control_seed), out / "control", extra_loss=control_hook, resume=resume,
+        control = train_sasrec(  # the baseline's loss hook: it holds no training state
+            dataset, dataclasses.replace(rec_cfg, seed=cfg.control_seed), out / "control", extra_loss=base_hook, resume=resume,
             overwrite=overwrite, run_options=student_run_options(cfg, None),
         )
 

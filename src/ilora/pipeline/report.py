@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ilora.distill.significance import interval_text, metric_intervals  # noqa: E402
+from ilora.distill.significance import gain_text, interval_text, metric_intervals  # noqa: E402
 from ilora.state_io import strict_json  # noqa: E402
 
 FULL_KEYS = ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@5", "ndcg@10", "ndcg@20")
@@ -105,10 +105,6 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _percent(gain: float | None) -> str:
-    return "n/a" if gain is None else f"{100 * gain:+.1f} %"
-
-
 
 
 def weak_teacher_note(summary: dict) -> str | None:
@@ -167,9 +163,9 @@ def write_report(run: Path, summary: dict) -> Path:
             if k in base:
                 p = paired.get(k, {})
                 moved = f"{p['better']} / {p['worse']}" if p else "n/a"
-                row = f"| {k} | {base[k]:.4f} | {dist[k]:.4f} | {_percent(gain.get(k))} | {interval_text(p.get('interval'))} | {moved} |"
+                row = f"| {k} | {base[k]:.4f} | {dist[k]:.4f} | {gain_text(gain.get(k))} | {interval_text(p.get('interval'))} | {moved} |"
                 if control:
-                    row += f" {_percent(control['gain'].get(k))}, {interval_text(seeds.get(k, {}).get('interval'))} |"
+                    row += f" {gain_text(control['gain'].get(k))}, {interval_text(seeds.get(k, {}).get('interval'))} |"
                 lines.append(row)
         if paired:
             lines += ["", f"The interval resamples the {distill['gain_interval']['samples']} test samples (both students on the same ones); "
@@ -202,15 +198,11 @@ def summary_table(summary: dict) -> str:
     if distill:
         for name in ("baseline", "distilled"):
             lines.append(f"{'student ' + name:<30}" + "".join(f"{distill[name].get(k, float('nan')):>10.4f}" for k in keys))
-        gain = distill.get("gain", {}).get("ndcg@10")
-        if gain is not None:
-            interval = metric_intervals(distill.get("gain_interval")).get("ndcg@10", {}).get("interval")
-            lines.append(f"{'distillation gain (ndcg@10)':<30}{100 * gain:>+9.1f}%" + (f"   95 % interval {interval_text(interval)}" if interval else ""))
-        control = distill.get("control")
-        seed_gain = control["gain"].get("ndcg@10") if control else None
-        if seed_gain is not None:
-            interval = metric_intervals(control.get("gain_interval")).get("ndcg@10", {}).get("interval")
-            lines.append(f"{'seed control gain (ndcg@10)':<30}{100 * seed_gain:>+9.1f}%" + (f"   95 % interval {interval_text(interval)}" if interval else ""))
+        for label, part in (("distillation gain (ndcg@10)", distill), ("seed control gain (ndcg@10)", distill.get("control"))):
+            gain = (part or {}).get("gain", {}).get("ndcg@10")
+            if gain is not None:
+                interval = metric_intervals(part.get("gain_interval")).get("ndcg@10", {}).get("interval")
+                lines.append(f"{label:<30}{100 * gain:>+9.1f}%" + (f"   95 % interval {interval_text(interval)}" if interval else ""))
     ev = summary.get("eval")
     if ev:
         lines += ["", f"teacher on {ev['samples']} {ev['split']} samples, fixed candidates:",

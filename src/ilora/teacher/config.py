@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from ilora.config import option
+from ilora.config import option, without_added_defaults as drop_added_defaults
 from ilora.errors import ConfigError
 from ilora.teacher.adapters import MoELoraConfig
 from ilora.teacher.gate import GateConfig
@@ -210,7 +210,7 @@ def with_added_defaults(saved: dict) -> dict:
 def without_added_defaults(config: dict) -> dict:
     """``config`` (a ``TeacherConfig`` as a dict) as a version before `ADDED_OPTIONS` recorded
     it: those entries dropped where they hold their old fixed values (kept where they do not)."""
-    return {k: v for k, v in config.items() if not (k in ADDED_OPTIONS and v == ADDED_OPTIONS[k])}
+    return drop_added_defaults(config, ADDED_OPTIONS)
 
 
 def check_training_options(cfg: TeacherConfig) -> None:
