@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 
+import pytest
+
 from ilora import progress as progress_module
 from ilora.progress import REDIRECTED_INTERVAL_S, progress
 
@@ -80,20 +82,15 @@ def test_a_terminal_bar_keeps_tqdms_interval_and_a_hidden_bar_writes_nothing(mon
     assert hidden.disable and hidden_out.getvalue() == ""
 
 
-def test_transformers_bars_in_a_redirected_log_are_plain_lines_and_the_hook_is_restored(monkeypatch, recwarn) -> None:
+@pytest.mark.usefixtures("library_bars_on")
+def test_transformers_bars_in_a_redirected_log_are_plain_lines_and_the_hook_is_restored(monkeypatch) -> None:
     """What loading a model writes into a batch job's log: transformers' "Loading weights" bar
     as plain lines (no carriage return or cursor move), and nothing changed after the block."""
-    import pytest
     from transformers.utils import logging as hf_logging
 
-    if not hasattr(hf_logging, "set_tqdm_hook"):
-        pytest.skip("this transformers has no set_tqdm_hook: its bars stay its own")
-    # recwarn: huggingface_hub's warning that HF_HUB_DISABLE_PROGRESS_BARS=1 keeps its own bars off is recorded, not printed
     out = io.StringIO()
     monkeypatch.setattr(progress_module.sys, "stderr", out)
     previous = hf_logging.set_tqdm_hook(None)
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.enable_progress_bar()  # HF_HUB_DISABLE_PROGRESS_BARS=1 would start transformers' off too
     try:
         with progress_module.library_bars_as_lines():
             for _ in hf_logging.tqdm(range(3), desc="Loading weights", mininterval=0):
@@ -118,4 +115,3 @@ def test_transformers_bars_in_a_redirected_log_are_plain_lines_and_the_hook_is_r
         assert "\r" in terminal.getvalue()  # redrawn in place, not as lines
     finally:
         hf_logging.set_tqdm_hook(previous)
-        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()

@@ -293,6 +293,27 @@ def test_saved_teacher_reloads_identically(dataset, rec, tmp_path):
         )
 
 
+
+@pytest.mark.usefixtures("library_bars_on")
+def test_saving_and_loading_a_tiny_teacher_draws_transformers_bars_as_plain_lines(dataset, rec, tmp_path, monkeypatch):
+    """A tiny teacher's base LLM is written and read by transformers, whose bars ("Writing model
+    shards", "Loading weights") a batch job's log gets as whole lines, no carriage returns."""
+    import io
+    import sys
+
+    bundle = make_bundle(dataset, rec)
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+
+    save_teacher(bundle, tmp_path / "t", dataset.catalog)
+    load_teacher(tmp_path / "t", dataset.catalog)
+
+    text = log.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    lines = text.splitlines()
+    assert any(line.startswith("Writing model shards: 100%") for line in lines), text
+    assert any(line.startswith("Loading weights: 100%") for line in lines), text
+
 def test_gate_options_reach_the_gate_and_survive_save_and_load(dataset, rec, tmp_path):
     """gate_blocks, gate_pool and gate_temperature build the ResNet router they describe, and a
     saved teacher reloads with the same router (checked against a softmax written here)."""

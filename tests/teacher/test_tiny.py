@@ -100,3 +100,22 @@ def test_load_llm_missing(tmp_path, monkeypatch):
     tok.save_pretrained(tmp_path / "no_config")
     with pytest.raises(IloraError, match=f"{tmp_path / 'no_config'}: not a model directory: no config.json"):
         load_llm(tmp_path / "no_config", device="cpu")
+
+
+@pytest.mark.usefixtures("library_bars_on")
+def test_load_llm_draws_transformers_bar_as_plain_lines_in_a_redirected_log(tmp_path, monkeypatch):
+    """load_llm routes transformers' "Loading weights" bar through ilora.progress: in a batch
+    job's log (stderr not a terminal) it is whole lines, no carriage returns."""
+    import io
+    import sys
+
+    tok = build_tiny_tokenizer(TEXTS, vocab_size=200)
+    build_tiny_llm(tok, hidden=32, layers=1).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+
+    load_llm(tmp_path, device="cpu")
+
+    assert "\r" not in log.getvalue() and "\x1b" not in log.getvalue()
+    assert any(line.startswith("Loading weights: 100%") for line in log.getvalue().splitlines()), log.getvalue()
