@@ -142,6 +142,37 @@ def test_target_columns_reject_a_row_that_repeats_another_candidate() -> None:
         target_columns(candidates, np.array([1, 4]))
 
 
+
+def test_target_columns_reject_candidate_rows_that_do_not_match_the_samples() -> None:
+    """One candidate row per sample: other counts (a set from another split or --limit) are
+    refused by name, including one row that would broadcast against several targets."""
+    with pytest.raises(IloraError, match=r"shape \(3, 3\) for 2 targets; expected one row per sample"):
+        target_columns(np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]]), np.array([1, 4]))
+    with pytest.raises(IloraError, match=r"shape \(1, 3\) for 3 targets"):
+        target_columns(np.array([[3, 5, 6]]), np.array([3, 5, 6]))
+    with pytest.raises(IloraError, match="expected one row per sample"):
+        target_columns(np.array([1, 2, 3]), np.array([1, 2, 3]))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_twin_candidates_equal_a_pairwise_search(seed: int) -> None:
+    """Rows holding two items with equal keys (any pair; with target, the target's pairs),
+    against a search of every pair written here."""
+    from ilora.teacher.evaluate import twin_candidates
+
+    rng = np.random.default_rng(seed)
+    keys = [f"title {k}" for k in rng.integers(0, 40, 60)]  # 60 items, 40 titles: many twins
+    candidates = np.stack([rng.permutation(60)[:6] for _ in range(25)])
+    target = candidates[np.arange(25), rng.integers(0, 6, 25)]
+    any_pair = [r for r, row in enumerate(candidates.tolist()) if any(keys[a] == keys[b] for i, a in enumerate(row) for b in row[i + 1 :])]
+    of_target = [r for r, row in enumerate(candidates.tolist()) if any(b != target[r] and keys[b] == keys[target[r]] for b in row)]
+    found = twin_candidates(candidates, keys)
+    assert [r for r, _, _ in found] == any_pair and 0 < len(of_target) < len(any_pair)
+    assert all(a != b and keys[a] == keys[b] and {a, b} <= set(candidates[r]) for r, a, b in found)
+    found = twin_candidates(candidates, keys, target)
+    assert [r for r, _, _ in found] == of_target
+    assert all(a == target[r] and b != a and keys[b] == keys[a] and b in candidates[r] for r, a, b in found)
+
 def test_a_title_that_decodes_to_nothing_is_an_error_not_a_match_for_everything() -> None:
     from types import SimpleNamespace
 

@@ -595,6 +595,36 @@ def test_evaluate_reports_the_metrics_of_its_scores_generations_and_gates(datase
     assert calls == [2, 2] + [int(teacher.title_table.length.max()) + 8] * 2
 
 
+
+def test_evaluation_warns_about_candidates_whose_answers_are_the_same(dataset, rec, caplog):
+    """A catalog that repeats a title: the target and its twin score exactly the same (the tie
+    counts against the target) and an output naming one matches both; both protocols say so in
+    a warning that counts the rows, and say nothing on distinct titles."""
+    from dataclasses import replace
+
+    split, cands = sample_arrays(dataset, n=4, count=6)
+    target = int(split.target[2])
+    twin = next(int(c) for c in cands[2] if c != target)
+    titles = list(dataset.catalog.titles)
+    titles[twin] = titles[target]
+    bundle = build_teacher(TeacherConfig(**SMALL), replace(dataset.catalog, titles=tuple(titles)), rec)
+    rows = [r for r in range(4) if target in cands[r] and twin in cands[r]]
+    prompts = bundle.prompt_collator.build(split.history, split.length, cands)
+    scores = bundle.teacher.eval().score_candidates(prompts, prompts.candidates)
+    assert scores[2, list(cands[2]).index(target)] == scores[2, list(cands[2]).index(twin)]
+    with caplog.at_level("WARNING", logger="ilora.teacher.evaluate"):
+        evaluate_teacher(bundle, split, cands, protocol="score", batch_size=4)
+        evaluate_teacher(bundle, split, cands, protocol="generate", batch_size=4, max_new_tokens=2)
+    score, generate = (r.getMessage() for r in caplog.records)
+    assert score.startswith(f"score protocol: 1 of 4 candidate rows hold two items with the same answer (row 2: items {target} and {twin}, ")
+    assert "counts against the target" in score
+    assert generate.startswith(f"generate protocol: {len(rows)} of 4 candidate rows hold two items with the same answer (row {rows[0]}: items ")
+    assert "counts as invalid" in generate
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ilora.teacher.evaluate"):
+        evaluate_teacher(make_bundle(dataset, rec), split, cands, protocol="score", batch_size=4)
+    assert not caplog.records
+
 def test_evaluating_a_split_without_samples_is_an_error_not_a_torch_error(dataset, rec):
     from ilora.teacher.evaluate import generate_split, score_split
 

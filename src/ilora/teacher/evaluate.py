@@ -17,6 +17,10 @@
   ``max_title_tokens`` tokens and decoded as `ILoRATeacher.generate` decodes, so a
   teacher that writes the trained answer exactly is always matched, long titles included.
 
+Candidates the protocol cannot tell apart (the target and another item with the same answer
+tokens for score, two items with the same answer text up to case for generate) are counted in
+a logged warning (`warn_about_twin_answers`); the metrics are computed as they are.
+
 NaN scores are an error (`IloraError` naming the sample); ``-inf`` is a valid score. A split
 without samples is an `IloraError` too (`require_samples`): it has no metrics to report.
 
@@ -26,6 +30,7 @@ batches and every rank gets the gathered results, in sample order.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -37,6 +42,8 @@ from ilora.distributed import SINGLE, Dist
 from ilora.errors import ConfigError, IloraError
 from ilora.progress import progress
 from ilora.rec.metrics import repeated_rows
+
+log = logging.getLogger(__name__)
 
 
 def rank_of_target(scores: torch.Tensor, target_col: torch.Tensor) -> torch.Tensor:
@@ -101,6 +108,11 @@ def target_columns(candidates: np.ndarray, target: np.ndarray) -> np.ndarray:
     """Column of the target in each candidate row; `IloraError` naming the first row where
     the target does not occur exactly once or another item repeats (it would count twice in
     a rank and make a generated title match two candidates)."""
+    if candidates.ndim != 2 or target.ndim != 1 or len(candidates) != len(target):
+        raise IloraError(
+            f"candidates have shape {candidates.shape} for {target.shape[0] if target.ndim else 1} targets; expected one row per sample "
+            "(are the candidate sets from another split or --limit?)"
+        )
     count = (candidates == target[:, None]).sum(1)
     if not (count == 1).all():
         row = int(np.flatnonzero(count != 1)[0])
@@ -110,6 +122,54 @@ def target_columns(candidates: np.ndarray, target: np.ndarray) -> np.ndarray:
         row = int(repeats[0])
         raise IloraError(f"candidate row {row} repeats an item ({candidates[row].tolist()}); candidates must be distinct")
     return (candidates == target[:, None]).argmax(1)
+
+
+def twin_candidates(candidates: np.ndarray, keys: Sequence, target: np.ndarray | None = None) -> list[tuple[int, int, int]]:
+    """``(row, item, twin)`` for each candidate row holding two items with equal ``keys[item]``,
+    the row's first such pair, in row order; with ``target``, only pairs of the row's target
+    and another item (``item`` is then the target)."""
+    found = []
+    for r, row in enumerate(candidates.tolist()):
+        if target is not None:
+            mine = keys[int(target[r])]
+            twin = next((item for item in row if item != target[r] and keys[item] == mine), None)
+            if twin is not None:
+                found.append((r, int(target[r]), twin))
+            continue
+        first: dict = {}
+        for item in row:
+            seen = first.setdefault(keys[item], item)
+            if seen != item:
+                found.append((r, seen, item))
+                break
+    return found
+
+
+def warn_about_twin_answers(teacher, candidates: np.ndarray, target: np.ndarray, protocol: str) -> None:
+    """Log a warning when candidate rows hold two items the protocol cannot tell apart.
+
+    Score protocol: the target and another candidate with the same answer tokens (equal
+    titles, or titles equal once cut to ``max_title_tokens``) score the same, and the tie
+    counts against the target. Generate protocol: two candidates with the same answer text up
+    to case; an output naming one matches both and counts as invalid. LastFM's titles are
+    distinct; catalogs that repeat titles are not."""
+    table = teacher.title_table
+    if protocol == "score":
+        keys = [tuple(row[:n]) for row, n in zip(table.ids[:-1].tolist(), table.length[:-1].tolist())]
+        twins = twin_candidates(candidates, keys, target)
+        effect = "the target and its twin score the same, and the tie counts against the target"
+    else:
+        keys = [text.strip().lower() for text in answer_texts(teacher)]
+        twins = twin_candidates(candidates, keys)
+        effect = "an output naming one matches both and counts as invalid"
+    if twins:
+        row, a, b = twins[0]
+        title = teacher.tokenizer.decode(table.ids[a, : int(table.length[a])].tolist(), skip_special_tokens=True)
+        log.warning(
+            "%s protocol: %d of %d candidate rows hold two items with the same answer (row %d: items %d and %d, %r): %s. "
+            "Distinct titles (or a larger max_title_tokens) give metrics that tell them apart",
+            protocol, len(twins), len(candidates), row, a, b, title, effect,
+        )
 
 
 def answer_texts(teacher) -> list[str]:
@@ -210,6 +270,8 @@ def evaluate_teacher(
         raise ConfigError(f"max_new_tokens applies to the generate protocol only, not to {protocol!r}")
     require_samples(split, f"{protocol} evaluation")
     cols = target_columns(candidates, split.target)
+    if protocol in ("score", "generate"):
+        warn_about_twin_answers(bundle.teacher, candidates, split.target, protocol)
     if protocol == "score":
         scores, gates = score_split(bundle, split, candidates, gate_mode, batch_size, device, ctx=ctx)
         metrics = score_metrics(scores, torch.as_tensor(cols))
