@@ -184,7 +184,7 @@ P = 6  # padding id of small_lastfm
         (frame_with([[0, P], [0, 2]], [1, 1], [1, 3]), r"row 1, id 2: history position 1 holds an item after len_seq=1"),
         (frame_with([[0, P], [0, P]], [1, 2], [1, 3]), r"row 1, id 6: the padding id inside the first len_seq"),
         (frame_with([[0, P], [1, P]], [1, 3], [1, 3]), r"row 1: len_seq=3 is longer than the history width 2"),
-        (frame_with([[0, P], [P, P]], [1, 0], [1, 3]), r"row 1: empty history \(len_seq=0\)"),
+        (frame_with([[0, P], [1, P]], [1, 0], [1, 3]), r"row 1: empty history \(len_seq=0\)"),
         (frame_with([[0, P], []], [1, 1], [1, 3]), r"row 1: empty history list"),
         (frame_with([[0, P], [0, P, P]], [1, 1], [1, 3]), r"row 1: seq has 3 entries, row 0 has 2"),
         (frame_with([[0, P], [0, "x"]], [1, 1], [1, 3]), r"row 1: non-integer value 'x' in column seq"),
@@ -202,9 +202,16 @@ def test_validation_errors_name_file_row_and_id(small_lastfm: Path, frame: pd.Da
     assert str(small_lastfm / "Val_data.df") in str(info.value)
 
 
+def test_rows_without_history_are_dropped_and_counted_whether_len_seq_says_1_or_0(small_lastfm: Path) -> None:
+    frame_with([[P, P], [0, P], [P, P], [2, 1]], [1, 1, 0, 2], [1, 3, 1, 0]).to_pickle(small_lastfm / "Val_data.df")
+    ds = read_legacy(small_lastfm, allow_pickle=True)
+    assert unpadded(ds.splits["val"]) == [[0], [2, 1]] and ds.splits["val"].target.tolist() == [3, 0]
+    assert ds.load_info["splits"]["val"] == {"rows_in_source": 4, "dropped_no_history": 2}
+
+
 def test_reported_row_is_the_file_row_after_dropped_rows(small_lastfm: Path) -> None:
     # rows 0 and 1 have no history and are dropped; the error is still reported at file row 2
-    frame_with([[P, P], [P, P], [0, 9]], [1, 1, 2], [1, 1, 1]).to_pickle(small_lastfm / "Val_data.df")
+    frame_with([[P, P], [P, P], [0, 9]], [1, 0, 2], [1, 1, 1]).to_pickle(small_lastfm / "Val_data.df")
     with pytest.raises(DataError, match=r"row 2, id 9"):
         read_legacy(small_lastfm, allow_pickle=True)
 

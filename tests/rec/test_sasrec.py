@@ -141,6 +141,15 @@ def test_load_errors(tmp_path) -> None:
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "max_len": 10.0}))
     with pytest.raises(IloraError, match="sizes must be integers"):
         load_sasrec(tmp_path / "m")
+    # sizes far beyond the weights: checked before anything is allocated (was a 256 TiB allocation error)
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "hidden": 16, "max_len": 2**40}))
+    with pytest.raises(IloraError, match=r"model.safetensors: pos_emb.weight has shape \(8, 16\); the SASRec config expects \(1099511627776, 16\)"):
+        load_sasrec(tmp_path / "m")
+    # a layer_norm_eps that makes every score NaN
+    for eps in (0.0, -1.0, float("nan"), float("inf")):
+        (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "hidden": 16, "layer_norm_eps": eps}))
+        with pytest.raises(IloraError, match="layer_norm_eps=.* is not a positive finite number"):
+            load_sasrec(tmp_path / "m")
 
 
 def test_bad_inputs() -> None:

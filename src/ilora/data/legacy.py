@@ -8,8 +8,9 @@ Layout of a directory (as published in the iLoRA and LLaRA repositories, ``data/
   nullable-integer columns, MultiIndex axes and the Python-backed strings pandas 3 writes
   without pyarrow are refused: their pickles need pandas code). Protocols 3 to 5 only. ``seq`` is the history, left-aligned and padded to a fixed width with the id
   ``num_items``; ``len_seq`` is the number of real items; ``next`` is the target.
-  Names match without regard to case (DLLM2Rec's folders write ``val_data.df``). A missing
-  file means that split is absent (``None``).
+  Names match without regard to case (``val_data.df`` is read too). A missing file means
+  that split is absent (``None``). DLLM2Rec's folders hold ``val_data.csv`` and
+  ``test_data.csv`` instead, which this reader does not read.
 * The catalog, one of (``id2name.txt`` wins if both exist):
 
   - ``id2name.txt`` (LastFM, Steam): UTF-8 lines ``id::name`` with ids ``0 .. n-1``;
@@ -24,8 +25,8 @@ Every element must then be such a pair (exactly two entries); ids must fit in in
 larger unsigned id is reported with its real value).
 
 Rows without any history item (the reference files store one per user, for the user's first
-item: ``len_seq == 1`` and an all-padding ``seq``) cannot be a sample; they are dropped and
-counted (``dropped_no_history`` in `read_legacy`'s ``load_info``). Every other inconsistency
+item: ``len_seq == 1`` and an all-padding ``seq``; ``len_seq == 0`` with one is the same row)
+cannot be a sample; they are dropped and counted (``dropped_no_history`` in `read_legacy`'s ``load_info``). Every other inconsistency
 is a `DataError` naming the file, the row (0-based position in the DataFrame) and the id.
 
 Pickles can run code, so reading needs ``allow_pickle=True``, and even then nothing of
@@ -65,7 +66,7 @@ def is_legacy_dir(path: Path) -> bool:
 
 def split_files(directory: Path) -> dict[str, Path]:
     """The split files present in ``directory``, by split, matched without regard to case:
-    LLaRA writes ``Val_data.df``, DLLM2Rec's folders ``val_data.df``. Two files for one split
+    LLaRA writes ``Val_data.df``, a copy may hold ``val_data.df``. Two files for one split
     (``Val_data.df`` beside ``val_data.df``) are a `DataError` naming both."""
     names: dict[str, list[Path]] = {}
     for entry in directory.iterdir():
@@ -329,8 +330,9 @@ def _id_column(path: Path, series: pd.Series, column: str) -> np.ndarray:
 def frame_to_split(frame: pd.DataFrame, path: Path, catalog: Catalog) -> tuple[Split, dict[str, int]]:
     """Validate a legacy DataFrame and convert it; returns the split and its row counts.
 
-    Rows with no history item (``len_seq == 1`` and an all-padding ``seq``) are dropped and
-    counted as ``dropped_no_history``; any other problem raises `DataError`.
+    Rows with no history item (an all-padding ``seq`` with ``len_seq`` 1, as LLaRA's files hold a
+    user's first interaction, or 0) are dropped and counted as ``dropped_no_history``; any
+    other problem raises `DataError`.
     """
     missing = [c for c in COLUMNS if c not in frame.columns]
     if missing:
@@ -341,7 +343,7 @@ def frame_to_split(frame: pd.DataFrame, path: Path, catalog: Catalog) -> tuple[S
     history = _history_matrix(path, seq, pairs)
     length = _id_column(path, frame["len_seq"], "len_seq")
     target = _id_column(path, frame["next"], "next")
-    no_history = (length == 1) & (history == catalog.padding_id).all(axis=1) if history.size else np.zeros(0, bool)
+    no_history = (length <= 1) & (length >= 0) & (history == catalog.padding_id).all(axis=1) if history.size else np.zeros(0, bool)
     keep = np.flatnonzero(~no_history)
     split = Split(history[keep], length[keep], target[keep])
     validate_split(split, catalog, path, rows=keep)

@@ -53,7 +53,7 @@ import torch
 
 from ilora.data.safe_pickle import CHECKPOINT_OPT_IN_HINT, ByteBudget, PickledDtype, RestrictedUnpickler, UnsafePickleError, atom_set, canonical_dtype, private_dtype, require_opt_in, short_repr
 from ilora.errors import IloraError
-from ilora.rec.sasrec import SASRec, SASRecConfig, load_state_checked
+from ilora.rec.sasrec import SASRec, SASRecConfig, sasrec_with_weights
 
 
 class ModuleRecord:
@@ -436,6 +436,4 @@ def import_llara_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> 
         cfg, tensors = convert_record(root, path)
     except (TypeError, ValueError, RuntimeError) as exc:  # records holding what no torch.save of a SASRec writes
         raise IloraError(f"{path}: not a LLaRA SASRec checkpoint this importer reads ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})") from None
-    model = SASRec(cfg)
-    load_state_checked(model, tensors, path)
-    return model.eval()
+    return sasrec_with_weights(cfg, tensors, path).eval()

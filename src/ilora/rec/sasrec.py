@@ -18,8 +18,9 @@ channels sum to exactly 0); that only touches padded rows, whose outputs are zer
 anyway (or, degenerately, a real row whose normalised query sums to exactly 0.0), so it
 is left out.
 
-Initialisation is ours: item and position embeddings are drawn from N(0, 0.01), where the
-reference modules keep PyTorch's default N(0, 1); the other layers keep PyTorch's defaults.
+Initialisation: item and position embeddings are drawn from N(0, 0.01). DLLM2Rec draws its
+item embeddings so and keeps PyTorch's default N(0, 1) for positions; LLaRA keeps the default
+for both. The other layers keep PyTorch's defaults, as in both.
 
 Histories are left-aligned: positions ``>= length`` are padding. Validity comes from
 ``length`` alone, so whatever ids sit beyond ``length`` do not change any output at a
@@ -66,6 +67,8 @@ class SASRecConfig:
             raise IloraError(f"SASRec config: hidden={self.hidden} is not divisible by heads={self.heads}")
         if not 0.0 <= self.dropout < 1.0:
             raise IloraError(f"SASRec config: dropout={self.dropout} is not in [0, 1)")
+        if not 0.0 < self.layer_norm_eps < float("inf"):  # 0, negative or NaN: every score NaN
+            raise IloraError(f"SASRec config: layer_norm_eps={self.layer_norm_eps} is not a positive finite number")
 
     @property
     def padding_id(self) -> int:
@@ -243,19 +246,24 @@ class SASRec(nn.Module):
         return directory
 
 
-def load_state_checked(model: SASRec, tensors: dict[str, torch.Tensor], source: str | Path) -> None:
-    """Copy ``tensors`` into ``model`` after checking names and shapes; clear error otherwise."""
-    expected = model.state_dict()
+def sasrec_with_weights(cfg: SASRecConfig, tensors: dict[str, torch.Tensor], source: str | Path) -> SASRec:
+    """A `SASRec` of ``cfg`` holding ``tensors``, whose names, shapes and dtypes are checked
+    against ``cfg`` before the model is allocated (a config that does not fit its weights, say
+    a huge ``max_len``, is a clear error instead of an allocation failure)."""
+    with torch.device("meta"):
+        expected = SASRec(cfg).state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise IloraError(f"{source}: weights do not match the SASRec config (missing {missing}, unexpected {unexpected})")
     for name, ref in expected.items():
         if tuple(tensors[name].shape) != tuple(ref.shape):
-            raise IloraError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(ref.shape)}")
+            raise IloraError(f"{source}: {name} has shape {tuple(tensors[name].shape)}; the SASRec config expects {tuple(ref.shape)}")
         if not tensors[name].is_floating_point():
             raise IloraError(f"{source}: {name} has dtype {tensors[name].dtype}, expected a floating point tensor")
+    model = SASRec(cfg)
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()})
+    return model
 
 
 def load_sasrec(directory: str | Path, *, device: str | torch.device = "cpu") -> SASRec:
@@ -273,9 +281,7 @@ def load_sasrec(directory: str | Path, *, device: str | torch.device = "cpu") ->
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
         raise IloraError(f"{weights_path}: not a readable safetensors file ({exc})") from None
-    model = SASRec(cfg)
-    load_state_checked(model, tensors, weights_path)
-    return model.to(device).eval()
+    return sasrec_with_weights(cfg, tensors, weights_path).to(device).eval()
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,9 +1,10 @@
 """Train SASRec on a dataset's train split, selecting weights on the validation split only.
 
 `train_sasrec` runs Adam over shuffled mini-batches, one loss per sample at the last
-valid position: ``ce`` (softmax cross-entropy over all items) or ``bce`` (the
-DLLM2Rec/LLaRA objective: the target against ``negatives`` items sampled uniformly
-among those neither in the history nor the target). After every epoch it evaluates
+valid position: ``ce`` (softmax cross-entropy over all items) or ``bce`` (LLaRA's
+objective, and DLLM2Rec's without its DRO term: the target against ``negatives`` items
+sampled uniformly among those neither in the history nor the target; with more than one
+negative the positive is one of ``1 + negatives`` averaged terms). After every epoch it evaluates
 the validation split, logs a row to ``metrics.csv`` and TensorBoard (``tb/``), and keeps
 the best weights by ``cfg.monitor``; ``patience`` epochs without improvement stop it.
 The test split is never used for any decision; its metrics are only reported at the end.
