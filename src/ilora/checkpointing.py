@@ -86,8 +86,12 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 # -- configuration check on resume ----------------------------------------------------------------
 
 # Options that may differ between the interrupted run and its resumption: they change how a run
-# is carried out, not what it computes.
-RESUMABLE_CHANGES = frozenset({"checkpoint_every", "skip_nonfinite", "threads", "workers", "eval_batch_size", "compile"})
+# is carried out, not what it computes (some change the rounding, and the dropout masks drawn:
+# a smaller micro_batch_size or gradient_checkpointing is what a run resumed after running out
+# of memory needs).
+RESUMABLE_CHANGES = frozenset(
+    {"checkpoint_every", "skip_nonfinite", "threads", "workers", "eval_batch_size", "compile", "micro_batch_size", "gradient_checkpointing"}
+)
 
 
 def check_resume_config(saved: dict[str, Any] | None, current: dict[str, Any], where: Path, what: str = "other options") -> None:

@@ -13,6 +13,9 @@ class MetricsLog:
     The CSV columns are the keys of the first row; later rows may omit some (left empty)
     but may not add new ones. A resumed run passes ``purge_step`` (TensorBoard then hides
     the interrupted run's events from that step on) and puts the CSV back with `restore`.
+    Without ``purge_step`` the run starts from its first step: an earlier run's CSV of this
+    name and, when this log opens the writer, its TensorBoard event files are removed (an
+    ``--overwrite`` that kept them would mix two runs in one curve).
     """
 
     def __init__(self, out_dir: str | Path, name: str = "metrics", writer=None, purge_step: int | None = None) -> None:
@@ -22,6 +25,11 @@ class MetricsLog:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / f"{name}.csv"
         self.prefix = "" if name == "metrics" else f"{name}/"
+        if purge_step is None:
+            self.path.unlink(missing_ok=True)
+            if writer is None:
+                for events in (out_dir / "tb").glob("events.out.tfevents.*"):
+                    events.unlink()
         self.writer = writer or SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=purge_step)
         self.fields: list[str] | None = None
 

@@ -108,6 +108,8 @@ def test_a_new_run_in_a_used_out_keeps_its_own_sasrec_and_resume_refuses_another
     with pytest.raises(IloraError, match="teacher_config.json but no checkpoint or finished run to resume; pass --overwrite"):
         train_teacher(ds, second, tmp_path / "rec1", killed, resume=True)
     train_teacher(ds, second, tmp_path / "rec1", out, overwrite=True)  # a fresh run into the same out
+    assert len(list((out / "tb").glob("events.out.tfevents.*"))) == 1  # the first run's events are gone: one curve per tag
+    assert [row.split(",")[0] for row in (out / "train_steps.csv").read_text().splitlines()[1:]] == ["1", "2"]
     loaded = load_teacher(out, ds.catalog)
     assert torch.equal(loaded.teacher.rec.item_emb.weight, load_sasrec(tmp_path / "rec1").item_emb.weight)
     with pytest.raises(IloraError, match="another SASRec"):  # the finished run read rec1
@@ -126,10 +128,46 @@ def test_a_new_run_in_a_used_out_keeps_its_own_sasrec_and_resume_refuses_another
     from ilora.teacher.train import _open_run
 
     assert load_teacher(out, ds.catalog) is not None
+    assert list(out.glob("trainer_state.*"))
     _open_run(out, second, {}, False, SINGLE, overwrite=True)
     with pytest.raises(IloraError, match="teacher_config.json"):
         load_teacher(out, ds.catalog)
+    assert not list(out.glob("trainer_state.*"))  # nor the earlier run's final optimiser state
 
+
+
+def test_a_run_resumes_with_smaller_micro_batches_and_gradient_checkpointing(tmp_path) -> None:
+    """What a run that ran out of memory needs: resumed with micro_batch_size 2 (was 4) and
+    gradient checkpointing on, it ends with the uninterrupted run's weights (up to rounding:
+    the step's loss and gradient do not depend on either)."""
+    import shutil
+
+    from ilora.data import make_synthetic
+    from ilora.rec.sasrec import SASRec, SASRecConfig
+    from ilora.teacher.build import load_teacher
+    from ilora.teacher.train import train_teacher
+
+    ds = make_synthetic(users=40, items=30, seed=5)
+    torch.manual_seed(0)
+    SASRec(SASRecConfig(num_items=ds.num_items, max_len=ds.max_len, hidden=16)).save(tmp_path / "rec")
+    cfg = TeacherConfig(**SMALL, max_steps=3, batch_size=4, val_samples=4, checkpoint_every=1, curriculum=False)
+    train_teacher(ds, cfg, tmp_path / "rec", tmp_path / "full")
+    shutil.copytree(tmp_path / "full", tmp_path / "killed")
+    (tmp_path / "killed" / "train_summary.json").unlink()  # as if killed after its checkpoint of step 2
+    smaller = dataclasses.replace(cfg, micro_batch_size=2, gradient_checkpointing=True)
+    assert train_teacher(ds, smaller, tmp_path / "rec", tmp_path / "killed", resume=True)["resumed_from"] == 2
+    weights = {}
+    for run in ("full", "killed"):
+        teacher = load_teacher(tmp_path / run, ds.catalog).teacher
+        weights[run] = {n: p.detach() for n, p in teacher.named_parameters() if p.requires_grad}
+    assert weights["full"].keys() == weights["killed"].keys()
+    for name, full in weights["full"].items():
+        torch.testing.assert_close(weights["killed"][name], full, rtol=1e-4, atol=1e-6, msg=name)
+    from ilora.errors import IloraError
+
+    (tmp_path / "killed" / "train_summary.json").unlink()
+    with pytest.raises(IloraError, match=r"lr: 0\.0007 -> 0\.001"):  # what the computation depends on is still refused
+        train_teacher(ds, dataclasses.replace(cfg, lr=1e-3), tmp_path / "rec", tmp_path / "killed", resume=True)
 
 def test_the_logged_lr_is_the_lr_each_step_used(tmp_path) -> None:
     """train_steps.csv's lr column is the lr of the optimiser step on that row (read before the

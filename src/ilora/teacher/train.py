@@ -321,6 +321,8 @@ def _open_run(out_dir, cfg: TeacherConfig, inputs: dict, resume: bool, ctx: Dist
         )
         if not resume:  # an earlier run's teacher is not this run's: unloadable until the first save
             (out / "teacher_config.json").unlink(missing_ok=True)
+            for state in out.glob("trainer_state.*"):  # nor its final optimiser state
+                state.unlink()
     else:
         out, checkpoints, finished = Path(out_dir), CheckpointManager(out_dir, cfg.checkpoint_every), None
     return out, checkpoints, ctx.broadcast(finished)
@@ -438,7 +440,7 @@ def train_teacher(
     purge = None if resumed_from is None else resumed_from + 1
     if ctx.is_main:
         step_log = MetricsLog(out, "train_steps", purge_step=purge)
-        epoch_log = MetricsLog(out, "metrics", writer=step_log.writer)
+        epoch_log = MetricsLog(out, "metrics", writer=step_log.writer, purge_step=purge)
         atomic_write_text(out / "train_config.json", json.dumps(to_dict(cfg), indent=2))
     else:
         step_log, epoch_log = NullLog(), NullLog()
