@@ -2,8 +2,9 @@
 
 Each optimiser step takes ``batch_size`` samples of a seeded per-epoch permutation (the
 global batch; with ``group_by_length``, batches of similar prompt length, `length_grouped`),
-split into micro-batches (gradient accumulation). Prompts are assembled
-by the `PromptCollator` inside DataLoader workers (``workers``); each sample's hybrid /
+split into micro-batches (gradient accumulation). Each micro-batch's prompts are assembled
+by the `PromptCollator` as a DataLoader item (`MicroBatches`): in ``workers`` worker
+processes, or in the training process with the default ``workers=0``; each sample's hybrid /
 text-only flag comes from LLaRA's curriculum, drawn from ``(seed, step)`` only.
 Loss: cross-entropy summed over the answer tokens of the global batch and divided by
 their number, so a step's loss and gradient do not depend on how the batch is cut into
