@@ -59,11 +59,15 @@ class Dist:
 
     def sum(self, value: float) -> float:
         """The sum of ``value`` over all ranks (float64, so that it does not depend on the device)."""
+        return self.sums([value])[0]
+
+    def sums(self, values: Sequence[float]) -> list[float]:
+        """Each of ``values`` summed over all ranks, in one all-reduce (float64)."""
         if not self.enabled:
-            return float(value)
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self._device())
+            return [float(v) for v in values]
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self._device())
         dist.all_reduce(t)
-        return float(t.item())
+        return t.tolist()
 
     def gather(self, obj: T) -> list[T]:
         """Every rank's ``obj`` in rank order, on every rank (picklable objects, e.g. CPU tensors)."""

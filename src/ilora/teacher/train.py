@@ -501,9 +501,10 @@ def train_teacher(
             tokens = sum(int(b.attention_mask.sum()) for b, counts in micro_batches if counts)
             micro_batches = [(b.to(cfg.device, non_blocking=True), counts) for b, counts in micro_batches]
             n_step = len(plan[k][0])
+            global_targets, tokens = ctx.sums([targets, tokens])  # one all-reduce for both
             with compiled.active() if compiled else contextlib.nullcontext():
-                total_loss = step_forward_backward(model, micro_batches, targets, autocast, ctx)
-            tokens = int(ctx.sum(tokens))
+                total_loss = step_forward_backward(model, micro_batches, global_targets, autocast, ctx)
+            tokens = int(tokens)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(all_params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf")))
             if guard.ok(p["step"] + 1, total_loss, grad_norm, f" (epoch {epoch + 1})"):
                 optimizer.step()
@@ -557,17 +558,17 @@ def train_teacher(
     return summary
 
 
-def step_forward_backward(model: torch.nn.Module, micro_batches: list, targets: int, autocast, ctx: Dist) -> float:
+def step_forward_backward(model: torch.nn.Module, micro_batches: list, global_targets: float, autocast, ctx: Dist) -> float:
     """Forward and backward of one optimiser step's micro-batches on this rank.
 
-    ``targets``: this rank's answer tokens in the micro-batches that count. Each
+    ``global_targets``: the answer tokens of the micro-batches that count, summed over all
+    ranks (`Dist.sums`). Each
     micro-batch's summed answer-token loss is divided by the answer tokens of the whole
     global batch (all ranks), times the number of ranks (DDP averages the ranks'
     gradients): the gradient is that of the global batch's mean token loss. With DDP the
     gradient all-reduce runs once, in the last micro-batch's backward. Returns the global
     batch's mean token loss.
     """
-    global_targets = ctx.sum(targets)
     if global_targets == 0:
         raise IloraError("a training step has no answer tokens (every label is -100)")
     loss_sum = None
