@@ -807,3 +807,56 @@ def test_a_teacher_refuses_another_model_at_its_base_llm_path(dataset, rec, tmp_
     with caplog.at_level("WARNING"):
         load_teacher(tmp_path / "teacher", dataset.catalog)
     assert "without a sample of its base LLM's weights" in caplog.text
+
+
+def test_attention_window_reads_each_familys_sliding_window() -> None:
+    import transformers
+
+    from ilora.teacher.model import attention_window
+
+    def config(family, **extra):
+        return transformers.AutoConfig.for_model(family, num_hidden_layers=2, **extra)
+
+    assert attention_window(config("llama")) is None
+    assert attention_window(config("mistral", sliding_window=64)) == 64
+    assert attention_window(config("mistral", sliding_window=None)) is None
+    assert attention_window(config("qwen2", sliding_window=64)) is None  # use_sliding_window is off by default
+    assert attention_window(config("qwen2", sliding_window=64, use_sliding_window=True, max_window_layers=1)) == 64
+    assert attention_window(config("qwen2", sliding_window=64, use_sliding_window=True, max_window_layers=2)) is None  # no layer uses it
+    assert attention_window(config("gemma3_text", sliding_window=64, layer_types=["sliding_attention", "full_attention"])) == 64
+
+
+@pytest.mark.parametrize("window", [4096, 12])
+def test_scoring_refuses_a_sliding_window_its_block_mask_would_reach_past(dataset, rec, tmp_path, window) -> None:
+    """With a window shorter than the prompts and their packed answers the block mask would let
+    answers see tokens the model's own forward hides: refused by name. A window longer than
+    both changes nothing: the scores equal each candidate's own full forward."""
+    import transformers
+
+    from ilora.teacher.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(dataset.catalog.titles, vocab_size=300)
+    config = transformers.AutoConfig.for_model(
+        "mistral", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=8, sliding_window=window,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mistral")
+    tokenizer.save_pretrained(tmp_path / "mistral")
+    bundle = build_teacher(TeacherConfig(**{**SMALL, "llm": str(tmp_path / "mistral")}), dataset.catalog, rec)
+    split, cands = sample_arrays(dataset)
+    prompts = bundle.prompt_collator.build(split.history, split.length, cands)
+    if window == 12:
+        with pytest.raises(IloraError, match=r"sliding window of 12 tokens, shorter than these prompts \(\d+ tokens, padded\) and their 5 packed answers"):
+            bundle.teacher.score_candidates(prompts, prompts.candidates)
+        return
+    teacher = bundle.teacher.eval()
+    fast = teacher.score_candidates(prompts, prompts.candidates)
+    for b in range(len(split)):  # each (prompt, candidate answer) as its own full sequence, as in the test above
+        for c in range(cands.shape[1]):
+            one = bundle.train_collator.build(split.history[b : b + 1], split.length[b : b + 1], cands[b : b + 1], cands[b : b + 1, c])
+            with torch.no_grad():
+                logp = torch.log_softmax(full_logits(teacher, one)[0].double(), -1)
+            answer = (one.labels[0] != -100).nonzero().flatten()
+            assert float(fast[b, c]) == pytest.approx(sum(float(logp[t - 1, one.labels[0, t]]) for t in answer), abs=1e-4)

@@ -5,7 +5,7 @@
   The D-dim vector is read as a 1-channel signal of length D: a Conv1d stem, residual
   Conv1d blocks at one width (32 channels, 2 blocks, GELU), adaptive average pooling to a
   few positions (8), flatten, Linear to E. iLoRA's router is deeper (three stages of 16,
-  32 and 64 channels with stride 2, three blocks each, ReLU, batch norm, global average
+  32 and 64 channels, the second and third with stride 2, three blocks each, ReLU, batch norm, global average
   pooling, Linear(64, E)); ours has no batch norm, so a sample's gate never depends on the
   rest of its batch.
 

@@ -137,6 +137,18 @@ def in_eval_mode(method):
     return wrapper
 
 
+def attention_window(config) -> int | None:
+    """The sliding attention window of an LLM config (Mistral, Phi-3, Gemma 2/3, Qwen2 with
+    ``use_sliding_window``), or None where no layer attends through one."""
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool):
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return window
+
+
 def head_logits(llm, hidden: torch.Tensor) -> torch.Tensor:
     """Logits of a causal LM's output layer on ``hidden``, with the changes some families make
     after that layer in their own forward: Granite divides by ``logits_scaling`` (HyperCLOVA X
@@ -306,8 +318,10 @@ class ILoRATeacher(nn.Module):
 
         Runs in eval mode (`in_eval_mode`). Raises `IloraError` if the prompts are not
         left-padded or carry answers (`check_prompt_batch`), if ``candidates`` is not (B, C),
-        if a candidate id is outside the catalog ``0..num_items - 1``, or if the LLM runs
-        FlashAttention (it cannot take the block mask).
+        if a candidate id is outside the catalog ``0..num_items - 1``, if the LLM runs
+        FlashAttention (it cannot take the block mask), or if it attends through a sliding
+        window shorter than the prompts plus the packed answers (`attention_window`: the block
+        mask would reach past it, where the model's own forward would not).
         """
         check_prompt_batch(batch, "score_candidates")
         if candidates.ndim != 2 or candidates.shape[0] != len(batch):
@@ -325,6 +339,14 @@ class ILoRATeacher(nn.Module):
         ids, mask = self.title_table.answer_tokens(candidates.reshape(-1))
         ids, mask = ids.to(candidates.device).view(b, c, -1), mask.to(candidates.device).view(b, c, -1)
         packed, segment, offset = pack_answers(ids, mask, self.title_table.pad_id)
+        window = attention_window(self.llm.config)
+        if window is not None and batch.input_ids.shape[1] + packed.shape[1] > window:
+            raise IloraError(
+                f"score_candidates: the LLM attends through a sliding window of {window} tokens, shorter than these prompts "
+                f"({batch.input_ids.shape[1]} tokens, padded) and their {c} packed answers ({packed.shape[1]} tokens): the block "
+                "mask would see past the window, scoring each answer unlike the model reads it. Use a smaller eval_batch_size "
+                "(narrower padding), fewer candidates, or the generate protocol (--protocol generate)"
+            )
         prompt = self.run(batch, gate_mode, use_cache=True)
         embeds = self.llm.get_input_embeddings()(packed).to(prompt.hidden.dtype)
         positions = batch.attention_mask.long().sum(1, keepdim=True) + offset
