@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from ilora.cli.main import main
+from ilora.errors import IloraError
 
 SMALL = {
     "data": {"synth": {"users": 60, "items": 40, "seed": 1}},
@@ -169,6 +170,71 @@ def test_a_stage_refused_by_its_check_keeps_the_finished_stage_files(tmp_path):
         run_stage(tmp_path, "distill", {"lambda_d": 0.5}, [], work, check=refuse)  # stale: checked first
     assert sorted(p.name for p in (tmp_path / "distill").iterdir()) == before
 
+
+
+def test_a_stage_that_fails_with_other_options_keeps_the_finished_results_for_the_old_ones(tmp_path, capsys):
+    """A finished stage run again with other options is moved aside until the new run finishes:
+    when that run fails (a mistyped path), the results stay in ``<stage>.previous`` and a run
+    with the old options puts them back and skips the stage with its token, so the stages
+    after it stay current; once a run with other options finishes, they are gone."""
+    from ilora.pipeline.stages import run_stage
+
+    calls = []
+
+    def work(tag, fail=False):
+        def fn(directory):
+            calls.append(tag)
+            (directory / "weights.bin").write_text(tag)
+            if fail:
+                raise IloraError("cannot load LLM '/nonexist/llm'")
+            return {"tag": tag}
+
+        return fn
+
+    token, _ = run_stage(tmp_path, "teacher", {"llm": "tiny"}, [], work("tiny"), keep_partial=True)
+    with pytest.raises(IloraError, match="cannot load LLM"):
+        run_stage(tmp_path, "teacher", {"llm": "/nonexist/llm"}, [], work("typo", fail=True), keep_partial=True)
+    assert (tmp_path / "teacher.previous" / "weights.bin").read_text() == "tiny"
+    assert "its finished results (other options) are kept in teacher.previous until this run finishes" in capsys.readouterr().err
+    assert run_stage(tmp_path, "teacher", {"llm": "tiny"}, [], work("again"), keep_partial=True) == (token, {"tag": "tiny", "seconds": pytest.approx(0, abs=5)})
+    assert calls == ["tiny", "typo"] and (tmp_path / "teacher" / "weights.bin").read_text() == "tiny"
+    assert not (tmp_path / "teacher.previous").exists()
+    assert "teacher: the finished results kept in teacher.previous are current again, put back" in capsys.readouterr().err
+    # a failed attempt, then one with a third option that finishes: the kept results go
+    with pytest.raises(IloraError):
+        run_stage(tmp_path, "teacher", {"llm": "/nonexist/llm"}, [], work("typo", fail=True), keep_partial=True)
+    run_stage(tmp_path, "teacher", {"llm": "other"}, [], work("other"), keep_partial=True)
+    assert (tmp_path / "teacher" / "weights.bin").read_text() == "other" and not (tmp_path / "teacher.previous").exists()
+    # an interrupted run of the new options still resumes its own files, and drops the kept ones when it finishes
+    run_stage(tmp_path, "teacher", {"llm": "tiny"}, [], work("tiny"), keep_partial=True)
+    with pytest.raises(IloraError):
+        run_stage(tmp_path, "teacher", {"llm": "big"}, [], work("big-1", fail=True), keep_partial=True)
+    run_stage(tmp_path, "teacher", {"llm": "big"}, [], lambda d: calls.append(sorted(p.name for p in d.iterdir())) or {}, keep_partial=True)
+    assert calls[-1] == ["stage.pending", "weights.bin"] and not (tmp_path / "teacher.previous").exists()
+
+
+def test_run_refuses_an_out_that_is_not_a_run_directory(tmp_path, capsys):
+    """`--out` pointed at a directory of the user's own: refused before anything is written or
+    deleted there (a stage directory of the same name, e.g. data/, would have been replaced)."""
+    from ilora.pipeline.run import check_run_dir
+
+    mine = tmp_path / "mine"
+    (mine / "data").mkdir(parents=True)
+    (mine / "data" / "my_dataset.csv").write_text("precious")
+    (mine / "config.json").write_text('{"model_type": "llama"}')  # a model directory's config.json is not a run's
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, "out": str(mine)}))
+    assert main(["run", str(config)]) == 2
+    assert f"{mine}: not empty and not the directory of an `ilora run`" in capsys.readouterr().err
+    assert (mine / "data" / "my_dataset.csv").read_text() == "precious" and (mine / "config.json").read_text() == '{"model_type": "llama"}'
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    check_run_dir(empty)
+    (empty / "teacher").mkdir()
+    (empty / "teacher" / "stage.pending").write_text("k")  # stage records without the run's config.json: a run's directory
+    check_run_dir(empty)
+    (mine / "config.json").write_text(json.dumps({"out": "x", "data": {}, "rec": {}, "teacher": {}, "eval": {}, "export": {}, "distill": {}}))
+    check_run_dir(mine)  # an earlier run's config.json
 
 def test_a_device_change_keeps_a_finished_stage_but_not_an_interrupted_one(tmp_path, capsys):
     """Finished work is the same on any device; interrupted work resumes only on the device its

@@ -13,6 +13,7 @@ from pathlib import Path
 from ilora.config import to_dict
 from ilora.data import SeqDataset, candidate_sets, load_dataset, read_native, synthetic_from_config, write_native
 from ilora.dir_lock import claim_out_dir
+from ilora.errors import IloraError
 from ilora.distill.train import without_added_defaults as distill_without_added_defaults
 from ilora.pipeline.config import DEVICE_SECTIONS, RunConfig, check_devices, check_run_config
 from ilora.pipeline.stages import run_stage
@@ -146,6 +147,32 @@ def check_teacher_input(cfg: RunConfig, dataset: SeqDataset) -> None:
     check_export_input(dataset, cfg.export, cfg.teacher.num_candidates)
 
 
+RUN_SECTIONS = {"data", "rec", "teacher", "eval", "export", "distill"}
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """`IloraError` unless ``run_dir`` is empty or holds a run of `ilora run` (its ``config.json``
+    or a stage record): a run writes ``config.json`` and replaces stale stage directories there
+    (`run_stage`), which must not touch a directory of the user's own (a dataset, a model)."""
+    from ilora.pipeline.stages import is_stage_dir
+
+    entries = list(run_dir.iterdir())
+    if not entries:
+        return
+    try:
+        recorded = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        recorded = None
+    if isinstance(recorded, dict) and RUN_SECTIONS <= set(recorded):
+        return
+    if any(path.is_dir() and is_stage_dir(path) for path in entries):
+        return
+    raise IloraError(
+        f"{run_dir}: not empty and not the directory of an `ilora run` (no run config.json, no stage records); "
+        "a run writes config.json and stage directories there: use a new or empty --out"
+    )
+
+
 def run_pipeline(cfg: RunConfig) -> dict:
     """Run (or resume) every stage; write ``report.md`` and plots; return the summary."""
     from ilora.pipeline.report import write_report
@@ -168,6 +195,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
     everything = devices(*DEVICE_SECTIONS)
 
     with claim_out_dir(cfg.out) as run_dir:  # one process per run directory
+        check_run_dir(run_dir)
         atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
         results: dict = {}
 

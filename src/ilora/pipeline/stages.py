@@ -34,10 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from ilora.checkpointing import RESUMABLE_CHANGES
+from ilora.errors import IloraError
 from ilora.state_io import atomic_write_text
 
 MARKER = "stage.json"
 PENDING = "stage.pending"
+PREVIOUS = ".previous"  # <stage>.previous: a finished stage's results while other options run in <stage>
 # What a finished stage's record may differ in and still stand for the config: how a run is
 # carried out, and its device (the results are made; only a resume of interrupted work must
 # stay on the device its checkpoints were written from).
@@ -110,6 +112,27 @@ def read_marker(directory: Path) -> dict | None:
         return None
 
 
+def is_stage_dir(path: Path) -> bool:
+    return (path / MARKER).is_file() or (path / PENDING).is_file()
+
+
+def remove_stage_dir(path: Path) -> None:
+    """Delete ``path``, a stage directory of a run directory that `check_run_dir` accepted (a
+    stage whose ``stage.json`` was lost is one too); `IloraError` for a file or a link there."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_symlink() or not path.is_dir():
+        raise IloraError(f"{path}: a file or link where the run keeps its {path.name} stage directory; not deleting it: move it away")
+    shutil.rmtree(path)
+
+
+def _restore_previous(directory: Path, previous: Path) -> None:
+    """Put the finished results kept in ``previous`` back as ``directory`` (whatever an attempt
+    with other options left there goes)."""
+    remove_stage_dir(directory)
+    previous.rename(directory)
+
+
 def release_memory() -> None:
     """Free what a finished stage's models left behind before the next stage loads its own:
     objects only reference cycles keep (compiled modules hold some, and with them a model's
@@ -144,10 +167,21 @@ def run_stage(
     as current: a finished stage is skipped with its recorded token, an interrupted one resumed.
     ``check()`` runs when the stage has work to do, before its directory is touched (a refusal
     there, e.g. no CUDA device, leaves a finished stage's files in place).
+
+    A finished stage that must run again (other options) is moved aside to
+    ``<stage>.previous`` and deleted only once the new run finishes: a run that fails (a
+    mistyped path, say) leaves it there, and a later run with the options it was made with
+    puts it back and skips the stage, with its token, so the stages after it stay current.
     """
     directory = run_dir / name
+    previous = run_dir / f"{name}{PREVIOUS}"
     key = stage_key(config, upstream)
     marker = read_marker(directory)
+    kept = read_marker(previous)
+    if marker is None and kept is not None and _matches(key, kept.get("key"), kept.get("config"), config, upstream, legacy, FINISHED_IGNORED):
+        _restore_previous(directory, previous)
+        marker = kept
+        print(f"[run] {name}: the finished results kept in {previous.name} are current again, put back", file=sys.stderr, flush=True)
     if marker is not None and _matches(key, marker.get("key"), marker.get("config"), config, upstream, legacy, FINISHED_IGNORED):
         print(f"[run] {name}: up to date, skipped", file=sys.stderr, flush=True)
         return stage_token(marker["key"], marker.get("run_id")), marker["result"]
@@ -164,8 +198,12 @@ def run_stage(
             "it resumes only with the options it started with",
             file=sys.stderr, flush=True,
         )
-    if directory.exists() and not resumable:
-        shutil.rmtree(directory)
+    if marker is not None:  # finished with other options: kept until this run finishes
+        remove_stage_dir(previous)
+        directory.rename(previous)
+        print(f"[run] {name}: its finished results (other options) are kept in {previous.name} until this run finishes", file=sys.stderr, flush=True)
+    elif not resumable:
+        remove_stage_dir(directory)
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_text(pending, json.dumps({"key": key, "config": config}, default=str))
     print(f"[run] {name}: {'resuming' if resumable else 'running'}", file=sys.stderr, flush=True)
@@ -176,4 +214,5 @@ def run_stage(
     run_id = uuid.uuid4().hex
     atomic_write_text(directory / MARKER, json.dumps({"key": key, "run_id": run_id, "config": config, "result": result}, indent=2, default=str))
     pending.unlink(missing_ok=True)
+    remove_stage_dir(previous)
     return stage_token(key, run_id), result
