@@ -508,11 +508,20 @@ def test_a_stage_leaves_no_cycle_held_model_behind(tmp_path):
     [
         ("export.limit=100", r"export\.limit=100: `ilora run` exports every sample \(export\.limit must be 0\)"),
         ("export.splits=test", r"export\.splits=\['test'\]: the run's distillation reads the train split"),
+        ("distill.top_k=5", r"distill\.top_k=5 exceeds export\.top_k=3"),
+        ("eval.batch_size=0", r"eval\.batch_size: must be >= 1, got 0"),
+        ("eval.limit=-1", r"eval\.limit: must be >= 0 \(0: every sample\), got -1"),
+        ("eval.split=tset", r"eval\.split.*'tset'.*train, val, test"),
+        ("data.format=parquet", r"data\.format.*'parquet'.*auto, native, llara, interactions"),
+        ("data.format=native", r"data\.format=native: applies to data\.path, which is empty"),
+        ("data.min_len=0", r"data\.min_len: must be >= 1, got 0"),
     ],
 )
-def test_run_refuses_an_export_distillation_cannot_use_before_any_stage(tmp_path, capsys, override, message):
-    """A partial or train-less export would fail only at the distill stage, after SASRec, the
-    teacher, evaluation and export had run: refused up front, with nothing written."""
+def test_run_refuses_options_a_later_stage_cannot_use_before_any_stage(tmp_path, capsys, override, message):
+    """A partial or train-less export, or a student reading more of each row than was exported,
+    would fail only at the distill stage, after SASRec, the teacher, evaluation and export had
+    run; an unknown split or a zero batch only at evaluation: refused up front, with nothing
+    written."""
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run")}))
     assert main(["run", str(config), override]) == 2
@@ -537,3 +546,21 @@ def test_run_and_teacher_eval_refuse_fewer_than_two_candidates(tmp_path, capsys)
     config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run"), "teacher": {**SMALL["teacher"], "num_candidates": 1}}))
     assert main(["run", str(config)]) == 2
     assert "num_candidates: must be >= 2" in capsys.readouterr().err
+
+
+def test_the_data_sections_min_len_applies_to_synthetic_data_too(tmp_path):
+    """data.min_len filters the synthetic dataset as it filters a dataset read from data.path
+    (it was ignored without a path)."""
+    from ilora.config import load_config
+    from ilora.data import read_native
+    from ilora.pipeline.config import RunConfig
+    from ilora.pipeline.run import stage_data
+
+    rows = {}
+    for min_len in (1, 3):
+        cfg = load_config(RunConfig, overrides=["data.synth.users=60", "data.synth.items=40", f"data.min_len={min_len}"])
+        result = stage_data(cfg, tmp_path / str(min_len))
+        train = read_native(tmp_path / str(min_len) / "dataset").split("train")
+        assert result["train_rows"] == len(train) and int(train.length.min()) >= min_len
+        rows[min_len] = len(train)
+    assert 0 < rows[3] < rows[1]

@@ -7,6 +7,7 @@ Sections: ``data``, ``rec`` (`RecTrainConfig`), ``teacher`` (`TeacherConfig`), `
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from ilora.config import option
 from ilora.data.synthetic import SynthConfig
@@ -20,15 +21,21 @@ from ilora.teacher.config import TeacherConfig
 @dataclass
 class DataSection:
     path: str = option("", "dataset path (any format `ilora data stats` reads); empty: synthetic data from `synth`")
-    format: str = option("auto", "auto, native, llara or interactions")
+    format: Literal["auto", "native", "llara", "interactions"] = option("auto", "auto, native, llara or interactions (of data.path)")
     allow_pickle: bool = option(False, "allow legacy .df pickles (restricted unpickler)")
     min_len: int = option(1, "drop samples with fewer history items (the reference loaders use 3)")
     synth: SynthConfig = field(default_factory=SynthConfig, metadata={"help": "synthetic data options (when path is empty)"})
 
+    def __post_init__(self) -> None:
+        if self.min_len < 1:
+            raise ConfigError(f"data.min_len: must be >= 1, got {self.min_len}")
+        if not self.path and self.format != "auto":
+            raise ConfigError(f"data.format={self.format}: applies to data.path, which is empty (synthetic data); leave format at auto")
+
 
 @dataclass
 class EvalSection:
-    split: str = option("test", "split the teacher is evaluated on")
+    split: Literal["train", "val", "test"] = option("test", "split the teacher is evaluated on")
     candidates: int = option(20, "candidates per sample (target included)")
     seed: int = option(0, "seed of the fixed candidate sets")
     limit: int = option(0, "evaluate the teacher on the first N samples only (0: all)")
@@ -42,6 +49,10 @@ class EvalSection:
             raise ConfigError(f"eval.candidates: must be >= 2 (the target and at least one other item), got {self.candidates}")
         if self.max_new_tokens < 0:
             raise ConfigError(f"eval.max_new_tokens: must be >= 0, got {self.max_new_tokens}")
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size: must be >= 1, got {self.batch_size}")
+        if self.limit < 0:
+            raise ConfigError(f"eval.limit: must be >= 0 (0: every sample), got {self.limit}")
         bad = [p for p in self.protocols if p not in ("score", "generate")]
         if bad:
             raise ConfigError(f"eval.protocols: {bad[0]!r} is not score or generate")
@@ -78,6 +89,11 @@ def check_run_config(cfg: RunConfig) -> None:
         raise ConfigError(
             f"export.limit={cfg.export.limit}: `ilora run` exports every sample (export.limit must be 0), since its "
             "distillation needs a teacher row for every train sample; `ilora teacher export --limit` makes a partial export outside a run"
+        )
+    if cfg.distill.top_k > cfg.export.top_k:
+        raise ConfigError(
+            f"distill.top_k={cfg.distill.top_k} exceeds export.top_k={cfg.export.top_k}: the students read the first distill.top_k "
+            "of each exported row; lower distill.top_k or raise export.top_k"
         )
     if "train" not in cfg.export.splits:
         raise ConfigError(f"export.splits={list(cfg.export.splits)}: the run's distillation reads the train split's outputs; include train")

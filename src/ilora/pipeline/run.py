@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ilora.config import to_dict
 from ilora.data import SeqDataset, candidate_sets, load_dataset, read_native, synthetic_from_config, write_native
+from ilora.data.io import filter_min_len
 from ilora.dir_lock import claim_out_dir
 from ilora.errors import IloraError
 from ilora.distill.train import without_added_defaults as distill_without_added_defaults
@@ -44,6 +45,8 @@ def stage_data(cfg: RunConfig, directory: Path) -> dict:
         ds = load_dataset(cfg.data.path, format=cfg.data.format, allow_pickle=cfg.data.allow_pickle, min_len=cfg.data.min_len)
     else:
         ds = synthetic_from_config(cfg.data.synth)
+        if cfg.data.min_len > 1:
+            ds = filter_min_len(ds, cfg.data.min_len)
     write_native(ds, directory / "dataset", overwrite=True)
     return {"source": cfg.data.path or "synthetic", **{f"{k}_rows": (len(v) if v is not None else None) for k, v in ds.splits.items()}, "num_items": ds.num_items}
 
