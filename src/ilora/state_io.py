@@ -149,11 +149,27 @@ def _strict(value: Any) -> Any:
     return value
 
 
+def _open_mode() -> int:
+    """The mode ``open`` gives a new file: 0o666 less the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _temporary_beside(path: Path) -> tuple[int, str]:
+    """``(fd, name)`` of a new temporary file next to ``path``, with the mode ``open`` would
+    give it: mkstemp's 0o600 would survive the rename and leave results a shared cluster's
+    colleagues cannot read."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.fchmod(fd, _open_mode())
+    return fd, tmp
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same folder, fsync, rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = _temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -173,10 +189,11 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
     """safetensors file written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = _temporary_beside(path)
     os.close(fd)
     try:
         save_file(_unshared(tensors), tmp, metadata=metadata)
+        os.chmod(tmp, _open_mode())  # safetensors writes a file of its own (0o600) in its place
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

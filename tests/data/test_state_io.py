@@ -127,3 +127,27 @@ def test_damaged_state_files_are_ilora_errors(tmp_path: Path) -> None:
     (tmp_path / "meta.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(IloraError, match=r"meta\.json: JSON nested too deeply"):
         read_json(tmp_path / "meta.json")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomically_written_files_get_the_mode_open_would_give_them(tmp_path: Path, umask: int) -> None:
+    """Not mkstemp's 0o600: a model saved on a shared cluster stays readable by the group when
+    the umask says so."""
+    import os
+
+    from ilora.state_io import atomic_write_text, save_tensors
+
+    from ilora.rec.sasrec import SASRec, SASRecConfig
+
+    previous = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "result.json", "{}")
+        save_tensors({"w": torch.zeros(2)}, tmp_path / "model.safetensors")  # safetensors alone writes 0o600
+        SASRec(SASRecConfig(num_items=5, max_len=3, hidden=8)).save(tmp_path / "sasrec")
+        (tmp_path / "plain.txt").write_text("x")  # what open() gives
+    finally:
+        os.umask(previous)
+    expected = (tmp_path / "plain.txt").stat().st_mode & 0o777
+    assert expected == 0o666 & ~umask
+    for name in ("result.json", "model.safetensors", "sasrec/model.safetensors", "sasrec/config.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected, name

@@ -236,12 +236,12 @@ class SASRec(nn.Module):
 
     def save(self, directory: str | Path) -> Path:
         """Write ``model.safetensors`` and ``config.json`` into ``directory``; return it."""
-        from safetensors.torch import save_file
+        from ilora.state_io import save_tensors
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
+        save_tensors(tensors, directory / WEIGHTS_FILE, metadata={"format": FORMAT})
         (directory / CONFIG_FILE).write_text(self.config.to_json() + "\n", encoding="utf-8")
         return directory
 

@@ -43,11 +43,11 @@ from pathlib import Path
 from typing import Any, ContextManager, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from ilora.config import from_dict, option
-from ilora.state_io import read_json
+from ilora.state_io import read_json, save_tensors
 from ilora.errors import ConfigError, IloraError
 
 # Linear layers adapted by default (iLoRA / LLaRA adapt attention and MLP projections).
@@ -617,7 +617,7 @@ def save_adapters(
         "expert_layout": "lora_A rows and lora_B columns e*r:(e+1)*r belong to expert e",
         "gate_network": "not in this directory: saved with the teacher checkpoint",
     }
-    save_file(adapter_state_dict(model), str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    save_tensors(adapter_state_dict(model), out / WEIGHTS_FILE, metadata={"format": "pt"})
     (out / PEFT_CONFIG_FILE).write_text(json.dumps(peft_config, indent=2) + "\n", encoding="utf-8")
     (out / ILORA_CONFIG_FILE).write_text(json.dumps(ilora_config, indent=2) + "\n", encoding="utf-8")
     return out
