@@ -102,7 +102,7 @@ def check_resume_config(saved: dict[str, Any] | None, current: dict[str, Any], w
     diff = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
     if diff:
         raise IloraError(
-            f"{where}: cannot resume with {what} than the interrupted run's ({'; '.join(diff)}); "
+            f"{where}: cannot resume with {what} than the earlier run's ({'; '.join(diff)}); "
             "rerun with --overwrite instead of --resume to start over (in `ilora run`: delete that stage's directory)"
         )
 

@@ -66,6 +66,8 @@ def test_convert_then_read_native(small_lastfm: Path, tmp_path: Path, capsys: py
         np.testing.assert_array_equal(native.splits[name].history, legacy.splits[name].history)
         np.testing.assert_array_equal(native.splits[name].target, legacy.splits[name].target)
     assert main(["data", "convert", str(small_lastfm), str(out), "--allow-pickle"]) == 2  # exists, no --overwrite
+    assert capsys.readouterr().err == f"error: {out}: already exists (pass --overwrite to replace it)\n"  # before reading the source
+    assert main(["data", "convert", str(tmp_path / "absent"), str(out)]) == 2  # the target is refused first
     assert "already exists" in capsys.readouterr().err
 
 

@@ -152,7 +152,7 @@ def test_an_oracle_teacher_clearly_helps_and_a_miswired_one_hurts(tmp_path) -> N
     [
         (lambda o: o.manifest["dataset"].update(num_items=41), "exported for 41 items, but .* has 40"),
         (lambda o: setattr(o.splits["train"], "topk_items", o.splits["train"].topk_items[:-1]), r"shape \(\d+, 10\), expected \(\d+, K\)"),
-        (lambda o: setattr(o.splits["train"], "topk_items", o.splits["train"].topk_items[:, :5]), "5 items per train row, but top_k=10"),
+        (lambda o: setattr(o.splits["train"], "topk_items", o.splits["train"].topk_items[:, :5]), "5 items per train row, but top_k=10: pass --top-k 5 \\(or less\\), or export again with --top-k 10"),
         (lambda o: setattr(o.splits["train"], "topk_confidence", o.splits["train"].topk_confidence[:, :9]), "confidences have shape"),
         (lambda o: o.splits["train"].topk_items.__setitem__((3, 2), 40), r"train row 3, position 2: id 40 is not an item"),
         (lambda o: o.splits["train"].topk_confidence.__setitem__((1, 0), np.nan), r"train row 1, position 0: confidence nan"),

@@ -87,8 +87,9 @@ def test_load_llm_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(IloraError, match="cannot load LLM"):
         load_llm("no-such-org/no-such-model-ilora", device="cpu")
-    with pytest.raises(IloraError, match="cannot load LLM"):
-        load_llm(tmp_path / "absent", device="cpu")
+    for absent in (tmp_path / "absent", "./absent-ilora", "models/llama/absent"):  # a path, not a hub id: said plainly
+        with pytest.raises(IloraError, match=r"absent(-ilora)?: no such directory \(an LLM is a model directory with config.json, or a hub id"):
+            load_llm(absent, device="cpu")
     (tmp_path / "weights.bin").write_text("x")
     with pytest.raises(IloraError, match="directory"):
         load_llm(tmp_path / "weights.bin", device="cpu")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 from ilora.cli.common import add_data_arguments, add_json_argument, load_data, print_json
 from ilora.config import add_arguments, add_config_arguments, config_from_args
@@ -35,6 +36,9 @@ def run_synth(args: argparse.Namespace) -> int:
 
 
 def run_convert(args: argparse.Namespace) -> int:
+    from ilora.data.native import check_native_target
+
+    check_native_target(Path(args.dst), args.overwrite)  # before reading (and reporting on) the source
     ds = load_data(args)
     out = write_native(ds, args.dst, overwrite=args.overwrite)
     log.info("wrote %s", out)

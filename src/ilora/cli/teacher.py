@@ -123,12 +123,14 @@ def run_export(args: argparse.Namespace) -> int:
     if args.json:
         print_json(result)
     else:
-        print(f"teacher outputs written to {result['out']}: {result['splits']} rows; {result['written']} exported now at {result['samples_per_s']} samples/s")
+        rows = ", ".join(f"{split} {count} rows" for split, count in result["splits"].items())
+        now = f"{result['written']} exported now at {result['samples_per_s']} samples/s" if result["written"] else "already complete, nothing exported now"
+        print(f"teacher outputs in {result['out']}: {rows}; {now}")
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    group = subparsers.add_parser("teacher", help="train and evaluate the iLoRA teacher", description="The iLoRA teacher: an LLM with per-sample gated LoRA experts.")
+    group = subparsers.add_parser("teacher", help="train, evaluate and export the iLoRA teacher", description="The iLoRA teacher: an LLM with per-sample gated LoRA experts.")
     sub = group.add_subparsers(dest="teacher_command", metavar="COMMAND", required=True)
 
     train = sub.add_parser(

@@ -129,6 +129,16 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)  # a leftover is swept by the next write
 
 
+def check_native_target(out: Path, overwrite: bool) -> None:
+    """`IloraError` unless `write_native` may write to ``out``: absent, or (with ``overwrite``)
+    an empty directory or a native dataset. A command checks it before reading its source."""
+    if out.exists():
+        if not overwrite:
+            raise IloraError(f"{out}: already exists (pass --overwrite to replace it)")
+        if not out.is_dir() or not (is_native_dir(out) or not any(out.iterdir())):
+            raise IloraError(f"{out}: refusing to overwrite: it is not an ilora native dataset directory")
+
+
 def write_native(ds: SeqDataset, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Validate ``ds`` and write it to ``out_dir`` atomically (temp dir + rename).
 
@@ -137,11 +147,7 @@ def write_native(ds: SeqDataset, out_dir: str | Path, *, overwrite: bool = False
     interrupted earlier write to ``out_dir`` are removed first (see the module docstring).
     """
     out = Path(out_dir)
-    if out.exists():
-        if not overwrite:
-            raise IloraError(f"{out}: already exists (pass --overwrite to replace it; Python: overwrite=True)")
-        if not out.is_dir() or not (is_native_dir(out) or not any(out.iterdir())):
-            raise IloraError(f"{out}: refusing to overwrite: it is not an ilora native dataset directory")
+    check_native_target(out, overwrite)
     ds.validate()
     if ds.max_len > MAX_HISTORY_LEN:
         raise IloraError(f"{out}: max_len={ds.max_len} is over the limit of {MAX_HISTORY_LEN} history items")

@@ -176,7 +176,10 @@ def check_teacher_outputs(dataset: SeqDataset, outputs: TeacherOutputs, cfg: Dis
     if cfg.top_k > dataset.num_items:
         raise ConfigError(f"top_k={cfg.top_k} is more than the catalog's {dataset.num_items} items")
     if items.shape[1] < cfg.top_k:
-        raise IloraError(f"{source}: {items.shape[1]} items per train row, but top_k={cfg.top_k}")
+        raise IloraError(
+            f"{source}: {items.shape[1]} items per train row, but top_k={cfg.top_k}: pass --top-k {items.shape[1]} (or less), "
+            f"or export again with --top-k {cfg.top_k}"
+        )
     if conf.shape != items.shape:
         raise IloraError(f"{source}: train confidences have shape {conf.shape}, the top-K items {items.shape}")
     items, conf = items[:, : cfg.top_k], conf[:, : cfg.top_k]

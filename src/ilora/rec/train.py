@@ -205,7 +205,7 @@ def _train_split(dataset: SeqDataset, min_len: int) -> tuple[Split, np.ndarray]:
     train = dataset.split("train")
     keep = np.flatnonzero(train.length >= min_len)
     if keep.size == 0:
-        raise IloraError(f"{dataset.source or 'dataset'}: no train sample has at least min_len={min_len} history items")
+        raise IloraError(f"{dataset.source or 'dataset'}: no train sample has at least train_min_len={min_len} history items")
     return (train if keep.size == len(train) else train.subset(keep)), keep
 
 

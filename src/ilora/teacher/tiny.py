@@ -193,6 +193,8 @@ def load_llm(name_or_path: str | Path, *, device: str | torch.device, dtype: tor
     local = Path(source).expanduser()
     if local.exists() and not local.is_dir():
         raise IloraError(f"{source}: an LLM must be a directory with config.json, not a file")
+    if not local.exists() and (local.is_absolute() or source.startswith((".", "~")) or source.count("/") > 1):
+        raise IloraError(f"{source}: no such directory (an LLM is a model directory with config.json, or a hub id such as org/name)")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     kwargs = {"trust_remote_code": trust_remote_code, "local_files_only": offline}
     target = torch.device(device)
