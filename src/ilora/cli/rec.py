@@ -26,12 +26,14 @@ def _print_result(args: argparse.Namespace, result: dict) -> None:
     if args.json:
         print_json(result)
         return
+    def shown(value: object) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
     for key, value in result.items():
         if isinstance(value, dict):
-            shown = " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items())
-            print(f"{key}: {shown}")
-        else:
-            print(f"{key}: {value}")
+            print(f"{key}: " + " ".join(f"{k}={shown(v)}" for k, v in value.items()))
+        elif value is not None:  # e.g. resumed_from of a run that started fresh: nothing to say
+            print(f"{key}: {shown(value)}")
 
 
 def run_train(args: argparse.Namespace) -> int:
