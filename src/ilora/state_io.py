@@ -23,7 +23,7 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -149,20 +149,17 @@ def _strict(value: Any) -> Any:
     return value
 
 
-def _open_mode() -> int:
-    """The mode ``open`` gives a new file: 0o666 less the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def _temporary_beside(path: Path) -> tuple[int, str]:
-    """``(fd, name)`` of a new temporary file next to ``path``, with the mode ``open`` would
-    give it: mkstemp's 0o600 would survive the rename and leave results a shared cluster's
-    colleagues cannot read."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.fchmod(fd, _open_mode())
-    return fd, tmp
+    """``(fd, name)`` of a new temporary file next to ``path``, created as ``open`` creates
+    files (mode 0o666 less the umask, or what a default ACL gives): mkstemp's 0o600 would
+    survive the rename and leave results a shared cluster's colleagues cannot read."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}"
+        try:
+            return os.open(tmp, flags, 0o666), str(tmp)
+        except FileExistsError:
+            continue
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -190,10 +187,11 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _temporary_beside(path)
+    mode = os.fstat(fd).st_mode & 0o777
     os.close(fd)
     try:
         save_file(_unshared(tensors), tmp, metadata=metadata)
-        os.chmod(tmp, _open_mode())  # safetensors writes a file of its own (0o600) in its place
+        os.chmod(tmp, mode)  # safetensors writes a file of its own (0o600) in its place
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

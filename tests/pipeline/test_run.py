@@ -211,11 +211,31 @@ def test_a_stage_that_fails_with_other_options_keeps_the_finished_results_for_th
         run_stage(tmp_path, "teacher", {"llm": "big"}, [], work("big-1", fail=True), keep_partial=True)
     run_stage(tmp_path, "teacher", {"llm": "big"}, [], lambda d: calls.append(sorted(p.name for p in d.iterdir())) or {}, keep_partial=True)
     assert calls[-1] == ["stage.pending", "weights.bin"] and not (tmp_path / "teacher.previous").exists()
+    # stopped after finishing "big" but before deleting the kept "tiny": going back to tiny swaps them
+    import shutil
+
+    run_stage(tmp_path, "teacher", {"llm": "tiny"}, [], work("tiny"), keep_partial=True)
+    shutil.copytree(tmp_path / "teacher", tmp_path / "tiny-kept")
+    run_stage(tmp_path, "teacher", {"llm": "big"}, [], work("big"), keep_partial=True)
+    (tmp_path / "tiny-kept").rename(tmp_path / "teacher.previous")
+    capsys.readouterr()
+    run_stage(tmp_path, "teacher", {"llm": "tiny"}, [], work("unused"), keep_partial=True)
+    assert "unused" not in calls and (tmp_path / "teacher" / "weights.bin").read_text() == "tiny"
+    assert "the finished results of other options there are kept in teacher.previous" in capsys.readouterr().err
+    assert json.loads((tmp_path / "teacher.previous" / "stage.json").read_text())["config"] == {"llm": "big"}
+    # a stage directory that is a link (moved to another disk) is refused before the stage runs, not after
+    shutil.move(tmp_path / "teacher", tmp_path / "elsewhere")
+    (tmp_path / "teacher").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(IloraError, match="teacher: a file or link where the run keeps its teacher stage directory"):
+        run_stage(tmp_path, "teacher", {"llm": "third"}, [], work("third"), keep_partial=True)
+    assert "third" not in calls
+    assert run_stage(tmp_path, "teacher", {"llm": "tiny"}, [], work("unused"), keep_partial=True)[1]["tag"] == "tiny"  # up to date: read through the link
 
 
 def test_run_refuses_an_out_that_is_not_a_run_directory(tmp_path, capsys):
-    """`--out` pointed at a directory of the user's own: refused before anything is written or
-    deleted there (a stage directory of the same name, e.g. data/, would have been replaced)."""
+    """`--out` pointed at a directory of the user's own: what the run would overwrite or delete
+    there (a model's config.json, a data/ of the user's) is refused before anything is written
+    or deleted; other files (a log, the run's YAML) do not stand in the way."""
     from ilora.pipeline.run import check_run_dir
 
     mine = tmp_path / "mine"
@@ -225,16 +245,22 @@ def test_run_refuses_an_out_that_is_not_a_run_directory(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({**SMALL, "out": str(mine)}))
     assert main(["run", str(config)]) == 2
-    assert f"{mine}: not empty and not the directory of an `ilora run`" in capsys.readouterr().err
-    assert (mine / "data" / "my_dataset.csv").read_text() == "precious" and (mine / "config.json").read_text() == '{"model_type": "llama"}'
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    check_run_dir(empty)
-    (empty / "teacher").mkdir()
-    (empty / "teacher" / "stage.pending").write_text("k")  # stage records without the run's config.json: a run's directory
-    check_run_dir(empty)
+    assert f"{mine / 'config.json'}: not the config.json of an `ilora run`, which would overwrite it" in capsys.readouterr().err
+    (mine / "config.json").unlink()
+    with pytest.raises(IloraError, match=r"mine/data: not a stage directory of an `ilora run` \(no stage.json or stage.pending\)"):
+        check_run_dir(mine)
+    assert (mine / "data" / "my_dataset.csv").read_text() == "precious"
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "run.log").write_text("tee'd here")
+    (logs / "run.yaml").write_text("out: logs")
+    check_run_dir(logs)  # a new run's own log and YAML
+    (mine / "teacher").mkdir()
+    (mine / "teacher" / "stage.pending").write_text("k")
+    (mine / "config.json").write_text('{"out": "x", "data": {}, "rec": {}, "teacher": {}}')  # an early version's: fewer sections
+    check_run_dir(mine)
     (mine / "config.json").write_text(json.dumps({"out": "x", "data": {}, "rec": {}, "teacher": {}, "eval": {}, "export": {}, "distill": {}}))
-    check_run_dir(mine)  # an earlier run's config.json
+    check_run_dir(mine)
 
 def test_a_device_change_keeps_a_finished_stage_but_not_an_interrupted_one(tmp_path, capsys):
     """Finished work is the same on any device; interrupted work resumes only on the device its
@@ -564,3 +590,11 @@ def test_the_data_sections_min_len_applies_to_synthetic_data_too(tmp_path):
         assert result["train_rows"] == len(train) and int(train.length.min()) >= min_len
         rows[min_len] = len(train)
     assert 0 < rows[3] < rows[1]
+    # the data stage's record: unchanged at the default (runs recorded before stay current), marked
+    # where the filter now applies (a synthetic stage recorded with min_len 3 before held unfiltered data)
+    from ilora.config import to_dict
+    from ilora.pipeline.run import data_stage_config
+
+    plain = load_config(RunConfig, overrides=[])
+    assert data_stage_config(plain) == to_dict(plain.data)
+    assert data_stage_config(cfg) == {**to_dict(cfg.data), "min_len_filters_synthetic": True}

@@ -624,6 +624,10 @@ def test_evaluation_warns_about_candidates_whose_answers_are_the_same(dataset, r
     with caplog.at_level("WARNING", logger="ilora.teacher.evaluate"):
         evaluate_teacher(make_bundle(dataset, rec), split, cands, protocol="score", batch_size=4)
     assert not caplog.records
+    outside = cands.copy()
+    outside[1, 0 if outside[1, 0] != split.target[1] else 1] = dataset.num_items  # the padding id: no item
+    with pytest.raises(IloraError, match=rf"candidate row 1, position [01]: id {dataset.num_items} is outside the catalog"):
+        evaluate_teacher(bundle, split, outside, protocol="score", batch_size=4)
 
 def test_evaluating_a_split_without_samples_is_an_error_not_a_torch_error(dataset, rec):
     from ilora.teacher.evaluate import generate_split, score_split
@@ -826,32 +830,37 @@ def test_attention_window_reads_each_familys_sliding_window() -> None:
     assert attention_window(config("gemma3_text", sliding_window=64, layer_types=["sliding_attention", "full_attention"])) == 64
 
 
-@pytest.mark.parametrize("window", [4096, 12])
-def test_scoring_refuses_a_sliding_window_its_block_mask_would_reach_past(dataset, rec, tmp_path, window) -> None:
-    """With a window shorter than the prompts and their packed answers the block mask would let
-    answers see tokens the model's own forward hides: refused by name. A window longer than
-    both changes nothing: the scores equal each candidate's own full forward."""
+def test_scoring_under_a_sliding_window_is_exact_within_it_and_refused_beyond(dataset, rec, tmp_path) -> None:
+    """The block mask cannot apply a sliding window. With the window exactly the padded prompts
+    plus the longest answer (far less than the prompts plus all packed answers) every
+    (prompt, answer) sequence fits it and the scores equal each candidate's own full forward
+    (which applies the window); one token less is refused by name."""
     import transformers
 
+    from ilora.teacher.model import pack_answers
     from ilora.teacher.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(dataset.catalog.titles, vocab_size=300)
     config = transformers.AutoConfig.for_model(
         "mistral", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, head_dim=8, sliding_window=window,
+        num_key_value_heads=4, head_dim=8, sliding_window=4096,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mistral")
     tokenizer.save_pretrained(tmp_path / "mistral")
     bundle = build_teacher(TeacherConfig(**{**SMALL, "llm": str(tmp_path / "mistral")}), dataset.catalog, rec)
+    teacher = bundle.teacher.eval()
     split, cands = sample_arrays(dataset)
     prompts = bundle.prompt_collator.build(split.history, split.length, cands)
-    if window == 12:
-        with pytest.raises(IloraError, match=r"sliding window of 12 tokens, shorter than these prompts \(\d+ tokens, padded\) and their 5 packed answers"):
-            bundle.teacher.score_candidates(prompts, prompts.candidates)
-        return
-    teacher = bundle.teacher.eval()
+    ids, mask = teacher.title_table.answer_tokens(prompts.candidates.reshape(-1))
+    packed = pack_answers(ids.view(len(split), cands.shape[1], -1), mask.view(len(split), cands.shape[1], -1), teacher.title_table.pad_id)[0]
+    fits = prompts.input_ids.shape[1] + ids.shape[-1]
+    assert fits < prompts.input_ids.shape[1] + packed.shape[1]  # the window leaves the packed answers' tail outside
+    teacher.llm.config.sliding_window = fits - 1
+    with pytest.raises(IloraError, match=rf"sliding window of {fits - 1} tokens, shorter than these prompts \(\d+ tokens, padded\) plus their longest answer"):
+        teacher.score_candidates(prompts, prompts.candidates)
+    teacher.llm.config.sliding_window = fits
     fast = teacher.score_candidates(prompts, prompts.candidates)
     for b in range(len(split)):  # each (prompt, candidate answer) as its own full sequence, as in the test above
         for c in range(cands.shape[1]):

@@ -40,6 +40,15 @@ def _has_earlier_work(directory: Path) -> bool:
     return any(directory.glob("**/checkpoints/step-*")) or any(any(directory.glob(f"**/{name}")) for name in RESULT_FILES)
 
 
+def data_stage_config(cfg: RunConfig) -> dict:
+    """The data stage's record: the data section, marked where synthetic data is filtered by
+    ``min_len`` (a stage recorded before that filter existed holds unfiltered data)."""
+    config = to_dict(cfg.data)
+    if not cfg.data.path and cfg.data.min_len > 1:
+        config["min_len_filters_synthetic"] = True
+    return config
+
+
 def stage_data(cfg: RunConfig, directory: Path) -> dict:
     if cfg.data.path:
         ds = load_dataset(cfg.data.path, format=cfg.data.format, allow_pickle=cfg.data.allow_pickle, min_len=cfg.data.min_len)
@@ -151,29 +160,32 @@ def check_teacher_input(cfg: RunConfig, dataset: SeqDataset) -> None:
 
 
 RUN_SECTIONS = {"data", "rec", "teacher", "eval", "export", "distill"}
+STAGES = ("data", "sasrec", "sasrec_eval", "teacher", "eval", "export", "distill")
 
 
 def check_run_dir(run_dir: Path) -> None:
-    """`IloraError` unless ``run_dir`` is empty or holds a run of `ilora run` (its ``config.json``
-    or a stage record): a run writes ``config.json`` and replaces stale stage directories there
-    (`run_stage`), which must not touch a directory of the user's own (a dataset, a model)."""
-    from ilora.pipeline.stages import is_stage_dir
+    """`IloraError` if ``run_dir`` holds something a run would overwrite or delete that is not
+    a run's own: a ``config.json`` that is no run config (a model directory's, say), or, where
+    there is no run config, a directory named like a stage (``data/``, ``teacher/``, their
+    ``.previous``) without a stage record. Other files (a log, the run's YAML) are left alone."""
+    from ilora.pipeline.stages import PREVIOUS, is_stage_dir
 
-    entries = list(run_dir.iterdir())
-    if not entries:
-        return
-    try:
-        recorded = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        recorded = None
-    if isinstance(recorded, dict) and RUN_SECTIONS <= set(recorded):
-        return
-    if any(path.is_dir() and is_stage_dir(path) for path in entries):
-        return
-    raise IloraError(
-        f"{run_dir}: not empty and not the directory of an `ilora run` (no run config.json, no stage records); "
-        "a run writes config.json and stage directories there: use a new or empty --out"
-    )
+    stage_dirs = [p for name in STAGES for p in (run_dir / name, run_dir / f"{name}{PREVIOUS}") if p.is_dir() and not p.is_symlink()]
+    config = run_dir / "config.json"
+    if config.exists():
+        try:
+            recorded = json.loads(config.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            recorded = None
+        if (isinstance(recorded, dict) and RUN_SECTIONS <= set(recorded)) or any(is_stage_dir(p) for p in stage_dirs):
+            return  # a run's config.json (an early version's lacked some sections; its stage records tell)
+        raise IloraError(f"{config}: not the config.json of an `ilora run`, which would overwrite it; use another --out")
+    for path in stage_dirs:
+        if any(path.iterdir()) and not is_stage_dir(path):
+            raise IloraError(
+                f"{path}: not a stage directory of an `ilora run` (no stage.json or stage.pending), which the run would "
+                "replace; use another --out"
+            )
 
 
 def run_pipeline(cfg: RunConfig) -> dict:
@@ -202,7 +214,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
         atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
         results: dict = {}
 
-        data_key, results["data"] = run_stage(run_dir, "data", to_dict(cfg.data), [], lambda d: stage_data(cfg, d), check=everything)
+        data_key, results["data"] = run_stage(run_dir, "data", data_stage_config(cfg), [], lambda d: stage_data(cfg, d), check=everything)
         dataset = read_native(run_dir / "data" / "dataset")
         rec_key, trained = run_stage(
             run_dir, "sasrec", to_dict(cfg.rec), [data_key], lambda d: stage_sasrec(cfg, dataset, d), keep_partial=True,

@@ -126,11 +126,31 @@ def remove_stage_dir(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def _restore_previous(directory: Path, previous: Path) -> None:
-    """Put the finished results kept in ``previous`` back as ``directory`` (whatever an attempt
-    with other options left there goes)."""
+def _refuse_links(*paths: Path) -> None:
+    """`IloraError` for a stage path that is a file or a symbolic link: a stage that must run
+    again moves or deletes its directory, which it does only with real directories (checked
+    before any work, not after the stage has run)."""
+    for path in paths:
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            raise IloraError(f"{path}: a file or link where the run keeps its {path.name} stage directory; not moving or deleting it: move it away")
+
+
+def _restore_previous(directory: Path, previous: Path) -> str:
+    """Put the finished results kept in ``previous`` back as ``directory``; returns what became
+    of what was in ``directory``: finished results of other options are kept in ``previous`` in
+    turn (a run stopped between finishing them and deleting the kept ones leaves both), an
+    interrupted run of other options is discarded with its files."""
+    if read_marker(directory) is not None:
+        swap = directory.with_name(f"{directory.name}{PREVIOUS}.swap")
+        remove_stage_dir(swap)
+        directory.rename(swap)
+        previous.rename(directory)
+        swap.rename(previous)
+        return f"; the finished results of other options there are kept in {previous.name}"
+    discarded = (directory / PENDING).is_file()
     remove_stage_dir(directory)
     previous.rename(directory)
+    return "; an interrupted run of other options there is discarded with its files" if discarded else ""
 
 
 def release_memory() -> None:
@@ -177,14 +197,19 @@ def run_stage(
     previous = run_dir / f"{name}{PREVIOUS}"
     key = stage_key(config, upstream)
     marker = read_marker(directory)
-    kept = read_marker(previous)
-    if marker is None and kept is not None and _matches(key, kept.get("key"), kept.get("config"), config, upstream, legacy, FINISHED_IGNORED):
-        _restore_previous(directory, previous)
-        marker = kept
-        print(f"[run] {name}: the finished results kept in {previous.name} are current again, put back", file=sys.stderr, flush=True)
-    if marker is not None and _matches(key, marker.get("key"), marker.get("config"), config, upstream, legacy, FINISHED_IGNORED):
+
+    def current(record: dict | None) -> bool:
+        return record is not None and _matches(key, record.get("key"), record.get("config"), config, upstream, legacy, FINISHED_IGNORED)
+
+    if current(marker):
         print(f"[run] {name}: up to date, skipped", file=sys.stderr, flush=True)
         return stage_token(marker["key"], marker.get("run_id")), marker["result"]
+    kept = read_marker(previous)
+    _refuse_links(directory, previous)
+    if current(kept):
+        became = _restore_previous(directory, previous)
+        print(f"[run] {name}: the finished results kept in {previous.name} are current again, put back{became}", file=sys.stderr, flush=True)
+        return stage_token(kept["key"], kept.get("run_id")), kept["result"]
     # Resume only an interrupted run of this config (stage.pending records it); anything
     # else (another config, a finished stage now stale) starts clean.
     check()

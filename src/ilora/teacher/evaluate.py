@@ -270,7 +270,11 @@ def evaluate_teacher(
         raise ConfigError(f"max_new_tokens applies to the generate protocol only, not to {protocol!r}")
     require_samples(split, f"{protocol} evaluation")
     cols = target_columns(candidates, split.target)
-    if protocol in ("score", "generate"):
+    outside = np.argwhere((candidates < 0) | (candidates >= bundle.teacher.title_table.num_items))
+    if outside.size:
+        r, k = (int(i) for i in outside[0])
+        raise IloraError(f"candidate row {r}, position {k}: id {int(candidates[r, k])} is outside the catalog 0..{bundle.teacher.title_table.num_items - 1}")
+    if protocol in ("score", "generate") and ctx.is_main:
         warn_about_twin_answers(bundle.teacher, candidates, split.target, protocol)
     if protocol == "score":
         scores, gates = score_split(bundle, split, candidates, gate_mode, batch_size, device, ctx=ctx)

@@ -141,8 +141,8 @@ def attention_window(config) -> int | None:
     """The sliding attention window of an LLM config (Mistral, Phi-3, Gemma 2/3, Qwen2 with
     ``use_sliding_window``), or None where no layer attends through one."""
     window = getattr(config, "sliding_window", None)
-    if not isinstance(window, int) or isinstance(window, bool):
-        return None
+    if not isinstance(window, int) or isinstance(window, bool) or getattr(config, "use_sliding_window", True) is False:
+        return None  # (transformers before 5 kept Qwen2's sliding_window with use_sliding_window off)
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None and "sliding_attention" not in layer_types:
         return None
@@ -320,8 +320,8 @@ class ILoRATeacher(nn.Module):
         left-padded or carry answers (`check_prompt_batch`), if ``candidates`` is not (B, C),
         if a candidate id is outside the catalog ``0..num_items - 1``, if the LLM runs
         FlashAttention (it cannot take the block mask), or if it attends through a sliding
-        window shorter than the prompts plus the packed answers (`attention_window`: the block
-        mask would reach past it, where the model's own forward would not).
+        window shorter than the padded prompts plus the longest answer (`attention_window`: the
+        block mask cannot apply it).
         """
         check_prompt_batch(batch, "score_candidates")
         if candidates.ndim != 2 or candidates.shape[0] != len(batch):
@@ -340,12 +340,15 @@ class ILoRATeacher(nn.Module):
         ids, mask = ids.to(candidates.device).view(b, c, -1), mask.to(candidates.device).view(b, c, -1)
         packed, segment, offset = pack_answers(ids, mask, self.title_table.pad_id)
         window = attention_window(self.llm.config)
-        if window is not None and batch.input_ids.shape[1] + packed.shape[1] > window:
+        if window is not None and batch.input_ids.shape[1] + ids.shape[-1] > window:
+            # Within the window, the block mask is exact: each (prompt, answer) sequence is no
+            # longer than the window, so the model's own forward would not cut it either, and
+            # the cache still holds the whole prompt. Beyond it, the mask would not cut it.
             raise IloraError(
                 f"score_candidates: the LLM attends through a sliding window of {window} tokens, shorter than these prompts "
-                f"({batch.input_ids.shape[1]} tokens, padded) and their {c} packed answers ({packed.shape[1]} tokens): the block "
-                "mask would see past the window, scoring each answer unlike the model reads it. Use a smaller eval_batch_size "
-                "(narrower padding), fewer candidates, or the generate protocol (--protocol generate)"
+                f"({batch.input_ids.shape[1]} tokens, padded) plus their longest answer ({ids.shape[-1]} tokens): the block "
+                "mask cannot apply the window, so answers would be scored unlike the model reads them. Use a smaller "
+                "eval_batch_size (narrower padding) or the generate protocol (--protocol generate)"
             )
         prompt = self.run(batch, gate_mode, use_cache=True)
         embeds = self.llm.get_input_embeddings()(packed).to(prompt.hidden.dtype)
