@@ -456,6 +456,9 @@ def test_subprocess_one_line_without_debug_and_traceback_with_it(tmp_path: Path)
     assert "Traceback (most recent call last)" in debug.stderr and "DataError" in debug.stderr
     assert debug.stderr.splitlines()[-1] == plain.stderr.rstrip("\n")
     assert not dst.exists()
+    after = _cli("data", "convert", str(source), str(dst), "--allow-pickle", "--debug")  # after the command, too
+    assert after.returncode == 2 and "Traceback (most recent call last)" in after.stderr
+    assert after.stderr.splitlines()[-1] == plain.stderr.rstrip("\n")
 
 
 def test_subprocess_stats_json_failure_and_success(tmp_path: Path) -> None:

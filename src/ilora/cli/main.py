@@ -95,6 +95,8 @@ def refuse_unsupported_torchrun(args: argparse.Namespace, command: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if debug:  # taken anywhere on the line, as the top-level option it is
+        argv = ["--debug"] + [arg for arg in argv if arg != "--debug"]
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     parser = build_parser()
     args = parse_arguments(parser, argv)
