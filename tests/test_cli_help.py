@@ -40,3 +40,13 @@ def test_an_unknown_flag_shows_the_usage_of_the_command_given(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("usage: ilora rec train ") and "unrecognized arguments: --bogus" in err
+
+
+@pytest.mark.parametrize("command", [["rec", "eval", "DATA", "--model", "M"], ["teacher", "eval", "DATA", "--teacher", "T"]])
+def test_the_eval_commands_take_the_candidate_seed_by_the_trainers_name_too(command):
+    """rec train and distill call the candidate seed --cand-seed (beside their own --seed); the eval
+    commands, which have no other seed, take that name as well as --seed."""
+    parser = build_parser()
+    assert parser.parse_args([*command, "--cand-seed", "3"]).seed == 3
+    assert parser.parse_args([*command, "--seed", "4"]).seed == 4
+    assert parser.parse_args(command).seed == 0

@@ -113,7 +113,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to evaluate [default: test]")
     ev.add_argument("--mask-history", action="store_true", help="leave each sample's history items out of the full ranking")
     ev.add_argument("--candidates", type=optional_candidate_count, default=20, metavar="N", help="candidate-set size for cand_hr@1 (0: none) [default: 20]")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the fixed candidate sets [default: 0]")
+    ev.add_argument("--seed", "--cand-seed", dest="seed", type=int, default=0, help="seed of the fixed candidate sets (--cand-seed of rec train and distill) [default: 0]")
     ev.add_argument("--batch-size", type=int, default=1024, help="samples per batch [default: 1024]")
     ev.add_argument("--save-candidates", type=Path, default=None, metavar="FILE", help="also write the candidate sets used to FILE")
     add_json_argument(ev)

@@ -161,7 +161,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--protocol", default="score", choices=("score", "generate"), help="score (default) or generate")
     ev.add_argument("--gate", default="learned", metavar="MODE", help="learned (default), uniform (plain LoRA) or expert:N (all weight on expert N)")
     ev.add_argument("--candidates", type=candidate_count, default=20, metavar="N", help="candidates per sample, target included [default: 20]")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the fixed candidate sets [default: 0]")
+    ev.add_argument("--seed", "--cand-seed", dest="seed", type=int, default=0, help="seed of the fixed candidate sets (--cand-seed of rec train and distill) [default: 0]")
     ev.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="prompts per batch [default: 16]")
     ev.add_argument(
         "--max-new-tokens", type=nonnegative_int, default=0, metavar="N",
