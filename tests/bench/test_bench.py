@@ -683,6 +683,8 @@ def test_bench_inputs_quick_json(capsys, tmp_path):
     assert row["memory"]["ours"]["saved_activation_bytes"] > 0
     # the bound is the reference over the projector alone, which ours also runs
     assert row["ratio_bound"] == pytest.approx(row["reference"]["median_s"] / row["projector"]["median_s"])
+    # and over all the work both do (lookup, projector, the probe's (B, T, H) gradient)
+    assert row["ratio_bound_shared"] == pytest.approx(row["reference"]["median_s"] / row["shared"]["median_s"])
     text = results.read_text()
     assert "### `inputs` (--quick), cpu" in text and "test" in text and '"name": "inputs"' in text
 
