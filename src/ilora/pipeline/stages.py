@@ -119,11 +119,9 @@ def is_stage_dir(path: Path) -> bool:
 def remove_stage_dir(path: Path) -> None:
     """Delete ``path``, a stage directory of a run directory that `check_run_dir` accepted (a
     stage whose ``stage.json`` was lost is one too); `IloraError` for a file or a link there."""
-    if not path.exists() and not path.is_symlink():
-        return
-    if path.is_symlink() or not path.is_dir():
-        raise IloraError(f"{path}: a file or link where the run keeps its {path.name} stage directory; not deleting it: move it away")
-    shutil.rmtree(path)
+    _refuse_links(path)
+    if path.exists():
+        shutil.rmtree(path)
 
 
 def _refuse_links(*paths: Path) -> None:
@@ -135,12 +133,12 @@ def _refuse_links(*paths: Path) -> None:
             raise IloraError(f"{path}: a file or link where the run keeps its {path.name} stage directory; not moving or deleting it: move it away")
 
 
-def _restore_previous(directory: Path, previous: Path) -> str:
+def _restore_previous(directory: Path, previous: Path, finished: bool) -> str:
     """Put the finished results kept in ``previous`` back as ``directory``; returns what became
-    of what was in ``directory``: finished results of other options are kept in ``previous`` in
-    turn (a run stopped between finishing them and deleting the kept ones leaves both), an
-    interrupted run of other options is discarded with its files."""
-    if read_marker(directory) is not None:
+    of what was in ``directory``: its ``finished`` results of other options are kept in
+    ``previous`` in turn (a run stopped between finishing them and deleting the kept ones
+    leaves both), an interrupted run of other options is discarded with its files."""
+    if finished:
         swap = directory.with_name(f"{directory.name}{PREVIOUS}.swap")
         remove_stage_dir(swap)
         directory.rename(swap)
@@ -207,7 +205,7 @@ def run_stage(
     kept = read_marker(previous)
     _refuse_links(directory, previous)
     if current(kept):
-        became = _restore_previous(directory, previous)
+        became = _restore_previous(directory, previous, finished=marker is not None)
         print(f"[run] {name}: the finished results kept in {previous.name} are current again, put back{became}", file=sys.stderr, flush=True)
         return stage_token(kept["key"], kept.get("run_id")), kept["result"]
     # Resume only an interrupted run of this config (stage.pending records it); anything

@@ -104,15 +104,20 @@ def _batches(n: int, size: int):
         yield slice(start, min(n, start + size))
 
 
-def target_columns(candidates: np.ndarray, target: np.ndarray) -> np.ndarray:
+def target_columns(candidates: np.ndarray, target: np.ndarray, num_items: int | None = None) -> np.ndarray:
     """Column of the target in each candidate row; `IloraError` naming the first row where
     the target does not occur exactly once or another item repeats (it would count twice in
-    a rank and make a generated title match two candidates)."""
+    a rank and make a generated title match two candidates), or, given ``num_items``, where an
+    id is outside the catalog."""
     if candidates.ndim != 2 or target.ndim != 1 or len(candidates) != len(target):
         raise IloraError(
             f"candidates have shape {candidates.shape} for {target.shape[0] if target.ndim else 1} targets; expected one row per sample "
             "(are the candidate sets from another split or --limit?)"
         )
+    outside = np.argwhere((candidates < 0) | (candidates >= num_items)) if num_items is not None else np.empty((0, 2))
+    if outside.size:
+        r, k = (int(i) for i in outside[0])
+        raise IloraError(f"candidate row {r}, position {k}: id {int(candidates[r, k])} is outside the catalog 0..{num_items - 1}")
     count = (candidates == target[:, None]).sum(1)
     if not (count == 1).all():
         row = int(np.flatnonzero(count != 1)[0])
@@ -269,11 +274,7 @@ def evaluate_teacher(
     if max_new_tokens is not None and protocol != "generate":
         raise ConfigError(f"max_new_tokens applies to the generate protocol only, not to {protocol!r}")
     require_samples(split, f"{protocol} evaluation")
-    cols = target_columns(candidates, split.target)
-    outside = np.argwhere((candidates < 0) | (candidates >= bundle.teacher.title_table.num_items))
-    if outside.size:
-        r, k = (int(i) for i in outside[0])
-        raise IloraError(f"candidate row {r}, position {k}: id {int(candidates[r, k])} is outside the catalog 0..{bundle.teacher.title_table.num_items - 1}")
+    cols = target_columns(candidates, split.target, bundle.teacher.title_table.num_items)
     if protocol in ("score", "generate") and ctx.is_main:
         warn_about_twin_answers(bundle.teacher, candidates, split.target, protocol)
     if protocol == "score":
