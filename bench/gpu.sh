@@ -25,7 +25,7 @@
 # The 7B runs at batch 16 with the reference variant (step-7b-b16-pipelined, step-7b-b16, step-7b-b16-compile)
 # need an H200's memory (about 100 GiB); on an H100 name the others (all ours-only runs fit in 80 GiB).
 # Each run has its own `timeout -k 10`; a failed run does not stop the others; nothing starts after the cap
-# (ILORA_GPU_CAP_S, default 300 s). Titles: <repo>/shared/datasets/lastfm/id2name.txt when present (the
+# (ILORA_GPU_CAP_S, default 300 s); each section's note is ILORA_GPU_NOTE (default "bench/gpu.sh"). Titles: <repo>/shared/datasets/lastfm/id2name.txt when present (the
 # session copies it there: ../shared does not travel to the device), else $ILORA_SHARED or ../shared as
 # `ilora bench` finds them, else synthetic titles, with a WARNING in summary.txt (the runs still go on).
 #
@@ -57,7 +57,7 @@ PY="${PYTHON:-python3}"
 START=$(date +%s)
 CAP="${ILORA_GPU_CAP_S:-300}"
 DEADLINE=$((START + CAP))
-NOTE="bench/gpu.sh"
+NOTE="${ILORA_GPU_NOTE:-bench/gpu.sh}"
 SELECTED=" $* "
 
 RUNS=" inputs adapter step-7b-b32 step-7b-b32-nodrop step-7b-b32-shared step-7b-b32-nodrop-shared step-7b-b40-shared step-7b-b32-cycled step-7b-b32-cycled-shared step-7b-b16-pipelined step-7b-b16-ours step-7b-b16-nodrop step-7b-b32-autotune eval-7b step-7b-b16 step-7b-b16-compile step-7b step-1b step-7b-ckpt step-1b-compile "
