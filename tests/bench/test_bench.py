@@ -561,13 +561,17 @@ def test_step_cli_passes_lora_dropout_and_refuses_a_compile_mode_without_compile
     assert main(["bench", "inputs", "--lora-dropout", "0", "--no-record"]) == 2
 
 
-def test_step_shared_inputs_times_ours_with_grouped_adapters_beside_ours(synthetic_titles, capsys, monkeypatch):
+def test_step_shared_inputs_times_ours_with_grouped_adapters_beside_ours(synthetic_titles, capsys, monkeypatch, tmp_path):
     """--shared-inputs adds ours_shared: the same teacher with q/k/v and gate/up grouped (checked
-    equal to ours with dropout off), whose steps really compute one A product per group."""
+    equal to ours with dropout off), whose steps really compute one A product per group; --profile
+    then profiles ours_shared, the variant the run is about."""
     products = record_group_products(monkeypatch)
+    profile = tmp_path / "profile.txt"
     argv = ["bench", "step", "--quick", "--no-reference", "--shared-inputs", "--repeats", "1", "--warmup", "0", "--no-record", "--json"]
-    assert main(argv) == 0
+    assert main(argv + ["--profile", str(profile)]) == 0
     result = json.loads(capsys.readouterr().out)
+    assert result["profile"]["variant"] == "ours_shared" and profile.read_text().startswith("step profile of ours_shared: ")
+    assert "Profiled step of ours_shared" in "\n".join(step_bench.markdown_table(result))
     assert set(result["variants"]) == {"ours", "ours_shared"}
     assert result["equal_work_checked"]["distance"]["ours_shared"] < 1e-5
     assert result["shared_vs_ours"] == result["variants"]["ours"]["step_s"] / result["variants"]["ours_shared"]["step_s"]
@@ -721,7 +725,7 @@ def test_bench_step_quick_json(capsys, synthetic_titles, tmp_path):
     assert all(v["mfu"] is None and v["samples_per_s"] > 0 for v in r["variants"].values())
     # the profiled step: its summary in the JSON, its operator table in the file
     p = r["profile"]
-    assert p["file"] == str(profile) and p["step_s"] > 0 and p["aten_operators"] > 0 and p["device_busy_s"] is None
+    assert p["variant"] == "ours" and p["file"] == str(profile) and p["step_s"] > 0 and p["aten_operators"] > 0 and p["device_busy_s"] is None
     text = profile.read_text()
     assert "aten::mm" in text and "Self CPU" in text
     assert "Profiled step of ours" in "\n".join(step_bench.markdown_table(r))

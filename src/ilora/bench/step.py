@@ -571,8 +571,10 @@ def compare_optimizers(setup: StepSetup, samples: dict[str, torch.Tensor], repea
     return {"foreach_s": foreach, "fused_s": fused, "foreach_over_fused": foreach / fused, "trainable_params": sum(p.numel() for p in params)}
 
 
-def profile_step(setup: StepSetup, samples: dict[str, torch.Tensor], path: Path, rows: int = 40, part_times: bool = True) -> dict[str, Any]:
-    """One step of ours under torch.profiler; its top operators (by self device time on CUDA,
+def profile_step(
+    setup: StepSetup, samples: dict[str, torch.Tensor], path: Path, rows: int = 40, part_times: bool = True, variant: str = "ours"
+) -> dict[str, Any]:
+    """One step of ``variant`` (ours by default) under torch.profiler; its top operators (by self device time on CUDA,
     self CPU time otherwise) written to ``path``. Returns the step's wall time, the time the
     device was busy running kernels (CUDA) and the number of aten operators called (nested
     calls included): a device busy for a small share of the step means the step waits on
@@ -583,12 +585,12 @@ def profile_step(setup: StepSetup, samples: dict[str, torch.Tensor], path: Path,
 
     cuda = setup.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with variant_context(setup, "ours"):
-        step_in_context(setup, samples, Parts(setup.device, timed=part_times), "ours")  # warm: the profiler sees a steady step
+    with variant_context(setup, variant):
+        step_in_context(setup, samples, Parts(setup.device, timed=part_times), variant)  # warm: the profiler sees a steady step
         sync(setup.device)
         with profile(activities=activities) as prof:
             start = time.perf_counter()
-            step_in_context(setup, samples, Parts(setup.device, timed=part_times), "ours")
+            step_in_context(setup, samples, Parts(setup.device, timed=part_times), variant)
             sync(setup.device)
             wall = time.perf_counter() - start
     averages = prof.key_averages()
@@ -601,6 +603,7 @@ def profile_step(setup: StepSetup, samples: dict[str, torch.Tensor], path: Path,
     )
     operators = sum(e.count for e in averages if e.key.startswith("aten::"))
     summary = {
+        "variant": variant,
         "file": str(path),
         "step_s": wall,
         "device_busy_s": busy_us / 1e6 if busy_us is not None else None,
@@ -609,7 +612,7 @@ def profile_step(setup: StepSetup, samples: dict[str, torch.Tensor], path: Path,
     }
     table = averages.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=rows)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"step profile of ours: {json.dumps(summary)}\n\n{table}\n")
+    path.write_text(f"step profile of {variant}: {json.dumps(summary)}\n\n{table}\n")
     return summary
 
 
@@ -642,8 +645,8 @@ def run_bench(
     """Time a training step of the reference and of ours (and of ours with eager attention when
     ``eager_baseline``, of plain LoRA when ``lora_baseline``, of ours with grouped adapter inputs
     when ``shared_inputs``), interleaved on one model; one
-    JSON-ready dict. With ``profile``, one more step of ours runs under torch.profiler
-    afterwards (`profile_step`). ``part_times=False`` times whole steps without the device
+    JSON-ready dict. With ``profile``, one more step of ours (of ``ours_shared`` with
+    ``shared_inputs``) runs under torch.profiler afterwards (`profile_step`). ``part_times=False`` times whole steps without the device
     syncs between their parts (inputs, forward, backward, optimizer), as training runs them.
     ``group_by_length``: the batch is `grouped_batches`' (as training with ``group_by_length``).
     ``reference=False`` leaves the reference out (for batches whose reference step does not
@@ -697,7 +700,7 @@ def run_bench(
         times = interleave(runs, device, warmup=warmup, repeats=repeats, budget_s=budget_s, contexts=contexts, part_times=part_times)
         mem = memory(setup, longest, variants)
         optimizers = compare_optimizers(setup, samples)
-        profiled = profile_step(setup, samples, profile, part_times=part_times) if profile else None
+        profiled = profile_step(setup, samples, profile, part_times=part_times, variant="ours_shared" if shared_inputs else "ours") if profile else None
     peak = peak_flops(device)
     step_s = {name: t.median if batches == 1 else sum(t.totals) / len(t.totals) for name, t in times.items()}
     variants = {}
@@ -861,5 +864,5 @@ def markdown_table(result: dict[str, Any]) -> list[str]:
     if "profile" in result:
         p = result["profile"]
         busy = "" if p["device_busy_s"] is None else f", device busy {ms(p['device_busy_s'])} ms ({100 * p['device_busy_share']:.0f} %)"
-        lines += ["", f"Profiled step of ours: {ms(p['step_s'])} ms{busy}, {p['aten_operators']} aten operators (top operators: `{Path(p['file']).name}`; `profiles.txt` in a `gpu.sh` run)."]
+        lines += ["", f"Profiled step of {p.get('variant', 'ours')}: {ms(p['step_s'])} ms{busy}, {p['aten_operators']} aten operators (top operators: `{Path(p['file']).name}`; `profiles.txt` in a `gpu.sh` run)."]
     return lines

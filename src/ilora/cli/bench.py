@@ -194,7 +194,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--profile", default=None, metavar="FILE",
-        help="step: after timing, profile one step of ours (torch.profiler) and write its top operators to FILE",
+        help="step: after timing, profile one step of ours (of ours_shared with --shared-inputs; torch.profiler) and write its top operators to FILE",
     )
     p.add_argument(
         "--samples", type=int, default=None, metavar="N",
