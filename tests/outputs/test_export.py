@@ -289,6 +289,45 @@ def test_interrupted_export_resumes_to_the_same_files(teacher, dataset, tmp_path
         export(teacher, dataset, tmp_path / "cut", **OPTS)
 
 
+def test_an_export_stopped_after_its_last_shard_is_listed_resumes_without_scoring_again(teacher, dataset, tmp_path):
+    """Killed between listing the last (partial: 22 rows in shards of 5) shard and marking the
+    split complete: the resume scores nothing, marks it complete, and the files read back as
+    an uninterrupted export's."""
+    whole = export(teacher, dataset, tmp_path / "whole", **OPTS)
+
+    def stop_at_the_last(split, number):
+        if number == 4:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        export(teacher, dataset, tmp_path / "cut", on_shard=stop_at_the_last, **OPTS)
+    cut = read_manifest(tmp_path / "cut")["splits"]["train"]
+    assert [s["rows"] for s in cut["shards"]] == [5, 5, 5, 5, 2] and not cut["complete"]
+    resumed = export(teacher, dataset, tmp_path / "cut", **OPTS)
+    assert resumed.written == 0 and resumed.rows == whole.rows == 22
+    a, b = read_manifest(tmp_path / "whole")["splits"]["train"], read_manifest(tmp_path / "cut")["splits"]["train"]
+    assert b["complete"] and b["rows"] == 22 and [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+    x, y = read_teacher_outputs(tmp_path / "whole").split("train"), read_teacher_outputs(tmp_path / "cut").split("train")
+    assert np.array_equal(x.topk_items, y.topk_items) and np.array_equal(x.topk_confidence, y.topk_confidence)
+
+
+def test_a_manifest_whose_shard_list_is_not_the_exports_own_is_refused_on_resume(teacher, dataset, tmp_path):
+    out = tmp_path / "o"
+
+    def stop_after_two(split, number):
+        if number == 1:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        export(teacher, dataset, out, on_shard=stop_after_two, **OPTS)
+    manifest = read_manifest(out)
+    shards = manifest["splits"]["train"]["shards"]
+    shards.append(dict(shards[-1]))  # the same shard listed twice
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IloraError, match=r"shard 2 is 'train/part-00001.parquet' with 5 rows from row 5, expected train/part-00002.parquet"):
+        export(teacher, dataset, out, **OPTS)
+
+
 def test_another_teacher_or_options_are_refused_unless_overwrite(teacher, dataset, tmp_path):
     out = tmp_path / "o"
     export(teacher, dataset, out, **{**OPTS, "limit": 4})
@@ -306,22 +345,32 @@ def test_another_teacher_or_options_are_refused_unless_overwrite(teacher, datase
     result = export((other, tmp_path / "t2"), dataset, out, overwrite=True, **{**OPTS, "limit": 4})
     assert result.written == 4
     assert read_manifest(out)["teacher"]["path"] == str((tmp_path / "t2").resolve())
-    # --overwrite replaces an export whose manifest this ilora cannot read (another version, or cut short) ...
-    for text in ('{"format": "ilora-teacher-outputs", "version": 0}', '{"format": "ilora-tea'):
+    # --overwrite replaces an export whose manifest this ilora cannot read (another version) ...
+    (out / "manifest.json").write_text('{"format": "ilora-teacher-outputs", "version": 0}')
+    with pytest.raises(IloraError, match="manifest.json: format version 0"):
+        export(teacher, dataset, out, **{**OPTS, "limit": 4})
+    assert export(teacher, dataset, out, overwrite=True, **{**OPTS, "limit": 4}).written == 4
+    # ... but not a file it cannot tell is one of its own: another program's, one without a format, not JSON
+    for text, match in [
+        ('{"format": "something-else"}', "format 'something-else', not an ilora teacher-outputs manifest"),
+        ('{"name": "my web app"}', "format None, not an ilora teacher-outputs manifest"),
+        ("[1, 2]", "a JSON list, not an ilora teacher-outputs manifest"),
+        ('{"format": "ilora-tea', "not readable JSON"),
+    ]:
         (out / "manifest.json").write_text(text)
-        with pytest.raises(IloraError, match="manifest.json: (format version 0|not valid JSON)"):
-            export(teacher, dataset, out, **{**OPTS, "limit": 4})
-        assert export(teacher, dataset, out, overwrite=True, **{**OPTS, "limit": 4}).written == 4
-    # ... but not another program's manifest
-    (out / "manifest.json").write_text('{"format": "something-else"}')
-    with pytest.raises(IloraError, match="a manifest of format 'something-else', not ilora teacher outputs"):
-        export(teacher, dataset, out, overwrite=True, **{**OPTS, "limit": 4})
-    assert (out / "manifest.json").read_text() == '{"format": "something-else"}'
+        with pytest.raises(IloraError, match=match):
+            export(teacher, dataset, out, overwrite=True, **{**OPTS, "limit": 4})
+        assert (out / "manifest.json").read_text() == text
     foreign = tmp_path / "foreign"
-    foreign.mkdir()
+    (foreign / "train").mkdir(parents=True)
     (foreign / "notes.txt").write_text("mine")
+    (foreign / "train/part-00000-4f1c.snappy.parquet").write_text("a Spark part file")
     with pytest.raises(IloraError, match="not empty"):
         export(teacher, dataset, foreign, **OPTS)
+    # --overwrite of a directory without a manifest deletes only files named as an export names its own
+    assert export(teacher, dataset, foreign, overwrite=True, **{**OPTS, "limit": 4}).written == 4
+    assert (foreign / "notes.txt").read_text() == "mine" and (foreign / "train/part-00000-4f1c.snappy.parquet").is_file()
+    assert read_teacher_outputs(foreign).split("train").topk_items.shape[0] == 4
 
 
 def test_cli_export_json(teacher, dataset, tmp_path, capsys):

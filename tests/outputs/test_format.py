@@ -107,7 +107,7 @@ def test_shard_row_counts_are_checked_against_the_files_before_anything_is_sized
     manifest["splits"]["train"]["shards"][0]["rows"] = claimed
     manifest["splits"]["train"]["rows"] = claimed
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
-    expected = "holds 5 rows, the manifest says" if type(claimed) is int and claimed >= 0 else "expected a count"
+    expected = {10**15: "holds 5 rows, the manifest says", -3: "expected a count", "7": "splits.train.rows is '7', expected int"}[claimed]
     one_line_error(tmp_path, expected, error=IloraError)
 
 
@@ -175,7 +175,7 @@ def test_shards_with_different_k_or_widths_name_the_odd_shard(tmp_path) -> None:
 @pytest.mark.parametrize(
     "name,value",
     [("gate", float("nan")), ("user_embedding", float("nan")), ("user_embedding", float("inf")), ("topk_confidence", float("nan")),
-     ("topk_confidence", float("inf")), ("topk_scores", float("nan"))],
+     ("topk_confidence", float("inf")), ("topk_scores", float("nan")), ("topk_scores", float("inf"))],
 )
 def test_non_finite_values_are_data_errors(tmp_path, name, value) -> None:
     cols = rows(5, 10)
@@ -235,3 +235,23 @@ def test_a_shard_past_32_bit_list_offsets_is_refused_not_wrapped() -> None:
     with pytest.raises(IloraError, match="passes Parquet's 32-bit list offsets; use a smaller --shard-rows"):
         _list_column(big, np.float32)
     assert _list_column(np.ones((3, 4), np.float32), np.float32).to_pylist() == [[1.0] * 4] * 3
+
+
+@pytest.mark.parametrize(
+    "splits,match",
+    [
+        ([], r"splits is list, expected an object"),
+        ({"train": {"complete": True}}, r"splits\.train\.rows is None, expected int"),
+        ({"train": {"rows": 3, "complete": "yes", "shards": []}}, r"splits\.train\.complete is 'yes', expected bool"),
+        ({"train": {"rows": 3, "complete": True, "shards": [{"file": "train/part-00000.parquet", "rows": 3, "sha256": "x"}]}},
+         r"splits\.train\.shards\[0\]\.first_index is None, expected int"),
+        ({"train": {"rows": 3, "complete": True, "shards": ["train/part-00000.parquet"]}}, r"splits\.train\.shards\[0\] is str, expected an object"),
+    ],
+)
+def test_a_malformed_manifest_is_an_error_naming_the_file_and_key(tmp_path, splits, match) -> None:
+    write(tmp_path, [table(0, rows(3, 13))])
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    manifest["splits"] = splits
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    message = one_line_error(tmp_path, match, error=IloraError)
+    assert message.startswith(str(tmp_path / MANIFEST))

@@ -76,13 +76,13 @@ def write_samples_csv(path: Path, split: Split, width: int, padding_id: int) -> 
     at the one ``seq_size`` of ``data_statis``, whatever width each split was stored with."""
     if split.max_len > width:
         raise IloraError(f"{path}: the split's histories are {split.max_len} wide, more than the dataset's {width}")
-    history = np.full((len(split), width), padding_id, dtype=np.int64)
-    history[:, : split.max_len] = split.history
     with open(path, "w", encoding="ascii", newline="\n") as fh:
         fh.write("seq,len_seq,next\n")
         for lo in range(0, len(split), CSV_BLOCK):
-            hi = lo + CSV_BLOCK
-            rows = zip(history[lo:hi].tolist(), split.length[lo:hi].tolist(), split.target[lo:hi].tolist())
+            hi = min(lo + CSV_BLOCK, len(split))
+            history = np.full((hi - lo, width), padding_id, dtype=np.int64)  # one block padded at a time
+            history[:, : split.max_len] = split.history[lo:hi]
+            rows = zip(history.tolist(), split.length[lo:hi].tolist(), split.target[lo:hi].tolist())
             fh.writelines(f'"[{", ".join(map(str, seq))}]",{n},{t}\n' for seq, n, t in rows)
 
 

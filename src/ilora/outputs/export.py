@@ -54,6 +54,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -82,6 +83,7 @@ EMBEDDING_METHOD = (
 )
 ITEM_BATCH = 256  # titles per decoder call for the item embeddings (fixed: determinism)
 SHARD_PATTERN = "part-{:05d}.parquet"
+SHARD_FILE = re.compile(r"\.?part-\d{5,}\.parquet(\.tmp)?")  # a shard or its temporary file (`write_shard`)
 
 
 @dataclass(frozen=True)
@@ -357,26 +359,37 @@ def _write_manifest(out: Path, manifest: dict) -> None:
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
 
+def _shard_files(directory: Path) -> list[Path]:
+    """The files in ``directory`` named as `write_shard` names its shards and their temporary
+    files (``part-00000.parquet``, ``.part-00000.parquet.tmp``), and no others."""
+    return sorted(p for p in directory.glob("*part-*.parquet*") if SHARD_FILE.fullmatch(p.name)) if directory.is_dir() else []
+
+
 def _remove_outputs(out: Path) -> None:
     """Delete what an export writes here (and nothing else)."""
     from ilora.outputs.dllm2rec import DATA_FILES, DLLM2REC_DIR, DLLM2REC_FILES
 
     for name in SPLITS:
-        for path in (out / name).glob("*part-*.parquet*"):
+        for path in _shard_files(out / name):
             path.unlink()
     for path in (out / ITEM_EMBEDDINGS, *(out / DLLM2REC_DIR / f for f in DLLM2REC_FILES + DATA_FILES), out / MANIFEST):
         path.unlink(missing_ok=True)
 
 
 def _refuse_foreign_manifest(path: Path) -> None:
-    """`IloraError` when ``path`` is a JSON object of another format (another program's file,
-    not ours to delete); one of ours of any version, or unreadable, may be replaced."""
+    """`IloraError` unless ``path`` is one of our manifests (a JSON object whose ``format`` is
+    ours, of any version or state): anything else may be another program's file, not ours to
+    delete."""
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return
-    if isinstance(manifest, dict) and manifest.get("format", FORMAT) != FORMAT:
-        raise IloraError(f"{path}: a manifest of format {manifest.get('format')!r}, not ilora teacher outputs; use another --out")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise IloraError(
+            f"{path}: not readable JSON ({exc.__class__.__name__}), so not known to be an ilora teacher-outputs manifest; "
+            "--overwrite deletes only an export's own files: use another --out, or delete it yourself"
+        ) from None
+    what = f"format {manifest.get('format')!r}" if isinstance(manifest, dict) else f"a JSON {type(manifest).__name__}"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise IloraError(f"{path}: {what}, not an ilora teacher-outputs manifest; use another --out")
 
 
 def prepare_out(out: Path, fresh: dict, overwrite: bool) -> dict:
@@ -430,14 +443,24 @@ def write_shard(path: Path, table: pa.Table) -> str:
     return file_sha256(path)
 
 
-def _verified_shards(out: Path, name: str, info: dict) -> int:
-    """Check the listed shards, delete unlisted ones; return the next row to export."""
+def _verified_shards(out: Path, name: str, info: dict, shard_rows: int, samples: int) -> int:
+    """Check the listed shards (shard i is ``part-i`` holding rows ``i * shard_rows`` on, as
+    many as `_export_shard` puts in it, its file unchanged), delete unlisted ones; return the
+    next row to export."""
     listed = {s["file"] for s in info["shards"]}
-    for shard in info["shards"]:
+    for number, shard in enumerate(info["shards"]):
+        lo = number * shard_rows
+        expected = (f"{name}/{SHARD_PATTERN.format(number)}", lo, min(shard_rows, samples - lo))
+        if lo >= samples or tuple(shard.get(k) for k in ("file", "first_index", "rows")) != expected:
+            raise IloraError(
+                f"{out / MANIFEST}: the {name} split's shard {number} is {shard.get('file')!r} with {shard.get('rows')!r} rows "
+                f"from row {shard.get('first_index')!r}, expected {expected[0]} with {expected[2]} rows from row {lo} "
+                f"(of {samples}); use --overwrite to start again"
+            )
         path = out / shard["file"]
         if not path.is_file() or file_sha256(path) != shard["sha256"]:
             raise IloraError(f"{path}: listed in the manifest but missing or changed; use --overwrite to start again")
-    for path in sorted((out / name).glob("*part-*.parquet*")):
+    for path in _shard_files(out / name):
         if path.relative_to(out).as_posix() not in listed:
             path.unlink()
     return sum(s["rows"] for s in info["shards"])
@@ -461,13 +484,16 @@ def _export_shard(bundle, split: Split, name: str, number: int, opts: ExportOpti
     return {"file": file, "first_index": lo, "rows": hi - lo, "sha256": sha}
 
 
-def _resume_point(out: Path, manifest: dict, name: str, split: Split) -> int | None:
-    """The first row of ``split`` still to export (its manifest entry made if new), or None when complete."""
+def _resume_point(out: Path, manifest: dict, name: str, split: Split, shard_rows: int) -> int | None:
+    """The first row of ``split`` still to export (its manifest entry made if new), or None when
+    complete. A split whose shards hold all its rows but that is not marked complete (stopped
+    between its last shard and the manifest's last write) resumes at ``len(split)``: nothing
+    is scored again, and the split is then marked complete."""
     digest = split.sha256()
     info = manifest["splits"].setdefault(name, {"rows": 0, "complete": False, "samples": len(split), "samples_sha256": digest, "shards": []})
     if info.get("samples") != len(split) or info.get("samples_sha256") != digest:
         raise IloraError(f"{out}: its {name} export was made from other {name} samples; use another --out, or --overwrite")
-    start = _verified_shards(out, name, info)
+    start = _verified_shards(out, name, info, shard_rows, len(split))
     return None if info["complete"] else start
 
 
@@ -481,11 +507,12 @@ def export_split(
     holds the rows a single process puts in it, scored in the same batches.
     """
     # rank 0 checks the manifest and removes unlisted shard files before any rank writes one
-    start = ctx.broadcast(_resume_point(out, manifest, name, split) if ctx.is_main else None)
+    start = ctx.broadcast(_resume_point(out, manifest, name, split, opts.shard_rows) if ctx.is_main else None)
     if start is None:
         return 0
     info = manifest["splits"][name] if ctx.is_main else None
-    first, count = start // opts.shard_rows, math.ceil(len(split) / opts.shard_rows)
+    # the listed shards are 0..first-1 (`_verified_shards`): all of them once start is len(split)
+    first, count = math.ceil(start / opts.shard_rows), math.ceil(len(split) / opts.shard_rows)
     written = 0
     bar = progress(total=len(split), initial=start, desc=f"export {name}", unit="sample", show=ctx.is_main)
     with bar:

@@ -2,7 +2,8 @@
 
 Directory layout::
 
-    manifest.json                      what is here (below); written last, atomically
+    manifest.json                      what is here (below); written first, rewritten (atomically)
+                                       after each shard and when a split completes
     train/part-00000.parquet ...       one row per sample of the split, in split order
     val/..., test/...                  only when exported
     item_embeddings.safetensors        "item_embeddings": float32 (num_items, llm_hidden)
@@ -58,12 +59,12 @@ manifest (file present, sha256 unless ``verify=False``, rows = the next samples 
 order) and every column read is checked: a list of the same width in every row of every
 shard (``top_k`` for the three top-K columns, the first shard's width for ``gate`` and
 ``user_embedding``), no null row or value, integer item ids, float values, no NaN score
-(``-inf`` is a valid score) and only finite confidences, gate weights and user
+(``-inf`` is a valid score, ``+inf`` is not) and only finite confidences, gate weights and user
 embeddings. A violation is a `DataError` naming the shard and its row.
 
 ``item_embeddings.sha256`` is required when ``item_embeddings.safetensors`` is read with
-``verify=True`` (`ilora teacher export` writes it before any shard, so every manifest
-it writes has it): a manifest without it is refused rather than trusted unverified. A
+``verify=True`` (`ilora teacher export` writes the file and records it before any shard, so
+every manifest that lists a shard has it): a manifest without it is refused rather than trusted unverified. A
 directory without the embeddings file reads with ``item_embeddings = None`` (enough to
 distil with ``w_ed = 0``).
 """
@@ -95,7 +96,7 @@ LIST_COLUMNS = {  # list column -> the dtype it is read as
 }
 COLUMNS = ("index", *LIST_COLUMNS)
 TOP_K_COLUMNS = ("topk_items", "topk_scores", "topk_confidence")  # rows of manifest["top_k"] values
-FINITE_COLUMNS = ("topk_confidence", "gate", "user_embedding")  # scores may be -inf, never NaN
+FINITE_COLUMNS = ("topk_confidence", "gate", "user_embedding")  # scores may be -inf, never NaN or +inf
 
 
 @dataclass
@@ -136,11 +137,36 @@ class TeacherOutputs:
 def read_manifest(directory: str | Path) -> dict:
     path = Path(directory) / MANIFEST
     manifest = read_json(path, "teacher-outputs manifest (run `ilora teacher export`)")
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise IloraError(f"{path}: not an ilora teacher-outputs manifest")
     if manifest.get("version") != VERSION:
         raise IloraError(f"{path}: format version {manifest.get('version')} (this ilora reads {VERSION})")
+    _check_splits(path, manifest.get("splits", {}))
     return manifest
+
+
+_SPLIT_KEYS = {"rows": int, "complete": bool, "shards": list}
+_SHARD_KEYS = {"file": str, "first_index": int, "rows": int, "sha256": str}
+
+
+def _check_splits(path: Path, splits: object) -> None:
+    """`IloraError` naming ``path`` and the key when the manifest's ``splits`` are not shaped
+    as the module docstring says (what the reader and a resumed export index into)."""
+
+    def check(value: object, keys: dict[str, type], where: str) -> None:
+        if not isinstance(value, dict):
+            raise IloraError(f"{path}: {where} is {type(value).__name__}, expected an object")
+        for key, kind in keys.items():
+            item = value.get(key)
+            if not isinstance(item, kind) or (kind is int and isinstance(item, bool)):
+                raise IloraError(f"{path}: {where}.{key} is {item!r}, expected {kind.__name__}")
+
+    if not isinstance(splits, dict):
+        raise IloraError(f"{path}: splits is {type(splits).__name__}, expected an object of split name -> entry")
+    for name, info in splits.items():
+        check(info, _SPLIT_KEYS, f"splits.{name}")
+        for i, shard in enumerate(info["shards"]):
+            check(shard, _SHARD_KEYS, f"splits.{name}.shards[{i}]")
 
 
 def _is_list(kind: pa.DataType) -> bool:
@@ -183,10 +209,10 @@ def _typed(matrix: np.ndarray, name: str, source: Path) -> np.ndarray:
         raise DataError(source, f"column {name} holds {matrix.dtype} values", expected="floating-point numbers")
     matrix = matrix.astype(dtype, copy=False)
     if np.issubdtype(dtype, np.floating):
-        bad = ~np.isfinite(matrix) if name in FINITE_COLUMNS else np.isnan(matrix)
+        bad = ~np.isfinite(matrix) if name in FINITE_COLUMNS else np.isnan(matrix) | np.isposinf(matrix)
         if bad.any():
             row, at = (int(i) for i in np.argwhere(bad)[0])
-            wanted = "finite numbers" if name in FINITE_COLUMNS else "numbers (-inf allowed, not NaN)"
+            wanted = "finite numbers" if name in FINITE_COLUMNS else "numbers (-inf allowed, not NaN or +inf)"
             raise DataError(source, f"column {name} holds {matrix[row, at]} at position {at}", row=row, expected=wanted)
     return matrix
 
