@@ -50,3 +50,31 @@ def test_the_eval_commands_take_the_candidate_seed_by_the_trainers_name_too(comm
     assert parser.parse_args([*command, "--cand-seed", "3"]).seed == 3
     assert parser.parse_args([*command, "--seed", "4"]).seed == 4
     assert parser.parse_args(command).seed == 0
+
+
+def test_run_help_lists_every_key_a_run_config_takes_with_its_default(capsys):
+    """`ilora run --help` lists the YAML keys (nested ones dotted), each one an override the
+    config accepts, and no key that it would refuse."""
+    import dataclasses
+
+    from ilora.config import from_dict, parse_overrides
+    from ilora.pipeline.config import RunConfig
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.split("keys (YAML, or key=value overrides):\n", 1)[1].splitlines() if line.startswith("  ") and not line.startswith("   ")]
+
+    def keys(cls, prefix=""):  # the reference: every leaf field, walked here independently of the help code
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            if dataclasses.is_dataclass(default):
+                yield from keys(type(default), f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}"
+
+    assert listed == list(keys(RunConfig))
+    assert {"eval.gates", "data.synth.users", "teacher.share_adapter_inputs", "distill.control_seed", "export.device"} <= set(listed)
+    assert "default: ['learned', 'uniform', 'experts']" in " ".join(out.split())
+    cfg = from_dict(RunConfig, parse_overrides(["data.synth.users=7", "eval.gates=learned,experts", "export.device=cpu"]))
+    assert cfg.data.synth.users == 7 and cfg.eval.gates == ["learned", "experts"]

@@ -256,6 +256,44 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
             group.add_argument(flag, dest=f"cfg__{f.name}", default=None, metavar=f.name.upper(), help=help_text)
 
 
+def option_lines(cls: type, prefix: str = "") -> list[tuple[str, str]]:
+    """``(dotted key, "help [default: value]")`` for every option of ``cls``, nested
+    dataclasses' options under their field's name (``rec.epochs``), as `--help` lists them."""
+    hints = _hints(cls)
+    lines: list[tuple[str, str]] = []
+    for f in dataclasses.fields(cls):
+        tp, _ = _strip_optional(hints[f.name])
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            lines += option_lines(tp, f"{key}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if get_origin(tp) is Literal:
+            choices = "one of " + ", ".join(map(str, get_args(tp))) + "; "
+        else:
+            choices = ""
+        lines.append((key, f"{f.metadata.get('help', '')} [{choices}default: {default!r}]"))
+    return lines
+
+
+def options_epilog(cls: type, title: str, width: int = 100) -> str:
+    """Every option of ``cls`` (`option_lines`) as an argparse epilog (for ``RawDescriptionHelpFormatter``)."""
+    import textwrap
+
+    lines = option_lines(cls)
+    column = min(max(len(key) for key, _ in lines) + 4, 36)
+    out = [title]
+    for key, text in lines:
+        first = f"  {key}".ljust(column)
+        if len(first) > column:
+            out.append(f"  {key}")
+            first = " " * column
+        wrapped = textwrap.wrap(text, width=width - column) or [""]
+        out.append(first + wrapped[0])
+        out += [" " * column + rest for rest in wrapped[1:]]
+    return "\n".join(out)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None, metavar="FILE", help="YAML file of options (same names as the flags, with underscores)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, applied last (dotted keys reach nested groups)")

@@ -499,6 +499,8 @@ def test_every_shipped_config_loads_and_passes_the_run_checks(path):
 
     cfg = load_config(RunConfig, yaml_path=path)
     check_run_config(cfg)  # TeacherConfig checked its own options (batch multiples, shared inputs) when built
+    if cfg.teacher.device == "cuda":  # no stage left on the CPU default (a 7B export there would never finish)
+        assert {section: getattr(cfg, section).device for section in ("rec", "export", "distill")} == dict.fromkeys(("rec", "export", "distill"), "cuda")
 
 
 def test_a_stage_leaves_no_cycle_held_model_behind(tmp_path):

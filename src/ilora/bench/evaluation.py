@@ -8,7 +8,8 @@ candidates. Variants, each evaluating all N samples in batches of 16 and computi
 metrics:
 
 * ``score``: the score protocol (`ilora.teacher.evaluate`, protocol ``score``): the
-  prompt is encoded once, its KV cache repeated for the 20 candidates.
+  prompt is encoded once and its KV cache kept; all 20 answers then run as one
+  continuation under a block attention mask (nothing is copied per candidate).
 * ``generate``: the generate protocol as ``ilora teacher eval --protocol generate`` runs
   it: greedy decoding up to the longest title + 8 tokens, then the iLoRA/LLaRA
   title-matching rule. A random teacher rarely emits eos, so it decodes to the limit.

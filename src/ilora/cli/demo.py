@@ -34,6 +34,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "evaluation -> teacher outputs -> baseline, distilled and seed-control SASRec students. Prints the final table.",
     )
     p.add_argument("--out", default="demo_out", metavar="DIR", help="run directory [default: demo_out]")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="change the default, e.g. teacher.max_steps=50")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="change the default, e.g. teacher.max_steps=50 (the keys `ilora run --help` lists)")
     add_json_argument(p)
     p.set_defaults(run=run_demo)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 from ilora.cli.common import add_json_argument, print_json
-from ilora.config import load_config
+from ilora.config import load_config, options_epilog
 from ilora.pipeline.config import RunConfig
 
 
@@ -33,10 +34,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "run",
         help="run the whole pipeline from a YAML config (resumable)",
-        description="data -> SASRec -> teacher -> evaluation -> teacher outputs -> baseline and distilled students "
-        "-> report.md + plots in the run directory. Stages whose outputs already exist and match the config are "
-        "skipped, so an interrupted run continues. Sections of the YAML: out, data, rec, teacher, eval, export, "
-        "distill (the options of the matching commands); key=value overrides use dotted keys (teacher.max_steps=100).",
+        description=textwrap.fill(
+            "data -> SASRec -> teacher -> evaluation -> teacher outputs -> baseline and distilled students "
+            "-> report.md + plots in the run directory. Stages whose outputs already exist and match the config are "
+            "skipped, so an interrupted run continues. Sections of the YAML: out, data, rec, teacher, eval, export, "
+            "distill (the options of the matching commands, listed below); key=value overrides use dotted keys "
+            "(teacher.max_steps=100).",
+            width=100,
+        ),
+        epilog=options_epilog(RunConfig, "keys (YAML, or key=value overrides):"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", metavar="CONFIG.yaml", help="run configuration (see configs/ for examples)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="option overrides, applied last")

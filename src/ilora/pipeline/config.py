@@ -39,7 +39,7 @@ class EvalSection:
     candidates: int = option(20, "candidates per sample (target included)")
     seed: int = option(0, "seed of the fixed candidate sets")
     limit: int = option(0, "evaluate the teacher on the first N samples only (0: all)")
-    protocols: list[str] = option(["score"], "score and/or generate")
+    protocols: list[str] = option(["score"], "score and/or generate (a YAML list; comma-separated as key=value); the stage runs on teacher.device")
     gates: list[str] = option(["learned", "uniform", "experts"], "learned, uniform, expert:N, or experts (every expert:N)")
     batch_size: int = option(16, "prompts per batch")
     max_new_tokens: int = option(0, "generate protocol: most tokens decoded (0: the longest title + 8; LLaRA used 64)")

@@ -2,7 +2,8 @@
 
 Plots (each only when its inputs exist):
 * ``curves.png``: SASRec training loss and validation NDCG@10 per epoch; teacher
-  training loss per step; student losses when distillation ran;
+  training loss per step; the baseline and distilled students' validation NDCG@10 per
+  epoch when distillation ran;
 * ``gate.png``: the learned gate's mean weight per expert (with the spread across
   samples) and its mean entropy against the uniform gate's;
 * ``students.png``: baseline vs distilled student, full-ranking metrics on test.
