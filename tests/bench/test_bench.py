@@ -581,6 +581,56 @@ def test_step_shared_inputs_times_ours_with_grouped_adapters_beside_ours(synthet
     assert main(["bench", "inputs", "--shared-inputs", "--no-record"]) == 2
 
 
+def test_micro_batches_are_consecutive_slices_covering_the_batch():
+    samples = {"target": torch.arange(8), "history": torch.arange(16).view(8, 2)}
+    chunks = step_bench.micro_batches(samples, 3)
+    assert [c["target"].tolist() for c in chunks] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert torch.equal(torch.cat([c["history"] for c in chunks]), samples["history"])
+    assert step_bench.micro_batches(samples, 0) == [samples] and step_bench.micro_batches(samples, 8) == [samples]
+
+
+def test_step_with_micro_batches_runs_each_forward_backward_then_one_optimizer_step(synthetic_titles, capsys, monkeypatch):
+    """--micro-batch-size M: every timed step runs B / M forwards of M samples (each padded to its
+    own width), their backwards accumulating, and one optimizer step, as the trainer does; the
+    accumulated gradient is the samples-weighted mean of the micro-batches' (checked against
+    one backward per micro-batch by hand)."""
+    events = []
+    real_step = step_bench.step_in_context
+    real_loss, real_optimizer = step_bench.variant_loss, step_bench.optimizer_step
+    monkeypatch.setattr(step_bench, "step_in_context", lambda *a: events.append("step") or real_step(*a))
+    monkeypatch.setattr(step_bench, "variant_loss", lambda setup, chunk, parts, variant: events.append(len(chunk["target"])) or real_loss(setup, chunk, parts, variant))
+    monkeypatch.setattr(step_bench, "optimizer_step", lambda setup, optimizer: events.append("optimizer" if optimizer is setup.optimizer else "other") or real_optimizer(setup, optimizer))
+    r = _run_cli(capsys, "step", "--quick", "--batch-size", "6", "--micro-batch-size", "2", "--no-reference", "--repeats", "2", "--warmup", "1", "--no-record")
+    assert r["sizes"]["micro_batch_size"] == 2 and len(r["sizes"]["micro_batch_padded_width"]) == 3
+    steps = [i for i, e in enumerate(events) if e == "step"]
+    assert len(steps) == 3  # warm-up + 2 timed rounds
+    for i in steps:
+        assert events[i + 1 : i + 5] == [2, 2, 2, "optimizer"]
+    assert "in micro-batches of 2" in "\n".join(step_bench.markdown_table(r))
+    assert main(["bench", "step", "--quick", "--batch-size", "6", "--micro-batch-size", "4", "--no-record"]) == 2
+    assert "micro_batch_size: must divide the batch size 6" in capsys.readouterr().err
+
+
+def test_a_micro_batched_step_accumulates_the_sample_weighted_gradient(synthetic_titles, monkeypatch):
+    setup, _ = step_bench.build_setup("tiny-quick", torch.device("cpu"), lora_dropout=0.0)
+    samples = step_bench.random_samples(len(setup.inputs.titles), 6, step_bench.HISTORY_ITEMS, step_bench.CANDIDATES, seed=1)
+    for layer in gated_lora_modules(setup.bundle.teacher.llm).values():
+        layer.reset_lora_parameters("random")
+    params = [p for p in setup.params if p.requires_grad]
+    expected = [torch.zeros_like(p) for p in params]
+    for lo in range(0, 6, 2):  # the reference: one backward per micro-batch by hand, weighted by hand
+        chunk = {k: v[lo : lo + 2] for k, v in samples.items()}
+        grads = torch.autograd.grad(step_bench.our_loss(setup, chunk, common.Parts(setup.device)), params, allow_unused=True)
+        expected = [e + (g if g is not None else 0) * (2 / 6) for e, g in zip(expected, grads)]
+    got = {}
+    setup.micro_batch_size = 2
+    keep = lambda setup, optimizer: got.update(grads=[p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params])  # noqa: E731
+    monkeypatch.setattr(step_bench, "optimizer_step", keep)
+    step_bench.train_step(setup, samples, common.Parts(setup.device), "ours")
+    for g, e in zip(got["grads"], expected):
+        assert torch.allclose(g, e, rtol=1e-4, atol=1e-6)
+
+
 def test_step_grouped_batches_span_the_window_and_runs_cycle_through_them(synthetic_titles, monkeypatch):
     from ilora.teacher.train import GROUP_WINDOW
 

@@ -109,6 +109,7 @@ class StepSetup:
     autocast: bool
     shape: str
     compiled: Any = None  # CompiledLayers with --compile: active in every variant's context
+    micro_batch_size: int = 0  # a step's forward + backward in micro-batches of this many samples (0: one)
 
 
 def build_llm(shape: str, tokenizer, device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -365,16 +366,35 @@ def variant_loss(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Part
     return our_loss(setup, samples, parts, gate_mode(variant))
 
 
+def micro_batches(samples: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    """``samples`` cut into consecutive micro-batches of ``size`` (0: one), as the trainer cuts a
+    global batch (`ilora.teacher.train.rank_micro_batches`); a length-grouped batch is sorted
+    longest first, so each micro-batch has its own padded width."""
+    n = len(samples["target"])
+    if size <= 0 or size >= n:
+        return [samples]
+    return [{key: value[i : i + size] for key, value in samples.items()} for i in range(0, n, size)]
+
+
 def step_in_context(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts, variant: str) -> float:
     """One optimiser step of ``variant``; the caller holds ``variant_context(setup, variant)``
-    around it (backward too: a checkpointed layer is recomputed with the modules in place then)."""
-    loss = variant_loss(setup, samples, parts, variant)
-    with parts("backward"):
-        loss.backward()
+    around it (backward too: a checkpointed layer is recomputed with the modules in place then).
+    With ``setup.micro_batch_size`` the forward and backward run micro-batch by micro-batch, each
+    loss weighted by its share of the samples, gradients accumulating, then one optimizer step;
+    as in the trainer, the loss reaches the host once per step (one device sync)."""
+    chunks = micro_batches(samples, setup.micro_batch_size)
+    total = None
+    for chunk in chunks:
+        loss = variant_loss(setup, chunk, parts, variant)
+        if len(chunks) > 1:
+            loss = loss * (len(chunk["target"]) / len(samples["target"]))
+        with parts("backward"):
+            loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
     with parts("optimizer"):
         optimizer_step(setup, setup.optimizer)
         setup.optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
+    return float(total)
 
 
 def train_step(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts, variant: str) -> float:
@@ -510,14 +530,23 @@ def all_params_flops(setup: StepSetup, tokens: int, gradient_checkpointing: bool
     return (4 + (2 if gradient_checkpointing else 0)) * base_params(setup.bundle.teacher.llm) * tokens
 
 
+def widest_micro_batch(setup: StepSetup, samples: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The micro-batch of ``samples`` (`micro_batches`) with the most padded tokens: what the
+    step holds at most at once."""
+    chunks = micro_batches(samples, setup.micro_batch_size)
+    return max(chunks, key=lambda c: our_batch(setup, c).input_ids.numel()) if len(chunks) > 1 else samples
+
+
 def memory(setup: StepSetup, samples: dict[str, torch.Tensor], variants: tuple[str, ...]) -> dict[str, dict[str, int]]:
-    """Per variant: saved-activation bytes of the forward (both devices) and the CUDA peak of a full step."""
+    """Per variant: saved-activation bytes of the forward (both devices; of the widest micro-batch
+    when the step has several) and the CUDA peak of a full step."""
     teacher = setup.bundle.teacher
+    forward = widest_micro_batch(setup, samples)
     out: dict[str, dict[str, int]] = {}
     for variant in variants:
         with variant_context(setup, variant):
             exclude = [*teacher.parameters(), *teacher.buffers()]  # in the variant's dtype
-            saved, loss = saved_activation_bytes(lambda: variant_loss(setup, samples, Parts(setup.device), variant), exclude)
+            saved, loss = saved_activation_bytes(lambda: variant_loss(setup, forward, Parts(setup.device), variant), exclude)
             del loss
         stats: dict[str, int] = {"saved_activation_bytes": saved}
         if setup.device.type == "cuda":
@@ -537,13 +566,13 @@ def optimizer_step(setup: StepSetup, optimizer: torch.optim.Optimizer) -> None:
 def compare_optimizers(setup: StepSetup, samples: dict[str, torch.Tensor], repeats: int = 10) -> dict[str, Any]:
     """The optimizer part alone (gradient clipping + AdamW step), as the trainer runs it
     (``fused=True``) and with torch's default ``foreach`` kernels, on the same parameters, param groups and
-    gradients (one backward of ours), interleaved, median seconds each. Parameters are restored
+    gradients (one backward of ours on the first micro-batch), interleaved, median seconds each. Parameters are restored
     afterwards and gradients dropped, so the benchmark's other measurements are unaffected.
     Raises `IloraError` unless both updates agree (relative 1e-5 after one step from the same state)."""
     params = setup.params
     saved = [p.detach().clone() for p in params]
     with variant_context(setup, "ours"):
-        our_loss(setup, samples, Parts(setup.device)).backward()
+        our_loss(setup, micro_batches(samples, setup.micro_batch_size)[0], Parts(setup.device)).backward()
     groups = lambda: [{"params": list(g["params"]), "lr": g["lr"], "weight_decay": g["weight_decay"]} for g in setup.optimizer.param_groups]  # noqa: E731
     variants = {"foreach": torch.optim.AdamW(groups(), foreach=True), "fused": torch.optim.AdamW(groups(), fused=True)}
     def restore() -> None:
@@ -641,6 +670,7 @@ def run_bench(
     lora_dropout: float | None = None,
     batches: int = 1,
     shared_inputs: bool = False,
+    micro_batch_size: int = 0,
 ) -> dict[str, Any]:
     """Time a training step of the reference and of ours (and of ours with eager attention when
     ``eager_baseline``, of plain LoRA when ``lora_baseline``, of ours with grouped adapter inputs
@@ -662,7 +692,11 @@ def run_bench(
     FLOPs and tokens summed, divided by their summed time), and memory is measured on the
     widest batch (padded width); with one batch the step time is the median. With
     ``compile_layers`` the measurements run under `recompile_limit`: a run that would pass it
-    raises instead of timing eager layers."""
+    raises instead of timing eager layers. ``micro_batch_size`` (a divisor of ``batch_size``; 0:
+    one micro-batch) runs each step's forward and backward in consecutive micro-batches, each
+    padded to its own width, before one optimizer step, as the trainer runs a step of
+    ``batch_size`` with that ``micro_batch_size``; the equal-work check runs on the whole batch
+    (without gradients), saved memory is the widest micro-batch's."""
     shape = shape or ("tiny-quick" if quick else "tiny")
     if device.type == "cpu" and shape in ("1b", "7b"):
         raise ConfigError(f"shape {shape} is for CUDA; on CPU use tiny")
@@ -670,6 +704,9 @@ def run_bench(
         repeats = min(repeats, 3)
     if batches < 1:
         raise ConfigError(f"batches: must be >= 1, got {batches}")
+    if micro_batch_size < 0 or (micro_batch_size and batch_size % micro_batch_size):
+        raise ConfigError(f"micro_batch_size: must divide the batch size {batch_size} (as the trainer's must), got {micro_batch_size}")
+    micro_batch_size = 0 if micro_batch_size == batch_size else micro_batch_size
     warmup = warmup if warmup is not None else (2 if compile_layers else 1) + (batches if batches > 1 else 0)
     if batches > 1:
         warmup = max(warmup, batches)  # every batch (and shape) seen before timing
@@ -683,6 +720,7 @@ def run_bench(
         batch_list = grouped_batches(setup, batch_size, batches)
     else:
         batch_list = [random_samples(len(setup.inputs.titles), batch_size, HISTORY_ITEMS, CANDIDATES, seed=i) for i in range(batches)]
+    setup.micro_batch_size = micro_batch_size
     samples = batch_list[0]
     optional = {"ours_eager": eager_baseline, "ours_fp32": fp32_baseline, "ours_shared": shared_inputs, "lora": lora_baseline}
     variants = (("reference",) if reference else ()) + ("ours",) + tuple(v for v, wanted in optional.items() if wanted)
@@ -738,6 +776,12 @@ def run_bench(
             "decoder_linear_params": decoder_linear_params(llm),
             "dtype": "bfloat16 (adapters float32, bf16 autocast)" if setup.autocast else "float32",
             "batch_size": batch_size,
+            "micro_batch_size": micro_batch_size or batch_size,
+            **(
+                {"micro_batch_padded_width": [our_batch(setup, c).input_ids.shape[1] for c in micro_batches(samples, micro_batch_size)]}
+                if micro_batch_size
+                else {}
+            ),
             "tokens_per_sample": sum(tokens_each) / len(tokens_each) / batch_size,
             "answer_tokens_per_sample": sum(answers_each) / len(answers_each) / batch_size,
             "padded_width": padded_width,
@@ -827,7 +871,14 @@ def markdown_table(result: dict[str, Any]) -> list[str]:
             if s.get("batches", 1) > 1
             else ""
         )
-        + f"), checkpointing {s['gradient_checkpointing']}, compile {s['compile']}, "
+        + ")"
+        + (
+            f", in micro-batches of {s['micro_batch_size']} (padded to {', '.join(map(str, s['micro_batch_padded_width']))}; one optimizer "
+            "step, saved MiB of the widest)"
+            if s.get("micro_batch_size", s["batch_size"]) < s["batch_size"]
+            else ""
+        )
+        + f", checkpointing {s['gradient_checkpointing']}, compile {s['compile']}, "
         f"attention {s['attention']}, compile mode {s.get('compile_mode', 'default')}, LoRA dropout {s.get('lora_dropout', '-')}" + ("." if s.get("part_syncs", True) else ", no device syncs between the step's parts (no per-part times)."),
         "",
         "| variant | step ms (inputs / forward / backward / optimizer) | samples/s | tokens/s | MFU (issue's count: all parameters) | saved MiB | CUDA peak MiB |",

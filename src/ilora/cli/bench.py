@@ -44,6 +44,7 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
     "lora_dropout": ("step",),
     "batches": ("step",),
     "shared_inputs": ("step",),
+    "micro_batch_size": ("step",),
     "samples": ("eval", "export"),
     "threads": ("export",),
     "data": ("grouping",),
@@ -90,6 +91,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
             lora_dropout=args.lora_dropout,
             batches=args.batches or 1,
             shared_inputs=args.shared_inputs,
+            micro_batch_size=args.micro_batch_size or 0,
         )
     if args.benchmark in ("step", "grouping") and args.batch_size:
         kwargs["batch_size"] = args.batch_size
@@ -144,6 +146,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-sizes", type=_batch_sizes, default=None, metavar="B,B", help="inputs: batch sizes (default 8,32,128 on CUDA, 8,32 on CPU)")
     p.add_argument("--shape", default=None, choices=("tiny", "tiny-quick", "1b", "7b"), help="step, eval: model shape (default tiny; 1b/7b on CUDA; eval's tiny is the --llm tiny teacher)")
     p.add_argument("--batch-size", type=positive_int, default=None, metavar="B", help="step: samples per step (default 8); grouping: batch size (default 16)")
+    p.add_argument(
+        "--micro-batch-size", type=positive_int, default=None, metavar="M",
+        help="step: run each step's forward + backward in micro-batches of M samples (a divisor of --batch-size), then one optimizer step, as the trainer does",
+    )
     p.add_argument("--gradient-checkpointing", action="store_true", help="step: recompute decoder layers in backward")
     p.add_argument(
         "--compile", action="store_true",
