@@ -3,9 +3,10 @@
 A frozen ``hidden x hidden`` linear layer with E = 4 LoRA experts of rank 2 and 8,
 on 8 sequences of 256 tokens whose input requires grad (as inside a model). Variants:
 
-* ``reference``: the iLoRA formulation. Each expert's output ``B_e A_e x`` is
-  computed, the E outputs are stacked into a ``(batch, tokens, E, out)`` tensor, then
-  weighted by the gate and summed (``einsum("bteo,be->bto")``).
+* ``reference``: the iLoRA formulation (iLoRA's ``MoeLoraLayer`` ``Linear.forward`` and
+  ``calculate_B``): one rank ``E*r`` ``A`` product viewed as ``(batch, tokens, E, r)``,
+  each expert's ``B_e`` applied by one batched einsum into a ``(batch, tokens, E, out)``
+  tensor of per-expert outputs, weighted by the gate and summed over E, times the scaling.
 * ``ours``: `GatedLoraLinear` (one rank ``E*r`` LoRA, the gate applied in rank space).
 * ``lora``: plain LoRA of the same total rank as peft computes it,
   ``base(x) + lora_B(lora_A(dropout(x))) * scaling``: the floor.
@@ -27,7 +28,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ilora.bench.common import cuda_peak, interleave, machine_info, mib, ms, now_utc, saved_activation_bytes
@@ -52,8 +52,11 @@ QUICK_REPEATS = 15
 class ReferenceGatedLinear(nn.Module):
     """iLoRA's formulation over the parameters of a `GatedLoraLinear` (expert e = rows/cols e*r:(e+1)*r).
 
-    ``base(x) + scaling * einsum("bteo,be->bto", stack_e(B_e A_e dropout(x)), gate)``:
-    materialises the ``(batch, tokens, E, out)`` tensor of per-expert outputs.
+    ``A = lora_A(dropout(x))`` viewed as ``(batch, tokens, E, r)``; ``einsum("btel,elo->bteo",
+    A, B^T as (E, r, out))`` materialises the ``(batch, tokens, E, out)`` tensor of per-expert
+    outputs, which is weighted by the gate, summed over E and scaled: the products and tensors
+    of iLoRA's ``Linear.forward`` (until 2026-11-27 this ran E separate A and B products and a
+    stack, more work than iLoRA does, which inflated ``vs_reference``).
     """
 
     def __init__(self, layer: GatedLoraLinear, gate_state: GateState | None = None) -> None:
@@ -69,11 +72,13 @@ class ReferenceGatedLinear(nn.Module):
         if gate.dim() != 2:
             raise IloraError("the reference formulation takes a per-sample (batch, E) gate")
         result = layer.base_layer(x)
-        a, b, r = layer.lora_A.weight, layer.lora_B.weight, layer.rank_per_expert
-        x_d = layer.lora_dropout(x.to(a.dtype))
-        experts = [F.linear(F.linear(x_d, a[e * r : (e + 1) * r]), b[:, e * r : (e + 1) * r]) for e in range(layer.num_experts)]
-        stacked = torch.stack(experts, dim=-2)  # (batch, tokens, E, out)
-        delta = torch.einsum("b...eo,be->b...o", stacked, gate.to(stacked.dtype)) * layer.scaling
+        experts, r = layer.num_experts, layer.rank_per_expert
+        x_d = layer.lora_dropout(x.to(layer.lora_A.weight.dtype))
+        a_out = layer.lora_A(x_d).unflatten(-1, (experts, r))  # (batch, ..., E, r)
+        b = layer.lora_B.weight.t().reshape(experts, r, -1)  # (E, r, out)
+        per_expert = torch.einsum("b...el,elo->b...eo", a_out, b)  # (batch, ..., E, out)
+        weights = gate.to(per_expert.dtype).view(gate.shape[0], *([1] * (per_expert.dim() - 3)), experts, 1)
+        delta = (per_expert * weights).sum(dim=-2) * layer.scaling
         return result + delta.to(result.dtype)
 
 
@@ -325,6 +330,11 @@ def run_bench(
             "vs_lora <= 1.05": vs_lora <= 1.05,
             "vs_reference >= 1.5": vs_reference >= 1.5,
             f"gate_saved_ours_over_reference <= 1/{NUM_EXPERTS}": None if None in gate_saved else gate_saved_max <= 1 / NUM_EXPERTS,  # None: not measured
+            # the goal read literally: all of each variant's extra saved memory (LoRA's own dropout mask and
+            # dropped input included), over every row (bf16 adapters and autocast too)
+            f"extra_saved_ours_over_reference <= 1/{NUM_EXPERTS}, every row": all(
+                r["extra_saved_ours_over_reference"] is not None and r["extra_saved_ours_over_reference"] <= 1 / NUM_EXPERTS for r in rows
+            ),
         },
         "memory_note": "extra_saved = saved-activation bytes beyond the frozen base layer alone (dropout mask and "
         "dropped input, which plain LoRA saves too, included; on CPU torch's dropout saves a float mask, on CUDA a bool one; "

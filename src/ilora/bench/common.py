@@ -107,7 +107,10 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def peak_flops_of(name: str) -> float | None:
-    """`PEAK_BF16_FLOPS` of the first entry whose fragments all occur in the GPU ``name``."""
+    """`PEAK_BF16_FLOPS` of the first entry whose fragments all occur in the GPU ``name``; None
+    for a MIG slice (a fraction of the card's peak, which the name does not give)."""
+    if "MIG" in name:
+        return None
     return next((flops for fragments, flops in PEAK_BF16_FLOPS if all(f in name for f in fragments)), None)
 
 
@@ -184,6 +187,7 @@ def interleave(
     budget_s: float | None = None,
     contexts: dict[str, Callable[[], ContextManager[Any]]] | None = None,
     part_times: bool = True,
+    stop_every: int = 1,
 ) -> dict[str, VariantTimes]:
     """Time ``variants`` interleaved: round ``i`` runs each once, the order rotated by ``i``.
 
@@ -194,6 +198,8 @@ def interleave(
     each timed call of variant ``name`` (outside the timer): set-up such as swapping
     modules that the variant needs but that is not part of what is measured.
     ``part_times=False`` hands the variants `Parts` that neither sync nor record.
+    ``stop_every``: the budget ends the run only after a multiple of this many measured rounds
+    (variants cycling through that many batches then time each batch equally often).
     """
     if repeats < 1 or warmup < 0:
         raise ConfigError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
@@ -204,7 +210,13 @@ def interleave(
     results = {name: VariantTimes() for name in names}
     started = time.perf_counter()
     for round_ in range(warmup + repeats):
-        if round_ >= warmup + min(min_repeats, repeats) and budget_s is not None and time.perf_counter() - started > budget_s:
+        measured = round_ - warmup
+        if (
+            measured >= min(min_repeats, repeats)
+            and measured % stop_every == 0
+            and budget_s is not None
+            and time.perf_counter() - started > budget_s
+        ):
             break
         if round_ == warmup:
             started = time.perf_counter()

@@ -380,8 +380,9 @@ def step_in_context(setup: StepSetup, samples: dict[str, torch.Tensor], parts: P
     """One optimiser step of ``variant``; the caller holds ``variant_context(setup, variant)``
     around it (backward too: a checkpointed layer is recomputed with the modules in place then).
     With ``setup.micro_batch_size`` the forward and backward run micro-batch by micro-batch, each
-    loss weighted by its share of the samples, gradients accumulating, then one optimizer step;
-    as in the trainer, the loss reaches the host once per step (one device sync)."""
+    loss weighted by its share of the samples (the trainer weights by answer tokens: the same
+    work, another gradient scale), gradients accumulating, then one optimizer step; as in the
+    trainer, the loss reaches the host once per step (one device sync)."""
     chunks = micro_batches(samples, setup.micro_batch_size)
     total = None
     for chunk in chunks:
@@ -735,7 +736,10 @@ def run_bench(
         padded_width = {"ours": probes[0].input_ids.shape[1], "reference": reference_tokens(setup.inputs, samples)["input_ids"].shape[1]}
 
         runs, contexts = timed_runs(setup, batch_list, variants)
-        times = interleave(runs, device, warmup=warmup, repeats=repeats, budget_s=budget_s, contexts=contexts, part_times=part_times)
+        cycle = {} if batches == 1 else {"repeats": -(-repeats // batches) * batches, "min_repeats": batches, "stop_every": batches}
+        times = interleave(
+            runs, device, warmup=warmup, **{"repeats": repeats, **cycle}, budget_s=budget_s, contexts=contexts, part_times=part_times
+        )
         mem = memory(setup, longest, variants)
         optimizers = compare_optimizers(setup, samples)
         profiled = profile_step(setup, samples, profile, part_times=part_times, variant="ours_shared" if shared_inputs else "ours") if profile else None
