@@ -53,8 +53,8 @@ def test_the_eval_commands_take_the_candidate_seed_by_the_trainers_name_too(comm
 
 
 def test_run_help_lists_every_key_a_run_config_takes_with_its_default(capsys):
-    """`ilora run --help` lists the YAML keys (nested ones dotted), each one an override the
-    config accepts, and no key that it would refuse."""
+    """`ilora run --help` lists the YAML keys (nested ones dotted) with a help text each, and no
+    key that the config would refuse (a few are set as overrides below)."""
     import dataclasses
 
     from ilora.config import from_dict, parse_overrides
@@ -74,6 +74,9 @@ def test_run_help_lists_every_key_a_run_config_takes_with_its_default(capsys):
                 yield f"{prefix}{f.name}"
 
     assert listed == list(keys(RunConfig))
+    from ilora.config import option_lines
+
+    assert [key for key, text in option_lines(RunConfig) if text.startswith("[")] == []  # every key explained, not just its default
     assert {"eval.gates", "data.synth.users", "teacher.share_adapter_inputs", "distill.control_seed", "export.device"} <= set(listed)
     assert "default: ['learned', 'uniform', 'experts']" in " ".join(out.split())
     cfg = from_dict(RunConfig, parse_overrides(["data.synth.users=7", "eval.gates=learned,experts", "export.device=cpu"]))

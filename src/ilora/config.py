@@ -272,7 +272,8 @@ def option_lines(cls: type, prefix: str = "") -> list[tuple[str, str]]:
             choices = "one of " + ", ".join(map(str, get_args(tp))) + "; "
         else:
             choices = ""
-        lines.append((key, f"{f.metadata.get('help', '')} [{choices}default: {default!r}]"))
+        shown = list(default) if isinstance(default, tuple) else default  # a YAML list
+        lines.append((key, f"{f.metadata.get('help', '')} [{choices}default: {shown!r}]"))
     return lines
 
 

@@ -326,6 +326,11 @@ def test_a_manifest_whose_shard_list_is_not_the_exports_own_is_refused_on_resume
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IloraError, match=r"shard 2 is 'train/part-00001.parquet' with 5 rows from row 5, expected train/part-00002.parquet"):
         export(teacher, dataset, out, **OPTS)
+    from ilora.outputs.export import _verified_shards
+
+    info = {"shards": [{"file": "train/part-00000.parquet", "first_index": 0, "rows": 5, "sha256": "x"}]}
+    with pytest.raises(IloraError, match=r"lists 1 train shards, more than 0 samples in shards of 5 need"):
+        _verified_shards(out, "train", info, 5, 0)
 
 
 def test_another_teacher_or_options_are_refused_unless_overwrite(teacher, dataset, tmp_path):

@@ -864,6 +864,7 @@ def run_bench(
 
 def markdown_table(result: dict[str, Any]) -> list[str]:
     s = result["sizes"]
+    first_batch = "the first batch's micro-batches " if s.get("batches", 1) > 1 else ""  # micro_batch_padded_width is batch 0's
     lines = [
         f"Shape `{s['shape']}` ({s['layers']} layers, hidden {s['hidden']}, vocab {s['vocab']}, {s['dtype']}), batch {s['batch_size']}, "
         f"{s['tokens_per_sample']:.0f} tokens/sample ({s.get('batch', 'random samples')}"
@@ -877,8 +878,8 @@ def markdown_table(result: dict[str, Any]) -> list[str]:
         )
         + ")"
         + (
-            f", in micro-batches of {s['micro_batch_size']} (padded to {', '.join(map(str, s['micro_batch_padded_width']))}; one optimizer "
-            "step, saved MiB of the widest)"
+            f", in micro-batches of {s['micro_batch_size']} ({first_batch}padded to {', '.join(map(str, s['micro_batch_padded_width']))}; "
+            "one optimizer step, saved MiB of the widest)"
             if s.get("micro_batch_size", s["batch_size"]) < s["batch_size"]
             else ""
         )

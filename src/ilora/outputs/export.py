@@ -66,6 +66,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from ilora.config import option
 from ilora.data.candidates import candidate_sets, check_candidate_room
 from ilora.data.dataset import SPLITS, SeqDataset, Split
 from ilora.dir_lock import claims_out_dir
@@ -83,22 +84,22 @@ EMBEDDING_METHOD = (
 )
 ITEM_BATCH = 256  # titles per decoder call for the item embeddings (fixed: determinism)
 SHARD_PATTERN = "part-{:05d}.parquet"
-SHARD_FILE = re.compile(r"\.?part-\d{5,}\.parquet(\.tmp)?")  # a shard or its temporary file (`write_shard`)
+SHARD_FILE = re.compile(r"part-\d{5,}\.parquet|\.part-\d{5,}\.parquet\.tmp")  # a shard or its temporary file (`write_shard`)
 
 
 @dataclass(frozen=True)
 class ExportOptions:
     """What `export_teacher_outputs` computes (every field but ``splits`` must match to resume)."""
 
-    splits: tuple[str, ...] = ("train",)
-    top_k: int = 10
-    pool_sasrec: int = 50
-    pool_candidates: int = 20
-    shard_rows: int = 8192
-    batch_size: int = 16
-    gate: str = "learned"
-    device: str = "cpu"
-    limit: int = 0  # export only the first N samples of each split (0: all)
+    splits: tuple[str, ...] = option(("train",), "splits to export (train, val, test)")
+    top_k: int = option(10, "items kept per sample")
+    pool_sasrec: int = option(50, "SASRec's top-N unseen items in the pool (0: none)")
+    pool_candidates: int = option(20, "fixed candidates in the pool and the prompt, 0 (none in the pool) or >= 2")
+    shard_rows: int = option(8192, "rows per Parquet shard")
+    batch_size: int = option(16, "prompts per batch")
+    gate: str = option("learned", "learned, uniform or expert:N")
+    device: str = option("cpu", "device to score on (cpu or cuda)")
+    limit: int = option(0, "export only the first N samples of each split (0: all; smoke runs)")
 
     def __post_init__(self) -> None:
         if not self.splits or len(set(self.splits)) != len(self.splits):
@@ -394,7 +395,8 @@ def _refuse_foreign_manifest(path: Path) -> None:
 
 def prepare_out(out: Path, fresh: dict, overwrite: bool) -> dict:
     """The manifest to continue from: the previous one when it matches, else a fresh one.
-    ``overwrite`` replaces an earlier export whatever its manifest's version or state."""
+    ``overwrite`` replaces an earlier export whatever its manifest's version or state; a
+    ``manifest.json`` that is not ours (another format, none, not JSON) is refused."""
     if (out / MANIFEST).is_file():
         from ilora.outputs.format import read_manifest
 
@@ -450,8 +452,13 @@ def _verified_shards(out: Path, name: str, info: dict, shard_rows: int, samples:
     listed = {s["file"] for s in info["shards"]}
     for number, shard in enumerate(info["shards"]):
         lo = number * shard_rows
+        if lo >= samples:
+            raise IloraError(
+                f"{out / MANIFEST}: lists {len(info['shards'])} {name} shards, more than {samples} samples in shards of "
+                f"{shard_rows} need; use --overwrite to start again"
+            )
         expected = (f"{name}/{SHARD_PATTERN.format(number)}", lo, min(shard_rows, samples - lo))
-        if lo >= samples or tuple(shard.get(k) for k in ("file", "first_index", "rows")) != expected:
+        if tuple(shard.get(k) for k in ("file", "first_index", "rows")) != expected:
             raise IloraError(
                 f"{out / MANIFEST}: the {name} split's shard {number} is {shard.get('file')!r} with {shard.get('rows')!r} rows "
                 f"from row {shard.get('first_index')!r}, expected {expected[0]} with {expected[2]} rows from row {lo} "

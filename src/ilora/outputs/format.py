@@ -3,7 +3,8 @@
 Directory layout::
 
     manifest.json                      what is here (below); written first, rewritten (atomically)
-                                       after each shard and when a split completes
+                                       as the export goes on (embeddings, each shard, each split's
+                                       end, the DLLM2Rec files)
     train/part-00000.parquet ...       one row per sample of the split, in split order
     val/..., test/...                  only when exported
     item_embeddings.safetensors        "item_embeddings": float32 (num_items, llm_hidden)
