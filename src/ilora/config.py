@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import reprlib
 import types
 import typing
 from pathlib import Path
@@ -53,9 +54,24 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
     return tp, False
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 60, 60
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
+
+
+def _shown(value: Any) -> str:
+    """A bounded repr for messages: YAML aliases can make a small file's value a shared graph
+    whose full repr (or ``str``) is exponential in the file's size."""
+    return _SHORT.repr(value)
+
+
 def coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert ``value`` (from YAML or a command line string) to the field type ``tp``."""
+    """Convert ``value`` (from YAML or a command line string) to the field type ``tp``.
+    A list or mapping where a single value belongs is refused, not turned into its text."""
     inner, optional = _strip_optional(tp)
+    if isinstance(value, (list, tuple, dict, set)) and not (get_origin(inner) in (list, tuple) or dataclasses.is_dataclass(inner)):
+        kind = "a mapping" if isinstance(value, dict) else "a list"
+        raise ConfigError(f"{key}: expected a single value, got {kind} ({_shown(value)})")
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
         if optional:
             return None
@@ -65,12 +81,14 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         if origin is Literal:
             choices = get_args(inner)
             if value not in choices:
-                raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+                raise ConfigError(f"{key}: {_shown(value)} is not one of {', '.join(map(str, choices))}")
             return value
         if origin in (list, tuple):
             (elem, *_rest) = get_args(inner) or (str,)
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v != ""]
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{key}: expected a list, got {_shown(value)}")
             items = [coerce(v, elem, key) for v in value]
             return tuple(items) if origin is tuple else items
         if inner is bool:
@@ -81,7 +99,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 return True
             if text in ("0", "false", "no", "off"):
                 return False
-            raise ConfigError(f"{key}: {value!r} is not a boolean (true/false)")
+            raise ConfigError(f"{key}: {_shown(value)} is not a boolean (true/false)")
         if inner is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
@@ -91,7 +109,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 raise ValueError
             number = float(value)
             if not math.isfinite(number):
-                raise ConfigError(f"{key}: {value!r} is not a finite number")
+                raise ConfigError(f"{key}: {_shown(value)} is not a finite number")
             return number
         if inner is str:
             return str(value)
@@ -102,7 +120,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 raise ConfigError(f"{key}: expected a mapping of options")
             return from_dict(inner, value, prefix=f"{key}.")
     except (TypeError, ValueError):
-        raise ConfigError(f"{key}: {value!r} is not a valid {getattr(inner, '__name__', inner)}") from None
+        raise ConfigError(f"{key}: {_shown(value)} is not a valid {getattr(inner, '__name__', inner)}") from None
     return value
 
 

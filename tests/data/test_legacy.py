@@ -224,6 +224,7 @@ def test_reported_row_is_the_file_row_after_dropped_rows(small_lastfm: Path) -> 
         (b"0::a\nx::b\n", r"id2name.txt, row 1: non-integer id 'x'"),
         (b"0::a\n1_0::b\n", r"id2name.txt, row 1: non-integer id '1_0'"),  # int() reads it as 10
         ("0::a\n\u0661::b\n".encode(), r"id2name.txt, row 1: non-integer id '\u0661'"),  # an Arabic-Indic 1
+        (b"0::a\n" + b"9" * 5000 + b"::b\n", r"id2name.txt, row 1: non-integer id '9999999999999999999999999999999999999999'"),  # past int()'s digit limit
         (b"0::a\n1 b\n", r"id2name.txt, row 1: line 2 has no '::' separator"),
         (b"0::a\n1::caf\xe9\n", r"id2name.txt, row 1: undecodable text at byte 11 \(line 2\) \(expected utf-8 text\)"),
         (b"\n\n", r"id2name.txt: the item catalog is empty"),

@@ -246,6 +246,8 @@ def test_a_shard_past_32_bit_list_offsets_is_refused_not_wrapped() -> None:
         ({"train": {"rows": 3, "complete": True, "shards": [{"file": "train/part-00000.parquet", "rows": 3, "sha256": "x"}]}},
          r"splits\.train\.shards\[0\]\.first_index is None, expected int"),
         ({"train": {"rows": 3, "complete": True, "shards": ["train/part-00000.parquet"]}}, r"splits\.train\.shards\[0\] is str, expected an object"),
+        ({"train": {"rows": 3, "complete": True, "shards": [{"file": "../../etc/passwd", "first_index": 0, "rows": 3, "sha256": "x"}]}},
+         r"splits\.train\.shards\[0\]\.file is '\.\./\.\./etc/passwd', expected train/part-NNNNN\.parquet"),
     ],
 )
 def test_a_malformed_manifest_is_an_error_naming_the_file_and_key(tmp_path, splits, match) -> None:

@@ -141,9 +141,10 @@ def test_load_errors(tmp_path) -> None:
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "max_len": 10.0}))
     with pytest.raises(IloraError, match="sizes must be integers"):
         load_sasrec(tmp_path / "m")
-    # sizes far beyond the weights: checked before anything is allocated (was a 256 TiB allocation error)
-    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "hidden": 16, "max_len": 2**40}))
-    with pytest.raises(IloraError, match=r"model.safetensors: pos_emb.weight has shape \(8, 16\); the SASRec config expects \(1099511627776, 16\)"):
+    # sizes beyond the weights: checked before anything is allocated (2**40 positions was a 256 TiB allocation
+    # error; such a config is now refused by its own bounds, test_a_config_json_cannot_ask_for_an_unbounded_model)
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "hidden": 16, "max_len": 4096}))
+    with pytest.raises(IloraError, match=r"model.safetensors: pos_emb.weight has shape \(8, 16\); the SASRec config expects \(4096, 16\)"):
         load_sasrec(tmp_path / "m")
     # a layer_norm_eps that makes every score NaN
     for eps in (0.0, -1.0, float("nan"), float("inf")):
@@ -165,3 +166,17 @@ def test_bad_inputs() -> None:
         model.scores(bad, length)
     with pytest.raises(IloraError, match="divisible"):
         SASRecConfig(num_items=5, max_len=3, hidden=10, heads=3)
+
+
+def test_a_config_json_cannot_ask_for_an_unbounded_model(tmp_path):
+    """A SASRec config.json is checked before anything is built from it: ten million blocks would
+    hang even the meta-device build that checks the weights' names."""
+    import json
+
+    from ilora.errors import IloraError
+    from ilora.rec.sasrec import FORMAT, SASRecConfig
+
+    for change in ({"blocks": 10_000_000}, {"max_len": 10**9}, {"hidden": 2**30, "heads": 1}):
+        text = json.dumps({"format": FORMAT, "num_items": 5, "max_len": 5, "hidden": 8, "heads": 1, **change})
+        with pytest.raises(IloraError, match=r"config\.json: SASRec config: .*at most 64 blocks, a history of 4096"):
+            SASRecConfig.from_json(text, tmp_path / "config.json")

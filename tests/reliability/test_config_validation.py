@@ -92,7 +92,11 @@ def test_there_is_no_total_rank_option() -> None:
     "yaml_text, message",
     [
         ("num_experts: 4\nbogus_key: 3\n", "unknown option bogus_key"),
-        ("batch_size: [1, 2]\n", "batch_size: [1, 2] is not a valid int"),
+        ("batch_size: [1, 2]\n", "batch_size: expected a single value, got a list ([1, 2])"),
+        ("llm: {name: x}\n", "llm: expected a single value, got a mapping ({'name': 'x'})"),  # was taken as the text "{'name': 'x'}"
+        # a billion laughs: aliases make 600 bytes a shared graph whose repr or str() is exponential
+        ("llm: [&a [x, x, x, x, x, x, x, x, x, x], " + ", ".join(f"&{c} [{', '.join(['*' + p] * 10)}]" for p, c in zip("abcdefghi", "bcdefghij")) + "]\n",
+         "llm: expected a single value, got a list ([['x', 'x', 'x', 'x', ...], [[...], [...], [...], [...], ...],"),
         ("num_experts: 2.5\n", "num_experts: 2.5 is not a valid int"),
         ("curriculum: maybe\n", "curriculum: 'maybe' is not a boolean"),
         ("gate: transformer\n", "gate: 'transformer' is not one of mlp, resnet"),

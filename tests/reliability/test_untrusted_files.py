@@ -518,6 +518,39 @@ def test_many_one_byte_objects_are_charged(opcode: bytes, charged: str, tmp_path
         legacy.read_dataframe_pickle(tmp_path / "flood.df", allow_pickle=True)
 
 
+def test_one_memoised_argument_tuple_passed_to_many_calls_is_charged(tmp_path: Path) -> None:
+    """A record keeps its call's arguments: a tuple of M Nones stored once and passed to K calls
+    (three bytes each) would hold K copies of it. Each call's arguments are charged."""
+    out = bytearray(b"\x80\x04\x8c\x11pandas.core.frame\x94\x8c\x09DataFrame\x94\x93\x94")  # memo 2: the class
+    out += b"(" + b"N" * 20_000 + b"t\x94]\x94"  # memo 3: the tuple; memo 4: a list
+    out += b"h\x02h\x03\x81a" * 3_000 + b"."  # BINGET class, BINGET args, NEWOBJ, APPEND
+    (tmp_path / "calls.df").write_bytes(bytes(out))
+    assert len(out) < 40_000  # 480 MB of argument copies, unbudgeted
+    with pytest.raises(safe_pickle.IloraError, match=r"a call's arguments of 160064 bytes would take the data built from this pickle past"):
+        legacy.read_dataframe_pickle(tmp_path / "calls.df", allow_pickle=True)
+    (tmp_path / "iter.df").write_bytes(b"\x80\x04\x8c\x11pandas.core.frame\x94\x8c\x09DataFrame\x94\x93\x94\x8c\x03abc\x94R.")
+    with pytest.raises(safe_pickle.IloraError, match=r"refused a call with arguments of type str \(a tuple and a dict only\)"):
+        legacy.read_dataframe_pickle(tmp_path / "iter.df", allow_pickle=True)
+
+
+@pytest.mark.parametrize("kind", ["encode", "set"])
+def test_checkpoint_calls_that_copy_a_memoised_value_are_charged(kind: str, tmp_path: Path) -> None:
+    """``_codecs.encode`` and ``set`` build a new object from their argument on every call: one
+    stored string or list named a thousand times would be a thousand copies."""
+    p = bytearray(b"\x80\x02")
+    if kind == "encode":
+        p += b"c_codecs\nencode\nq\x00X" + struct.pack("<I", 100_000) + b"a" * 100_000 + b"X\x06\x00\x00\x00latin1\x86q\x01"
+    else:
+        p += b"cbuiltins\nset\nq\x00(" + b"".join(b"J" + struct.pack("<i", i) for i in range(20_000)) + b"l\x85q\x01"
+    p += b"]q\x02" + b"h\x00h\x01Ra" * 1_000 + b"."
+    with zipfile.ZipFile(tmp_path / "copies.pt", "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("archive/data.pkl", bytes(p))
+        archive.writestr("archive/byteorder", "little")
+    what = "encoded bytes" if kind == "encode" else "set members"
+    with pytest.raises(safe_pickle.IloraError, match=rf"copies\.pt: not a readable module pickle \(ValueError: {what} of \d+ bytes would take"):
+        llara_import.read_module_pickle(tmp_path / "copies.pt", allow_pickle=True)
+
+
 def test_checkpoint_sets_and_ordered_dicts_hash_only_plain_values() -> None:
     """Their calls would hash a tuple graph shared through the memo (2**depth steps)."""
     assert safe_pickle.atom_set(["a", 1]) == {"a", 1} and llara_import._ordered_dict() == {}
@@ -622,6 +655,35 @@ def test_remote_code_is_not_trusted_by_default(tmp_path: Path, monkeypatch: pyte
     build._base_llm(TeacherConfig(llm=str(tmp_path / "llm")), None, "cpu")  # type: ignore[arg-type]
     build._base_llm(TeacherConfig(llm=str(tmp_path / "llm"), trust_remote_code=True), None, "cpu")  # type: ignore[arg-type]
     assert asked == [False, True]
+
+
+def test_a_teacher_checkpoint_cannot_decide_to_trust_remote_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint's own teacher_config.json may say trust_remote_code: loading it needs the
+    caller's opt-in, and the tokenizer and tiny LLM saved inside it always load without remote
+    code (transformers would otherwise ask on stdin whether to run code the checkpoint names)."""
+    import transformers
+
+    from ilora.data import make_synthetic
+    from ilora.errors import IloraError
+    from ilora.teacher import build
+    from ilora.teacher.config import TeacherConfig
+
+    catalog = make_synthetic(users=20, items=15, seed=0).catalog
+    monkeypatch.setattr(build, "read_teacher_config", lambda ckpt: (TeacherConfig(llm="/some/model", trust_remote_code=True), {}))
+    with pytest.raises(IloraError, match=r"trained with trust_remote_code .* pass --trust-remote-code"):
+        build.load_teacher(tmp_path, catalog)
+
+    class Stop(Exception):
+        pass
+
+    seen: list[dict] = []
+    monkeypatch.setattr(build, "read_teacher_config", lambda ckpt: (TeacherConfig(llm="tiny"), {"catalog": catalog.sha256(), "format_version": 1}))
+    monkeypatch.setattr(build, "load_sasrec", lambda path: torch.nn.Linear(1, 1))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: seen.append(k) or (_ for _ in ()).throw(Stop()))
+    for caller_trusts in (False, True):
+        with pytest.raises(Stop):
+            build.load_teacher(tmp_path, catalog, trust_remote_code=caller_trusts)
+    assert [k.get("trust_remote_code") for k in seen] == [False, False]  # a tiny teacher's own tokenizer: never
 
 
 # --------------------------------------------------------------------------- our own outputs

@@ -69,7 +69,7 @@ def run_eval(args: argparse.Namespace) -> int:
     candidates = candidate_sets(split, dataset.num_items, count=args.candidates, seed=args.seed, split_name=args.split)
     result = {"split": args.split, "protocol": args.protocol, "gate": args.gate, "candidates": args.candidates, "candidate_seed": args.seed}
     with process_group(args.device) as ctx:  # first: on CUDA it picks this rank's GPU
-        bundle = load_teacher(args.teacher, dataset.catalog, device=args.device)
+        bundle = load_teacher(args.teacher, dataset.catalog, device=args.device, trust_remote_code=args.trust_remote_code)
         result.update(
             evaluate_teacher(
                 bundle, split, candidates, protocol=args.protocol, gate_mode=args.gate,
@@ -116,7 +116,7 @@ def run_export(args: argparse.Namespace) -> int:
     check_export_input(dataset, opts, saved.num_candidates)  # before loading the teacher
     with process_group(args.device) as ctx:  # first: on CUDA it picks this rank's GPU
         refuse_if_busy(args.out, ctx)  # before loading the teacher; the export claims --out itself
-        bundle = load_teacher(args.teacher, dataset.catalog, device=args.device)
+        bundle = load_teacher(args.teacher, dataset.catalog, device=args.device, trust_remote_code=args.trust_remote_code)
         result = export_teacher_outputs(bundle, dataset, args.out, opts, teacher_dir=args.teacher, overwrite=args.overwrite, ctx=ctx).to_dict()
     if not ctx.is_main:
         return 0
@@ -127,6 +127,13 @@ def run_export(args: argparse.Namespace) -> int:
         now = f"{result['written']} exported now at {result['samples_per_s']} samples/s" if result["written"] else "already complete, nothing exported now"
         print(f"teacher outputs in {result['out']}: {rows}; {now}")
     return 0
+
+
+def add_trust_remote_code_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="let a teacher trained with trust_remote_code run its base LLM's own Python code (refused without it)",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -169,6 +176,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     ev.add_argument("--limit", type=nonnegative_int, default=0, metavar="N", help="evaluate only the first N samples (0: all)")
     ev.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device [default: cpu]")
+    add_trust_remote_code_argument(ev)
     ev.add_argument("--out", default=None, metavar="DIR", help="also write the metrics and the candidate sets used here")
     add_json_argument(ev)
     ev.set_defaults(run=run_eval, distributed=True)
@@ -193,6 +201,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ex.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="prompts per batch [default: 16]")
     ex.add_argument("--gate", default="learned", metavar="MODE", help="learned (default), uniform or expert:N")
     ex.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device [default: cpu]")
+    add_trust_remote_code_argument(ex)
     ex.add_argument("--limit", type=nonnegative_int, default=0, metavar="N", help="export only the first N samples of each split (0: all; smoke runs)")
     ex.add_argument("--overwrite", action="store_true", help="replace an export of another teacher, dataset or options in --out")
     add_json_argument(ex)

@@ -121,12 +121,12 @@ def _decode(path: Path, encoding: str) -> list[str]:
 
 
 _LINE_BREAK = re.compile(r"\r\n|\n|\r")  # Unix, Windows and old Mac line ends
-_ID = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() would also take "1_0" and other scripts' digits
+_ID = re.compile(r"[+-]?[0-9]{1,18}")  # ASCII digits only: int() would also take "1_0" and other scripts' digits; 64-bit
 
 
 def _catalog_id(path: Path, key: str, line: int, expected: str) -> int:
     if not _ID.fullmatch(key.strip()):
-        raise DataError(path, f"non-integer id {key.strip()!r} (line {line + 1})", row=line, expected=expected)
+        raise DataError(path, f"non-integer id {key.strip()[:40]!r} (line {line + 1})", row=line, expected=expected)
     return int(key.strip())
 
 

@@ -64,12 +64,15 @@ _SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 40, 40
 _SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = _SHORT.maxfrozenset = 4
 
 
-def atom_set(members: Any = ()) -> set:
+def atom_set(members: Any = (), *, budget: "ByteBudget | None" = None) -> set:
     """What the allow-lists map ``builtins.set`` to: a set of atoms only (hashing a tuple graph
-    shared through the memo would take 2**depth steps)."""
+    shared through the memo would take 2**depth steps), its members charged to ``budget`` (a
+    memoised list named again and again would otherwise build a new set each time)."""
     members = list(members) if isinstance(members, (list, tuple)) else None
     if members is None or any(type(m) not in _ATOMS for m in members):
         raise ValueError("refused a set(...) call on anything but a list of plain values")
+    if budget is not None:
+        budget.charge(64 * len(members), "set members")
     return set(members)
 
 
@@ -93,6 +96,10 @@ class RestrictedUnpickler(pickle._Unpickler):
     * integers fit in 64 bits (a memoised million-digit key costs its size at every hash);
     * ``BYTEARRAY8`` reads its bytes before allocating them (CPython allocates the length the
       file states first);
+    * a call (``REDUCE``, ``NEWOBJ``, ``NEWOBJ_EX``) takes a tuple of arguments (and a dict of
+      keywords), charged to the object budget like a container: a callee that keeps its
+      arguments (the records of `ilora.data.frame_pickle`) would otherwise hold a new copy of
+      one memoised tuple per three-byte call;
     * the containers it creates, its marks and its memo entries are charged to an object
       budget of 16 times ``size`` (the file's length) plus 16 MiB: a file of one-byte
       ``EMPTY_SET`` (or ``MARK``) opcodes would otherwise become 216 (70) bytes per byte.
@@ -270,6 +277,30 @@ class RestrictedUnpickler(pickle._Unpickler):
             raise pickle.UnpicklingError("refused a long text integer (64-bit integers only)")
         self.append({b"00\n": False, b"01\n": True}.get(text) if text in (b"00\n", b"01\n") else int(text, 0))
 
+    def _charge_call(self, args: Any, kwargs: Any = None) -> None:
+        if type(args) is not tuple or (kwargs is not None and type(kwargs) is not dict):
+            raise pickle.UnpicklingError(
+                f"refused a call with arguments of type {type(args).__name__}"
+                + ("" if kwargs is None else f" and keywords of type {type(kwargs).__name__}")
+                + " (a tuple and a dict only)"
+            )
+        self._objects.charge(64 + 8 * len(args) + 100 * len(kwargs or ()), "a call's arguments")
+
+    def load_reduce(self) -> None:
+        self._charge_call(self.stack[-1])
+        super().load_reduce()
+
+    def load_newobj(self) -> None:
+        self._charge_call(self.stack[-1])
+        super().load_newobj()
+
+    def load_newobj_ex(self) -> None:
+        self._charge_call(self.stack[-2], self.stack[-1])
+        super().load_newobj_ex()
+
+    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
     dispatch[pickle.SETITEM[0]] = load_setitem
     dispatch[pickle.SETITEMS[0]] = load_setitems
     dispatch[pickle.DICT[0]] = load_dict

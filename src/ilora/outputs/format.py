@@ -72,6 +72,7 @@ distil with ``w_ed = 0``).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,8 @@ def _check_splits(path: Path, splits: object) -> None:
         check(info, _SPLIT_KEYS, f"splits.{name}")
         for i, shard in enumerate(info["shards"]):
             check(shard, _SHARD_KEYS, f"splits.{name}.shards[{i}]")
+            if not re.fullmatch(rf"{re.escape(str(name))}/part-\d{{5,}}\.parquet", shard["file"]):  # never a path outside the export
+                raise IloraError(f"{path}: splits.{name}.shards[{i}].file is {shard['file'][:80]!r}, expected {name}/part-NNNNN.parquet")
 
 
 def _is_list(kind: pa.DataType) -> bool:

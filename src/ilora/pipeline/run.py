@@ -106,7 +106,7 @@ def stage_eval(cfg: RunConfig, dataset: SeqDataset, teacher_dir: Path, rec_dir: 
     if cfg.eval.limit:
         split, cands = split.subset(slice(0, cfg.eval.limit)), cands[: cfg.eval.limit]
     save_candidates(directory / f"candidates_{cfg.eval.split}.npy", cands)
-    bundle = load_teacher(teacher_dir, dataset.catalog, device=cfg.teacher.device)
+    bundle = load_teacher(teacher_dir, dataset.catalog, device=cfg.teacher.device, trust_remote_code=cfg.teacher.trust_remote_code)
     results: dict = {"split": cfg.eval.split, "samples": len(split), "teacher": {}}
     for protocol in cfg.eval.protocols:
         for gate in _gate_modes(cfg):
@@ -124,7 +124,7 @@ def stage_export(cfg: RunConfig, dataset: SeqDataset, teacher_dir: Path, directo
     from ilora.outputs.export import export_teacher_outputs
     from ilora.teacher.build import load_teacher
 
-    bundle = load_teacher(teacher_dir, dataset.catalog, device=cfg.export.device)
+    bundle = load_teacher(teacher_dir, dataset.catalog, device=cfg.export.device, trust_remote_code=cfg.teacher.trust_remote_code)
     result = export_teacher_outputs(bundle, dataset, directory / "outputs", cfg.export, teacher_dir=teacher_dir)
     return result.to_dict()
 

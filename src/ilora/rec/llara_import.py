@@ -166,9 +166,12 @@ def _numpy_scalar(dtype: Any, data: Any = None) -> int | float | bool:
     return np.frombuffer(data, dtype=dtype)[0].item()
 
 
-def _latin1_encode(text: Any, encoding: Any = "utf-8") -> bytes:
+def _latin1_encode(text: Any, encoding: Any = "utf-8", *, budget: ByteBudget) -> bytes:
+    """``_codecs.encode(text, "latin1")``, the copy charged to ``budget`` (a memoised string
+    encoded again and again would otherwise become a new copy each time)."""
     if not isinstance(text, str) or encoding != "latin1":
         raise ValueError("refused a _codecs.encode call other than latin1 text (how pickles carry raw bytes)")
+    budget.charge(len(text), "encoded bytes")
     return text.encode("latin1")
 
 
@@ -189,13 +192,15 @@ def _device(kind: Any, index: Any = None) -> str:
 
 def _allowed_globals(budget: ByteBudget | None = None) -> dict[tuple[str, str], Any]:
     """The allow-list of one load; tensor copies are charged to ``budget``."""
-    rebuild_tensor = functools.partial(_rebuild_tensor_v2, budget=budget or ByteBudget.for_file(0))
+    budget = budget or ByteBudget.for_file(0)
+    rebuild_tensor = functools.partial(_rebuild_tensor_v2, budget=budget)
+    bounded_set = functools.partial(atom_set, budget=budget)
     allowed: dict[tuple[str, str], Any] = {key: _record_class(*key) for key in _MODULE_CLASSES}
     allowed.update(
         {
             ("collections", "OrderedDict"): _ordered_dict,
-            ("__builtin__", "set"): atom_set,
-            ("builtins", "set"): atom_set,
+            ("__builtin__", "set"): bounded_set,
+            ("builtins", "set"): bounded_set,
             ("torch._utils", "_rebuild_tensor_v2"): rebuild_tensor,
             ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
             ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
@@ -203,7 +208,7 @@ def _allowed_globals(budget: ByteBudget | None = None) -> dict[tuple[str, str], 
             ("numpy", "dtype"): private_dtype,
             ("numpy.core.multiarray", "scalar"): _numpy_scalar,
             ("numpy._core.multiarray", "scalar"): _numpy_scalar,
-            ("_codecs", "encode"): _latin1_encode,
+            ("_codecs", "encode"): functools.partial(_latin1_encode, budget=budget),
         }
     )
     for name, dtype in _STORAGE_DTYPES.items():

@@ -38,9 +38,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ilora.data.dataset import MAX_HISTORY_LEN
 from ilora.errors import IloraError
 
 CONFIG_FILE = "config.json"
+MAX_BLOCKS = 64  # SASRec uses 1-4; a bound on what a config.json may ask to build
+MAX_HIDDEN = 1 << 16
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "ilora.sasrec/1"
 
@@ -63,6 +66,12 @@ class SASRecConfig:
             raise IloraError(f"SASRec config: sizes must be integers and dropout / layer_norm_eps numbers ({self})")
         if self.num_items < 1 or self.max_len < 1 or self.hidden < 1 or self.blocks < 1 or self.heads < 1:
             raise IloraError(f"SASRec config: sizes must be positive ({self})")
+        if self.blocks > MAX_BLOCKS or self.max_len > MAX_HISTORY_LEN or self.hidden > MAX_HIDDEN:
+            # a config.json read from a file is checked here before anything is built from it
+            raise IloraError(
+                f"SASRec config: blocks={self.blocks}, max_len={self.max_len}, hidden={self.hidden}: at most {MAX_BLOCKS} "
+                f"blocks, a history of {MAX_HISTORY_LEN} and a hidden size of {MAX_HIDDEN}"
+            )
         if self.hidden % self.heads:
             raise IloraError(f"SASRec config: hidden={self.hidden} is not divisible by heads={self.heads}")
         if not 0.0 <= self.dropout < 1.0:
@@ -91,7 +100,7 @@ class SASRecConfig:
             raise IloraError(f"{path}: unknown SASRec config keys {unknown}")
         try:
             return cls(**data)
-        except TypeError as exc:
+        except (TypeError, IloraError) as exc:
             raise IloraError(f"{path}: {exc}") from None
 
 

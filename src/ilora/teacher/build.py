@@ -348,18 +348,28 @@ def read_teacher_config(ckpt: str | Path) -> tuple[TeacherConfig, dict]:
     return cfg, meta
 
 
-def load_teacher(ckpt: str | Path, catalog: Catalog, device: str = "cpu") -> TeacherBundle:
+def load_teacher(ckpt: str | Path, catalog: Catalog, device: str = "cpu", *, trust_remote_code: bool = False) -> TeacherBundle:
     """Load a teacher checkpoint: base LLM, adapters, gate network and projector together.
 
     First checks ``teacher_config.json`` (`read_teacher_config`), the catalog, and that
     ``rec/`` and (tiny) ``llm/`` are the ones the teacher was saved with; any mismatch,
     missing or misfitting file raises `IloraError` naming it.
+
+    ``trust_remote_code`` is the caller's (the user's) decision, never the checkpoint's: a
+    teacher saved with ``trust_remote_code`` is refused unless the caller passes it, and the
+    saved tokenizer and tiny LLM load without it (transformers would otherwise ask on stdin
+    whether to run code a crafted checkpoint names).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     ckpt = Path(ckpt)
     validate_prompt_titles(catalog)
     cfg, meta = read_teacher_config(ckpt)
+    if cfg.trust_remote_code and not trust_remote_code:
+        raise IloraError(
+            f"{ckpt}: this teacher was trained with trust_remote_code (its base LLM runs Python code from the model "
+            "repository); pass --trust-remote-code (ilora run: teacher.trust_remote_code=true) if you trust that code"
+        )
     if meta.get("catalog") != catalog.sha256():
         raise IloraError(f"{ckpt}: the teacher was trained on another item catalog than this dataset's")
     fingerprints = meta["format_version"] >= 2
@@ -377,15 +387,15 @@ def load_teacher(ckpt: str | Path, catalog: Catalog, device: str = "cpu") -> Tea
     if fingerprints and rec_fingerprint(rec) != meta["rec"]:
         raise IloraError(f"{ckpt / 'rec'}: not the SASRec this teacher was saved with (fingerprint differs from teacher_config.json's)")
     rec = rec.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer")
+    tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer", trust_remote_code=trust_remote_code and cfg.llm != "tiny")
     if cfg.llm == "tiny":
         llm_dir = ckpt / "llm"
         if not llm_dir.is_dir() or (fingerprints and directory_fingerprint(llm_dir) != meta["llm"]):
             raise IloraError(f"{llm_dir}: missing, or not the base LLM this teacher was saved with (fingerprint differs from teacher_config.json's)")
         with library_bars_as_lines():
-            llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=default_dtype(device)).to(device)
+            llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=default_dtype(device), trust_remote_code=False).to(device)
     else:
-        llm, _ = load_llm(cfg.llm, device=device, trust_remote_code=cfg.trust_remote_code)
+        llm, _ = load_llm(cfg.llm, device=device, trust_remote_code=trust_remote_code)
         check_base_llm(ckpt, cfg.llm, llm, meta.get("llm_sample"))
     if llm.get_input_embeddings().weight.shape[0] < len(tokenizer):  # the placeholder rows, overwritten below
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
