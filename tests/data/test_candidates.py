@@ -139,3 +139,16 @@ def test_npz_archive_named_npy_is_a_data_error(tmp_path: Path) -> None:
     (tmp_path / "cands.npz").rename(tmp_path / "cands.npy")
     with pytest.raises(DataError, match=r"cands\.npy: is a zip \(\.npz\) archive, not a \.npy array"):
         load_candidates(tmp_path / "cands.npy")
+
+
+def test_a_candidate_file_whose_header_claims_more_than_it_holds_is_refused_before_allocating(tmp_path):
+    import io
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<i8", "fortran_order": False, "shape": (10**6, 10**4)})
+    (tmp_path / "huge.npy").write_bytes(header.getvalue())  # 128 bytes claiming 74.5 GiB
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(DataError, match=r"huge\.npy: its header claims a int64 array of shape \(1000000, 10000\), more than the file holds"):
+        load_candidates(tmp_path / "huge.npy")
+    with pytest.raises(DataError, match=r"empty\.npy: not a plain \.npy array"):
+        load_candidates(tmp_path / "empty.npy")

@@ -19,6 +19,7 @@ target goes to position ``mix(key ^ D) mod count``.
 from __future__ import annotations
 
 import io
+import math
 import zlib
 from pathlib import Path
 
@@ -169,9 +170,17 @@ def load_candidates(path: str | Path, *, rows: int | None = None, num_items: int
     if not path.is_file():
         raise DataError(path, "candidate file not found")
     try:
+        with open(path, "rb") as fh:  # the header's shape checked against the file's size before NumPy allocates it
+            if fh.read(6) == b"\x93NUMPY":
+                fh.seek(0)
+                version = np.lib.format.read_magic(fh)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(fh)
+                if dtype.itemsize * math.prod(shape) > path.stat().st_size:
+                    raise DataError(path, f"its header claims a {dtype} array of shape {shape}, more than the file holds")
         array = np.load(path, allow_pickle=False)
-    except ValueError as exc:
-        raise DataError(path, f"not a plain .npy array ({exc})") from None
+    except (ValueError, EOFError, OSError) as exc:
+        raise DataError(path, f"not a plain .npy array ({' '.join(str(exc).split())[:200] or type(exc).__name__})") from None
     if not isinstance(array, np.ndarray):  # np.load opens a zip file as an .npz archive
         array.close()
         raise DataError(path, "is a zip (.npz) archive, not a .npy array", expected="a .npy file from save_candidates")

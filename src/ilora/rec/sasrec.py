@@ -245,13 +245,13 @@ class SASRec(nn.Module):
 
     def save(self, directory: str | Path) -> Path:
         """Write ``model.safetensors`` and ``config.json`` into ``directory``; return it."""
-        from ilora.state_io import save_tensors
+        from ilora.state_io import atomic_write_text, save_tensors
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state_dict().items()}
         save_tensors(tensors, directory / WEIGHTS_FILE, metadata={"format": FORMAT})
-        (directory / CONFIG_FILE).write_text(self.config.to_json() + "\n", encoding="utf-8")
+        atomic_write_text(directory / CONFIG_FILE, self.config.to_json() + "\n")  # a temporary file renamed: never half-written, never through a link
         return directory
 
 
