@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -190,3 +191,13 @@ def test_the_csv_line_is_given_only_where_it_is_certain(tmp_path, log, line):
     with pytest.raises(DataError) as error:
         read_interactions(tmp_path)
     assert f"interactions.csv, row 1{line}: timestamp 'x'" in str(error.value)
+
+
+def test_item_titles_that_are_lists_or_floats_are_refused_not_turned_into_their_repr(tmp_path: Path) -> None:
+    pd.DataFrame({"user": [1, 1], "item": ["a", "b"], "timestamp": [1, 2]}).to_parquet(tmp_path / "interactions.parquet")
+    for titles, shown in (([["x", "y"], ["z"]], "title <a ndarray> is a ndarray"), ([1.5, 2.5], "title 1.5 is a float")):
+        pd.DataFrame({"item": ["a", "b"], "title": titles}).to_parquet(tmp_path / "items.parquet")
+        with pytest.raises(DataError, match=r"items\.parquet, row 0: " + re.escape(shown)):
+            read_interactions(tmp_path)
+    pd.DataFrame({"item": ["a", "b"], "title": [1984, 2046]}).to_parquet(tmp_path / "items.parquet")
+    assert read_interactions(tmp_path).catalog.titles == ("1984", "2046")  # integer titles stay readable

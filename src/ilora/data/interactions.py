@@ -209,6 +209,12 @@ def read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame:
     return frame
 
 
+def _short(value: object) -> str:
+    """A one-line repr of at most 60 characters (an array or nested list would span lines)."""
+    text = " ".join(repr(value).split()) if isinstance(value, (str, int, float, np.integer, np.floating)) else f"<a {type(value).__name__}>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _keys(path: Path, series: pd.Series, column: str) -> np.ndarray:
     """Item/user keys as text (integers or strings only)."""
     if series.dtype.kind in "iu":
@@ -216,7 +222,7 @@ def _keys(path: Path, series: pd.Series, column: str) -> np.ndarray:
     values = series.tolist()
     for row, value in enumerate(values):
         if not isinstance(value, (str, int, np.integer)) or isinstance(value, (bool, np.bool_)):
-            raise DataError(path, f"{column} key {value!r} is a {type(value).__name__}", **_at(path, row), expected="an integer or a string")
+            raise DataError(path, f"{column} key {_short(value)} is a {type(value).__name__}", **_at(path, row), expected="an integer or a string")
     return np.array([str(v) for v in values], dtype=object)
 
 
@@ -298,7 +304,11 @@ def read_items_table(path: Path) -> tuple[pd.Index, Catalog]:
         row = int(np.flatnonzero(duplicated)[0])
         first = int(np.flatnonzero(keys == keys[row])[0])
         raise DataError(path, f"duplicate item key {keys[row]!r} (first in row {first})", **_at(path, row))
-    return pd.Index(keys), Catalog(tuple(str(t) for t in frame["title"].tolist()), source=str(path))
+    titles = frame["title"].tolist()
+    for row, title in enumerate(titles):  # a list, dict or float would otherwise become its repr as a title
+        if not isinstance(title, (str, int, np.integer)) or isinstance(title, (bool, np.bool_)):
+            raise DataError(path, f"title {_short(title)} is a {type(title).__name__}", **_at(path, row), expected="text (or an integer)")
+    return pd.Index(keys), Catalog(tuple(str(t) for t in titles), source=str(path))
 
 
 def read_interactions(path: str | Path, *, items: str | Path | None = None, max_len: int = 10) -> SeqDataset:
