@@ -156,3 +156,19 @@ def process_group(device: str) -> Iterator[Dist]:
         ctx.barrier()
     finally:
         shutdown(ctx)
+
+
+def check_ranks_agree(ctx: Dist, what: dict, reads: str = "dataset, SASRec checkpoint, base LLM and options") -> None:
+    """`IloraError` on every rank unless every rank computed the same ``what`` (fingerprints of
+    its inputs, sample counts, options). A node with a stale copy would otherwise train,
+    evaluate or export other samples, or, with another sample count, run other steps or
+    rounds than the rest and hang them. Every rank sees every answer, so all raise together."""
+    from ilora.errors import IloraError
+
+    if not ctx.enabled:
+        return
+    everyone = ctx.gather(what)
+    for rank, theirs in enumerate(everyone):
+        differ = sorted(k for k in set(theirs) | set(everyone[0]) if theirs.get(k) != everyone[0].get(k))
+        if differ:
+            raise IloraError(f"rank {rank} does not read what rank 0 reads ({', '.join(differ)} differ): every rank must see the same {reads}")

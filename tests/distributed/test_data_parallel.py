@@ -318,9 +318,46 @@ class _Gathered(Dist):
         return self.answers
 
 
+STALE_DATA_ON_RANK_1 = """
+import os, sys
+if os.environ["RANK"] == "1":  # this node holds an older copy of the dataset
+    sys.argv = [a.replace("/data", "/data_stale") if a.endswith("/data") else a for a in sys.argv]
+from ilora.cli.main import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.slow  # torchrun with 2 processes, twice
+def test_export_and_eval_refuse_a_rank_with_a_stale_copy_of_the_data(work, single_teacher, tmp_path) -> None:
+    """Same catalog, fewer train rows on rank 1: export would run fewer rounds there and hang rank 0
+    (or, with as many rows, write shards of other samples); eval would mix other samples into the
+    metrics. Both fail on every rank, naming what differs, before any work."""
+    from ilora.data import load_dataset
+    from ilora.data.dataset import SeqDataset
+
+    data = load_dataset(work / "data")
+    stale = work / "data_stale"
+    if not stale.exists():
+        write_native(SeqDataset(data.catalog, {**data.splits, "train": data.split("train").subset(slice(0, 60))}, source="stale"), stale)
+    script = tmp_path / "stale_rank_1.py"
+    script.write_text(STALE_DATA_ON_RANK_1)
+    teacher, _ = single_teacher
+    for args, differ in (
+        (["teacher", "export", str(work / "data"), "--teacher", str(teacher), "--out", str(tmp_path / "export"), "--shard-rows", "10",
+          "--batch-size", "4", "--top-k", "3", "--pool-sasrec", "5", "--pool-candidates", "5"], "dataset, splits differ"),
+        (["teacher", "eval", str(work / "data"), "--teacher", str(teacher), "--split", "train", "--candidates", "5", "--batch-size", "4",
+          ], "candidates, split differ"),
+    ):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *args]
+        proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0
+        assert proc.stderr.count(f"rank 1 does not read what rank 0 reads ({differ})") == 2, proc.stderr[-3000:]  # both ranks
+    assert not list((tmp_path / "export").glob("train/part-*"))  # nothing scored
+
+
 def test_ranks_that_read_other_inputs_all_fail_naming_what_differs() -> None:
     from ilora.errors import IloraError
-    from ilora.teacher.train import check_ranks_agree
+    from ilora.distributed import check_ranks_agree
 
     mine = {"dataset": "a1", "rec": "r1", "train_samples": 88, "llm": "l1"}
     check_ranks_agree(SINGLE, mine)  # one process: nothing to compare

@@ -57,8 +57,14 @@ def check_gate_and_device(args: argparse.Namespace) -> TeacherConfig:
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    import hashlib
+
+    import numpy as np
+
     from ilora.data.candidates import candidate_sets, save_candidates
-    from ilora.teacher.build import load_teacher
+    from ilora.distributed import check_ranks_agree
+    from ilora.outputs.export import teacher_identity
+    from ilora.teacher.build import base_weights_sample, load_teacher
     from ilora.teacher.evaluate import evaluate_teacher
 
     check_gate_and_device(args)
@@ -70,6 +76,13 @@ def run_eval(args: argparse.Namespace) -> int:
     result = {"split": args.split, "protocol": args.protocol, "gate": args.gate, "candidates": args.candidates, "candidate_seed": args.seed}
     with process_group(args.device) as ctx:  # first: on CUDA it picks this rank's GPU
         bundle = load_teacher(args.teacher, dataset.catalog, device=args.device, trust_remote_code=args.trust_remote_code)
+        check_ranks_agree(ctx, {  # a rank with a stale copy would score other samples into the shared metrics
+            "teacher": {k: v for k, v in teacher_identity(args.teacher).items() if k != "path"},
+            "llm": base_weights_sample(bundle.teacher.llm),
+            "split": [len(split), split.sha256()],
+            "candidates": hashlib.sha256(np.ascontiguousarray(candidates).tobytes()).hexdigest(),
+            "options": {k: getattr(args, k) for k in ("protocol", "gate", "batch_size", "max_new_tokens")},
+        }, "teacher, base LLM, samples and options")
         result.update(
             evaluate_teacher(
                 bundle, split, candidates, protocol=args.protocol, gate_mode=args.gate,

@@ -70,7 +70,7 @@ from ilora.config import option
 from ilora.data.candidates import candidate_sets, check_candidate_room
 from ilora.data.dataset import SPLITS, SeqDataset, Split
 from ilora.dir_lock import claims_out_dir
-from ilora.distributed import SINGLE, Dist
+from ilora.distributed import SINGLE, Dist, check_ranks_agree
 from ilora.errors import ConfigError, IloraError
 from ilora.outputs.format import FORMAT, ITEM_EMBEDDINGS, MANIFEST, VERSION, file_sha256
 from ilora.progress import progress
@@ -593,6 +593,7 @@ def export_teacher_outputs(
     across ranks (`export_split`); ``out`` must then be on a file system all ranks share.
     """
     from ilora.outputs.dllm2rec import write_dllm2rec
+    from ilora.teacher.build import base_weights_sample
     from ilora.teacher.model import parse_gate_mode
 
     t0 = time.perf_counter()
@@ -601,9 +602,17 @@ def export_teacher_outputs(
     splits = check_export_input(dataset, opts, bundle.config.num_candidates)
     bundle.teacher.eval()
     hidden = bundle.teacher.llm.config.hidden_size
+    identity = teacher_identity(teacher_dir)
+    check_ranks_agree(ctx, {  # a rank with a stale copy would write shards of other rows, or run other rounds and hang
+        "teacher": {k: identity[k] for k in ("config_sha256", "weights_sha256")},
+        "llm": base_weights_sample(bundle.teacher.llm),
+        "dataset": dataset.sha256(),
+        "splits": {n: [len(s), s.sha256()] for n, s in splits.items()},
+        "options": opts.identity(),
+    }, "teacher, base LLM, dataset and export options")
     manifest, shape = None, None
     if ctx.is_main:  # rank 0 owns the manifest and the item embeddings
-        manifest = prepare_out(out, new_manifest(teacher_identity(teacher_dir), dataset, opts, bundle.config, hidden), overwrite)
+        manifest = prepare_out(out, new_manifest(identity, dataset, opts, bundle.config, hidden), overwrite)
         shape = _ensure_item_embeddings(bundle, out, manifest, opts.device)
     shape = ctx.broadcast(shape)
     written, scoring = 0, 0.0

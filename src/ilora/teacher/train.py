@@ -70,7 +70,7 @@ from ilora.config import to_dict
 from ilora.data.candidates import candidate_sets
 from ilora.data.dataset import SeqDataset, Split
 from ilora.dir_lock import claims_out_dir
-from ilora.distributed import SINGLE, Dist, require_device
+from ilora.distributed import SINGLE, Dist, check_ranks_agree, require_device
 from ilora.errors import ConfigError, IloraError
 from ilora.metrics_log import MetricsLog, NullLog
 from ilora.progress import progress
@@ -336,23 +336,6 @@ def llm_signature(llm: torch.nn.Module) -> str:
     for name, p in llm.named_parameters():
         h.update(f"\x00{name}\x00{tuple(p.shape)}\x00{p.dtype}".encode())
     return h.hexdigest()[:16]
-
-
-def check_ranks_agree(ctx: Dist, what: dict) -> None:
-    """`IloraError` on every rank unless every rank computed the same ``what`` (fingerprints of
-    its dataset, SASRec and base LLM, its sample count and options). A node with a stale copy
-    would otherwise train on other samples or gates, or, with another sample count, run other
-    steps than the rest and hang them. Every rank sees every answer, so all raise together."""
-    if not ctx.enabled:
-        return
-    everyone = ctx.gather(what)
-    for rank, theirs in enumerate(everyone):
-        differ = sorted(k for k in set(theirs) | set(everyone[0]) if theirs.get(k) != everyone[0].get(k))
-        if differ:
-            raise IloraError(
-                f"rank {rank} does not read what rank 0 reads ({', '.join(differ)} differ): every rank must see the same "
-                "dataset, SASRec checkpoint, base LLM and options"
-            )
 
 
 def _load_checkpoint(checkpoints: CheckpointManager, cfg: TeacherConfig, inputs: dict, resume: bool, ctx: Dist) -> tuple[dict | None, int | None]:
