@@ -249,16 +249,22 @@ class Interrupt(Exception):
     pass
 
 
+def export_stopped_after(teacher, dataset, out, shard: int) -> None:
+    """An export (`OPTS`) killed right after committing shard ``shard``: its manifest lists it."""
+
+    def stop(split, number):
+        if number == shard:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        export(teacher, dataset, out, on_shard=stop, **OPTS)
+
+
 def test_interrupted_export_resumes_to_the_same_files(teacher, dataset, tmp_path):
     whole = export(teacher, dataset, tmp_path / "whole", **OPTS)
     assert whole.rows == 22 and whole.written == 22
 
-    def stop_after_two(split, number):
-        if number == 1:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        export(teacher, dataset, tmp_path / "cut", on_shard=stop_after_two, **OPTS)
+    export_stopped_after(teacher, dataset, tmp_path / "cut", shard=1)
     partial = read_manifest(tmp_path / "cut")["splits"]["train"]
     assert [s["rows"] for s in partial["shards"]] == [5, 5] and not partial["complete"]
     (tmp_path / "cut/train/part-00002.parquet").write_bytes(b"half a shard")  # killed while writing
@@ -295,12 +301,7 @@ def test_an_export_stopped_after_its_last_shard_is_listed_resumes_without_scorin
     an uninterrupted export's."""
     whole = export(teacher, dataset, tmp_path / "whole", **OPTS)
 
-    def stop_at_the_last(split, number):
-        if number == 4:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        export(teacher, dataset, tmp_path / "cut", on_shard=stop_at_the_last, **OPTS)
+    export_stopped_after(teacher, dataset, tmp_path / "cut", shard=4)  # the last
     cut = read_manifest(tmp_path / "cut")["splits"]["train"]
     assert [s["rows"] for s in cut["shards"]] == [5, 5, 5, 5, 2] and not cut["complete"]
     resumed = export(teacher, dataset, tmp_path / "cut", **OPTS)
@@ -314,12 +315,7 @@ def test_an_export_stopped_after_its_last_shard_is_listed_resumes_without_scorin
 def test_a_manifest_whose_shard_list_is_not_the_exports_own_is_refused_on_resume(teacher, dataset, tmp_path):
     out = tmp_path / "o"
 
-    def stop_after_two(split, number):
-        if number == 1:
-            raise Interrupt
-
-    with pytest.raises(Interrupt):
-        export(teacher, dataset, out, on_shard=stop_after_two, **OPTS)
+    export_stopped_after(teacher, dataset, out, shard=1)
     manifest = read_manifest(out)
     shards = manifest["splits"]["train"]["shards"]
     shards.append(dict(shards[-1]))  # the same shard listed twice
