@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -158,16 +158,17 @@ def process_group(device: str) -> Iterator[Dist]:
         shutdown(ctx)
 
 
-def check_ranks_agree(ctx: Dist, what: dict, reads: str = "dataset, SASRec checkpoint, base LLM and options") -> None:
+def check_ranks_agree(ctx: Dist, what: dict | Callable[[], dict], reads: str = "dataset, SASRec checkpoint, base LLM and options") -> None:
     """`IloraError` on every rank unless every rank computed the same ``what`` (fingerprints of
-    its inputs, sample counts, options). A node with a stale copy would otherwise train,
+    its inputs, sample counts, options; a callable is called only with several ranks, so one
+    process never hashes anything for it). A node with a stale copy would otherwise train,
     evaluate or export other samples, or, with another sample count, run other steps or
     rounds than the rest and hang them. Every rank sees every answer, so all raise together."""
     from ilora.errors import IloraError
 
     if not ctx.enabled:
         return
-    everyone = ctx.gather(what)
+    everyone = ctx.gather(what() if callable(what) else what)
     for rank, theirs in enumerate(everyone):
         differ = sorted(k for k in set(theirs) | set(everyone[0]) if theirs.get(k) != everyone[0].get(k))
         if differ:

@@ -76,7 +76,7 @@ def run_eval(args: argparse.Namespace) -> int:
     result = {"split": args.split, "protocol": args.protocol, "gate": args.gate, "candidates": args.candidates, "candidate_seed": args.seed}
     with process_group(args.device) as ctx:  # first: on CUDA it picks this rank's GPU
         bundle = load_teacher(args.teacher, dataset.catalog, device=args.device, trust_remote_code=args.trust_remote_code)
-        check_ranks_agree(ctx, {  # a rank with a stale copy would score other samples into the shared metrics
+        check_ranks_agree(ctx, lambda: {  # a rank with a stale copy would score other samples into the shared metrics
             "teacher": {k: v for k, v in teacher_identity(args.teacher).items() if k != "path"},
             "llm": base_weights_sample(bundle.teacher.llm),
             "split": [len(split), split.sha256()],

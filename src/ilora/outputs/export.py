@@ -54,8 +54,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -72,7 +72,7 @@ from ilora.data.dataset import SPLITS, SeqDataset, Split
 from ilora.dir_lock import claims_out_dir
 from ilora.distributed import SINGLE, Dist, check_ranks_agree
 from ilora.errors import ConfigError, IloraError
-from ilora.outputs.format import FORMAT, ITEM_EMBEDDINGS, MANIFEST, VERSION, file_sha256
+from ilora.outputs.format import FORMAT, ITEM_EMBEDDINGS, MANIFEST, SHARD_NAME, SHARD_PATTERN, VERSION, file_sha256
 from ilora.progress import progress
 from ilora.rec.metrics import history_mask
 from ilora.state_io import atomic_write_text, fsync_file, save_tensors
@@ -83,8 +83,7 @@ EMBEDDING_METHOD = (
     "(tokenised as in the TitleTable, no prompt), uniform gate"
 )
 ITEM_BATCH = 256  # titles per decoder call for the item embeddings (fixed: determinism)
-SHARD_PATTERN = "part-{:05d}.parquet"
-SHARD_FILE = re.compile(r"part-\d{5,}\.parquet|\.part-\d{5,}\.parquet\.tmp")  # a shard or its temporary file (`write_shard`)
+SHARD_FILE = re.compile(rf"{SHARD_NAME}|\.{SHARD_NAME}\.tmp")  # a shard or its temporary file (`write_shard`)
 
 
 @dataclass(frozen=True)
@@ -363,7 +362,7 @@ def _write_manifest(out: Path, manifest: dict) -> None:
 def _shard_files(directory: Path) -> list[Path]:
     """The files in ``directory`` named as `write_shard` names its shards and their temporary
     files (``part-00000.parquet``, ``.part-00000.parquet.tmp``), and no others."""
-    return sorted(p for p in directory.glob("*part-*.parquet*") if SHARD_FILE.fullmatch(p.name)) if directory.is_dir() else []
+    return sorted(p for p in directory.iterdir() if SHARD_FILE.fullmatch(p.name)) if directory.is_dir() else []
 
 
 def _remove_outputs(out: Path) -> None:
@@ -603,7 +602,7 @@ def export_teacher_outputs(
     bundle.teacher.eval()
     hidden = bundle.teacher.llm.config.hidden_size
     identity = teacher_identity(teacher_dir)
-    check_ranks_agree(ctx, {  # a rank with a stale copy would write shards of other rows, or run other rounds and hang
+    check_ranks_agree(ctx, lambda: {  # a rank with a stale copy would write shards of other rows, or run other rounds and hang
         "teacher": {k: identity[k] for k in ("config_sha256", "weights_sha256")},
         "llm": base_weights_sample(bundle.teacher.llm),
         "dataset": dataset.sha256(),

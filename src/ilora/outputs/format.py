@@ -89,6 +89,8 @@ FORMAT = "ilora-teacher-outputs"
 VERSION = 1
 MANIFEST = "manifest.json"
 ITEM_EMBEDDINGS = "item_embeddings.safetensors"
+SHARD_PATTERN = "part-{:05d}.parquet"  # shard i of a split: <split>/part-0000i.parquet
+SHARD_NAME = r"part-\d{5,}\.parquet"  # what SHARD_PATTERN writes, as a regular expression
 LIST_COLUMNS = {  # list column -> the dtype it is read as
     "topk_items": np.int64,
     "topk_scores": np.float32,
@@ -169,7 +171,7 @@ def _check_splits(path: Path, splits: object) -> None:
         check(info, _SPLIT_KEYS, f"splits.{name}")
         for i, shard in enumerate(info["shards"]):
             check(shard, _SHARD_KEYS, f"splits.{name}.shards[{i}]")
-            if not re.fullmatch(rf"{re.escape(str(name))}/part-\d{{5,}}\.parquet", shard["file"]):  # never a path outside the export
+            if not re.fullmatch(rf"{re.escape(str(name))}/{SHARD_NAME}", shard["file"]):  # never a path outside the export
                 raise IloraError(f"{path}: splits.{name}.shards[{i}].file is {shard['file'][:80]!r}, expected {name}/part-NNNNN.parquet")
 
 
