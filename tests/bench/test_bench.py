@@ -210,7 +210,7 @@ def _naive(layer: GatedLoraLinear, x: torch.Tensor, gate: torch.Tensor) -> torch
 @pytest.mark.parametrize("rank", [1, 2, 8])
 def test_reference_adapter_equals_naive_and_ours(rank):
     base, ours, reference, _, state = adapter_bench.build_layers(24, rank, CPU, torch.float32, torch.float32)
-    ours.eval()
+    reference.eval()  # its own dropout module (iLoRA's) and ours, which it holds
     x = torch.randn(3, 5, 24)
     gate = torch.softmax(torch.randn(3, adapter_bench.NUM_EXPERTS), -1)
     with torch.no_grad():
@@ -221,6 +221,23 @@ def test_reference_adapter_equals_naive_and_ours(rank):
             torch.testing.assert_close(ours(x), naive, rtol=1e-5, atol=1e-5)
     inputs = {"x": x, "gate": gate, "grad_out": torch.randn(3, 5, 24)}
     adapter_bench.check_equal(ours, reference, inputs)
+
+
+def test_reference_runs_iloras_dropout_and_follows_the_layers_mode():
+    """The reference runs torch's dropout module (iLoRA's), ours and the plain-LoRA floor ours;
+    a reference made for a layer in eval mode (swapped into a model under check) is in eval
+    mode too, and the equality check leaves every module in the mode it found."""
+    from ilora.teacher.adapters import LoraDropout
+
+    base, ours, reference, plain, _ = adapter_bench.build_layers(16, 2, CPU, torch.float32, torch.float32)
+    assert type(reference.lora_dropout) is nn.Dropout and reference.lora_dropout.p == adapter_bench.DROPOUT
+    assert isinstance(ours.lora_dropout, LoraDropout) and isinstance(plain.lora_dropout, LoraDropout)
+    ours.eval()
+    assert not adapter_bench.ReferenceGatedLinear(ours).lora_dropout.training
+    reference.train()
+    inputs = {k: v[:, :4] if k != "gate" else v for k, v in adapter_bench.make_inputs(16, CPU, torch.float32).items()}
+    adapter_bench.check_equal(ours, reference, inputs)
+    assert ours.training and reference.training and reference.lora_dropout.training
 
 
 def test_adapter_check_detects_a_difference():

@@ -25,6 +25,7 @@ from ilora.teacher.adapters import (  # noqa: E402
     GatedLoraLinear,
     GateNotSetError,
     GateState,
+    LoraDropout,
     MoELoraConfig,
     adapter_parameters,
     adapter_state_dict,
@@ -292,6 +293,48 @@ def test_no_batch_tokens_experts_out_tensor_is_saved():
     assert all(torch.Size(s).numel() < big for s in shapes), shapes
 
 
+# -- dropout -------------------------------------------------------------------------------------
+
+
+def test_lora_dropout_is_inverted_dropout_with_a_bool_mask():
+    """Kept elements are x / (1 - p), the rest 0, at rate p; the gradient follows the same mask;
+    backward keeps one bool mask (not torch's float noise on the CPU); off in eval mode."""
+    p = 0.25
+    drop = LoraDropout(p)
+    x = (torch.rand(64, 512) + 0.5).requires_grad_()  # no zeros: a zero output means dropped
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = drop(x)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x.detach()[kept] / (1 - p))
+    assert abs(1 - kept.float().mean().item() - p) < 0.01  # 32,768 draws: the rate is p to ~4 sd
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, torch.where(kept, g / (1 - p), 0.0))
+    assert saved == [(torch.bool, (64, 512))]
+    drop.eval()
+    assert drop(x) is x
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_gradient_checkpointing_recomputes_the_forward_dropout_mask(dropout):
+    """With dropout on, the recomputed layer draws the forward's mask (the RNG state is restored)."""
+    ref_logit_grad, ref_grads, _ = llama_grads(checkpointing=False, dropout=dropout)
+    logit_grad, grads, recomputed = llama_grads(checkpointing=True, dropout=dropout)
+    assert recomputed == 1
+    torch.testing.assert_close(logit_grad, ref_logit_grad, rtol=1e-5, atol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    if dropout:  # the mask matters: without dropout the gradient is another
+        no_dropout_grad, _, _ = llama_grads(checkpointing=False, dropout=0.0)
+        assert not torch.allclose(logit_grad, no_dropout_grad, rtol=1e-3, atol=1e-5)
+
+
 # -- the gate's scope ----------------------------------------------------------------------------
 
 
@@ -400,9 +443,9 @@ def test_target_module_errors():
 # -- gradient checkpointing -----------------------------------------------------------------------
 
 
-def llama_grads(checkpointing: bool):
+def llama_grads(checkpointing: bool, dropout: float = 0.0):
     """Gradients of a loss on batch 1, backward run after batch 2 (same size, other gate) ran."""
-    model, state = injected(tiny_llama)
+    model, state = injected(tiny_llama, dropout=dropout)
     model.train()
     if checkpointing:
         enable_gradient_checkpointing(model, state)

@@ -139,6 +139,25 @@ def adapter_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x if torch.is_autocast_enabled(x.device.type) else x.to(dtype)
 
 
+class LoraDropout(nn.Dropout):
+    """``nn.Dropout`` whose backward keeps a bool mask on the CPU too.
+
+    torch's CUDA dropout saves a 1-byte keep-mask for backward; its CPU kernel multiplies by
+    a float noise tensor and saves that (4 bytes an element, as much as the dropped input
+    LoRA's ``A`` product saves anyway). On the CPU this draws ``rand >= p`` and selects,
+    so backward keeps only the bool mask; it is also faster there (``ilora bench adapter``).
+    Same distribution and scale as ``nn.Dropout``, different draws for a given seed. Other
+    devices use torch's kernel. Gradient checkpointing restores the RNG state, so a
+    recompute draws the forward's mask.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0 or x.device.type != "cpu":
+            return super().forward(x)
+        keep = torch.rand(x.shape, device=x.device) >= self.p
+        return torch.where(keep, x * (1.0 / (1.0 - self.p)), 0.0)
+
+
 def scale_and_expand(gates: torch.Tensor, rank_per_expert: int, scaling: float) -> torch.Tensor:
     """``scaling * gates`` with each expert's weight repeated ``rank_per_expert`` times:
     ``(B, E) -> (B, E*r)``, ``(B, T, E) -> (B, T, E*r)``; the rank-space scale of `GatedLoraLinear`."""
@@ -304,7 +323,7 @@ class GatedLoraLinear(nn.Module):
         self.gate_state = gate_state
         gate_state.register(self.rank_per_expert, self.scaling)
         factory = {"device": base_layer.weight.device, "dtype": adapter_dtype or base_layer.weight.dtype}
-        self.lora_dropout: nn.Module = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
+        self.lora_dropout: nn.Module = LoraDropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(base_layer.in_features, cfg.total_rank, bias=False, **factory)
         self.lora_B = nn.Linear(cfg.total_rank, base_layer.out_features, bias=False, **factory)
         # (group, position) when this layer's A product is computed with its siblings' (shared_input.py)
