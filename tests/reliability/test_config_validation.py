@@ -188,6 +188,12 @@ def test_teacher_eval_and_export_refuse_a_bad_gate_before_reading_anything(comma
     assert code == 2 and "gate 'bogus': expected learned, uniform or expert:N" in error_line(capsys)
 
 
+def test_teacher_eval_refuses_max_new_tokens_for_the_score_protocol_before_reading_anything(tmp_path: Path, capsys) -> None:
+    """Was refused only once the teacher (a 7B model, say) had been loaded."""
+    code = main(["teacher", "eval", str(tmp_path / "no-data"), "--teacher", str(tmp_path / "no-teacher"), "--max-new-tokens", "5"])
+    assert code == 2 and "--max-new-tokens applies to the generate protocol only, not to 'score'" in error_line(capsys)
+
+
 @pytest.mark.parametrize("command", [["teacher", "eval"], ["teacher", "export", "--out", "OUT"]])
 def test_teacher_eval_and_export_refuse_cuda_without_a_gpu_before_reading_anything(command, tmp_path: Path, capsys, monkeypatch) -> None:
     """Was a traceback (torch's 'not compiled with CUDA' assertion) once the teacher was loaded."""

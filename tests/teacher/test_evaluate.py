@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ilora.errors import IloraError
-from ilora.teacher.evaluate import generate_metrics, rank_of_target, score_metrics, target_columns
+from ilora.teacher.evaluate import generate_metrics, rank_of_target, same_answer_mask, score_metrics, target_columns
 
 # -- score protocol ---------------------------------------------------------------------------
 
@@ -54,6 +54,31 @@ def test_score_metrics_equal_a_brute_force_pessimistic_ranking(seed: int) -> Non
 def test_a_tie_with_the_target_counts_against_it() -> None:
     scores = torch.tensor([[0.0, 0.0, 0.0], [-math.inf, -math.inf, -1.0], [-1.0, -math.inf, -math.inf]])
     assert rank_of_target(scores, torch.tensor([0, 1, 0])).tolist() == [2, 2, 0]
+
+
+def test_a_candidate_with_the_targets_answer_ranks_above_it_whatever_the_rounding() -> None:
+    scores = torch.tensor([[1.0, 1.0 - 1e-6, 0.5], [0.2, 0.9, 0.1]])
+    same = torch.tensor([[True, True, False], [False, False, True]])  # row 0: columns 0 and 1 share an answer
+    assert rank_of_target(scores, torch.tensor([0, 2])).tolist() == [0, 2]
+    assert rank_of_target(scores, torch.tensor([0, 2]), same).tolist() == [1, 2]
+    assert score_metrics(scores, torch.tensor([0, 2]), same)["hr@1"] == 0.0
+
+
+def test_same_answer_mask_equals_a_token_by_token_comparison() -> None:
+    """Titles equal once cut (same tokens up to their length, whatever lies past it) are twins."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    ids = torch.as_tensor(rng.integers(0, 3, (30, 4)))  # few tokens: many equal titles
+    length = torch.as_tensor(rng.integers(1, 5, 30))
+    table = SimpleNamespace(ids=ids, length=length)
+    candidates = np.stack([rng.permutation(30)[:6] for _ in range(40)])
+    target = candidates[np.arange(40), rng.integers(0, 6, 40)]
+    got = same_answer_mask(table, candidates, target)
+    tokens = [ids[i, : int(length[i])].tolist() for i in range(30)]
+    expected = [[tokens[c] == tokens[t] for c in row] for row, t in zip(candidates.tolist(), target.tolist())]
+    assert got.tolist() == expected
+    assert 0 < sum(map(sum, expected)) - 40  # twins beyond the target itself occur
 
 
 def test_nan_scores_are_an_error_naming_the_sample() -> None:

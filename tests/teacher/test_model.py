@@ -597,9 +597,10 @@ def test_evaluate_reports_the_metrics_of_its_scores_generations_and_gates(datase
 
 
 def test_evaluation_warns_about_candidates_whose_answers_are_the_same(dataset, rec, caplog):
-    """A catalog that repeats a title: the target and its twin score exactly the same (the tie
-    counts against the target) and an output naming one matches both; both protocols say so in
-    a warning that counts the rows, and say nothing on distinct titles."""
+    """A catalog that repeats a title: the target and its twin score the same (up to rounding;
+    the twin ranks above the target whatever the rounding) and an output naming one matches
+    both; both protocols say so in a warning that counts the rows, and say nothing on distinct
+    titles."""
     from dataclasses import replace
 
     split, cands = sample_arrays(dataset, n=4, count=6)
@@ -617,9 +618,39 @@ def test_evaluation_warns_about_candidates_whose_answers_are_the_same(dataset, r
         evaluate_teacher(bundle, split, cands, protocol="generate", batch_size=4, max_new_tokens=2)
     score, generate = (r.getMessage() for r in caplog.records)
     assert score.startswith(f"score protocol: 1 of 4 candidate rows hold two items with the same answer (row 2: items {target} and {twin}, ")
-    assert "counts against the target" in score
+    assert "the twin ranks above the target" in score
     assert generate.startswith(f"generate protocol: {len(rows)} of 4 candidate rows hold two items with the same answer (row {rows[0]}: items ")
     assert "counts as invalid" in generate
+    # rounding that put the target a hair above its twin (as scoring one answer at two places of
+    # a packed sequence can) still ranks the twin above it
+    import ilora.teacher.evaluate as evaluate_module
+
+    score_split = evaluate_module.score_split
+
+    seen = {}
+
+    def nudged(*args, **kwargs):
+        got, gates = score_split(*args, **kwargs)
+        twin_col, target_col = list(cands[2]).index(twin), list(cands[2]).index(target)
+        got[2, twin_col] = got[2].max() + 1.0
+        got[2, target_col] = got[2, twin_col] + 1e-5  # the target a hair above its twin, both above the rest
+        seen["scores"] = got.clone()
+        return got, gates
+
+    evaluate_module.score_split = nudged
+    try:
+        nudged_mrr = evaluate_teacher(bundle, split, cands, protocol="score", batch_size=4)["mrr"]
+    finally:
+        evaluate_module.score_split = score_split
+    ranks = []  # brute force: every other candidate scoring at least as high or with the target's title
+    for r in range(4):
+        t = list(cands[r]).index(int(split.target[r]))
+        ranks.append(sum(
+            1 for c in range(cands.shape[1])
+            if c != t and (seen["scores"][r, c] >= seen["scores"][r, t] or titles[int(cands[r, c])] == titles[int(split.target[r])])
+        ))
+    assert ranks[2] == 1
+    assert nudged_mrr == pytest.approx(sum(1 / (k + 1) for k in ranks) / 4)
     caplog.clear()
     with caplog.at_level("WARNING", logger="ilora.teacher.evaluate"):
         evaluate_teacher(make_bundle(dataset, rec), split, cands, protocol="score", batch_size=4)
@@ -628,6 +659,24 @@ def test_evaluation_warns_about_candidates_whose_answers_are_the_same(dataset, r
     outside[1, 0 if outside[1, 0] != split.target[1] else 1] = dataset.num_items  # the padding id: no item
     with pytest.raises(IloraError, match=rf"candidate row 1, position [01]: id {dataset.num_items} is outside the catalog"):
         evaluate_teacher(bundle, split, outside, protocol="score", batch_size=4)
+
+def test_scoring_and_generating_a_split_leave_the_teacher_in_the_callers_mode(dataset, rec):
+    """Both run in eval mode (the same scores from a teacher left in training mode) and hand the
+    teacher back as they found it: a caller mid-training keeps training with dropout on."""
+    from ilora.teacher.evaluate import generate_split, score_split
+
+    bundle = build_teacher(TeacherConfig(**{**SMALL, "lora_dropout": 0.3}), dataset.catalog, rec)
+    split, cands = sample_arrays(dataset, n=3)
+    bundle.teacher.eval()
+    expected, _ = score_split(bundle, split, cands.copy())
+    assert not bundle.teacher.training
+    bundle.teacher.train()
+    got, _ = score_split(bundle, split, cands.copy())
+    assert torch.equal(got, expected)
+    assert bundle.teacher.training and not bundle.teacher.rec.training
+    generate_split(bundle, split, cands, max_new_tokens=2)
+    assert bundle.teacher.training and not bundle.teacher.rec.training
+
 
 def test_evaluating_a_split_without_samples_is_an_error_not_a_torch_error(dataset, rec):
     from ilora.teacher.evaluate import generate_split, score_split

@@ -13,7 +13,7 @@ from pathlib import Path
 from ilora.cli.common import add_data_arguments, add_json_argument, add_run_arguments, candidate_count, load_data, nonnegative_int, optional_candidate_count, positive_int, print_json
 from ilora.config import add_arguments, add_config_arguments, config_from_args
 from ilora.distributed import process_group, require_device
-from ilora.errors import IloraError
+from ilora.errors import ConfigError, IloraError
 from ilora.state_io import strict_json
 from ilora.teacher.config import TeacherConfig
 
@@ -67,6 +67,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from ilora.teacher.build import base_weights_sample, load_teacher
     from ilora.teacher.evaluate import evaluate_teacher
 
+    if args.max_new_tokens and args.protocol != "generate":  # before anything is read
+        raise ConfigError(f"--max-new-tokens applies to the generate protocol only, not to {args.protocol!r}")
     check_gate_and_device(args)
     dataset = load_data(args)
     split = dataset.split(args.split)

@@ -19,7 +19,8 @@
 
 Candidates the protocol cannot tell apart (the target and another item with the same answer
 tokens for score, two items with the same answer text up to case for generate) are counted in
-a logged warning (`warn_about_twin_answers`); the metrics are computed as they are.
+a logged warning (`warn_about_twin_answers`); the score protocol ranks the target behind its
+twins (`same_answer_mask`), the generate protocol counts an output naming both as invalid.
 
 NaN scores are an error (`IloraError` naming the sample); ``-inf`` is a valid score. A split
 without samples is an `IloraError` too (`require_samples`): it has no metrics to report.
@@ -30,9 +31,10 @@ batches and every rank gets the gathered results, in sample order.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -46,8 +48,12 @@ from ilora.rec.metrics import repeated_rows
 log = logging.getLogger(__name__)
 
 
-def rank_of_target(scores: torch.Tensor, target_col: torch.Tensor) -> torch.Tensor:
+def rank_of_target(scores: torch.Tensor, target_col: torch.Tensor, same_answer: torch.Tensor | None = None) -> torch.Tensor:
     """0-based rank of the target among candidates; ties count against the target.
+
+    ``same_answer`` (N, C) bool marks candidates whose answer is the target's (`same_answer_mask`):
+    they rank above the target whatever their scores, which are equal only up to floating-point
+    rounding (one answer scored at two places of a packed sequence can differ in the last bits).
 
     Raises `IloraError` naming the first sample (row) with a NaN score, since NaN compares
     false with everything and would rank the target first; ``-inf`` is ranked normally.
@@ -58,12 +64,25 @@ def rank_of_target(scores: torch.Tensor, target_col: torch.Tensor) -> torch.Tens
         raise IloraError(f"sample {row}: candidate column {col} has a NaN score; cannot rank it")
     target = scores.gather(1, target_col[:, None])
     others = torch.ones_like(scores, dtype=torch.bool).scatter_(1, target_col[:, None], False)
-    return ((scores >= target) & others).sum(1)
+    above = scores >= target
+    if same_answer is not None:
+        above = above | same_answer
+    return (above & others).sum(1)
 
 
-def score_metrics(scores: torch.Tensor, target_col: torch.Tensor) -> dict[str, float]:
-    """Ranking metrics of the score protocol from (N, C) scores and the target's column."""
-    rank = rank_of_target(scores, target_col).double()
+def same_answer_mask(table, candidates: np.ndarray, target: np.ndarray) -> torch.Tensor:
+    """(N, C) bool: the candidates whose answer tokens (title cut to ``max_title_tokens``) equal
+    the row's target's, the target itself included, from the teacher's `TitleTable`."""
+    width = table.ids.shape[1]
+    tokens = torch.where(torch.arange(width) < table.length[:, None], table.ids, -1)  # nothing past a title's length
+    cands, tgt = tokens[torch.as_tensor(candidates)], tokens[torch.as_tensor(target)]
+    return (cands == tgt[:, None, :]).all(-1)
+
+
+def score_metrics(scores: torch.Tensor, target_col: torch.Tensor, same_answer: torch.Tensor | None = None) -> dict[str, float]:
+    """Ranking metrics of the score protocol from (N, C) scores and the target's column
+    (``same_answer``: see `rank_of_target`)."""
+    rank = rank_of_target(scores, target_col, same_answer).double()
     gain = 1.0 / torch.log2(rank + 2.0)
     return {
         "hr@1": float((rank < 1).double().mean()),
@@ -154,15 +173,15 @@ def warn_about_twin_answers(teacher, candidates: np.ndarray, target: np.ndarray,
     """Log a warning when candidate rows hold two items the protocol cannot tell apart.
 
     Score protocol: the target and another candidate with the same answer tokens (equal
-    titles, or titles equal once cut to ``max_title_tokens``) score the same, and the tie
-    counts against the target. Generate protocol: two candidates with the same answer text up
+    titles, or titles equal once cut to ``max_title_tokens``) score the same up to rounding,
+    and the twin ranks above the target (`rank_of_target`). Generate protocol: two candidates with the same answer text up
     to case; an output naming one matches both and counts as invalid. LastFM's titles are
     distinct; catalogs that repeat titles are not."""
     table = teacher.title_table
     if protocol == "score":
         keys = [tuple(row[:n]) for row, n in zip(table.ids[:-1].tolist(), table.length[:-1].tolist())]
         twins = twin_candidates(candidates, keys, target)
-        effect = "the target and its twin score the same, and the tie counts against the target"
+        effect = "the target and its twin score the same, and the twin ranks above the target"
     else:
         keys = [text.strip().lower() for text in answer_texts(teacher)]
         twins = twin_candidates(candidates, keys)
@@ -204,6 +223,18 @@ def require_samples(split: Split, what: str) -> None:
         raise IloraError(f"{what}: the split has no samples (absent rows, or all dropped by --min-len or --limit); nothing to evaluate")
 
 
+@contextlib.contextmanager
+def _eval_mode(teacher) -> Iterator:
+    """``teacher`` in eval mode within the block (no dropout in scores, texts or gates), then
+    in the mode the caller left it in."""
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        yield teacher
+    finally:
+        teacher.train(was_training)
+
+
 def _my_batches(n: int, size: int, ctx: Dist, desc: str):
     """This rank's contiguous share of the batches (all of them in one process), with a progress bar on rank 0."""
     mine = ctx.chunk(list(_batches(n, size)))
@@ -225,13 +256,12 @@ def score_split(
     gets the gathered result, in sample order. An empty split is an `IloraError`.
     """
     require_samples(split, "scoring")
-    teacher = bundle.teacher.eval()
     scores, gates = [], []
-    for sl in _my_batches(len(split), batch_size, ctx, desc):
-        batch = bundle.prompt_collator.build(split.history[sl], split.length[sl], candidates[sl]).to(device)
-        cands = batch.candidates
-        scores.append(teacher.score_candidates(batch, cands, gate_mode).float().cpu())
-        gates.append(teacher.gates(batch.history, batch.length, gate_mode).float().cpu())
+    with _eval_mode(bundle.teacher) as teacher:
+        for sl in _my_batches(len(split), batch_size, ctx, desc):
+            batch = bundle.prompt_collator.build(split.history[sl], split.length[sl], candidates[sl]).to(device)
+            scores.append(teacher.score_candidates(batch, batch.candidates, gate_mode).float().cpu())
+            gates.append(teacher.gates(batch.history, batch.length, gate_mode).float().cpu())
     return torch.cat(_in_sample_order(ctx, scores)), torch.cat(_in_sample_order(ctx, gates))
 
 
@@ -248,14 +278,14 @@ def generate_split(
     split across ranks as `score_split`. ``max_new_tokens`` None: the longest title + 8.
     An empty split is an `IloraError`."""
     require_samples(split, "generation")
-    teacher = bundle.teacher.eval()
-    limit = max_new_tokens or default_max_new_tokens(teacher)
+    limit = max_new_tokens or default_max_new_tokens(bundle.teacher)
     texts: list[list[str]] = []
     gates = []
-    for sl in _my_batches(len(split), batch_size, ctx, "generate"):
-        batch = bundle.prompt_collator.build(split.history[sl], split.length[sl], candidates[sl]).to(device)
-        texts.append(teacher.generate(batch, gate_mode, max_new_tokens=limit))
-        gates.append(teacher.gates(batch.history, batch.length, gate_mode).float().cpu())
+    with _eval_mode(bundle.teacher) as teacher:
+        for sl in _my_batches(len(split), batch_size, ctx, "generate"):
+            batch = bundle.prompt_collator.build(split.history[sl], split.length[sl], candidates[sl]).to(device)
+            texts.append(teacher.generate(batch, gate_mode, max_new_tokens=limit))
+            gates.append(teacher.gates(batch.history, batch.length, gate_mode).float().cpu())
     return [text for batch_texts in _in_sample_order(ctx, texts) for text in batch_texts], torch.cat(_in_sample_order(ctx, gates))
 
 
@@ -279,7 +309,8 @@ def evaluate_teacher(
         warn_about_twin_answers(bundle.teacher, candidates, split.target, protocol)
     if protocol == "score":
         scores, gates = score_split(bundle, split, candidates, gate_mode, batch_size, device, ctx=ctx)
-        metrics = score_metrics(scores, torch.as_tensor(cols))
+        same = same_answer_mask(bundle.teacher.title_table, candidates, split.target)
+        metrics = score_metrics(scores, torch.as_tensor(cols), same)
     elif protocol == "generate":
         limit = max_new_tokens or default_max_new_tokens(bundle.teacher)
         texts, gates = generate_split(bundle, split, candidates, gate_mode, batch_size, device, limit, ctx=ctx)
