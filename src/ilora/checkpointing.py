@@ -23,6 +23,7 @@ this module also provides the pieces they share: every RNG's state (`rng_state`,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import numpy as np
@@ -229,10 +231,34 @@ class CheckpointManager:
                 log.warning("skipping checkpoint: %s", exc)
         return None
 
+    def resume_point(self) -> Checkpoint | None:
+        """`latest`, after removing every checkpoint newer than it: those failed verification,
+        and left in place they would sort newest, so `save` would prune the resumed run's own
+        checkpoints (up to those steps) as soon as it wrote them. None (all removed) when no
+        checkpoint verifies."""
+        found = self.latest()
+        for path in self.checkpoints():
+            if found is not None and path == found.path:
+                break
+            log.warning("removing %s: it did not verify (see above) and the resumed run will write its step again", path)
+            shutil.rmtree(path)
+        return found
+
     def clear(self) -> None:
         """Remove every checkpoint (a fresh run must never resume an older run's state)."""
         if self.root.exists():
             shutil.rmtree(self.root)
+
+
+@contextlib.contextmanager
+def restoring(path: Path) -> Iterator[None]:
+    """Within the block a verified checkpoint's state is restored into a run: a key it lacks or a
+    tensor that does not fit (another version's or another model's checkpoint) is an
+    `IloraError` naming the checkpoint, with the cause chained, instead of a bare ``KeyError``."""
+    try:
+        yield
+    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+        raise IloraError(f"{path}: its state does not fit this run ({type(exc).__name__}: {exc})") from exc
 
 
 # -- numeric faults -------------------------------------------------------------------------------

@@ -303,6 +303,66 @@ def test_only_intact_checkpoints_are_resumed_and_two_are_kept(tmp_path) -> None:
     assert manager.latest() is None and not manager.root.exists()
 
 
+def _flip_last_byte(checkpoint: Path) -> None:
+    blob = checkpoint / "state.safetensors"
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+
+
+def test_the_resume_point_removes_the_newer_checkpoints_that_failed_verification(tmp_path) -> None:
+    """Left in place, damaged newer checkpoints sort newest, and each save of the resumed run
+    pruned its own checkpoints (found by an independent review: nothing to resume from until
+    the new run passed the damaged steps)."""
+    manager = CheckpointManager(tmp_path, every=1)
+    for step in (5, 6):
+        manager.save(step, _state(step))
+    for step in (5, 6):
+        _flip_last_byte(manager.path_for(step))
+    assert manager.resume_point() is None and manager.checkpoints() == []
+    manager.save(1, _state(1))
+    manager.save(2, _state(2))
+    assert [c.name for c in manager.checkpoints()] == ["step-000000002", "step-000000001"]
+
+    # only the newest damaged: the resume point is the one before it, and only the damaged one goes
+    manager.save(3, _state(3))
+    _flip_last_byte(manager.path_for(3))
+    point = manager.resume_point()
+    assert point.step == 2 and [c.name for c in manager.checkpoints()] == ["step-000000002"]
+    manager.save(3, _state(3))
+    assert manager.latest().step == 3 and len(manager.checkpoints()) == 2
+
+
+def test_resume_refuses_a_finished_run_without_its_config_and_names_a_checkpoint_that_does_not_fit(data_dir, tmp_path) -> None:
+    """A finished run whose train_config.json is gone was resumed (retrained) instead of refused;
+    a verified checkpoint without the keys a run restores gave a bare KeyError."""
+    from ilora.checkpointing import Checkpoint
+    from ilora.data import load_dataset
+    from ilora.rec.train import RecTrainConfig, train_sasrec
+
+    dataset = load_dataset(data_dir)
+    cfg = RecTrainConfig(epochs=1, max_steps=4, batch_size=16, hidden=16, eval_candidates=0, threads=1, checkpoint_every=2)
+    out = tmp_path / "run"
+    train_sasrec(dataset, cfg, out)
+    (out / "train_config.json").unlink()
+    with pytest.raises(IloraError, match="holds a finished run's result.json but not its train_config.json"):
+        train_sasrec(dataset, cfg, out, resume=True)
+
+    out = tmp_path / "partial"
+    train_sasrec(dataset, cfg, out)
+    (out / "result.json").unlink()
+    manager = CheckpointManager(out, 2)
+    newest = manager.latest()
+    assert newest is not None
+    state = newest.load()
+    del state["optimizer"]
+    manager.clear()
+    manager.save(newest.step, state)  # verifies, but lacks what a run restores
+    with pytest.raises(IloraError, match=rf"step-{newest.step:09d}: its state does not fit this run \(KeyError: 'optimizer'\)"):
+        train_sasrec(dataset, cfg, out, resume=True)
+    assert isinstance(manager.latest(), Checkpoint)
+
+
 def test_a_fresh_run_never_deletes_an_earlier_one_without_overwrite(data_dir, tmp_path) -> None:
     """rec train refuses an --out holding a finished run or an interrupted run's checkpoints
     unless --overwrite (teacher train: tests/teacher/test_train.py; distill:

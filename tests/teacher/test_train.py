@@ -169,6 +169,24 @@ def test_a_run_resumes_with_smaller_micro_batches_and_gradient_checkpointing(tmp
     with pytest.raises(IloraError, match=r"lr: 0\.0007 -> 0\.001"):  # what the computation depends on is still refused
         train_teacher(ds, dataclasses.replace(cfg, lr=1e-3), tmp_path / "rec", tmp_path / "killed", resume=True)
 
+    # a finished run without its train_config.json is refused, not retrained
+    shutil.copytree(tmp_path / "full", tmp_path / "no-config")
+    (tmp_path / "no-config" / "train_config.json").unlink()
+    with pytest.raises(IloraError, match="holds a finished run's train_summary.json but not its train_config.json"):
+        train_teacher(ds, cfg, tmp_path / "rec", tmp_path / "no-config", resume=True)
+
+    # a checkpoint that verifies but lacks what a run restores: named, with the missing key
+    from ilora.checkpointing import CheckpointManager
+
+    manager = CheckpointManager(tmp_path / "killed", 1)
+    newest = manager.latest()
+    state = newest.load()
+    del state["scheduler"]
+    manager.clear()
+    manager.save(newest.step, state)
+    with pytest.raises(IloraError, match=rf"step-{newest.step:09d}: its state does not fit this run \(KeyError: 'scheduler'\)"):
+        train_teacher(ds, cfg, tmp_path / "rec", tmp_path / "killed", resume=True)
+
 def test_the_logged_lr_is_the_lr_each_step_used(tmp_path) -> None:
     """train_steps.csv's lr column is the lr of the optimiser step on that row (read before the
     schedule moves on): with 4 warm-up steps, step 1 ran at lr / 4."""

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ilora.checkpointing import NonFiniteGuard, check_resume_config, open_run, restore_rng_state, rng_state
+from ilora.checkpointing import NonFiniteGuard, check_resume_config, open_run, restore_rng_state, restoring, rng_state
 from ilora.config import option, to_dict
 from ilora.metrics_log import MetricsLog
 from ilora.data.dataset import SeqDataset, Split
@@ -299,8 +299,13 @@ def run_record(cfg: RecTrainConfig, run_options: dict[str, object] | None) -> di
 def _finished_result(out: Path, record: dict[str, object]) -> dict[str, object] | None:
     """The result of a run that already finished in ``out`` with the same record, if any."""
     result, config = out / "result.json", out / "train_config.json"
-    if not (result.is_file() and config.is_file()):
+    if not result.is_file():
         return None
+    if not config.is_file():  # without it the finished run's options are unknown
+        raise IloraError(
+            f"{out}: holds a finished run's result.json but not its train_config.json, so --resume cannot tell "
+            "whether it is this run; pass --overwrite to start over, or use another --out"
+        )
     check_resume_config(read_json(config, "train_config.json"), record, out)
     log.info("%s: training already finished; returning its result", out)
     return read_json(result, "result.json")
@@ -380,10 +385,11 @@ def train_sasrec(
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     run = _Run(record, model, optimizer, generator, sample_gen)
     resumed_from, saved = None, None
-    checkpoint = checkpoints.latest() if resume else None
+    checkpoint = checkpoints.resume_point() if resume else None
     if checkpoint is not None:
         saved = checkpoint.load()
-        run.restore(saved, checkpoint.path)
+        with restoring(checkpoint.path):
+            run.restore(saved, checkpoint.path)
         resumed_from = checkpoint.step
         log.info("resuming from %s (step %d)", checkpoint.path, checkpoint.step)
     elif resume:

@@ -65,7 +65,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ilora.checkpointing import CheckpointManager, NonFiniteGuard, check_resume_config, earlier_run, earlier_run_error, open_run, restore_rng_state, rng_state
+from ilora.checkpointing import CheckpointManager, NonFiniteGuard, check_resume_config, earlier_run, earlier_run_error, open_run, restore_rng_state, restoring, rng_state
 from ilora.config import to_dict
 from ilora.data.candidates import candidate_sets
 from ilora.data.dataset import SeqDataset, Split
@@ -302,8 +302,13 @@ def check_same_options(saved: dict | None, cfg: TeacherConfig, where: Path) -> N
 
 def _finished_summary(out: Path, cfg: TeacherConfig, inputs: dict) -> dict | None:
     """The summary of a run that already finished in ``out`` with the same options, SASRec and data, if any."""
-    if not ((out / "train_summary.json").is_file() and (out / "train_config.json").is_file()):
+    if not (out / "train_summary.json").is_file():
         return None
+    if not (out / "train_config.json").is_file():  # without it the finished run's options are unknown
+        raise IloraError(
+            f"{out}: holds a finished run's train_summary.json but not its train_config.json, so --resume cannot tell "
+            "whether it is this run; pass --overwrite to start over, or use another --out"
+        )
     check_same_options(read_json(out / "train_config.json"), cfg, out)
     summary = read_json(out / "train_summary.json")
     check_same_inputs(summary.get("inputs"), inputs, out)
@@ -343,11 +348,12 @@ def _load_checkpoint(checkpoints: CheckpointManager, cfg: TeacherConfig, inputs:
     input fingerprints against this run's, and sends it to every rank."""
     saved, step = None, None
     if resume and ctx.is_main:
-        checkpoint = checkpoints.latest()
+        checkpoint = checkpoints.resume_point()
         if checkpoint is not None:
             saved, step = checkpoint.load(), checkpoint.step
-            check_same_options(saved["config"], cfg, checkpoint.path)
-            check_same_inputs(saved.get("inputs"), inputs, checkpoint.path)
+            with restoring(checkpoint.path):
+                check_same_options(saved["config"], cfg, checkpoint.path)
+                check_same_inputs(saved.get("inputs"), inputs, checkpoint.path)
             log.info("resuming from %s (step %d)", checkpoint.path, checkpoint.step)
         else:
             log.warning("%s: no intact checkpoint to resume from; training from the start", checkpoints.root.parent)
@@ -410,16 +416,20 @@ def train_teacher(
     best_weights = None
     saved, resumed_from = _load_checkpoint(checkpoints, cfg, inputs, resume, ctx)
     if saved is not None:
-        load_trainable_state(teacher, saved["weights"])
-        load_optimizer_state(optimizer, saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        p, best_weights = saved["progress"], saved["best_weights"]
+        where = checkpoints.path_for(resumed_from)
+        with restoring(where):
+            load_trainable_state(teacher, saved["weights"])
+            load_optimizer_state(optimizer, saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            p, best_weights = saved["progress"], saved["best_weights"]
         if best_weights is not None and ctx.is_main:  # the best teacher in out_dir may come from after the checkpoint
             current = trainable_state(teacher, copy=True)
-            load_trainable_state(teacher, best_weights)
+            with restoring(where):
+                load_trainable_state(teacher, best_weights)
             save_teacher(bundle, out, dataset.catalog)
             load_trainable_state(teacher, current)
-        restore_rng_state(saved["rng"])
+        with restoring(where):
+            restore_rng_state(saved["rng"])
     seed_rank_streams(cfg, ctx, p["step"])
     purge = None if resumed_from is None else resumed_from + 1
     if ctx.is_main:
