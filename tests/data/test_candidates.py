@@ -152,3 +152,17 @@ def test_a_candidate_file_whose_header_claims_more_than_it_holds_is_refused_befo
         load_candidates(tmp_path / "huge.npy")
     with pytest.raises(DataError, match=r"empty\.npy: not a plain \.npy array"):
         load_candidates(tmp_path / "empty.npy")
+
+
+@pytest.mark.parametrize(("num_items", "width"), [(50, 10), (4606, 10), (300, 200), (20, 1)])
+def test_row_membership_equals_a_broadcast_comparison(num_items, width) -> None:
+    """The negatives' history check (a binary search over all rows at once, so wide histories
+    do not cost rows x draws x width) answers as comparing every draw with every history item."""
+    from ilora.data.candidates import _in_rows
+
+    rng = np.random.default_rng(width)
+    history = np.sort(rng.integers(-1, num_items, (300, width)), axis=1)  # -1: padding
+    draws = rng.integers(0, num_items, (300, 38))
+    expected = (draws[:, :, None] == history[:, None, :]).any(axis=2)
+    assert np.array_equal(_in_rows(draws, history, num_items + 2), expected)
+    assert expected.any() and not expected.all()

@@ -219,14 +219,15 @@ def test_reported_row_is_the_file_row_after_dropped_rows(small_lastfm: Path) -> 
 @pytest.mark.parametrize(
     ("content", "pattern"),
     [
-        (b"0::a\n1::b\n1::c\n", r"id2name.txt, row 2, id 1: duplicate catalog id \(line 3; first on line 2\)"),
-        (b"0::a\n1::b\n3::c\n", r"id2name.txt, row 2, id 3: catalog id out of range"),
-        (b"0::a\nx::b\n", r"id2name.txt, row 1: non-integer id 'x'"),
-        (b"0::a\n1_0::b\n", r"id2name.txt, row 1: non-integer id '1_0'"),  # int() reads it as 10
-        ("0::a\n\u0661::b\n".encode(), r"id2name.txt, row 1: non-integer id '\u0661'"),  # an Arabic-Indic 1
-        (b"0::a\n" + b"9" * 5000 + b"::b\n", r"id2name.txt, row 1: non-integer id '9999999999999999999999999999999999999999'"),  # past int()'s digit limit
-        (b"0::a\n1 b\n", r"id2name.txt, row 1: line 2 has no '::' separator"),
-        (b"0::a\n1::caf\xe9\n", r"id2name.txt, row 1: undecodable text at byte 11 \(line 2\) \(expected utf-8 text\)"),
+        (b"0::a\n1::b\n1::c\n", r"id2name.txt \(line 3\), id 1: duplicate catalog id \(first on line 2\)"),
+        (b"0::a\n1::b\n3::c\n", r"id2name.txt \(line 3\), id 3: catalog id out of range \(ids must have no gaps\) \(expected ids 0..2\)"),
+        (b"1::a\n2::b\n3::c\n", r"id2name.txt \(line 3\), id 3: catalog id out of range \(ids must have no gaps; the ids run 1..3: numbered from 1\?\)"),
+        (b"0::a\nx::b\n", r"id2name.txt \(line 2\): non-integer id 'x'"),
+        (b"0::a\n1_0::b\n", r"id2name.txt \(line 2\): non-integer id '1_0'"),  # int() reads it as 10
+        ("0::a\n\u0661::b\n".encode(), r"id2name.txt \(line 2\): non-integer id '\u0661'"),  # an Arabic-Indic 1
+        (b"0::a\n" + b"9" * 5000 + b"::b\n", r"id2name.txt \(line 2\): non-integer id '9999999999999999999999999999999999999999'"),  # past int()'s digit limit
+        (b"0::a\n1 b\n", r"id2name.txt \(line 2\): no '::' separator"),
+        (b"0::a\n1::caf\xe9\n", r"id2name.txt \(line 2\): undecodable text at byte 11 \(expected utf-8 text\)"),
         (b"\n\n", r"id2name.txt: the item catalog is empty"),
     ],
 )
@@ -254,7 +255,7 @@ def test_missing_catalog(small_lastfm: Path) -> None:
 def test_duplicate_id_in_u_item(tmp_path: Path) -> None:
     directory = movielens_dir(tmp_path)
     (directory / "u.item").write_bytes(b"1|A (1995)|\n2|B (1995)|\n2|C (1995)|\n")
-    with pytest.raises(DataError, match=r"u.item, row 2, id 1: duplicate catalog id"):
+    with pytest.raises(DataError, match=r"u.item \(line 3\), id 1: duplicate catalog id"):
         read_legacy(directory, allow_pickle=True)
 
 

@@ -214,6 +214,29 @@ def test_unexpected_structure_is_refused(llara_names, tmp_path) -> None:
     torch.save(ref, tmp_path / "shape.pt")
     with pytest.raises(IloraError, match="s_fc"):
         import_llara_checkpoint(tmp_path / "shape.pt", allow_pickle=True)
+    ref = LlaraSASRec()
+    ref.register_buffer("item_bias", torch.ones(12))  # the root's own buffer: was dropped without a word
+    torch.save(ref, tmp_path / "buffer.pt")
+    with pytest.raises(IloraError, match=r"buffer.pt: SASRec: unexpected buffers \['item_bias'\]"):
+        import_llara_checkpoint(tmp_path / "buffer.pt", allow_pickle=True)
+    ref = LlaraSASRec()
+    ref.mh_attn.num_heads = 3  # does not divide hidden 8: our config's error, with the checkpoint named
+    torch.save(ref, tmp_path / "heads.pt")
+    with pytest.raises(IloraError, match=r"heads.pt: SASRec: .*hidden=8 is not divisible by heads=3"):
+        import_llara_checkpoint(tmp_path / "heads.pt", allow_pickle=True)
+    ref = LlaraSASRec()
+    ref.ln_2.eps = 1e-3  # the values are shown (floats printed as <float> before)
+    torch.save(ref, tmp_path / "eps.pt")
+    with pytest.raises(IloraError, match=r"ln_2: eps=0\.001, expected 1e-05"):
+        import_llara_checkpoint(tmp_path / "eps.pt", allow_pickle=True)
+
+
+def test_a_dropout_of_integer_zero_is_read(llara_names, tmp_path) -> None:
+    """nn.Dropout(0) keeps p as the int 0; it was refused as 'dropout p=0'."""
+    ref = LlaraSASRec()
+    ref.emb_dropout = nn.Dropout(0)
+    torch.save(ref, tmp_path / "p0.pt")
+    assert import_llara_checkpoint(tmp_path / "p0.pt", allow_pickle=True).config.dropout == 0.0
 
 
 @needs_ckpt

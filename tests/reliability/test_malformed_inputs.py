@@ -99,6 +99,12 @@ def good_pickle() -> bytes:
     return buf.getvalue()
 
 
+def protocol_2_pickle() -> bytes:
+    buf = io.BytesIO()
+    legacy_frame(GOOD_ROWS).to_pickle(buf, protocol=2)
+    return buf.getvalue()
+
+
 def history_table(histories: list[list[int]], lengths: list[int] | None = None, targets: list[int] | None = None) -> pa.Table:
     return pa.table(
         {
@@ -164,6 +170,7 @@ Case = tuple[str, Callable[[Path], Path], tuple[str, ...]]
 LLARA_CASES: list[Case] = [
     ("llara-truncated-df", lambda d: write_llara(d, train=good_pickle()[: len(good_pickle()) // 2]), ("train_data.df", "not a readable pickle")),
     ("llara-empty-df", lambda d: write_llara(d, train=b""), ("train_data.df", "not a readable pickle")),
+    ("llara-protocol-2-df", lambda d: write_llara(d, train=protocol_2_pickle()), ("train_data.df", "pickle protocol 2", "expected protocol 3, 4 or 5")),
     ("llara-wrong-columns", lambda d: write_llara(d, train=_good().rename(columns={"len_seq": "length"})), ("train_data.df", "missing column(s) len_seq", "expected columns seq, len_seq, next")),
     ("llara-non-integer-id", lambda d: write_llara(d, train=replaced(_good(), "seq", 1, [1, "x", 3, 5])), ("train_data.df, row 1", "non-integer value 'x' in column seq", "expected integers")),
     ("llara-float-id", lambda d: write_llara(d, train=replaced(_good(), "next", 2, 1.5)), ("train_data.df, row 2", "non-integer value 1.5 in column next")),
@@ -176,13 +183,13 @@ LLARA_CASES: list[Case] = [
     ("llara-len-seq-over-history", lambda d: write_llara(d, train=replaced(_good(), "len_seq", 0, 3)), ("train_data.df, row 0, id 5", "the padding id inside the first len_seq positions")),
     ("llara-history-longer-than-width", lambda d: write_llara(d, train=replaced(_good(), "seq", 1, [1, 2, 3, 4, 0])), ("train_data.df, row 1", "seq has 5 entries, row 0 has 4", "expected one padded width")),
     ("llara-item-after-len-seq", lambda d: write_llara(d, train=replaced(_good(), "seq", 2, [4, 5, 3, 5])), ("train_data.df, row 2, id 3", "history position 2 holds an item after len_seq=1")),
-    ("llara-duplicate-catalog-id", lambda d: write_llara(d, id2name=b"0::a\n1::b\n2::c\n2::d\n4::e\n"), ("id2name.txt, row 3, id 2", "duplicate catalog id")),
-    ("llara-missing-title-line", lambda d: write_llara(d, id2name=b"0::a\n1::b\n2::c\n4::e\n"), ("id2name.txt, row 3, id 4", "ids must have no gaps", "expected ids 0..3")),
-    ("llara-non-integer-catalog-id", lambda d: write_llara(d, id2name=b"0::a\nx::b\n2::c\n3::d\n4::e\n"), ("id2name.txt, row 1", "non-integer id 'x'", "expected id::name")),
-    ("llara-non-utf8-catalog", lambda d: write_llara(d, id2name=b"0::a\n1::b\xff\n2::c\n3::d\n4::e\n"), ("id2name.txt, row 1", "undecodable text at byte 9 (line 2)", "expected utf-8 text")),
+    ("llara-duplicate-catalog-id", lambda d: write_llara(d, id2name=b"0::a\n1::b\n2::c\n2::d\n4::e\n"), ("id2name.txt (line 4), id 2", "duplicate catalog id")),
+    ("llara-missing-title-line", lambda d: write_llara(d, id2name=b"0::a\n1::b\n2::c\n4::e\n"), ("id2name.txt (line 4), id 4", "ids must have no gaps", "expected ids 0..3")),
+    ("llara-non-integer-catalog-id", lambda d: write_llara(d, id2name=b"0::a\nx::b\n2::c\n3::d\n4::e\n"), ("id2name.txt (line 2)", "non-integer id 'x'", "expected id::name")),
+    ("llara-non-utf8-catalog", lambda d: write_llara(d, id2name=b"0::a\n1::b\xff\n2::c\n3::d\n4::e\n"), ("id2name.txt (line 2)", "undecodable text at byte 9", "expected utf-8 text")),
     ("llara-empty-catalog", lambda d: write_llara(d, id2name=b""), ("id2name.txt", "the item catalog is empty")),
     ("llara-ids-beyond-one-item-catalog", lambda d: write_llara(d, id2name=b"0::only\n"), ("train_data.df, row 0, id 2", "next item outside the catalog", "expected 0 <= id < 1")),
-    ("llara-u-item-duplicate", lambda d: write_llara(d, u_item=b"1|a (1995)|x\n2|b|x\n2|c|x\n4|d|x\n5|e|x\n"), ("u.item, row 2, id 1", "duplicate catalog id")),
+    ("llara-u-item-duplicate", lambda d: write_llara(d, u_item=b"1|a (1995)|x\n2|b|x\n2|c|x\n4|d|x\n5|e|x\n"), ("u.item (line 3), id 1", "duplicate catalog id")),
 ]
 
 NATIVE_CASES: list[Case] = [

@@ -84,16 +84,28 @@ def _check_room(history: np.ndarray, target: np.ndarray, num_items: int, count: 
         )
 
 
+def _in_rows(values: np.ndarray, sorted_rows: np.ndarray, span: int) -> np.ndarray:
+    """``values[r, j] in sorted_rows[r]`` for every (r, j), by one binary search over all rows
+    (each row's values shifted into a range of its own, ``span`` wide); memory grows with the
+    rows' lengths, not with their product as a broadcast comparison's does."""
+    shift = np.arange(len(values), dtype=np.int64)[:, None] * span
+    flat = (sorted_rows + shift).ravel()
+    queries = values + shift
+    found = np.minimum(np.searchsorted(flat, queries), max(flat.size - 1, 0))
+    return flat[found] == queries if flat.size else np.zeros(values.shape, dtype=bool)
+
+
 def _negatives(keys: np.ndarray, history: np.ndarray, target: np.ndarray, need: int, num_items: int) -> np.ndarray:
     """The first ``need`` distinct allowed values of each row's stream (none for ``need == 0``)."""
     out = np.empty((len(keys), need), dtype=np.int64)
     if need == 0:
         return out
+    history = np.sort(history, axis=1)  # -1 (padding) first; ids in 0..num_items - 1
     pending = np.arange(len(keys))
     width = max(2 * need, 16)
     while pending.size:
         draws = _stream(keys[pending], 0, width, num_items)
-        bad = (draws[:, :, None] == history[pending][:, None, :]).any(axis=2) | (draws == target[pending][:, None])
+        bad = _in_rows(draws, history[pending], num_items + 2) | (draws == target[pending][:, None])
         ok = ~bad & _first_occurrence(draws)
         done = ok.sum(axis=1) >= need
         if done.any():

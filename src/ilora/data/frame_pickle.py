@@ -414,8 +414,14 @@ def frame_columns(frame: Any, wanted: tuple[str, ...], max_columns: int) -> tupl
     return labels, rows, columns
 
 
+READ_PROTOCOLS = (3, 4, 5)
+
+
 def read_frame_pickle(path: Path, data: bytes, wanted: tuple[str, ...]) -> tuple[list[Any], int, dict[str, np.ndarray]]:
-    """Unpickle ``data`` (the bytes of ``path``) as a DataFrame; see `frame_columns`. Opt-in is the caller's."""
+    """Unpickle ``data`` (the bytes of ``path``) as a DataFrame; see `frame_columns`. Opt-in is the caller's.
+    Protocols 3 to 5 only (earlier ones pickle bytes through ``_codecs.encode``, which is refused)."""
+    if data[:1] == b"\x80" and len(data) > 1 and data[1] not in READ_PROTOCOLS:  # without the header: not a pickle pandas writes
+        raise DataError(path, f"pickle protocol {data[1]}", expected="protocol 3, 4 or 5, as pandas' to_pickle writes")
     budget = ByteBudget.for_file(len(data))
     frame = restricted_loads(data, dataframe_pickle_globals(budget), path, buildable=(_Record, _CheckedArray, PickledDtype))
     if type(frame) is not Frame:

@@ -114,9 +114,7 @@ def _decode(path: Path, encoding: str) -> list[str]:
         text = raw.decode(encoding)
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n")
-        raise DataError(
-            path, f"undecodable text at byte {exc.start} (line {line + 1})", row=line, expected=f"{encoding} text"
-        ) from None
+        raise DataError(path, f"undecodable text at byte {exc.start}", line=line + 1, expected=f"{encoding} text") from None
     return _LINE_BREAK.split(text.removeprefix("\ufeff"))
 
 
@@ -126,29 +124,32 @@ _ID = re.compile(r"[+-]?[0-9]{1,18}")  # ASCII digits only: int() would also tak
 
 def _catalog_id(path: Path, key: str, line: int, expected: str) -> int:
     if not _ID.fullmatch(key.strip()):
-        raise DataError(path, f"non-integer id {key.strip()[:40]!r} (line {line + 1})", row=line, expected=expected)
+        raise DataError(path, f"non-integer id {key.strip()[:40]!r}", line=line + 1, expected=expected)
     return int(key.strip())
 
 
-def _catalog_from_pairs(path: Path, pairs: list[tuple[int, int, str]], first_id: int) -> Catalog:
-    """``(line index, id, title)`` -> Catalog; ids must be ``first_id .. first_id + n - 1``."""
+def _catalog_from_pairs(path: Path, pairs: list[tuple[int, int, str]], first_id: int, hint_numbering: bool = True) -> Catalog:
+    """``(line index, id, title)`` -> Catalog; ids must be ``first_id .. first_id + n - 1``.
+    ``hint_numbering``: an out-of-range error on ids that run one past that range asks whether
+    the file numbers from ``first_id + 1`` (not for ids shifted on reading, as MovieLens')."""
     if not pairs:
         raise DataError(path, "the item catalog is empty", expected="at least one item")
     seen: dict[int, int] = {}
     for line, item, _ in pairs:
         if item in seen:
-            raise DataError(
-                path, f"duplicate catalog id (line {line + 1}; first on line {seen[item] + 1})", row=line, item=item
-            )
+            raise DataError(path, f"duplicate catalog id (first on line {seen[item] + 1})", line=line + 1, item=item)
         seen[item] = line
     titles: list[str | None] = [None] * len(pairs)
+    ids = [item for _, item, _ in pairs]
+    one_based = hint_numbering and min(ids) == first_id + 1 and max(ids) == first_id + len(pairs)
     for line, item, title in pairs:
         index = item - first_id
         if not 0 <= index < len(pairs):
+            hint = f"; the ids run {first_id + 1}..{first_id + len(pairs)}: numbered from {first_id + 1}?" if one_based else ""
             raise DataError(
                 path,
-                f"catalog id out of range (line {line + 1}; ids must have no gaps)",
-                row=line,
+                f"catalog id out of range (ids must have no gaps{hint})",
+                line=line + 1,
                 item=item,
                 expected=f"ids {first_id}..{first_id + len(pairs) - 1}",
             )
@@ -164,7 +165,7 @@ def read_id2name(path: Path) -> Catalog:
             continue
         key, sep, name = text.partition("::")
         if not sep:
-            raise DataError(path, f"line {line + 1} has no '::' separator: {text[:60]!r}", row=line, expected="id::name")
+            raise DataError(path, f"no '::' separator: {text[:60]!r}", line=line + 1, expected="id::name")
         pairs.append((line, _catalog_id(path, key, line, "id::name"), name.strip()))
     return _catalog_from_pairs(path, pairs, first_id=0)
 
@@ -188,9 +189,9 @@ def read_movielens_items(path: Path) -> Catalog:
             continue
         fields = text.split("|")
         if len(fields) < 2:
-            raise DataError(path, f"line {line + 1} has no '|' separator: {text[:60]!r}", row=line, expected="id|title|...")
+            raise DataError(path, f"no '|' separator: {text[:60]!r}", line=line + 1, expected="id|title|...")
         pairs.append((line, _catalog_id(path, fields[0], line, "id|title|...") - 1, movielens_title(fields[1])))
-    return _catalog_from_pairs(path, pairs, first_id=0)
+    return _catalog_from_pairs(path, pairs, first_id=0, hint_numbering=False)
 
 
 def read_legacy_catalog(directory: Path) -> Catalog:

@@ -58,6 +58,12 @@ class _ShortRepr(reprlib.Repr):
     def repr_int(self, x: int, level: int) -> str:
         return repr(x) if -(2**64) < x < 2**64 else "<a huge int>"
 
+    def repr_float(self, x: float, level: int) -> str:  # atoms: their repr is short (an eps, a max_norm)
+        return repr(x)
+
+    def repr_bool(self, x: bool, level: int) -> str:
+        return repr(x)
+
 
 _SHORT = _ShortRepr()
 _SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 40, 40

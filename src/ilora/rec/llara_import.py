@@ -375,8 +375,8 @@ class _Checker:
     def dropout_p(self, rec: Any, where: str) -> float:
         rec = self.module(rec, where, "Dropout")
         p = rec.state().get("p")
-        if not isinstance(p, float) or not 0.0 <= p < 1.0:
-            self.fail(where, f"dropout p={short_repr(p)}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0:  # nn.Dropout(0) keeps the int 0
+            self.fail(where, f"dropout p={short_repr(p)}, expected a number in [0, 1)")
         return float(p)  # type: ignore[arg-type]
 
 
@@ -390,6 +390,7 @@ def _int_attr(check: _Checker, rec: ModuleRecord, where: str, name: str) -> int:
 def convert_record(root: ModuleRecord, path: str | Path) -> tuple[SASRecConfig, dict[str, torch.Tensor]]:
     """Our config and state dict from a checked LLaRA SASRec record."""
     check = _Checker(Path(path))
+    check.module(root, "SASRec", "SASRec")  # its own buffers too (an item bias, say), not only its children's
     children = root.children()
     if set(children) != _EXPECTED_CHILDREN:
         extra, missing = sorted(set(children) - _EXPECTED_CHILDREN), sorted(_EXPECTED_CHILDREN - set(children))
@@ -407,7 +408,10 @@ def convert_record(root: ModuleRecord, path: str | Path) -> tuple[SASRecConfig, 
         check.fail("ln_1", f"eps={short_repr(eps)}")
     dropout = check.dropout_p(children["emb_dropout"], "emb_dropout")
     check.dropout_p(children["dropout"], "dropout")
-    cfg = SASRecConfig(num_items=num_items, max_len=max_len, hidden=hidden, heads=heads, blocks=1, dropout=dropout, layer_norm_eps=eps)  # type: ignore[arg-type]
+    try:
+        cfg = SASRecConfig(num_items=num_items, max_len=max_len, hidden=hidden, heads=heads, blocks=1, dropout=dropout, layer_norm_eps=eps)  # type: ignore[arg-type]
+    except IloraError as exc:  # heads not dividing hidden, a state_size past the bound: name the checkpoint
+        check.fail("SASRec", str(exc))
 
     check.embedding(children["item_embeddings"], "item_embeddings", "item_emb", num_items + 1, hidden)
     check.embedding(children["positional_embeddings"], "positional_embeddings", "pos_emb", max_len, hidden)
