@@ -75,8 +75,8 @@ def same_answer_mask(table, candidates: np.ndarray, target: np.ndarray) -> torch
     the row's target's, the target itself included, from the teacher's `TitleTable`."""
     width = table.ids.shape[1]
     tokens = torch.where(torch.arange(width) < table.length[:, None], table.ids, -1)  # nothing past a title's length
-    cands, tgt = tokens[torch.as_tensor(candidates)], tokens[torch.as_tensor(target)]
-    return (cands == tgt[:, None, :]).all(-1)
+    answer = torch.unique(tokens, dim=0, return_inverse=True)[1]  # one id per distinct answer: (N, C), not (N, C, width)
+    return answer[torch.as_tensor(candidates)] == answer[torch.as_tensor(target)][:, None]
 
 
 def score_metrics(scores: torch.Tensor, target_col: torch.Tensor, same_answer: torch.Tensor | None = None) -> dict[str, float]:
@@ -174,9 +174,9 @@ def warn_about_twin_answers(teacher, candidates: np.ndarray, target: np.ndarray,
 
     Score protocol: the target and another candidate with the same answer tokens (equal
     titles, or titles equal once cut to ``max_title_tokens``) score the same up to rounding,
-    and the twin ranks above the target (`rank_of_target`). Generate protocol: two candidates with the same answer text up
-    to case; an output naming one matches both and counts as invalid. LastFM's titles are
-    distinct; catalogs that repeat titles are not."""
+    and the twin ranks above the target (`rank_of_target`). Generate protocol: two candidates
+    with the same answer text up to case; an output naming one matches both and counts as
+    invalid. LastFM's titles are distinct; catalogs that repeat titles are not."""
     table = teacher.title_table
     if protocol == "score":
         keys = [tuple(row[:n]) for row, n in zip(table.ids[:-1].tolist(), table.length[:-1].tolist())]
