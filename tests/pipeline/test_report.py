@@ -57,3 +57,35 @@ def test_the_demo_trains_a_seed_control_unless_told_otherwise():
     assert demo("distill.seed=1").control_seed == 2  # follows the seed: never the seed itself
     assert demo("distill.control_seed=7").control_seed == 7
     assert demo("distill.control_seed=none").control_seed is None
+
+
+def test_the_gate_plot_is_the_learned_gates_against_ln_e_and_absent_without_it(tmp_path, monkeypatch):
+    """The plot took the first evaluated gate as 'learned' and a learned entropy as 'uniform'
+    when score/uniform was not evaluated (found by an independent review)."""
+    import math
+
+    import ilora.pipeline.report as report
+
+    plotted = []
+    monkeypatch.setattr(report, "plot_gate", lambda stats, uniform, out, where="": plotted.append((stats, uniform, where)))
+    stats = {"uniform": {"mean_entropy": math.log(4), "max_entropy": math.log(4)}, "learned": {"mean_entropy": 1.1, "max_entropy": math.log(4)}}
+    run = summary(0.8, 0.775)
+    del run["distill"]
+    run["eval"]["teacher"] = {"generate/uniform": {"hr@1": 0.1, "gate_stats": stats["uniform"]}, "generate/learned": {"hr@1": 0.2, "gate_stats": stats["learned"]}}
+    text = report.write_report(tmp_path, run).read_text()
+    assert plotted == [(stats["learned"], math.log(4), "generate protocol, test, 200 samples")] and "![gate](gate.png)" in text
+    plotted.clear()
+    run["eval"]["teacher"] = {"score/expert:0": {"hr@1": 0.1, "gate_stats": stats["uniform"]}}
+    assert "![gate]" not in report.write_report(tmp_path, run).read_text() and not plotted
+
+
+def test_an_empty_list_of_protocols_or_gates_is_refused():
+    """It passed the checks, every stage ran, and the report then failed with a traceback."""
+    import pytest
+
+    from ilora.errors import ConfigError
+    from ilora.pipeline.config import EvalSection
+
+    for field in ("protocols", "gates"):
+        with pytest.raises(ConfigError, match=f"eval.{field}: empty"):
+            EvalSection(**{field: []})

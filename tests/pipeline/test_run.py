@@ -37,8 +37,13 @@ def test_run_skips_up_to_date_stages_and_reruns_changed_ones(tmp_path, capsys):
     assert (run / "students.png").is_file() and set(first["distill"]) >= {"baseline", "distilled", "gain"}
     assert first["export"]["rows"] == first["data"]["train_rows"]
     assert first["sasrec_train"]["epochs_run"] == 2 and first["sasrec_train"]["seconds"] > 0
-    times = (run / "report.md").read_text().split("## Stage times (s)")[1]
-    assert "sasrec_train" in times and "| sasrec |" in times
+    report = (run / "report.md").read_text()
+    times = report.split("## Stage times (s)")[1]  # columns named as the stages are
+    assert times.splitlines()[2] == "| data | sasrec | sasrec_eval | teacher | eval | export | distill |"
+    # the headings say which split and how many candidates; the run's config is in the summary
+    assert f"## SASRec on {first['config']['eval']['split']} (full ranking" in report
+    assert f"cand_hr@1 over {first['config']['eval']['candidates']} fixed candidates" in report
+    assert json.loads((run / "config.json").read_text()) == first["config"]
     keys = _stage_keys(run)
     mtimes = {name: (run / name / "stage.json").stat().st_mtime_ns for name in keys}
 
@@ -264,7 +269,8 @@ def test_run_refuses_an_out_that_is_not_a_run_directory(tmp_path, capsys):
 
 def test_a_device_change_keeps_a_finished_stage_but_not_an_interrupted_one(tmp_path, capsys):
     """Finished work is the same on any device; interrupted work resumes only on the device its
-    checkpoints came from (another device starts the stage clean)."""
+    checkpoints came from (another device starts the stage clean, the interrupted run set aside
+    until it finishes)."""
     from ilora.pipeline.stages import PENDING, run_stage, stage_key
 
     calls = []
@@ -291,7 +297,55 @@ def test_a_device_change_keeps_a_finished_stage_but_not_an_interrupted_one(tmp_p
     interrupt()
     run_stage(tmp_path, "a", {"x": 1, "device": "cpu"}, [], work, keep_partial=True)
     assert calls[-1] == [PENDING]  # another device: started clean, the cuda checkpoint not offered
-    assert "a: an interrupted run of other options (or on another device, or with other upstream results) is discarded with its files" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "a: an interrupted run of other options (device: 'cuda' -> 'cpu') is kept in a.interrupted until this run finishes" in err
+    assert not (tmp_path / "a.interrupted").exists()  # the cpu run finished
+
+
+def test_an_interrupted_run_of_other_options_is_set_aside_not_deleted(tmp_path, capsys):
+    """A re-typed command with one option wrong (a mistyped path that fails once the stage runs)
+    deleted an interrupted stage's checkpoints (found by an independent review). It is set aside
+    instead, saying what differs; the command with the right options puts it back and resumes it;
+    a run of other options that finishes deletes it."""
+    from ilora.pipeline.stages import PENDING, run_stage
+
+    calls = []
+
+    def work(directory):
+        calls.append(sorted(p.name for p in directory.iterdir()))
+        (directory / "checkpoint.bin").write_text("step 5")
+        raise KeyboardInterrupt  # interrupted after its first checkpoint
+
+    def finish(directory):
+        calls.append(sorted(p.name for p in directory.iterdir()))
+        return {}
+
+    def fail(directory):
+        raise FileNotFoundError("/tmp/no_such_llm: no such directory")
+
+    right, wrong = {"lr": 0.004, "llm": "/models/7b"}, {"lr": 0.004, "llm": "/tmp/no_such_llm"}
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(tmp_path, "teacher", right, [], work, keep_partial=True)
+    capsys.readouterr()
+    with pytest.raises(FileNotFoundError):
+        run_stage(tmp_path, "teacher", wrong, [], fail, keep_partial=True)
+    err = capsys.readouterr().err
+    assert "teacher: an interrupted run of other options (llm: '/models/7b' -> '/tmp/no_such_llm') is kept in teacher.interrupted" in err
+    assert (tmp_path / "teacher.interrupted" / "checkpoint.bin").read_text() == "step 5"
+    run_stage(tmp_path, "teacher", right, [], finish, keep_partial=True)
+    assert calls[-1] == ["checkpoint.bin", PENDING]  # put back and resumed
+    assert not (tmp_path / "teacher.interrupted").exists()
+
+    # interrupted under each of two option sets in turn: each resumes its own checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(tmp_path, "teacher", {"lr": 1}, [], work, keep_partial=True)
+    (tmp_path / "teacher" / "checkpoint.bin").write_text("lr 1")
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(tmp_path, "teacher", {"lr": 2}, [], work, keep_partial=True)
+    assert (tmp_path / "teacher.interrupted" / "checkpoint.bin").read_text() == "lr 1"
+    run_stage(tmp_path, "teacher", {"lr": 1}, [], finish, keep_partial=True)
+    assert calls[-1] == ["checkpoint.bin", PENDING] and not (tmp_path / "teacher.interrupted").exists()
+    assert "the interrupted run in teacher.interrupted has these options: put back" in capsys.readouterr().err
 
 
 def test_a_record_of_the_same_work_under_another_key_counts_as_current(tmp_path):

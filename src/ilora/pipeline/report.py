@@ -71,7 +71,9 @@ def plot_curves(run: Path, out: Path) -> bool:
     return True
 
 
-def plot_gate(stats: dict, uniform_entropy: float, out: Path) -> None:
+def plot_gate(stats: dict, uniform_entropy: float, out: Path, where: str = "") -> None:
+    """The learned gate's ``stats`` (`gate_statistics`); ``uniform_entropy`` = ln E; ``where``:
+    the protocol, split and samples they come from, for the title."""
     mean, std = stats["mean_weight"], stats["weight_std"]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     axes[0].bar(range(len(mean)), mean, yerr=std, capsize=4)
@@ -82,6 +84,8 @@ def plot_gate(stats: dict, uniform_entropy: float, out: Path) -> None:
     axes[0].legend(fontsize=8)
     axes[1].bar(["learned", "uniform"], [stats["mean_entropy"], uniform_entropy], color=["C0", "grey"])
     axes[1].set_title("mean gate entropy (nats)")
+    if where:
+        fig.suptitle(where, fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -129,14 +133,21 @@ def write_report(run: Path, summary: dict) -> Path:
     data = summary.get("data", {})
     lines += ["## Data", "", "| " + " | ".join(data) + " |", "|" + "---|" * len(data), "| " + " | ".join(_fmt(v) for v in data.values()) + " |", ""]
     rec = summary.get("sasrec", {})
+    ev_cfg = (summary.get("config") or {}).get("eval") or {}
+    split, count = ev_cfg.get("split", "the evaluation split"), ev_cfg.get("candidates", "the")
     if rec:
-        lines += ["## SASRec (full ranking and candidates)", "", "| model | " + " | ".join((*FULL_KEYS, "cand_hr@1")) + " |", "|---" * (len(FULL_KEYS) + 2) + "|"]
+        masked = ((summary.get("config") or {}).get("rec") or {}).get("mask_history")
+        lines += [f"## SASRec on {split} (full ranking{', history items masked' if masked else ''}; cand_hr@1 over {count} fixed candidates)", "",
+                  "| model | " + " | ".join((*FULL_KEYS, "cand_hr@1")) + " |", "|---" * (len(FULL_KEYS) + 2) + "|"]
         for name in ("popularity", "sasrec"):
             lines.append(f"| {name} | " + " | ".join(_fmt(rec[name].get(k)) for k in (*FULL_KEYS, "cand_hr@1")) + " |")
         lines.append("")
     ev = summary.get("eval", {})
     if ev:
-        lines += [f"## Teacher on {ev['split']} ({ev['samples']} samples, fixed candidates)", "",
+        decoded = f"; generate decodes up to {ev_cfg['max_new_tokens']} tokens" if ev_cfg.get("max_new_tokens") else ""
+        lines += [f"## Teacher on {ev['split']} ({ev['samples']} samples, {count} fixed candidates{decoded})", "",
+                  "hr@1 is correct / valid answers (the iLoRA/LLaRA definition; NaN with none valid), hr@1_all correct / all "
+                  "(generate protocol); the score protocol ranks every candidate (valid_ratio 1).", "",
                   "| protocol/gate | hr@1 | ndcg@5 | ndcg@10 | mrr | valid_ratio | hr@1_all | gate entropy |", "|---" * 8 + "|"]
         for name, m in ev["teacher"].items():
             lines.append(
@@ -144,10 +155,12 @@ def write_report(run: Path, summary: dict) -> Path:
                 + f" | {m['gate_stats']['mean_entropy']:.3f} |"
             )
         lines += [f"| SASRec, same candidates | {_fmt(ev['sasrec_same_candidates']['cand_hr@1'])} | | | | | | |", ""]
-        learned = ev["teacher"].get("score/learned") or next(iter(ev["teacher"].values()))
-        uniform = ev["teacher"].get("score/uniform", learned)
-        plot_gate(learned["gate_stats"], uniform["gate_stats"]["mean_entropy"], run / "gate.png")
-        lines += ["![gate](gate.png)", ""]
+        learned = next(((name, m) for name, m in ev["teacher"].items() if name.endswith("/learned")), None)
+        if learned is not None:  # the plot is the learned gate's: none when only fixed gates were evaluated
+            stats = learned[1]["gate_stats"]
+            where = f"{learned[0].split('/')[0]} protocol, {ev['split']}, {ev['samples']} samples"
+            plot_gate(stats, stats["max_entropy"], run / "gate.png", where)
+            lines += ["![gate](gate.png)", ""]
     distill = summary.get("distill")
     if distill:
         base, dist, gain = distill["baseline"], distill["distilled"], distill.get("gain", {})
@@ -178,7 +191,8 @@ def write_report(run: Path, summary: dict) -> Path:
         lines += ["", *([note, ""] if note else []), "![students](students.png)", ""]
     if plot_curves(run, run / "curves.png"):
         lines += ["## Training curves", "", "![curves](curves.png)", ""]
-    stages = {k: v.get("seconds") for k, v in summary.items() if isinstance(v, dict) and "seconds" in v}
+    stage_names = {"sasrec_train": "sasrec", "sasrec": "sasrec_eval"}  # the summary's keys -> the stages' names
+    stages = {stage_names.get(k, k): v.get("seconds") for k, v in summary.items() if isinstance(v, dict) and "seconds" in v}
     lines += ["## Stage times (s)", "", "| " + " | ".join(stages) + " |", "|" + "---|" * len(stages), "| " + " | ".join(_fmt(v) for v in stages.values()) + " |", ""]
     path = run / "report.md"
     path.write_text("\n".join(lines), encoding="utf-8")
@@ -192,7 +206,8 @@ def summary_table(summary: dict) -> str:
     rec = summary.get("sasrec", {})
     keys = ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@10", "cand_hr@1")
     if rec:
-        lines.append(f"{'model (test, full ranking)':<30}" + "".join(f"{k:>10}" for k in keys))
+        split = ((summary.get("config") or {}).get("eval") or {}).get("split", "test")
+        lines.append(f"{f'model ({split}, full ranking)':<30}" + "".join(f"{k:>10}" for k in keys))
         for name in ("popularity", "sasrec"):
             lines.append(f"{name:<30}" + "".join(f"{rec[name][k]:>10.4f}" for k in keys))
     distill = summary.get("distill")

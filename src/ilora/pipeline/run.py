@@ -167,10 +167,12 @@ def check_run_dir(run_dir: Path) -> None:
     """`IloraError` if ``run_dir`` holds something a run would overwrite or delete that is not
     a run's own: a ``config.json`` that is no run config (a model directory's, say), or, where
     there is no run config, a directory named like a stage (``data/``, ``teacher/``, their
-    ``.previous``) without a stage record. Other files (a log, the run's YAML) are left alone."""
-    from ilora.pipeline.stages import PREVIOUS, is_stage_dir
+    ``.previous`` and ``.interrupted``) without a stage record. Other files (a log, the run's YAML) are left alone."""
+    from ilora.pipeline.stages import INTERRUPTED, PREVIOUS, is_stage_dir
 
-    stage_dirs = [p for name in STAGES for p in (run_dir / name, run_dir / f"{name}{PREVIOUS}") if p.is_dir() and not p.is_symlink()]
+    stage_dirs = [
+        p for name in STAGES for p in (run_dir / name, run_dir / f"{name}{PREVIOUS}", run_dir / f"{name}{INTERRUPTED}") if p.is_dir() and not p.is_symlink()
+    ]
     config = run_dir / "config.json"
     if config.exists():
         try:
@@ -211,7 +213,6 @@ def run_pipeline(cfg: RunConfig) -> dict:
 
     with claim_out_dir(cfg.out) as run_dir:  # one process per run directory
         check_run_dir(run_dir)
-        atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
         results: dict = {}
 
         data_key, results["data"] = run_stage(run_dir, "data", data_stage_config(cfg), [], lambda d: stage_data(cfg, d), check=everything)
@@ -240,7 +241,9 @@ def run_pipeline(cfg: RunConfig) -> dict:
             run_dir, "distill", to_dict(cfg.distill), [export_key, data_key], lambda d: stage_distill(cfg, dataset, outputs_dir, d), keep_partial=True,
             legacy=distill_without_added_defaults, check=devices("distill", then=lambda: check_training_input(dataset, cfg.distill)),
         )
-        summary = {"out": str(run_dir), **results}
+        summary = {"out": str(run_dir), **results, "config": to_dict(cfg)}
+        # written with the report, once every stage is current: config.json, summary.json and report.md describe one run
+        atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
         write_report(run_dir, summary)
         print(f"[run] report: {run_dir / 'report.md'}", file=sys.stderr, flush=True)
         return summary

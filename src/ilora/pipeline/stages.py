@@ -40,6 +40,7 @@ from ilora.state_io import atomic_write_text
 MARKER = "stage.json"
 PENDING = "stage.pending"
 PREVIOUS = ".previous"  # <stage>.previous: a finished stage's results while other options run in <stage>
+INTERRUPTED = ".interrupted"  # <stage>.interrupted: an interrupted run of other options, resumable by them
 # What a finished stage's record may differ in and still stand for the config: how a run is
 # carried out, and its device (the results are made; only a resume of interrupted work must
 # stay on the device its checkpoints were written from).
@@ -133,22 +134,55 @@ def _refuse_links(*paths: Path) -> None:
             raise IloraError(f"{path}: a file or link where the run keeps its {path.name} stage directory; not moving or deleting it: move it away")
 
 
-def _restore_previous(directory: Path, previous: Path, finished: bool) -> str:
+def _swap(directory: Path, kept: Path) -> None:
+    """Exchange the contents of two stage directories (``kept`` exists; ``directory`` does)."""
+    swap = directory.with_name(f"{directory.name}.swap")
+    remove_stage_dir(swap)
+    directory.rename(swap)
+    kept.rename(directory)
+    swap.rename(kept)
+
+
+def _differences(old: Any, new: Any) -> str:
+    """The options an interrupted run started with that differ from this run's, in words."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return "its options are not recorded"
+    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return "; ".join(diff) if diff else "the same options, other upstream results"
+
+
+def _set_aside(directory: Path, aside: Path, config: Any) -> None:
+    """Move the interrupted run of other options in ``directory`` to ``aside`` (replacing an
+    older one there), saying what differs: a mistyped option must not delete hours of work."""
+    old_config = _read_pending(directory / PENDING)[1]
+    remove_stage_dir(aside)
+    directory.rename(aside)
+    print(
+        f"[run] {directory.name}: an interrupted run of other options ({_differences(old_config, config)}) is kept in "
+        f"{aside.name} until this run finishes; a run with the options it started with resumes it",
+        file=sys.stderr, flush=True,
+    )
+
+
+def _restore_previous(directory: Path, previous: Path, finished: bool, aside: Path | None) -> str:
     """Put the finished results kept in ``previous`` back as ``directory``; returns what became
     of what was in ``directory``: its ``finished`` results of other options are kept in
     ``previous`` in turn (a run stopped between finishing them and deleting the kept ones
-    leaves both), an interrupted run of other options is discarded with its files."""
+    leaves both), an interrupted run of other options is kept in ``aside`` (where the stage
+    resumes interrupted runs) or discarded with its files."""
     if finished:
-        swap = directory.with_name(f"{directory.name}{PREVIOUS}.swap")
-        remove_stage_dir(swap)
-        directory.rename(swap)
-        previous.rename(directory)
-        swap.rename(previous)
+        _swap(directory, previous)
         return f"; the finished results of other options there are kept in {previous.name}"
-    discarded = (directory / PENDING).is_file()
-    remove_stage_dir(directory)
+    interrupted = (directory / PENDING).is_file()
+    if interrupted and aside is not None:
+        remove_stage_dir(aside)
+        directory.rename(aside)
+    else:
+        remove_stage_dir(directory)
     previous.rename(directory)
-    return "; an interrupted run of other options there is discarded with its files" if discarded else ""
+    if not interrupted:
+        return ""
+    return f"; an interrupted run of other options there is kept in {aside.name}" if aside is not None else "; an interrupted run of other options there is discarded with its files"
 
 
 def release_memory() -> None:
@@ -190,43 +224,55 @@ def run_stage(
     ``<stage>.previous`` and deleted only once the new run finishes: a run that fails (a
     mistyped path, say) leaves it there, and a later run with the options it was made with
     puts it back and skips the stage, with its token, so the stages after it stay current.
+    An interrupted run of other options (``keep_partial`` stages) is likewise moved to
+    ``<stage>.interrupted``, saying which options differ, and deleted once the new run
+    finishes; a later run with the options it started with puts it back and resumes it.
     """
     directory = run_dir / name
     previous = run_dir / f"{name}{PREVIOUS}"
+    aside = run_dir / f"{name}{INTERRUPTED}" if keep_partial else None
     key = stage_key(config, upstream)
     marker = read_marker(directory)
 
     def current(record: dict | None) -> bool:
         return record is not None and _matches(key, record.get("key"), record.get("config"), config, upstream, legacy, FINISHED_IGNORED)
 
+    def resumes(pending: Path) -> bool:
+        pending_key, pending_config = _read_pending(pending)
+        return pending_key is not None and _matches(key, pending_key, pending_config, config, upstream, legacy)
+
     if current(marker):
         print(f"[run] {name}: up to date, skipped", file=sys.stderr, flush=True)
         return stage_token(marker["key"], marker.get("run_id")), marker["result"]
     kept = read_marker(previous)
-    _refuse_links(directory, previous)
+    _refuse_links(directory, previous, *([aside] if aside else []))
     if current(kept):
-        became = _restore_previous(directory, previous, finished=marker is not None)
+        became = _restore_previous(directory, previous, finished=marker is not None, aside=aside)
         print(f"[run] {name}: the finished results kept in {previous.name} are current again, put back{became}", file=sys.stderr, flush=True)
         return stage_token(kept["key"], kept.get("run_id")), kept["result"]
-    # Resume only an interrupted run of this config (stage.pending records it); anything
-    # else (another config, a finished stage now stale) starts clean.
+    # Resume only an interrupted run of this config (stage.pending records it, in the stage's
+    # directory or set aside by a run of other options); anything else starts clean.
     check()
     pending = directory / PENDING
-    pending_key, pending_config = _read_pending(pending)
-    interrupted = keep_partial and marker is None and pending_key is not None
-    resumable = interrupted and _matches(key, pending_key, pending_config, config, upstream, legacy)
+    interrupted = aside is not None and marker is None and (directory / PENDING).is_file()
+    resumable = interrupted and resumes(pending)
     if interrupted and not resumable:
-        print(
-            f"[run] {name}: an interrupted run of other options (or on another device, or with other upstream results) is discarded with its files; "
-            "it resumes only with the options it started with",
-            file=sys.stderr, flush=True,
-        )
+        if aside.is_dir() and resumes(aside / PENDING):  # the one set aside is this run's: exchange them
+            _swap(directory, aside)
+            print(f"[run] {name}: the interrupted run in {aside.name} has these options: put back; the one of other options is kept there", file=sys.stderr, flush=True)
+            resumable = True
+        else:
+            _set_aside(directory, aside, config)
     if marker is not None:  # finished with other options: kept until this run finishes
         remove_stage_dir(previous)
         directory.rename(previous)
         print(f"[run] {name}: its finished results (other options) are kept in {previous.name} until this run finishes", file=sys.stderr, flush=True)
     elif not resumable:
         remove_stage_dir(directory)
+    if not resumable and aside is not None and aside.is_dir() and resumes(aside / PENDING):
+        aside.rename(directory)  # a run of these options interrupted earlier, set aside since
+        print(f"[run] {name}: the interrupted run in {aside.name} has these options: put back", file=sys.stderr, flush=True)
+        resumable = True
     directory.mkdir(parents=True, exist_ok=True)
     atomic_write_text(pending, json.dumps({"key": key, "config": config}, default=str))
     print(f"[run] {name}: {'resuming' if resumable else 'running'}", file=sys.stderr, flush=True)
@@ -238,4 +284,6 @@ def run_stage(
     atomic_write_text(directory / MARKER, json.dumps({"key": key, "run_id": run_id, "config": config, "result": result}, indent=2, default=str))
     pending.unlink(missing_ok=True)
     remove_stage_dir(previous)
+    if aside is not None:
+        remove_stage_dir(aside)
     return stage_token(key, run_id), result

@@ -76,7 +76,7 @@ def same_answer_mask(table, candidates: np.ndarray, target: np.ndarray) -> torch
     width = table.ids.shape[1]
     tokens = torch.where(torch.arange(width) < table.length[:, None], table.ids, -1)  # nothing past a title's length
     answer = torch.unique(tokens, dim=0, return_inverse=True)[1]  # one id per distinct answer: (N, C), not (N, C, width)
-    return answer[torch.as_tensor(candidates)] == answer[torch.as_tensor(target)][:, None]
+    return answer[torch.tensor(candidates)] == answer[torch.tensor(target)][:, None]
 
 
 def score_metrics(scores: torch.Tensor, target_col: torch.Tensor, same_answer: torch.Tensor | None = None) -> dict[str, float]:
@@ -141,7 +141,7 @@ def target_columns(candidates: np.ndarray, target: np.ndarray, num_items: int | 
     if not (count == 1).all():
         row = int(np.flatnonzero(count != 1)[0])
         raise IloraError(f"candidate row {row} contains the target {int(target[row])} {int(count[row])} times, expected once")
-    repeats = repeated_rows(torch.as_tensor(candidates)).nonzero()
+    repeats = repeated_rows(torch.tensor(candidates)).nonzero()  # a copy: the candidates may be a read-only view
     if repeats.numel():
         row = int(repeats[0])
         raise IloraError(f"candidate row {row} repeats an item ({candidates[row].tolist()}); candidates must be distinct")
