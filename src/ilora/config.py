@@ -134,7 +134,13 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         if name not in names:
             raise ConfigError(f"unknown option {prefix}{key!s} (known: {', '.join(sorted(names))})")
         kwargs[name] = coerce(value, hints[name], f"{prefix}{name}")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:  # a section's own check ("lr: must be ...") names its options unqualified
+        section = prefix.rstrip(".")
+        if not section or str(exc).startswith(section):
+            raise
+        raise ConfigError(f"{section}: {exc}") from None
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -198,6 +204,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: config file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as exc:  # where it went wrong, 1-based, and what it found there
+        mark = exc.problem_mark or exc.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = ": ".join(part for part in (exc.context, exc.problem) if part)
+        raise ConfigError(f"{path}{where}: not valid YAML ({problem[:200]})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     except RecursionError:

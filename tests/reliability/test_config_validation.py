@@ -103,6 +103,7 @@ def test_there_is_no_total_rank_option() -> None:
         ("- a\n- b\n", "expected a mapping of options at the top level"),
         ("lr: [\n", "not valid YAML"),
         ("lr: !!python/object/apply:os.system ['touch /tmp/should-not-exist']\n", "not valid YAML"),
+        ("lr: 0.1\nepochs: [1, 2\nbatch_size: 8\n", ", line 3, column 11: not valid YAML (while parsing a flow sequence: expected ',' or ']', but got ':')"),
     ],
 )
 def test_yaml_unknown_keys_wrong_types_and_tags(yaml_text: str, message: str, tmp_path: Path) -> None:
@@ -110,7 +111,7 @@ def test_yaml_unknown_keys_wrong_types_and_tags(yaml_text: str, message: str, tm
     path.write_text(yaml_text, encoding="utf-8")
     with pytest.raises(ConfigError) as info:
         load_config(TeacherConfig, yaml_path=path)
-    assert message in str(info.value) and str(info.value).startswith(f"{path}: ")  # names the file
+    assert message in str(info.value) and str(info.value).startswith(f"{path}")  # names the file (and the line of a YAML error)
 
 
 def test_an_error_the_file_does_not_cause_does_not_name_it(tmp_path: Path) -> None:
@@ -376,3 +377,17 @@ def test_an_expert_the_teacher_lacks_is_refused_before_reading_data(command, tmp
     code = main([*argv, str(tmp_path / "no-data"), "--teacher", str(tmp_path / "teacher"), "--gate", "expert:9"])
     assert code == 2 and "expert index must be in 0..3" in error_line(capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_sections_own_check_names_the_section_in_a_run_config() -> None:
+    """`ilora run` has five batch_size keys: 'teacher: batch_size 8 is not a multiple of ...',
+    not the bare message the section's check gives (found by an independent review)."""
+    from ilora.config import from_dict
+    from ilora.pipeline.config import RunConfig
+
+    with pytest.raises(ConfigError, match=r"^teacher: lr: must be a finite number > 0.0, got -1"):
+        from_dict(RunConfig, {"teacher": {"lr": -1}})
+    with pytest.raises(ConfigError, match=r"^teacher: batch_size 8 is not a multiple of micro_batch_size 3"):
+        from_dict(RunConfig, {"teacher": {"batch_size": 8, "micro_batch_size": 3}})
+    with pytest.raises(ConfigError, match=r"^eval\.candidates: must be >= 2"):  # already qualified: left as it is
+        from_dict(RunConfig, {"eval": {"candidates": 1}})
