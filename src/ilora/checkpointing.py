@@ -257,7 +257,9 @@ def restoring(path: Path) -> Iterator[None]:
     `IloraError` naming the checkpoint, with the cause chained, instead of a bare ``KeyError``."""
     try:
         yield
-    except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+    except torch.OutOfMemoryError:  # not the checkpoint's fault: the caller sees it as it is
+        raise
+    except (KeyError, RuntimeError, ValueError) as exc:  # a missing key, load_state_dict's size / key mismatches
         raise IloraError(f"{path}: its state does not fit this run ({type(exc).__name__}: {exc})") from exc
 
 

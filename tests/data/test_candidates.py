@@ -164,5 +164,10 @@ def test_row_membership_equals_a_broadcast_comparison(num_items, width) -> None:
     history = np.sort(rng.integers(-1, num_items, (300, width)), axis=1)  # -1: padding
     draws = rng.integers(0, num_items, (300, 38))
     expected = (draws[:, :, None] == history[:, None, :]).any(axis=2)
-    assert np.array_equal(_in_rows(draws, history, num_items + 2), expected)
+    assert np.array_equal(_in_rows(draws, history), expected)
     assert expected.any() and not expected.all()
+    # any values, not only ids of the catalog: an id past it in one row leaves the others right
+    history[0, -1], draws[1, 0] = 10 * num_items, history[1, -1]
+    expected = (draws[:, :, None] == np.sort(history, axis=1)[:, None, :]).any(axis=2)
+    assert np.array_equal(_in_rows(draws, np.sort(history, axis=1)), expected)
+    assert _in_rows(draws[:, :0], history).shape == (300, 0) and not _in_rows(draws, history[:, :0]).any()

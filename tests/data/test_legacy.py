@@ -228,6 +228,7 @@ def test_reported_row_is_the_file_row_after_dropped_rows(small_lastfm: Path) -> 
         (b"0::a\n" + b"9" * 5000 + b"::b\n", r"id2name.txt \(line 2\): non-integer id '9999999999999999999999999999999999999999'"),  # past int()'s digit limit
         (b"0::a\n1 b\n", r"id2name.txt \(line 2\): no '::' separator"),
         (b"0::a\n1::caf\xe9\n", r"id2name.txt \(line 2\): undecodable text at byte 11 \(expected utf-8 text\)"),
+        (b"0::a\r1::caf\xe9\r", r"id2name.txt \(line 2\): undecodable text at byte 11"),  # old Mac line ends count too
         (b"\n\n", r"id2name.txt: the item catalog is empty"),
     ],
 )

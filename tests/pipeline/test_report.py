@@ -76,7 +76,9 @@ def test_the_gate_plot_is_the_learned_gates_against_ln_e_and_absent_without_it(t
     assert plotted == [(stats["learned"], math.log(4), "generate protocol, test, 200 samples")] and "![gate](gate.png)" in text
     plotted.clear()
     run["eval"]["teacher"] = {"score/expert:0": {"hr@1": 0.1, "gate_stats": stats["uniform"]}}
+    (tmp_path / "gate.png").write_bytes(b"an earlier run's")
     assert "![gate]" not in report.write_report(tmp_path, run).read_text() and not plotted
+    assert not (tmp_path / "gate.png").exists()
 
 
 def test_an_empty_list_of_protocols_or_gates_is_refused():

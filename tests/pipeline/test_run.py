@@ -26,7 +26,7 @@ def _stage_keys(run):
     return {p.parent.name: json.loads(p.read_text())["key"] for p in run.glob("*/stage.json")}
 
 
-def test_run_skips_up_to_date_stages_and_reruns_changed_ones(tmp_path, capsys):
+def test_run_skips_up_to_date_stages_and_reruns_changed_ones(tmp_path, capsys, monkeypatch):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run")}))
     assert main(["run", str(config), "--json"]) == 0
@@ -59,6 +59,15 @@ def test_run_skips_up_to_date_stages_and_reruns_changed_ones(tmp_path, capsys):
     assert changed["data"] == keys["data"] and changed["sasrec"] == keys["sasrec"]
     assert changed["teacher"] != keys["teacher"] and changed["eval"] != keys["eval"]
     assert changed["export"] != keys["export"] and changed["distill"] != keys["distill"]
+
+    # a run that fails leaves config.json as the report describes it (it was written first, and
+    # then named options no stage had run with)
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    recorded = (run / "config.json").read_text()
+    assert main(["run", str(config), "teacher.max_steps=3", "teacher.lr=0.009", "teacher.device=cuda"]) == 2
+    assert (run / "config.json").read_text() == recorded
 
 
 def test_changing_the_teachers_evaluation_does_not_retrain_anything(tmp_path, capsys):
@@ -346,6 +355,26 @@ def test_an_interrupted_run_of_other_options_is_set_aside_not_deleted(tmp_path, 
     run_stage(tmp_path, "teacher", {"lr": 1}, [], finish, keep_partial=True)
     assert calls[-1] == ["checkpoint.bin", PENDING] and not (tmp_path / "teacher.interrupted").exists()
     assert "the interrupted run in teacher.interrupted has these options: put back" in capsys.readouterr().err
+
+    # two mistyped runs in a row: the second does not replace the work set aside by the first
+    # (a run that failed before writing anything is just removed), and two runs that both hold
+    # work are refused rather than one deleted
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(tmp_path, "teacher", right, [], work, keep_partial=True)
+    for typo in ("/tmp/typo1", "/tmp/typo2"):
+        with pytest.raises(FileNotFoundError):
+            run_stage(tmp_path, "teacher", {**right, "llm": typo}, [], fail, keep_partial=True)
+    assert (tmp_path / "teacher.interrupted" / "checkpoint.bin").read_text() == "step 5"
+    with pytest.raises(KeyboardInterrupt):
+        run_stage(tmp_path, "teacher", {**right, "llm": "/tmp/typo3"}, [], work, keep_partial=True)
+    with pytest.raises(IloraError, match=r"teacher: holds an interrupted run of other options \(llm: '/tmp/typo3' -> '/tmp/typo4'\) and .*teacher.interrupted another one"):
+        run_stage(tmp_path, "teacher", {**right, "llm": "/tmp/typo4"}, [], finish, keep_partial=True)
+    assert (tmp_path / "teacher.interrupted" / "checkpoint.bin").read_text() == "step 5" and (tmp_path / "teacher" / "checkpoint.bin").exists()
+
+    # a run stopped in the middle of an exchange: the half-moved directory is put back
+    (tmp_path / "teacher").rename(tmp_path / "teacher.interrupted.swap")
+    run_stage(tmp_path, "teacher", {**right, "llm": "/tmp/typo3"}, [], finish, keep_partial=True)
+    assert calls[-1] == ["checkpoint.bin", PENDING]  # the typo3 run found its checkpoint again
 
 
 def test_a_record_of_the_same_work_under_another_key_counts_as_current(tmp_path):

@@ -333,6 +333,25 @@ def test_the_resume_point_removes_the_newer_checkpoints_that_failed_verification
     assert manager.latest().step == 3 and len(manager.checkpoints()) == 2
 
 
+def test_a_trainer_resuming_removes_the_damaged_newer_checkpoints(data_dir, tmp_path, caplog) -> None:
+    """The trainers resume through `resume_point`: a damaged newest checkpoint is removed, the one
+    before it resumed (teacher: tests/teacher/test_train.py goes through the same call)."""
+    from ilora.data import load_dataset
+    from ilora.rec.train import RecTrainConfig, train_sasrec
+
+    dataset = load_dataset(data_dir)
+    cfg = RecTrainConfig(epochs=1, max_steps=4, batch_size=16, hidden=16, eval_candidates=0, threads=1, checkpoint_every=1)
+    out = tmp_path / "run"
+    train_sasrec(dataset, cfg, out)
+    (out / "result.json").unlink()
+    manager = CheckpointManager(out, 1)
+    newest, before = manager.checkpoints()[:2]
+    _flip_last_byte(newest)
+    with caplog.at_level("WARNING", logger="ilora.checkpointing"):
+        assert train_sasrec(dataset, cfg, out, resume=True)["resumed_from"] == int(before.name.split("-")[1])
+    assert f"removing {newest}: it did not verify" in caplog.text
+
+
 def test_resume_refuses_a_finished_run_without_its_config_and_names_a_checkpoint_that_does_not_fit(data_dir, tmp_path) -> None:
     """A finished run whose train_config.json is gone was resumed (retrained) instead of refused;
     a verified checkpoint without the keys a run restores gave a bare KeyError."""
@@ -426,3 +445,14 @@ def test_resume_refuses_other_options(data_dir, tmp_path) -> None:
     (tmp_path / "a" / "result.json").unlink()
     with pytest.raises(IloraError, match="dataset_sha256"):
         train_sasrec(fewer, same, tmp_path / "a", resume=True)
+
+
+def test_restoring_names_the_checkpoint_but_lets_out_of_memory_through(tmp_path) -> None:
+    from ilora.checkpointing import restoring
+
+    with pytest.raises(IloraError, match=r"step-000000002: its state does not fit this run \(KeyError: 'optimizer'\)"):
+        with restoring(tmp_path / "step-000000002"):
+            {}["optimizer"]
+    with pytest.raises(torch.OutOfMemoryError):  # not the checkpoint's fault: shown as it is
+        with restoring(tmp_path / "step-000000002"):
+            raise torch.OutOfMemoryError("CUDA out of memory")

@@ -84,15 +84,19 @@ def _check_room(history: np.ndarray, target: np.ndarray, num_items: int, count: 
         )
 
 
-def _in_rows(values: np.ndarray, sorted_rows: np.ndarray, span: int) -> np.ndarray:
+def _in_rows(values: np.ndarray, sorted_rows: np.ndarray) -> np.ndarray:
     """``values[r, j] in sorted_rows[r]`` for every (r, j), by one binary search over all rows
-    (each row's values shifted into a range of its own, ``span`` wide); memory grows with the
-    rows' lengths, not with their product as a broadcast comparison's does."""
-    shift = np.arange(len(values), dtype=np.int64)[:, None] * span
+    (each row's values shifted into a range of its own, as wide as all values span); memory
+    grows with the rows' lengths, not with their product as a broadcast comparison's does."""
+    if values.size == 0 or sorted_rows.size == 0:
+        return np.zeros(values.shape, dtype=bool)
+    low = min(int(values.min()), int(sorted_rows.min()))
+    span = max(int(values.max()), int(sorted_rows.max())) - low + 1
+    shift = np.arange(len(values), dtype=np.int64)[:, None] * span - low
     flat = (sorted_rows + shift).ravel()
     queries = values + shift
-    found = np.minimum(np.searchsorted(flat, queries), max(flat.size - 1, 0))
-    return flat[found] == queries if flat.size else np.zeros(values.shape, dtype=bool)
+    found = np.minimum(np.searchsorted(flat, queries), flat.size - 1)
+    return flat[found] == queries
 
 
 def _negatives(keys: np.ndarray, history: np.ndarray, target: np.ndarray, need: int, num_items: int) -> np.ndarray:
@@ -105,7 +109,7 @@ def _negatives(keys: np.ndarray, history: np.ndarray, target: np.ndarray, need: 
     width = max(2 * need, 16)
     while pending.size:
         draws = _stream(keys[pending], 0, width, num_items)
-        bad = _in_rows(draws, history[pending], num_items + 2) | (draws == target[pending][:, None])
+        bad = _in_rows(draws, history[pending]) | (draws == target[pending][:, None])
         ok = ~bad & _first_occurrence(draws)
         done = ok.sum(axis=1) >= need
         if done.any():

@@ -113,7 +113,7 @@ def _decode(path: Path, encoding: str) -> list[str]:
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n")
+        line = len(_LINE_BREAK.findall(raw[: exc.start].decode(encoding, errors="replace")))  # \r\n, \n and \r, as the lines are split
         raise DataError(path, f"undecodable text at byte {exc.start}", line=line + 1, expected=f"{encoding} text") from None
     return _LINE_BREAK.split(text.removeprefix("\ufeff"))
 

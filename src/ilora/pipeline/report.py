@@ -161,6 +161,8 @@ def write_report(run: Path, summary: dict) -> Path:
             where = f"{learned[0].split('/')[0]} protocol, {ev['split']}, {ev['samples']} samples"
             plot_gate(stats, stats["max_entropy"], run / "gate.png", where)
             lines += ["![gate](gate.png)", ""]
+        else:
+            (run / "gate.png").unlink(missing_ok=True)  # an earlier run's plot would describe another evaluation
     distill = summary.get("distill")
     if distill:
         base, dist, gain = distill["baseline"], distill["distilled"], distill.get("gain", {})

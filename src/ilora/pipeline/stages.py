@@ -134,13 +134,35 @@ def _refuse_links(*paths: Path) -> None:
             raise IloraError(f"{path}: a file or link where the run keeps its {path.name} stage directory; not moving or deleting it: move it away")
 
 
+def _swap_path(kept: Path) -> Path:
+    return kept.with_name(f"{kept.name}.swap")
+
+
 def _swap(directory: Path, kept: Path) -> None:
-    """Exchange the contents of two stage directories (``kept`` exists; ``directory`` does)."""
-    swap = directory.with_name(f"{directory.name}.swap")
+    """Exchange the contents of two stage directories (both exist), through ``<kept>.swap``,
+    which `_finish_swaps` puts back where a run stopped mid-exchange left it."""
+    swap = _swap_path(kept)
     remove_stage_dir(swap)
     directory.rename(swap)
     kept.rename(directory)
     swap.rename(kept)
+
+
+def _finish_swaps(directory: Path, *kept: Path) -> None:
+    """Complete an exchange of `_swap` that a stopped run left half done: ``<kept>.swap`` goes
+    where a directory is missing (the stage's own first, then ``kept``)."""
+    for other in kept:
+        swap = _swap_path(other)
+        if swap.is_dir() and not swap.is_symlink():
+            if not directory.exists():
+                swap.rename(directory)
+            elif not other.exists():
+                swap.rename(other)
+
+
+def _holds_work(directory: Path) -> bool:
+    """An interrupted stage directory holds more than its ``stage.pending`` (checkpoints, shards)."""
+    return any(p.name != PENDING for p in directory.iterdir())
 
 
 def _differences(old: Any, new: Any) -> str:
@@ -152,19 +174,30 @@ def _differences(old: Any, new: Any) -> str:
 
 
 def _set_aside(directory: Path, aside: Path, config: Any) -> None:
-    """Move the interrupted run of other options in ``directory`` to ``aside`` (replacing an
-    older one there), saying what differs: a mistyped option must not delete hours of work."""
+    """Move the interrupted run of other options in ``directory`` to ``aside``, saying what
+    differs: a mistyped option must not delete hours of work. One that holds nothing but its
+    ``stage.pending`` (a run that failed before its first checkpoint) is removed instead, and
+    one that would replace other work already set aside is refused: `IloraError` naming both."""
     old_config = _read_pending(directory / PENDING)[1]
+    differs = _differences(old_config, config)
+    if not _holds_work(directory):
+        remove_stage_dir(directory)
+        return
+    if aside.is_dir() and _holds_work(aside):
+        raise IloraError(
+            f"{directory}: holds an interrupted run of other options ({differs}) and {aside} another one; "
+            "rerun with the options of one of them to resume it, or delete the one you do not need"
+        )
     remove_stage_dir(aside)
     directory.rename(aside)
     print(
-        f"[run] {directory.name}: an interrupted run of other options ({_differences(old_config, config)}) is kept in "
+        f"[run] {directory.name}: an interrupted run of other options ({differs}) is kept in "
         f"{aside.name} until this run finishes; a run with the options it started with resumes it",
         file=sys.stderr, flush=True,
     )
 
 
-def _restore_previous(directory: Path, previous: Path, finished: bool, aside: Path | None) -> str:
+def _restore_previous(directory: Path, previous: Path, finished: bool, aside: Path | None, config: Any = None) -> str:
     """Put the finished results kept in ``previous`` back as ``directory``; returns what became
     of what was in ``directory``: its ``finished`` results of other options are kept in
     ``previous`` in turn (a run stopped between finishing them and deleting the kept ones
@@ -173,10 +206,9 @@ def _restore_previous(directory: Path, previous: Path, finished: bool, aside: Pa
     if finished:
         _swap(directory, previous)
         return f"; the finished results of other options there are kept in {previous.name}"
-    interrupted = (directory / PENDING).is_file()
+    interrupted = (directory / PENDING).is_file() and _holds_work(directory)
     if interrupted and aside is not None:
-        remove_stage_dir(aside)
-        directory.rename(aside)
+        _set_aside(directory, aside, config)
     else:
         remove_stage_dir(directory)
     previous.rename(directory)
@@ -244,10 +276,11 @@ def run_stage(
     if current(marker):
         print(f"[run] {name}: up to date, skipped", file=sys.stderr, flush=True)
         return stage_token(marker["key"], marker.get("run_id")), marker["result"]
-    kept = read_marker(previous)
     _refuse_links(directory, previous, *([aside] if aside else []))
+    _finish_swaps(directory, previous, *([aside] if aside else []))
+    kept = read_marker(previous)
     if current(kept):
-        became = _restore_previous(directory, previous, finished=marker is not None, aside=aside)
+        became = _restore_previous(directory, previous, finished=marker is not None, aside=aside, config=config)
         print(f"[run] {name}: the finished results kept in {previous.name} are current again, put back{became}", file=sys.stderr, flush=True)
         return stage_token(kept["key"], kept.get("run_id")), kept["result"]
     # Resume only an interrupted run of this config (stage.pending records it, in the stage's

@@ -143,8 +143,8 @@ class LoraDropout(nn.Dropout):
     """``nn.Dropout`` whose backward keeps a bool mask on the CPU too.
 
     torch's CUDA dropout saves a 1-byte keep-mask for backward; its CPU kernel multiplies by
-    a float noise tensor and saves that (4 bytes an element, as much as the dropped input
-    LoRA's ``A`` product saves anyway). On the CPU this draws ``rand >= p`` and selects,
+    a noise tensor of the input's dtype and saves that (4 bytes an element in float32, as much
+    as the dropped input LoRA's ``A`` product saves anyway). On the CPU this draws ``rand >= p`` and selects,
     so backward keeps only the bool mask; it is also faster there (``ilora bench adapter``).
     Same distribution and scale as ``nn.Dropout``, different draws for a given seed. Other
     devices use torch's kernel. Gradient checkpointing restores the RNG state, so a
