@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -84,9 +85,12 @@ def test_ambiguous_directory_needs_explicit_format(native_dir: Path, small_lastf
     assert load_dataset(native_dir, format="llara", allow_pickle=True).num_items == 6
 
 
-def test_nothing_there(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="not found"):
+def test_nothing_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(DataError, match=r"missing: not found$"):
         load_dataset(tmp_path / "missing")
+    monkeypatch.chdir(tmp_path)  # a relative path says what it was resolved against
+    with pytest.raises(DataError, match="^" + re.escape(f"missing: not found (relative to the working directory {tmp_path})") + "$"):
+        load_dataset("missing")
     with pytest.raises(DataError, match="no dataset found"):
         load_dataset(tmp_path)
     with pytest.raises(ConfigError):

@@ -41,11 +41,17 @@ Format = Literal["auto", "native", "llara", "interactions"]
 FORMATS: tuple[str, ...] = ("auto", "native", "llara", "interactions")
 
 
+def not_found(path: Path) -> DataError:
+    """A missing dataset path; a relative one says what it was resolved against."""
+    where = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+    return DataError(path, f"not found{where}")
+
+
 def detect_format(path: str | Path) -> str:
     """``native``, ``llara`` or ``interactions`` for ``path``; a `DataError` if none or several fit."""
     path = Path(path)
     if not path.exists():
-        raise DataError(path, "not found")
+        raise not_found(path)
     if path.is_file():
         if path.name == META_FILE:
             return "native"
@@ -131,7 +137,7 @@ def load_dataset(
     if min_len < 1:
         raise ConfigError(f"min_len must be >= 1, got {min_len}")
     if not path.exists():
-        raise DataError(path, "not found")
+        raise not_found(path)
     chosen = detect_format(path) if format == "auto" else format
     if chosen != "interactions" and (max_len is not None or items is not None):
         given = [name for name, v in (("max_len", max_len), ("items", items)) if v is not None]
