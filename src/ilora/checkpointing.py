@@ -294,6 +294,20 @@ class NonFiniteGuard:
         )
 
 
+def finished_run_config(out: Path, result_file: str, config_file: str = "train_config.json") -> Path | None:
+    """The config file of the run that finished in ``out`` (its ``result_file`` is there), or None
+    when none finished; `IloraError` when the config is gone: without it ``--resume`` cannot tell
+    whether the finished run is this one."""
+    if not (out / result_file).is_file():
+        return None
+    if not (out / config_file).is_file():
+        raise IloraError(
+            f"{out}: holds a finished run's {result_file} but not its {config_file}, so --resume cannot tell "
+            "whether it is this run; pass --overwrite to start over, or use another --out"
+        )
+    return out / config_file
+
+
 @dataclass(frozen=True)
 class EarlierRun:
     """What an earlier run left in a directory: ``what`` in words, and whether ``--resume``

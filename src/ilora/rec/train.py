@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ilora.checkpointing import NonFiniteGuard, check_resume_config, open_run, restore_rng_state, restoring, rng_state
+from ilora.checkpointing import NonFiniteGuard, check_resume_config, finished_run_config, open_run, restore_rng_state, restoring, rng_state
 from ilora.config import option, to_dict
 from ilora.metrics_log import MetricsLog
 from ilora.data.dataset import SeqDataset, Split
@@ -298,17 +298,12 @@ def run_record(cfg: RecTrainConfig, run_options: dict[str, object] | None) -> di
 
 def _finished_result(out: Path, record: dict[str, object]) -> dict[str, object] | None:
     """The result of a run that already finished in ``out`` with the same record, if any."""
-    result, config = out / "result.json", out / "train_config.json"
-    if not result.is_file():
+    config = finished_run_config(out, "result.json")
+    if config is None:
         return None
-    if not config.is_file():  # without it the finished run's options are unknown
-        raise IloraError(
-            f"{out}: holds a finished run's result.json but not its train_config.json, so --resume cannot tell "
-            "whether it is this run; pass --overwrite to start over, or use another --out"
-        )
     check_resume_config(read_json(config, "train_config.json"), record, out)
     log.info("%s: training already finished; returning its result", out)
-    return read_json(result, "result.json")
+    return read_json(out / "result.json", "result.json")
 
 
 def _has_val(dataset: SeqDataset) -> bool:

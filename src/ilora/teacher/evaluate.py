@@ -70,12 +70,18 @@ def rank_of_target(scores: torch.Tensor, target_col: torch.Tensor, same_answer: 
     return (above & others).sum(1)
 
 
-def same_answer_mask(table, candidates: np.ndarray, target: np.ndarray) -> torch.Tensor:
-    """(N, C) bool: the candidates whose answer tokens (title cut to ``max_title_tokens``) equal
-    the row's target's, the target itself included, from the teacher's `TitleTable`."""
+def answer_ids(table) -> torch.Tensor:
+    """One id per item of a `TitleTable` (the padding row included), equal for items whose answer
+    tokens (title cut to ``max_title_tokens``) are equal."""
     width = table.ids.shape[1]
     tokens = torch.where(torch.arange(width) < table.length[:, None], table.ids, -1)  # nothing past a title's length
-    answer = torch.unique(tokens, dim=0, return_inverse=True)[1]  # one id per distinct answer: (N, C), not (N, C, width)
+    return torch.unique(tokens, dim=0, return_inverse=True)[1]
+
+
+def same_answer_mask(table, candidates: np.ndarray, target: np.ndarray) -> torch.Tensor:
+    """(N, C) bool: the candidates whose answer tokens equal the row's target's, the target
+    itself included (`answer_ids`: (N, C) lookups, not (N, C, width) tokens)."""
+    answer = answer_ids(table)
     return answer[torch.tensor(candidates)] == answer[torch.tensor(target)][:, None]
 
 
@@ -179,8 +185,7 @@ def warn_about_twin_answers(teacher, candidates: np.ndarray, target: np.ndarray,
     invalid. LastFM's titles are distinct; catalogs that repeat titles are not."""
     table = teacher.title_table
     if protocol == "score":
-        keys = [tuple(row[:n]) for row, n in zip(table.ids[:-1].tolist(), table.length[:-1].tolist())]
-        twins = twin_candidates(candidates, keys, target)
+        twins = twin_candidates(candidates, answer_ids(table).tolist(), target)
         effect = "the target and its twin score the same, and the twin ranks above the target"
     else:
         keys = [text.strip().lower() for text in answer_texts(teacher)]

@@ -65,7 +65,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ilora.checkpointing import CheckpointManager, NonFiniteGuard, check_resume_config, earlier_run, earlier_run_error, open_run, restore_rng_state, restoring, rng_state
+from ilora.checkpointing import CheckpointManager, NonFiniteGuard, check_resume_config, earlier_run, earlier_run_error, finished_run_config, open_run, restore_rng_state, restoring, rng_state
 from ilora.config import to_dict
 from ilora.data.candidates import candidate_sets
 from ilora.data.dataset import SeqDataset, Split
@@ -302,14 +302,10 @@ def check_same_options(saved: dict | None, cfg: TeacherConfig, where: Path) -> N
 
 def _finished_summary(out: Path, cfg: TeacherConfig, inputs: dict) -> dict | None:
     """The summary of a run that already finished in ``out`` with the same options, SASRec and data, if any."""
-    if not (out / "train_summary.json").is_file():
+    config = finished_run_config(out, "train_summary.json")
+    if config is None:
         return None
-    if not (out / "train_config.json").is_file():  # without it the finished run's options are unknown
-        raise IloraError(
-            f"{out}: holds a finished run's train_summary.json but not its train_config.json, so --resume cannot tell "
-            "whether it is this run; pass --overwrite to start over, or use another --out"
-        )
-    check_same_options(read_json(out / "train_config.json"), cfg, out)
+    check_same_options(read_json(config), cfg, out)
     summary = read_json(out / "train_summary.json")
     check_same_inputs(summary.get("inputs"), inputs, out)
     log.info("%s: training already finished; returning its summary", out)
