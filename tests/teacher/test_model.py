@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -805,6 +806,23 @@ def test_cli_train_then_eval(tmp_path, capsys):
         assert result["gate"] == gate and result["num_samples"] == 5 and "mean_target_logprob" in result
     assert main(["teacher", "eval", str(data), "--teacher", str(tmp_path / "t"), "--gate", "expert:9"]) == 2
     assert "expert index" in capsys.readouterr().err
+
+    out = tmp_path / "eval"
+    evaluate = ["teacher", "eval", str(data), "--teacher", str(tmp_path / "t"), "--limit", "5", "--out", str(out), "--json"]
+    for gate in ("learned", "uniform"):  # a second eval on the same candidates adds its result beside the first
+        assert main([*evaluate, "--gate", gate]) == 0
+        assert json.loads(capsys.readouterr().out) == json.loads((out / f"eval_test_score_{gate}.json").read_text())
+    written = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert sorted(written) == ["candidates_test.npy", "eval_test_score_learned.json", "eval_test_score_uniform.json"]
+    for name in ("eval_test_score_learned.json", "eval_test_score_uniform.json"):
+        result = json.loads(written[name])
+        assert result["candidates_file"] == "candidates_test.npy"
+        assert result["candidates_sha256"] == hashlib.sha256(written["candidates_test.npy"]).hexdigest()
+    for other in (["--seed", "1"], ["--limit", "4"]):  # other candidates would orphan the results there: refused, nothing written
+        assert main([*evaluate, *other]) == 2
+        err = capsys.readouterr().err
+        assert "candidates_test.npy holds other candidate sets (5 samples x 20)" in err and "another --out" in err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == written
 
 
 def test_a_format_1_checkpoint_loads_without_fingerprint_checks_and_says_so(dataset, rec, tmp_path, caplog):

@@ -14,7 +14,7 @@ from ilora.cli.common import add_data_arguments, add_json_argument, add_run_argu
 from ilora.config import add_arguments, add_config_arguments, config_from_args
 from ilora.distributed import process_group, require_device
 from ilora.errors import ConfigError, IloraError
-from ilora.state_io import strict_json
+from ilora.state_io import atomic_write_text, strict_json
 from ilora.teacher.config import TeacherConfig
 
 SPLIT_CHOICES = ("train", "val", "test")
@@ -56,6 +56,25 @@ def check_gate_and_device(args: argparse.Namespace) -> TeacherConfig:
     return saved
 
 
+def refuse_other_candidates(path: Path, candidates, args: argparse.Namespace) -> None:
+    """``teacher eval --out``: an earlier eval's candidate file there must hold these very candidate
+    sets, or the result files beside it would describe candidates that are no longer on disk."""
+    import numpy as np
+
+    from ilora.data.candidates import load_candidates
+
+    if not path.is_file():
+        return
+    earlier = load_candidates(path)
+    if earlier.shape == candidates.shape and np.array_equal(earlier, candidates):
+        return
+    raise ConfigError(
+        f"{path} holds other candidate sets ({earlier.shape[0]} samples x {earlier.shape[1]}) than this eval's "
+        f"({candidates.shape[0]} x {candidates.shape[1]} with --seed {args.seed}, --limit {args.limit}); the results "
+        "beside it were computed on them: give another --out, or remove that directory's files to start over"
+    )
+
+
 def run_eval(args: argparse.Namespace) -> int:
     import hashlib
 
@@ -75,6 +94,9 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.limit:
         split = split.subset(slice(0, args.limit))
     candidates = candidate_sets(split, dataset.num_items, count=args.candidates, seed=args.seed, split_name=args.split)
+    candidates_file = Path(args.out) / f"candidates_{args.split}.npy" if args.out else None
+    if candidates_file is not None:  # before the teacher loads
+        refuse_other_candidates(candidates_file, candidates, args)
     result = {"split": args.split, "protocol": args.protocol, "gate": args.gate, "candidates": args.candidates, "candidate_seed": args.seed}
     with process_group(args.device) as ctx:  # first: on CUDA it picks this rank's GPU
         bundle = load_teacher(args.teacher, dataset.catalog, device=args.device, trust_remote_code=args.trust_remote_code)
@@ -93,11 +115,12 @@ def run_eval(args: argparse.Namespace) -> int:
         )
     if not ctx.is_main:
         return 0
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        save_candidates(out / f"candidates_{args.split}.npy", candidates)
-        (out / f"eval_{args.split}_{args.protocol}_{args.gate.replace(':', '')}.json").write_text(strict_json(result, indent=2))
+    if candidates_file is not None:
+        candidates_file.parent.mkdir(parents=True, exist_ok=True)
+        save_candidates(candidates_file, candidates)
+        result["candidates_file"] = candidates_file.name
+        result["candidates_sha256"] = hashlib.sha256(candidates_file.read_bytes()).hexdigest()
+        atomic_write_text(candidates_file.parent / f"eval_{args.split}_{args.protocol}_{args.gate.replace(':', '')}.json", strict_json(result, indent=2))
     if args.json:
         print_json(result)
     else:
