@@ -200,6 +200,18 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
         raise
 
 
+def load_tensors(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; `IloraError` naming it, and ``what`` it should hold,
+    when it is missing or not a safetensors file (other errors, e.g. out of memory, pass through)."""
+    path = Path(path)
+    if not path.is_file():
+        raise IloraError(f"{path}: not found ({what})")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise IloraError(f"{path}: not a readable safetensors file ({what}; {' '.join(str(exc).split())[:200]})") from None
+
+
 def save_state(state: Any, path_stem: str | Path) -> None:
     """Write ``state`` as ``<stem>.safetensors`` + ``<stem>.json``."""
     stem = Path(path_stem)
@@ -217,10 +229,7 @@ def load_state(path_stem: str | Path) -> Any:
         if not f.is_file():
             raise IloraError(f"{f}: missing state file")
     skeleton = _parse_json(js)
-    try:
-        tensors = load_file(str(st))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise IloraError(f"{st}: not a readable safetensors file ({' '.join(str(exc).split())[:200]})") from None
+    tensors = load_tensors(st, "the tensors of a saved state")
     try:
         return _unflatten(skeleton, tensors, js)
     except (AttributeError, TypeError, ValueError, RecursionError) as exc:

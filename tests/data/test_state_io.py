@@ -151,3 +151,20 @@ def test_atomically_written_files_get_the_mode_open_would_give_them(tmp_path: Pa
     assert expected == 0o666 & ~umask
     for name in ("result.json", "model.safetensors", "sasrec/model.safetensors", "sasrec/config.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == expected, name
+
+
+def test_load_tensors_names_the_file_and_lets_other_failures_through(tmp_path: Path, monkeypatch) -> None:
+    import ilora.state_io as state_io
+
+    with pytest.raises(IloraError, match=r"nope\.safetensors: not found \(the weights\)"):
+        state_io.load_tensors(tmp_path / "nope.safetensors", "the weights")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{'a': 1}")
+    with pytest.raises(IloraError, match=r"bad\.safetensors: not a readable safetensors file \(the weights; "):
+        state_io.load_tensors(tmp_path / "bad.safetensors", "the weights")
+
+    def out_of_memory(path):
+        raise MemoryError
+
+    monkeypatch.setattr(state_io, "load_file", out_of_memory)  # not a bad file: passes through as itself
+    with pytest.raises(MemoryError):
+        state_io.load_tensors(tmp_path / "bad.safetensors", "the weights")

@@ -7,6 +7,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -405,6 +406,12 @@ def test_bad_inputs_fail_loudly():
         collator.build(**{**good, "target": None})
     with pytest.raises(IloraError, match="target id 2"):
         collator.build(**{**good, "target": torch.tensor([2])})
+    for name, bad in (("length", torch.tensor([1.5])), ("candidates", np.array([[0.0, 1.0]])), ("target", torch.tensor([True]))):
+        with pytest.raises(IloraError, match=rf"prompt {name} must be integers, got torch\.(float|bool)"):  # int64 would truncate 1.5 to 1
+            collator.build(**{**good, name: bad})
+    with pytest.raises(IloraError, match=r"prompt candidate_length must be integers"):
+        collator.build(**good, candidate_length=torch.tensor([2.0]))
+    collator.build(**{**good, "history": np.array([[0, 2]], dtype=np.int32), "length": [1]})  # any integer type
 
 
 def test_curriculum():

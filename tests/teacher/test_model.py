@@ -315,6 +315,20 @@ def test_saving_and_loading_a_tiny_teacher_draws_transformers_bars_as_plain_line
     assert any(line.startswith("Writing model shards: 100%") for line in lines), text
     assert any(line.startswith("Loading weights: 100%") for line in lines), text
 
+def test_a_damaged_weights_file_of_a_saved_teacher_is_an_error_naming_it(dataset, rec, tmp_path):
+    bundle = make_bundle(dataset, rec)
+    save_teacher(bundle, tmp_path / "t", dataset.catalog)
+    files = sorted(p for p in (tmp_path / "t").rglob("*.safetensors") if p.parent.name != "llm")
+    assert len(files) >= 4  # experts, gate, projector, placeholder rows
+    for path in files:
+        intact = path.read_bytes()
+        path.write_bytes(intact[: len(intact) // 2])
+        with pytest.raises(IloraError, match=rf"{path.name}: not (the one saved|a readable safetensors file \()"):
+            load_teacher(tmp_path / "t", dataset.catalog)
+        path.write_bytes(intact)
+    load_teacher(tmp_path / "t", dataset.catalog)
+
+
 def test_gate_options_reach_the_gate_and_survive_save_and_load(dataset, rec, tmp_path):
     """gate_blocks, gate_pool and gate_temperature build the ResNet router they describe, and a
     saved teacher reloads with the same router (checked against a softmax written here)."""
@@ -763,6 +777,31 @@ def test_scoring_refuses_flash_attention(dataset, rec):
     assert bundle.teacher.llm.config._attn_implementation == "flash_attention_2"
     with pytest.raises(IloraError, match="flash_attention_2"):
         bundle.teacher.score_candidates(prompts, prompts.candidates)
+
+
+def test_scoring_and_generating_refuse_an_empty_batch_or_no_candidates(dataset, rec):
+    bundle = make_bundle(dataset, rec)
+    split, cands = sample_arrays(dataset, n=2)
+    prompts = bundle.prompt_collator.build(split.history, split.length, cands)
+    empty = bundle.prompt_collator.build(split.history[:0], split.length[:0], cands[:0])
+    with pytest.raises(IloraError, match="score_candidates: the batch holds no prompts"):
+        bundle.teacher.score_candidates(empty, torch.as_tensor(cands[:0]))
+    with pytest.raises(IloraError, match="generate: the batch holds no prompts"):
+        bundle.teacher.generate(empty)
+    with pytest.raises(IloraError, match=r"candidates have shape \(2, 0\), expected \(2, C >= 1\)"):
+        bundle.teacher.score_candidates(prompts, torch.as_tensor(cands[:, :0]))
+
+
+def test_the_learned_gate_names_a_sample_without_history(dataset, rec):
+    """The collator writes a prompt with an empty history; SASRec's user representation (the
+    learned gate's input) needs one item, and says which sample has none."""
+    bundle = make_bundle(dataset, rec)
+    split, cands = sample_arrays(dataset, n=3)
+    length = torch.as_tensor(split.length).clone()
+    length[1] = 0
+    with pytest.raises(IloraError, match="sample 1 of the batch has length 0"):
+        bundle.teacher.gates(torch.as_tensor(split.history), length)
+    assert bundle.teacher.gates(torch.as_tensor(split.history), length, "uniform").shape == (3, bundle.teacher.num_experts)
 
 
 def test_mean_loss_of_a_batch_without_answers_is_an_error(dataset, rec):

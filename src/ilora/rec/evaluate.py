@@ -105,13 +105,9 @@ def save_ranks(ranks: torch.Tensor, path: str | Path) -> None:
 
 def load_ranks(path: str | Path) -> torch.Tensor:
     """The ranks `save_ranks` wrote; `IloraError` naming the file if it holds anything else."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from ilora.state_io import load_tensors
 
-    try:
-        tensors = load_file(str(path))
-    except (OSError, SafetensorError) as exc:
-        raise IloraError(f"{path}: cannot read ranks ({exc})") from None
+    tensors = load_tensors(path, "SASRec's ranks from `rec eval --save-ranks`")
     ranks = tensors.get("ranks")
     found = ", ".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in sorted(tensors.items())) or "nothing"
     if set(tensors) != {"ranks"} or ranks.ndim != 1 or ranks.dtype != torch.int64 or (ranks.numel() and int(ranks.min()) < 0):

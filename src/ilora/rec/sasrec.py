@@ -210,8 +210,13 @@ class SASRec(nn.Module):
         width = history.shape[1]
         if width > self.config.max_len:
             raise IloraError(f"history width {width} exceeds the model's max_len {self.config.max_len}")
-        if length.numel() and (int(length.min()) < 1 or int(length.max()) > width):
-            raise IloraError(f"history lengths must be in 1..{width}; got {int(length.min())}..{int(length.max())}")
+        outside = (length < 1) | (length > width)
+        if bool(outside.any()):
+            row = int(outside.nonzero()[0, 0])
+            raise IloraError(
+                f"history lengths must be in 1..{width} (a user representation reads the last history item); "
+                f"sample {row} of the batch has length {int(length[row])}"
+            )
         valid = torch.arange(width, device=device)[None, :] < length[:, None]
         bad = valid & ((history < 0) | (history >= self.num_items))
         if bad.any():
@@ -277,8 +282,7 @@ def sasrec_with_weights(cfg: SASRecConfig, tensors: dict[str, torch.Tensor], sou
 
 def load_sasrec(directory: str | Path, *, device: str | torch.device = "cpu") -> SASRec:
     """Load a model written by `SASRec.save`, in eval mode."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from ilora.state_io import load_tensors
 
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
@@ -286,10 +290,7 @@ def load_sasrec(directory: str | Path, *, device: str | torch.device = "cpu") ->
         if not path.is_file():
             raise IloraError(f"{path}: not found (expected a SASRec model directory written by `ilora rec train`)")
     cfg = SASRecConfig.from_json(config_path.read_text(encoding="utf-8"), config_path)
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError) as exc:
-        raise IloraError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+    tensors = load_tensors(weights_path, "SASRec's weights")
     return sasrec_with_weights(cfg, tensors, weights_path).to(device).eval()
 
 

@@ -43,11 +43,10 @@ from pathlib import Path
 from typing import Any, ContextManager, Literal
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from ilora.config import from_dict, option
-from ilora.state_io import read_json, save_tensors
+from ilora.state_io import load_tensors, read_json, save_tensors
 from ilora.errors import ConfigError, IloraError
 
 # Linear layers adapted by default (iLoRA / LLaRA adapt attention and MLP projections).
@@ -234,6 +233,8 @@ class GateState:
 
     def gate_for(self, x: torch.Tensor) -> torch.Tensor:
         """The gate for input ``x`` of shape ``(B, ..., in)``; raises unless it fits ``x``.
+        Inputs are batch-first (a model that ran its linear layers on ``(T, B, in)`` would pass
+        this check whenever T == B and mix samples up: transformers' decoders are batch-first).
 
         Outside torch.compile it also raises when called during backward outside a
         checkpoint recompute context (checkpointing not set up by
@@ -253,7 +254,7 @@ class GateState:
             )
         if x.dim() < 2:
             raise ValueError(f"gated LoRA input must have a batch dimension, got shape {tuple(x.shape)}")
-        if gate.shape[0] != x.shape[0]:
+        if gate.shape[0] != x.shape[0]:  # batch-first inputs, as every transformers decoder passes them
             raise RuntimeError(
                 f"gate batch size {gate.shape[0]} does not match the layer input's batch size {x.shape[0]} "
                 f"(input shape {tuple(x.shape)}): the gate belongs to another batch"
@@ -679,12 +680,7 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[MoELoraConfig, list[st
 def load_adapter_weights(model: nn.Module, adapter_dir: str | Path) -> None:
     """Copy the saved expert weights into the model's gated layers, checking every key and shape."""
     path = Path(adapter_dir) / WEIGHTS_FILE
-    if not path.is_file():
-        raise IloraError(f"{path}: file not found")
-    try:
-        saved = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise IloraError(f"{path}: cannot read safetensors file ({exc})") from None
+    saved = load_tensors(path, "the LoRA experts' weights")
     expected = adapter_state_dict(model)
     missing = [k for k in expected if k not in saved]
     unexpected = [k for k in saved if k not in expected]

@@ -181,14 +181,9 @@ def assemble(cfg: TeacherConfig, catalog: Catalog, rec: SASRec, llm, tokenizer, 
 
 def _read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file; `IloraError` naming it (and ``what`` it holds) if missing or unreadable."""
-    from safetensors.torch import load_file
+    from ilora.state_io import load_tensors
 
-    if not path.is_file():
-        raise IloraError(f"{path}: not found (the teacher's {what})")
-    try:
-        return load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise IloraError(f"{path}: cannot read safetensors file ({exc})") from None
+    return load_tensors(path, f"the teacher's {what}")
 
 
 def _load_checked(module: torch.nn.Module, path: Path, what: str) -> None:

@@ -85,8 +85,10 @@ def check_prompt_batch(batch, what: str) -> None:
 
     Left padding puts every prompt's last token in the last column, which is where
     `ILoRATeacher.score_candidates` and `ILoRATeacher.generate` read the next-token state;
-    an answer in the batch would be read as part of the prompt.
+    an answer in the batch would be read as part of the prompt. An empty batch is refused too.
     """
+    if len(batch) == 0:
+        raise IloraError(f"{what}: the batch holds no prompts")
     last = batch.attention_mask[:, -1] if batch.attention_mask.shape[1] else batch.attention_mask.new_zeros(len(batch))
     if not bool((last == 1).all()):
         row = int((last != 1).nonzero()[0, 0])
@@ -324,8 +326,8 @@ class ILoRATeacher(nn.Module):
         block mask cannot apply it).
         """
         check_prompt_batch(batch, "score_candidates")
-        if candidates.ndim != 2 or candidates.shape[0] != len(batch):
-            raise IloraError(f"score_candidates: candidates have shape {tuple(candidates.shape)}, expected ({len(batch)}, C) for {len(batch)} prompts")
+        if candidates.ndim != 2 or candidates.shape[0] != len(batch) or candidates.shape[1] == 0:
+            raise IloraError(f"score_candidates: candidates have shape {tuple(candidates.shape)}, expected ({len(batch)}, C >= 1) for {len(batch)} prompts")
         bad = ((candidates < 0) | (candidates >= self.title_table.num_items)).nonzero()
         if bad.numel():
             r, k = (int(i) for i in bad[0])

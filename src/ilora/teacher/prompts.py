@@ -68,7 +68,9 @@ class PromptTemplate:
         hybrid: bool = True,
         answer: str | None = None,
     ) -> str:
-        """The prompt as readable text (for logs); the token layout of ``ilora.teacher.batch``."""
+        """The prompt as readable text (for logs). Tokenising this text does not give the batch's
+        ids: ``ilora.teacher.batch`` tokenises each segment as if after a space and writes each
+        placeholder as one token with no space token before it."""
         history_mark = HISTORY_TOKEN if hybrid else TEXT_TOKEN
         candidate_mark = CANDIDATE_TOKEN if hybrid else TEXT_TOKEN
         parts = [self.before, *_items(history_titles, history_mark), self.between]
