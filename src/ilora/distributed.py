@@ -15,6 +15,7 @@ single-process order; the export deals whole shards round-robin instead
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -129,13 +130,34 @@ def init_from_env(device: str) -> Dist:
             raise ConfigError(f"rank {rank}: LOCAL_RANK {local_rank} but this node has {torch.cuda.device_count()} CUDA device(s)")
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
+        timeout = collective_timeout()
         if device == "cuda":  # bound to this rank's GPU, so that collectives never guess it
-            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank), timeout=timeout)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout)
     if dist.get_world_size() != world or dist.get_rank() != rank:
         raise ConfigError(f"process group (rank {dist.get_rank()} of {dist.get_world_size()}) disagrees with RANK={rank} WORLD_SIZE={world}")
     return Dist(rank=rank, world_size=world, local_rank=local_rank)
+
+
+TIMEOUT_ENV = "ILORA_DIST_TIMEOUT_MIN"
+DEFAULT_TIMEOUT_MIN = 60.0
+
+
+def collective_timeout() -> datetime.timedelta:
+    """How long a rank waits in a collective before the job fails: ``ILORA_DIST_TIMEOUT_MIN``
+    minutes (default 60). NCCL's own default, 10 minutes, is shorter than some waits of a 7B run:
+    in the export's last round a rank without a shard waits while the others score theirs."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return datetime.timedelta(minutes=DEFAULT_TIMEOUT_MIN)
+    try:
+        minutes = float(text)
+    except ValueError:
+        minutes = float("nan")
+    if not (0 < minutes < 100_000):  # also refuses nan and inf
+        raise ConfigError(f"{TIMEOUT_ENV}={text!r}: expected a positive number of minutes")
+    return datetime.timedelta(minutes=minutes)
 
 
 def shutdown(ctx: Dist) -> None:

@@ -172,7 +172,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -194,7 +194,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
         os.chmod(tmp, mode)  # safetensors writes a file of its own (0o600) in its place
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        replace_durably(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -243,6 +243,13 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def replace_durably(source: str | Path, target: str | Path) -> None:
+    """``os.replace(source, target)``, then the folder's entries flushed: after a power loss the
+    rename is on disk before anything written later that refers to the file (a manifest)."""
+    os.replace(source, target)
+    fsync_file(Path(target).parent)
 
 
 def fsync_file(path: str | Path) -> None:

@@ -168,3 +168,25 @@ def test_load_tensors_names_the_file_and_lets_other_failures_through(tmp_path: P
     monkeypatch.setattr(state_io, "load_file", out_of_memory)  # not a bad file: passes through as itself
     with pytest.raises(MemoryError):
         state_io.load_tensors(tmp_path / "bad.safetensors", "the weights")
+
+
+def test_atomic_writes_flush_the_folder_after_the_rename(tmp_path: Path, monkeypatch) -> None:
+    """A manifest written after a shard must not survive a power loss that the shard's rename does
+    not: every atomic write flushes its folder's entries once the file is in place."""
+    import ilora.state_io as state_io
+    from ilora.outputs.export import write_shard
+
+    flushed, real = [], state_io.fsync_file
+
+    def recording(path) -> None:
+        if Path(path).is_dir():
+            flushed.append((Path(path), sorted(p.name for p in Path(path).iterdir())))
+        real(path)
+
+    monkeypatch.setattr(state_io, "fsync_file", recording)
+    state_io.atomic_write_text(tmp_path / "a" / "m.json", "{}")
+    state_io.save_tensors({"x": torch.ones(1)}, tmp_path / "b" / "t.safetensors")
+    import pyarrow as pa
+
+    write_shard(tmp_path / "c" / "part-0.parquet", pa.table({"index": [0]}))
+    assert flushed == [(tmp_path / "a", ["m.json"]), (tmp_path / "b", ["t.safetensors"]), (tmp_path / "c", ["part-0.parquet"])]

@@ -123,6 +123,35 @@ def test_a_rank_without_samples_runs_one_with_weight_zero() -> None:
     assert [list(i) for i, _, _ in rank_micro_batches(idx, flags, 4, SINGLE)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
+def test_the_process_group_waits_the_configured_time_in_a_collective(monkeypatch) -> None:
+    """NCCL's default (10 minutes) is shorter than a 7B export's last round; the group gets
+    ILORA_DIST_TIMEOUT_MIN (default 60) and a bad value is an error naming the variable."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from ilora.distributed import init_from_env
+    from ilora.errors import ConfigError
+
+    joined = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: joined.append((backend, kw)))
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "x", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("ILORA_DIST_TIMEOUT_MIN", raising=False)
+    assert init_from_env("cpu") == Dist(rank=1, world_size=2, local_rank=1)
+    monkeypatch.setenv("ILORA_DIST_TIMEOUT_MIN", "2.5")
+    init_from_env("cpu")
+    assert joined == [("gloo", {"timeout": datetime.timedelta(minutes=60)}), ("gloo", {"timeout": datetime.timedelta(seconds=150)})]
+    for bad in ("0", "-3", "soon", "nan", "inf"):
+        monkeypatch.setenv("ILORA_DIST_TIMEOUT_MIN", bad)
+        with pytest.raises(ConfigError, match=rf"ILORA_DIST_TIMEOUT_MIN='{bad}': expected a positive number of minutes"):
+            init_from_env("cpu")
+    assert len(joined) == 2
+
+
 # -- training ------------------------------------------------------------------------------------
 
 

@@ -267,6 +267,8 @@ def test_interrupted_export_resumes_to_the_same_files(teacher, dataset, tmp_path
     export_stopped_after(teacher, dataset, tmp_path / "cut", shard=1)
     partial = read_manifest(tmp_path / "cut")["splits"]["train"]
     assert [s["rows"] for s in partial["shards"]] == [5, 5] and not partial["complete"]
+    with pytest.raises(IloraError, match=r"the train export is incomplete \(10 of 22 samples written; run the same `ilora teacher export`"):
+        read_teacher_outputs(tmp_path / "cut")
     (tmp_path / "cut/train/part-00002.parquet").write_bytes(b"half a shard")  # killed while writing
     (tmp_path / "cut/train/.part-00003.parquet.tmp").write_bytes(b"junk")
     leftovers = []

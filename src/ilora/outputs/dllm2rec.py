@@ -40,7 +40,6 @@ temporary names, then renamed.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +49,7 @@ import torch
 from ilora.data.dataset import SeqDataset, Split
 from ilora.errors import IloraError
 from ilora.outputs.format import ITEM_EMBEDDINGS, file_sha256, list_matrix
-from ilora.state_io import fsync_file
+from ilora.state_io import fsync_file, replace_durably
 
 DLLM2REC_DIR = "dllm2rec"
 RANK_FILE = "myrank_train.txt"
@@ -138,7 +137,7 @@ def write_dllm2rec(out: str | Path, manifest: dict, dataset: SeqDataset, train: 
         torch.save(embeddings, tmp[EMBEDDINGS_FILE])
         for name, path in tmp.items():
             fsync_file(path)
-            os.replace(path, target / name)
+            replace_durably(path, target / name)
     finally:
         for path in tmp.values():
             path.unlink(missing_ok=True)

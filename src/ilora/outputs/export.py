@@ -54,7 +54,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -75,7 +74,7 @@ from ilora.errors import ConfigError, IloraError
 from ilora.outputs.format import FORMAT, ITEM_EMBEDDINGS, MANIFEST, SHARD_NAME, SHARD_PATTERN, VERSION, file_sha256
 from ilora.progress import progress
 from ilora.rec.metrics import history_mask
-from ilora.state_io import atomic_write_text, fsync_file, save_tensors
+from ilora.state_io import atomic_write_text, fsync_file, replace_durably, save_tensors
 
 CONFIDENCE = "softmax of the pool's log-likelihoods"
 EMBEDDING_METHOD = (
@@ -440,7 +439,7 @@ def write_shard(path: Path, table: pa.Table) -> str:
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp, compression="snappy")
     fsync_file(tmp)
-    os.replace(tmp, path)
+    replace_durably(tmp, path)
     return file_sha256(path)
 
 

@@ -267,7 +267,8 @@ def read_split(
     ``None``: the first shard's), and each value checked (module docstring)."""
     columns = _check_columns(columns)
     if not info.get("complete"):
-        raise IloraError(f"{directory}: the {name} export is incomplete (resume it with `ilora teacher export`)")
+        written = f"{info['rows']} of {info['samples']} samples written; " if {"rows", "samples"} <= info.keys() else ""
+        raise IloraError(f"{directory}: the {name} export is incomplete ({written}run the same `ilora teacher export` command again to finish it)")
     for shard in info["shards"]:  # every count checked against its file before anything is sized by it
         path, rows = directory / shard["file"], shard.get("rows")
         if type(rows) is not int or rows < 0:
