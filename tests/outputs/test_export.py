@@ -334,9 +334,9 @@ def test_a_manifest_whose_shard_list_is_not_the_exports_own_is_refused_on_resume
 def test_another_teacher_or_options_are_refused_unless_overwrite(teacher, dataset, tmp_path):
     out = tmp_path / "o"
     export(teacher, dataset, out, **{**OPTS, "limit": 4})
-    with pytest.raises(IloraError, match="another top_k"):
+    with pytest.raises(IloraError, match=r"holds an export that differs in top_k \(3, now 2\)"):
         export(teacher, dataset, out, **{**OPTS, "limit": 4, "top_k": 2})
-    with pytest.raises(IloraError, match="another options"):
+    with pytest.raises(IloraError, match="holds an export that differs in options"):
         export(teacher, dataset, out, **{**OPTS, "limit": 5})
     shifted = SeqDataset(dataset.catalog, {"train": dataset.split("train").subset(slice(1, None))}, source="shifted")
     with pytest.raises(IloraError, match="other train samples"):

@@ -115,7 +115,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--candidates", type=optional_candidate_count, default=20, metavar="N", help="candidate-set size for cand_hr@1 (0: none) [default: 20]")
     ev.add_argument("--seed", "--cand-seed", dest="seed", type=int, default=0, help="seed of the fixed candidate sets (--cand-seed of rec train and distill) [default: 0]")
     ev.add_argument("--batch-size", type=int, default=1024, help="samples per batch [default: 1024]")
-    ev.add_argument("--save-candidates", type=Path, default=None, metavar="FILE", help="also write the candidate sets used to FILE")
+    ev.add_argument("--save-candidates", type=Path, default=None, metavar="FILE.npy", help="also write the candidate sets used to FILE.npy (int64 (samples, N), no pickle)")
     add_json_argument(ev)
     ev.set_defaults(run=run_eval)
 

@@ -42,7 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "(teacher.max_steps=100).",
             width=100,
         ),
-        epilog=options_epilog(RunConfig, "keys (YAML, or key=value overrides):"),
+        epilog=options_epilog(RunConfig, "keys (YAML, or key=value overrides):") + "\n\n" + textwrap.fill(
+            "A run also requires: export.limit=0 (its students read a teacher row for every train sample), "
+            "train in export.splits, and distill.top_k <= export.top_k. Outputs: <out>/data/dataset, "
+            "<out>/sasrec/model, <out>/sasrec_eval, <out>/teacher/model, <out>/eval, <out>/export/outputs, "
+            "<out>/distill/{baseline,distilled,control}, report.md, summary.json.",
+            width=100,
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("config", metavar="CONFIG.yaml", help="run configuration (see configs/ for examples)")

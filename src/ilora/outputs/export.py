@@ -97,7 +97,7 @@ class ExportOptions:
     batch_size: int = option(16, "prompts per batch")
     gate: str = option("learned", "learned, uniform or expert:N")
     device: str = option("cpu", "device to score on (cpu or cuda)")
-    limit: int = option(0, "export only the first N samples of each split (0: all; smoke runs)")
+    limit: int = option(0, "export only the first N samples of each split (0: all; smoke runs: `ilora distill` refuses such a partial export)")
 
     def __post_init__(self) -> None:
         if not self.splits or len(set(self.splits)) != len(self.splits):
@@ -349,7 +349,7 @@ def check_same_export(old: dict, new: dict, out: Path) -> None:
         if _get(old, keys) != _get(new, keys):
             what = ".".join(keys)
             raise IloraError(
-                f"{out}: holds an export with another {what} ({_get(old, keys)!r}, now {_get(new, keys)!r}); "
+                f"{out}: holds an export that differs in {what} ({_get(old, keys)!r}, now {_get(new, keys)!r}); "
                 "use another --out, or --overwrite to replace it"
             )
 

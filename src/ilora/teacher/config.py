@@ -36,7 +36,7 @@ SELECT_METRICS = ("hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr", "mean_target_logpr
 @dataclass
 class TeacherConfig:
     # -- model -----------------------------------------------------------------------------------
-    llm: str = option("tiny", "base LLM: 'tiny' (a small Llama built offline from a config) or any AutoModelForCausalLM path / hub id")
+    llm: str = option("tiny", "base LLM: 'tiny' (a small Llama or Qwen2, tiny_arch, built offline from a config) or any AutoModelForCausalLM path / hub id")
     trust_remote_code: bool = option(False, "allow the model repository's own Python code (off: never trusted by default)")
     domain: str = option("music", "prompt template: music, movie, game, or a path to a template file")
     max_title_tokens: int = option(24, "titles are truncated to this many tokens")
@@ -89,7 +89,7 @@ class TeacherConfig:
     candidate_seed: int = option(0, "seed of the fixed candidate sets")
     eval_batch_size: int = option(16, "prompts per batch in validation")
     val_samples: int = option(0, "validate on at most this many val samples (0: all)")
-    select_metric: str = option("mrr", "validation metric (score protocol) that picks the best checkpoint")
+    select_metric: str = option("mrr", f"validation metric (score protocol) that picks the best checkpoint: {', '.join(SELECT_METRICS)}")
     workers: int = option(0, "DataLoader workers building the prompt batches")
     seed: int = option(0, "random seed")
     checkpoint_every: int = option(0, "write a resumable checkpoint every N optimiser steps into OUT/checkpoints (0: off)")
