@@ -68,6 +68,31 @@ def test_compiled_layers_equal_eager_and_only_inside_the_block():
     assert "forward" not in layer.__dict__
 
 
+def test_compiled_layers_fail_loudly_past_their_recompile_limit():
+    """Past torch's recompile limit a layer would run eager for good, silently slower: within
+    `active` that is an IloraError naming the limit, and torch's settings are back after."""
+    import torch._dynamo
+
+    from ilora.errors import IloraError
+
+    before = (torch._dynamo.config.recompile_limit, torch._dynamo.config.fail_on_recompile_limit_hit)
+    model, state = gated_llama()
+    ids, mask = padded_batch()
+    gate = torch.softmax(torch.randn(len(ids), 4), -1)
+    roomy = CompiledLayers(model, backend="eager")
+    with roomy.active(), state.use(gate):  # new widths recompile a few times, well within the training limit
+        for width in (6, 5, 4, 3):
+            model(input_ids=ids[:, -width:], attention_mask=mask[:, -width:])
+    torch._dynamo.reset()
+    tight = CompiledLayers(model, backend="eager", max_recompiles=1)
+    with pytest.raises(IloraError, match="compiled a decoder layer more than 1 times.*Train with compile=false"):
+        with tight.active(), state.use(gate):
+            for width in (6, 5):
+                model(input_ids=ids[:, -width:], attention_mask=mask[:, -width:])
+    assert (torch._dynamo.config.recompile_limit, torch._dynamo.config.fail_on_recompile_limit_hit) == before
+    assert "forward" not in model.model.layers[0].__dict__  # the eager forwards are back
+
+
 def test_config_refuses_compile_with_gradient_checkpointing():
     with pytest.raises(ConfigError, match="compile and gradient_checkpointing"):
         TeacherConfig(compile=True, gradient_checkpointing=True)

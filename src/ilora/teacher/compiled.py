@@ -31,6 +31,11 @@ from torch import nn
 
 _UNSET = object()
 CXX = ("c++", "g++", "clang++")
+# Graphs per decoder layer function a training run may compile. Measured on a 12-layer Llama (CPU):
+# 4 per kind of first-layer input (static, dynamic length, dynamic batch, batch 1), and the kind
+# changes when a text-only batch (curriculum) feeds the layers no projector output; torch's own
+# default (8) would leave no room, and past it torch runs the layers eager for good, silently.
+TRAINING_RECOMPILE_LIMIT = 64
 
 
 def check_can_compile(device: str) -> None:
@@ -42,15 +47,38 @@ def check_can_compile(device: str) -> None:
         raise ConfigError(f"compile on the CPU needs a C++ compiler ({', '.join(CXX)}) on the PATH; none was found (set compile=false)")
 
 
+@contextlib.contextmanager
+def recompile_limit(limit: int, advice: str) -> Iterator[None]:
+    """Within the block torch.compile compiles a function at most ``limit`` times, and one more is
+    an `IloraError` (ending in ``advice``) instead of torch's warning: past its limit torch runs
+    the function eager for the rest of the process, slower and without saying so again."""
+    import torch._dynamo
+
+    from ilora.errors import IloraError
+
+    with torch._dynamo.config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+        try:
+            yield
+        except torch._dynamo.exc.FailOnRecompileLimitHit as error:
+            raise IloraError(
+                f"torch.compile compiled a decoder layer more than {limit} times; past that torch would run the layers "
+                f"eager from then on. {advice} (TORCH_LOGS=recompiles says why it recompiled)"
+            ) from error
+
+
 class CompiledLayers:
     """Compiled ``forward`` of every decoder layer of ``llm``, installed by `active`.
 
     ``mode`` is torch.compile's (None: its default; the trainer uses the default; ``ilora
-    bench step --compile-mode`` measures the others)."""
+    bench step --compile-mode`` measures the others). ``max_recompiles``: `active` runs under
+    `recompile_limit` with it (None: under whatever limit the caller set)."""
 
-    def __init__(self, llm: nn.Module, backend: str = "inductor", mode: str | None = None) -> None:
+    def __init__(
+        self, llm: nn.Module, backend: str = "inductor", mode: str | None = None, max_recompiles: int | None = TRAINING_RECOMPILE_LIMIT
+    ) -> None:
         self.layers = list(llm.get_decoder().layers)
         self.compiled = [torch.compile(layer.forward, backend=backend, mode=mode) for layer in self.layers]
+        self.max_recompiles = max_recompiles
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -59,7 +87,11 @@ class CompiledLayers:
         for layer, forward in zip(self.layers, self.compiled):
             layer.forward = forward
         try:
-            yield
+            if self.max_recompiles is None:
+                yield
+            else:
+                with recompile_limit(self.max_recompiles, "Train with compile=false, or report the batch shapes that caused it"):
+                    yield
         finally:
             for layer, forward in zip(self.layers, previous):
                 if forward is _UNSET:
