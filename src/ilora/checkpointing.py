@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ilora.errors import IloraError
-from ilora.state_io import file_sha256, fsync_file, load_state, read_json, save_state
+from ilora.state_io import file_sha256, fsync_directory, fsync_file, load_state, read_json, save_state
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +202,9 @@ class CheckpointManager:
             fh.write(json.dumps(manifest, indent=2))
             fh.flush()
             os.fsync(fh.fileno())
-        fsync_file(tmp)
+        fsync_directory(tmp)
         os.rename(tmp, final)
-        fsync_file(self.root)
+        fsync_directory(self.root)
         self._prune()
         return final
 

@@ -19,6 +19,7 @@ views of one buffer) are saved as separate copies, as safetensors requires.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -246,10 +247,25 @@ def file_sha256(path: str | Path) -> str:
 
 
 def replace_durably(source: str | Path, target: str | Path) -> None:
-    """``os.replace(source, target)``, then the folder's entries flushed: after a power loss the
-    rename is on disk before anything written later that refers to the file (a manifest)."""
+    """``os.replace(source, target)``, then the folder's entries flushed (`fsync_directory`): after
+    a power loss the rename is on disk before anything written later that refers to the file."""
     os.replace(source, target)
-    fsync_file(Path(target).parent)
+    fsync_directory(Path(target).parent)
+
+
+# How file systems that cannot flush a directory (some FUSE and network mounts) or a folder one may
+# write but not read refuse it: nothing is lost but the ordering guarantee, so the write goes on.
+_NO_DIRECTORY_FSYNC = frozenset({errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EACCES, errno.EBADF})
+
+
+def fsync_directory(path: str | Path) -> None:
+    """Flush a directory's entries to disk (after a rename into it) where its file system can;
+    any other failure (EIO: the disk lost data) is an `IloraError` naming the directory."""
+    try:
+        fsync_file(path)
+    except OSError as exc:
+        if exc.errno not in _NO_DIRECTORY_FSYNC:
+            raise IloraError(f"{path}: cannot flush the folder's entries to disk ({exc.strerror or exc})") from None
 
 
 def fsync_file(path: str | Path) -> None:

@@ -894,8 +894,11 @@ def test_a_compiled_step_bench_measures_under_the_recompile_limit(synthetic_titl
     class Stop(Exception):
         pass
 
-    def record(*args, **kwargs):
+    def record(setup, *args, **kwargs):
         seen.append((torch._dynamo.config.recompile_limit, torch._dynamo.config.fail_on_recompile_limit_hit))
+        if setup.compiled is not None:  # inside a variant the layers keep the bench's limit (set no limit of their own)
+            with step_bench.variant_context(setup, "ours"):
+                seen.append((torch._dynamo.config.recompile_limit, torch._dynamo.config.fail_on_recompile_limit_hit))
         raise Stop
 
     monkeypatch.setattr(step_bench, "check_equal", record)
@@ -903,5 +906,6 @@ def test_a_compiled_step_bench_measures_under_the_recompile_limit(synthetic_titl
     for compile_layers in (True, False):
         with pytest.raises(Stop):
             step_bench.run_bench(CPU, quick=True, compile_layers=compile_layers, shared_inputs=True, reference=False)
-    assert seen == [(2 * step_bench.RECOMPILES_PER_VARIANT, True), defaults]  # ours and ours_shared
+    limit = (2 * step_bench.RECOMPILES_PER_VARIANT, True)  # ours and ours_shared
+    assert seen == [limit, limit, defaults]
     assert (torch._dynamo.config.recompile_limit, torch._dynamo.config.fail_on_recompile_limit_hit) == defaults

@@ -190,3 +190,29 @@ def test_atomic_writes_flush_the_folder_after_the_rename(tmp_path: Path, monkeyp
 
     write_shard(tmp_path / "c" / "part-0.parquet", pa.table({"index": [0]}))
     assert flushed == [(tmp_path / "a", ["m.json"]), (tmp_path / "b", ["t.safetensors"]), (tmp_path / "c", ["part-0.parquet"])]
+
+
+def test_a_folder_its_file_system_cannot_flush_does_not_fail_the_write(tmp_path: Path, monkeypatch) -> None:
+    """Some FUSE and network mounts refuse to fsync a directory: the file is in place and the write
+    goes on; a disk error while flushing (EIO) is an error naming the folder."""
+    import errno
+    import os
+
+    import ilora.state_io as state_io
+
+    real = os.fsync
+
+    def refusing(code):
+        def fsync(fd):
+            if os.path.isdir(f"/proc/self/fd/{fd}"):
+                raise OSError(code, os.strerror(code))
+            real(fd)
+
+        return fsync
+
+    monkeypatch.setattr(os, "fsync", refusing(errno.EINVAL))
+    state_io.atomic_write_text(tmp_path / "a.json", '{"new": 1}')
+    assert (tmp_path / "a.json").read_text() == '{"new": 1}'
+    monkeypatch.setattr(os, "fsync", refusing(errno.EIO))
+    with pytest.raises(IloraError, match=rf"{tmp_path}: cannot flush the folder's entries to disk \(Input/output error\)"):
+        state_io.atomic_write_text(tmp_path / "b.json", "{}")

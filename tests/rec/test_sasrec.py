@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -158,8 +160,17 @@ def test_bad_inputs() -> None:
     hist, length = batch()
     with pytest.raises(IloraError, match="max_len"):
         model.scores(torch.zeros(2, MAX_LEN + 1, dtype=torch.long), torch.tensor([1, 1]))
-    with pytest.raises(IloraError, match="lengths"):
+    with pytest.raises(IloraError, match=r"history lengths must be in 1\.\.\d+ .*; sample 0 of the batch has length 0"):
         model.scores(hist, length.clamp(max=0))
+    with pytest.raises(IloraError, match=r"history lengths must be integers, got torch\.float32"):  # not truncated to 1
+        model.scores(hist, length.float() + 0.5)
+    with pytest.raises(IloraError, match=r"item ids must be integers, got torch\.float64"):
+        model.item_embeddings(np.array([1.0, 2.5]))
+    read_only = hist.numpy().copy()
+    read_only.flags.writeable = False  # a memory-mapped split: read without torch's warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(model.scores(read_only, length), model.scores(hist, length))
     bad = hist.clone()
     bad[1, 0] = N_ITEMS  # the padding id inside the valid part
     with pytest.raises(IloraError, match="row 1, position 0"):

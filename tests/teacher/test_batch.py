@@ -412,6 +412,8 @@ def test_bad_inputs_fail_loudly():
     with pytest.raises(IloraError, match=r"prompt candidate_length must be integers"):
         collator.build(**good, candidate_length=torch.tensor([2.0]))
     collator.build(**{**good, "history": np.array([[0, 2]], dtype=np.int32), "length": [1]})  # any integer type
+    empty = collator.build(history=np.zeros((0, 2)), length=[], candidates=np.zeros((0, 2)), target=[])  # empty: nothing to truncate
+    assert len(empty) == 0
 
 
 def test_curriculum():

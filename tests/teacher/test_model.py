@@ -316,17 +316,27 @@ def test_saving_and_loading_a_tiny_teacher_draws_transformers_bars_as_plain_line
     assert any(line.startswith("Loading weights: 100%") for line in lines), text
 
 def test_a_damaged_weights_file_of_a_saved_teacher_is_an_error_naming_it(dataset, rec, tmp_path):
+    """With part fingerprints (format 3) a damaged file is found before it is read; a format-2
+    teacher has none, and then each reader names the file and what it should hold."""
     bundle = make_bundle(dataset, rec)
     save_teacher(bundle, tmp_path / "t", dataset.catalog)
     files = sorted(p for p in (tmp_path / "t").rglob("*.safetensors") if p.parent.name != "llm")
-    assert len(files) >= 4  # experts, gate, projector, placeholder rows
-    for path in files:
-        intact = path.read_bytes()
-        path.write_bytes(intact[: len(intact) // 2])
-        with pytest.raises(IloraError, match=rf"{path.name}: not (the one saved|a readable safetensors file \()"):
-            load_teacher(tmp_path / "t", dataset.catalog)
-        path.write_bytes(intact)
-    load_teacher(tmp_path / "t", dataset.catalog)
+    assert [p.relative_to(tmp_path / "t").as_posix() for p in files] == [
+        "adapter_model.safetensors", "added_embeddings.safetensors", "gate.safetensors", "projector.safetensors", "rec/model.safetensors",
+    ]
+    unchecked = tmp_path / "format2"
+    shutil.copytree(tmp_path / "t", unchecked)
+    _edit_json(unchecked / "teacher_config.json", lambda c: (c.update(format_version=2), c.pop("parts")))
+    for teacher_dir, fingerprinted in ((tmp_path / "t", True), (unchecked, False)):
+        for path in (teacher_dir / p.relative_to(tmp_path / "t") for p in files):
+            intact = path.read_bytes()
+            path.write_bytes(intact[: len(intact) // 2])
+            read_first = fingerprinted and path.parent.name != "rec"  # rec/ is read, then fingerprinted
+            expected = "not the one saved" if read_first else r"not a readable safetensors file \((the|SASRec's) "
+            with pytest.raises(IloraError, match=rf"{path.name}: {expected}"):
+                load_teacher(teacher_dir, dataset.catalog)
+            path.write_bytes(intact)
+        load_teacher(teacher_dir, dataset.catalog)
 
 
 def test_gate_options_reach_the_gate_and_survive_save_and_load(dataset, rec, tmp_path):

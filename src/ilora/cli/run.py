@@ -46,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "A run also requires: export.limit=0 (its students read a teacher row for every train sample), "
             "train in export.splits, and distill.top_k <= export.top_k. Outputs: <out>/data/dataset, "
             "<out>/sasrec/model, <out>/sasrec_eval, <out>/teacher/model, <out>/eval, <out>/export/outputs, "
-            "<out>/distill/{baseline,distilled,control}, report.md, summary.json.",
+            "<out>/distill/{baseline,distilled,control}, <out>/report.md, <out>/summary.json.",
             width=100,
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,

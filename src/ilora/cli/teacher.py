@@ -14,7 +14,7 @@ from ilora.cli.common import add_data_arguments, add_json_argument, add_run_argu
 from ilora.config import add_arguments, add_config_arguments, config_from_args
 from ilora.distributed import process_group, require_device
 from ilora.errors import ConfigError, IloraError
-from ilora.state_io import atomic_write_text, strict_json
+from ilora.state_io import atomic_write_text, file_sha256, strict_json
 from ilora.teacher.config import TeacherConfig
 
 SPLIT_CHOICES = ("train", "val", "test")
@@ -68,9 +68,10 @@ def refuse_other_candidates(path: Path, candidates, args: argparse.Namespace) ->
     earlier = load_candidates(path)
     if earlier.shape == candidates.shape and np.array_equal(earlier, candidates):
         return
-    raise ConfigError(
+    limit = f", --limit {args.limit}" if args.limit else ""
+    raise IloraError(
         f"{path} holds other candidate sets ({earlier.shape[0]} samples x {earlier.shape[1]}) than this eval's "
-        f"({candidates.shape[0]} x {candidates.shape[1]} with --seed {args.seed}, --limit {args.limit}); the results "
+        f"({candidates.shape[0]} x {candidates.shape[1]} with --seed {args.seed}{limit}); the results "
         "beside it were computed on them: give another --out, or remove that directory's files to start over"
     )
 
@@ -119,7 +120,7 @@ def run_eval(args: argparse.Namespace) -> int:
         candidates_file.parent.mkdir(parents=True, exist_ok=True)
         save_candidates(candidates_file, candidates)
         result["candidates_file"] = candidates_file.name
-        result["candidates_sha256"] = hashlib.sha256(candidates_file.read_bytes()).hexdigest()
+        result["candidates_sha256"] = file_sha256(candidates_file)
         atomic_write_text(candidates_file.parent / f"eval_{args.split}_{args.protocol}_{args.gate.replace(':', '')}.json", strict_json(result, indent=2))
     if args.json:
         print_json(result)
@@ -215,7 +216,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--limit", type=nonnegative_int, default=0, metavar="N", help="evaluate only the first N samples (0: all)")
     ev.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device [default: cpu]")
     add_trust_remote_code_argument(ev)
-    ev.add_argument("--out", default=None, metavar="DIR", help="also write the metrics and the candidate sets used here")
+    ev.add_argument("--out", default=None, metavar="DIR", help="also write the metrics and the candidate sets used here (refused if DIR holds other candidate sets of this split)")
     add_json_argument(ev)
     ev.set_defaults(run=run_eval, distributed=True)
 

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from ilora.data.dataset import MAX_HISTORY_LEN, SPLITS, Catalog, SeqDataset, Split, validate_split
 from ilora.errors import DataError, IloraError
-from ilora.state_io import fsync_file
+from ilora.state_io import fsync_directory, fsync_file
 
 NATIVE_FORMAT = "ilora-native"
 NATIVE_VERSION = 1
@@ -102,7 +102,7 @@ def _fsync_tree(directory: Path) -> None:
     """fsync every file in ``directory`` and then the directory itself."""
     for path in directory.iterdir():
         fsync_file(path)
-    fsync_file(directory)
+    fsync_directory(directory)
 
 
 def _leftovers(out: Path) -> list[Path]:
@@ -125,7 +125,7 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     except BaseException:
         os.rename(old, out)
         raise
-    fsync_file(out.parent)
+    fsync_directory(out.parent)
     shutil.rmtree(old, ignore_errors=True)  # a leftover is swept by the next write
 
 

@@ -74,6 +74,7 @@ from ilora.errors import ConfigError, IloraError
 from ilora.outputs.format import FORMAT, ITEM_EMBEDDINGS, MANIFEST, SHARD_NAME, SHARD_PATTERN, VERSION, file_sha256
 from ilora.progress import progress
 from ilora.rec.metrics import history_mask
+from ilora.rec.sasrec import id_tensor
 from ilora.state_io import atomic_write_text, fsync_file, replace_durably, save_tensors
 
 CONFIDENCE = "softmax of the pool's log-likelihoods"
@@ -247,7 +248,7 @@ def export_batch(
     when ``opts.pool_candidates > 0``.
     """
     teacher = bundle.teacher
-    history, length, fixed = (torch.tensor(np.asarray(a), dtype=torch.long) for a in (history, length, fixed))  # copies: inputs may be read-only
+    history, length, fixed = (id_tensor(a, what) for a, what in ((history, "history ids"), (length, "history lengths"), (fixed, "candidates")))
     prompts = bundle.prompt_collator.build(history, length, fixed).to(opts.device)
     parts = []
     if opts.pool_candidates:

@@ -34,6 +34,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -46,6 +47,18 @@ MAX_BLOCKS = 64  # SASRec uses 1-4; a bound on what a config.json may ask to bui
 MAX_HIDDEN = 1 << 16
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "ilora.sasrec/1"
+
+
+def id_tensor(x, what: str, device: torch.device | str | None = None) -> torch.Tensor:
+    """``x`` (item ids, lengths) as an int64 tensor on ``device``. A float or bool input is an
+    `IloraError` naming ``what`` (int64 would truncate 3.5 to 3); a read-only NumPy array (a
+    memory-mapped split) is copied, not shared (torch warns that it cannot share one it could write)."""
+    if isinstance(x, np.ndarray) and not x.flags.writeable:
+        x = np.array(x, copy=True)
+    tensor = torch.as_tensor(x, device=device)
+    if tensor.numel() and (tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex()):
+        raise IloraError(f"{what} must be integers, got {tensor.dtype}")
+    return tensor.long()
 
 
 @dataclass(frozen=True)
@@ -195,7 +208,7 @@ class SASRec(nn.Module):
 
     def item_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         """Raw item embeddings ``(..., hidden)`` of ids in ``0 .. num_items`` (``num_items`` = padding row)."""
-        ids = torch.as_tensor(ids, dtype=torch.long, device=self.item_emb.weight.device)
+        ids = id_tensor(ids, "item ids", self.item_emb.weight.device)
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) > self.num_items):
             raise IloraError(f"item ids must be in 0..{self.num_items} (padding {self.num_items}); got {int(ids.min())}..{int(ids.max())}")
         return self.item_emb(ids)
@@ -203,8 +216,7 @@ class SASRec(nn.Module):
     def _inputs(self, history: torch.Tensor, length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Validated long tensors on the model's device and the ``(B, L)`` validity mask."""
         device = self.item_emb.weight.device
-        history = torch.as_tensor(history, dtype=torch.long, device=device)
-        length = torch.as_tensor(length, dtype=torch.long, device=device)
+        history, length = id_tensor(history, "history ids", device), id_tensor(length, "history lengths", device)
         if history.ndim != 2 or length.shape != history.shape[:1]:
             raise IloraError(f"expected history (B, L) and length (B,); got {tuple(history.shape)} and {tuple(length.shape)}")
         width = history.shape[1]

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from ilora.errors import ConfigError, IloraError
+from ilora.rec.sasrec import id_tensor
 from ilora.teacher.prompts import SEPARATOR, PromptTemplate
 from ilora.teacher.tiny import PlaceholderIds
 
@@ -165,18 +166,6 @@ class TitleTable:
         ids = torch.where(cols < n[:, None], titles, self.pad_id)
         ids = torch.where(cols == n[:, None], self.eos_id, ids)
         return ids, cols <= n[:, None]
-
-
-def _long_tensor(x, name: str) -> torch.Tensor:
-    """``x`` as an int64 tensor; a read-only NumPy array (a memory-mapped split) is copied
-    rather than shared (torch warns that it cannot share one it could write to). Ids and
-    lengths must be integers: a float or bool array is refused (int64 would truncate 3.5 to 3)."""
-    if isinstance(x, np.ndarray) and not x.flags.writeable:
-        x = np.array(x, copy=True)
-    tensor = torch.as_tensor(x)
-    if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
-        raise IloraError(f"prompt {name} must be integers, got {tensor.dtype}")
-    return tensor.long()
 
 
 def special_ids(tokenizer) -> tuple[int, int]:
@@ -396,11 +385,11 @@ class PromptCollator:
             with_answer: append ``title + eos`` of the target (default: the collator's).
         """
         with_answer = self.with_answer if with_answer is None else with_answer
-        history, length, candidates = (_long_tensor(x, n) for x, n in ((history, "history"), (length, "length"), (candidates, "candidates")))
+        history, length, candidates = (id_tensor(x, f"prompt {n}") for x, n in ((history, "history"), (length, "length"), (candidates, "candidates")))
         b, num_c = candidates.shape[0], candidates.shape[1] if candidates.ndim == 2 else -1
         hybrid = torch.ones(b, dtype=torch.bool) if hybrid is None else torch.as_tensor(hybrid, dtype=torch.bool)
-        cand_length = torch.full((b,), num_c) if candidate_length is None else _long_tensor(candidate_length, "candidate_length")
-        target = None if target is None else _long_tensor(target, "target")
+        cand_length = torch.full((b,), num_c) if candidate_length is None else id_tensor(candidate_length, "prompt candidate_length")
+        target = None if target is None else id_tensor(target, "prompt target")
         self._validate(history, length, candidates, cand_length, target, hybrid, with_answer)
         slots, kinds, items, answer_slot = self._segments(history, length, candidates, cand_length, target, hybrid, with_answer)
         return self._expand(slots, kinds, items, answer_slot, history, length, candidates, target, hybrid)
@@ -409,9 +398,9 @@ class PromptCollator:
         """(B,) how many tokens each sample's prompt has (with the answer when the collator
         adds one), from the segment lengths alone: what `build` would make, without making it.
         Hybrid and text-only prompts have the same length (one placeholder token each)."""
-        history, length, candidates = (_long_tensor(x, n) for x, n in ((history, "history"), (length, "length"), (candidates, "candidates")))
+        history, length, candidates = (id_tensor(x, f"prompt {n}") for x, n in ((history, "history"), (length, "length"), (candidates, "candidates")))
         b = candidates.shape[0]
-        target = None if target is None else _long_tensor(target, "target")
+        target = None if target is None else id_tensor(target, "prompt target")
         hybrid, cand_length = torch.ones(b, dtype=torch.bool), torch.full((b,), candidates.shape[1])
         self._validate(history, length, candidates, cand_length, target, hybrid, self.with_answer)
         slots = self._segments(history, length, candidates, cand_length, target, hybrid, self.with_answer)[0]

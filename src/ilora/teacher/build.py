@@ -55,7 +55,7 @@ from ilora.data.dataset import Catalog, validate_prompt_titles
 from ilora.errors import IloraError
 from ilora.progress import library_bars_as_lines
 from ilora.rec.sasrec import SASRec, load_sasrec
-from ilora.state_io import atomic_write_text, file_sha256, read_json, save_tensors
+from ilora.state_io import atomic_write_text, file_sha256, load_tensors, read_json, save_tensors
 from ilora.teacher.adapters import GateState, adapter_parameters, inject_gated_lora, load_adapters, save_adapters
 from ilora.teacher.batch import PromptCollator, TitleTable
 from ilora.teacher.config import TeacherConfig, with_added_defaults
@@ -179,17 +179,10 @@ def assemble(cfg: TeacherConfig, catalog: Catalog, rec: SASRec, llm, tokenizer, 
     return TeacherBundle(teacher, cfg, train_collator, prompt_collator)
 
 
-def _read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; `IloraError` naming it (and ``what`` it holds) if missing or unreadable."""
-    from ilora.state_io import load_tensors
-
-    return load_tensors(path, f"the teacher's {what}")
-
-
 def _load_checked(module: torch.nn.Module, path: Path, what: str) -> None:
     """Load ``path`` into ``module`` after checking that its tensor names and shapes are the
     module's; `IloraError` naming the file and ``what`` (the module the config describes) otherwise."""
-    saved, expected = _read_tensors(path, what), module.state_dict()
+    saved, expected = load_tensors(path, f"the teacher's {what}"), module.state_dict()
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     wrong = [k for k in sorted(set(expected) & set(saved)) if saved[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
@@ -394,7 +387,7 @@ def load_teacher(ckpt: str | Path, catalog: Catalog, device: str = "cpu", *, tru
         check_base_llm(ckpt, cfg.llm, llm, meta.get("llm_sample"))
     if llm.get_input_embeddings().weight.shape[0] < len(tokenizer):  # the placeholder rows, overwritten below
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    rows = _read_tensors(ckpt / "added_embeddings.safetensors", "placeholder embedding rows")
+    rows = load_tensors(ckpt / "added_embeddings.safetensors", "the teacher's placeholder embedding rows")
     hidden = llm.get_input_embeddings().weight.shape[1]
     if set(rows) - {"output"} != {"ids", "input"} or rows["input"].shape != (rows["ids"].numel(), hidden):
         raise IloraError(f"{ckpt / 'added_embeddings.safetensors'}: expected 'ids', 'input' ({hidden} columns) and optionally 'output'")
