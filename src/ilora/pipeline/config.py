@@ -55,7 +55,7 @@ class EvalSection:
             raise ConfigError(f"eval.limit: must be >= 0 (0: every sample), got {self.limit}")
         for name in ("protocols", "gates"):
             if not getattr(self, name):
-                raise ConfigError(f"eval.{name}: empty; the evaluation needs at least one (default {getattr(EvalSection, '__dataclass_fields__')[name].default_factory()})")
+                raise ConfigError(f"eval.{name}: empty; the evaluation needs at least one (default {EvalSection.__dataclass_fields__[name].default_factory()})")
         bad = [p for p in self.protocols if p not in ("score", "generate")]
         if bad:
             raise ConfigError(f"eval.protocols: {bad[0]!r} is not score or generate")

@@ -128,15 +128,20 @@ def weak_teacher_note(summary: dict) -> str | None:
     )
 
 
+def _section(summary: dict, name: str) -> dict:
+    """A section of the run's config in ``summary`` (empty for a summary written before it held one)."""
+    return (summary.get("config") or {}).get(name) or {}
+
+
 def write_report(run: Path, summary: dict) -> Path:
     lines = ["# ilora run report", "", f"Run directory: `{run}`", ""]
     data = summary.get("data", {})
     lines += ["## Data", "", "| " + " | ".join(data) + " |", "|" + "---|" * len(data), "| " + " | ".join(_fmt(v) for v in data.values()) + " |", ""]
     rec = summary.get("sasrec", {})
-    ev_cfg = (summary.get("config") or {}).get("eval") or {}
+    ev_cfg = _section(summary, "eval")
     split, count = ev_cfg.get("split", "the evaluation split"), ev_cfg.get("candidates", "the")
     if rec:
-        masked = ((summary.get("config") or {}).get("rec") or {}).get("mask_history")
+        masked = _section(summary, "rec").get("mask_history")
         lines += [f"## SASRec on {split} (full ranking{', history items masked' if masked else ''}; cand_hr@1 over {count} fixed candidates)", "",
                   "| model | " + " | ".join((*FULL_KEYS, "cand_hr@1")) + " |", "|---" * (len(FULL_KEYS) + 2) + "|"]
         for name in ("popularity", "sasrec"):
@@ -208,7 +213,7 @@ def summary_table(summary: dict) -> str:
     rec = summary.get("sasrec", {})
     keys = ("hr@1", "hr@5", "hr@10", "hr@20", "ndcg@10", "cand_hr@1")
     if rec:
-        split = ((summary.get("config") or {}).get("eval") or {}).get("split", "test")
+        split = _section(summary, "eval").get("split", "test")
         lines.append(f"{f'model ({split}, full ranking)':<30}" + "".join(f"{k:>10}" for k in keys))
         for name in ("popularity", "sasrec"):
             lines.append(f"{name:<30}" + "".join(f"{rec[name][k]:>10.4f}" for k in keys))

@@ -287,7 +287,7 @@ def run_stage(
     # directory or set aside by a run of other options); anything else starts clean.
     check()
     pending = directory / PENDING
-    interrupted = aside is not None and marker is None and (directory / PENDING).is_file()
+    interrupted = aside is not None and marker is None and pending.is_file()
     resumable = interrupted and resumes(pending)
     if interrupted and not resumable:
         if aside.is_dir() and resumes(aside / PENDING):  # the one set aside is this run's: exchange them

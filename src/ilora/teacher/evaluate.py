@@ -31,10 +31,9 @@ batches and every rank gets the gathered results, in sample order.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -44,6 +43,7 @@ from ilora.distributed import SINGLE, Dist
 from ilora.errors import ConfigError, IloraError
 from ilora.progress import progress
 from ilora.rec.metrics import repeated_rows
+from ilora.teacher.model import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -228,18 +228,6 @@ def require_samples(split: Split, what: str) -> None:
         raise IloraError(f"{what}: the split has no samples (absent rows, or all dropped by --min-len or --limit); nothing to evaluate")
 
 
-@contextlib.contextmanager
-def _eval_mode(teacher) -> Iterator:
-    """``teacher`` in eval mode within the block (no dropout in scores, texts or gates), then
-    in the mode the caller left it in."""
-    was_training = teacher.training
-    teacher.eval()
-    try:
-        yield teacher
-    finally:
-        teacher.train(was_training)
-
-
 def _my_batches(n: int, size: int, ctx: Dist, desc: str):
     """This rank's contiguous share of the batches (all of them in one process), with a progress bar on rank 0."""
     mine = ctx.chunk(list(_batches(n, size)))
@@ -262,7 +250,7 @@ def score_split(
     """
     require_samples(split, "scoring")
     scores, gates = [], []
-    with _eval_mode(bundle.teacher) as teacher:
+    with eval_mode(bundle.teacher) as teacher:
         for sl in _my_batches(len(split), batch_size, ctx, desc):
             batch = bundle.prompt_collator.build(split.history[sl], split.length[sl], candidates[sl]).to(device)
             scores.append(teacher.score_candidates(batch, batch.candidates, gate_mode).float().cpu())
@@ -286,7 +274,7 @@ def generate_split(
     limit = max_new_tokens or default_max_new_tokens(bundle.teacher)
     texts: list[list[str]] = []
     gates = []
-    with _eval_mode(bundle.teacher) as teacher:
+    with eval_mode(bundle.teacher) as teacher:
         for sl in _my_batches(len(split), batch_size, ctx, "generate"):
             batch = bundle.prompt_collator.build(split.history[sl], split.length[sl], candidates[sl]).to(device)
             texts.append(teacher.generate(batch, gate_mode, max_new_tokens=limit))

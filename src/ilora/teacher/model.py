@@ -23,8 +23,10 @@ The frozen SASRec stays in eval mode whatever mode the teacher is put in (`ILoRA
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -122,19 +124,27 @@ def pack_answers(ids: torch.Tensor, mask: torch.Tensor, pad_id: int) -> tuple[to
     return packed, segment, offset
 
 
+@contextlib.contextmanager
+def eval_mode(teacher: nn.Module) -> Iterator[nn.Module]:
+    """``teacher`` in eval mode within the block (LoRA dropout off, so scores, texts and gates
+    are exact, whatever mode the caller left it in), then in the caller's mode again."""
+    if not teacher.training:  # nothing to switch (and no walk over every module)
+        yield teacher
+        return
+    teacher.eval()
+    try:
+        yield teacher
+    finally:
+        teacher.train()
+
+
 def in_eval_mode(method):
-    """Run a teacher ``method`` in eval mode (LoRA dropout off, so scores and texts are
-    exact, whatever mode the caller left the teacher in), then restore the caller's mode."""
+    """Run a teacher ``method`` under `eval_mode`."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        if not self.training:  # nothing to switch (and no walk over every module)
+        with eval_mode(self):
             return method(self, *args, **kwargs)
-        self.eval()
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            self.train()
 
     return wrapper
 
