@@ -11,7 +11,10 @@
 # does not fit; 57 GiB on an H100), step-7b-b32-nodrop (the same with LoRA dropout 0: what dropout costs),
 # step-7b-b32-shared and step-7b-b32-nodrop-shared (the same two, each with an ours_shared variant beside
 # ours: q/k/v and gate/up adapters grouped, one dropout mask and one A product per input (share_adapter_inputs);
-# each needs 200 s of the cap left to start; 57 s and 45 s on an H100), step-7b-b32-shared-profiled (the
+# each needs 200 s of the cap left to start; 57 s and 45 s on an H100), step-7b-b32-vs-research (101 s; the 7B
+# step as each trains: ours and ours_shared as step-7b-b32-shared, the reference eager in micro-batches of 8, the
+# most its memory allows on an H100 (45 GiB at 8), on the same 32 samples: the ratio is one of samples/s; needs
+# 200 s), step-7b-b32-shared-profiled (the
 # first of those again, with a profile of ours_shared's step in profiles.txt; 76 s), step-7b-b128-m32-shared (the 7B
 # config's whole optimizer step: 128 samples in 4 micro-batches of 32, then one AdamW step), step-7b-b40-shared (step-7b-b32-shared at
 # batch 40: 68 GiB for ours; 62 s), step-7b-b32-cycled (batch 32, cycling through 4 length-grouped batches
@@ -62,7 +65,7 @@ DEADLINE=$((START + CAP))
 NOTE="${ILORA_GPU_NOTE:-bench/gpu.sh}"
 SELECTED=" $* "
 
-RUNS=" inputs adapter step-7b-b32 step-7b-b32-nodrop step-7b-b32-shared step-7b-b32-nodrop-shared step-7b-b32-shared-profiled step-7b-b128-m32-shared step-7b-b40-shared step-7b-b32-cycled step-7b-b32-cycled-shared step-7b-b16-pipelined step-7b-b16-ours step-7b-b16-nodrop step-7b-b32-autotune eval-7b step-7b-b16 step-7b-b16-compile step-7b step-1b step-7b-ckpt step-1b-compile "
+RUNS=" inputs adapter step-7b-b32 step-7b-b32-nodrop step-7b-b32-shared step-7b-b32-nodrop-shared step-7b-b32-vs-research step-7b-b32-shared-profiled step-7b-b128-m32-shared step-7b-b40-shared step-7b-b32-cycled step-7b-b32-cycled-shared step-7b-b16-pipelined step-7b-b16-ours step-7b-b16-nodrop step-7b-b32-autotune eval-7b step-7b-b16 step-7b-b16-compile step-7b step-1b step-7b-ckpt step-1b-compile "
 
 say() { echo "$*" | tee -a "$SUMMARY"; }
 
@@ -155,6 +158,7 @@ run step-7b-b32          170   120   step --shape 7b --batch-size 32 --compile -
 run step-7b-b32-nodrop   170   120   step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --lora-dropout 0 --budget-s 15
 run step-7b-b32-shared   260   200   step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --shared-inputs --budget-s 25
 run step-7b-b32-nodrop-shared 260 200 step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --shared-inputs --lora-dropout 0 --budget-s 25
+run step-7b-b32-vs-research 300 200 step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --shared-inputs --reference-micro-batch-size 8 --reference-eager --budget-s 30
 run step-7b-b32-shared-profiled 260 200 step --shape 7b --batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --shared-inputs --budget-s 20 --profile "$SCRATCH/step-7b-b32-shared-profiled.prof"
 run step-7b-b128-m32-shared 260 200 step --shape 7b --batch-size 128 --micro-batch-size 32 --compile --no-part-syncs --group-by-length --no-reference --shared-inputs --repeats 3 --budget-s 15
 run step-7b-b40-shared   260   200   step --shape 7b --batch-size 40 --compile --no-part-syncs --group-by-length --no-reference --shared-inputs --budget-s 25

@@ -636,6 +636,47 @@ def test_step_with_micro_batches_runs_each_forward_backward_then_one_optimizer_s
     assert "micro_batch_size: must divide the batch size 6" in capsys.readouterr().err
 
 
+def test_step_reference_steps_in_its_own_micro_batches_and_the_refusals(synthetic_titles, capsys, monkeypatch):
+    """--reference-micro-batch-size M: the reference's steps run B / M micro-batches of M samples
+    (ours one of B), both on the same samples, so the step-time ratio is the ratio of samples/s."""
+    events = []
+    real_step, real_loss = step_bench.step_in_context, step_bench.variant_loss
+    monkeypatch.setattr(step_bench, "step_in_context", lambda setup, samples, parts, variant: events.append(variant) or real_step(setup, samples, parts, variant))
+    monkeypatch.setattr(
+        step_bench, "variant_loss",
+        lambda setup, chunk, parts, variant: events.append((variant, len(chunk["target"]))) or real_loss(setup, chunk, parts, variant),
+    )
+    r = _run_cli(capsys, "step", "--quick", "--batch-size", "4", "--reference-micro-batch-size", "2", "--repeats", "1", "--warmup", "1", "--no-record")
+    assert r["sizes"]["reference_micro_batch_size"] == 2 and r["sizes"]["micro_batch_size"] == 4
+    steps = [i for i, e in enumerate(events) if isinstance(e, str)]
+    assert {events[i] for i in steps} == {"reference", "ours"} and len(steps) >= 4  # warm-up + timed round (+ memory's)
+    for i in steps:
+        expected = [("reference", 2)] * 2 if events[i] == "reference" else [("ours", 4)]
+        assert events[i + 1 : i + 1 + len(expected)] == expected
+    assert {e for e in events if not isinstance(e, str)} == {("reference", 2), ("ours", 4)}  # memory's forwards too
+    assert r["variants"]["reference"]["samples_per_s"] == pytest.approx(4 / r["variants"]["reference"]["step_s"])
+    assert "the reference in micro-batches of 2" in "\n".join(step_bench.markdown_table(r))
+    for argv, message in (
+        (["--reference-micro-batch-size", "3"], "reference_micro_batch_size: must divide the batch size 4"),
+        (["--reference-micro-batch-size", "2", "--no-reference"], "the reference is not run"),
+        (["--reference-eager"], "it needs --compile and the reference"),
+    ):
+        assert main(["bench", "step", "--quick", "--batch-size", "4", *argv, "--no-record"]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["bench", "adapter", "--quick", "--reference-eager", "--no-record"]) == 2
+    assert "--reference-eager does not apply (only to step)" in capsys.readouterr().err
+
+
+def test_step_reference_eager_leaves_only_the_reference_uncompiled(synthetic_titles):
+    setup, _ = step_bench.build_setup("tiny-quick", CPU, compile_layers=True)
+    setup.reference_eager = True
+    layers = setup.compiled.layers
+    for variant in step_bench.VARIANTS:
+        with step_bench.variant_context(setup, variant):
+            compiled = [layer.forward is fn for layer, fn in zip(layers, setup.compiled.compiled)]
+            assert all(compiled) if variant != "reference" else not any(compiled), variant
+
+
 def test_a_micro_batched_step_accumulates_the_sample_weighted_gradient(synthetic_titles, monkeypatch):
     setup, _ = step_bench.build_setup("tiny-quick", torch.device("cpu"), lora_dropout=0.0)
     samples = step_bench.random_samples(len(setup.inputs.titles), 6, step_bench.HISTORY_ITEMS, step_bench.CANDIDATES, seed=1)

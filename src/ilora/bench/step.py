@@ -12,7 +12,10 @@ with AdamW, gradient clipping and (CUDA) bf16 autocast, as ``ilora teacher train
 * ``reference``: the research-code step. Per-sample f-string prompts and one tokenizer
   call, LLaRA's per-sample placeholder loop (`ilora.bench.inputs`), the iLoRA einsum
   adapters (`ilora.bench.adapter.reference_adapters`), right padding, and the loss from
-  HF ``labels`` (logits over the full sequence and vocabulary).
+  HF ``labels`` (logits over the full sequence and vocabulary). With ``--compile`` it runs
+  the compiled layers too, unless ``--reference-eager``; ``--reference-micro-batch-size``
+  gives it micro-batches of its own (at 7B on an H100 the research code's step fits 8
+  samples, not 16), so the two run the same samples each as it would train on them.
 * ``ours``: ``PromptCollator.build`` + ``ILoRATeacher.loss`` (logits only where an
   answer token is predicted).
 * ``ours_eager`` (with ``eager_baseline``): ``ours`` with transformers' eager attention
@@ -108,8 +111,16 @@ class StepSetup:
     device: torch.device
     autocast: bool
     shape: str
-    compiled: Any = None  # CompiledLayers with --compile: active in every variant's context
+    compiled: Any = None  # CompiledLayers with --compile: active in every variant's context (see reference_eager)
     micro_batch_size: int = 0  # a step's forward + backward in micro-batches of this many samples (0: one)
+    reference_micro_batch_size: int | None = None  # the reference's own micro-batch size (None: micro_batch_size)
+    reference_eager: bool = False  # with compiled layers, the reference's steps run them eager (as the research code)
+
+    def micro_batch_size_of(self, variant: str) -> int:
+        """The micro-batch size ``variant`` steps in: the reference's own where one was set."""
+        if variant == "reference" and self.reference_micro_batch_size is not None:
+            return self.reference_micro_batch_size
+        return self.micro_batch_size
 
 
 def build_llm(shape: str, tokenizer, device: torch.device, dtype: torch.dtype, seed: int = 0):
@@ -331,7 +342,8 @@ def recompile_limit(variants: int | None) -> Iterator[None]:
 def variant_context(setup: StepSetup, variant: str) -> contextlib.ExitStack:
     """How ``variant`` runs the shared model: einsum adapters (reference), eager attention
     (ours_eager), float32 weights without autocast (ours_fp32), grouped adapter inputs
-    (ours_shared), plain LoRA (lora); with ``--compile`` the compiled decoder layers too."""
+    (ours_shared), plain LoRA (lora); with ``--compile`` the compiled decoder layers too (not for
+    the reference with ``setup.reference_eager``)."""
     from ilora.teacher.shared_input import shared_adapter_inputs
 
     llm = setup.bundle.teacher.llm
@@ -347,7 +359,7 @@ def variant_context(setup: StepSetup, variant: str) -> contextlib.ExitStack:
         raise ConfigError(f"step bench: unknown variant {variant!r}; expected one of {', '.join(VARIANTS)}")
     stack = contextlib.ExitStack()
     stack.enter_context(swaps[variant]())
-    if setup.compiled is not None:
+    if setup.compiled is not None and not (variant == "reference" and setup.reference_eager):
         stack.enter_context(setup.compiled.active())
     return stack
 
@@ -376,11 +388,11 @@ def micro_batches(samples: dict[str, torch.Tensor], size: int) -> list[dict[str,
 def step_in_context(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Parts, variant: str) -> float:
     """One optimiser step of ``variant``; the caller holds ``variant_context(setup, variant)``
     around it (backward too: a checkpointed layer is recomputed with the modules in place then).
-    With ``setup.micro_batch_size`` the forward and backward run micro-batch by micro-batch, each
+    With a micro-batch size (`StepSetup.micro_batch_size_of`) the forward and backward run micro-batch by micro-batch, each
     loss weighted by its share of the samples (the trainer weights by answer tokens: the same
     work, another gradient scale), gradients accumulating, then one optimizer step; as in the
     trainer, the loss reaches the host once per step (one device sync)."""
-    chunks = micro_batches(samples, setup.micro_batch_size)
+    chunks = micro_batches(samples, setup.micro_batch_size_of(variant))
     total = None
     for chunk in chunks:
         loss = variant_loss(setup, chunk, parts, variant)
@@ -528,10 +540,10 @@ def all_params_flops(setup: StepSetup, tokens: int, gradient_checkpointing: bool
     return (4 + (2 if gradient_checkpointing else 0)) * base_params(setup.bundle.teacher.llm) * tokens
 
 
-def widest_micro_batch(setup: StepSetup, samples: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The micro-batch of ``samples`` (`micro_batches`) with the most padded tokens: what the
-    step holds at most at once."""
-    chunks = micro_batches(samples, setup.micro_batch_size)
+def widest_micro_batch(setup: StepSetup, samples: dict[str, torch.Tensor], variant: str) -> dict[str, torch.Tensor]:
+    """The micro-batch of ``samples`` (`micro_batches`, at ``variant``'s size) with the most
+    padded tokens: what ``variant``'s step holds at most at once."""
+    chunks = micro_batches(samples, setup.micro_batch_size_of(variant))
     return max(chunks, key=lambda c: our_batch(setup, c).input_ids.numel()) if len(chunks) > 1 else samples
 
 
@@ -539,9 +551,9 @@ def memory(setup: StepSetup, samples: dict[str, torch.Tensor], variants: tuple[s
     """Per variant: saved-activation bytes of the forward (both devices; of the widest micro-batch
     when the step has several) and the CUDA peak of a full step."""
     teacher = setup.bundle.teacher
-    forward = widest_micro_batch(setup, samples)
     out: dict[str, dict[str, int]] = {}
     for variant in variants:
+        forward = widest_micro_batch(setup, samples, variant)
         with variant_context(setup, variant):
             exclude = [*teacher.parameters(), *teacher.buffers()]  # in the variant's dtype
             saved, loss = saved_activation_bytes(lambda: variant_loss(setup, forward, Parts(setup.device), variant), exclude)
@@ -669,6 +681,8 @@ def run_bench(
     batches: int = 1,
     shared_inputs: bool = False,
     micro_batch_size: int = 0,
+    reference_micro_batch_size: int | None = None,
+    reference_eager: bool = False,
 ) -> dict[str, Any]:
     """Time a training step of the reference and of ours (and of ours with eager attention when
     ``eager_baseline``, of plain LoRA when ``lora_baseline``, of ours with grouped adapter inputs
@@ -694,7 +708,11 @@ def run_bench(
     one micro-batch) runs each step's forward and backward in consecutive micro-batches, each
     padded to its own width, before one optimizer step, as the trainer runs a step of
     ``batch_size`` with that ``micro_batch_size``; the equal-work check runs on the whole batch
-    (without gradients), saved memory is the widest micro-batch's."""
+    (without gradients), saved memory is the widest micro-batch's. ``reference_micro_batch_size``
+    gives the reference micro-batches of its own (a divisor of ``batch_size``) and
+    ``reference_eager`` runs its layers eager under ``compile_layers``: the research code's step
+    as it runs (no compile, the micro-batch its memory allows) against ours as the trainer runs
+    it, on the same samples, so the step-time ratio is the ratio of samples/s."""
     shape = shape or ("tiny-quick" if quick else "tiny")
     if device.type == "cpu" and shape in ("1b", "7b"):
         raise ConfigError(f"shape {shape} is for CUDA; on CPU use tiny")
@@ -705,6 +723,14 @@ def run_bench(
     if micro_batch_size < 0 or (micro_batch_size and batch_size % micro_batch_size):
         raise ConfigError(f"micro_batch_size: must divide the batch size {batch_size} (as the trainer's must), got {micro_batch_size}")
     micro_batch_size = 0 if micro_batch_size == batch_size else micro_batch_size
+    if reference_micro_batch_size is not None:
+        if not reference:
+            raise ConfigError("reference_micro_batch_size: the reference is not run (--no-reference)")
+        if reference_micro_batch_size <= 0 or batch_size % reference_micro_batch_size:
+            raise ConfigError(f"reference_micro_batch_size: must divide the batch size {batch_size}, got {reference_micro_batch_size}")
+        reference_micro_batch_size = 0 if reference_micro_batch_size == batch_size else reference_micro_batch_size
+    if reference_eager and not (compile_layers and reference):
+        raise ConfigError("reference_eager: runs the reference's layers eager while ours are compiled; it needs --compile and the reference")
     warmup = warmup if warmup is not None else (2 if compile_layers else 1) + (batches if batches > 1 else 0)
     if batches > 1:
         warmup = max(warmup, batches)  # every batch (and shape) seen before timing
@@ -719,6 +745,8 @@ def run_bench(
     else:
         batch_list = [random_samples(len(setup.inputs.titles), batch_size, HISTORY_ITEMS, CANDIDATES, seed=i) for i in range(batches)]
     setup.micro_batch_size = micro_batch_size
+    setup.reference_micro_batch_size = reference_micro_batch_size
+    setup.reference_eager = reference_eager
     samples = batch_list[0]
     optional = {"ours_eager": eager_baseline, "ours_fp32": fp32_baseline, "ours_shared": shared_inputs, "lora": lora_baseline}
     variants = (("reference",) if reference else ()) + ("ours",) + tuple(v for v, wanted in optional.items() if wanted)
@@ -800,6 +828,12 @@ def run_bench(
             "experts": setup.bundle.teacher.num_experts,
             "gradient_checkpointing": gradient_checkpointing,
             "compile": compile_layers,
+            **({"reference_compiled": not reference_eager} if compile_layers and reference else {}),
+            **(
+                {"reference_micro_batch_size": setup.micro_batch_size_of("reference") or batch_size}
+                if reference_micro_batch_size is not None
+                else {}
+            ),
             "compile_mode": compile_mode or "default",
             "lora_dropout": setup.bundle.config.lora_dropout,
             "attention": llm.config._attn_implementation,
@@ -880,7 +914,14 @@ def markdown_table(result: dict[str, Any]) -> list[str]:
             if s.get("micro_batch_size", s["batch_size"]) < s["batch_size"]
             else ""
         )
-        + f", checkpointing {s['gradient_checkpointing']}, compile {s['compile']}, "
+        + (
+            f"; the reference in micro-batches of {s['reference_micro_batch_size']}"
+            if s.get("reference_micro_batch_size", s.get("micro_batch_size", s["batch_size"])) != s.get("micro_batch_size", s["batch_size"])
+            else ""
+        )
+        + f", checkpointing {s['gradient_checkpointing']}, compile {s['compile']}"
+        + (" (the reference eager)" if s.get("reference_compiled") is False else "")
+        + ", "
         f"attention {s['attention']}, compile mode {s.get('compile_mode', 'default')}, LoRA dropout {s.get('lora_dropout', '-')}" + ("." if s.get("part_syncs", True) else ", no device syncs between the step's parts (no per-part times)."),
         "",
         "| variant | step ms (inputs / forward / backward / optimizer) | samples/s | tokens/s | MFU (issue's count: all parameters) | saved MiB | CUDA peak MiB |",

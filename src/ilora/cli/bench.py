@@ -45,6 +45,8 @@ APPLIES_TO: dict[str, tuple[str, ...]] = {
     "batches": ("step",),
     "shared_inputs": ("step",),
     "micro_batch_size": ("step",),
+    "reference_micro_batch_size": ("step",),
+    "reference_eager": ("step",),
     "samples": ("eval", "export"),
     "threads": ("export",),
     "data": ("grouping",),
@@ -92,6 +94,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
             batches=args.batches or 1,
             shared_inputs=args.shared_inputs,
             micro_batch_size=args.micro_batch_size or 0,
+            reference_micro_batch_size=args.reference_micro_batch_size,
+            reference_eager=args.reference_eager,
         )
     if args.benchmark in ("step", "grouping") and args.batch_size:
         kwargs["batch_size"] = args.batch_size
@@ -150,10 +154,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--micro-batch-size", type=positive_int, default=None, metavar="M",
         help="step: run each step's forward + backward in micro-batches of M samples (a divisor of --batch-size), then one optimizer step, as the trainer does",
     )
+    p.add_argument(
+        "--reference-micro-batch-size", type=positive_int, default=None, metavar="M",
+        help="step: the reference's own micro-batches (a divisor of --batch-size; default: as ours), e.g. the most its "
+        "memory allows, so both train on the same samples each as it can",
+    )
     p.add_argument("--gradient-checkpointing", action="store_true", help="step: recompute decoder layers in backward")
     p.add_argument(
         "--compile", action="store_true",
         help="step: torch.compile each decoder layer (a run past torch.compile's recompile limit, 8 graphs per timed variant, fails)",
+    )
+    p.add_argument(
+        "--reference-eager", action="store_true",
+        help="step (with --compile): the reference's layers run eager, as the research code runs them; ours compiled",
     )
     p.add_argument(
         "--eager-baseline", action="store_true", help="step: also time ours with eager attention (measures the default SDPA attention)"
