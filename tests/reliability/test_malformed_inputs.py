@@ -184,11 +184,11 @@ LLARA_CASES: list[Case] = [
     ("llara-history-longer-than-width", lambda d: write_llara(d, train=replaced(_good(), "seq", 1, [1, 2, 3, 4, 0])), ("train_data.df, row 1", "seq has 5 entries, row 0 has 4", "expected one padded width")),
     ("llara-item-after-len-seq", lambda d: write_llara(d, train=replaced(_good(), "seq", 2, [4, 5, 3, 5])), ("train_data.df, row 2, id 3", "history position 2 holds an item after len_seq=1")),
     ("llara-duplicate-catalog-id", lambda d: write_llara(d, id2name=b"0::a\n1::b\n2::c\n2::d\n4::e\n"), ("id2name.txt (line 4), id 2", "duplicate catalog id")),
-    ("llara-missing-title-line", lambda d: write_llara(d, id2name=b"0::a\n1::b\n2::c\n4::e\n"), ("id2name.txt (line 4), id 4", "ids must have no gaps", "expected ids 0..3")),
+    ("llara-missing-title-line", lambda d: write_llara(d, id2name=b"0::a\n1::b\n2::c\n4::e\n"), ("id2name.txt (line 4), id 4", "id 3 is missing", "ids must have no gaps", "expected ids 0..3")),
     ("llara-non-integer-catalog-id", lambda d: write_llara(d, id2name=b"0::a\nx::b\n2::c\n3::d\n4::e\n"), ("id2name.txt (line 2)", "non-integer id 'x'", "expected id::name")),
     ("llara-non-utf8-catalog", lambda d: write_llara(d, id2name=b"0::a\n1::b\xff\n2::c\n3::d\n4::e\n"), ("id2name.txt (line 2)", "undecodable text at byte 9", "expected utf-8 text")),
     ("llara-empty-catalog", lambda d: write_llara(d, id2name=b""), ("id2name.txt", "the item catalog is empty")),
-    ("llara-ids-beyond-one-item-catalog", lambda d: write_llara(d, id2name=b"0::only\n"), ("train_data.df, row 0, id 2", "next item outside the catalog", "expected 0 <= id < 1")),
+    ("llara-ids-beyond-one-item-catalog", lambda d: write_llara(d, id2name=b"0::only\n"), ("train_data.df, row 0, id 2", "next item outside the catalog (catalog: ", "id2name.txt, 1 item, padding id 1)", "expected 0 <= id < 1")),
     ("llara-u-item-duplicate", lambda d: write_llara(d, u_item=b"1|a (1995)|x\n2|b|x\n2|c|x\n4|d|x\n5|e|x\n"), ("u.item (line 3), id 1", "duplicate catalog id")),
 ]
 

@@ -213,6 +213,8 @@ def validate_split(split: Split, catalog: Catalog, path: str | Path, rows: np.nd
     n_items, pad = catalog.num_items, catalog.padding_id
     if len(split) == 0:
         return
+    # the catalog fixes the valid ids and the padding id: name it, as a short catalog file is as likely the fault
+    of_catalog = f" (catalog: {catalog.source + ', ' if catalog.source else ''}{n_items} item{'s' * (n_items != 1)}, padding id {pad})"
 
     def row_of(r: int) -> int:
         return int(rows[r]) if rows is not None else r
@@ -233,7 +235,7 @@ def validate_split(split: Split, catalog: Catalog, path: str | Path, rows: np.nd
     if bad.size:
         r = int(bad[0])
         raise DataError(
-            path, "next item outside the catalog", row=row_of(r), item=int(target[r]), expected=f"0 <= id < {n_items}"
+            path, f"next item outside the catalog{of_catalog}", row=row_of(r), item=int(target[r]), expected=f"0 <= id < {n_items}"
         )
     positions = np.arange(split.max_len)[None, :]
     valid = positions < length[:, None]
@@ -243,13 +245,14 @@ def validate_split(split: Split, catalog: Catalog, path: str | Path, rows: np.nd
         r, c = map(int, np.argwhere(wrong_valid)[0])
         item = int(hist[r, c])
         what = "the padding id inside the first len_seq positions" if item == pad else "history item outside the catalog"
+        what += of_catalog
         raise DataError(path, what, row=row_of(r), item=item, expected=f"len_seq={int(length[r])} ids in 0..{n_items - 1}")
     wrong_pad = ~valid & (hist != pad)
     if wrong_pad.any():
         r, c = map(int, np.argwhere(wrong_pad)[0])
         raise DataError(
             path,
-            f"history position {c} holds an item after len_seq={int(length[r])}",
+            f"history position {c} holds an item after len_seq={int(length[r])}{of_catalog}",
             row=row_of(r),
             item=int(hist[r, c]),
             expected=f"padding id {pad} after the first len_seq positions",
