@@ -39,6 +39,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from ilora.config import changed_entries
 from ilora.errors import IloraError
 from ilora.state_io import file_sha256, fsync_directory, fsync_file, load_state, read_json, save_state
 
@@ -99,9 +100,7 @@ RESUMABLE_CHANGES = frozenset(
 def check_resume_config(saved: dict[str, Any] | None, current: dict[str, Any], where: Path, what: str = "other options") -> None:
     """`IloraError` naming every entry (outside `RESUMABLE_CHANGES`) that differs from the
     interrupted run's record ``saved``; ``what`` says what those entries are."""
-    saved = saved or {}
-    keys = sorted((set(saved) | set(current)) - RESUMABLE_CHANGES)
-    diff = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    diff = changed_entries(saved or {}, current, skip=RESUMABLE_CHANGES)
     if diff:
         raise IloraError(
             f"{where}: cannot resume with {what} than the earlier run's ({'; '.join(diff)}); "

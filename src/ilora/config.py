@@ -165,6 +165,13 @@ def without_added_defaults(config: dict[str, Any], added: dict[str, Any]) -> dic
     return {k: v for k, v in config.items() if not (k in added and v == added[k])}
 
 
+def changed_entries(old: dict[str, Any], new: dict[str, Any], skip: typing.Collection[str] = ()) -> list[str]:
+    """``"key: old -> new"`` for every key (sorted, those in ``skip`` left out) whose value
+    differs between two recorded configs; a key one of them lacks reads as None."""
+    keys = sorted((set(old) | set(new)) - set(skip))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.replace("-", "_").split(".")
     node = tree

@@ -334,9 +334,9 @@ def test_a_manifest_whose_shard_list_is_not_the_exports_own_is_refused_on_resume
 def test_another_teacher_or_options_are_refused_unless_overwrite(teacher, dataset, tmp_path):
     out = tmp_path / "o"
     export(teacher, dataset, out, **{**OPTS, "limit": 4})
-    with pytest.raises(IloraError, match=r"holds an export that differs in top_k \(3, now 2\)"):
+    with pytest.raises(IloraError, match=r"holds an export that differs in top_k \(3 -> 2\)"):
         export(teacher, dataset, out, **{**OPTS, "limit": 4, "top_k": 2})
-    with pytest.raises(IloraError, match="holds an export that differs in options"):
+    with pytest.raises(IloraError, match=r"holds an export that differs in options \(limit: 4 -> 5\); use another"):
         export(teacher, dataset, out, **{**OPTS, "limit": 5})
     shifted = SeqDataset(dataset.catalog, {"train": dataset.split("train").subset(slice(1, None))}, source="shifted")
     with pytest.raises(IloraError, match="other train samples"):
@@ -384,9 +384,13 @@ def test_cli_export_json(teacher, dataset, tmp_path, capsys):
     assert main(args) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["rows"] == 8 and result["splits"] == {"train": 4, "val": 4} and result["out"] == str(tmp_path / "o")
-    assert result["seconds"] > 0 and result["samples_per_s"] > 0
+    assert result["seconds"] > 0 and result["samples_per_s"] > 0 and result["dllm2rec"]
     outputs = read_teacher_outputs(tmp_path / "o", ("train", "val"))
     assert outputs.split("val").topk_items.shape == (4, 3)
+    val_only = [a if a != "train,val" else "val" for a in args]
+    assert main(val_only) == 0 and json.loads(capsys.readouterr().out)["dllm2rec"]  # the train export's files are still there
+    assert main([*val_only[:-1], "--out", str(tmp_path / "v"), "--json"]) == 0
+    assert not json.loads(capsys.readouterr().out)["dllm2rec"]  # val alone writes none
     assert main(base + ["--top-k", "40", "--pool-sasrec", "4", "--pool-candidates", "3"]) == 2
     assert "top-k 40 exceeds" in capsys.readouterr().err
 
@@ -411,3 +415,14 @@ def test_cli_export_refuses_what_the_shards_would_before_loading_the_teacher(tea
     assert not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match="pool-candidates: must be 0 \\(none\\) or >= 2"):
         ExportOptions(pool_candidates=1)
+
+
+def test_a_train_export_of_one_column_warns_that_dllm2rec_cannot_read_it(teacher, dataset, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="ilora.outputs.export"):
+        export(teacher, dataset, tmp_path / "one", **{**OPTS, "top_k": 1, "limit": 2})
+    assert "--top-k 1: DLLM2Rec reads myrank_train.txt with np.loadtxt" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ilora.outputs.export"):
+        export(teacher, dataset, tmp_path / "two", **{**OPTS, "top_k": 2, "limit": 2})
+        export(teacher, dataset, tmp_path / "val", **{**OPTS, "splits": ("val",), "top_k": 1, "limit": 2})
+    assert "DLLM2Rec" not in caplog.text

@@ -391,3 +391,12 @@ def test_a_sections_own_check_names_the_section_in_a_run_config() -> None:
         from_dict(RunConfig, {"teacher": {"batch_size": 8, "micro_batch_size": 3}})
     with pytest.raises(ConfigError, match=r"^eval\.candidates: must be >= 2"):  # already qualified: left as it is
         from_dict(RunConfig, {"eval": {"candidates": 1}})
+
+
+def test_changed_entries_lists_every_differing_key_once_sorted_and_skips_what_it_is_told():
+    from ilora.config import changed_entries
+
+    old, new = {"lr": 0.001, "epochs": 2, "seed": 1, "gone": "x"}, {"lr": 0.0007, "epochs": 2, "seed": 3, "added": True}
+    assert changed_entries(old, new) == ["added: None -> True", "gone: 'x' -> None", "lr: 0.001 -> 0.0007", "seed: 1 -> 3"]
+    assert changed_entries(old, new, skip={"seed", "gone", "added"}) == ["lr: 0.001 -> 0.0007"]
+    assert changed_entries(old, dict(old)) == []

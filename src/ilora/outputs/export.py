@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 import time
@@ -65,7 +66,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from ilora.config import option
+from ilora.config import changed_entries, option
 from ilora.data.candidates import candidate_sets, check_candidate_room
 from ilora.data.dataset import SPLITS, SeqDataset, Split
 from ilora.dir_lock import claims_out_dir
@@ -76,6 +77,8 @@ from ilora.progress import progress
 from ilora.rec.metrics import history_mask
 from ilora.rec.sasrec import id_tensor
 from ilora.state_io import atomic_write_text, fsync_file, replace_durably, save_tensors
+
+log = logging.getLogger(__name__)
 
 CONFIDENCE = "softmax of the pool's log-likelihoods"
 EMBEDDING_METHOD = (
@@ -345,14 +348,17 @@ def _get(d: dict, keys: tuple[str, ...]):
 
 
 def check_same_export(old: dict, new: dict, out: Path) -> None:
-    """IloraError naming the first difference between a previous manifest and this export."""
+    """IloraError naming the first difference between a previous manifest and this export
+    (for the export options, each option that differs: ``name: old -> new``)."""
     for keys in IDENTITY_KEYS:
-        if _get(old, keys) != _get(new, keys):
+        before, now = _get(old, keys), _get(new, keys)
+        if before != now:
             what = ".".join(keys)
-            raise IloraError(
-                f"{out}: holds an export that differs in {what} ({_get(old, keys)!r}, now {_get(new, keys)!r}); "
-                "use another --out, or --overwrite to replace it"
-            )
+            if isinstance(before, dict) and isinstance(now, dict):
+                change = "; ".join(changed_entries(before, now))
+            else:
+                change = f"{before!r} -> {now!r}"
+            raise IloraError(f"{out}: holds an export that differs in {what} ({change}); use another --out, or --overwrite to replace it")
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
@@ -555,7 +561,7 @@ class ExportResult:
     samples_per_s: float
     splits: dict[str, int] = field(default_factory=dict)
     item_embeddings: list[int] = field(default_factory=list)
-    dllm2rec: bool = False
+    dllm2rec: bool = False  # ``out`` holds DLLM2Rec's files (this export's train split, or an earlier one's)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -599,6 +605,9 @@ def export_teacher_outputs(
     out = Path(out)
     parse_gate_mode(opts.gate, bundle.teacher.num_experts)
     splits = check_export_input(dataset, opts, bundle.config.num_candidates)
+    if "train" in splits and opts.top_k < 2 and ctx.is_main:
+        log.warning("--top-k %d: DLLM2Rec reads myrank_train.txt with np.loadtxt, which loads a single column as a 1-D array "
+                    "that its [:, :K] slicing fails on; export with --top-k >= 2 for DLLM2Rec", opts.top_k)
     bundle.teacher.eval()
     hidden = bundle.teacher.llm.config.hidden_size
     identity = teacher_identity(teacher_dir)
@@ -619,10 +628,13 @@ def export_teacher_outputs(
         s0 = time.perf_counter()
         written += export_split(bundle, out, manifest, name, split, opts, on_shard, ctx)
         scoring += time.perf_counter() - s0
-    has_dllm2rec = "train" in splits
-    if has_dllm2rec and ctx.is_main:
-        manifest["dllm2rec"] = write_dllm2rec(out, manifest, dataset, splits["train"])
-        _write_manifest(out, manifest)
+    holds_dllm2rec = None
+    if ctx.is_main:
+        if "train" in splits:
+            manifest["dllm2rec"] = write_dllm2rec(out, manifest, dataset, splits["train"])
+            _write_manifest(out, manifest)
+        holds_dllm2rec = bool(manifest.get("dllm2rec"))  # written now, or by an earlier export of train into out
+    holds_dllm2rec = ctx.broadcast(holds_dllm2rec)
     ctx.barrier()
     seconds = time.perf_counter() - t0
     return ExportResult(
@@ -633,5 +645,5 @@ def export_teacher_outputs(
         samples_per_s=round(written / scoring, 3) if written and scoring > 0 else 0.0,
         splits={n: len(s) for n, s in splits.items()},
         item_embeddings=[int(shape[0]), int(shape[1])],
-        dllm2rec=has_dllm2rec,
+        dllm2rec=holds_dllm2rec,
     )

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ilora.checkpointing import RESUMABLE_CHANGES
+from ilora.config import changed_entries
 from ilora.errors import IloraError
 from ilora.state_io import atomic_write_text
 
@@ -169,7 +170,7 @@ def _differences(old: Any, new: Any) -> str:
     """The options an interrupted run started with that differ from this run's, in words."""
     if not (isinstance(old, dict) and isinstance(new, dict)):
         return "its options are not recorded"
-    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    diff = changed_entries(old, new)
     return "; ".join(diff) if diff else "the same options, other upstream results"
 
 
