@@ -91,3 +91,11 @@ def test_an_empty_list_of_protocols_or_gates_is_refused():
     for field in ("protocols", "gates"):
         with pytest.raises(ConfigError, match=f"eval.{field}: empty"):
             EvalSection(**{field: []})
+
+
+def test_metrics_a_protocol_does_not_have_print_as_a_dash_not_nan():
+    run = summary(0.8, 0.775)
+    run["eval"]["teacher"]["generate/learned"] = {"hr@1": 0.1, "valid_ratio": 0.5, "gate_stats": {"mean_entropy": 1.25}}
+    row = next(line for line in summary_table(run).splitlines() if line.startswith("generate/learned"))
+    assert row.split() == ["generate/learned", "0.1000", "-", "-", "0.5000", "1.250"]
+    assert "nan" not in summary_table(run)

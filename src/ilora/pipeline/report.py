@@ -110,6 +110,10 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _cell(value: float | None, spec: str = ".4f", width: int = 10) -> str:
+    """A right-aligned number for the printed summary, or "-" for a metric the row does not have
+    (generation has no ndcg or mrr): "nan" would read as a value that came out undefined."""
+    return f"{'-' if value is None else format(value, spec):>{width}}"
 
 
 def weak_teacher_note(summary: dict) -> str | None:
@@ -220,7 +224,7 @@ def summary_table(summary: dict) -> str:
     distill = summary.get("distill")
     if distill:
         for name in ("baseline", "distilled"):
-            lines.append(f"{'student ' + name:<30}" + "".join(f"{distill[name].get(k, float('nan')):>10.4f}" for k in keys))
+            lines.append(f"{'student ' + name:<30}" + "".join(_cell(distill[name].get(k)) for k in keys))
         for label, part in (("distillation gain (ndcg@10)", distill), ("seed control gain (ndcg@10)", distill.get("control"))):
             gain = (part or {}).get("gain", {}).get("ndcg@10")
             if gain is not None:
@@ -232,8 +236,8 @@ def summary_table(summary: dict) -> str:
                   f"{'protocol/gate':<30}{'hr@1':>10}{'ndcg@5':>10}{'mrr':>10}{'valid':>10}{'entropy':>10}"]
         for name, m in ev["teacher"].items():
             lines.append(
-                f"{name:<30}{m['hr@1']:>10.4f}{m.get('ndcg@5', float('nan')):>10.4f}{m.get('mrr', float('nan')):>10.4f}"
-                f"{m['valid_ratio']:>10.4f}{m['gate_stats']['mean_entropy']:>10.3f}"
+                f"{name:<30}{_cell(m['hr@1'])}{_cell(m.get('ndcg@5'))}{_cell(m.get('mrr'))}"
+                f"{_cell(m['valid_ratio'])}{_cell(m['gate_stats']['mean_entropy'], '.3f')}"
             )
         lines.append(f"{'SASRec cand_hr@1, same cands':<30}{ev['sasrec_same_candidates']['cand_hr@1']:>10.4f}")
     note = weak_teacher_note(summary) if summary.get("distill") else None

@@ -98,7 +98,7 @@ class RecTrainConfig:
     grad_clip: float = option(
         10.0, "clip the gradient norm to this (0: off); the default only stops blow-ups (ordinary SASRec steps stay below 5)"
     )
-    checkpoint_every: int = option(0, "write a resumable checkpoint every N optimizer steps into OUT/checkpoints (0: off)")
+    checkpoint_every: int = option(0, "write a resumable checkpoint every N optimizer steps into checkpoints/ in the output folder (distill: in each student's: baseline/, distilled/, control/; 0: off)")
     skip_nonfinite: bool = option(False, "skip a step whose loss or gradient is NaN/inf instead of stopping the run")
 
     def validate(self, *, check_device: bool = True) -> None:

@@ -92,7 +92,7 @@ class TeacherConfig:
     select_metric: str = option("mrr", f"validation metric (score protocol) that picks the best checkpoint: {', '.join(SELECT_METRICS)}")
     workers: int = option(0, "DataLoader workers building the prompt batches")
     seed: int = option(0, "random seed")
-    checkpoint_every: int = option(0, "write a resumable checkpoint every N optimiser steps into OUT/checkpoints (0: off)")
+    checkpoint_every: int = option(0, "write a resumable checkpoint every N optimiser steps into checkpoints/ in the teacher's output folder (in a run: teacher/model/; 0: off)")
     skip_nonfinite: bool = option(False, "skip a step whose loss or gradient is NaN/inf instead of stopping the run")
     device: Literal["cpu", "cuda"] = option("cpu", "cpu or cuda (bf16 autocast and a bf16 base on cuda)")
 
