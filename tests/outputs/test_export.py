@@ -260,7 +260,7 @@ def export_stopped_after(teacher, dataset, out, shard: int) -> None:
         export(teacher, dataset, out, on_shard=stop, **OPTS)
 
 
-def test_interrupted_export_resumes_to_the_same_files(teacher, dataset, tmp_path):
+def test_interrupted_export_resumes_to_the_same_files(teacher, dataset, tmp_path, caplog):
     whole = export(teacher, dataset, tmp_path / "whole", **OPTS)
     assert whole.rows == 22 and whole.written == 22
 
@@ -276,8 +276,10 @@ def test_interrupted_export_resumes_to_the_same_files(teacher, dataset, tmp_path
     def look_for_leftovers(split, number):
         leftovers.append(sorted(p.name for p in (tmp_path / "cut/train").iterdir() if p.name.startswith(".")))
 
-    resumed = export(teacher, dataset, tmp_path / "cut", on_shard=look_for_leftovers, **OPTS)
+    with caplog.at_level("INFO", logger="ilora.outputs.export"):
+        resumed = export(teacher, dataset, tmp_path / "cut", on_shard=look_for_leftovers, **OPTS)
     assert resumed.written == 12 and resumed.rows == 22
+    assert "the train split resumed after 10 of its 22 samples" in caplog.text
     assert leftovers[0] == []  # unlisted files were discarded before the first new shard
 
     a, b = read_manifest(tmp_path / "whole"), read_manifest(tmp_path / "cut")
@@ -290,8 +292,9 @@ def test_interrupted_export_resumes_to_the_same_files(teacher, dataset, tmp_path
     for col in ("topk_items", "topk_scores", "topk_confidence", "gate", "user_embedding"):
         assert np.array_equal(getattr(x, col), getattr(y, col)), col
     assert len(x) == 22
-    again = export(teacher, dataset, tmp_path / "cut", **OPTS)  # a complete export: nothing left to do
-    assert again.written == 0
+    with caplog.at_level("INFO", logger="ilora.outputs.export"):
+        again = export(teacher, dataset, tmp_path / "cut", **OPTS)  # a complete export: nothing left to do
+    assert again.written == 0 and "the train split already exported whole (22 samples)" in caplog.text
     (tmp_path / "cut/train/part-00001.parquet").write_bytes(b"changed")
     with pytest.raises(IloraError, match="missing or changed"):
         export(teacher, dataset, tmp_path / "cut", **OPTS)

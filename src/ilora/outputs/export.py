@@ -520,6 +520,9 @@ def export_split(
     """
     # rank 0 checks the manifest and removes unlisted shard files before any rank writes one
     start = ctx.broadcast(_resume_point(out, manifest, name, split, opts.shard_rows) if ctx.is_main else None)
+    if ctx.is_main and start != 0:
+        done = f"already exported whole ({len(split)} samples)" if start is None else f"resumed after {start} of its {len(split)} samples"
+        log.info("%s: the %s split %s, as its manifest lists", out, name, done)
     if start is None:
         return 0
     info = manifest["splits"][name] if ctx.is_main else None
