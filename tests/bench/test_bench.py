@@ -655,7 +655,10 @@ def test_step_reference_steps_in_its_own_micro_batches_and_the_refusals(syntheti
         assert events[i + 1 : i + 1 + len(expected)] == expected
     assert {e for e in events if not isinstance(e, str)} == {("reference", 2), ("ours", 4)}  # memory's forwards too
     assert r["variants"]["reference"]["samples_per_s"] == pytest.approx(4 / r["variants"]["reference"]["step_s"])
-    assert "the reference in micro-batches of 2" in "\n".join(step_bench.markdown_table(r))
+    widths = r["sizes"]["reference_micro_batch_padded_width"]
+    assert len(widths) == 2 and max(widths) <= r["sizes"]["padded_width"]["reference"]
+    assert f"the reference in micro-batches of 2 (padded to {widths[0]}, {widths[1]}; saved MiB of its widest)" in "\n".join(step_bench.markdown_table(r))
+    assert r["ratio_means"].endswith("(the reference in micro-batches of 2)")
     for argv, message in (
         (["--reference-micro-batch-size", "3"], "reference_micro_batch_size: must divide the batch size 4"),
         (["--reference-micro-batch-size", "2", "--no-reference"], "the reference is not run"),
@@ -665,6 +668,37 @@ def test_step_reference_steps_in_its_own_micro_batches_and_the_refusals(syntheti
         assert message in capsys.readouterr().err
     assert main(["bench", "adapter", "--quick", "--reference-eager", "--no-record"]) == 2
     assert "--reference-eager does not apply (only to step)" in capsys.readouterr().err
+
+
+def test_step_run_with_reference_eager_steps_the_reference_outside_the_compiled_layers(synthetic_titles, capsys, monkeypatch):
+    """--compile --reference-eager through the CLI: every step of the reference (check, timed rounds,
+    memory) runs with the compiled layers inactive, every step of ours inside them. The compiled
+    layers are a stand-in that records when they are active (compiling is not what is tested)."""
+    import contextlib
+
+    import ilora.teacher.compiled as compiled_module
+
+    state = {"active": False}
+    seen = set()
+
+    class RecordingLayers:
+        def __init__(self, llm, **kwargs):
+            pass
+
+        @contextlib.contextmanager
+        def active(self):
+            state["active"] = True
+            try:
+                yield
+            finally:
+                state["active"] = False
+
+    real_loss = step_bench.variant_loss
+    monkeypatch.setattr(compiled_module, "CompiledLayers", RecordingLayers)
+    monkeypatch.setattr(step_bench, "variant_loss", lambda setup, chunk, parts, variant: seen.add((variant, state["active"])) or real_loss(setup, chunk, parts, variant))
+    r = _run_cli(capsys, "step", "--quick", "--batch-size", "2", "--compile", "--reference-eager", "--repeats", "1", "--warmup", "1", "--no-record")
+    assert seen == {("reference", False), ("ours", True)}
+    assert r["sizes"]["reference_compiled"] is False and r["ratio_means"].endswith("(the reference eager)")
 
 
 def test_step_reference_eager_leaves_only_the_reference_uncompiled(synthetic_titles):

@@ -222,6 +222,8 @@ def test_reported_row_is_the_file_row_after_dropped_rows(small_lastfm: Path) -> 
         (b"0::a\n1::b\n1::c\n", r"id2name.txt \(line 3\), id 1: duplicate catalog id \(first on line 2\)"),
         (b"0::a\n1::b\n3::c\n", r"id2name.txt \(line 3\), id 3: catalog id out of range: id 2 is missing \(ids must have no gaps\) \(expected ids 0..2\)"),
         (b"0::a\n2::b\n3::c\n4::d\n", r"id2name.txt \(line 4\), id 4: catalog id out of range: id 1 is missing \(ids must have no gaps\)"),
+        (b"0::a\n5::b\n6::c\n", r"id2name.txt \(line 2\), id 5: catalog id out of range: ids 1, 2 are missing \(ids must have no gaps\)"),
+        ("".join(f"{i}::t\n" for i in [0, *range(8, 15)]).encode(), r"ids 1, 2, 3, 4, 5 and 2 more are missing"),
         (b"1::a\n2::b\n3::c\n", r"id2name.txt \(line 3\), id 3: catalog id out of range: id 0 is missing \(ids must have no gaps; the ids run 1..3: numbered from 1\?\)"),
         (b"0::a\nx::b\n", r"id2name.txt \(line 2\): non-integer id 'x'"),
         (b"0::a\n1_0::b\n", r"id2name.txt \(line 2\): non-integer id '1_0'"),  # int() reads it as 10

@@ -14,8 +14,8 @@ with AdamW, gradient clipping and (CUDA) bf16 autocast, as ``ilora teacher train
   adapters (`ilora.bench.adapter.reference_adapters`), right padding, and the loss from
   HF ``labels`` (logits over the full sequence and vocabulary). With ``--compile`` it runs
   the compiled layers too, unless ``--reference-eager``; ``--reference-micro-batch-size``
-  gives it micro-batches of its own (at 7B on an H100 the research code's step fits 8
-  samples, not 16), so the two run the same samples each as it would train on them.
+  gives it micro-batches of its own (LLaRA-style scripts train in micro-batches of 8; at 7B
+  that takes 45 GiB on an H100), so the two run the same samples each as it would train on them.
 * ``ours``: ``PromptCollator.build`` + ``ILoRATeacher.loss`` (logits only where an
   answer token is predicted).
 * ``ours_eager`` (with ``eager_baseline``): ``ours`` with transformers' eager attention
@@ -375,6 +375,14 @@ def variant_loss(setup: StepSetup, samples: dict[str, torch.Tensor], parts: Part
     return our_loss(setup, samples, parts, gate_mode(variant))
 
 
+def checked_micro_batch_size(size: int, batch_size: int, name: str) -> int:
+    """``size`` checked to divide ``batch_size`` (0: one micro-batch), as the trainer's must;
+    0 when it is the whole batch, as `micro_batches` reads it."""
+    if size < 0 or (size and batch_size % size):
+        raise ConfigError(f"{name}: must divide the batch size {batch_size}, got {size}")
+    return 0 if size == batch_size else size
+
+
 def micro_batches(samples: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
     """``samples`` cut into consecutive micro-batches of ``size`` (0: one), as the trainer cuts a
     global batch (`ilora.teacher.train.rank_micro_batches`); a length-grouped batch is sorted
@@ -720,15 +728,11 @@ def run_bench(
         repeats = min(repeats, 3)
     if batches < 1:
         raise ConfigError(f"batches: must be >= 1, got {batches}")
-    if micro_batch_size < 0 or (micro_batch_size and batch_size % micro_batch_size):
-        raise ConfigError(f"micro_batch_size: must divide the batch size {batch_size} (as the trainer's must), got {micro_batch_size}")
-    micro_batch_size = 0 if micro_batch_size == batch_size else micro_batch_size
+    micro_batch_size = checked_micro_batch_size(micro_batch_size, batch_size, "micro_batch_size")
     if reference_micro_batch_size is not None:
         if not reference:
             raise ConfigError("reference_micro_batch_size: the reference is not run (--no-reference)")
-        if reference_micro_batch_size <= 0 or batch_size % reference_micro_batch_size:
-            raise ConfigError(f"reference_micro_batch_size: must divide the batch size {batch_size}, got {reference_micro_batch_size}")
-        reference_micro_batch_size = 0 if reference_micro_batch_size == batch_size else reference_micro_batch_size
+        reference_micro_batch_size = checked_micro_batch_size(reference_micro_batch_size, batch_size, "reference_micro_batch_size")
     if reference_eager and not (compile_layers and reference):
         raise ConfigError("reference_eager: runs the reference's layers eager while ours are compiled; it needs --compile and the reference")
     warmup = warmup if warmup is not None else (2 if compile_layers else 1) + (batches if batches > 1 else 0)
@@ -830,7 +834,12 @@ def run_bench(
             "compile": compile_layers,
             **({"reference_compiled": not reference_eager} if compile_layers and reference else {}),
             **(
-                {"reference_micro_batch_size": setup.micro_batch_size_of("reference") or batch_size}
+                {
+                    "reference_micro_batch_size": reference_micro_batch_size or batch_size,
+                    "reference_micro_batch_padded_width": [
+                        reference_tokens(setup.inputs, c)["input_ids"].shape[1] for c in micro_batches(samples, reference_micro_batch_size)
+                    ],
+                }
                 if reference_micro_batch_size is not None
                 else {}
             ),
@@ -852,7 +861,11 @@ def run_bench(
         "peak_flops": peak,
         "variants": variants,
         "ratio": step_s["reference"] / step_s["ours"] if reference else None,
-        "ratio_means": "reference / ours time of a full training step (step_s)" if reference else "not measured (--no-reference)",
+        "ratio_means": (
+            "reference / ours time of a full training step (step_s)" + reference_settings(setup, compile_layers)
+            if reference
+            else "not measured (--no-reference)"
+        ),
         "optimizer": optimizers,
         "optimizer_means": "the optimizer part alone (clip + AdamW step) on ours' gradients: foreach=True (torch's default "
         "on CUDA) vs fused=True (what the trainer and the variants above run), median seconds",
@@ -893,9 +906,20 @@ def run_bench(
     }
 
 
+def reference_settings(setup: StepSetup, compile_layers: bool) -> str:
+    """How the reference ran where that differs from ours, for the ratio's meaning ('' where it did not)."""
+    differs = []
+    if setup.reference_micro_batch_size is not None and setup.micro_batch_size_of("reference") != setup.micro_batch_size:
+        differs.append(f"in micro-batches of {setup.reference_micro_batch_size or 'the whole batch'}")
+    if compile_layers and setup.reference_eager:
+        differs.append("eager")
+    return f" (the reference {', '.join(differs)})" if differs else ""
+
+
 def markdown_table(result: dict[str, Any]) -> list[str]:
     s = result["sizes"]
     first_batch = "the first batch's micro-batches " if s.get("batches", 1) > 1 else ""  # micro_batch_padded_width is batch 0's
+    ours_micro = s.get("micro_batch_size", s["batch_size"])
     lines = [
         f"Shape `{s['shape']}` ({s['layers']} layers, hidden {s['hidden']}, vocab {s['vocab']}, {s['dtype']}), batch {s['batch_size']}, "
         f"{s['tokens_per_sample']:.0f} tokens/sample ({s.get('batch', 'random samples')}"
@@ -911,12 +935,13 @@ def markdown_table(result: dict[str, Any]) -> list[str]:
         + (
             f", in micro-batches of {s['micro_batch_size']} ({first_batch}padded to {', '.join(map(str, s['micro_batch_padded_width']))}; "
             "one optimizer step, saved MiB of the widest)"
-            if s.get("micro_batch_size", s["batch_size"]) < s["batch_size"]
+            if ours_micro < s["batch_size"]
             else ""
         )
         + (
-            f"; the reference in micro-batches of {s['reference_micro_batch_size']}"
-            if s.get("reference_micro_batch_size", s.get("micro_batch_size", s["batch_size"])) != s.get("micro_batch_size", s["batch_size"])
+            f"; the reference in micro-batches of {s['reference_micro_batch_size']} (padded to "
+            f"{', '.join(map(str, s['reference_micro_batch_padded_width']))}; saved MiB of its widest)"
+            if s.get("reference_micro_batch_size", ours_micro) != ours_micro
             else ""
         )
         + f", checkpointing {s['gradient_checkpointing']}, compile {s['compile']}"

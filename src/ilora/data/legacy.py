@@ -146,10 +146,12 @@ def _catalog_from_pairs(path: Path, pairs: list[tuple[int, int, str]], first_id:
         index = item - first_id
         if not 0 <= index < len(pairs):
             hint = f"; the ids run {first_id + 1}..{first_id + len(pairs)}: numbered from {first_id + 1}?" if one_based else ""
-            missing = next(i for i in range(first_id, first_id + len(pairs)) if i not in seen)  # n ids, one outside: one missing
+            missing = [i for i in range(first_id, first_id + len(pairs)) if i not in seen]  # as many as ids outside the range
+            named = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise DataError(
                 path,
-                f"catalog id out of range: id {missing} is missing (ids must have no gaps{hint})",
+                f"catalog id out of range: {'id' if len(missing) == 1 else 'ids'} {named} {'is' if len(missing) == 1 else 'are'} missing "
+                f"(ids must have no gaps{hint})",
                 line=line + 1,
                 item=item,
                 expected=f"ids {first_id}..{first_id + len(pairs) - 1}",
