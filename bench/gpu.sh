@@ -13,7 +13,7 @@
 # ours: q/k/v and gate/up adapters grouped, one dropout mask and one A product per input (share_adapter_inputs);
 # each needs 200 s of the cap left to start; 57 s and 45 s on an H100), step-7b-b32-vs-research (101 s; the 7B
 # step as each trains: ours and ours_shared as step-7b-b32-shared, the reference eager in micro-batches of 8, as
-# LLaRA-style scripts train (45 GiB at 8; 16 would need ~77 of the H100's 79 GiB), on the same 32 samples: the ratio is one of samples/s; needs
+# iLoRA's LastFM script trains (45 GiB at 8; 16 would need ~77 of the H100's 79 GiB), on the same 32 samples: the ratio is one of samples/s; needs
 # 200 s), step-7b-b32-shared-profiled (the
 # first of those again, with a profile of ours_shared's step in profiles.txt; 76 s), step-7b-b128-m32-shared (the 7B
 # config's whole optimizer step: 128 samples in 4 micro-batches of 32, then one AdamW step), step-7b-b40-shared (step-7b-b32-shared at

@@ -14,7 +14,7 @@ with AdamW, gradient clipping and (CUDA) bf16 autocast, as ``ilora teacher train
   adapters (`ilora.bench.adapter.reference_adapters`), right padding, and the loss from
   HF ``labels`` (logits over the full sequence and vocabulary). With ``--compile`` it runs
   the compiled layers too, unless ``--reference-eager``; ``--reference-micro-batch-size``
-  gives it micro-batches of its own (LLaRA-style scripts train in micro-batches of 8; at 7B
+  gives it micro-batches of its own (iLoRA's LastFM script trains in micro-batches of 8; at 7B
   that takes 45 GiB on an H100), so the two run the same samples each as it would train on them.
 * ``ours``: ``PromptCollator.build`` + ``ILoRATeacher.loss`` (logits only where an
   answer token is predicted).
