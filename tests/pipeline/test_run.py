@@ -86,6 +86,14 @@ def test_changing_the_teachers_evaluation_does_not_retrain_anything(tmp_path, ca
     after = _stage_keys(run)
     assert {k for k in keys if after[k] != changed[k]} == {"eval", "sasrec_eval"}
     capsys.readouterr()
+    # the generate protocol writes each sample's output and verdict beside the stage's results
+    assert main(["run", str(config), "eval.seed=7", "eval.protocols=score,generate", "eval.gates=learned,expert:1", "eval.limit=4", "--json"]) == 0
+    teacher = json.loads(capsys.readouterr().out)["eval"]["teacher"]
+    for gate, name in (("learned", "generations_test_learned.jsonl"), ("expert:1", "generations_test_expert1.jsonl")):
+        assert teacher[f"generate/{gate}"]["generations_file"] == name and "generations" not in teacher[f"generate/{gate}"]
+        records = [json.loads(line) for line in (run / "eval" / name).read_text().splitlines()]
+        assert len(records) == 4 and teacher[f"generate/{gate}"]["valid_ratio"] == sum(r["valid"] for r in records) / 4
+    assert "generations_file" not in teacher["score/learned"]
     # SASRec's evaluations leave the history out of the ranking when its trainer does
     assert main(["run", str(config), "rec.mask_history=true", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)

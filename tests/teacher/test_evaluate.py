@@ -208,3 +208,19 @@ def test_a_title_that_decodes_to_nothing_is_an_error_not_a_match_for_everything(
         answer_texts(SimpleNamespace(title_table=table, tokenizer=None))
     table.decoded = lambda tokenizer: ["Queen", "Muse"]
     assert answer_texts(SimpleNamespace(title_table=table, tokenizer=None)) == ["Queen", "Muse"]
+
+
+def test_generation_records_name_items_not_columns_and_judge_as_the_metrics_do(monkeypatch):
+    import ilora.teacher.evaluate as evaluate
+
+    monkeypatch.setattr(evaluate, "answer_texts", lambda teacher: ["alpha", "beta", "gamma", "delta"])
+    candidates = np.array([[2, 0, 3], [1, 3, 0], [0, 1, 2]])
+    texts = ["Gamma is it\nbeta", "delta or beta", "nothing here"]
+    records = evaluate.generation_records(None, texts, candidates, [0, 2, 1])
+    assert records == [
+        {"sample": 0, "target": 2, "text": texts[0], "named": [2], "valid": True, "correct": True},  # first line only
+        {"sample": 1, "target": 0, "text": texts[1], "named": [1, 3], "valid": False, "correct": False},
+        {"sample": 2, "target": 1, "text": texts[2], "named": [], "valid": False, "correct": False},
+    ]
+    metrics = evaluate.teacher_generate_metrics(None, texts, candidates, [0, 2, 1])
+    assert metrics["valid_ratio"] == 1 / 3 and metrics["hr@1"] == 1.0

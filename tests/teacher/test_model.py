@@ -6,12 +6,13 @@ import hashlib
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ilora.cli.main import main
-from ilora.data import candidate_sets, make_synthetic, write_native
+from ilora.data import candidate_sets, make_synthetic, read_native, write_native
 from ilora.data.dataset import Catalog, SeqDataset
 from ilora.errors import ConfigError, IloraError
 from ilora.rec.sasrec import SASRec, SASRecConfig
@@ -872,6 +873,20 @@ def test_cli_train_then_eval(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "candidates_test.npy holds other candidate sets (5 samples x 20)" in err and "another --out" in err
         assert {p.name: p.read_bytes() for p in out.iterdir()} == written
+
+    # the generate protocol also writes what each sample generated and how it was judged
+    assert main([*evaluate, "--protocol", "generate"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert "generations" not in result and result["generations_file"] == "generations_test_generate_learned.jsonl"
+    records = [json.loads(line) for line in (out / result["generations_file"]).read_text().splitlines()]
+    candidates, test = np.load(out / "candidates_test.npy"), read_native(data).split("test")
+    assert [r["sample"] for r in records] == list(range(5))
+    for r, row, target in zip(records, candidates, test.target[:5]):
+        assert r["target"] == int(target) and set(r["named"]) <= set(row.tolist()) and isinstance(r["text"], str)
+        assert r["valid"] == (len(r["named"]) == 1) and r["correct"] == (r["valid"] and r["named"] == [r["target"]])
+    valid = sum(r["valid"] for r in records)
+    assert result["valid_ratio"] == valid / 5
+    assert result["hr@1"] == (sum(r["correct"] for r in records) / valid if valid else None)
 
 
 def test_a_format_1_checkpoint_loads_without_fingerprint_checks_and_says_so(dataset, rec, tmp_path, caplog):

@@ -85,7 +85,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ilora.distributed import check_ranks_agree
     from ilora.outputs.export import teacher_identity
     from ilora.teacher.build import base_weights_sample, load_teacher
-    from ilora.teacher.evaluate import evaluate_teacher
+    from ilora.teacher.evaluate import evaluate_teacher, write_generations
 
     if args.max_new_tokens and args.protocol != "generate":  # before anything is read
         raise ConfigError(f"--max-new-tokens applies to the generate protocol only, not to {args.protocol!r}")
@@ -112,6 +112,7 @@ def run_eval(args: argparse.Namespace) -> int:
             evaluate_teacher(
                 bundle, split, candidates, protocol=args.protocol, gate_mode=args.gate,
                 batch_size=args.batch_size, device=args.device, max_new_tokens=args.max_new_tokens or None, ctx=ctx,
+                keep_generations=candidates_file is not None,
             )
         )
     if not ctx.is_main:
@@ -121,7 +122,12 @@ def run_eval(args: argparse.Namespace) -> int:
         save_candidates(candidates_file, candidates)
         result["candidates_file"] = candidates_file.name
         result["candidates_sha256"] = file_sha256(candidates_file)
-        atomic_write_text(candidates_file.parent / f"eval_{args.split}_{args.protocol}_{args.gate.replace(':', '')}.json", strict_json(result, indent=2))
+        name = f"{args.split}_{args.protocol}_{args.gate.replace(':', '')}"
+        if "generations" in result:  # one JSON line per sample: what it generated and how that was judged
+            generations = candidates_file.parent / f"generations_{name}.jsonl"
+            write_generations(generations, result.pop("generations"))
+            result["generations_file"] = generations.name
+        atomic_write_text(candidates_file.parent / f"eval_{name}.json", strict_json(result, indent=2))
     if args.json:
         print_json(result)
     else:
@@ -216,7 +222,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--limit", type=nonnegative_int, default=0, metavar="N", help="evaluate only the first N samples (0: all)")
     ev.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device [default: cpu]")
     add_trust_remote_code_argument(ev)
-    ev.add_argument("--out", default=None, metavar="DIR", help="also write the metrics and the candidate sets used here (refused if DIR holds other candidate sets of this split)")
+    ev.add_argument("--out", default=None, metavar="DIR", help="also write the metrics and the candidate sets used here, and with --protocol generate each sample's output and verdict (refused if DIR holds other candidate sets of this split)")
     add_json_argument(ev)
     ev.set_defaults(run=run_eval, distributed=True)
 

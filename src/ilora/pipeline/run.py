@@ -99,7 +99,7 @@ def stage_eval(cfg: RunConfig, dataset: SeqDataset, teacher_dir: Path, rec_dir: 
     from ilora.rec.evaluate import evaluate_sasrec
     from ilora.rec.sasrec import load_sasrec
     from ilora.teacher.build import load_teacher
-    from ilora.teacher.evaluate import evaluate_teacher
+    from ilora.teacher.evaluate import evaluate_teacher, write_generations
 
     split = dataset.split(cfg.eval.split)
     cands = candidate_sets(split, dataset.num_items, count=cfg.eval.candidates, seed=cfg.eval.seed, split_name=cfg.eval.split)
@@ -110,11 +110,17 @@ def stage_eval(cfg: RunConfig, dataset: SeqDataset, teacher_dir: Path, rec_dir: 
     results: dict = {"split": cfg.eval.split, "samples": len(split), "teacher": {}}
     for protocol in cfg.eval.protocols:
         for gate in _gate_modes(cfg):
-            results["teacher"][f"{protocol}/{gate}"] = evaluate_teacher(
+            metrics = evaluate_teacher(
                 bundle, split, cands, protocol=protocol, gate_mode=gate,
                 batch_size=cfg.eval.batch_size, device=cfg.teacher.device,
                 max_new_tokens=(cfg.eval.max_new_tokens or None) if protocol == "generate" else None,
+                keep_generations=protocol == "generate",
             )
+            if "generations" in metrics:  # what each sample generated and how it was judged, beside the results
+                generations = directory / f"generations_{cfg.eval.split}_{gate.replace(':', '')}.jsonl"
+                write_generations(generations, metrics.pop("generations"))
+                metrics["generations_file"] = generations.name
+            results["teacher"][f"{protocol}/{gate}"] = metrics
     same = SeqDataset(dataset.catalog, {cfg.eval.split: split}, dataset.source)
     results["sasrec_same_candidates"] = evaluate_sasrec(load_sasrec(rec_dir), same, cfg.eval.split, candidates=cands, mask_history=cfg.rec.mask_history)
     return results

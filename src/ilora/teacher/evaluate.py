@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,6 +44,7 @@ from ilora.distributed import SINGLE, Dist
 from ilora.errors import ConfigError, IloraError
 from ilora.progress import progress
 from ilora.rec.metrics import repeated_rows
+from ilora.state_io import atomic_write_text, strict_json
 from ilora.teacher.model import eval_mode
 
 log = logging.getLogger(__name__)
@@ -107,15 +109,22 @@ def matched_candidates(text: str, candidate_titles: Sequence[str]) -> list[int]:
     return [i for i, title in enumerate(candidate_titles) if title.strip().lower() in first_line]
 
 
+def judge_generation(text: str, titles: Sequence[str], target: int) -> tuple[list[int], bool, bool]:
+    """(the candidate columns ``text`` names, valid: exactly one, correct: valid and naming the
+    target's title): the generate protocol's verdict on one output."""
+    hits = matched_candidates(text, titles)
+    valid = len(hits) == 1
+    return hits, valid, valid and titles[hits[0]].strip().lower() == titles[target].strip().lower()
+
+
 def generate_metrics(texts: Sequence[str], candidate_titles: Sequence[Sequence[str]], target_col: Sequence[int]) -> dict[str, float]:
     """valid_ratio, hr@1 (correct / valid) and hr@1_all (correct / all). With no valid answer
     hr@1 is 0/0: NaN (undefined), not 0; hr@1_all is then 0."""
     valid = correct = 0
     for text, titles, target in zip(texts, candidate_titles, target_col, strict=True):
-        hits = matched_candidates(text, titles)
-        if len(hits) == 1:
-            valid += 1
-            correct += int(titles[hits[0]].strip().lower() == titles[target].strip().lower())
+        _, is_valid, is_correct = judge_generation(text, titles, target)
+        valid += is_valid
+        correct += is_correct
     total = len(texts)
     return {
         "valid_ratio": valid / total if total else math.nan,
@@ -221,6 +230,22 @@ def teacher_generate_metrics(teacher, texts: Sequence[str], candidates: np.ndarr
     return generate_metrics(texts, [[answers[int(i)] for i in row] for row in candidates], target_col)
 
 
+def generation_records(teacher, texts: Sequence[str], candidates: np.ndarray, target_col: Sequence[int]) -> list[dict]:
+    """One record per sample of what the generate protocol saw and decided: the output text, the
+    candidate items it names, whether it is valid and correct (`judge_generation`), the target item."""
+    answers = answer_texts(teacher)
+    records = []
+    for sample, (text, row, target) in enumerate(zip(texts, candidates, target_col, strict=True)):
+        hits, valid, correct = judge_generation(text, [answers[int(i)] for i in row], target)
+        records.append({"sample": sample, "target": int(row[target]), "text": text, "named": [int(row[h]) for h in hits], "valid": valid, "correct": correct})
+    return records
+
+
+def write_generations(path: Path, records: Sequence[dict]) -> None:
+    """`generation_records` as JSON lines, one per sample, written atomically."""
+    atomic_write_text(path, "".join(strict_json(r) + "\n" for r in records))
+
+
 def require_samples(split: Split, what: str) -> None:
     """`IloraError` if ``split`` has no samples: metrics over none are undefined (and there is
     nothing to concatenate), so ``what`` refuses it instead of reporting them."""
@@ -285,8 +310,11 @@ def generate_split(
 def evaluate_teacher(
     bundle, split: Split, candidates: np.ndarray, *, protocol: str = "score", gate_mode: str = "learned",
     batch_size: int = 16, device: str = "cpu", max_new_tokens: int | None = None, ctx: Dist = SINGLE,
+    keep_generations: bool = False,
 ) -> dict:
     """Metrics of one protocol on one split with fixed candidates, plus gate statistics (every rank gets them).
+    With ``keep_generations`` the generate protocol's result also holds ``generations``, a
+    `generation_records` entry per sample.
 
     The generate protocol matches the teacher's `answer_texts` (its catalog titles truncated
     to ``max_title_tokens`` and decoded) and decodes up to ``max_new_tokens`` (`generate_split`).
@@ -309,6 +337,8 @@ def evaluate_teacher(
         texts, gates = generate_split(bundle, split, candidates, gate_mode, batch_size, device, limit, ctx=ctx)
         metrics = teacher_generate_metrics(bundle.teacher, texts, candidates, cols.tolist())
         metrics["max_new_tokens"] = limit
+        if keep_generations:
+            metrics["generations"] = generation_records(bundle.teacher, texts, candidates, cols.tolist())
     else:
         raise ValueError(f"unknown protocol {protocol!r}")
     metrics["num_samples"] = len(split)
