@@ -877,7 +877,7 @@ def test_cli_train_then_eval(tmp_path, capsys):
     # the generate protocol also writes what each sample generated and how it was judged
     assert main([*evaluate, "--protocol", "generate"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert "generations" not in result and result["generations_file"] == "generations_test_generate_learned.jsonl"
+    assert "generations" not in result and result["generations_file"] == "generations_test_learned.jsonl"
     records = [json.loads(line) for line in (out / result["generations_file"]).read_text().splitlines()]
     candidates, test = np.load(out / "candidates_test.npy"), read_native(data).split("test")
     assert [r["sample"] for r in records] == list(range(5))

@@ -122,12 +122,9 @@ def run_eval(args: argparse.Namespace) -> int:
         save_candidates(candidates_file, candidates)
         result["candidates_file"] = candidates_file.name
         result["candidates_sha256"] = file_sha256(candidates_file)
-        name = f"{args.split}_{args.protocol}_{args.gate.replace(':', '')}"
         if "generations" in result:  # one JSON line per sample: what it generated and how that was judged
-            generations = candidates_file.parent / f"generations_{name}.jsonl"
-            write_generations(generations, result.pop("generations"))
-            result["generations_file"] = generations.name
-        atomic_write_text(candidates_file.parent / f"eval_{name}.json", strict_json(result, indent=2))
+            result["generations_file"] = write_generations(candidates_file.parent, args.split, args.gate, result.pop("generations"))
+        atomic_write_text(candidates_file.parent / f"eval_{args.split}_{args.protocol}_{args.gate.replace(':', '')}.json", strict_json(result, indent=2))
     if args.json:
         print_json(result)
     else:

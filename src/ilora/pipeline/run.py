@@ -117,9 +117,7 @@ def stage_eval(cfg: RunConfig, dataset: SeqDataset, teacher_dir: Path, rec_dir: 
                 keep_generations=protocol == "generate",
             )
             if "generations" in metrics:  # what each sample generated and how it was judged, beside the results
-                generations = directory / f"generations_{cfg.eval.split}_{gate.replace(':', '')}.jsonl"
-                write_generations(generations, metrics.pop("generations"))
-                metrics["generations_file"] = generations.name
+                metrics["generations_file"] = write_generations(directory, cfg.eval.split, gate, metrics.pop("generations"))
             results["teacher"][f"{protocol}/{gate}"] = metrics
     same = SeqDataset(dataset.catalog, {cfg.eval.split: split}, dataset.source)
     results["sasrec_same_candidates"] = evaluate_sasrec(load_sasrec(rec_dir), same, cfg.eval.split, candidates=cands, mask_history=cfg.rec.mask_history)

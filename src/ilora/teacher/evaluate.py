@@ -241,9 +241,12 @@ def generation_records(teacher, texts: Sequence[str], candidates: np.ndarray, ta
     return records
 
 
-def write_generations(path: Path, records: Sequence[dict]) -> None:
-    """`generation_records` as JSON lines, one per sample, written atomically."""
-    atomic_write_text(path, "".join(strict_json(r) + "\n" for r in records))
+def write_generations(directory: Path, split: str, gate: str, records: Sequence[dict]) -> str:
+    """`generation_records` as JSON lines, one per sample, written atomically to
+    ``directory/generations_<split>_<gate>.jsonl`` (``expert:N`` spelled ``expertN``); the file's name."""
+    name = f"generations_{split}_{gate.replace(':', '')}.jsonl"
+    atomic_write_text(Path(directory) / name, "".join(strict_json(r) + "\n" for r in records))
+    return name
 
 
 def require_samples(split: Split, what: str) -> None:
