@@ -85,7 +85,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from ilora.distributed import check_ranks_agree
     from ilora.outputs.export import teacher_identity
     from ilora.teacher.build import base_weights_sample, load_teacher
-    from ilora.teacher.evaluate import evaluate_teacher, write_generations
+    from ilora.teacher.evaluate import evaluate_teacher, gate_file_tag, write_generations
 
     if args.max_new_tokens and args.protocol != "generate":  # before anything is read
         raise ConfigError(f"--max-new-tokens applies to the generate protocol only, not to {args.protocol!r}")
@@ -124,7 +124,7 @@ def run_eval(args: argparse.Namespace) -> int:
         result["candidates_sha256"] = file_sha256(candidates_file)
         if "generations" in result:  # one JSON line per sample: what it generated and how that was judged
             result["generations_file"] = write_generations(candidates_file.parent, args.split, args.gate, result.pop("generations"))
-        atomic_write_text(candidates_file.parent / f"eval_{args.split}_{args.protocol}_{args.gate.replace(':', '')}.json", strict_json(result, indent=2))
+        atomic_write_text(candidates_file.parent / f"eval_{args.split}_{args.protocol}_{gate_file_tag(args.gate)}.json", strict_json(result, indent=2))
     if args.json:
         print_json(result)
     else:

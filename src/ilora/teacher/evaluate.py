@@ -120,12 +120,13 @@ def judge_generation(text: str, titles: Sequence[str], target: int) -> tuple[lis
 def generate_metrics(texts: Sequence[str], candidate_titles: Sequence[Sequence[str]], target_col: Sequence[int]) -> dict[str, float]:
     """valid_ratio, hr@1 (correct / valid) and hr@1_all (correct / all). With no valid answer
     hr@1 is 0/0: NaN (undefined), not 0; hr@1_all is then 0."""
-    valid = correct = 0
-    for text, titles, target in zip(texts, candidate_titles, target_col, strict=True):
-        _, is_valid, is_correct = judge_generation(text, titles, target)
-        valid += is_valid
-        correct += is_correct
-    total = len(texts)
+    verdicts = [judge_generation(text, titles, target)[1:] for text, titles, target in zip(texts, candidate_titles, target_col, strict=True)]
+    return verdict_rates(verdicts)
+
+
+def verdict_rates(verdicts: Sequence[tuple[bool, bool]]) -> dict[str, float]:
+    """`generate_metrics` from each output's (valid, correct) verdict."""
+    total, valid, correct = len(verdicts), sum(v for v, _ in verdicts), sum(c for _, c in verdicts)
     return {
         "valid_ratio": valid / total if total else math.nan,
         "hr@1": correct / valid if valid else math.nan,
@@ -226,8 +227,7 @@ def answer_texts(teacher) -> list[str]:
 
 def teacher_generate_metrics(teacher, texts: Sequence[str], candidates: np.ndarray, target_col: Sequence[int]) -> dict[str, float]:
     """`generate_metrics` of ``texts`` against each row's candidates as the teacher writes them (`answer_texts`)."""
-    answers = answer_texts(teacher)
-    return generate_metrics(texts, [[answers[int(i)] for i in row] for row in candidates], target_col)
+    return verdict_rates([(r["valid"], r["correct"]) for r in generation_records(teacher, texts, candidates, target_col)])
 
 
 def generation_records(teacher, texts: Sequence[str], candidates: np.ndarray, target_col: Sequence[int]) -> list[dict]:
@@ -244,9 +244,14 @@ def generation_records(teacher, texts: Sequence[str], candidates: np.ndarray, ta
 def write_generations(directory: Path, split: str, gate: str, records: Sequence[dict]) -> str:
     """`generation_records` as JSON lines, one per sample, written atomically to
     ``directory/generations_<split>_<gate>.jsonl`` (``expert:N`` spelled ``expertN``); the file's name."""
-    name = f"generations_{split}_{gate.replace(':', '')}.jsonl"
+    name = f"generations_{split}_{gate_file_tag(gate)}.jsonl"
     atomic_write_text(Path(directory) / name, "".join(strict_json(r) + "\n" for r in records))
     return name
+
+
+def gate_file_tag(gate: str) -> str:
+    """A gate mode as result file names spell it (``expert:1`` -> ``expert1``)."""
+    return gate.replace(":", "")
 
 
 def require_samples(split: Split, what: str) -> None:
@@ -338,10 +343,11 @@ def evaluate_teacher(
     elif protocol == "generate":
         limit = max_new_tokens or default_max_new_tokens(bundle.teacher)
         texts, gates = generate_split(bundle, split, candidates, gate_mode, batch_size, device, limit, ctx=ctx)
-        metrics = teacher_generate_metrics(bundle.teacher, texts, candidates, cols.tolist())
+        records = generation_records(bundle.teacher, texts, candidates, cols.tolist())  # judged once, for metrics and file
+        metrics = verdict_rates([(r["valid"], r["correct"]) for r in records])
         metrics["max_new_tokens"] = limit
         if keep_generations:
-            metrics["generations"] = generation_records(bundle.teacher, texts, candidates, cols.tolist())
+            metrics["generations"] = records
     else:
         raise ValueError(f"unknown protocol {protocol!r}")
     metrics["num_samples"] = len(split)
