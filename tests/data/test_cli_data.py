@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ilora.cli.main import build_parser, main
+from ilora.data.io import load_dataset
 from ilora.data.legacy import read_legacy
 from ilora.data.native import read_native
 
@@ -69,6 +70,37 @@ def test_convert_then_read_native(small_lastfm: Path, tmp_path: Path, capsys: py
     assert capsys.readouterr().err == f"error: {out}: already exists (pass --overwrite to replace it)\n"  # before reading the source
     assert main(["data", "convert", str(tmp_path / "absent"), str(out)]) == 2  # the target is refused first
     assert "already exists" in capsys.readouterr().err
+
+
+def test_convert_records_how_the_source_was_read(small_lastfm: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    run_json(capsys, "data", "convert", str(small_lastfm), str(once), "--allow-pickle", "--min-len", "2", "--json")
+    record = json.loads((once / "dataset.json").read_text())["converted_from"]
+    # small_lastfm train: histories of length 0 (dropped), 1 (below min_len 2), 2, 3, 4
+    assert (record["format"], record["source"], record["min_len"]) == ("llara", str(small_lastfm), 2)
+    assert record["splits"]["train"] == {"rows_in_source": 5, "dropped_no_history": 1, "rows_len_ge_3": 2, "dropped_below_min_len": 1}
+    # the converted dataset holds what its source gives at the same min_len
+    converted, source = read_native(once), load_dataset(small_lastfm, allow_pickle=True, min_len=2)
+    for name in ("train", "val", "test"):
+        np.testing.assert_array_equal(converted.splits[name].history, source.splits[name].history)
+    run_json(capsys, "data", "convert", str(once), str(twice), "--min-len", "3", "--json")
+    stats = run_json(capsys, "data", "stats", str(twice), "--json")
+    assert stats["min_len"] == 1 and stats["converted_from"]["min_len"] == 3
+    assert stats["converted_from"]["converted_from"] == record  # the earlier conversion, nested
+    assert main(["data", "stats", str(twice)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:3] == [f"from      {once} (native, min_len 3)", f"from      {small_lastfm} (llara, min_len 2)"]
+
+
+@pytest.mark.parametrize("record", ["llara", {"format": "llara"}, {"format": "llara", "min_len": 0}, {"format": 3, "min_len": 2}, {"format": "native", "min_len": 1, "converted_from": {"min_len": True}}])
+def test_a_malformed_conversion_record_is_named(small_lastfm: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], record) -> None:
+    out = tmp_path / "converted"
+    run_json(capsys, "data", "convert", str(small_lastfm), str(out), "--allow-pickle", "--json")
+    meta = json.loads((out / "dataset.json").read_text())
+    meta["converted_from"] = record
+    (out / "dataset.json").write_text(json.dumps(meta))
+    assert main(["data", "stats", str(out)]) == 2
+    assert f"{out / 'dataset.json'}: converted_from" in capsys.readouterr().err
 
 
 def test_synth_is_deterministic(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

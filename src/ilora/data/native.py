@@ -4,7 +4,7 @@ A directory holding:
 
 * ``dataset.json``: ``{"format": "ilora-native", "version": 1, "num_items": N,
   "padding_id": N, "max_len": L, "splits": {"train": {"rows": R} | null, ...},
-  "items_file": "items.csv", "source": "..."}``. It is the source of truth: a split
+  "items_file": "items.csv", "source": "...", "converted_from": {...}}``. It is the source of truth: a split
   listed as ``null`` is absent and must have no file. ``items_file`` is ``items.csv`` or
   ``items.json`` inside the directory, nothing else (no path can point elsewhere).
 * ``train.parquet`` / ``val.parquet`` / ``test.parquet``: columns ``history``
@@ -12,6 +12,14 @@ A directory holding:
   equal to the list's length) and ``target`` (int64). Row ``i`` is sample ``i``.
 * ``items.csv`` (UTF-8, header ``id,title``, ids ``0 .. N-1`` in order) or ``items.json``
   (a JSON list of ``{"id": i, "title": "..."}``).
+
+``converted_from`` (optional, informational) records how the written dataset was read:
+``{"format": "llara", "source": "...", "min_len": 3, "splits": {"train": {"rows_in_source":
+N, "dropped_no_history": K, "dropped_below_min_len": M}, ...}}``, with the earlier record
+nested as its own ``converted_from`` when the source was itself a converted native dataset.
+A dataset converted with ``--min-len 3`` holds the same samples, in the same order, as its
+source read with ``--min-len 3``, so its candidate sets are the same too; this record is how
+``ilora data stats`` can say so.
 
 ``max_len`` is at most ``MAX_HISTORY_LEN`` (4096) on both sides: a crafted value cannot make
 the reader allocate ``rows x max_len`` ids beyond that.
@@ -77,6 +85,22 @@ def _write_items_csv(catalog: Catalog, path: Path) -> None:
         writer.writerows(enumerate(catalog.titles))
 
 
+def conversion_record(ds: SeqDataset) -> dict[str, Any] | None:
+    """How ``ds`` was read, for ``dataset.json``'s ``converted_from``; None if not read from disk or made."""
+    info = ds.load_info
+    if not info.get("format"):
+        return None
+    record = {
+        "format": info["format"],
+        "source": ds.source,
+        "min_len": info.get("min_len", 1),
+        "splits": {name: (info.get("splits") or {}).get(name) for name in SPLITS},
+    }
+    if info.get("converted_from"):
+        record["converted_from"] = info["converted_from"]
+    return record
+
+
 def _write_files(ds: SeqDataset, directory: Path) -> None:
     splits_meta: dict[str, Any] = {}
     for name in SPLITS:
@@ -95,6 +119,9 @@ def _write_files(ds: SeqDataset, directory: Path) -> None:
         "items_file": ITEMS_CSV,
         "source": ds.source,
     }
+    record = conversion_record(ds)
+    if record is not None:
+        meta["converted_from"] = record
     (directory / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -200,10 +227,21 @@ def _read_meta(directory: Path) -> dict[str, Any]:
         rows = entry.get("rows") if isinstance(entry, dict) else None
         if entry is not None and not (isinstance(rows, int) and not isinstance(rows, bool) and rows >= 0):
             raise DataError(path, f"splits.{name} is {entry!r:.80}", expected='null or {"rows": N} with N >= 0')
+    _check_conversion_record(path, meta.get("converted_from"), "converted_from")
     items_file = meta.get("items_file", ITEMS_CSV)
     if items_file not in (ITEMS_CSV, ITEMS_JSON):
         raise DataError(path, f"items_file is {items_file!r:.80}", expected=f"{ITEMS_CSV!r} or {ITEMS_JSON!r} (a file in the dataset directory)")
     return meta
+
+
+def _check_conversion_record(path: Path, record: Any, where: str) -> None:
+    """``converted_from`` is absent, or a dict with a format name and an integer min_len >= 1 (recursively)."""
+    if record is None:
+        return
+    min_len = record.get("min_len") if isinstance(record, dict) else None
+    if not (isinstance(record, dict) and isinstance(record.get("format"), str) and isinstance(min_len, int) and not isinstance(min_len, bool) and min_len >= 1):
+        raise DataError(path, f"{where} is {record!r:.80}", expected='absent, or {"format": "...", "min_len": N >= 1, ...}')
+    _check_conversion_record(path, record.get("converted_from"), f"{where}.converted_from")
 
 
 def _titles_from_rows(path: Path, rows: list[tuple[Any, Any]]) -> Catalog:
@@ -363,4 +401,7 @@ def read_native(directory: str | Path) -> SeqDataset:
         if isinstance(entry, dict) and entry.get("rows") not in (None, len(splits[name])):
             raise DataError(path, f"{len(splits[name])} rows, but {META_FILE} says {entry['rows']}")
     counts = {name: None if s is None else {"rows_in_source": len(s), "dropped_no_history": 0} for name, s in splits.items()}
-    return SeqDataset(catalog, splits, source=str(directory), load_info={"format": "native", "splits": counts})
+    info: dict[str, Any] = {"format": "native", "splits": counts}
+    if meta.get("converted_from"):
+        info["converted_from"] = meta["converted_from"]
+    return SeqDataset(catalog, splits, source=str(directory), load_info=info)

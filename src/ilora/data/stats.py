@@ -9,6 +9,10 @@ Per split (``null`` if the split is absent):
   (``dropped_no_history``) and below ``min_len`` (``dropped_below_min_len``);
 * ``length_min`` / ``length_max`` / ``length_mean`` of the loaded samples, the number of
   ``distinct_targets`` and of ``distinct_items`` (history and target).
+
+``converted_from`` (``null`` if none) is a native dataset's record of how ``ilora data
+convert`` read its source (format, path and ``min_len``); ``min_len`` is the filter of
+this load. The table names the source and every ``min_len`` along the way.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ def dataset_stats(ds: SeqDataset) -> dict[str, Any]:
         "padding_id": ds.padding_id,
         "max_len": max((s.max_len for s in present), default=None),
         "min_len": ds.load_info.get("min_len", 1),
+        "converted_from": ds.load_info.get("converted_from"),
         "splits": splits,
     }
 
@@ -70,10 +75,20 @@ COLUMNS = (
 )
 
 
+def _conversion_lines(record: dict[str, Any] | None) -> list[str]:
+    """One line per conversion along the way, the latest first."""
+    lines = []
+    while record:
+        lines.append(f"from      {record.get('source') or '?'} ({record['format']}, min_len {record['min_len']})")
+        record = record.get("converted_from")
+    return lines
+
+
 def format_stats(stats: dict[str, Any]) -> str:
     """`dataset_stats` output as a plain-text table."""
     lines = [
         f"dataset   {stats['source']} ({stats['format']})",
+        *_conversion_lines(stats.get("converted_from")),
         f"items     {stats['num_items']} (padding id {stats['padding_id']})",
         f"max_len   {stats['max_len']}   min_len {stats['min_len']}",
         "",
