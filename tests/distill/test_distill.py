@@ -335,12 +335,59 @@ def test_a_partial_or_unfinished_export_is_named_as_such(small, tmp_path) -> Non
     outputs.manifest.setdefault("splits", {})["train"] = {"rows": 64, "samples": 64, "complete": True}
     train = outputs.splits["train"]
     train.topk_items, train.topk_confidence = train.topk_items[:64], train.topk_confidence[:64]
-    with pytest.raises(IloraError, match=f"a partial export \\(made with --limit 64: 64 of {n} train samples\\)"):
+    with pytest.raises(IloraError, match=f"a partial export \\(made with --limit 64: 64 of {n} train samples\\).* trains on \\({n}\\): pass --train-limit 64"):
         distill(small, outputs, quick(), tmp_path / "x")
     outputs = oracle_outputs(small)
     outputs.manifest.setdefault("splits", {})["train"] = {"rows": 64, "samples": n, "complete": False}
     with pytest.raises(IloraError, match=f"an unfinished export \\(64 of {n} train samples written\\); run the same"):
         distill(small, outputs, quick(), tmp_path / "x")
+
+
+def first_rows(outputs: TeacherOutputs, n: int) -> TeacherOutputs:
+    """The first ``n`` train rows of ``outputs``, as a full export of a train split of ``n`` samples."""
+    t = outputs.splits["train"]
+    rows = SplitOutputs(t.topk_items[:n], t.topk_scores[:n], t.topk_confidence[:n], t.gate[:n], t.user_embedding[:n])
+    return TeacherOutputs(dict(outputs.manifest), {"train": rows}, outputs.item_embeddings)
+
+
+def test_train_limit_trains_every_student_on_the_first_n_samples(small, tmp_path) -> None:
+    """train_limit N: the students of a run on the whole dataset are those of a run on a dataset whose
+    train split is its first N samples (val and test whole), with the first N teacher rows, whether
+    the rows come from a full export or from one made with --limit M >= N."""
+    import dataclasses
+
+    from ilora.errors import ConfigError
+
+    train = small.split("train")
+    n = len(train)
+    full = oracle_outputs(small)
+    partial = first_rows(full, 30)  # as `ilora teacher export --limit 30` writes it
+    partial.manifest["options"] = {"limit": 30}
+    partial.manifest["splits"] = {"train": {"rows": 30, "samples": 30, "complete": True, "samples_sha256": train.subset(slice(0, 30)).sha256()}}
+    for case, (limit, outputs) in enumerate(((30, partial), (20, partial), (20, full))):
+        cut = dataclasses.replace(small, splits={**small.splits, "train": train.subset(slice(0, limit))})
+        expected = distill(cut, first_rows(full, limit), quick(epochs=1), tmp_path / f"ref{case}")
+        result = distill(small, outputs, quick(epochs=1, train_limit=limit), tmp_path / f"limit{case}")
+        for student in ("baseline", "distilled"):
+            assert result[student]["test"] == expected[student]["test"] and result[student]["steps"] == expected[student]["steps"]
+    assert expected["baseline"]["test"] != distill(small, full, quick(epochs=1), tmp_path / "all")["baseline"]["test"]
+    # a distillation recorded before train_limit was an option resumes: its record lacks the key
+    done = tmp_path / "all"
+    record = json.loads((done / "distill_config.json").read_text())
+    del record["train_limit"]
+    (done / "distill_config.json").write_text(json.dumps(record))
+    assert "train_limit" not in (done / "distilled" / "train_config.json").read_text()  # the data fingerprint holds it
+    distill(small, full, quick(epochs=1), done, resume=True)
+    with pytest.raises(IloraError, match=f"--limit 30: 30 of {n} train samples.* trains on \\(31\\): pass --train-limit 30"):
+        distill(small, partial, quick(train_limit=31), tmp_path / "x")
+    partial.manifest["splits"]["train"]["samples_sha256"] = train.subset(slice(1, 31)).sha256()
+    with pytest.raises(IloraError, match="exported for other train samples than .*'s first 30 "):
+        distill(small, partial, quick(train_limit=30), tmp_path / "x")
+    with pytest.raises(ConfigError, match=f"train_limit={n + 1}: .*train split has only {n} samples"):
+        distill(small, full, quick(train_limit=n + 1), tmp_path / "x")
+    with pytest.raises(ConfigError, match="train_limit must be >= 0"):
+        distill(small, full, quick(train_limit=-1), tmp_path / "x")
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_fresh_distillation_refuses_an_earlier_runs_students_unless_overwrite(small, tmp_path) -> None:

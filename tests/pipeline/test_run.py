@@ -625,7 +625,7 @@ def test_a_stage_leaves_no_cycle_held_model_behind(tmp_path):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("export.limit=100", r"export\.limit=100: `ilora run` exports every sample \(export\.limit must be 0\)"),
+        ("export.limit=100", r"export\.limit=100 with distill\.train_limit=0: the students need a teacher row for every train sample"),
         ("export.splits=test", r"export\.splits=\['test'\]: the run's distillation reads the train split"),
         ("distill.top_k=5", r"distill\.top_k=5 exceeds export\.top_k=3"),
         ("eval.batch_size=0", r"eval\.batch_size: must be >= 1, got 0"),
@@ -646,6 +646,23 @@ def test_run_refuses_options_a_later_stage_cannot_use_before_any_stage(tmp_path,
     assert main(["run", str(config), override]) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_with_a_partial_export_trains_the_students_on_the_samples_it_covers(tmp_path, capsys):
+    """export.limit=N with distill.train_limit=N: the export holds the first N samples of each split
+    and the students train on the first N train samples (distill's own test checks them against
+    students of a dataset cut by hand); a train_limit beyond the export is refused before any stage."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run")}))
+    assert main(["run", str(config), "export.limit=20", "distill.train_limit=21"]) == 2
+    assert "set distill.train_limit to at most 20" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    assert main(["run", str(config), "export.limit=20", "distill.train_limit=20", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["export"]["rows"] == 20 < result["data"]["train_rows"]
+    students = json.loads((tmp_path / "run" / "distill" / "result.json").read_text())
+    assert students["config"]["train_limit"] == 20 and students["distilled"]["steps"] == 2  # 2 epochs of one batch of 20
+    train_rows = result["data"]["train_rows"]
+    assert f"The students trained on the first 20 of the {train_rows:,} train samples" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_run_and_teacher_eval_refuse_fewer_than_two_candidates(tmp_path, capsys):

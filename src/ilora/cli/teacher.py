@@ -244,7 +244,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ex.add_argument("--gate", default="learned", metavar="MODE", help="learned (default), uniform or expert:N (counted from 0)")
     ex.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device [default: cpu]")
     add_trust_remote_code_argument(ex)
-    ex.add_argument("--limit", type=nonnegative_int, default=0, metavar="N", help="export only the first N samples of each split (0: all; smoke runs: `ilora distill` refuses such a partial export)")
+    ex.add_argument("--limit", type=nonnegative_int, default=0, metavar="N", help="export only the first N samples of each split (0: all; `ilora distill --train-limit N` trains on the train samples such a partial export covers)")
     ex.add_argument("--overwrite", action="store_true", help="replace an export of another teacher, dataset or options in --out")
     add_json_argument(ex)
     ex.set_defaults(run=run_export, distributed=True)

@@ -26,6 +26,11 @@ interval: how far another seed alone moves the metrics.
 Teacher outputs are matched to the dataset before training: the same number of items
 (and the same catalog, when the manifest records its fingerprint), one train row per
 train sample, ids inside the catalog, at least ``top_k`` items per row.
+
+``train_limit`` N trains all students on the first N train samples only (validation and
+test stay whole): a quick trial, or the samples a partial export (``ilora teacher export
+--limit N``) covers. The teacher rows are then the first N of the export, which must cover
+them; a full export serves any N.
 """
 
 from __future__ import annotations
@@ -65,7 +70,7 @@ DISTILL_COLUMNS = ("topk_items", "topk_confidence")  # what `distill` reads of t
 
 # Options added after distillation runs were first recorded, with the value that reproduces those
 # runs: `ilora run` keeps a distill stage recorded without them current while they keep that value.
-ADDED_OPTIONS: dict[str, object] = {"control_seed": None}
+ADDED_OPTIONS: dict[str, object] = {"control_seed": None, "train_limit": 0}
 
 
 def without_added_defaults(config: dict) -> dict:
@@ -88,6 +93,10 @@ class DistillConfig(RecTrainConfig):
     w_ed: float = option(0.2, "weight of the teacher's projected item embedding added to the student's (0: no embedding distillation)")
     dro_alpha: float = option(0.0, "weight of DLLM2Rec's DRO term on the recommendation and distillation losses (0: off; DLLM2Rec uses 1)")
     dro_beta: float = option(1.0, "DRO robustness radius (temperature of its log-sum-exp)")
+    train_limit: int = option(
+        0, "train the students on the first N train samples only (0: all); val and test stay whole. An export made "
+        "with `ilora teacher export --limit N` covers these N; a full export serves any N"
+    )
     control_seed: int | None = option(
         None, "also train the baseline again with this seed (control/) and report its gain over the baseline: one other "
         "seed's effect, to set beside the teacher's gain (none: off)"
@@ -102,6 +111,7 @@ class DistillConfig(RecTrainConfig):
             (min(self.gamma_position, self.gamma_confidence, self.gamma_consistency) >= 0, "gamma_* must be >= 0"),
             (self.gamma_position + self.gamma_confidence + self.gamma_consistency > 0, "at least one gamma_* must be > 0"),
             (self.w_ed >= 0, "w_ed must be >= 0"),
+            (self.train_limit >= 0, f"train_limit must be >= 0 (0: every train sample), got {self.train_limit}"),
             (self.dro_alpha >= 0, "dro_alpha must be >= 0"),
             (self.dro_beta > 0, "dro_beta must be > 0"),
             (self.control_seed is None or 0 <= self.control_seed < 2**63 - 1, f"control_seed must be in 0..2**63-2, got {self.control_seed}"),
@@ -146,31 +156,42 @@ def check_teacher_outputs(dataset: SeqDataset, outputs: TeacherOutputs, cfg: Dis
         if manifest_data["catalog"] != dataset.catalog.sha256():
             raise IloraError(f"{source}: exported for a different item catalog than {dataset.source or 'the dataset'}'s")
     train = outputs.split("train")
-    n = len(dataset.split("train"))
+    samples = dataset.split("train")
+    n = len(samples)
+    used = len(first_train_samples(dataset, cfg.train_limit).split("train"))  # the students train on the first `used`
     exported = outputs.manifest.get("splits", {}).get("train", {}) if isinstance(outputs.manifest, dict) else {}
-    if exported.get("samples_sha256") and exported.get("samples") == n and exported["samples_sha256"] != dataset.split("train").sha256():
-        raise IloraError(
-            f"{source}: exported for other train samples than {dataset.source or 'the dataset'}'s (same count, different "
-            "histories, targets or order): row i would not be train sample i"
-        )
     rows, total = exported.get("rows"), exported.get("samples")
     options = outputs.manifest.get("options", {}) if isinstance(outputs.manifest, dict) else {}
     limit = options.get("limit") if isinstance(options, dict) else None
-    if limit and (total is None or int(total) < n):
+    if limit and (total is None or int(total) < used):
         raise IloraError(
             f"{source}: a partial export (made with --limit {limit}: {total} of {n} train samples); distillation needs a "
-            "row for every train sample: export the train split without --limit"
+            f"row for every train sample it trains on ({used}): pass --train-limit {total} to train the students on the "
+            "samples it covers, or export the train split without --limit"
         )
     if rows is not None and total is not None and int(rows) < int(total):
         raise IloraError(
             f"{source}: an unfinished export ({rows} of {total} train samples written); run the same `ilora teacher "
             "export` command again to finish it"
         )
+    expected = int(total) if limit and total is not None else n  # a --limit export holds the first `limit` samples
+    if expected > n:
+        raise IloraError(
+            f"{source}: exported for {expected} train samples, but {dataset.source or 'the dataset'} has {n} "
+            "(exported from another dataset or another --min-len?)"
+        )
+    if exported.get("samples_sha256") and exported.get("samples") == expected:
+        if exported["samples_sha256"] != (samples if expected == n else samples.subset(slice(0, expected))).sha256():
+            first = "" if expected == n else f"first {expected} "
+            raise IloraError(
+                f"{source}: exported for other train samples than {dataset.source or 'the dataset'}'s {first}(same count, "
+                "different histories, targets or order): row i would not be train sample i"
+            )
     items = np.asarray(train.topk_items)
     conf = np.asarray(train.topk_confidence)
-    if items.ndim != 2 or items.shape[0] != n:
+    if items.ndim != 2 or items.shape[0] != expected:
         raise IloraError(
-            f"{source}: train top-K items have shape {items.shape}, expected ({n}, K) (one row per train sample; "
+            f"{source}: train top-K items have shape {items.shape}, expected ({expected}, K) (one row per train sample; "
             "exported from another dataset or another --min-len?)"
         )
     if cfg.top_k > dataset.num_items:
@@ -182,7 +203,7 @@ def check_teacher_outputs(dataset: SeqDataset, outputs: TeacherOutputs, cfg: Dis
         )
     if conf.shape != items.shape:
         raise IloraError(f"{source}: train confidences have shape {conf.shape}, the top-K items {items.shape}")
-    items, conf = items[:, : cfg.top_k], conf[:, : cfg.top_k]
+    items, conf = items[:used, : cfg.top_k], conf[:used, : cfg.top_k]
     bad = np.argwhere((items < 0) | (items >= dataset.num_items))
     if bad.size:
         r, c = map(int, bad[0])
@@ -196,6 +217,16 @@ def check_teacher_outputs(dataset: SeqDataset, outputs: TeacherOutputs, cfg: Dis
         torch.from_numpy(conf.astype(np.float32)),
         _checked_embeddings(outputs, dataset, cfg, source),
     )
+
+
+def first_train_samples(dataset: SeqDataset, limit: int) -> SeqDataset:
+    """``dataset`` with its train split cut to the first ``limit`` samples (0: as it is); other splits shared."""
+    if not limit:
+        return dataset
+    train = dataset.split("train")
+    if limit > len(train):
+        raise ConfigError(f"train_limit={limit}: {dataset.source or 'the dataset'}'s train split has only {len(train)} samples")
+    return dataclasses.replace(dataset, splits={**dataset.splits, "train": train.subset(slice(0, limit))})
 
 
 def _checked_embeddings(outputs: TeacherOutputs, dataset: SeqDataset, cfg: DistillConfig, source: str) -> torch.Tensor | None:
@@ -292,7 +323,8 @@ def student_run_options(cfg: DistillConfig, targets: TeacherTargets | None) -> d
     rec = {f.name for f in dataclasses.fields(RecTrainConfig)}
     if targets is None:
         return {f"distill.{k}": getattr(cfg, k) for k in DRO_OPTIONS}
-    options = {f"distill.{k}": v for k, v in to_dict(cfg).items() if k not in rec and k != "control_seed"}
+    # control_seed is not the distilled student's; train_limit is in the dataset fingerprint train_sasrec records
+    options = {f"distill.{k}": v for k, v in to_dict(cfg).items() if k not in rec and k not in ("control_seed", "train_limit")}
     return {**options, "distill.teacher_targets_sha256": targets.sha256()}
 
 
@@ -359,12 +391,15 @@ def distill(
     cfg.validate()
     if dataset.splits.get("test") is None or len(dataset.split("test")) == 0:
         raise IloraError(f"{dataset.source or 'dataset'}: distillation is evaluated on the test split, which is absent or empty")
+    students_data = first_train_samples(dataset, cfg.train_limit)
     targets = check_teacher_outputs(dataset, teacher_outputs, cfg, source)
+    dataset = students_data
     check_training_input(dataset, cfg)  # what the students' training would refuse fails before --out is touched
     out = Path(out_dir)
     config_file = out / "distill_config.json"
     if resume and config_file.is_file():  # refuse other options before anything is written
-        check_resume_config(read_json(config_file, "distill_config.json"), to_dict(cfg), out)
+        saved = read_json(config_file, "distill_config.json")  # an earlier version's record lacks the added options
+        check_resume_config(without_added_defaults(saved or {}), without_added_defaults(to_dict(cfg)), out)
     if not resume and not overwrite:  # nor start over on an earlier run's students
         for student in ("baseline", "distilled", "control"):
             refuse_earlier_run(out / student, "result.json", (WEIGHTS_FILE,))

@@ -101,7 +101,7 @@ class ExportOptions:
     batch_size: int = option(16, "prompts per batch")
     gate: str = option("learned", "learned, uniform or expert:N")
     device: str = option("cpu", "device to score on (cpu or cuda)")
-    limit: int = option(0, "export only the first N samples of each split (0: all; smoke runs: `ilora distill` refuses such a partial export)")
+    limit: int = option(0, "export only the first N samples of each split (0: all; `ilora distill --train-limit N` trains on the train samples such a partial export covers)")
 
     def __post_init__(self) -> None:
         if not self.splits or len(set(self.splits)) != len(self.splits):

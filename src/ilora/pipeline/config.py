@@ -88,10 +88,11 @@ def check_run_config(cfg: RunConfig) -> None:
             getattr(cfg, section).validate(check_device=False)
         except ConfigError as exc:
             raise ConfigError(f"{section}: {exc}") from None
-    if cfg.export.limit:
+    if cfg.export.limit and not 0 < cfg.distill.train_limit <= cfg.export.limit:
         raise ConfigError(
-            f"export.limit={cfg.export.limit}: `ilora run` exports every sample (export.limit must be 0), since its "
-            "distillation needs a teacher row for every train sample; `ilora teacher export --limit` makes a partial export outside a run"
+            f"export.limit={cfg.export.limit} with distill.train_limit={cfg.distill.train_limit}: the students need a teacher "
+            f"row for every train sample they train on; set distill.train_limit to at most {cfg.export.limit} (they then "
+            "train on that many first train samples), or export.limit=0 to export every sample"
         )
     if cfg.distill.top_k > cfg.export.top_k:
         raise ConfigError(

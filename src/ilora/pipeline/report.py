@@ -197,6 +197,10 @@ def write_report(run: Path, summary: dict) -> Path:
                       "one that contains 0 means the gain could be noise. It leaves out training randomness: "
                       + ("the control column is the baseline trained again with another seed, what the seed alone moves."
                          if control else "a baseline trained with another seed (`distill.control_seed`) shows how far the seed alone moves the metrics.")]
+        if distill.get("train_samples"):
+            used = distill["train_samples"]
+            lines += ["", f"The students trained on the first {used['used']:,} of the {used['of']:,} train samples (`distill.train_limit`): "
+                      "a trial, not the gain over the whole train split."]
         plot_students(base, dist, run / "students.png")
         note = weak_teacher_note(summary)
         lines += ["", *([note, ""] if note else []), "![students](students.png)", ""]

@@ -140,6 +140,8 @@ def stage_distill(cfg: RunConfig, dataset: SeqDataset, outputs_dir: Path, direct
     outputs = read_teacher_outputs(outputs_dir, ("train",), columns=DISTILL_COLUMNS, embeddings=cfg.distill.w_ed > 0)
     result = distill(dataset, outputs, cfg.distill, directory, source=str(outputs_dir), resume=_has_earlier_work(directory), overwrite=True)
     summary = {"baseline": result["baseline"]["test"], "distilled": result["distilled"]["test"], "gain": result["gain"], "gain_interval": result["gain_interval"]}
+    if cfg.distill.train_limit:
+        summary["train_samples"] = {"used": cfg.distill.train_limit, "of": len(dataset.split("train"))}
     if "control" in result:
         control = result["control"]
         summary["control"] = {"seed": control["seed"], "test": control["test"], "gain": control["gain"], "gain_interval": control["gain_interval"]}
