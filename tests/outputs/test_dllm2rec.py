@@ -114,6 +114,7 @@ def test_data_files_line_up_row_by_row_with_the_teacher_files(exported, tmp_path
     assert [float(r["next"]) for r in rows_read] == val.target.astype(float).tolist()
     entry = read_manifest(root / "out")["dllm2rec"]
     assert entry["partial"] is True and entry["train_samples"] == len(train) and entry["rows"] == 13
+    assert entry["problems"] == []  # a partial export is consistent: its train_data.csv holds the rows exported
 
 
 def test_read_dllm2rec_and_the_confidence_convention(exported):

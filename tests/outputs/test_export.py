@@ -420,10 +420,24 @@ def test_cli_export_refuses_what_the_shards_would_before_loading_the_teacher(tea
         ExportOptions(pool_candidates=1)
 
 
-def test_a_train_export_of_one_column_warns_that_dllm2rec_cannot_read_it(teacher, dataset, tmp_path, caplog):
+def test_a_train_export_dllm2rec_cannot_read_as_it_is_warns_and_says_why_in_the_manifest(teacher, dataset, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="ilora.outputs.export"):
         export(teacher, dataset, tmp_path / "one", **{**OPTS, "top_k": 1, "limit": 2})
-    assert "--top-k 1: DLLM2Rec reads myrank_train.txt with np.loadtxt" in caplog.text
+    assert "DLLM2Rec's files: top_k 1: DLLM2Rec reads myrank_train.txt with np.loadtxt" in caplog.text
+    manifest = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    assert manifest["dllm2rec"]["problems"] == ["top_k 1: DLLM2Rec reads myrank_train.txt with np.loadtxt, which loads a single "
+                                               "column as a 1-D array that its [:, :K] slicing fails on (export with --top-k >= 2)"]
+    caplog.clear()
+    import dataclasses
+
+    without_val = dataclasses.replace(dataset, splits={**dataset.splits, "val": None})
+    with caplog.at_level("WARNING", logger="ilora.outputs.export"):
+        export(teacher, without_val, tmp_path / "noval", **{**OPTS, "top_k": 2, "limit": 2})
+    problem = "the val split is absent, so data/val_data.csv is not written; DLLM2Rec evaluates it every epoch"
+    assert f"DLLM2Rec's files: {problem}" in caplog.text
+    assert json.loads((tmp_path / "noval" / "manifest.json").read_text())["dllm2rec"]["problems"] == [problem]
+    data = tmp_path / "noval" / "dllm2rec" / "data"
+    assert not (data / "val_data.csv").exists() and (data / "test_data.csv").is_file()
     caplog.clear()
     with caplog.at_level("WARNING", logger="ilora.outputs.export"):
         export(teacher, dataset, tmp_path / "two", **{**OPTS, "top_k": 2, "limit": 2})

@@ -87,9 +87,12 @@ class DistillConfig(RecTrainConfig):
     top_k: int = option(10, "teacher top-K items distilled per sample (the first K of the exported list)")
     lambda_d: float = option(0.8, "weight of the importance-aware ranking distillation loss (0: none)")
     beta: float = option(1.0, "position weight temperature: w_position ~ exp(-rank / beta)")
-    gamma_position: float = option(0.3, "share of the position-aware weight in the importance weights")
-    gamma_confidence: float = option(0.5, "share of the teacher-confidence weight in the importance weights")
-    gamma_consistency: float = option(0.1, "share of the teacher/student top-K agreement weight in the importance weights")
+    gamma_position: float = option(0.3, "factor of the position-aware weights (summing to 1 over the K items) in the importance weights")
+    gamma_confidence: float = option(0.5, "factor of the teacher-confidence weights (summing to 1 over the K items) in the importance weights")
+    gamma_consistency: float = option(
+        0.1, "factor of the teacher/student agreement in the importance weights: 1 per teacher item also in the student's "
+        "top-K, not normalised (as DLLM2Rec), so its part of a row can reach K x gamma_consistency before the row is normalised"
+    )
     w_ed: float = option(0.2, "weight of the teacher's projected item embedding added to the student's (0: no embedding distillation)")
     dro_alpha: float = option(0.0, "weight of DLLM2Rec's DRO term on the recommendation and distillation losses (0: off; DLLM2Rec uses 1)")
     dro_beta: float = option(1.0, "DRO robustness radius (temperature of its log-sum-exp)")

@@ -63,6 +63,22 @@ CONFIDENCE_NOTE = "-log(topk_confidence): DLLM2Rec weighs exp(-c), i.e. our soft
 CSV_BLOCK = 65536  # samples formatted at a time
 
 
+def dllm2rec_problems(dataset: SeqDataset, top_k: int) -> list[str]:
+    """What would stop DLLM2Rec's main.py from reading this export's files as they are (none: ``[]``)."""
+    problems = []
+    if top_k < 2:
+        problems.append(
+            f"top_k {top_k}: DLLM2Rec reads {RANK_FILE} with np.loadtxt, which loads a single column as a 1-D array "
+            "that its [:, :K] slicing fails on (export with --top-k >= 2)"
+        )
+    for name, csv in (("val", VAL_CSV), ("test", TEST_CSV)):
+        split = dataset.splits.get(name)
+        if split is None or len(split) == 0:
+            state = "absent" if split is None else "empty"
+            problems.append(f"the {name} split is {state}, so {DATA_DIR}/{csv} is not written; DLLM2Rec evaluates it every epoch")
+    return problems
+
+
 def dllm2rec_confidence(confidence: np.ndarray) -> np.ndarray:
     """``-log(p)`` in float64 (``+ 0.0`` turns ``-0.0`` into ``0.0``)."""
     with np.errstate(divide="ignore"):
@@ -90,7 +106,7 @@ def write_dllm2rec_data(target: Path, dataset: SeqDataset, train: Split) -> dict
     (target / DATA_DIR).mkdir(parents=True, exist_ok=True)
     splits = {TRAIN_CSV: train}
     for name, csv in (("val", VAL_CSV), ("test", TEST_CSV)):
-        if dataset.splits.get(name) is not None:
+        if dataset.splits.get(name) is not None and len(dataset.split(name)):
             splits[csv] = dataset.split(name)
     tmp: dict[str, Path] = {}
     for csv, split in splits.items():
@@ -106,7 +122,8 @@ def write_dllm2rec(out: str | Path, manifest: dict, dataset: SeqDataset, train: 
     and the ``data/`` CSVs of ``train`` (the exported train samples) and ``dataset``'s val/test.
 
     Returns the manifest entry: directory, rows, k, the confidence convention, whether the
-    train split was exported whole, and each file's sha256.
+    train split was exported whole, what would stop DLLM2Rec reading the files
+    (`dllm2rec_problems`), and each file's sha256.
     """
     from safetensors.torch import load_file
 
@@ -149,15 +166,18 @@ def write_dllm2rec(out: str | Path, manifest: dict, dataset: SeqDataset, train: 
         "confidence": CONFIDENCE_NOTE,
         "train_samples": full,
         "partial": rows != full,
+        "problems": dllm2rec_problems(dataset, k),
         "data": "data/train_data.csv row i = row i of myrank_train.txt / confidence_train.txt",
         "files": {name: file_sha256(target / name) for name in tmp},
     }
 
 
 def read_dllm2rec(directory: str | Path) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-    """Read the files as DLLM2Rec does: ``(ranks int64 (n, k), c float64 (n, k), embeddings)``.
+    """Read the teacher files back: ``(ranks int64 (n, k), c float64 (n, k), embeddings)``.
 
-    ``exp(-c)`` gives back the softmax confidences.
+    ``exp(-c)`` gives back the softmax confidences. Unlike DLLM2Rec's ``np.loadtxt``, a
+    single column (``--top-k 1``) reads as ``(n, 1)`` here (``ndmin=2``), and the embeddings
+    load with ``weights_only=True``.
     """
     directory = Path(directory)
     for name in DLLM2REC_FILES:

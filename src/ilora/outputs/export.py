@@ -600,7 +600,7 @@ def export_teacher_outputs(
     (used to test interruption). ``ctx``: this process's rank when the export is split
     across ranks (`export_split`); ``out`` must then be on a file system all ranks share.
     """
-    from ilora.outputs.dllm2rec import write_dllm2rec
+    from ilora.outputs.dllm2rec import dllm2rec_problems, write_dllm2rec
     from ilora.teacher.build import base_weights_sample
     from ilora.teacher.model import parse_gate_mode
 
@@ -608,9 +608,9 @@ def export_teacher_outputs(
     out = Path(out)
     parse_gate_mode(opts.gate, bundle.teacher.num_experts)
     splits = check_export_input(dataset, opts, bundle.config.num_candidates)
-    if "train" in splits and opts.top_k < 2 and ctx.is_main:
-        log.warning("--top-k %d: DLLM2Rec reads myrank_train.txt with np.loadtxt, which loads a single column as a 1-D array "
-                    "that its [:, :K] slicing fails on; export with --top-k >= 2 for DLLM2Rec", opts.top_k)
+    if "train" in splits and ctx.is_main:
+        for problem in dllm2rec_problems(dataset, opts.top_k):  # also listed in the manifest's dllm2rec entry
+            log.warning("warning: DLLM2Rec's files: %s", problem)
     bundle.teacher.eval()
     hidden = bundle.teacher.llm.config.hidden_size
     identity = teacher_identity(teacher_dir)

@@ -40,13 +40,14 @@ Parquet columns (one row per sample):
                           "shards": [{"file": "train/part-00000.parquet", "first_index": 0,
                                       "rows": r, "sha256": ...}, ...]}, ...},
      "dllm2rec": {"dir": "dllm2rec", "rows": R, "top_k": K, "confidence": ..., "train_samples": n,
-                  "partial": false, "data": ..., "files": {name: sha256, ...}}}
+                  "partial": false, "problems": [...], "data": ..., "files": {name: sha256, ...}}}
 
 ``pool.candidates`` fixed candidates (the ones the prompt shows, drawn with
 ``candidate_seed``) join the pool; ``prompt_candidates`` is how many the prompt shows;
 SASRec's top-N excludes the sample's history. ``splits.<name>.samples`` and
 ``samples_sha256`` fingerprint the split exported, so a resume refuses other data;
-``dllm2rec`` is present when the train split was exported.
+``dllm2rec`` is present when the train split was exported; its ``problems`` lists what would
+stop DLLM2Rec's main.py from reading the files as they are (empty when nothing would).
 
 The fixed candidates contain each sample's target (they are the evaluation protocol's
 candidate sets). For the train split that is the label the student learns anyway, but for an
