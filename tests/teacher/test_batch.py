@@ -445,3 +445,52 @@ def test_lastfm_title_table():
     batch = collator.build(history, torch.tensor([3, 4]), torch.tensor([[7, 8, 9], [10, 11, 12]]), torch.tensor([8, 11]))
     text = tok.decode(batch.input_ids[1][batch.attention_mask[1].bool()], skip_special_tokens=True)
     assert " ".join(text.split()) == " ".join(template.render(titles[3:7], titles[10:13], answer=titles[11]).replace("[HistoryEmb]", "").replace("[CansEmb]", "").split())
+
+
+def word_tokenizer(words: list[str], normalizer=None):
+    """A WordLevel tokenizer knowing only ``words`` (everything else is unk), split on whitespace."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    vocab = {token: i for i, token in enumerate([*specials, *words])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def test_titles_the_tokenizer_cannot_give_back_are_named_and_most_of_them_refused(caplog):
+    from tokenizers import normalizers
+
+    from ilora.teacher.batch import check_titles_given_back, titles_not_given_back
+
+    tok = word_tokenizer(["red", "fox", "blue", "owl", "fish"], normalizers.NFKC())
+    # "green" is unknown: item 2 comes back as "<unk> owl"; the ligature and the double space
+    # are normalisation, which a tokenizer may rightly apply: items 3 and 4 come back as they are
+    titles = ["red fox", "blue fox", "green owl", "\ufb01sh", "red  owl"]
+    assert [(item, " ".join(text.split())) for item, text in titles_not_given_back(tok, titles)] == [(2, "<unk> owl")]
+    with caplog.at_level("WARNING", logger="ilora.teacher.batch"):
+        check_titles_given_back(tok, titles, "tok")
+    assert "tok: 1 of 5 item titles do not come back from the tokenizer" in caplog.text and "'green owl' comes back as '<unk> owl'" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ilora.teacher.batch"):
+        check_titles_given_back(tok, titles[:2] + titles[3:], "tok")  # all come back: silent
+    assert caplog.text == ""
+    with pytest.raises(IloraError, match=r"tok: 3 of 4 item titles do not come back .* Is this the tokenizer the model was saved with"):
+        check_titles_given_back(tok, ["green owl", "grey owl", "pink fox", "red fox"], "tok")
+
+
+def test_a_teacher_is_not_built_around_a_tokenizer_that_loses_most_titles():
+    from ilora.rec.sasrec import SASRec, SASRecConfig
+    from ilora.teacher.build import assemble
+    from ilora.teacher.config import TeacherConfig
+    from ilora.teacher.tiny import build_tiny_llm
+    from ilora.data.dataset import Catalog
+
+    tok = word_tokenizer(["red", "fox"])
+    catalog = Catalog(("red fox", "green owl", "grey owl"))
+    rec = SASRec(SASRecConfig(num_items=3, max_len=4, hidden=8, dropout=0.0))
+    with pytest.raises(IloraError, match="the tokenizer of tiny: 2 of 3 item titles do not come back"):
+        assemble(TeacherConfig(), catalog, rec, build_tiny_llm(tok, hidden=16), tok, "cpu")

@@ -32,6 +32,8 @@ left-padded by default, so the last prompt token sits at position ``T - 1`` in e
 from __future__ import annotations
 
 import dataclasses
+import logging
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -42,6 +44,8 @@ from ilora.errors import ConfigError, IloraError
 from ilora.rec.sasrec import id_tensor
 from ilora.teacher.prompts import SEPARATOR, PromptTemplate
 from ilora.teacher.tiny import PlaceholderIds
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 PH_NONE, PH_HISTORY, PH_CANDIDATE = 0, 1, 2
@@ -98,6 +102,48 @@ def forbidden_ids(tokenizer) -> list[int]:
 
 
 # -- titles ----------------------------------------------------------------------------------
+
+
+def _comparable(text: str) -> str:
+    """``text`` NFKC-normalised with whitespace runs collapsed: what a tokenizer may rightly change."""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+def titles_not_given_back(tokenizer, titles: Sequence[str]) -> list[tuple[int, str]]:
+    """``(item, decoded text)`` for every title that the tokenizer does not give back: its tokens
+    (whole, in the segment convention) decoded differ from the title beyond Unicode (NFKC)
+    normalisation and whitespace. A lossless tokenizer gives back every title; one that maps
+    unknown text to ``unk``, or one transformers rebuilt in another class, does not."""
+    ids, length = encode_segments(tokenizer, titles)
+    rows = [row[:n] for row, n in zip(ids.tolist(), length.tolist())]
+    decoded = tokenizer.batch_decode(rows, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    return [(item, text) for item, (title, text) in enumerate(zip(titles, decoded)) if _comparable(text) != _comparable(title)]
+
+
+def check_titles_given_back(tokenizer, titles: Sequence[str], source: str) -> None:
+    """`IloraError` if the tokenizer (loaded from ``source``) does not give back most titles; a
+    warning naming the first one if it loses some.
+
+    The teacher reads titles in its prompts and is trained to write one as its answer: a title
+    the tokenizer cannot write becomes other text for the teacher. A few such titles (a
+    character without a token) are worth a warning; most of them mean the tokenizer is not
+    the one that was saved (e.g. transformers rebuilding a custom ``tokenizers`` tokenizer as
+    the model type's own class)."""
+    lost = titles_not_given_back(tokenizer, titles)
+    if not lost:
+        return
+    item, text = lost[0]
+    what = (
+        f"{source}: {len(lost)} of {len(titles)} item titles do not come back from the tokenizer "
+        f"({type(tokenizer).__name__}) as they went in (item {item}: {titles[item]!r} comes back as {text.strip()!r})"
+    )
+    if 2 * len(lost) > len(titles):
+        raise IloraError(
+            f"{what}: the teacher would read and write other text than the titles. Is this the tokenizer the model was "
+            "saved with? transformers may load a tokenizer directory as the class of the model's type (e.g. Qwen2's), "
+            "rebuilding a custom tokenizer.json into another tokenizer"
+        )
+    log.warning("warning: %s; the prompts and answers of those items hold what the tokenizer gives back", what)
 
 
 @dataclass

@@ -57,7 +57,7 @@ from ilora.progress import library_bars_as_lines
 from ilora.rec.sasrec import SASRec, load_sasrec
 from ilora.state_io import atomic_write_text, file_sha256, load_tensors, read_json, save_tensors
 from ilora.teacher.adapters import GateState, adapter_parameters, inject_gated_lora, load_adapters, save_adapters
-from ilora.teacher.batch import PromptCollator, TitleTable
+from ilora.teacher.batch import PromptCollator, TitleTable, check_titles_given_back
 from ilora.teacher.config import TeacherConfig, with_added_defaults
 from ilora.teacher.gate import build_gate
 from ilora.teacher.model import ILoRATeacher, check_head_logits
@@ -171,6 +171,7 @@ def assemble(cfg: TeacherConfig, catalog: Catalog, rec: SASRec, llm, tokenizer, 
         gate_cfg = cfg.gate_config()
         _load_checked(gate_net, checkpoint / "gate.safetensors", f"gate network ({gate_cfg.kind}, hidden {gate_cfg.hidden}, {adapter_cfg.num_experts} experts, SASRec width {rec_dim})")
         _load_checked(projector, checkpoint / "projector.safetensors", f"projector (SASRec width {rec_dim} -> LLM width {llm.config.hidden_size})")
+    check_titles_given_back(tokenizer, catalog.titles, f"the tokenizer of {checkpoint or cfg.llm}")
     titles = TitleTable.build(tokenizer, catalog.titles, max_title_tokens=cfg.max_title_tokens)
     teacher = ILoRATeacher(llm, tokenizer, rec, gate_net, projector, state, titles, adapter_cfg.num_experts).to(device)
     template = load_template(cfg.domain)
