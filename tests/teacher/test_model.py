@@ -1000,3 +1000,32 @@ def test_scoring_under_a_sliding_window_is_exact_within_it_and_refused_beyond(da
                 logp = torch.log_softmax(full_logits(teacher, one)[0].double(), -1)
             answer = (one.labels[0] != -100).nonzero().flatten()
             assert float(fast[b, c]) == pytest.approx(sum(float(logp[t - 1, one.labels[0, t]]) for t in answer), abs=1e-4)
+    # the same refusal, from token counts alone and before any model call, for each batching
+    from ilora.teacher.evaluate import check_scoring_window
+
+    split, cands = sample_arrays(dataset, n=8)
+    # every candidate title of the shortest length but one, for the sample with the shortest
+    # prompt: a batch holding it and a longer prompt is wider than either sample alone
+    by_title = np.argsort(teacher.title_table.length[:-1].numpy(), kind="stable")
+    cands[:] = by_title[: cands.shape[1]]
+    cands[int(np.argmin(bundle.prompt_collator.token_counts(split.history, split.length, cands).numpy())), 0] = by_title[-1]
+
+    def widths(size):  # what score_candidates compares with the window, per batch it would score
+        out = []
+        for start in range(0, len(split), size):
+            batch = bundle.prompt_collator.build(split.history[start : start + size], split.length[start : start + size], cands[start : start + size])
+            out.append(batch.input_ids.shape[1] + teacher.title_table.answer_tokens(batch.candidates.reshape(-1))[0].shape[-1])
+        return out
+
+    alone = max(widths(1))
+    messages = set()
+    for size in (1, 2, 4, len(split)):
+        needed = max(widths(size))
+        teacher.llm.config.sliding_window = needed
+        check_scoring_window(bundle, split, cands, size)
+        teacher.llm.config.sliding_window = needed - 1
+        message = "do not fit in it" if alone > needed - 1 else r"Use a smaller --batch-size \(now \d+; every sample fits alone\)"
+        messages.add(message)
+        with pytest.raises(IloraError, match=rf"sliding window of {needed - 1} tokens.*{message}"):
+            check_scoring_window(bundle, split, cands, size)
+    assert len(messages) == 2  # both refusals were met

@@ -272,6 +272,40 @@ def _in_sample_order(ctx: Dist, per_batch: list) -> list:
     return [x for part in ctx.gather(per_batch) for x in part]
 
 
+def check_scoring_window(
+    bundle, split: Split, candidates: np.ndarray, batch_size: int, ctx: Dist = SINGLE, *, batch_option: str = "--batch-size",
+    advice: str = ", or the generate protocol (--protocol generate)", name: str = "the split scored",
+) -> None:
+    """`IloraError`, before any model call, where `score_split` would reach a batch that
+    `ILoRATeacher.score_candidates` refuses: an LLM with a sliding window shorter than the
+    batch's padded prompts plus its longest answer. From token counts alone, for this rank's
+    batches. ``batch_option`` names the caller's batch size option, ``advice`` what else it could
+    do, ``name`` the split."""
+    from ilora.teacher.model import attention_window
+
+    window = attention_window(bundle.teacher.llm.config)
+    if window is None or not len(split):
+        return
+    prompt = bundle.prompt_collator.token_counts(split.history, split.length, candidates).numpy()
+    answer = bundle.teacher.title_table.length.numpy()[candidates].max(axis=1) + 1  # title + eos
+    longest = int(np.argmax(prompt + answer))
+    if prompt[longest] + answer[longest] > window:
+        raise IloraError(
+            f"the LLM attends through a sliding window of {window} tokens, and sample {longest} of {name}: its prompt ({prompt[longest]} tokens) "
+            f"and longest candidate answer ({answer[longest]}) do not fit in it: the score protocol cannot apply the window. "
+            "Use a model without a sliding window or with a longer one, or shorter prompts (fewer candidates or history items, "
+            f"a smaller max_title_tokens){advice}"
+        )
+    for sl in ctx.chunk(list(_batches(len(split), batch_size))):
+        width = int(prompt[sl].max() + answer[sl].max())
+        if width > window:
+            raise IloraError(
+                f"the LLM attends through a sliding window of {window} tokens, shorter than the padded prompts plus longest "
+                f"answer of the batch of samples {sl.start}..{sl.stop - 1} of {name} ({width} tokens): the score protocol cannot apply "
+                f"the window. Use a smaller {batch_option} (now {batch_size}; every sample fits alone)"
+            )
+
+
 @torch.no_grad()
 def score_split(
     bundle, split: Split, candidates: np.ndarray, gate_mode: str = "learned", batch_size: int = 16, device: str = "cpu", desc: str = "score", ctx: Dist = SINGLE
@@ -282,6 +316,7 @@ def score_split(
     gets the gathered result, in sample order. An empty split is an `IloraError`.
     """
     require_samples(split, "scoring")
+    check_scoring_window(bundle, split, candidates, batch_size, ctx)
     scores, gates = [], []
     with eval_mode(bundle.teacher) as teacher:
         for sl in _my_batches(len(split), batch_size, ctx, desc):

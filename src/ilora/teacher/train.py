@@ -81,7 +81,7 @@ from ilora.teacher.batch import draw_hybrid_flags
 from ilora.teacher.build import base_weights_sample, build_teacher, check_sasrec_items, rec_fingerprint, resolve_llm_path, save_teacher
 from ilora.teacher.compiled import CompiledLayers, check_can_compile
 from ilora.teacher.config import TeacherConfig, check_training_options, with_added_defaults
-from ilora.teacher.evaluate import evaluate_teacher
+from ilora.teacher.evaluate import check_scoring_window, evaluate_teacher
 from ilora.teacher.optim import build_scheduler, load_optimizer_state, teacher_optimizer, warmup_length
 
 log = logging.getLogger(__name__)
@@ -393,6 +393,10 @@ def train_teacher(
     val_cands = candidate_sets(val, n_items, count=cfg.num_candidates, seed=cfg.candidate_seed, split_name="val")
     all_lengths = prompt_lengths(bundle.train_collator, train, train_cands)
     warn_long_prompts(all_lengths, teacher.llm.config)
+    check_scoring_window(  # validation scores every epoch: refused now, not after the first epoch's training
+        bundle, val, val_cands, cfg.eval_batch_size, ctx, batch_option="eval_batch_size (--eval-batch-size)",
+        advice="; teacher training validates by the score protocol", name="the val split",
+    )
     lengths = all_lengths if cfg.group_by_length else None
     out, checkpoints, finished = _open_run(out_dir, cfg, inputs, resume, ctx, overwrite)
     if finished is not None:
