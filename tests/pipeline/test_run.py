@@ -472,6 +472,24 @@ def test_an_older_teacher_stage_without_the_gate_options_stays_up_to_date(tmp_pa
     assert "teacher: running" in capsys.readouterr().err
 
 
+def test_the_teacher_stage_is_keyed_by_a_template_files_text_not_only_its_name(tmp_path):
+    """Editing the template file a run names makes its teacher stage stale; a packaged domain adds
+    nothing to the record (runs recorded before keep their key)."""
+    from ilora.config import to_dict
+    from ilora.pipeline.config import RunConfig
+    from ilora.pipeline.run import teacher_stage_config
+
+    cfg = RunConfig()
+    assert teacher_stage_config(cfg) == to_dict(cfg.teacher)
+    template = tmp_path / "mine.txt"
+    template.write_text("A [HistoryHere] B [CansHere] C\n", encoding="utf-8")
+    cfg.teacher.domain = str(template)
+    first = teacher_stage_config(cfg)
+    assert first == {**to_dict(cfg.teacher), "domain_template_sha256": first["domain_template_sha256"]}
+    template.write_text("A [HistoryHere] B [CansHere] D\n", encoding="utf-8")
+    assert teacher_stage_config(cfg)["domain_template_sha256"] != first["domain_template_sha256"]
+
+
 def test_bad_override_is_a_clear_error(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(SMALL))

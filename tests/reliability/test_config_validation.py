@@ -54,7 +54,6 @@ INVALID_TEACHER = [
     ({"gate": "resnet", "gate_blocks": -1}, "gate_blocks: must be >= 0"),
     ({"gate_temperature": 0.0}, "gate_temperature: must be positive"),
     ({"select_metric": "accuracy"}, "select_metric: 'accuracy' is not one of hr@1"),
-    ({"domain": "no-such-template"}, "prompt template 'no-such-template': not a domain"),
     ({"tiny_hidden": 0}, "tiny_hidden: must be >= 1"),
     ({"tiny_heads": 3}, "tiny_hidden 64 / tiny_heads 3: the head size must be a whole, even number"),
     ({"tiny_hidden": 12, "tiny_heads": 4}, "tiny_hidden 12 / tiny_heads 4"),  # head size 3: RoPE needs an even one
@@ -67,6 +66,16 @@ def test_teacher_config_refuses(values: dict, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         TeacherConfig(**values)
     assert message in str(info.value)
+
+
+def test_an_unknown_domain_is_refused_for_training_and_a_saved_teacher_needs_no_file() -> None:
+    """A saved teacher records its template (a file it was trained with may be gone): the config
+    itself accepts any domain, training (`check_training_options`) refuses one it cannot read."""
+    from ilora.teacher.config import check_training_options
+
+    cfg = TeacherConfig(domain="no-such-template")
+    with pytest.raises(ConfigError, match="prompt template 'no-such-template': not a domain"):
+        check_training_options(cfg)
 
 
 def test_select_metrics_are_the_ones_training_reports() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1029,3 +1030,36 @@ def test_scoring_under_a_sliding_window_is_exact_within_it_and_refused_beyond(da
         with pytest.raises(IloraError, match=rf"sliding window of {needed - 1} tokens.*{message}"):
             check_scoring_window(bundle, split, cands, size)
     assert len(messages) == 2  # both refusals were met
+
+
+def test_a_teacher_keeps_its_prompt_template_whatever_becomes_of_the_file(dataset, rec, tmp_path, monkeypatch):
+    """A template file named by a relative path: the saved teacher records the template itself, so
+    it loads from another directory and keeps its prompts when the file is edited; a teacher saved
+    before templates were recorded needs the file, and says so."""
+    from ilora.teacher.prompts import load_template
+
+    monkeypatch.chdir(tmp_path)
+    Path("mine.txt").write_text("Listened: [HistoryHere] Pick one of [CansHere] Answer:\n", encoding="utf-8")
+    bundle = make_bundle(dataset, rec, domain="mine.txt")
+    save_teacher(bundle, tmp_path / "t", dataset.catalog)
+    split, cands = sample_arrays(dataset)
+    expected = bundle.prompt_collator.build(split.history, split.length, cands).input_ids
+    Path("mine.txt").write_text("Other words: [HistoryHere] then [CansHere] end\n", encoding="utf-8")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    loaded = load_teacher(tmp_path / "t", dataset.catalog)
+    assert loaded.config.domain == "mine.txt"  # the option as given, and the template it stood for:
+    assert loaded.prompt_collator.template.pieces == ("Listened:", "Pick one of", "Answer:")
+    assert torch.equal(loaded.prompt_collator.build(split.history, split.length, cands).input_ids, expected)
+    meta_path = tmp_path / "t" / "teacher_config.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["template"]  # as an older ilora saved it
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(IloraError, match=r"saved by an older ilora without its prompt template, and prompt template 'mine.txt': not a domain"):
+        load_teacher(tmp_path / "t", dataset.catalog)
+    monkeypatch.chdir(tmp_path)
+    assert load_teacher(tmp_path / "t", dataset.catalog).prompt_collator.template == load_template("mine.txt")  # the file as it is now
+    meta["template"] = {"before": "x"}
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(IloraError, match=r"teacher_config.json: the prompt template is \{'before': 'x'\}"):
+        load_teacher(tmp_path / "t", dataset.catalog)

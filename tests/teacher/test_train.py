@@ -266,6 +266,10 @@ def test_a_local_base_llm_is_recorded_by_absolute_path_and_resume_refuses_anothe
         check_same_inputs({**inputs, "llm": "old"}, inputs, out)
     with pytest.raises(IloraError, match="rec: 'other' -> 'r'"):
         check_same_inputs({"rec": "other", "dataset": "d"}, inputs, out)
+    # ... and one recorded before the prompt template's fingerprint (no 'template' entry) likewise
+    check_same_inputs(inputs, {**inputs, "template": "t"}, out)
+    with pytest.raises(IloraError, match=r"another SASRec \(--rec\), dataset, base LLM \(--llm\) or prompt template \(--domain\).*template: 'old' -> 't'"):
+        check_same_inputs({**inputs, "template": "old"}, {**inputs, "template": "t"}, out)
 
 
 def test_prompts_longer_than_the_models_context_are_reported(caplog) -> None:

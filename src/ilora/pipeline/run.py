@@ -66,6 +66,18 @@ def stage_sasrec(cfg: RunConfig, dataset: SeqDataset, directory: Path) -> dict:
     return train_sasrec(dataset, cfg.rec, directory / "model", resume=_has_earlier_work(directory), overwrite=True)
 
 
+def teacher_stage_config(cfg: RunConfig) -> dict:
+    """The teacher stage's record: the teacher section and, for a template file (not a packaged
+    domain), the fingerprint of the template it holds, so that editing the file retrains the
+    teacher (its name alone would leave the stage up to date)."""
+    from ilora.teacher.prompts import DOMAINS, load_template
+
+    config = to_dict(cfg.teacher)
+    if cfg.teacher.domain not in DOMAINS:
+        config["domain_template_sha256"] = load_template(cfg.teacher.domain).sha256()
+    return config
+
+
 def sasrec_eval_config(cfg: RunConfig) -> dict:
     """What `stage_sasrec_eval` reads of the config: changing anything else (the teacher's
     evaluation protocols, gates, batch size or sample limit) leaves it, and SASRec, up to date."""
@@ -231,7 +243,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
         rec_dir = run_dir / "sasrec" / "model"
         _, results["sasrec"] = run_stage(run_dir, "sasrec_eval", sasrec_eval_config(cfg), [rec_key], lambda d: stage_sasrec_eval(cfg, dataset, rec_dir))
         teacher_key, results["teacher"] = run_stage(
-            run_dir, "teacher", to_dict(cfg.teacher), [rec_key], lambda d: stage_teacher(cfg, dataset, rec_dir, d), keep_partial=True,
+            run_dir, "teacher", teacher_stage_config(cfg), [rec_key], lambda d: stage_teacher(cfg, dataset, rec_dir, d), keep_partial=True,
             legacy=without_added_defaults, check=devices("teacher", "export", "distill", then=lambda: check_teacher_input(cfg, dataset)),
         )
         teacher_dir = run_dir / "teacher" / "model"

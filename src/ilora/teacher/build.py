@@ -52,7 +52,7 @@ from torch import nn
 
 from ilora.config import from_dict, to_dict
 from ilora.data.dataset import Catalog, validate_prompt_titles
-from ilora.errors import IloraError
+from ilora.errors import ConfigError, IloraError
 from ilora.progress import library_bars_as_lines
 from ilora.rec.sasrec import SASRec, load_sasrec
 from ilora.state_io import atomic_write_text, file_sha256, load_tensors, read_json, save_tensors
@@ -62,7 +62,7 @@ from ilora.teacher.config import TeacherConfig, with_added_defaults
 from ilora.teacher.gate import build_gate
 from ilora.teacher.model import ILoRATeacher, check_head_logits
 from ilora.teacher.projector import ItemProjector
-from ilora.teacher.prompts import load_template
+from ilora.teacher.prompts import PromptTemplate, load_template
 from ilora.teacher.shared_input import share_adapter_inputs
 from ilora.teacher.tiny import add_placeholder_tokens, build_tiny_llm, build_tiny_tokenizer, default_dtype, load_llm
 
@@ -148,11 +148,15 @@ def _base_llm(cfg: TeacherConfig, catalog: Catalog, device: str):
     return load_llm(cfg.llm, device=device, trust_remote_code=cfg.trust_remote_code)
 
 
-def assemble(cfg: TeacherConfig, catalog: Catalog, rec: SASRec, llm, tokenizer, device: str, checkpoint: Path | None = None) -> TeacherBundle:
+def assemble(
+    cfg: TeacherConfig, catalog: Catalog, rec: SASRec, llm, tokenizer, device: str, checkpoint: Path | None = None,
+    template: PromptTemplate | None = None,
+) -> TeacherBundle:
     """Placeholders, adapters, gate, projector and collators around a base LLM.
 
     Fresh adapters, gate network and projector, or, with ``checkpoint``, the ones saved
-    there: all three together, so a loaded teacher can never lack its gate.
+    there: all three together, so a loaded teacher can never lack its gate. ``template``:
+    the prompt template a checkpoint recorded (None: ``cfg.domain``'s).
     """
     check_head_logits(llm)
     placeholders = add_placeholder_tokens(tokenizer, llm)
@@ -174,7 +178,7 @@ def assemble(cfg: TeacherConfig, catalog: Catalog, rec: SASRec, llm, tokenizer, 
     check_titles_given_back(tokenizer, catalog.titles, f"the tokenizer of {checkpoint or cfg.llm}")
     titles = TitleTable.build(tokenizer, catalog.titles, max_title_tokens=cfg.max_title_tokens)
     teacher = ILoRATeacher(llm, tokenizer, rec, gate_net, projector, state, titles, adapter_cfg.num_experts).to(device)
-    template = load_template(cfg.domain)
+    template = template or load_template(cfg.domain)
     train_collator = PromptCollator(tokenizer, template, titles, placeholders, with_answer=True)
     prompt_collator = PromptCollator(tokenizer, template, titles, placeholders, with_answer=False)
     return TeacherBundle(teacher, cfg, train_collator, prompt_collator)
@@ -260,7 +264,7 @@ def save_teacher(bundle: TeacherBundle, out_dir: str | Path, catalog: Catalog) -
     meta = {
         "format": FORMAT, "format_version": FORMAT_VERSION, "catalog": catalog.sha256(),
         "rec": rec_fingerprint(teacher.rec), "llm": llm_fingerprint, "llm_sample": base_weights_sample(teacher.llm),
-        "parts": part_fingerprints(out), "config": to_dict(cfg),
+        "parts": part_fingerprints(out), "config": to_dict(cfg), "template": bundle.train_collator.template.to_dict(),
     }
     atomic_write_text(out / "teacher_config.json", json.dumps(meta, indent=2))
 
@@ -397,7 +401,21 @@ def load_teacher(ckpt: str | Path, catalog: Catalog, device: str = "cpu", *, tru
         llm.get_input_embeddings().weight[ids] = rows["input"].to(device, llm.dtype)
         if "output" in rows:
             llm.get_output_embeddings().weight[ids] = rows["output"].to(device, llm.dtype)
-    return assemble(cfg, catalog, rec, llm, tokenizer, device, checkpoint=ckpt)
+    return assemble(cfg, catalog, rec, llm, tokenizer, device, checkpoint=ckpt, template=saved_template(ckpt, cfg, meta))
+
+
+def saved_template(ckpt: Path, cfg: TeacherConfig, meta: dict) -> PromptTemplate:
+    """The prompt template ``teacher_config.json`` records; for a teacher saved before it did,
+    ``cfg.domain``'s (`IloraError` naming the checkpoint if that file is gone)."""
+    if "template" in meta:
+        return PromptTemplate.from_dict(meta["template"], str(ckpt / "teacher_config.json"))
+    try:
+        return load_template(cfg.domain)
+    except ConfigError as exc:
+        raise IloraError(
+            f"{ckpt}: saved by an older ilora without its prompt template, and {exc} (relative paths are looked up from "
+            f"the working directory {Path.cwd()}): run where the template file is, or train the teacher again"
+        ) from None
 
 
 def check_base_llm(ckpt: Path, name: str, llm: nn.Module, expected: str | None) -> None:

@@ -115,9 +115,6 @@ class TeacherConfig:
             raise ConfigError(f"select_metric: {self.select_metric!r} is not one of {', '.join(SELECT_METRICS)}")
         if self.llm == "tiny":
             self._check_tiny()
-        from ilora.teacher.prompts import load_template
-
-        load_template(self.domain)  # an unknown domain or a missing template file fails now
         # the adapter's and the gate's own checks, their messages naming this config's options
         _named_as_options(self.adapter_config, ADAPTER_OPTION_NAMES)
         _named_as_options(self.gate_config, GATE_OPTION_NAMES)
@@ -215,7 +212,11 @@ def without_added_defaults(config: dict) -> dict:
 
 def check_training_options(cfg: TeacherConfig) -> None:
     """`ConfigError` for options only training refuses: a teacher saved with them still loads,
-    evaluates and exports (its ``select_metric`` is no longer used then)."""
+    evaluates and exports (its ``select_metric`` is no longer used then, and its prompt template
+    is the one recorded in it, not ``domain``'s file)."""
+    from ilora.teacher.prompts import load_template
+
+    load_template(cfg.domain)  # an unknown domain or a missing template file fails now
     if cfg.select_metric == "hr@5" and cfg.num_candidates <= 5:
         raise ConfigError(
             f"select_metric hr@5 is 1.0 for every epoch with num_candidates {cfg.num_candidates} (the target is always "

@@ -22,12 +22,14 @@ pieces with single spaces.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from ilora.errors import ConfigError, DataError
+from ilora.errors import ConfigError, DataError, IloraError
 from ilora.teacher.tiny import CANDIDATE_TOKEN, HISTORY_TOKEN, TEXT_TOKEN
 
 HISTORY_MARK = "[HistoryHere]"
@@ -59,6 +61,22 @@ class PromptTemplate:
     @property
     def pieces(self) -> tuple[str, str, str]:
         return (self.before, self.between, self.after)
+
+    def to_dict(self) -> dict[str, str]:
+        """The pieces by name, as a teacher checkpoint records them (`from_dict` reads them back)."""
+        return {"before": self.before, "between": self.between, "after": self.after}
+
+    @classmethod
+    def from_dict(cls, record: object, source: str) -> "PromptTemplate":
+        """`to_dict`'s record; `IloraError` naming ``source`` if it is not three strings by name."""
+        names = ("before", "between", "after")
+        if not (isinstance(record, dict) and set(record) == set(names) and all(isinstance(record[n], str) for n in names)):
+            raise IloraError(f"{source}: the prompt template is {record!r:.80}, expected {{'before': str, 'between': str, 'after': str}}")
+        return cls(*(record[n] for n in names))
+
+    def sha256(self) -> str:
+        """Fingerprint of the pieces (16 hex digits)."""
+        return hashlib.sha256(json.dumps(self.pieces).encode("utf-8")).hexdigest()[:16]
 
     def render(
         self,

@@ -276,14 +276,18 @@ def _loader_generator(cfg: TeacherConfig, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, epoch, 7]).integers(2**62)))
 
 
-INPUTS = "another SASRec (--rec), dataset or base LLM (--llm)"  # what a resume compares besides the options
+INPUTS = "another SASRec (--rec), dataset, base LLM (--llm) or prompt template (--domain)"  # what a resume compares besides the options
+
+
+ADDED_INPUTS = ("llm", "template")  # fingerprints runs recorded only from some version on
 
 
 def check_same_inputs(saved: dict | None, inputs: dict, where: Path) -> None:
     """`check_resume_config` of the input fingerprints; a run recorded before the base LLM's
-    weight sample was (no ``llm`` entry) is compared without it."""
+    weight sample or the prompt template's fingerprint was (no ``llm`` or ``template`` entry)
+    is compared without it."""
     recorded = saved or {}
-    current = inputs if "llm" in recorded else {k: v for k, v in inputs.items() if k != "llm"}
+    current = {k: v for k, v in inputs.items() if k in recorded or k not in ADDED_INPUTS}
     check_resume_config(recorded, current, where, INPUTS)
 
 
@@ -384,7 +388,10 @@ def train_teacher(
     bundle = build_teacher(cfg, dataset.catalog, rec, cfg.device)
     teacher = bundle.teacher
     # what a resume must read again: the same SASRec, dataset and base LLM weights
-    inputs = {"rec": rec_fingerprint(rec), "dataset": dataset.sha256(), "llm": base_weights_sample(teacher.llm)}
+    inputs = {
+        "rec": rec_fingerprint(rec), "dataset": dataset.sha256(), "llm": base_weights_sample(teacher.llm),
+        "template": bundle.train_collator.template.sha256(),  # a template file's text, not only its name
+    }
     check_ranks_agree(ctx, {**inputs, "train_samples": len(train), "config": to_dict(cfg), "llm_signature": llm_signature(teacher.llm)})
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(teacher.llm, teacher.gate_state)
