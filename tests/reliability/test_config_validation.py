@@ -78,6 +78,16 @@ def test_an_unknown_domain_is_refused_for_training_and_a_saved_teacher_needs_no_
         check_training_options(cfg)
 
 
+
+def test_tiny_options_with_another_base_llm_are_refused_for_training() -> None:
+    """They would be recorded in the teacher's config and used for nothing."""
+    from ilora.teacher.config import check_training_options
+
+    check_training_options(TeacherConfig(llm="some/model"))
+    with pytest.raises(ConfigError, match=r"tiny_arch=qwen2, tiny_layers=4: the tiny_\* options build --llm tiny only, and the base LLM is 'some/model'"):
+        check_training_options(TeacherConfig(llm="some/model", tiny_arch="qwen2", tiny_layers=4))
+
+
 def test_select_metrics_are_the_ones_training_reports() -> None:
     from ilora.teacher import train
 

@@ -77,6 +77,7 @@ def test_the_plan_groups_only_when_asked() -> None:
 
 
 SMALL = dict(tiny_hidden=32, tiny_layers=2, tiny_heads=4, tiny_vocab=300, lora_dropout=0.0, max_title_tokens=8)
+WITHOUT_TINY = {k: v for k, v in SMALL.items() if not k.startswith("tiny_")}  # for a base LLM given by path
 
 
 def test_a_new_run_in_a_used_out_keeps_its_own_sasrec_and_resume_refuses_another(tmp_path) -> None:
@@ -230,7 +231,7 @@ def test_a_local_base_llm_is_recorded_by_absolute_path_and_resume_refuses_anothe
     save_base(0)
     monkeypatch.chdir(tmp_path / "models")
     out = tmp_path / "out"
-    cfg = TeacherConfig(**{**SMALL, "llm": "base"}, max_steps=2, batch_size=4, val_samples=4, checkpoint_every=1)
+    cfg = TeacherConfig(**{**WITHOUT_TINY, "llm": "base"}, max_steps=2, batch_size=4, val_samples=4, checkpoint_every=1)
     train_teacher(ds, cfg, tmp_path / "rec", out)
     recorded = json.loads((out / "teacher_config.json").read_text())["config"]["llm"]
     assert recorded == str(tmp_path / "models" / "base")  # absolute: loadable from anywhere
@@ -464,7 +465,7 @@ def test_a_sliding_window_validation_cannot_score_in_is_refused_before_training(
     )
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mistral")
     tokenizer.save_pretrained(tmp_path / "mistral")
-    cfg = TeacherConfig(**{**SMALL, "llm": str(tmp_path / "mistral")}, max_steps=2, batch_size=4, val_samples=4, eval_batch_size=1)
+    cfg = TeacherConfig(**{**WITHOUT_TINY, "llm": str(tmp_path / "mistral")}, max_steps=2, batch_size=4, val_samples=4, eval_batch_size=1)
     with pytest.raises(IloraError, match="sliding window of 32 tokens, and sample 0 of the val split.*teacher training validates by the score protocol"):
         train_teacher(ds, cfg, tmp_path / "rec", tmp_path / "out")
     assert not (tmp_path / "out").exists()

@@ -14,6 +14,7 @@ by the number of experts.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -217,6 +218,10 @@ def check_training_options(cfg: TeacherConfig) -> None:
     from ilora.teacher.prompts import load_template
 
     load_template(cfg.domain)  # an unknown domain or a missing template file fails now
+    if cfg.llm != "tiny":  # the tiny model's options would otherwise be recorded and silently unused
+        given = [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg) if f.name.startswith("tiny_") and getattr(cfg, f.name) != f.default]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: the tiny_* options build --llm tiny only, and the base LLM is {cfg.llm!r}; leave them out")
     if cfg.select_metric == "hr@5" and cfg.num_candidates <= 5:
         raise ConfigError(
             f"select_metric hr@5 is 1.0 for every epoch with num_candidates {cfg.num_candidates} (the target is always "
