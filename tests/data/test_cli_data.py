@@ -133,3 +133,15 @@ def test_subprocess_stdout_is_only_json(tmp_path: Path) -> None:
     )  # fmt: skip
     assert json.loads(synth.stdout)["output"] == str(tmp_path / "s")
     assert "wrote" in synth.stderr
+
+
+def test_stats_of_a_log_count_duplicates_dropped_and_users_without_a_sample(tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog) -> None:
+    rows = ["user,item,timestamp", "a,x,1", "a,y,2", "a,z,3", "a,y,2", "b,x,5", "c,x,1", "c,z,2"]  # line 5 repeats line 3
+    (tmp_path / "interactions.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    with caplog.at_level("WARNING", logger="ilora.data.interactions"):
+        stats = run_json(capsys, "data", "stats", str(tmp_path / "interactions.csv"), "--json")
+    assert stats["log"] == {"users": 3, "interactions": 7, "duplicates_dropped": 1, "users_with_one_interaction": 1}
+    assert stats["splits"]["test"]["samples"] == 2  # a (x, y -> z) and c (x -> z); b has no history
+    assert "dropped 1 duplicate interaction(s) (same user, item and timestamp as an earlier row; the first: row 3 (line 5))" in caplog.text
+    assert main(["data", "stats", str(tmp_path / "interactions.csv")]) == 0
+    assert "log       7 interactions of 3 users; dropped: 1 duplicate rows, 1 users with one interaction (no sample)" in capsys.readouterr().out

@@ -14,10 +14,15 @@ from ilora.errors import ConfigError, DataError
 
 
 def reference_samples(users: list, items: list, times: list, item_id: dict, max_len: int) -> dict[str, list]:
-    """Obviously-correct split: one user at a time, a plain loop over positions."""
+    """Obviously-correct split: one user at a time, a plain loop over positions, after dropping
+    each row that repeats an earlier row's (user, item, timestamp)."""
     order_of_users: list = []
     events: dict = {}
+    seen: set = set()
     for row, (u, i, ts) in enumerate(zip(users, items, times)):
+        if (u, i, ts) in seen:
+            continue
+        seen.add((u, i, ts))
         if u not in events:
             order_of_users.append(u)
             events[u] = []
@@ -65,6 +70,13 @@ def test_split_matches_reference_csv(tmp_path: Path, np_rng: np.random.Generator
         assert ds.splits[name].max_len == max_len
     assert ds.catalog.titles == tuple(items["title"])
     ds.validate()
+    rows = list(zip(log["user"], log["item"], log["timestamp"]))
+    per_user = pd.Series([u for u, _, _ in dict.fromkeys(rows)]).value_counts()
+    assert ds.load_info["log"] == {
+        "users": log["user"].nunique(), "interactions": len(log), "duplicates_dropped": len(rows) - len(set(rows)),
+        "users_with_one_interaction": int((per_user == 1).sum()),
+    }
+    assert ds.load_info["log"]["duplicates_dropped"] > 0  # the random log has some: they were exercised
 
 
 def test_parquet_with_integer_keys_and_items_beside(tmp_path: Path, np_rng: np.random.Generator) -> None:

@@ -14,6 +14,12 @@ missing last fields were empty (pandas cannot tell the two apart), which is an e
 ``user``, ``item`` and ``timestamp`` and goes unnoticed for an extra column. A log that
 yields no sample at all (no user with two interactions) is an error.
 
+Rows repeating an earlier row's user, item and timestamp are dropped, with a warning naming
+the first (an event logged twice would otherwise be a sample whose target is its own last
+history item); the same item at another time is a repeat consumption and is kept. The
+counts (users, interactions, duplicates dropped, users with one interaction, who give no
+sample) are in ``load_info["log"]``, shown by ``ilora data stats``.
+
 ``path`` may be a directory holding ``interactions.csv`` or ``interactions.parquet`` and,
 optionally, ``items.csv`` or ``items.parquet``; or the interactions file itself, with the
 items file looked up beside it under those names; or the items file is given explicitly.
@@ -332,16 +338,31 @@ def read_interactions(path: str | Path, *, items: str | Path | None = None, max_
         catalog = Catalog(tuple(str(k) for k in uniques), source=str(log_path))
         log.info("%s: no items file; titles are the item keys", log_path)
     user_codes, user_uniques = pd.factorize(users, sort=False)
+    item_ids = np.asarray(item_ids)
+    duplicate = pd.DataFrame({"user": user_codes, "item": item_ids, "time": times}).duplicated().to_numpy()
+    if duplicate.any():  # a logged event recorded twice would be a sample whose target is its own last history item
+        row = int(np.flatnonzero(duplicate)[0])
+        where = f"row {row}" + (f" (line {_csv_line(log_path, row)})" if _csv_line(log_path, row) else "")
+        log.warning("%s: dropped %d duplicate interaction(s) (same user, item and timestamp as an earlier row; the first: %s)",
+                    log_path, int(duplicate.sum()), where)
+        keep = ~duplicate
+        user_codes, item_ids, times = user_codes[keep], item_ids[keep], times[keep]
     order = np.lexsort((times, user_codes))
     lengths = np.bincount(user_codes, minlength=len(user_uniques))
-    splits = leave_one_out(lengths, np.asarray(item_ids)[order], max_len=max_len, padding_id=catalog.padding_id)
+    splits = leave_one_out(lengths, item_ids[order], max_len=max_len, padding_id=catalog.padding_id)
     if not any(len(s) for s in splits.values()):
         raise DataError(
             log_path, f"no samples: {len(frame)} interactions, and no user has two", expected="users with at least 2 interactions"
         )
     source = Path(path)
     counts = {name: {"rows_in_source": len(s), "dropped_no_history": 0} for name, s in splits.items()}
-    info = {"format": "interactions", "users": len(user_uniques), "interactions": len(frame), "splits": counts}
+    info = {
+        "format": "interactions", "splits": counts,
+        "log": {  # what the split leaves out of the log: duplicate rows, and users whose one interaction has no history
+            "users": len(user_uniques), "interactions": len(frame), "duplicates_dropped": int(duplicate.sum()),
+            "users_with_one_interaction": int((lengths == 1).sum()),
+        },
+    }
     return SeqDataset(catalog, dict(splits), source=str(source), load_info=info)
 
 

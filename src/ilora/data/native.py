@@ -96,6 +96,8 @@ def conversion_record(ds: SeqDataset) -> dict[str, Any] | None:
         "min_len": info.get("min_len", 1),
         "splits": {name: (info.get("splits") or {}).get(name) for name in SPLITS},
     }
+    if info.get("log"):
+        record["log"] = info["log"]
     if info.get("converted_from"):
         record["converted_from"] = info["converted_from"]
     return record

@@ -10,7 +10,8 @@ Per split (``null`` if the split is absent):
 * ``length_min`` / ``length_max`` / ``length_mean`` of the loaded samples, the number of
   ``distinct_targets`` and of ``distinct_items`` (history and target).
 
-``converted_from`` (``null`` if none) is a native dataset's record of how ``ilora data
+``log`` (``null`` unless read from an interaction log): its users and interactions, the
+duplicate rows dropped and the users with one interaction (no sample). ``converted_from`` (``null`` if none) is a native dataset's record of how ``ilora data
 convert`` read its source (format, path and ``min_len``); ``min_len`` is the filter of
 this load. The table names the source and every ``min_len`` along the way.
 """
@@ -59,6 +60,7 @@ def dataset_stats(ds: SeqDataset) -> dict[str, Any]:
         "max_len": max((s.max_len for s in present), default=None),
         "min_len": ds.load_info.get("min_len", 1),
         "converted_from": ds.load_info.get("converted_from"),
+        "log": ds.load_info.get("log"),
         "splits": splits,
     }
 
@@ -84,11 +86,21 @@ def _conversion_lines(record: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _log_lines(counts: dict[str, Any] | None) -> list[str]:
+    if not counts:
+        return []
+    return [
+        f"log       {counts['interactions']} interactions of {counts['users']} users; dropped: {counts['duplicates_dropped']} "
+        f"duplicate rows, {counts['users_with_one_interaction']} users with one interaction (no sample)"
+    ]
+
+
 def format_stats(stats: dict[str, Any]) -> str:
     """`dataset_stats` output as a plain-text table."""
     lines = [
         f"dataset   {stats['source']} ({stats['format']})",
         *_conversion_lines(stats.get("converted_from")),
+        *_log_lines(stats.get("log")),
         f"items     {stats['num_items']} (padding id {stats['padding_id']})",
         f"max_len   {stats['max_len']}   min_len {stats['min_len']}",
         "",
