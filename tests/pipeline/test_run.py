@@ -490,6 +490,17 @@ def test_the_teacher_stage_is_keyed_by_a_template_files_text_not_only_its_name(t
     assert teacher_stage_config(cfg)["domain_template_sha256"] != first["domain_template_sha256"]
 
 
+def test_a_missing_data_path_is_refused_before_the_data_stage_starts(tmp_path, capsys, monkeypatch):
+    """A relative data.path is looked up from the working directory (the error says which); a run
+    refused for it leaves no stage behind."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run"), "data": {"path": "no_such_data"}}))
+    monkeypatch.chdir(tmp_path)
+    assert main(["run", str(config)]) == 2
+    assert f"no_such_data: not found (relative to the working directory {tmp_path})" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "data").exists()
+
+
 def test_bad_override_is_a_clear_error(tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(SMALL))

@@ -476,3 +476,18 @@ def test_subprocess_stats_json_failure_and_success(tmp_path: Path) -> None:
     good = write_native(tmp_path / "good")
     result = _cli("data", "stats", str(good), "--json")
     assert result.returncode == 0 and json.loads(result.stdout)["num_items"] == 5
+
+
+def test_rec_eval_names_a_sasrec_of_another_catalog_or_a_narrower_history(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from ilora.data import make_synthetic, write_native
+
+    ds = make_synthetic(users=20, items=15, seed=2)
+    write_native(ds, tmp_path / "data")
+    for name, items, width, message in (
+        ("other", ds.num_items + 1, ds.max_len, f"this SASRec was trained on {ds.num_items + 1} items but the dataset has {ds.num_items} (a SASRec of another dataset?)"),
+        ("short", ds.num_items, ds.max_len - 1, f"this SASRec reads histories of at most {ds.max_len - 1} items, but the dataset's are {ds.max_len} wide (a SASRec trained with another --max-len?)"),
+    ):
+        model = save_untrained_sasrec(tmp_path / name, num_items=items, max_len=width)
+        code, out, err = run_cli(capsys, "rec", "eval", str(tmp_path / "data"), "--model", str(model))
+        assert (code, out) == (2, "")
+        assert error_line(err) == f"error: {model}: {message}"

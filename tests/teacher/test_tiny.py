@@ -120,3 +120,15 @@ def test_load_llm_draws_transformers_bar_as_plain_lines_in_a_redirected_log(tmp_
 
     assert "\r" not in log.getvalue() and "\x1b" not in log.getvalue()
     assert any(line.startswith("Loading weights: 100%") for line in log.getvalue().splitlines()), log.getvalue()
+
+
+def test_a_tokenizer_without_eos_is_refused_before_the_weights_load(tmp_path, monkeypatch):
+    import transformers
+
+    tok = build_tiny_tokenizer(TEXTS, vocab_size=200)
+    build_tiny_llm(tok, hidden=32, layers=1).save_pretrained(tmp_path / "m")
+    tok.eos_token = None
+    tok.save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("the weights were loaded"))
+    with pytest.raises(IloraError, match=f"{tmp_path / 'm'}: the tokenizer has no eos token; the answer needs one to end"):
+        load_llm(tmp_path / "m", device="cpu")

@@ -320,6 +320,10 @@ def test_a_sasrec_of_another_dataset_is_named_and_refused_before_the_llm_loads(t
     with pytest.raises(IloraError, match=rf"other-rec: this SASRec was trained on {ds.num_items + 7} items but the dataset has {ds.num_items}"):
         train.train_teacher(ds, TeacherConfig(**SMALL, max_steps=1), tmp_path / "other-rec", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    SASRec(SASRecConfig(num_items=ds.num_items, max_len=5, hidden=16)).save(tmp_path / "short-rec")  # --max-len 5
+    with pytest.raises(IloraError, match=rf"short-rec: this SASRec reads histories of at most 5 items, but the dataset's are {ds.max_len} wide"):
+        train.train_teacher(ds, TeacherConfig(**SMALL, max_steps=1), tmp_path / "short-rec", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_micro_batches_give_the_loss_and_gradient_of_the_whole_batch() -> None:

@@ -40,6 +40,15 @@ def _has_earlier_work(directory: Path) -> bool:
     return any(directory.glob("**/checkpoints/step-*")) or any(any(directory.glob(f"**/{name}")) for name in RESULT_FILES)
 
 
+def check_data_path(cfg: RunConfig) -> None:
+    """`DataError` naming ``data.path`` (and what a relative one was resolved against) if it is
+    missing: checked before the data stage's directory is touched."""
+    from ilora.data.io import not_found
+
+    if cfg.data.path and not Path(cfg.data.path).exists():
+        raise not_found(Path(cfg.data.path))
+
+
 def data_stage_config(cfg: RunConfig) -> dict:
     """The data stage's record: the data section, marked where synthetic data is filtered by
     ``min_len`` (a stage recorded before that filter existed holds unfiltered data)."""
@@ -227,13 +236,13 @@ def run_pipeline(cfg: RunConfig) -> dict:
 
         return check
 
-    everything = devices(*DEVICE_SECTIONS)
-
     with claim_out_dir(cfg.out) as run_dir:  # one process per run directory
         check_run_dir(run_dir)
         results: dict = {}
 
-        data_key, results["data"] = run_stage(run_dir, "data", data_stage_config(cfg), [], lambda d: stage_data(cfg, d), check=everything)
+        data_key, results["data"] = run_stage(
+            run_dir, "data", data_stage_config(cfg), [], lambda d: stage_data(cfg, d), check=devices(*DEVICE_SECTIONS, then=lambda: check_data_path(cfg))
+        )
         dataset = read_native(run_dir / "data" / "dataset")
         rec_key, trained = run_stage(
             run_dir, "sasrec", to_dict(cfg.rec), [data_key], lambda d: stage_sasrec(cfg, dataset, d), keep_partial=True,

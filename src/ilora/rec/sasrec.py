@@ -308,3 +308,15 @@ def load_sasrec(directory: str | Path, *, device: str | torch.device = "cpu") ->
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def check_sasrec_items(rec: SASRec, num_items: int, source: str | Path = "SASRec", history_width: int | None = None) -> None:
+    """`IloraError` unless ``rec`` (read from ``source``) was trained on a catalog of ``num_items``
+    items and, given ``history_width`` (the dataset's), reads histories that wide."""
+    if rec.config.num_items != num_items:
+        raise IloraError(f"{source}: this SASRec was trained on {rec.config.num_items} items but the dataset has {num_items} (a SASRec of another dataset?)")
+    if history_width is not None and history_width > rec.config.max_len:
+        raise IloraError(
+            f"{source}: this SASRec reads histories of at most {rec.config.max_len} items, but the dataset's are {history_width} "
+            "wide (a SASRec trained with another --max-len?)"
+        )

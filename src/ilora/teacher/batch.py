@@ -43,7 +43,7 @@ import torch
 from ilora.errors import ConfigError, IloraError
 from ilora.rec.sasrec import id_tensor
 from ilora.teacher.prompts import SEPARATOR, PromptTemplate
-from ilora.teacher.tiny import PlaceholderIds
+from ilora.teacher.tiny import PlaceholderIds, require_eos
 
 log = logging.getLogger(__name__)
 
@@ -216,10 +216,7 @@ class TitleTable:
 
 def special_ids(tokenizer) -> tuple[int, int]:
     """(eos, pad) ids; pad falls back to eos when the tokenizer has none."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        name = getattr(tokenizer, "name_or_path", "") or "the tokenizer"
-        raise IloraError(f"{name}: the tokenizer has no eos token; the answer needs one to end")
+    eos = require_eos(tokenizer)
     pad = tokenizer.pad_token_id
     return eos, eos if pad is None else pad
 

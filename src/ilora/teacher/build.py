@@ -54,7 +54,7 @@ from ilora.config import from_dict, to_dict
 from ilora.data.dataset import Catalog, validate_prompt_titles
 from ilora.errors import ConfigError, IloraError
 from ilora.progress import library_bars_as_lines
-from ilora.rec.sasrec import SASRec, load_sasrec
+from ilora.rec.sasrec import SASRec, check_sasrec_items, load_sasrec
 from ilora.state_io import atomic_write_text, file_sha256, load_tensors, read_json, save_tensors
 from ilora.teacher.adapters import GateState, adapter_parameters, inject_gated_lora, load_adapters, save_adapters
 from ilora.teacher.batch import PromptCollator, TitleTable, check_titles_given_back
@@ -207,12 +207,6 @@ def resolve_llm_path(cfg: TeacherConfig) -> TeacherConfig:
     if cfg.llm == "tiny" or not path.is_dir():
         return cfg
     return dataclasses.replace(cfg, llm=str(path.resolve()))
-
-
-def check_sasrec_items(rec: SASRec, num_items: int, source: str | Path = "SASRec") -> None:
-    """`IloraError` unless ``rec`` (read from ``source``) was trained on a catalog of ``num_items`` items."""
-    if rec.config.num_items != num_items:
-        raise IloraError(f"{source}: this SASRec was trained on {rec.config.num_items} items but the dataset has {num_items} (a SASRec of another dataset?)")
 
 
 def build_teacher(cfg: TeacherConfig, catalog: Catalog, rec: SASRec, device: str = "cpu") -> TeacherBundle:

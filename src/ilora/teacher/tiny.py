@@ -181,6 +181,15 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def require_eos(tokenizer, name: str | None = None) -> int:
+    """The tokenizer's eos id; `IloraError` naming it (``name``, else its own path) if it has none."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        name = name or getattr(tokenizer, "name_or_path", "") or "the tokenizer"
+        raise IloraError(f"{name}: the tokenizer has no eos token; the answer needs one to end (give it one: eos_token in tokenizer_config.json)")
+    return eos
+
+
 def load_llm(name_or_path: str | Path, *, device: str | torch.device, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
     """Load ``(model, tokenizer)`` from a local directory or the local Hugging Face cache.
 
@@ -216,6 +225,7 @@ def load_llm(name_or_path: str | Path, *, device: str | torch.device, dtype: tor
                 "tokenizer.save_pretrained writes (e.g. tokenizer.json or tokenizer.model)"
             ) from err
         raise IloraError(f"cannot load LLM {source!r}: {unreachable} ({err})") from err
+    require_eos(tokenizer, where)  # before the weights load, not after
     try:
         with library_bars_as_lines():
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or default_dtype(device), **placement, **kwargs)

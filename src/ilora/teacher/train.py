@@ -74,11 +74,11 @@ from ilora.distributed import SINGLE, Dist, check_ranks_agree, require_device
 from ilora.errors import ConfigError, IloraError
 from ilora.metrics_log import MetricsLog, NullLog
 from ilora.progress import progress
-from ilora.rec.sasrec import load_sasrec
+from ilora.rec.sasrec import check_sasrec_items, load_sasrec
 from ilora.state_io import atomic_write_text, read_json, save_state
 from ilora.teacher.adapters import adapter_state_dict, enable_gradient_checkpointing
 from ilora.teacher.batch import draw_hybrid_flags
-from ilora.teacher.build import base_weights_sample, build_teacher, check_sasrec_items, rec_fingerprint, resolve_llm_path, save_teacher
+from ilora.teacher.build import base_weights_sample, build_teacher, rec_fingerprint, resolve_llm_path, save_teacher
 from ilora.teacher.compiled import CompiledLayers, check_can_compile
 from ilora.teacher.config import TeacherConfig, check_training_options, with_added_defaults
 from ilora.teacher.evaluate import check_scoring_window, evaluate_teacher
@@ -384,7 +384,7 @@ def train_teacher(
     val = val_subset(split_with_samples(dataset, "val", "teacher training validates every epoch and keeps the best epoch by it"), cfg.val_samples)
     n_items = dataset.num_items
     rec = load_sasrec(rec_dir)
-    check_sasrec_items(rec, dataset.num_items, rec_dir)  # naming --rec (build_teacher's own check cannot)
+    check_sasrec_items(rec, dataset.num_items, rec_dir, dataset.max_len)  # naming --rec (build_teacher's own check cannot)
     bundle = build_teacher(cfg, dataset.catalog, rec, cfg.device)
     teacher = bundle.teacher
     # what a resume must read again: the same SASRec, dataset and base LLM weights
