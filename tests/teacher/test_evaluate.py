@@ -218,9 +218,9 @@ def test_generation_records_name_items_not_columns_and_judge_as_the_metrics_do(m
     texts = ["Gamma is it\nbeta", "delta or beta", "nothing here"]
     records = evaluate.generation_records(None, texts, candidates, [0, 2, 1])
     assert records == [
-        {"sample": 0, "target": 2, "text": texts[0], "named": [2], "valid": True, "correct": True},  # first line only
-        {"sample": 1, "target": 0, "text": texts[1], "named": [1, 3], "valid": False, "correct": False},
-        {"sample": 2, "target": 1, "text": texts[2], "named": [], "valid": False, "correct": False},
+        {"sample": 0, "target": 2, "target_answer": "gamma", "text": texts[0], "named": [2], "valid": True, "correct": True},  # first line only
+        {"sample": 1, "target": 0, "target_answer": "alpha", "text": texts[1], "named": [1, 3], "valid": False, "correct": False},
+        {"sample": 2, "target": 1, "target_answer": "beta", "text": texts[2], "named": [], "valid": False, "correct": False},
     ]
     metrics = evaluate.teacher_generate_metrics(None, texts, candidates, [0, 2, 1])
     assert metrics["valid_ratio"] == 1 / 3 and metrics["hr@1"] == 1.0

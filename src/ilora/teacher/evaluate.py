@@ -232,12 +232,16 @@ def teacher_generate_metrics(teacher, texts: Sequence[str], candidates: np.ndarr
 
 def generation_records(teacher, texts: Sequence[str], candidates: np.ndarray, target_col: Sequence[int]) -> list[dict]:
     """One record per sample of what the generate protocol saw and decided: the output text, the
-    candidate items it names, whether it is valid and correct (`judge_generation`), the target item."""
+    candidate items it names, whether it is valid and correct (`judge_generation`), the target item
+    and its answer text (the title as the teacher is trained to write it: what a correct output names)."""
     answers = answer_texts(teacher)
     records = []
     for sample, (text, row, target) in enumerate(zip(texts, candidates, target_col, strict=True)):
         hits, valid, correct = judge_generation(text, [answers[int(i)] for i in row], target)
-        records.append({"sample": sample, "target": int(row[target]), "text": text, "named": [int(row[h]) for h in hits], "valid": valid, "correct": correct})
+        records.append({
+            "sample": sample, "target": int(row[target]), "target_answer": answers[int(row[target])], "text": text,
+            "named": [int(row[h]) for h in hits], "valid": valid, "correct": correct,
+        })
     return records
 
 
