@@ -490,6 +490,22 @@ def test_the_teacher_stage_is_keyed_by_a_template_files_text_not_only_its_name(t
     assert teacher_stage_config(cfg)["domain_template_sha256"] != first["domain_template_sha256"]
 
 
+
+def test_editing_a_runs_template_file_retrains_its_teacher(tmp_path, capsys):
+    template = tmp_path / "mine.txt"
+    template.write_text("Heard: [HistoryHere] Choose from [CansHere] Answer:\n", encoding="utf-8")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run"), "teacher": {**SMALL["teacher"], "domain": str(template)}}))
+    assert main(["run", str(config)]) == 0
+    capsys.readouterr()
+    template.write_text("# a comment changes nothing\nHeard: [HistoryHere] Choose from [CansHere] Answer:\n", encoding="utf-8")
+    assert main(["run", str(config)]) == 0
+    assert "teacher: up to date" in capsys.readouterr().err
+    template.write_text("Played: [HistoryHere] Pick from [CansHere] Answer:\n", encoding="utf-8")
+    assert main(["run", str(config)]) == 0
+    assert "teacher: running" in capsys.readouterr().err
+
+
 def test_a_missing_data_path_is_refused_before_the_data_stage_starts(tmp_path, capsys, monkeypatch):
     """A relative data.path is looked up from the working directory (the error says which); a run
     refused for it leaves no stage behind."""
@@ -685,6 +701,8 @@ def test_a_run_with_a_partial_export_trains_the_students_on_the_samples_it_cover
     config.write_text(yaml.safe_dump({**SMALL, "out": str(tmp_path / "run")}))
     assert main(["run", str(config), "export.limit=20", "distill.train_limit=21"]) == 2
     assert "set distill.train_limit to at most 20" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    assert main(["run", str(config), "distill.train_limit=100000"]) == 2  # beyond the train split: before SASRec trains
+    assert "train_limit=100000: " in capsys.readouterr().err and not (tmp_path / "run" / "sasrec").exists()
     assert main(["run", str(config), "export.limit=20", "distill.train_limit=20", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["export"]["rows"] == 20 < result["data"]["train_rows"]

@@ -88,6 +88,29 @@ def test_tiny_options_with_another_base_llm_are_refused_for_training() -> None:
         check_training_options(TeacherConfig(llm="some/model", tiny_arch="qwen2", tiny_layers=4))
 
 
+
+def test_a_run_or_resume_recorded_with_unused_tiny_options_stays_the_same_work_without_them(tmp_path) -> None:
+    """Before the refusal, tiny_* options given with another base LLM were recorded: removing them
+    (as the refusal asks) must not retrain a finished `ilora run` teacher stage or refuse a resume."""
+    from ilora.config import to_dict
+    from ilora.errors import IloraError
+    from ilora.pipeline.stages import _same_work
+    from ilora.teacher.config import same_teacher_form
+    from ilora.teacher.train import check_same_options
+
+    model = tmp_path / "model"
+    model.mkdir()
+    now = TeacherConfig(llm=str(model))
+    recorded = {**to_dict(now), "tiny_vocab": 4000, "tiny_arch": "qwen2"}
+    assert _same_work(recorded, to_dict(now), same_teacher_form)
+    check_same_options(recorded, now, tmp_path)
+    assert not _same_work({**recorded, "lr": 0.5}, to_dict(now), same_teacher_form)
+    with pytest.raises(IloraError, match="lr: 0.5 -> "):
+        check_same_options({**recorded, "lr": 0.5}, now, tmp_path)
+    tiny = TeacherConfig()  # where the tiny model is the base, they are its sizes
+    assert not _same_work({**to_dict(tiny), "tiny_vocab": 4000}, to_dict(tiny), same_teacher_form)
+
+
 def test_select_metrics_are_the_ones_training_reports() -> None:
     from ilora.teacher import train
 

@@ -636,6 +636,8 @@ def test_remote_code_is_not_trusted_by_default(tmp_path: Path, monkeypatch: pyte
     seen: list[dict] = []
 
     class Fake:
+        eos_token_id = 2  # load_llm refuses a tokenizer without eos
+
         def to(self, device):
             return self
 
@@ -651,7 +653,7 @@ def test_remote_code_is_not_trusted_by_default(tmp_path: Path, monkeypatch: pyte
     assert [k["trust_remote_code"] for k in seen] == [False, False]
 
     asked: list[bool] = []
-    monkeypatch.setattr(build, "load_llm", lambda name, *, device, trust_remote_code: asked.append(trust_remote_code) or (None, None))
+    monkeypatch.setattr(build, "load_llm", lambda name, *, device, trust_remote_code, **kwargs: asked.append(trust_remote_code) or (None, None))
     build._base_llm(TeacherConfig(llm=str(tmp_path / "llm")), None, "cpu")  # type: ignore[arg-type]
     build._base_llm(TeacherConfig(llm=str(tmp_path / "llm"), trust_remote_code=True), None, "cpu")  # type: ignore[arg-type]
     assert asked == [False, True]

@@ -482,15 +482,21 @@ def test_titles_the_tokenizer_cannot_give_back_are_named_and_most_of_them_refuse
         check_titles_given_back(tok, ["green owl", "grey owl", "pink fox", "red fox"], "tok")
 
 
-def test_a_teacher_is_not_built_around_a_tokenizer_that_loses_most_titles():
+def test_a_teacher_is_not_built_around_a_tokenizer_that_loses_most_titles(tmp_path, monkeypatch):
+    """Refused before the base LLM's weights load, naming the model."""
+    import transformers
+
+    from ilora.data.dataset import Catalog
     from ilora.rec.sasrec import SASRec, SASRecConfig
-    from ilora.teacher.build import assemble
+    from ilora.teacher.build import build_teacher
     from ilora.teacher.config import TeacherConfig
     from ilora.teacher.tiny import build_tiny_llm
-    from ilora.data.dataset import Catalog
 
     tok = word_tokenizer(["red", "fox"])
+    build_tiny_llm(tok, hidden=16).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
     catalog = Catalog(("red fox", "green owl", "grey owl"))
     rec = SASRec(SASRecConfig(num_items=3, max_len=4, hidden=8, dropout=0.0))
-    with pytest.raises(IloraError, match="the tokenizer of tiny: 2 of 3 item titles do not come back"):
-        assemble(TeacherConfig(), catalog, rec, build_tiny_llm(tok, hidden=16), tok, "cpu")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("the weights were loaded"))
+    with pytest.raises(IloraError, match=f"the tokenizer of {tmp_path / 'm'}: 2 of 3 item titles do not come back"):
+        build_teacher(TeacherConfig(llm=str(tmp_path / "m")), catalog, rec)

@@ -962,7 +962,7 @@ def test_attention_window_reads_each_familys_sliding_window() -> None:
     assert attention_window(config("gemma3_text", sliding_window=64, layer_types=["sliding_attention", "full_attention"])) == 64
 
 
-def test_scoring_under_a_sliding_window_is_exact_within_it_and_refused_beyond(dataset, rec, tmp_path) -> None:
+def test_scoring_under_a_sliding_window_is_exact_within_it_and_refused_beyond(dataset, rec, tmp_path, monkeypatch) -> None:
     """The block mask cannot apply a sliding window. With the window exactly the padded prompts
     plus the longest answer (far less than the prompts plus all packed answers) every
     (prompt, answer) sequence fits it and the scores equal each candidate's own full forward
@@ -1025,11 +1025,18 @@ def test_scoring_under_a_sliding_window_is_exact_within_it_and_refused_beyond(da
         teacher.llm.config.sliding_window = needed
         check_scoring_window(bundle, split, cands, size)
         teacher.llm.config.sliding_window = needed - 1
-        message = "do not fit in it" if alone > needed - 1 else r"Use a smaller --batch-size \(now \d+; every sample fits alone\)"
+        message = "do not fit in it" if alone > needed - 1 else r"Use a smaller --batch-size \(ilora run: eval.batch_size\) \(now \d+; every sample fits alone\)"
         messages.add(message)
         with pytest.raises(IloraError, match=rf"sliding window of {needed - 1} tokens.*{message}"):
             check_scoring_window(bundle, split, cands, size)
     assert len(messages) == 2  # both refusals were met
+    # scoring a split (teacher eval, ilora run's eval) refuses it before its first batch is scored
+    from ilora.teacher.evaluate import score_split
+
+    teacher.llm.config.sliding_window = max(widths(len(split))) - 1
+    monkeypatch.setattr(type(teacher), "score_candidates", lambda *a, **k: pytest.fail("a batch was scored"))
+    with pytest.raises(IloraError, match=r"Use a smaller --batch-size \(ilora run: eval.batch_size\)"):
+        score_split(bundle, split, cands, batch_size=len(split))
 
 
 def test_a_teacher_keeps_its_prompt_template_whatever_becomes_of_the_file(dataset, rec, tmp_path, monkeypatch):

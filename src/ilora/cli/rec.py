@@ -49,7 +49,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_eval(args: argparse.Namespace) -> int:
     from ilora.rec.evaluate import evaluate_popularity, evaluate_sasrec
-    from ilora.rec.sasrec import check_sasrec_items, load_sasrec
+    from ilora.rec.sasrec import load_sasrec
 
     if args.candidates < 0:
         raise IloraError("--candidates must be >= 0")
@@ -57,9 +57,8 @@ def run_eval(args: argparse.Namespace) -> int:
         raise IloraError("--save-candidates needs --candidates > 0 (with 0 there are no candidate sets to save)")
     dataset = load_data(args)
     model = load_sasrec(args.model)
-    check_sasrec_items(model, dataset.num_items, args.model, dataset.max_len)
     kwargs = dict(count=args.candidates, cand_seed=args.seed, mask_history=args.mask_history, batch_size=args.batch_size)
-    result = evaluate_sasrec(model, dataset, args.split, candidates_out=args.save_candidates, **kwargs)  # type: ignore[arg-type]
+    result = evaluate_sasrec(model, dataset, args.split, candidates_out=args.save_candidates, source=args.model, **kwargs)  # type: ignore[arg-type]
     result["model"] = str(args.model)
     if args.save_candidates:
         result["candidates_file"] = str(args.save_candidates)

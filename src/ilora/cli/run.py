@@ -43,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             width=100,
         ),
         epilog=options_epilog(RunConfig, "keys (YAML, or key=value overrides):") + "\n\n" + textwrap.fill(
-            "A run also requires: export.limit=0 (its students read a teacher row for every train sample), "
+            "A run also requires: export.limit=0, or 0 < distill.train_limit <= export.limit (its students read a "
+            "teacher row for every train sample they train on), "
             "train in export.splits, and distill.top_k <= export.top_k. Outputs: <out>/data/dataset, "
             "<out>/sasrec/model, <out>/sasrec_eval, <out>/teacher/model, <out>/eval, <out>/export/outputs, "
             "<out>/distill/{baseline,distilled,control}, <out>/report.md, <out>/summary.json.",

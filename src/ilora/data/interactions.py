@@ -342,7 +342,8 @@ def read_interactions(path: str | Path, *, items: str | Path | None = None, max_
     duplicate = pd.DataFrame({"user": user_codes, "item": item_ids, "time": times}).duplicated().to_numpy()
     if duplicate.any():  # a logged event recorded twice would be a sample whose target is its own last history item
         row = int(np.flatnonzero(duplicate)[0])
-        where = f"row {row}" + (f" (line {_csv_line(log_path, row)})" if _csv_line(log_path, row) else "")
+        line = _csv_line(log_path, row)  # reads the file again: once, for the first duplicate only
+        where = f"row {row}" + (f" (line {line})" if line else "")
         log.warning("%s: dropped %d duplicate interaction(s) (same user, item and timestamp as an earlier row; the first: %s)",
                     log_path, int(duplicate.sum()), where)
         keep = ~duplicate

@@ -74,8 +74,9 @@ class RunConfig:
 
 def check_run_config(cfg: RunConfig) -> None:
     """`ConfigError` before any stage runs for options a later stage would refuse: the SASRec
-    and student options (their ``validate``), a partial or train-less export (distillation
-    reads every train sample's outputs) and the evaluation's gates."""
+    and student options (their ``validate``), a train-less export or a partial one that does
+    not cover the students' ``train_limit`` samples (distillation reads a teacher row for every
+    train sample it trains on) and the evaluation's gates."""
     from ilora.teacher.config import check_training_options
     from ilora.teacher.model import parse_gate_mode
 

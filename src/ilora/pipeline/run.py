@@ -19,7 +19,7 @@ from ilora.distill.train import without_added_defaults as distill_without_added_
 from ilora.pipeline.config import DEVICE_SECTIONS, RunConfig, check_devices, check_run_config
 from ilora.pipeline.stages import run_stage
 from ilora.state_io import atomic_write_text
-from ilora.teacher.config import without_added_defaults
+from ilora.teacher.config import same_teacher_form
 
 
 def _gate_modes(cfg: RunConfig) -> list[str]:
@@ -170,9 +170,9 @@ def stage_distill(cfg: RunConfig, dataset: SeqDataset, outputs_dir: Path, direct
 
 
 def check_teacher_input(cfg: RunConfig, dataset: SeqDataset) -> None:
-    """What the teacher, evaluation and export stages would refuse in the data (an empty train or
-    val split, an empty evaluation split, candidate sets a row cannot fill), checked before SASRec
-    trains, not after."""
+    """What the teacher, evaluation, export and distill stages would refuse in the data (an empty
+    train or val split, an empty evaluation split, candidate sets a row cannot fill, a
+    ``distill.train_limit`` beyond the train split), checked before SASRec trains, not after."""
     from ilora.data.candidates import check_candidate_room
     from ilora.outputs.export import check_export_input
     from ilora.teacher.train import split_with_samples, val_subset
@@ -184,6 +184,16 @@ def check_teacher_input(cfg: RunConfig, dataset: SeqDataset) -> None:
         check_candidate_room(split, dataset.num_items, count=cfg.teacher.num_candidates, split_name=name)
     check_candidate_room(dataset.split(cfg.eval.split), dataset.num_items, count=cfg.eval.candidates, split_name=cfg.eval.split)
     check_export_input(dataset, cfg.export, cfg.teacher.num_candidates)
+    check_students_input(cfg, dataset)
+
+
+def check_students_input(cfg: RunConfig, dataset: SeqDataset) -> None:
+    """What the students' training would refuse in the train samples they read (the first
+    ``distill.train_limit``, `first_train_samples`)."""
+    from ilora.distill.train import first_train_samples
+    from ilora.rec.train import check_training_input
+
+    check_training_input(first_train_samples(dataset, cfg.distill.train_limit), cfg.distill)
 
 
 RUN_SECTIONS = {"data", "rec", "teacher", "eval", "export", "distill"}
@@ -253,7 +263,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
         _, results["sasrec"] = run_stage(run_dir, "sasrec_eval", sasrec_eval_config(cfg), [rec_key], lambda d: stage_sasrec_eval(cfg, dataset, rec_dir))
         teacher_key, results["teacher"] = run_stage(
             run_dir, "teacher", teacher_stage_config(cfg), [rec_key], lambda d: stage_teacher(cfg, dataset, rec_dir, d), keep_partial=True,
-            legacy=without_added_defaults, check=devices("teacher", "export", "distill", then=lambda: check_teacher_input(cfg, dataset)),
+            legacy=same_teacher_form, check=devices("teacher", "export", "distill", then=lambda: check_teacher_input(cfg, dataset)),
         )
         teacher_dir = run_dir / "teacher" / "model"
         _, results["eval"] = run_stage(
@@ -266,7 +276,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
         outputs_dir = run_dir / "export" / "outputs"
         _, results["distill"] = run_stage(
             run_dir, "distill", to_dict(cfg.distill), [export_key, data_key], lambda d: stage_distill(cfg, dataset, outputs_dir, d), keep_partial=True,
-            legacy=distill_without_added_defaults, check=devices("distill", then=lambda: check_training_input(dataset, cfg.distill)),
+            legacy=distill_without_added_defaults, check=devices("distill", then=lambda: check_students_input(cfg, dataset)),
         )
         summary = {"out": str(run_dir), **results, "config": to_dict(cfg)}
         # written with the report, once every stage is current: config.json, summary.json and report.md describe one run

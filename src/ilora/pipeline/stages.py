@@ -16,7 +16,7 @@ in options that change how a run is carried out (`RESUMABLE_CHANGES`: ``compile`
 ``workers``, ...; for a finished stage also ``device``, so a run finished on a GPU is not
 redone to rebuild or extend it on a CPU), and one written before an option existed, which ran with the option's old
 fixed value (the stage's ``legacy`` form of the config drops such options where they hold
-that value; for the teacher `ilora.teacher.config.without_added_defaults`). A skipped stage keeps its
+that value; for the teacher `ilora.teacher.config.same_teacher_form`, which also leaves out tiny_* options a non-tiny base LLM never used). A skipped stage keeps its
 recorded token, so the stages downstream of it stay up to date as well.
 """
 

@@ -21,7 +21,7 @@ import torch
 from ilora.data.dataset import SeqDataset, Split
 from ilora.errors import IloraError
 from ilora.rec.metrics import CAND_KS, FULL_KS, candidate_ranks, full_ranks, history_exclusion, metrics_from_ranks
-from ilora.rec.sasrec import SASRec
+from ilora.rec.sasrec import SASRec, check_sasrec_items
 from ilora.state_io import save_tensors
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -132,14 +132,16 @@ def evaluate_sasrec(
     batch_size: int = 1024,
     candidates_out: str | Path | None = None,
     ranks_file: str | Path | None = None,
+    source: str | Path = "SASRec",
 ) -> dict[str, object]:
-    """Metrics of ``model`` on ``dataset``'s ``split`` (model put in eval mode, then restored).
+    """Metrics of ``model`` (read from ``source``, which errors name) on ``dataset``'s ``split``
+    (model put in eval mode, then restored).
 
     Candidate sets: ``candidates`` if given, else `fixed_candidates` with ``count`` and
     ``cand_seed`` (``count=0``: no candidate metrics), written to ``candidates_out`` if set.
     """
     data = dataset.split(split)
-    _check_model_fits(model, dataset)
+    check_sasrec_items(model, dataset.num_items, source, dataset.max_len)
     cands = _resolve_candidates(data, dataset.num_items, split, candidates, count, cand_seed, candidates_out)
     was_training = model.training
     model.eval()
@@ -204,12 +206,3 @@ def _resolve_candidates(
     if count <= 0:
         return None
     return fixed_candidates(data, num_items, split_name=split, count=count, seed=seed, out=out)
-
-
-def _check_model_fits(model: SASRec, dataset: SeqDataset) -> None:
-    if model.num_items != dataset.num_items:
-        raise IloraError(
-            f"the model scores {model.num_items} items but {dataset.source or 'the dataset'} has {dataset.num_items}"
-        )
-    if dataset.max_len > model.config.max_len:
-        raise IloraError(f"the dataset's histories are {dataset.max_len} wide; the model takes at most {model.config.max_len}")

@@ -3,8 +3,9 @@
 Checkpoint directory layout (everything needed to run the teacher offline):
 
     teacher_config.json          TeacherConfig + format version + fingerprints of the catalog,
-                                 of rec/, (tiny) of llm/ and of every part below, and a sample
-                                 of the base LLM's weights; written last
+                                 of rec/, (tiny) of llm/ and of every part below, a sample
+                                 of the base LLM's weights, and the prompt template used
+                                 (its three pieces: the teacher reads no template file); written last
     adapter_model.safetensors    LoRA experts in peft's key layout (rank E*r)
     adapter_config.json          peft LoRA config (a peft tool reads the uniform-gate model)
     ilora_adapter.json           the experts' layout: E, rank per expert, alpha, scaling
@@ -141,11 +142,12 @@ def _tokenizer_corpus(catalog: Catalog, cfg: TeacherConfig) -> list[str]:
 
 
 def _base_llm(cfg: TeacherConfig, catalog: Catalog, device: str):
-    if cfg.llm == "tiny":
+    if cfg.llm == "tiny":  # its tokenizer is trained on the titles (a byte-fallback BPE): it gives every one back
         tokenizer = build_tiny_tokenizer(_tokenizer_corpus(catalog, cfg), vocab_size=cfg.tiny_vocab, style=cfg.tiny_arch)
         llm = build_tiny_llm(tokenizer, arch=cfg.tiny_arch, hidden=cfg.tiny_hidden, layers=cfg.tiny_layers, heads=cfg.tiny_heads, seed=cfg.seed)
         return llm.to(device=device, dtype=default_dtype(device)), tokenizer
-    return load_llm(cfg.llm, device=device, trust_remote_code=cfg.trust_remote_code)
+    titles_check = lambda tokenizer: check_titles_given_back(tokenizer, catalog.titles, f"the tokenizer of {cfg.llm}")  # noqa: E731
+    return load_llm(cfg.llm, device=device, trust_remote_code=cfg.trust_remote_code, check_tokenizer=titles_check)
 
 
 def assemble(
@@ -175,7 +177,6 @@ def assemble(
         gate_cfg = cfg.gate_config()
         _load_checked(gate_net, checkpoint / "gate.safetensors", f"gate network ({gate_cfg.kind}, hidden {gate_cfg.hidden}, {adapter_cfg.num_experts} experts, SASRec width {rec_dim})")
         _load_checked(projector, checkpoint / "projector.safetensors", f"projector (SASRec width {rec_dim} -> LLM width {llm.config.hidden_size})")
-    check_titles_given_back(tokenizer, catalog.titles, f"the tokenizer of {checkpoint or cfg.llm}")
     titles = TitleTable.build(tokenizer, catalog.titles, max_title_tokens=cfg.max_title_tokens)
     teacher = ILoRATeacher(llm, tokenizer, rec, gate_net, projector, state, titles, adapter_cfg.num_experts).to(device)
     template = template or load_template(cfg.domain)
@@ -359,6 +360,7 @@ def load_teacher(ckpt: str | Path, catalog: Catalog, device: str = "cpu", *, tru
         )
     if meta.get("catalog") != catalog.sha256():
         raise IloraError(f"{ckpt}: the teacher was trained on another item catalog than this dataset's")
+    template = saved_template(ckpt, cfg, meta)  # before any model loads
     fingerprints = meta["format_version"] >= 2
     if not fingerprints:
         log.warning(
@@ -375,6 +377,7 @@ def load_teacher(ckpt: str | Path, catalog: Catalog, device: str = "cpu", *, tru
         raise IloraError(f"{ckpt / 'rec'}: not the SASRec this teacher was saved with (fingerprint differs from teacher_config.json's)")
     rec = rec.to(device)
     tokenizer = AutoTokenizer.from_pretrained(ckpt / "tokenizer", trust_remote_code=trust_remote_code and cfg.llm != "tiny")
+    check_titles_given_back(tokenizer, catalog.titles, f"the tokenizer of {ckpt}")  # before the base LLM loads
     if cfg.llm == "tiny":
         llm_dir = ckpt / "llm"
         if not llm_dir.is_dir() or (fingerprints and directory_fingerprint(llm_dir) != meta["llm"]):
@@ -395,7 +398,7 @@ def load_teacher(ckpt: str | Path, catalog: Catalog, device: str = "cpu", *, tru
         llm.get_input_embeddings().weight[ids] = rows["input"].to(device, llm.dtype)
         if "output" in rows:
             llm.get_output_embeddings().weight[ids] = rows["output"].to(device, llm.dtype)
-    return assemble(cfg, catalog, rec, llm, tokenizer, device, checkpoint=ckpt, template=saved_template(ckpt, cfg, meta))
+    return assemble(cfg, catalog, rec, llm, tokenizer, device, checkpoint=ckpt, template=template)
 
 
 def saved_template(ckpt: Path, cfg: TeacherConfig, meta: dict) -> PromptTemplate:

@@ -211,6 +211,22 @@ def without_added_defaults(config: dict) -> dict:
     return drop_added_defaults(config, ADDED_OPTIONS)
 
 
+def tiny_options_reset(config: dict) -> dict:
+    """``config`` (a ``TeacherConfig`` as a dict) with its ``tiny_*`` options at their defaults
+    where the base LLM is not the tiny one: they build nothing then, so records that differ only
+    in them stand for the same teacher (training refuses them now; runs recorded before did not)."""
+    if config.get("llm", "tiny") == "tiny":
+        return config
+    defaults = {f.name: f.default for f in dataclasses.fields(TeacherConfig) if f.name.startswith("tiny_")}
+    return {**config, **{k: v for k, v in defaults.items() if k in config}}
+
+
+def same_teacher_form(config: dict) -> dict:
+    """What two teacher records must agree on to stand for the same training: `without_added_defaults`
+    of `tiny_options_reset` (``ilora run``'s teacher stage compares records in this form)."""
+    return without_added_defaults(tiny_options_reset(config))
+
+
 def check_training_options(cfg: TeacherConfig) -> None:
     """`ConfigError` for options only training refuses: a teacher saved with them still loads,
     evaluates and exports (its ``select_metric`` is no longer used then, and its prompt template

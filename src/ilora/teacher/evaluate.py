@@ -277,14 +277,14 @@ def _in_sample_order(ctx: Dist, per_batch: list) -> list:
 
 
 def check_scoring_window(
-    bundle, split: Split, candidates: np.ndarray, batch_size: int, ctx: Dist = SINGLE, *, batch_option: str = "--batch-size",
+    bundle, split: Split, candidates: np.ndarray, batch_size: int, *, batch_option: str = "--batch-size (ilora run: eval.batch_size)",
     advice: str = ", or the generate protocol (--protocol generate)", name: str = "the split scored",
 ) -> None:
     """`IloraError`, before any model call, where `score_split` would reach a batch that
     `ILoRATeacher.score_candidates` refuses: an LLM with a sliding window shorter than the
-    batch's padded prompts plus its longest answer. From token counts alone, for this rank's
-    batches. ``batch_option`` names the caller's batch size option, ``advice`` what else it could
-    do, ``name`` the split."""
+    batch's padded prompts plus its longest answer. From token counts alone, over every batch
+    (with several ranks too, so that all of them refuse alike). ``batch_option`` names the
+    caller's batch size option, ``advice`` what else it could do, ``name`` the split."""
     from ilora.teacher.model import attention_window
 
     window = attention_window(bundle.teacher.llm.config)
@@ -300,7 +300,7 @@ def check_scoring_window(
             "Use a model without a sliding window or with a longer one, or shorter prompts (fewer candidates or history items, "
             f"a smaller max_title_tokens){advice}"
         )
-    for sl in ctx.chunk(list(_batches(len(split), batch_size))):
+    for sl in _batches(len(split), batch_size):
         width = int(prompt[sl].max() + answer[sl].max())
         if width > window:
             raise IloraError(
@@ -320,7 +320,7 @@ def score_split(
     gets the gathered result, in sample order. An empty split is an `IloraError`.
     """
     require_samples(split, "scoring")
-    check_scoring_window(bundle, split, candidates, batch_size, ctx)
+    check_scoring_window(bundle, split, candidates, batch_size)
     scores, gates = [], []
     with eval_mode(bundle.teacher) as teacher:
         for sl in _my_batches(len(split), batch_size, ctx, desc):

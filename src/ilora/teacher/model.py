@@ -359,8 +359,8 @@ class ILoRATeacher(nn.Module):
             raise IloraError(
                 f"score_candidates: the LLM attends through a sliding window of {window} tokens, shorter than these prompts "
                 f"({batch.input_ids.shape[1]} tokens, padded) plus their longest answer ({ids.shape[-1]} tokens): the block "
-                "mask cannot apply the window, so answers would be scored unlike the model reads them. Use a smaller "
-                "eval_batch_size (narrower padding) or the generate protocol (--protocol generate)"
+                "mask cannot apply the window, so answers would be scored unlike the model reads them. Smaller batches "
+                "(narrower padding) help where each prompt fits alone; evaluation can use the generate protocol instead"
             )
         prompt = self.run(batch, gate_mode, use_cache=True)
         embeds = self.llm.get_input_embeddings()(packed).to(prompt.hidden.dtype)

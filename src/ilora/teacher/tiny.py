@@ -18,9 +18,10 @@ from __future__ import annotations
 import inspect
 import os
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -190,8 +191,14 @@ def require_eos(tokenizer, name: str | None = None) -> int:
     return eos
 
 
-def load_llm(name_or_path: str | Path, *, device: str | torch.device, dtype: torch.dtype | None = None, trust_remote_code: bool = False):
+def load_llm(
+    name_or_path: str | Path, *, device: str | torch.device, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+    check_tokenizer: Callable[[Any], None] | None = None,
+):
     """Load ``(model, tokenizer)`` from a local directory or the local Hugging Face cache.
+
+    ``check_tokenizer(tokenizer)`` runs before the weights load (as does the eos check), so a
+    tokenizer the caller refuses costs no model load.
 
     A hub id is fetched by transformers as usual (set ``HF_HUB_OFFLINE=1`` to use only the
     local cache); a path or id that cannot be loaded raises `IloraError`.
@@ -226,6 +233,8 @@ def load_llm(name_or_path: str | Path, *, device: str | torch.device, dtype: tor
             ) from err
         raise IloraError(f"cannot load LLM {source!r}: {unreachable} ({err})") from err
     require_eos(tokenizer, where)  # before the weights load, not after
+    if check_tokenizer is not None:
+        check_tokenizer(tokenizer)
     try:
         with library_bars_as_lines():
             model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype or default_dtype(device), **placement, **kwargs)

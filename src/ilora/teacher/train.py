@@ -80,7 +80,7 @@ from ilora.teacher.adapters import adapter_state_dict, enable_gradient_checkpoin
 from ilora.teacher.batch import draw_hybrid_flags
 from ilora.teacher.build import base_weights_sample, build_teacher, rec_fingerprint, resolve_llm_path, save_teacher
 from ilora.teacher.compiled import CompiledLayers, check_can_compile
-from ilora.teacher.config import TeacherConfig, check_training_options, with_added_defaults
+from ilora.teacher.config import TeacherConfig, check_training_options, tiny_options_reset, with_added_defaults
 from ilora.teacher.evaluate import check_scoring_window, evaluate_teacher
 from ilora.teacher.optim import build_scheduler, load_optimizer_state, teacher_optimizer, warmup_length
 
@@ -296,12 +296,13 @@ EARLIER_RUN_FILES = ("teacher_config.json", "train_config.json")  # a run killed
 
 def check_same_options(saved: dict | None, cfg: TeacherConfig, where: Path) -> None:
     """`check_resume_config` of the options; a run recorded with a relative ``llm`` path that
-    resolves to this run's absolute one (`resolve_llm_path`) counts as the same, and a record
-    from before an option existed reads as that option's default (`with_added_defaults`)."""
+    resolves to this run's absolute one (`resolve_llm_path`) counts as the same, a record
+    from before an option existed reads as that option's default (`with_added_defaults`), and
+    ``tiny_*`` options a non-tiny base LLM never used are not compared (`tiny_options_reset`)."""
     saved = with_added_defaults(dict(saved or {})) if saved else {}
     if isinstance(saved.get("llm"), str) and resolve_llm_path(dataclasses.replace(cfg, llm=saved["llm"])).llm == cfg.llm:
         saved["llm"] = cfg.llm
-    check_resume_config(saved, to_dict(cfg), where)
+    check_resume_config(tiny_options_reset(saved), tiny_options_reset(to_dict(cfg)), where)
 
 
 def _finished_summary(out: Path, cfg: TeacherConfig, inputs: dict) -> dict | None:
@@ -401,7 +402,7 @@ def train_teacher(
     all_lengths = prompt_lengths(bundle.train_collator, train, train_cands)
     warn_long_prompts(all_lengths, teacher.llm.config)
     check_scoring_window(  # validation scores every epoch: refused now, not after the first epoch's training
-        bundle, val, val_cands, cfg.eval_batch_size, ctx, batch_option="eval_batch_size (--eval-batch-size)",
+        bundle, val, val_cands, cfg.eval_batch_size, batch_option="eval_batch_size (--eval-batch-size)",
         advice="; teacher training validates by the score protocol", name="the val split",
     )
     lengths = all_lengths if cfg.group_by_length else None
