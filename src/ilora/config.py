@@ -347,3 +347,12 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
         flags=flags_from_args(args),
         overrides=list(getattr(args, "overrides", None) or []),
     )
+
+
+def apply_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` for this process, as a ``threads`` option asks (None:
+    leave torch's default); a process setting, like the option itself."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)

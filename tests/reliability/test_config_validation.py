@@ -58,6 +58,7 @@ INVALID_TEACHER = [
     ({"tiny_heads": 3}, "tiny_hidden 64 / tiny_heads 3: the head size must be a whole, even number"),
     ({"tiny_hidden": 12, "tiny_heads": 4}, "tiny_hidden 12 / tiny_heads 4"),  # head size 3: RoPE needs an even one
     ({"max_title_tokens": 0}, "max_title_tokens: must be >= 1"),
+    ({"threads": 0}, "threads: must be >= 1 (or none: torch's default), got 0"),
 ]
 
 
@@ -229,6 +230,21 @@ def test_teacher_eval_and_export_refuse_a_bad_gate_before_reading_anything(comma
     argv = [a.replace("OUT", str(tmp_path / "out")) for a in command]
     code = main([*argv, str(tmp_path / "no-data"), "--teacher", str(tmp_path / "no-teacher"), "--gate", "bogus"])
     assert code == 2 and "gate 'bogus': expected learned, uniform or expert:N" in error_line(capsys)
+
+
+@pytest.mark.parametrize("command", [["teacher", "eval"], ["teacher", "export", "--out", "OUT"]])
+def test_teacher_eval_and_export_take_threads_as_training_does(command, tmp_path: Path, capsys, monkeypatch) -> None:
+    """--threads sets torch's threads for the process before anything is read; 0 is refused by argparse."""
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: asked.append(n))
+    asked: list[int] = []
+    argv = [a.replace("OUT", str(tmp_path / "out")) for a in command]
+    assert main([*argv, str(tmp_path / "no-data"), "--teacher", str(tmp_path / "no-teacher"), "--threads", "1"]) == 2  # no teacher
+    assert asked == [1] and "no-teacher" in error_line(capsys)
+    with pytest.raises(SystemExit):
+        main([*argv, str(tmp_path / "no-data"), "--teacher", str(tmp_path / "no-teacher"), "--threads", "0"])
+    assert asked == [1]
 
 
 def test_teacher_eval_refuses_max_new_tokens_for_the_score_protocol_before_reading_anything(tmp_path: Path, capsys) -> None:

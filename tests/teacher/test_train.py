@@ -449,7 +449,7 @@ def test_cli_train_and_eval_refuse_a_val_split_that_min_len_empties(tmp_path, ca
     assert len(err) == 1 and "the val split has no samples (min_len=2)" in err[0], err
 
 
-def test_a_sliding_window_validation_cannot_score_in_is_refused_before_training(tmp_path) -> None:
+def test_a_sliding_window_validation_cannot_score_in_is_refused_before_training(tmp_path, monkeypatch) -> None:
     """Validation scores every epoch; a window shorter than a val prompt is refused before the first
     step (and before --out is written), not after the epoch's training."""
     import transformers
@@ -469,7 +469,10 @@ def test_a_sliding_window_validation_cannot_score_in_is_refused_before_training(
     )
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mistral")
     tokenizer.save_pretrained(tmp_path / "mistral")
-    cfg = TeacherConfig(**{**WITHOUT_TINY, "llm": str(tmp_path / "mistral")}, max_steps=2, batch_size=4, val_samples=4, eval_batch_size=1)
+    cfg = TeacherConfig(**{**WITHOUT_TINY, "llm": str(tmp_path / "mistral")}, max_steps=2, batch_size=4, val_samples=4, eval_batch_size=1, threads=1)
+    threads: list[int] = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)
     with pytest.raises(IloraError, match="sliding window of 32 tokens, and sample 0 of the val split.*teacher training validates by the score protocol"):
         train_teacher(ds, cfg, tmp_path / "rec", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    assert threads == [1]  # the threads option is applied first

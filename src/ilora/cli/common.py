@@ -100,6 +100,10 @@ def add_run_arguments(parser: argparse.ArgumentParser, resume_help: str) -> None
     )
 
 
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N", help="CPU threads for torch (default: torch's, every core)")
+
+
 def add_json_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
 

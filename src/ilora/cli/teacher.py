@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ilora.cli.common import add_data_arguments, add_json_argument, add_run_arguments, candidate_count, load_data, nonnegative_int, optional_candidate_count, positive_int, print_json
-from ilora.config import add_arguments, add_config_arguments, config_from_args
+from ilora.cli.common import (
+    add_data_arguments, add_json_argument, add_run_arguments, add_threads_argument, candidate_count, load_data, nonnegative_int,
+    optional_candidate_count, positive_int, print_json,
+)
+from ilora.config import add_arguments, add_config_arguments, apply_threads, config_from_args
 from ilora.distributed import process_group, require_device
 from ilora.errors import ConfigError, IloraError
 from ilora.state_io import atomic_write_text, file_sha256, strict_json
@@ -89,6 +92,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens and args.protocol != "generate":  # before anything is read
         raise ConfigError(f"--max-new-tokens applies to the generate protocol only, not to {args.protocol!r}")
+    apply_threads(args.threads)
     check_gate_and_device(args)
     dataset = load_data(args)
     split = dataset.split(args.split)
@@ -142,6 +146,7 @@ def run_export(args: argparse.Namespace) -> int:
     from ilora.outputs.export import ExportOptions, check_export_input, export_teacher_outputs
     from ilora.teacher.build import load_teacher
 
+    apply_threads(args.threads)
     saved = check_gate_and_device(args)
     opts = ExportOptions(
         splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),
@@ -219,6 +224,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--limit", type=nonnegative_int, default=0, metavar="N", help="evaluate only the first N samples (0: all)")
     ev.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device [default: cpu]")
     add_trust_remote_code_argument(ev)
+    add_threads_argument(ev)
     ev.add_argument("--out", default=None, metavar="DIR", help="also write the metrics and the candidate sets used here, and with --protocol generate each sample's output and verdict (refused if DIR holds other candidate sets of this split)")
     add_json_argument(ev)
     ev.set_defaults(run=run_eval, distributed=True)
@@ -244,6 +250,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ex.add_argument("--gate", default="learned", metavar="MODE", help="learned (default), uniform or expert:N (counted from 0)")
     ex.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="device [default: cpu]")
     add_trust_remote_code_argument(ex)
+    add_threads_argument(ex)
     ex.add_argument("--limit", type=nonnegative_int, default=0, metavar="N", help="export only the first N samples of each split (0: all; `ilora distill --train-limit N` trains on the train samples such a partial export covers)")
     ex.add_argument("--overwrite", action="store_true", help="replace an export of another teacher, dataset or options in --out")
     add_json_argument(ex)

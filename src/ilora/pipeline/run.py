@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from ilora.config import to_dict
+from ilora.config import apply_threads, to_dict
 from ilora.data import SeqDataset, candidate_sets, load_dataset, read_native, synthetic_from_config, write_native
 from ilora.data.io import filter_min_len
 from ilora.dir_lock import claim_out_dir
@@ -127,6 +127,7 @@ def stage_eval(cfg: RunConfig, dataset: SeqDataset, teacher_dir: Path, rec_dir: 
     if cfg.eval.limit:
         split, cands = split.subset(slice(0, cfg.eval.limit)), cands[: cfg.eval.limit]
     save_candidates(directory / f"candidates_{cfg.eval.split}.npy", cands)
+    apply_threads(cfg.teacher.threads)  # the teacher's stages run with its threads
     bundle = load_teacher(teacher_dir, dataset.catalog, device=cfg.teacher.device, trust_remote_code=cfg.teacher.trust_remote_code)
     results: dict = {"split": cfg.eval.split, "samples": len(split), "teacher": {}}
     for protocol in cfg.eval.protocols:
@@ -149,6 +150,7 @@ def stage_export(cfg: RunConfig, dataset: SeqDataset, teacher_dir: Path, directo
     from ilora.outputs.export import export_teacher_outputs
     from ilora.teacher.build import load_teacher
 
+    apply_threads(cfg.teacher.threads)
     bundle = load_teacher(teacher_dir, dataset.catalog, device=cfg.export.device, trust_remote_code=cfg.teacher.trust_remote_code)
     result = export_teacher_outputs(bundle, dataset, directory / "outputs", cfg.export, teacher_dir=teacher_dir)
     return result.to_dict()

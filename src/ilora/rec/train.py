@@ -49,7 +49,7 @@ import torch
 from torch.nn import functional as F
 
 from ilora.checkpointing import NonFiniteGuard, check_resume_config, finished_run_config, open_run, restore_rng_state, restoring, rng_state
-from ilora.config import option, to_dict
+from ilora.config import apply_threads, option, to_dict
 from ilora.metrics_log import MetricsLog
 from ilora.data.dataset import SeqDataset, Split
 from ilora.dir_lock import claims_out_dir
@@ -363,8 +363,7 @@ def train_sasrec(
     if finished is not None:
         return finished
     (out / TEST_RANKS_FILE).unlink(missing_ok=True)  # an earlier run's; this one writes its own at the end
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    apply_threads(cfg.threads)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)

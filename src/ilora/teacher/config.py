@@ -28,7 +28,7 @@ from ilora.teacher.gate import GateConfig
 # before they existed. A record missing one of them reads as that value (`with_added_defaults`;
 # `ilora run`'s stage records: `without_added_defaults`). Pinned here, not read from the
 # current defaults: a later change of a default must not make old records match it.
-ADDED_OPTIONS: dict[str, object] = {"gate_blocks": 2, "gate_pool": 8, "gate_temperature": 1.0, "share_adapter_inputs": False}
+ADDED_OPTIONS: dict[str, object] = {"gate_blocks": 2, "gate_pool": 8, "gate_temperature": 1.0, "share_adapter_inputs": False, "threads": None}
 
 # Metrics of the score protocol that can select the best checkpoint (``select_metric``).
 SELECT_METRICS = ("hr@1", "hr@5", "ndcg@5", "ndcg@10", "mrr", "mean_target_logprob")
@@ -96,11 +96,14 @@ class TeacherConfig:
     checkpoint_every: int = option(0, "write a resumable checkpoint every N optimiser steps into checkpoints/ in the teacher's output folder (in a run: teacher/model/; 0: off)")
     skip_nonfinite: bool = option(False, "skip a step whose loss or gradient is NaN/inf instead of stopping the run")
     device: Literal["cpu", "cuda"] = option("cpu", "cpu or cuda (bf16 autocast and a bf16 base on cuda)")
+    threads: int | None = option(None, "CPU threads for torch while training (ilora run: also its eval and export stages; none: torch's default, every core)")
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "epochs", "num_candidates", "eval_batch_size", "max_title_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads: must be >= 1 (or none: torch's default), got {self.threads}")
         if self.num_candidates < 2:
             raise ConfigError(f"num_candidates: must be >= 2 (the target and at least one other item), got {self.num_candidates}")
         for name in ("max_steps", "micro_batch_size", "val_samples", "workers", "candidate_seed", "seed", "checkpoint_every"):

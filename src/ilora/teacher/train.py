@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from ilora.checkpointing import CheckpointManager, NonFiniteGuard, check_resume_config, earlier_run, earlier_run_error, finished_run_config, open_run, restore_rng_state, restoring, rng_state
-from ilora.config import to_dict
+from ilora.config import apply_threads, to_dict
 from ilora.data.candidates import candidate_sets
 from ilora.data.dataset import SeqDataset, Split
 from ilora.dir_lock import claims_out_dir
@@ -381,6 +381,7 @@ def train_teacher(
         if earlier:
             raise earlier_run_error(out_dir, earlier)
     seed_everything(cfg.seed)
+    apply_threads(cfg.threads)
     train = split_with_samples(dataset, "train", "teacher training needs training samples")
     val = val_subset(split_with_samples(dataset, "val", "teacher training validates every epoch and keeps the best epoch by it"), cfg.val_samples)
     n_items = dataset.num_items
