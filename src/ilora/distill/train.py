@@ -184,7 +184,7 @@ def check_teacher_outputs(dataset: SeqDataset, outputs: TeacherOutputs, cfg: Dis
             "(exported from another dataset or another --min-len?)"
         )
     if exported.get("samples_sha256") and exported.get("samples") == expected:
-        if exported["samples_sha256"] != (samples if expected == n else samples.subset(slice(0, expected))).sha256():
+        if exported["samples_sha256"] != samples.subset(slice(0, expected)).sha256():
             first = "" if expected == n else f"first {expected} "
             raise IloraError(
                 f"{source}: exported for other train samples than {dataset.source or 'the dataset'}'s {first}(same count, "

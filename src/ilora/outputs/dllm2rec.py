@@ -61,6 +61,7 @@ DLLM2REC_FILES = (RANK_FILE, CONFIDENCE_FILE, EMBEDDINGS_FILE)
 DATA_FILES = tuple(f"{DATA_DIR}/{name}" for name in (TRAIN_CSV, VAL_CSV, TEST_CSV, STATIS_CSV))
 CONFIDENCE_NOTE = "-log(topk_confidence): DLLM2Rec weighs exp(-c), i.e. our softmax confidence"
 CSV_BLOCK = 65536  # samples formatted at a time
+EVALUATION_CSVS = (("val", VAL_CSV), ("test", TEST_CSV))  # the splits DLLM2Rec evaluates every epoch
 
 
 def dllm2rec_problems(dataset: SeqDataset, top_k: int) -> list[str]:
@@ -71,12 +72,18 @@ def dllm2rec_problems(dataset: SeqDataset, top_k: int) -> list[str]:
             f"top_k {top_k}: DLLM2Rec reads {RANK_FILE} with np.loadtxt, which loads a single column as a 1-D array "
             "that its [:, :K] slicing fails on (export with --top-k >= 2)"
         )
-    for name, csv in (("val", VAL_CSV), ("test", TEST_CSV)):
-        split = dataset.splits.get(name)
-        if split is None or len(split) == 0:
-            state = "absent" if split is None else "empty"
+    written = evaluation_csvs(dataset)
+    for name, csv in EVALUATION_CSVS:
+        if csv not in written:
+            state = "absent" if dataset.splits.get(name) is None else "empty"
             problems.append(f"the {name} split is {state}, so {DATA_DIR}/{csv} is not written; DLLM2Rec evaluates it every epoch")
     return problems
+
+
+def evaluation_csvs(dataset: SeqDataset) -> dict[str, Split]:
+    """The val and test splits that have samples, by the name of their DLLM2Rec CSV (an absent
+    or empty split gets none)."""
+    return {csv: dataset.split(name) for name, csv in EVALUATION_CSVS if dataset.splits.get(name) is not None and len(dataset.split(name))}
 
 
 def dllm2rec_confidence(confidence: np.ndarray) -> np.ndarray:
@@ -104,10 +111,7 @@ def write_samples_csv(path: Path, split: Split, width: int, padding_id: int) -> 
 def write_dllm2rec_data(target: Path, dataset: SeqDataset, train: Split) -> dict[str, Path]:
     """The ``data/`` CSVs under temporary names in ``target``; returns final name -> temporary path."""
     (target / DATA_DIR).mkdir(parents=True, exist_ok=True)
-    splits = {TRAIN_CSV: train}
-    for name, csv in (("val", VAL_CSV), ("test", TEST_CSV)):
-        if dataset.splits.get(name) is not None and len(dataset.split(name)):
-            splits[csv] = dataset.split(name)
+    splits = {TRAIN_CSV: train, **evaluation_csvs(dataset)}
     tmp: dict[str, Path] = {}
     for csv, split in splits.items():
         tmp[f"{DATA_DIR}/{csv}"] = path = target / DATA_DIR / f".{csv}.tmp"

@@ -214,14 +214,18 @@ def without_added_defaults(config: dict) -> dict:
     return drop_added_defaults(config, ADDED_OPTIONS)
 
 
+def _tiny_defaults() -> dict[str, object]:
+    """The ``tiny_*`` options (they build ``--llm tiny`` only) with their defaults."""
+    return {f.name: f.default for f in dataclasses.fields(TeacherConfig) if f.name.startswith("tiny_")}
+
+
 def tiny_options_reset(config: dict) -> dict:
     """``config`` (a ``TeacherConfig`` as a dict) with its ``tiny_*`` options at their defaults
     where the base LLM is not the tiny one: they build nothing then, so records that differ only
     in them stand for the same teacher (training refuses them now; runs recorded before did not)."""
     if config.get("llm", "tiny") == "tiny":
         return config
-    defaults = {f.name: f.default for f in dataclasses.fields(TeacherConfig) if f.name.startswith("tiny_")}
-    return {**config, **{k: v for k, v in defaults.items() if k in config}}
+    return {**config, **{k: v for k, v in _tiny_defaults().items() if k in config}}
 
 
 def same_teacher_form(config: dict) -> dict:
@@ -238,7 +242,7 @@ def check_training_options(cfg: TeacherConfig) -> None:
 
     load_template(cfg.domain)  # an unknown domain or a missing template file fails now
     if cfg.llm != "tiny":  # the tiny model's options would otherwise be recorded and silently unused
-        given = [f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg) if f.name.startswith("tiny_") and getattr(cfg, f.name) != f.default]
+        given = [f"{name}={getattr(cfg, name)}" for name, default in _tiny_defaults().items() if getattr(cfg, name) != default]
         if given:
             raise ConfigError(f"{', '.join(given)}: the tiny_* options build --llm tiny only, and the base LLM is {cfg.llm!r}; leave them out")
     if cfg.select_metric == "hr@5" and cfg.num_candidates <= 5:

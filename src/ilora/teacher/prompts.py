@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -64,12 +65,12 @@ class PromptTemplate:
 
     def to_dict(self) -> dict[str, str]:
         """The pieces by name, as a teacher checkpoint records them (`from_dict` reads them back)."""
-        return {"before": self.before, "between": self.between, "after": self.after}
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, record: object, source: str) -> "PromptTemplate":
         """`to_dict`'s record; `IloraError` naming ``source`` if it is not three strings by name."""
-        names = ("before", "between", "after")
+        names = [f.name for f in dataclasses.fields(cls)]
         if not (isinstance(record, dict) and set(record) == set(names) and all(isinstance(record[n], str) for n in names)):
             raise IloraError(f"{source}: the prompt template is {record!r:.80}, expected {{'before': str, 'between': str, 'after': str}}")
         return cls(*(record[n] for n in names))
