@@ -77,6 +77,7 @@ from ilora.progress import progress
 from ilora.rec.metrics import history_mask
 from ilora.rec.sasrec import id_tensor
 from ilora.state_io import atomic_write_text, fsync_file, replace_durably, save_tensors
+from ilora.teacher.evaluate import batch_slices, check_window_fits
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +200,17 @@ def build_pools(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[tor
     return torch.where(mask, pool, pool[:, :1]), mask
 
 
+def sample_pools(teacher, history: torch.Tensor, length: torch.Tensor, fixed: torch.Tensor, opts: ExportOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """The samples' candidate pools (module docstring): ``fixed`` when ``opts.pool_candidates``,
+    then SASRec's top ``opts.pool_sasrec`` unseen items; `build_pools` of them."""
+    parts = []
+    if opts.pool_candidates:
+        parts.append((fixed, torch.ones_like(fixed, dtype=torch.bool)))
+    if opts.pool_sasrec:
+        parts.append(sasrec_top_unseen(teacher.rec.scores(history, length), history, length, opts.pool_sasrec))
+    return build_pools(parts)
+
+
 @dataclass
 class TopK:
     items: torch.Tensor  # int64 (B, K)
@@ -253,13 +265,7 @@ def export_batch(
     teacher = bundle.teacher
     history, length, fixed = (id_tensor(a, what) for a, what in ((history, "history ids"), (length, "history lengths"), (fixed, "candidates")))
     prompts = bundle.prompt_collator.build(history, length, fixed).to(opts.device)
-    parts = []
-    if opts.pool_candidates:
-        parts.append((prompts.candidates, torch.ones_like(prompts.candidates, dtype=torch.bool)))
-    if opts.pool_sasrec:
-        rec_scores = teacher.rec.scores(prompts.history, prompts.length)
-        parts.append(sasrec_top_unseen(rec_scores, prompts.history, prompts.length, opts.pool_sasrec))
-    pool, mask = build_pools(parts)
+    pool, mask = sample_pools(teacher, prompts.history, prompts.length, prompts.candidates, opts)
     top = score_pool(teacher, prompts, pool, mask, opts.top_k, opts.gate, f"{split} sample".strip(), first_row)
     gates = teacher.gates(prompts.history, prompts.length, opts.gate)
     user = teacher.rec.user_representation(prompts.history, prompts.length)
@@ -478,18 +484,54 @@ def _verified_shards(out: Path, name: str, info: dict, shard_rows: int, samples:
     return sum(s["rows"] for s in info["shards"])
 
 
-def _export_shard(bundle, split: Split, name: str, number: int, opts: ExportOptions, out: Path) -> dict:
-    """Score shard ``number`` of ``split`` (rows ``number * shard_rows`` on), write it; its manifest entry."""
+def _shard(bundle, split: Split, name: str, number: int, opts: ExportOptions) -> tuple[int, int, Split, np.ndarray]:
+    """Shard ``number`` of ``split``: its rows ``lo..hi-1``, their samples and the fixed
+    candidates their prompts show (``opts.pool_candidates``, else the teacher's count)."""
     cfg = bundle.config
     lo = number * opts.shard_rows
     hi = min(lo + opts.shard_rows, len(split))
     part = split.subset(slice(lo, hi))
     shown = opts.pool_candidates or cfg.num_candidates
     fixed = candidate_sets(part, bundle.teacher.rec.num_items, count=shown, seed=cfg.candidate_seed, split_name=name, index=np.arange(lo, hi))
+    return lo, hi, part, fixed
+
+
+@torch.no_grad()
+def check_export_window(bundle, name: str, split: Split, opts: ExportOptions) -> None:
+    """`IloraError` before anything is written where the export would reach a batch that
+    `ILoRATeacher.score_candidates` refuses (an LLM whose sliding window is shorter than the
+    batch's padded prompts plus its longest pool answer; `check_window_fits`). From token
+    counts and the pools, built as the export builds them (SASRec runs on every batch when
+    ``pool_sasrec``); nothing is done for a model without a sliding window."""
+    from ilora.teacher.model import attention_window
+
+    window = attention_window(bundle.teacher.llm.config)
+    if window is None or not len(split):
+        return
+    title_length = bundle.teacher.title_table.length
+    prompt, answer, batches = [], [], []
+    for number in range(math.ceil(len(split) / opts.shard_rows)):
+        lo, hi, part, fixed = _shard(bundle, split, name, number, opts)
+        prompt.append(bundle.prompt_collator.token_counts(part.history, part.length, fixed).numpy())
+        for sl in batch_slices(hi - lo, opts.batch_size):
+            history, length, shown = (
+                id_tensor(a[sl], what).to(opts.device) for a, what in ((part.history, "history ids"), (part.length, "history lengths"), (fixed, "candidates"))
+            )
+            pool, _ = sample_pools(bundle.teacher, history, length, shown, opts)  # padding repeats a pool item
+            answer.append(title_length[pool.cpu()].max(1).values.numpy() + 1)  # title + eos
+            batches.append(slice(lo + sl.start, lo + sl.stop))
+    check_window_fits(
+        window, np.concatenate(prompt), np.concatenate(answer), batches, opts.batch_size,
+        batch_option="--batch-size (ilora run: export.batch_size)", advice="", name=f"the {name} split",
+    )
+
+
+def _export_shard(bundle, split: Split, name: str, number: int, opts: ExportOptions, out: Path) -> dict:
+    """Score shard ``number`` of ``split`` (rows ``number * shard_rows`` on), write it; its manifest entry."""
+    lo, hi, part, fixed = _shard(bundle, split, name, number, opts)
     cols: dict[str, list[np.ndarray]] = {}
-    for b in range(0, hi - lo, opts.batch_size):
-        sl = slice(b, b + opts.batch_size)
-        for key, value in export_batch(bundle, part.history[sl], part.length[sl], fixed[sl], opts, name, lo + b).items():
+    for sl in batch_slices(hi - lo, opts.batch_size):
+        for key, value in export_batch(bundle, part.history[sl], part.length[sl], fixed[sl], opts, name, lo + sl.start).items():
             cols.setdefault(key, []).append(value)
     file = f"{name}/{SHARD_PATTERN.format(number)}"
     sha = write_shard(out / file, shard_table(np.arange(lo, hi), {k: np.concatenate(v) for k, v in cols.items()}))
@@ -612,6 +654,8 @@ def export_teacher_outputs(
         for problem in dllm2rec_problems(dataset, opts.top_k):  # also listed in the manifest's dllm2rec entry
             log.warning("warning: DLLM2Rec's files: %s", problem)
     bundle.teacher.eval()
+    for name, split in splits.items():  # on every rank, so that all refuse alike
+        check_export_window(bundle, name, split, opts)
     hidden = bundle.teacher.llm.config.hidden_size
     identity = teacher_identity(teacher_dir)
     check_ranks_agree(ctx, lambda: {  # a rank with a stale copy would write shards of other rows, or run other rounds and hang

@@ -134,7 +134,8 @@ def verdict_rates(verdicts: Sequence[tuple[bool, bool]]) -> dict[str, float]:
     }
 
 
-def _batches(n: int, size: int):
+def batch_slices(n: int, size: int):
+    """Slices of ``n`` rows in batches of ``size``, in order (the last may be shorter)."""
     for start in range(0, n, size):
         yield slice(start, min(n, start + size))
 
@@ -267,7 +268,7 @@ def require_samples(split: Split, what: str) -> None:
 
 def _my_batches(n: int, size: int, ctx: Dist, desc: str):
     """This rank's contiguous share of the batches (all of them in one process), with a progress bar on rank 0."""
-    mine = ctx.chunk(list(_batches(n, size)))
+    mine = ctx.chunk(list(batch_slices(n, size)))
     return progress(mine, desc=desc, unit="batch", leave=False, show=ctx.is_main)
 
 
@@ -292,6 +293,16 @@ def check_scoring_window(
         return
     prompt = bundle.prompt_collator.token_counts(split.history, split.length, candidates).numpy()
     answer = bundle.teacher.title_table.length.numpy()[candidates].max(axis=1) + 1  # title + eos
+    check_window_fits(window, prompt, answer, batch_slices(len(split), batch_size), batch_size, batch_option=batch_option, advice=advice, name=name)
+
+
+def check_window_fits(
+    window: int, prompt: np.ndarray, answer: np.ndarray, batches, batch_size: int, *, batch_option: str, advice: str, name: str
+) -> None:
+    """`IloraError` unless every sample's prompt (``prompt[i]`` tokens) and longest answer
+    (``answer[i]``, eos included) fit in ``window``, and so does every batch (slices of the
+    samples) padded to its longest prompt plus its longest answer; the rest as
+    `check_scoring_window`."""
     longest = int(np.argmax(prompt + answer))
     if prompt[longest] + answer[longest] > window:
         raise IloraError(
@@ -300,7 +311,7 @@ def check_scoring_window(
             "Use a model without a sliding window or with a longer one, or shorter prompts (fewer candidates or history items, "
             f"a smaller max_title_tokens){advice}"
         )
-    for sl in _batches(len(split), batch_size):
+    for sl in batches:
         width = int(prompt[sl].max() + answer[sl].max())
         if width > window:
             raise IloraError(
@@ -310,7 +321,6 @@ def check_scoring_window(
             )
 
 
-@torch.no_grad()
 def score_split(
     bundle, split: Split, candidates: np.ndarray, gate_mode: str = "learned", batch_size: int = 16, device: str = "cpu", desc: str = "score", ctx: Dist = SINGLE
 ) -> tuple[torch.Tensor, torch.Tensor]:
