@@ -23,3 +23,28 @@ def library_bars_on(recwarn):
         yield
     finally:
         (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
+
+
+@pytest.fixture
+def sliding_window_llm(tmp_path):
+    """``make(titles, window, seed=0)``: the path of a saved 2-layer Mistral (random weights) whose
+    attention slides over ``window`` tokens, with a tiny tokenizer built on ``titles``."""
+    import torch
+    import transformers
+
+    from ilora.teacher.tiny import build_tiny_tokenizer
+
+    def make(titles, window: int, seed: int = 0) -> str:
+        tokenizer = build_tiny_tokenizer(titles, vocab_size=300)
+        config = transformers.AutoConfig.for_model(
+            "mistral", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, head_dim=8, sliding_window=window,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        torch.manual_seed(seed)
+        directory = tmp_path / "mistral"
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        return str(directory)
+
+    return make

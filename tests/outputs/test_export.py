@@ -445,26 +445,13 @@ def test_a_train_export_dllm2rec_cannot_read_as_it_is_warns_and_says_why_in_the_
     assert "DLLM2Rec" not in caplog.text
 
 
-def test_a_sliding_window_the_export_would_exceed_is_refused_before_anything_is_written(dataset, tmp_path, monkeypatch):
+def test_a_sliding_window_the_export_would_exceed_is_refused_before_anything_is_written(dataset, tmp_path, monkeypatch, sliding_window_llm):
     """An LLM whose sliding window is shorter than a batch's padded prompts plus its longest
     pool answer is refused from token counts and pools before the manifest or a shard is
     written, at exactly the width the export's own batches reach (shard-local batches: 11
     rows in shards of 5 and batches of 3; pools of fixed candidates and SASRec's top items)."""
-    import transformers
-
-    from ilora.teacher.tiny import build_tiny_tokenizer
-
-    tokenizer = build_tiny_tokenizer(dataset.catalog.titles, vocab_size=300)
-    config = transformers.AutoConfig.for_model(
-        "mistral", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, head_dim=8, sliding_window=4096,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mistral")
-    tokenizer.save_pretrained(tmp_path / "mistral")
     rec = SASRec(SASRecConfig(num_items=dataset.num_items, max_len=dataset.max_len, hidden=16, dropout=0.0)).eval()
-    bundle = build_teacher(TeacherConfig(**{**SMALL, "llm": str(tmp_path / "mistral")}), dataset.catalog, rec)
+    bundle = build_teacher(TeacherConfig(**{**SMALL, "llm": sliding_window_llm(dataset.catalog.titles, 4096)}), dataset.catalog, rec)
     save_teacher(bundle, tmp_path / "teacher", dataset.catalog)
     teacher = bundle.teacher.eval()
     widths: list[int] = []

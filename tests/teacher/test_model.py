@@ -962,26 +962,14 @@ def test_attention_window_reads_each_familys_sliding_window() -> None:
     assert attention_window(config("gemma3_text", sliding_window=64, layer_types=["sliding_attention", "full_attention"])) == 64
 
 
-def test_scoring_under_a_sliding_window_is_exact_within_it_and_refused_beyond(dataset, rec, tmp_path, monkeypatch) -> None:
+def test_scoring_under_a_sliding_window_is_exact_within_it_and_refused_beyond(dataset, rec, monkeypatch, sliding_window_llm) -> None:
     """The block mask cannot apply a sliding window. With the window exactly the padded prompts
     plus the longest answer (far less than the prompts plus all packed answers) every
     (prompt, answer) sequence fits it and the scores equal each candidate's own full forward
     (which applies the window); one token less is refused by name."""
-    import transformers
-
     from ilora.teacher.model import pack_answers
-    from ilora.teacher.tiny import build_tiny_tokenizer
 
-    tokenizer = build_tiny_tokenizer(dataset.catalog.titles, vocab_size=300)
-    config = transformers.AutoConfig.for_model(
-        "mistral", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, head_dim=8, sliding_window=4096,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mistral")
-    tokenizer.save_pretrained(tmp_path / "mistral")
-    bundle = build_teacher(TeacherConfig(**{**SMALL, "llm": str(tmp_path / "mistral")}), dataset.catalog, rec)
+    bundle = build_teacher(TeacherConfig(**{**SMALL, "llm": sliding_window_llm(dataset.catalog.titles, 4096)}), dataset.catalog, rec)
     teacher = bundle.teacher.eval()
     split, cands = sample_arrays(dataset)
     prompts = bundle.prompt_collator.build(split.history, split.length, cands)

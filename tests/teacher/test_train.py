@@ -449,11 +449,9 @@ def test_cli_train_and_eval_refuse_a_val_split_that_min_len_empties(tmp_path, ca
     assert len(err) == 1 and "the val split has no samples (min_len=2)" in err[0], err
 
 
-def test_a_sliding_window_validation_cannot_score_in_is_refused_before_training(tmp_path, monkeypatch) -> None:
+def test_a_sliding_window_validation_cannot_score_in_is_refused_before_training(tmp_path, monkeypatch, sliding_window_llm) -> None:
     """Validation scores every epoch; a window shorter than a val prompt is refused before the first
     step (and before --out is written), not after the epoch's training."""
-    import transformers
-
     from ilora.data import make_synthetic
     from ilora.errors import IloraError
     from ilora.rec.sasrec import SASRec, SASRecConfig
@@ -461,15 +459,7 @@ def test_a_sliding_window_validation_cannot_score_in_is_refused_before_training(
 
     ds = make_synthetic(users=40, items=30, seed=5)
     SASRec(SASRecConfig(num_items=ds.num_items, max_len=ds.max_len, hidden=16)).save(tmp_path / "rec")
-    tokenizer = build_tiny_tokenizer(ds.catalog.titles, vocab_size=300)
-    config = transformers.AutoConfig.for_model(
-        "mistral", vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, head_dim=8, sliding_window=32,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "mistral")
-    tokenizer.save_pretrained(tmp_path / "mistral")
-    cfg = TeacherConfig(**{**WITHOUT_TINY, "llm": str(tmp_path / "mistral")}, max_steps=2, batch_size=4, val_samples=4, eval_batch_size=1, threads=1)
+    cfg = TeacherConfig(**{**WITHOUT_TINY, "llm": sliding_window_llm(ds.catalog.titles, 32)}, max_steps=2, batch_size=4, val_samples=4, eval_batch_size=1, threads=1)
     threads: list[int] = []
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     with pytest.raises(IloraError, match="sliding window of 32 tokens, and sample 0 of the val split.*teacher training validates by the score protocol"):
