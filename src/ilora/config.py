@@ -15,11 +15,13 @@ is a float option set to NaN or an infinity (no option takes one).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import reprlib
 import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -349,10 +351,19 @@ def config_from_args(cls: type[T], args: argparse.Namespace) -> T:
     )
 
 
-def apply_threads(threads: int | None) -> None:
-    """``torch.set_num_threads(threads)`` for this process, as a ``threads`` option asks (None:
-    leave torch's default); a process setting, like the option itself."""
-    if threads is not None:
-        import torch
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` inside the block, as a ``threads`` option
+    asks, and the count before it restored after (None: left as it is). A trainer or a
+    pipeline stage runs inside one, so that one stage's option never carries into the next."""
+    if threads is None:
+        yield
+        return
+    import torch
 
-        torch.set_num_threads(threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

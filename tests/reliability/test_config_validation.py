@@ -234,17 +234,19 @@ def test_teacher_eval_and_export_refuse_a_bad_gate_before_reading_anything(comma
 
 @pytest.mark.parametrize("command", [["teacher", "eval"], ["teacher", "export", "--out", "OUT"]])
 def test_teacher_eval_and_export_take_threads_as_training_does(command, tmp_path: Path, capsys, monkeypatch) -> None:
-    """--threads sets torch's threads for the process before anything is read; 0 is refused by argparse."""
+    """--threads sets torch's threads for the command before anything is read, and the count
+    before it is restored after; 0 is refused by argparse."""
     import torch
 
+    before = torch.get_num_threads()
     monkeypatch.setattr(torch, "set_num_threads", lambda n: asked.append(n))
     asked: list[int] = []
     argv = [a.replace("OUT", str(tmp_path / "out")) for a in command]
     assert main([*argv, str(tmp_path / "no-data"), "--teacher", str(tmp_path / "no-teacher"), "--threads", "1"]) == 2  # no teacher
-    assert asked == [1] and "no-teacher" in error_line(capsys)
+    assert asked == [1, before] and "no-teacher" in error_line(capsys)
     with pytest.raises(SystemExit):
         main([*argv, str(tmp_path / "no-data"), "--teacher", str(tmp_path / "no-teacher"), "--threads", "0"])
-    assert asked == [1]
+    assert asked == [1, before]
 
 
 def test_teacher_eval_refuses_max_new_tokens_for_the_score_protocol_before_reading_anything(tmp_path: Path, capsys) -> None:
@@ -458,3 +460,32 @@ def test_changed_entries_lists_every_differing_key_once_sorted_and_skips_what_it
     assert changed_entries(old, new) == ["added: None -> True", "gone: 'x' -> None", "lr: 0.001 -> 0.0007", "seed: 1 -> 3"]
     assert changed_entries(old, new, skip={"seed", "gone", "added"}) == ["lr: 0.001 -> 0.0007"]
     assert changed_entries(old, dict(old)) == []
+
+
+def test_a_threads_option_holds_inside_its_trainer_only(tmp_path: Path) -> None:
+    """``threads`` sets torch's threads while its trainer runs and the count before it comes
+    back after, also when the trainer raises: one pipeline stage's option never carries into
+    the next (an `ilora run` with teacher.threads=1 ran its distill stage on 1 thread)."""
+    import torch
+
+    from ilora.config import torch_threads
+    from ilora.data import make_synthetic
+    from ilora.rec.sasrec import SASRec
+    from ilora.rec.train import RecTrainConfig, train_sasrec
+
+    seen: list[int] = []
+
+    def model(arch):
+        seen.append(torch.get_num_threads())
+        return SASRec(arch)
+
+    dataset = make_synthetic(users=20, items=15, seed=1)
+    with torch_threads(2):
+        train_sasrec(dataset, RecTrainConfig(epochs=1, hidden=16, eval_candidates=0, threads=1), tmp_path / "rec", model_factory=model)
+        assert seen == [1] and torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="stop"), torch_threads(1):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("stop")
+        assert torch.get_num_threads() == 2
+        with torch_threads(None):  # unset: left as it is
+            assert torch.get_num_threads() == 2

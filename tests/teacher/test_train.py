@@ -461,8 +461,9 @@ def test_a_sliding_window_validation_cannot_score_in_is_refused_before_training(
     SASRec(SASRecConfig(num_items=ds.num_items, max_len=ds.max_len, hidden=16)).save(tmp_path / "rec")
     cfg = TeacherConfig(**{**WITHOUT_TINY, "llm": sliding_window_llm(ds.catalog.titles, 32)}, max_steps=2, batch_size=4, val_samples=4, eval_batch_size=1, threads=1)
     threads: list[int] = []
+    before = torch.get_num_threads()
     monkeypatch.setattr(torch, "set_num_threads", threads.append)
     with pytest.raises(IloraError, match="sliding window of 32 tokens, and sample 0 of the val split.*teacher training validates by the score protocol"):
         train_teacher(ds, cfg, tmp_path / "rec", tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    assert threads == [1]  # the threads option is applied first
+    assert threads == [1, before]  # the threads option is applied first, and the count before it restored

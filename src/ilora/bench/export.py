@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from ilora.bench.common import cuda_peak, machine_info, now_utc
+from ilora.config import torch_threads
 from ilora.errors import ConfigError, IloraError
 
 DEFAULT_SAMPLES = 1_000_000
@@ -258,10 +259,7 @@ def run_bench(
     shard_rows = shard_rows or (QUICK_SHARD_ROWS if quick else SHARD_ROWS)
     if samples < 1 or shard_rows < 1 or batch_size < 1 or (threads is not None and threads < 1):
         raise ConfigError(f"export bench: samples, shard rows, batch size and threads must be >= 1 (got {samples}, {shard_rows}, {batch_size}, {threads})")
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         t0 = time.perf_counter()
         dataset = synthetic_dataset(samples)
         data_s = time.perf_counter() - t0
@@ -272,8 +270,6 @@ def run_bench(
             export, memory, timings = run_export(dataset, work, device, shard_rows, batch_size)
             disk = directory_bytes(work / "out")
         info = machine_info(device)
-    finally:
-        torch.set_num_threads(previous_threads)
     if export["written"] != samples:
         raise IloraError(f"export bench: {export['written']} rows exported, expected {samples}")
     e, d = TEACHER["num_experts"], SASREC_HIDDEN

@@ -15,8 +15,8 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from ilora.cli.common import add_data_arguments, add_json_argument, add_run_arguments, load_data, optional_candidate_count, print_json
-from ilora.config import add_arguments, add_config_arguments, config_from_args
+from ilora.cli.common import add_data_arguments, add_json_argument, add_run_arguments, add_threads_argument, load_data, optional_candidate_count, print_json
+from ilora.config import add_arguments, add_config_arguments, config_from_args, torch_threads
 from ilora.errors import IloraError
 
 log = logging.getLogger(__name__)
@@ -58,11 +58,13 @@ def run_eval(args: argparse.Namespace) -> int:
     dataset = load_data(args)
     model = load_sasrec(args.model)
     kwargs = dict(count=args.candidates, cand_seed=args.seed, mask_history=args.mask_history, batch_size=args.batch_size)
-    result = evaluate_sasrec(model, dataset, args.split, candidates_out=args.save_candidates, source=args.model, **kwargs)  # type: ignore[arg-type]
+    with torch_threads(args.threads):
+        result = evaluate_sasrec(model, dataset, args.split, candidates_out=args.save_candidates, source=args.model, **kwargs)  # type: ignore[arg-type]
+        popularity = evaluate_popularity(dataset, args.split, **kwargs)  # type: ignore[arg-type]
     result["model"] = str(args.model)
     if args.save_candidates:
         result["candidates_file"] = str(args.save_candidates)
-    result["popularity"] = evaluate_popularity(dataset, args.split, **kwargs)  # type: ignore[arg-type]
+    result["popularity"] = popularity
     _print_result(args, result)
     return 0
 
@@ -116,6 +118,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--seed", "--cand-seed", dest="seed", type=int, default=0, help="seed of the fixed candidate sets (--cand-seed of rec train and distill) [default: 0]")
     ev.add_argument("--batch-size", type=int, default=1024, help="samples per batch [default: 1024]")
     ev.add_argument("--save-candidates", type=Path, default=None, metavar="FILE.npy", help="also write the candidate sets used to FILE.npy (int64 (samples, N), no pickle)")
+    add_threads_argument(ev)
     add_json_argument(ev)
     ev.set_defaults(run=run_eval)
 

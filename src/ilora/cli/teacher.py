@@ -14,7 +14,7 @@ from ilora.cli.common import (
     add_data_arguments, add_json_argument, add_run_arguments, add_threads_argument, candidate_count, load_data, nonnegative_int,
     optional_candidate_count, positive_int, print_json,
 )
-from ilora.config import add_arguments, add_config_arguments, apply_threads, config_from_args
+from ilora.config import add_arguments, add_config_arguments, config_from_args, torch_threads
 from ilora.distributed import process_group, require_device
 from ilora.errors import ConfigError, IloraError
 from ilora.state_io import atomic_write_text, file_sha256, strict_json
@@ -80,6 +80,11 @@ def refuse_other_candidates(path: Path, candidates, args: argparse.Namespace) ->
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    with torch_threads(args.threads):
+        return _evaluate(args)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     import hashlib
 
     import numpy as np
@@ -92,7 +97,6 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens and args.protocol != "generate":  # before anything is read
         raise ConfigError(f"--max-new-tokens applies to the generate protocol only, not to {args.protocol!r}")
-    apply_threads(args.threads)
     check_gate_and_device(args)
     dataset = load_data(args)
     split = dataset.split(args.split)
@@ -142,11 +146,15 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    with torch_threads(args.threads):
+        return _export(args)
+
+
+def _export(args: argparse.Namespace) -> int:
     from ilora.dir_lock import refuse_if_busy
     from ilora.outputs.export import ExportOptions, check_export_input, export_teacher_outputs
     from ilora.teacher.build import load_teacher
 
-    apply_threads(args.threads)
     saved = check_gate_and_device(args)
     opts = ExportOptions(
         splits=tuple(s.strip() for s in args.splits.split(",") if s.strip()),

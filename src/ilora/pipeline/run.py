@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from ilora.config import apply_threads, to_dict
+from ilora.config import to_dict, torch_threads
 from ilora.data import SeqDataset, candidate_sets, load_dataset, read_native, synthetic_from_config, write_native
 from ilora.data.io import filter_min_len
 from ilora.dir_lock import claim_out_dir
@@ -102,10 +102,11 @@ def stage_sasrec_eval(cfg: RunConfig, dataset: SeqDataset, rec_dir: Path) -> dic
     split = cfg.eval.split
     cands = candidate_sets(dataset.split(split), dataset.num_items, count=cfg.eval.candidates, seed=cfg.eval.seed, split_name=split)
     mask = cfg.rec.mask_history
-    return {
-        "sasrec": evaluate_sasrec(load_sasrec(rec_dir), dataset, split, candidates=cands, mask_history=mask),
-        "popularity": evaluate_popularity(dataset, split, candidates=cands, mask_history=mask),
-    }
+    with torch_threads(cfg.rec.threads):
+        return {
+            "sasrec": evaluate_sasrec(load_sasrec(rec_dir), dataset, split, candidates=cands, mask_history=mask),
+            "popularity": evaluate_popularity(dataset, split, candidates=cands, mask_history=mask),
+        }
 
 
 def stage_teacher(cfg: RunConfig, dataset: SeqDataset, rec_dir: Path, directory: Path) -> dict:
@@ -127,22 +128,22 @@ def stage_eval(cfg: RunConfig, dataset: SeqDataset, teacher_dir: Path, rec_dir: 
     if cfg.eval.limit:
         split, cands = split.subset(slice(0, cfg.eval.limit)), cands[: cfg.eval.limit]
     save_candidates(directory / f"candidates_{cfg.eval.split}.npy", cands)
-    apply_threads(cfg.teacher.threads)  # the teacher's stages run with its threads
-    bundle = load_teacher(teacher_dir, dataset.catalog, device=cfg.teacher.device, trust_remote_code=cfg.teacher.trust_remote_code)
-    results: dict = {"split": cfg.eval.split, "samples": len(split), "teacher": {}}
-    for protocol in cfg.eval.protocols:
-        for gate in _gate_modes(cfg):
-            metrics = evaluate_teacher(
-                bundle, split, cands, protocol=protocol, gate_mode=gate,
-                batch_size=cfg.eval.batch_size, device=cfg.teacher.device,
-                max_new_tokens=(cfg.eval.max_new_tokens or None) if protocol == "generate" else None,
-                keep_generations=protocol == "generate",
-            )
-            if "generations" in metrics:  # what each sample generated and how it was judged, beside the results
-                metrics["generations_file"] = write_generations(directory, cfg.eval.split, gate, metrics.pop("generations"))
-            results["teacher"][f"{protocol}/{gate}"] = metrics
-    same = SeqDataset(dataset.catalog, {cfg.eval.split: split}, dataset.source)
-    results["sasrec_same_candidates"] = evaluate_sasrec(load_sasrec(rec_dir), same, cfg.eval.split, candidates=cands, mask_history=cfg.rec.mask_history)
+    with torch_threads(cfg.teacher.threads):  # the teacher's stages run with its threads
+        bundle = load_teacher(teacher_dir, dataset.catalog, device=cfg.teacher.device, trust_remote_code=cfg.teacher.trust_remote_code)
+        results: dict = {"split": cfg.eval.split, "samples": len(split), "teacher": {}}
+        for protocol in cfg.eval.protocols:
+            for gate in _gate_modes(cfg):
+                metrics = evaluate_teacher(
+                    bundle, split, cands, protocol=protocol, gate_mode=gate,
+                    batch_size=cfg.eval.batch_size, device=cfg.teacher.device,
+                    max_new_tokens=(cfg.eval.max_new_tokens or None) if protocol == "generate" else None,
+                    keep_generations=protocol == "generate",
+                )
+                if "generations" in metrics:  # what each sample generated and how it was judged, beside the results
+                    metrics["generations_file"] = write_generations(directory, cfg.eval.split, gate, metrics.pop("generations"))
+                results["teacher"][f"{protocol}/{gate}"] = metrics
+        same = SeqDataset(dataset.catalog, {cfg.eval.split: split}, dataset.source)
+        results["sasrec_same_candidates"] = evaluate_sasrec(load_sasrec(rec_dir), same, cfg.eval.split, candidates=cands, mask_history=cfg.rec.mask_history)
     return results
 
 
@@ -150,9 +151,9 @@ def stage_export(cfg: RunConfig, dataset: SeqDataset, teacher_dir: Path, directo
     from ilora.outputs.export import export_teacher_outputs
     from ilora.teacher.build import load_teacher
 
-    apply_threads(cfg.teacher.threads)
-    bundle = load_teacher(teacher_dir, dataset.catalog, device=cfg.export.device, trust_remote_code=cfg.teacher.trust_remote_code)
-    result = export_teacher_outputs(bundle, dataset, directory / "outputs", cfg.export, teacher_dir=teacher_dir)
+    with torch_threads(cfg.teacher.threads):
+        bundle = load_teacher(teacher_dir, dataset.catalog, device=cfg.export.device, trust_remote_code=cfg.teacher.trust_remote_code)
+        result = export_teacher_outputs(bundle, dataset, directory / "outputs", cfg.export, teacher_dir=teacher_dir)
     return result.to_dict()
 
 

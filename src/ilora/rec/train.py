@@ -49,7 +49,7 @@ import torch
 from torch.nn import functional as F
 
 from ilora.checkpointing import NonFiniteGuard, check_resume_config, finished_run_config, open_run, restore_rng_state, restoring, rng_state
-from ilora.config import apply_threads, option, to_dict
+from ilora.config import option, to_dict, torch_threads
 from ilora.metrics_log import MetricsLog
 from ilora.data.dataset import SeqDataset, Split
 from ilora.dir_lock import claims_out_dir
@@ -350,8 +350,14 @@ def train_sasrec(
     ``extra_loss``'s options and the fingerprint of what it reads); recorded with the
     options and the dataset's fingerprint (`SeqDataset.sha256`) in ``train_config.json``
     and the checkpoints, and a resume with other values or other data is refused like one
-    with other options.
+    with other options. Runs with ``cfg.threads`` torch threads (`torch_threads`).
     """
+    with torch_threads(cfg.threads):
+        return _train_sasrec(dataset, cfg, out_dir, extra_loss, model_factory, resume, overwrite, run_options)
+
+
+def _train_sasrec(dataset, cfg, out_dir, extra_loss, model_factory, resume, overwrite, run_options) -> dict[str, object]:
+    """`train_sasrec`'s work."""
     cfg.validate()
     record = run_record(cfg, {**(run_options or {}), "dataset_sha256": dataset.sha256()})
     train, train_rows = _train_split(dataset, cfg.train_min_len)  # rejects bad input before --out is touched
@@ -363,7 +369,6 @@ def train_sasrec(
     if finished is not None:
         return finished
     (out / TEST_RANKS_FILE).unlink(missing_ok=True)  # an earlier run's; this one writes its own at the end
-    apply_threads(cfg.threads)
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)

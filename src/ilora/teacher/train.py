@@ -66,7 +66,7 @@ import numpy as np
 import torch
 
 from ilora.checkpointing import CheckpointManager, NonFiniteGuard, check_resume_config, earlier_run, earlier_run_error, finished_run_config, open_run, restore_rng_state, restoring, rng_state
-from ilora.config import apply_threads, to_dict
+from ilora.config import to_dict, torch_threads
 from ilora.data.candidates import candidate_sets
 from ilora.data.dataset import SeqDataset, Split
 from ilora.dir_lock import claims_out_dir
@@ -369,7 +369,14 @@ def train_teacher(
     """Train the teacher (module docstring); ``resume`` continues from the newest intact checkpoint in ``out_dir``.
 
     ``ctx``: this process's rank in a data-parallel run (`ilora.distributed.init_from_env`).
+    Runs with ``cfg.threads`` torch threads (`torch_threads`).
     """
+    with torch_threads(cfg.threads):
+        return _train_teacher(dataset, cfg, rec_dir, out_dir, resume, overwrite, ctx)
+
+
+def _train_teacher(dataset: SeqDataset, cfg: TeacherConfig, rec_dir, out_dir, resume: bool, overwrite: bool, ctx: Dist) -> dict:
+    """`train_teacher`'s work."""
     require_device(cfg.device)
     check_training_options(cfg)
     if cfg.compile:
@@ -381,7 +388,6 @@ def train_teacher(
         if earlier:
             raise earlier_run_error(out_dir, earlier)
     seed_everything(cfg.seed)
-    apply_threads(cfg.threads)
     train = split_with_samples(dataset, "train", "teacher training needs training samples")
     val = val_subset(split_with_samples(dataset, "val", "teacher training validates every epoch and keeps the best epoch by it"), cfg.val_samples)
     n_items = dataset.num_items
