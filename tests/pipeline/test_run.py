@@ -755,3 +755,44 @@ def test_the_data_sections_min_len_applies_to_synthetic_data_too(tmp_path):
     plain = load_config(RunConfig, overrides=[])
     assert data_stage_config(plain) == to_dict(plain.data)
     assert data_stage_config(cfg) == {**to_dict(cfg.data), "min_len_filters_synthetic": True}
+
+
+def test_the_data_stage_reruns_when_the_files_at_data_path_change(tmp_path, caplog):
+    """A data stage is keyed by what data.path holds, not by the path alone: new files rerun it
+    (and so every stage after it, which reads its token); the same data leaves it current, also
+    for a record made before the fingerprint was kept; a source since removed leaves the
+    finished stage in use, with a warning."""
+    from ilora.config import load_config
+    from ilora.data import make_synthetic, read_native, write_native
+    from ilora.pipeline.config import RunConfig
+    from ilora.pipeline.run import run_data_stage
+    from ilora.pipeline.stages import stage_key
+
+    source, run_dir = tmp_path / "source", tmp_path / "run"
+    write_native(make_synthetic(users=30, items=20, seed=1), source)
+    cfg = load_config(RunConfig, overrides=[f"data.path={source}"])
+    first, result = run_data_stage(cfg, run_dir)
+    assert result["train_rows"] == len(make_synthetic(users=30, items=20, seed=1).split("train"))
+    assert run_data_stage(cfg, run_dir)[0] == first  # the same files: current
+    changed = make_synthetic(users=40, items=20, seed=2)
+    write_native(changed, source, overwrite=True)
+    second, result = run_data_stage(cfg, run_dir)
+    assert second != first and result["train_rows"] == len(changed.split("train"))
+    assert read_native(run_dir / "data" / "dataset").sha256() == changed.sha256()
+    # a record made before the fingerprint was kept: current while the data it wrote is the source's
+    record = json.loads((run_dir / "data" / "stage.json").read_text())
+    del record["config"]["source_sha256"]
+    record["key"] = stage_key(record["config"], [])
+    (run_dir / "data" / "stage.json").write_text(json.dumps(record))
+    third, _ = run_data_stage(cfg, run_dir)
+    assert third.startswith(record["key"])  # skipped with its recorded token
+    write_native(make_synthetic(users=30, items=20, seed=1), source, overwrite=True)
+    assert not run_data_stage(cfg, run_dir)[0].startswith(record["key"])  # other data: rerun
+    # the source removed: the finished stage stays in use, with a warning
+    kept = run_data_stage(cfg, run_dir)[0]
+    import shutil
+
+    shutil.rmtree(source)
+    with caplog.at_level("WARNING"):
+        assert run_data_stage(cfg, run_dir)[0] == kept
+    assert f"data.path {source}: not found; the run goes on with the dataset its data stage wrote" in caplog.text

@@ -7,6 +7,7 @@ continues where it stopped and a changed option reruns exactly the stages it aff
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from ilora.pipeline.config import DEVICE_SECTIONS, RunConfig, check_devices, che
 from ilora.pipeline.stages import run_stage
 from ilora.state_io import atomic_write_text
 from ilora.teacher.config import same_teacher_form
+
+log = logging.getLogger(__name__)
 
 
 def _gate_modes(cfg: RunConfig) -> list[str]:
@@ -49,24 +52,66 @@ def check_data_path(cfg: RunConfig) -> None:
         raise not_found(Path(cfg.data.path))
 
 
-def data_stage_config(cfg: RunConfig) -> dict:
-    """The data stage's record: the data section, marked where synthetic data is filtered by
-    ``min_len`` (a stage recorded before that filter existed holds unfiltered data)."""
+def load_source(cfg: RunConfig, run_dir: Path | None = None) -> SeqDataset | None:
+    """The dataset at ``data.path`` as the data stage writes it (None for synthetic data). Read
+    on every run, so that what it holds keys the data stage. A missing ``data.path`` is a
+    `DataError` (`check_data_path`), unless ``run_dir`` holds a finished data stage: the run then
+    goes on with the dataset that stage wrote, with a warning (None)."""
+    if not cfg.data.path:
+        return None
+    if run_dir is not None and not Path(cfg.data.path).exists() and (run_dir / "data" / "stage.json").is_file():
+        log.warning("warning: data.path %s: not found; the run goes on with the dataset its data stage wrote (%s)", cfg.data.path, run_dir / "data" / "dataset")
+        return None
+    check_data_path(cfg)
+    return load_dataset(cfg.data.path, format=cfg.data.format, allow_pickle=cfg.data.allow_pickle, min_len=cfg.data.min_len)
+
+
+def data_stage_config(cfg: RunConfig, source: SeqDataset | None = None) -> dict:
+    """The data stage's record: the data section, with the fingerprint of the ``source`` read
+    from ``data.path`` (`load_source`: editing the files reruns the stage and every stage
+    after it, which a path alone would leave up to date), and marked where synthetic data is
+    filtered by ``min_len`` (a stage recorded before that filter existed holds unfiltered data)."""
     config = to_dict(cfg.data)
     if not cfg.data.path and cfg.data.min_len > 1:
         config["min_len_filters_synthetic"] = True
+    if source is not None:
+        config["source_sha256"] = source.sha256()
     return config
 
 
-def stage_data(cfg: RunConfig, directory: Path) -> dict:
+def data_stage_legacy(run_dir: Path):
+    """A data stage recorded before the source's fingerprint was (`data_stage_config`) stands
+    for the same work while the dataset it wrote is the one the source gives today."""
+
+    def legacy(config):
+        sha = config.get("source_sha256") if isinstance(config, dict) else None
+        written = run_dir / "data" / "dataset"
+        if sha is not None and written.is_dir() and read_native(written).sha256() == sha:
+            return {k: v for k, v in config.items() if k != "source_sha256"}
+        return config
+
+    return legacy
+
+
+def stage_data(cfg: RunConfig, directory: Path, source: SeqDataset | None = None) -> dict:
+    """Write the dataset: ``source`` (`load_source`) for a ``data.path``, else the synthetic one."""
     if cfg.data.path:
-        ds = load_dataset(cfg.data.path, format=cfg.data.format, allow_pickle=cfg.data.allow_pickle, min_len=cfg.data.min_len)
+        ds = source if source is not None else load_source(cfg)
     else:
         ds = synthetic_from_config(cfg.data.synth)
         if cfg.data.min_len > 1:
             ds = filter_min_len(ds, cfg.data.min_len)
     write_native(ds, directory / "dataset", overwrite=True)
     return {"source": cfg.data.path or "synthetic", **{f"{k}_rows": (len(v) if v is not None else None) for k, v in ds.splits.items()}, "num_items": ds.num_items}
+
+
+def run_data_stage(cfg: RunConfig, run_dir: Path, check=lambda: None) -> tuple[str, dict]:
+    """`run_stage` of the data stage, keyed by the data section and what ``data.path`` holds
+    (`load_source`, `data_stage_config`); its token and result."""
+    source = load_source(cfg, run_dir)
+    return run_stage(
+        run_dir, "data", data_stage_config(cfg, source), [], lambda d: stage_data(cfg, d, source), legacy=data_stage_legacy(run_dir), check=check
+    )
 
 
 def stage_sasrec(cfg: RunConfig, dataset: SeqDataset, directory: Path) -> dict:
@@ -253,9 +298,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
         check_run_dir(run_dir)
         results: dict = {}
 
-        data_key, results["data"] = run_stage(
-            run_dir, "data", data_stage_config(cfg), [], lambda d: stage_data(cfg, d), check=devices(*DEVICE_SECTIONS, then=lambda: check_data_path(cfg))
-        )
+        data_key, results["data"] = run_data_stage(cfg, run_dir, check=devices(*DEVICE_SECTIONS))
         dataset = read_native(run_dir / "data" / "dataset")
         rec_key, trained = run_stage(
             run_dir, "sasrec", to_dict(cfg.rec), [data_key], lambda d: stage_sasrec(cfg, dataset, d), keep_partial=True,
