@@ -710,6 +710,13 @@ def test_a_run_with_a_partial_export_trains_the_students_on_the_samples_it_cover
     assert students["config"]["train_limit"] == 20 and students["distilled"]["steps"] == 2  # 2 epochs of one batch of 20
     train_rows = result["data"]["train_rows"]
     assert f"The students trained on the first 20 of the {train_rows:,} train samples" in (tmp_path / "run" / "report.md").read_text()
+    # the stages before the export up to date: a train_limit beyond the train split is refused
+    # before the export runs again (it was found by distill, after a whole new export)
+    export_record = (tmp_path / "run" / "export" / "stage.json").read_text()
+    assert main(["run", str(config), f"export.limit={train_rows + 10}", f"distill.train_limit={train_rows + 10}"]) == 2
+    err = capsys.readouterr().err
+    assert f"train_limit={train_rows + 10}: " in err and "export: running" not in err
+    assert (tmp_path / "run" / "export" / "stage.json").read_text() == export_record
 
 
 def test_run_and_teacher_eval_refuse_fewer_than_two_candidates(tmp_path, capsys):

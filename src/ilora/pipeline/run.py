@@ -222,7 +222,6 @@ def check_teacher_input(cfg: RunConfig, dataset: SeqDataset) -> None:
     train or val split, an empty evaluation split, candidate sets a row cannot fill, a
     ``distill.train_limit`` beyond the train split), checked before SASRec trains, not after."""
     from ilora.data.candidates import check_candidate_room
-    from ilora.outputs.export import check_export_input
     from ilora.teacher.train import split_with_samples, val_subset
 
     split_with_samples(dataset, "train", "teacher training needs training samples")
@@ -231,6 +230,15 @@ def check_teacher_input(cfg: RunConfig, dataset: SeqDataset) -> None:
     for name, split in (("train", dataset.split("train")), ("val", val_subset(dataset.split("val"), cfg.teacher.val_samples))):
         check_candidate_room(split, dataset.num_items, count=cfg.teacher.num_candidates, split_name=name)
     check_candidate_room(dataset.split(cfg.eval.split), dataset.num_items, count=cfg.eval.candidates, split_name=cfg.eval.split)
+    check_export_and_students_input(cfg, dataset)
+
+
+def check_export_and_students_input(cfg: RunConfig, dataset: SeqDataset) -> None:
+    """What the export and distill stages would refuse in the data: run before SASRec trains
+    (`check_teacher_input`) and again before an export with work to do, when the stages before
+    it are up to date (a ``distill.train_limit`` beyond the train split was found only after the export)."""
+    from ilora.outputs.export import check_export_input
+
     check_export_input(dataset, cfg.export, cfg.teacher.num_candidates)
     check_students_input(cfg, dataset)
 
@@ -317,7 +325,7 @@ def run_pipeline(cfg: RunConfig) -> dict:
         )
         export_key, results["export"] = run_stage(
             run_dir, "export", to_dict(cfg.export), [teacher_key], lambda d: stage_export(cfg, dataset, teacher_dir, d), keep_partial=True,
-            check=devices("export", "distill"),
+            check=devices("export", "distill", then=lambda: check_export_and_students_input(cfg, dataset)),
         )
         outputs_dir = run_dir / "export" / "outputs"
         _, results["distill"] = run_stage(
