@@ -526,13 +526,15 @@ def check_export_window(bundle, name: str, split: Split, opts: ExportOptions) ->
     )
 
 
-def _export_shard(bundle, split: Split, name: str, number: int, opts: ExportOptions, out: Path) -> dict:
-    """Score shard ``number`` of ``split`` (rows ``number * shard_rows`` on), write it; its manifest entry."""
+def _export_shard(bundle, split: Split, name: str, number: int, opts: ExportOptions, out: Path, advance: Callable[[int], object]) -> dict:
+    """Score shard ``number`` of ``split`` (rows ``number * shard_rows`` on), write it; its
+    manifest entry. ``advance(rows)`` after each batch (the progress bar)."""
     lo, hi, part, fixed = _shard(bundle, split, name, number, opts)
     cols: dict[str, list[np.ndarray]] = {}
     for sl in batch_slices(hi - lo, opts.batch_size):
         for key, value in export_batch(bundle, part.history[sl], part.length[sl], fixed[sl], opts, name, lo + sl.start).items():
             cols.setdefault(key, []).append(value)
+        advance(sl.stop - sl.start)
     file = f"{name}/{SHARD_PATTERN.format(number)}"
     sha = write_shard(out / file, shard_table(np.arange(lo, hi), {k: np.concatenate(v) for k, v in cols.items()}))
     return {"file": file, "first_index": lo, "rows": hi - lo, "sha256": sha}
@@ -575,11 +577,11 @@ def export_split(
     with bar:
         for round_first in range(first, count, ctx.world_size):
             number = round_first + ctx.rank
-            entry = _export_shard(bundle, split, name, number, opts, out) if number < count else None
+            entry = _export_shard(bundle, split, name, number, opts, out, bar.update) if number < count else None
             entries = [e for e in ctx.gather(entry) if e is not None]
             rows = sum(e["rows"] for e in entries)
             written += rows
-            bar.update(rows)
+            bar.update(rows - (entry["rows"] if entry else 0))  # the other ranks' rows (rank 0's bar moved with its batches)
             if ctx.is_main:
                 info["shards"].extend(entries)
                 info["rows"] = entries[-1]["first_index"] + entries[-1]["rows"]
