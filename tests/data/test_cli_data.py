@@ -144,4 +144,10 @@ def test_stats_of_a_log_count_duplicates_dropped_and_users_without_a_sample(tmp_
     assert stats["splits"]["test"]["samples"] == 2  # a (x, y -> z) and c (x -> z); b has no history
     assert "dropped 1 duplicate interaction(s) (same user, item and timestamp as an earlier row; the first: row 3 (line 5))" in caplog.text
     assert main(["data", "stats", str(tmp_path / "interactions.csv")]) == 0
-    assert "log       7 interactions of 3 users; dropped: 1 duplicate rows, 1 users with one interaction (no sample)" in capsys.readouterr().out
+    log_line = "log       7 interactions of 3 users; dropped: 1 duplicate rows, 1 users with one interaction (no sample)"
+    assert log_line in capsys.readouterr().out
+    # converted: the counts are in converted_from, and the table shows them under its from line
+    run_json(capsys, "data", "convert", str(tmp_path / "interactions.csv"), str(tmp_path / "native"), "--json")
+    assert main(["data", "stats", str(tmp_path / "native")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1:3] == [f"from      {tmp_path / 'interactions.csv'} (interactions, min_len 1)", log_line]

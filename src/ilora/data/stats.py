@@ -12,8 +12,8 @@ Per split (``null`` if the split is absent):
 
 ``log`` (``null`` unless read from an interaction log): its users and interactions, the
 duplicate rows dropped and the users with one interaction (no sample). ``converted_from`` (``null`` if none) is a native dataset's record of how ``ilora data
-convert`` read its source (format, path and ``min_len``); ``min_len`` is the filter of
-this load. The table names the source and every ``min_len`` along the way.
+convert`` read its source (format, path and ``min_len``, and a log's counts); ``min_len`` is the filter of
+this load. The table names the source and every ``min_len`` along the way, with a log's counts.
 """
 
 from __future__ import annotations
@@ -78,20 +78,23 @@ COLUMNS = (
 
 
 def _conversion_lines(record: dict[str, Any] | None) -> list[str]:
-    """One line per conversion along the way, the latest first."""
+    """One line per conversion along the way, the latest first, each followed by its source's
+    log line when that source was an interaction log."""
     lines = []
     while record:
         lines.append(f"from      {record.get('source') or '?'} ({record['format']}, min_len {record['min_len']})")
+        lines += _log_lines(record.get("log"))
         record = record.get("converted_from")
     return lines
 
 
-def _log_lines(counts: dict[str, Any] | None) -> list[str]:
-    if not counts:
+def _log_lines(counts: Any) -> list[str]:
+    if not isinstance(counts, dict) or not counts:
         return []
+    count = lambda key: counts.get(key, "?")  # noqa: E731  (a dataset.json's record is informational: not checked)
     return [
-        f"log       {counts['interactions']} interactions of {counts['users']} users; dropped: {counts['duplicates_dropped']} "
-        f"duplicate rows, {counts['users_with_one_interaction']} users with one interaction (no sample)"
+        f"log       {count('interactions')} interactions of {count('users')} users; dropped: {count('duplicates_dropped')} "
+        f"duplicate rows, {count('users_with_one_interaction')} users with one interaction (no sample)"
     ]
 
 
