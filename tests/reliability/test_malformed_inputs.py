@@ -221,7 +221,9 @@ INTERACTION_CASES: list[Case] = [
     ("interactions-header-only", lambda d: write_interactions(d, "user,item,timestamp\n"), ("interactions.csv", "no samples", "expected users with at least 2 interactions")),
     ("interactions-truncated-csv", lambda d: write_interactions(d, "".join(GOOD_LOG.splitlines(True)[:4]) + '"u1,2'), ("interactions.csv", "not a readable table", "EOF inside string")),
     ("interactions-extra-field", lambda d: write_interactions(d, "user,item,timestamp\na,0,1,5\na,1,2\n"), ("interactions.csv", "Expected 3 fields in line 2, saw 4")),
-    ("interactions-wrong-columns", lambda d: write_interactions(d, GOOD_LOG.replace("timestamp", "time")), ("interactions.csv", "missing column(s) timestamp", "expected columns user, item, timestamp")),
+    ("interactions-wrong-columns", lambda d: write_interactions(d, GOOD_LOG.replace("timestamp", "time")), ("interactions.csv", "missing column(s) 'timestamp' (has 'user', 'item', 'time')", "expected columns user, item, timestamp")),
+    # a space after each comma is part of the name: the names are quoted so that it shows
+    ("interactions-spaced-header", lambda d: write_interactions(d, GOOD_LOG.replace("user,item,timestamp", "user, item, timestamp")), ("interactions.csv", "missing column(s) 'item', 'timestamp' (has 'user', ' item', ' timestamp')")),
     ("interactions-bad-timestamp", lambda d: write_interactions(d, GOOD_LOG.replace("u1,2,1\n", "u1,2,abc\n")), ("interactions.csv, row 6", "timestamp 'abc'", "expected a finite number like row 0")),
     ("interactions-item-outside-catalog", lambda d: write_interactions(d, GOOD_LOG.replace("u1,2,1\n", "u1,9,1\n"), GOOD_ITEMS), ("interactions.csv, row 6", "item '9' is not in items.csv", "expected an item key listed in")),
     ("interactions-negative-item", lambda d: write_interactions(d, GOOD_LOG.replace("u1,2,1\n", "u1,-1,1\n"), GOOD_ITEMS), ("interactions.csv, row 6", "item '-1' is not in items.csv")),

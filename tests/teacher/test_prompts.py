@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from ilora.errors import ConfigError
@@ -34,15 +36,18 @@ def test_parse_rejects(line):
         PromptTemplate.parse(line)
 
 
-def test_template_file_lines_and_choice(tmp_path):
+def test_template_file_lines_and_choice(tmp_path, monkeypatch):
     path = tmp_path / "mine.txt"
     path.write_text("# comment\n\nA [HistoryHere] B [CansHere] C\n  \nD [HistoryHere] E [CansHere] F\n", encoding="utf-8")
     assert [t.before for t in load_templates(path)] == ["A", "D"]
     assert load_template(path, 1).pieces == ("D", "E", "F")
     with pytest.raises(ConfigError, match="index 2"):
         load_template(path, 2)
-    with pytest.raises(ConfigError, match="not a domain"):
+    with pytest.raises(ConfigError, match=r"not a domain \(music, movie, game\) and not a file$"):
         load_template(tmp_path / "absent.txt")
+    monkeypatch.chdir(tmp_path / "..")  # a relative path: the error says where it was looked up
+    with pytest.raises(ConfigError, match=f"and not a file \\(a relative path is looked up from the working directory {re.escape(str(tmp_path.parent))}\\)"):
+        load_template("mine.txt")
     (tmp_path / "bad.txt").write_text("A [HistoryHere] B\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="bad.txt:1"):
         load_templates(tmp_path / "bad.txt")

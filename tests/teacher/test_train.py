@@ -308,6 +308,28 @@ def test_records_from_before_the_gate_options_read_as_their_old_values_not_today
     assert _matches(stage_key(to_dict(same), []), stage_key(old, []), old, to_dict(same), [], without_added_defaults)
 
 
+def test_a_template_file_is_compared_by_its_text_not_the_path_it_was_given_by(tmp_path) -> None:
+    """``./mine.txt`` after ``mine.txt`` (or a copy elsewhere) was refused on resume and retrained
+    by ``ilora run``; where the record holds the template's fingerprint, the text decides. A
+    record without it (older runs) is still compared by the path, the only trace of its template."""
+    from ilora.config import to_dict
+    from ilora.errors import IloraError
+    from ilora.teacher.config import same_teacher_form
+    from ilora.teacher.train import check_same_options
+
+    recorded = to_dict(TeacherConfig(domain="mine.txt"))
+    respelled = TeacherConfig(domain="./mine.txt")
+    check_same_options(recorded, respelled, tmp_path, {"template": "abc"})
+    with pytest.raises(IloraError, match=r"domain: 'mine.txt' -> './mine.txt'"):
+        check_same_options(recorded, respelled, tmp_path, {})
+    with pytest.raises(IloraError, match=r"domain: '<a template file>' -> 'music'"):  # a packaged domain is no file
+        check_same_options(recorded, TeacherConfig(domain="music"), tmp_path, {"template": "abc"})
+    run = lambda domain, sha: {**to_dict(TeacherConfig(domain=domain)), "domain_template_sha256": sha}  # noqa: E731
+    assert same_teacher_form(run("mine.txt", "abc")) == same_teacher_form(run("/elsewhere/copy.txt", "abc"))
+    assert same_teacher_form(run("mine.txt", "abc")) != same_teacher_form(run("mine.txt", "def"))
+    assert same_teacher_form(to_dict(TeacherConfig(domain="mine.txt"))) != same_teacher_form(to_dict(TeacherConfig(domain="./mine.txt")))
+
+
 def test_a_sasrec_of_another_dataset_is_named_and_refused_before_the_llm_loads(tmp_path, monkeypatch) -> None:
     from ilora.data import make_synthetic
     from ilora.errors import IloraError

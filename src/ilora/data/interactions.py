@@ -204,7 +204,7 @@ def read_table(path: Path, columns: Sequence[str]) -> pd.DataFrame:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise DataError(
-            path, f"missing column(s) {', '.join(missing)} (has {', '.join(map(str, frame.columns))})",
+            path, f"missing column(s) {', '.join(map(repr, missing))} (has {', '.join(repr(str(c)) for c in frame.columns)})",
             expected=f"columns {', '.join(columns)}",
         )
     frame = frame[list(columns)].reset_index(drop=True)

@@ -228,10 +228,27 @@ def tiny_options_reset(config: dict) -> dict:
     return {**config, **{k: v for k, v in _tiny_defaults().items() if k in config}}
 
 
+TEMPLATE_FILE = "<a template file>"
+
+
+def template_file_reset(config: dict) -> dict:
+    """``config`` with the path of a template file (a ``domain`` that is no packaged domain) left
+    out: where its text is compared by fingerprint (a teacher's resume inputs, ``ilora run``'s
+    teacher stage record), ``./mine.txt``, ``mine.txt`` or a copy stand for the same template."""
+    from ilora.teacher.prompts import DOMAINS
+
+    if isinstance(config.get("domain"), str) and config["domain"] not in DOMAINS:
+        return {**config, "domain": TEMPLATE_FILE}
+    return config
+
+
 def same_teacher_form(config: dict) -> dict:
     """What two teacher records must agree on to stand for the same training: `without_added_defaults`
-    of `tiny_options_reset` (``ilora run``'s teacher stage compares records in this form)."""
-    return without_added_defaults(tiny_options_reset(config))
+    of `tiny_options_reset`, with a template file's path left out where the record holds its text's
+    fingerprint (``ilora run``'s teacher stage compares records in this form; one recorded before
+    that fingerprint is compared by the path)."""
+    form = without_added_defaults(tiny_options_reset(config))
+    return template_file_reset(form) if "domain_template_sha256" in form else form
 
 
 def check_training_options(cfg: TeacherConfig) -> None:

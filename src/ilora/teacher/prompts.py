@@ -122,7 +122,8 @@ def load_templates(domain_or_path: str | Path) -> list[PromptTemplate]:
         return parse_template_lines(text, f"ilora/teacher/templates/{name}")
     path = Path(domain_or_path)
     if not path.is_file():
-        raise ConfigError(f"prompt template {str(domain_or_path)!r}: not a domain ({', '.join(DOMAINS)}) and not a file")
+        where = "" if path.is_absolute() else f" (a relative path is looked up from the working directory {Path.cwd()})"
+        raise ConfigError(f"prompt template {str(domain_or_path)!r}: not a domain ({', '.join(DOMAINS)}) and not a file{where}")
     return parse_template_lines(path.read_text(encoding="utf-8"), str(path))
 
 

@@ -80,7 +80,7 @@ from ilora.teacher.adapters import adapter_state_dict, enable_gradient_checkpoin
 from ilora.teacher.batch import draw_hybrid_flags
 from ilora.teacher.build import base_weights_sample, build_teacher, rec_fingerprint, resolve_llm_path, save_teacher
 from ilora.teacher.compiled import CompiledLayers, check_can_compile
-from ilora.teacher.config import TeacherConfig, check_training_options, tiny_options_reset, with_added_defaults
+from ilora.teacher.config import TeacherConfig, check_training_options, template_file_reset, tiny_options_reset, with_added_defaults
 from ilora.teacher.evaluate import check_scoring_window, evaluate_teacher
 from ilora.teacher.optim import build_scheduler, load_optimizer_state, teacher_optimizer, warmup_length
 
@@ -294,15 +294,20 @@ def check_same_inputs(saved: dict | None, inputs: dict, where: Path) -> None:
 EARLIER_RUN_FILES = ("teacher_config.json", "train_config.json")  # a run killed after saving its best teacher
 
 
-def check_same_options(saved: dict | None, cfg: TeacherConfig, where: Path) -> None:
+def check_same_options(saved: dict | None, cfg: TeacherConfig, where: Path, saved_inputs: dict | None = None) -> None:
     """`check_resume_config` of the options; a run recorded with a relative ``llm`` path that
     resolves to this run's absolute one (`resolve_llm_path`) counts as the same, a record
     from before an option existed reads as that option's default (`with_added_defaults`), and
-    ``tiny_*`` options a non-tiny base LLM never used are not compared (`tiny_options_reset`)."""
+    ``tiny_*`` options a non-tiny base LLM never used are not compared (`tiny_options_reset`), nor
+    is a template file's path where the record's inputs (``saved_inputs``) hold its text's
+    fingerprint (`template_file_reset`: `check_same_inputs` compares the text)."""
     saved = with_added_defaults(dict(saved or {})) if saved else {}
     if isinstance(saved.get("llm"), str) and resolve_llm_path(dataclasses.replace(cfg, llm=saved["llm"])).llm == cfg.llm:
         saved["llm"] = cfg.llm
-    check_resume_config(tiny_options_reset(saved), tiny_options_reset(to_dict(cfg)), where)
+    forms = [tiny_options_reset(c) for c in (saved, to_dict(cfg))]
+    if "template" in (saved_inputs or {}):
+        forms = [template_file_reset(c) for c in forms]
+    check_resume_config(*forms, where)
 
 
 def _finished_summary(out: Path, cfg: TeacherConfig, inputs: dict) -> dict | None:
@@ -310,8 +315,8 @@ def _finished_summary(out: Path, cfg: TeacherConfig, inputs: dict) -> dict | Non
     config = finished_run_config(out, "train_summary.json")
     if config is None:
         return None
-    check_same_options(read_json(config), cfg, out)
     summary = read_json(out / "train_summary.json")
+    check_same_options(read_json(config), cfg, out, summary.get("inputs"))
     check_same_inputs(summary.get("inputs"), inputs, out)
     log.info("%s: training already finished; returning its summary", out)
     return summary
@@ -353,7 +358,7 @@ def _load_checkpoint(checkpoints: CheckpointManager, cfg: TeacherConfig, inputs:
         if checkpoint is not None:
             saved, step = checkpoint.load(), checkpoint.step
             with restoring(checkpoint.path):
-                check_same_options(saved["config"], cfg, checkpoint.path)
+                check_same_options(saved["config"], cfg, checkpoint.path, saved.get("inputs"))
                 check_same_inputs(saved.get("inputs"), inputs, checkpoint.path)
             log.info("resuming from %s (step %d)", checkpoint.path, checkpoint.step)
         else:
