@@ -124,12 +124,12 @@ def test_titles_that_look_like_missing_values_stay_text(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("log", "items", "pattern"),
     [
-        ("user,item\n1,a\n", None, r"interactions.csv: missing column\(s\) timestamp"),
+        ("user,item\n1,a\n", None, r"interactions.csv: missing column\(s\) 'timestamp'"),
         ("user,item,timestamp\n1,a,1\n1,,2\n", None, r"interactions.csv, row 1 \(line 3\): missing item"),
         ("user,item,timestamp\n1,a,1\n1,b,yesterday\n", None, r"interactions.csv, row 1 \(line 3\): timestamp 'yesterday'"),
         ("user,item,timestamp\n1,a,1\n1,q,2\n", "item,title\na,A\nb,B\n", r"interactions.csv, row 1 \(line 3\): item 'q' is not in items.csv"),
         ("user,item,timestamp\n1,a,1\n", "item,title\na,A\na,B\n", r"items.csv, row 1 \(line 3\): duplicate item key 'a' \(first in row 0\)"),
-        ("user,item,timestamp\n1,a,1\n", "item,name\na,A\n", r"items.csv: missing column\(s\) title"),
+        ("user,item,timestamp\n1,a,1\n", "item,name\na,A\n", r"items.csv: missing column\(s\) 'title'"),
     ],
 )
 def test_errors_name_file_and_row(tmp_path: Path, log: str, items: str | None, pattern: str) -> None:
@@ -213,3 +213,14 @@ def test_item_titles_that_are_lists_or_floats_are_refused_not_turned_into_their_
             read_interactions(tmp_path)
     pd.DataFrame({"item": ["a", "b"], "title": [1984, 2046]}).to_parquet(tmp_path / "items.parquet")
     assert read_interactions(tmp_path).catalog.titles == ("1984", "2046")  # integer titles stay readable
+
+
+def test_a_key_with_spaces_around_it_is_kept_as_written_with_a_warning(tmp_path: Path, caplog) -> None:
+    """``10 `` and ``10`` are different items (keys are text, not cleaned), which a log written by
+    hand can mean by mistake: the first such key is named by its line."""
+    (tmp_path / "log.csv").write_text("user,item,timestamp\nu,10,1\nu,10 ,2\nu,11,3\nv,10,1\nv,11,2\n", encoding="utf-8")
+    with caplog.at_level("WARNING", logger="ilora.data.interactions"):
+        ds = read_interactions(tmp_path / "log.csv")
+    assert ds.catalog.titles == ("10", "10 ", "11")
+    assert "1 item key(s) begin or end with whitespace, kept as written ('10 ' and '10' are different items); the first: row 1 (line 3)" in caplog.text
+    assert "user key" not in caplog.text

@@ -4,7 +4,8 @@ Input files
 -----------
 * Interactions: CSV (UTF-8, header) or Parquet with columns ``user``, ``item``,
   ``timestamp`` (extra columns are ignored). Keys may be integers or strings; they are
-  compared as text (``7`` in Parquet matches ``"7"`` in a CSV; ``"007"`` does not).
+  compared as text (``7`` in Parquet matches ``"7"`` in a CSV; ``"007"`` does not, nor does
+  ``"7 "``: a key with spaces around it is kept as written, with a warning naming the first).
   Timestamps are finite numbers or ISO-8601 date-times (all rows of one kind; NaN,
   infinities, booleans and NaT are errors naming the row).
 * Items (optional): CSV or Parquet with columns ``item``, ``title``.
@@ -222,14 +223,24 @@ def _short(value: object) -> str:
 
 
 def _keys(path: Path, series: pd.Series, column: str) -> np.ndarray:
-    """Item/user keys as text (integers or strings only)."""
+    """Item/user keys as text (integers or strings only), as written: a key with spaces around
+    it is another key than without them, with a warning naming the first."""
     if series.dtype.kind in "iu":
         return series.astype(str).to_numpy(dtype=object)
     values = series.tolist()
     for row, value in enumerate(values):
         if not isinstance(value, (str, int, np.integer)) or isinstance(value, (bool, np.bool_)):
             raise DataError(path, f"{column} key {_short(value)} is a {type(value).__name__}", **_at(path, row), expected="an integer or a string")
-    return np.array([str(v) for v in values], dtype=object)
+    keys = np.array([str(v) for v in values], dtype=object)
+    padded = np.flatnonzero(pd.Series(keys).str.strip().to_numpy(dtype=object) != keys)
+    if padded.size:
+        row = int(padded[0])
+        line = _csv_line(path, row)  # reads the file again: once, for the first such key only
+        log.warning(
+            "%s: %d %s key(s) begin or end with whitespace, kept as written (%r and %r are different %ss); the first: row %d%s",
+            path, padded.size, column, keys[row], keys[row].strip(), column, row, f" (line {line})" if line else "",
+        )
+    return keys
 
 
 def _parses_as_number(value: str) -> bool:
