@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from ilora.cli.main import main
-from ilora.errors import IloraError
+from ilora.errors import DataError, IloraError
 
 SMALL = {
     "data": {"synth": {"users": 60, "items": 40, "seed": 1}},
@@ -803,3 +803,46 @@ def test_the_data_stage_reruns_when_the_files_at_data_path_change(tmp_path, capl
     with caplog.at_level("WARNING"):
         assert run_data_stage(cfg, run_dir)[0] == kept
     assert f"data.path {source}: not found; the run goes on with the dataset its data stage wrote" in caplog.text
+    # ... but a stage with work to do (other options) refuses it before its finished files are moved
+    recorded = (run_dir / "data" / "stage.json").read_text()
+    with pytest.raises(DataError, match="not found"):
+        run_data_stage(load_config(RunConfig, overrides=[f"data.path={source}", "data.min_len=3"]), run_dir)
+    assert (run_dir / "data" / "stage.json").read_text() == recorded and not (run_dir / "data.previous").exists()
+
+
+def test_an_older_data_record_kept_aside_is_judged_by_the_dataset_beside_it(tmp_path):
+    """A data stage recorded before the source's fingerprint, moved to data.previous by a run of
+    other options that was then interrupted, is current again by the dataset in data.previous,
+    not by whatever the interrupted run left in data/."""
+    import shutil
+
+    from ilora.config import load_config
+    from ilora.data import make_synthetic, write_native
+    from ilora.pipeline.config import RunConfig
+    from ilora.pipeline.run import run_data_stage
+    from ilora.pipeline.stages import stage_key
+
+    first, second = make_synthetic(users=30, items=20, seed=1), make_synthetic(users=40, items=20, seed=2)
+    source, run_dir = tmp_path / "source", tmp_path / "run"
+    write_native(first, source)
+    cfg = load_config(RunConfig, overrides=[f"data.path={source}"])
+    run_data_stage(cfg, run_dir)
+    record = json.loads((run_dir / "data" / "stage.json").read_text())  # made older: no fingerprint
+    del record["config"]["source_sha256"]
+    record["key"] = stage_key(record["config"], [])
+    (run_dir / "data" / "stage.json").write_text(json.dumps(record))
+
+    def interrupted(written) -> None:  # the older record in data.previous; data/ as a killed run leaves it
+        shutil.rmtree(run_dir / "data.previous", ignore_errors=True)
+        shutil.copytree(run_dir / "data", run_dir / "data.previous")
+        shutil.rmtree(run_dir / "data")
+        (run_dir / "data").mkdir()
+        (run_dir / "data" / "stage.pending").write_text("{}")
+        if written is not None:
+            write_native(written, run_dir / "data" / "dataset")
+
+    interrupted(None)  # killed before it wrote its dataset: the older record, whose data is the source's, is put back
+    assert run_data_stage(cfg, run_dir)[0].startswith(record["key"])
+    interrupted(second)  # the source changed since, and the killed run wrote the new data: the older record is not current
+    write_native(second, source, overwrite=True)
+    assert not run_data_stage(cfg, run_dir)[0].startswith(record["key"])

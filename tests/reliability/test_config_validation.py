@@ -489,3 +489,5 @@ def test_a_threads_option_holds_inside_its_trainer_only(tmp_path: Path) -> None:
         assert torch.get_num_threads() == 2
         with torch_threads(None):  # unset: left as it is
             assert torch.get_num_threads() == 2
+    with pytest.raises(ConfigError, match="threads must be >= 1"):  # named as the option, before torch sees it
+        train_sasrec(dataset, RecTrainConfig(epochs=1, hidden=16, eval_candidates=0, threads=0), tmp_path / "bad")

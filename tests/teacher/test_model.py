@@ -698,9 +698,10 @@ def test_scoring_and_generating_a_split_leave_the_teacher_in_the_callers_mode(da
     expected, _ = score_split(bundle, split, cands.copy())
     assert not bundle.teacher.training
     bundle.teacher.train()
-    got, _ = score_split(bundle, split, cands.copy())
+    got, gates = score_split(bundle, split, cands.copy())
     assert torch.equal(got, expected)
     assert bundle.teacher.training and not bundle.teacher.rec.training
+    assert not got.requires_grad and not gates.requires_grad  # no autograd graph kept alive per batch
     generate_split(bundle, split, cands, max_new_tokens=2)
     assert bundle.teacher.training and not bundle.teacher.rec.training
 

@@ -52,17 +52,11 @@ def check_data_path(cfg: RunConfig) -> None:
         raise not_found(Path(cfg.data.path))
 
 
-def load_source(cfg: RunConfig, run_dir: Path | None = None) -> SeqDataset | None:
-    """The dataset at ``data.path`` as the data stage writes it (None for synthetic data). Read
-    on every run, so that what it holds keys the data stage. A missing ``data.path`` is a
-    `DataError` (`check_data_path`), unless ``run_dir`` holds a finished data stage: the run then
-    goes on with the dataset that stage wrote, with a warning (None)."""
-    if not cfg.data.path:
+def load_source(cfg: RunConfig) -> SeqDataset | None:
+    """The dataset at ``data.path`` as the data stage writes it; None for synthetic data, and
+    for a ``data.path`` that is missing (`run_data_stage` says what then)."""
+    if not cfg.data.path or not Path(cfg.data.path).exists():
         return None
-    if run_dir is not None and not Path(cfg.data.path).exists() and (run_dir / "data" / "stage.json").is_file():
-        log.warning("warning: data.path %s: not found; the run goes on with the dataset its data stage wrote (%s)", cfg.data.path, run_dir / "data" / "dataset")
-        return None
-    check_data_path(cfg)
     return load_dataset(cfg.data.path, format=cfg.data.format, allow_pickle=cfg.data.allow_pickle, min_len=cfg.data.min_len)
 
 
@@ -79,14 +73,15 @@ def data_stage_config(cfg: RunConfig, source: SeqDataset | None = None) -> dict:
     return config
 
 
-def data_stage_legacy(run_dir: Path):
-    """A data stage recorded before the source's fingerprint was (`data_stage_config`) stands
-    for the same work while the dataset it wrote is the one the source gives today."""
+def data_stage_legacy(directory: Path):
+    """For a data stage record in ``directory``: one recorded before the source's fingerprint
+    was (`data_stage_config`) stands for the same work while the dataset its run wrote there is
+    the one the source gives today."""
 
     def legacy(config):
         sha = config.get("source_sha256") if isinstance(config, dict) else None
-        written = run_dir / "data" / "dataset"
-        if sha is not None and written.is_dir() and read_native(written).sha256() == sha:
+        written = directory / "dataset"
+        if sha is not None and (written / "dataset.json").is_file() and read_native(written).sha256() == sha:
             return {k: v for k, v in config.items() if k != "source_sha256"}
         return config
 
@@ -96,6 +91,7 @@ def data_stage_legacy(run_dir: Path):
 def stage_data(cfg: RunConfig, directory: Path, source: SeqDataset | None = None) -> dict:
     """Write the dataset: ``source`` (`load_source`) for a ``data.path``, else the synthetic one."""
     if cfg.data.path:
+        check_data_path(cfg)
         ds = source if source is not None else load_source(cfg)
     else:
         ds = synthetic_from_config(cfg.data.synth)
@@ -107,11 +103,21 @@ def stage_data(cfg: RunConfig, directory: Path, source: SeqDataset | None = None
 
 def run_data_stage(cfg: RunConfig, run_dir: Path, check=lambda: None) -> tuple[str, dict]:
     """`run_stage` of the data stage, keyed by the data section and what ``data.path`` holds
-    (`load_source`, `data_stage_config`); its token and result."""
-    source = load_source(cfg, run_dir)
-    return run_stage(
-        run_dir, "data", data_stage_config(cfg, source), [], lambda d: stage_data(cfg, d, source), legacy=data_stage_legacy(run_dir), check=check
+    (`load_source`, `data_stage_config`); its token and result. A ``data.path`` since removed
+    leaves a finished stage of the same options in use, with a warning; a stage with work to do
+    refuses it (`check_data_path`) before its directory is touched."""
+    source = load_source(cfg)
+
+    def checks() -> None:
+        check_data_path(cfg)
+        check()
+
+    token, result = run_stage(
+        run_dir, "data", data_stage_config(cfg, source), [], lambda d: stage_data(cfg, d, source), legacy_in=data_stage_legacy, check=checks
     )
+    if cfg.data.path and source is None:
+        log.warning("warning: data.path %s: not found; the run goes on with the dataset its data stage wrote (%s)", cfg.data.path, run_dir / "data" / "dataset")
+    return token, result
 
 
 def stage_sasrec(cfg: RunConfig, dataset: SeqDataset, directory: Path) -> dict:

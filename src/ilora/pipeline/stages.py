@@ -238,6 +238,7 @@ def run_stage(
     *,
     keep_partial: bool = False,
     legacy: Callable[[Any], Any] = lambda config: config,
+    legacy_in: Callable[[Path], Callable[[Any], Any]] | None = None,
     check: Callable[[], None] = lambda: None,
 ) -> tuple[str, dict]:
     """Run ``fn(stage_dir)`` unless ``stage.json`` already records the same key (or the same
@@ -250,6 +251,9 @@ def run_stage(
     pass as ``upstream``. A record of the same work under another key (module docstring;
     ``legacy`` gives the config as a version before its newest options recorded it) counts
     as current: a finished stage is skipped with its recorded token, an interrupted one resumed.
+    ``legacy_in(directory)``, where given, is the legacy form for a record found in
+    ``directory`` (the stage's own, ``.previous`` or ``.interrupted``), for a form that reads
+    the files the record's run left there.
     ``check()`` runs when the stage has work to do, before its directory is touched (a refusal
     there, e.g. no CUDA device, leaves a finished stage's files in place).
 
@@ -267,20 +271,23 @@ def run_stage(
     key = stage_key(config, upstream)
     marker = read_marker(directory)
 
-    def current(record: dict | None) -> bool:
-        return record is not None and _matches(key, record.get("key"), record.get("config"), config, upstream, legacy, FINISHED_IGNORED)
+    def legacy_at(where: Path) -> Callable[[Any], Any]:
+        return legacy if legacy_in is None else legacy_in(where)
+
+    def current(record: dict | None, where: Path) -> bool:
+        return record is not None and _matches(key, record.get("key"), record.get("config"), config, upstream, legacy_at(where), FINISHED_IGNORED)
 
     def resumes(pending: Path) -> bool:
         pending_key, pending_config = _read_pending(pending)
-        return pending_key is not None and _matches(key, pending_key, pending_config, config, upstream, legacy)
+        return pending_key is not None and _matches(key, pending_key, pending_config, config, upstream, legacy_at(pending.parent))
 
-    if current(marker):
+    if current(marker, directory):
         print(f"[run] {name}: up to date, skipped", file=sys.stderr, flush=True)
         return stage_token(marker["key"], marker.get("run_id")), marker["result"]
     _refuse_links(directory, previous, *([aside] if aside else []))
     _finish_swaps(directory, previous, *([aside] if aside else []))
     kept = read_marker(previous)
-    if current(kept):
+    if current(kept, previous):
         became = _restore_previous(directory, previous, finished=marker is not None, aside=aside, config=config)
         print(f"[run] {name}: the finished results kept in {previous.name} are current again, put back{became}", file=sys.stderr, flush=True)
         return stage_token(kept["key"], kept.get("run_id")), kept["result"]

@@ -352,6 +352,7 @@ def train_sasrec(
     and the checkpoints, and a resume with other values or other data is refused like one
     with other options. Runs with ``cfg.threads`` torch threads (`torch_threads`).
     """
+    cfg.validate()  # before its threads are set: a bad count is named as the option
     with torch_threads(cfg.threads):
         return _train_sasrec(dataset, cfg, out_dir, extra_loss, model_factory, resume, overwrite, run_options)
 

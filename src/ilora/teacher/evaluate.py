@@ -321,6 +321,7 @@ def check_window_fits(
             )
 
 
+@torch.no_grad()
 def score_split(
     bundle, split: Split, candidates: np.ndarray, gate_mode: str = "learned", batch_size: int = 16, device: str = "cpu", desc: str = "score", ctx: Dist = SINGLE
 ) -> tuple[torch.Tensor, torch.Tensor]:
