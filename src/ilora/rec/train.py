@@ -358,8 +358,7 @@ def train_sasrec(
 
 
 def _train_sasrec(dataset, cfg, out_dir, extra_loss, model_factory, resume, overwrite, run_options) -> dict[str, object]:
-    """`train_sasrec`'s work."""
-    cfg.validate()
+    """`train_sasrec`'s work (``cfg`` validated)."""
     record = run_record(cfg, {**(run_options or {}), "dataset_sha256": dataset.sha256()})
     train, train_rows = _train_split(dataset, cfg.train_min_len)  # rejects bad input before --out is touched
     has_val = _has_val(dataset)
