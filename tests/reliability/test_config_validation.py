@@ -217,7 +217,9 @@ def test_unknown_gate_mode_for_evaluation() -> None:
     from ilora.teacher.model import parse_gate_mode
 
     assert parse_gate_mode("expert:1", 4) == ("expert", 1)
-    for mode, message in [("sometimes", "expected learned, uniform or expert:N"), ("expert:4", "in 0..3"), ("expert:x", "in 0..3")]:
+    # one spelling per expert (it names result files): no spaces, signs or leading zeros
+    for mode, message in [("sometimes", "expected learned, uniform or expert:N"), ("expert:4", "in 0..3"), ("expert:x", "in 0..3"),
+                          ("expert: 1", "in 0..3"), ("expert:+1", "in 0..3"), ("expert:01", "in 0..3"), ("expert:１", "in 0..3")]:
         with pytest.raises(ConfigError, match=message):
             parse_gate_mode(mode, 4)
     assert parse_gate_mode("expert:7", None) == ("expert", 7)  # syntax only: before a teacher is loaded

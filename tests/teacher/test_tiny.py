@@ -42,6 +42,19 @@ def test_tiny_llm_with_placeholders(arch):
     assert len(tok) == before + 3 and model.get_input_embeddings().weight.shape[0] == len(tok)
 
 
+def test_a_model_whose_vocabulary_the_tokenizer_outgrows_is_refused():
+    """Placeholders are the only rows the teacher adds (and saves): a base model with fewer
+    rows than its tokenizer's tokens trained on rows drawn at random, and each load drew others
+    (a teacher whose every evaluation gave other metrics)."""
+    tok = build_tiny_tokenizer(TEXTS, vocab_size=200)
+    small = build_tiny_llm(build_tiny_tokenizer(TEXTS[:3], vocab_size=40), hidden=32, layers=1, heads=4)
+    rows = small.get_input_embeddings().weight.shape[0]
+    assert rows < len(tok)
+    with pytest.raises(IloraError, match=rf"has {rows} rows in its input embeddings, but its tokenizer has token ids up to {len(tok) - 1}"):
+        add_placeholder_tokens(tok, small)
+    assert "[HistoryEmb]" not in tok.get_vocab()  # refused before the tokenizer or the model changed
+
+
 def test_tokenizer_styles():
     llama = build_tiny_tokenizer(TEXTS, vocab_size=200, style="llama")
     qwen = build_tiny_tokenizer(TEXTS, vocab_size=200, style="qwen2")

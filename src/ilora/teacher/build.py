@@ -65,7 +65,7 @@ from ilora.teacher.model import ILoRATeacher, check_head_logits
 from ilora.teacher.projector import ItemProjector
 from ilora.teacher.prompts import PromptTemplate, load_template
 from ilora.teacher.shared_input import share_adapter_inputs
-from ilora.teacher.tiny import add_placeholder_tokens, build_tiny_llm, build_tiny_tokenizer, default_dtype, load_llm
+from ilora.teacher.tiny import add_placeholder_tokens, build_tiny_llm, build_tiny_tokenizer, check_vocab_covers_tokenizer, default_dtype, load_llm
 
 FORMAT = "ilora-teacher"
 FORMAT_VERSION = 3  # 2: rec/ and llm/ fingerprints in teacher_config.json; 3: and of every other part
@@ -387,6 +387,7 @@ def load_teacher(ckpt: str | Path, catalog: Catalog, device: str = "cpu", *, tru
     else:
         llm, _ = load_llm(cfg.llm, device=device, trust_remote_code=trust_remote_code)
         check_base_llm(ckpt, cfg.llm, llm, meta.get("llm_sample"))
+    check_vocab_covers_tokenizer(llm, tokenizer)  # before the resize below makes rows of its own
     if llm.get_input_embeddings().weight.shape[0] < len(tokenizer):  # the placeholder rows, overwritten below
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     rows = load_tensors(ckpt / "added_embeddings.safetensors", "the teacher's placeholder embedding rows")

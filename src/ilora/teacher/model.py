@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -55,10 +56,8 @@ def parse_gate_mode(mode: str, num_experts: int | None) -> tuple[str, int | None
     if mode in ("learned", "uniform"):
         return mode, None
     if mode.startswith("expert:"):
-        try:
-            n = int(mode.split(":", 1)[1])
-        except ValueError:
-            n = -1
+        digits = mode.split(":", 1)[1]  # ASCII digits only, no sign, space or leading zero: one spelling per expert (file names)
+        n = int(digits) if re.fullmatch(r"0|[1-9][0-9]*", digits) else -1
         if n < 0 or (num_experts is not None and n >= num_experts):
             expected = "a non-negative integer" if num_experts is None else f"in 0..{num_experts - 1}"
             raise ConfigError(f"gate {mode!r}: expert index must be {expected}")

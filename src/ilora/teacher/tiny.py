@@ -156,6 +156,8 @@ def add_placeholder_tokens(tokenizer, model=None) -> PlaceholderIds:
     grow to ``len(tokenizer)`` only when they are smaller (Qwen checkpoints already
     carry spare rows).
     """
+    if model is not None:
+        check_vocab_covers_tokenizer(model, tokenizer)
     missing = [t for t in PLACEHOLDER_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
         _add_extra_special_tokens(tokenizer, missing)
@@ -166,6 +168,22 @@ def add_placeholder_tokens(tokenizer, model=None) -> PlaceholderIds:
         if i is None or i == tokenizer.unk_token_id or tokenizer.convert_ids_to_tokens(i) != token:
             raise IloraError(f"placeholder token {token} did not get its own id in the tokenizer")
     return PlaceholderIds(*ids)
+
+
+def check_vocab_covers_tokenizer(model, tokenizer) -> None:
+    """`IloraError` unless the model's input embeddings and output layer have a row for every
+    token of ``tokenizer`` but the placeholders (which the teacher adds and saves): a token
+    beyond the model's vocabulary would get an untrained row, drawn anew at each load."""
+    largest = max((i for token, i in tokenizer.get_vocab().items() if token not in PLACEHOLDER_TOKENS), default=-1)
+    for what, layer in (("input embeddings", model.get_input_embeddings()), ("output layer", model.get_output_embeddings())):
+        rows = layer.weight.shape[0] if layer is not None else None
+        if rows is not None and rows <= largest:
+            name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+            raise IloraError(
+                f"the base LLM {name!r} has {rows} rows in its {what}, but its tokenizer has token ids up to {largest} "
+                f"({len(tokenizer)} tokens): the tokens beyond the model's vocabulary have no trained embedding. Use the "
+                "tokenizer the model was trained with (or a model whose vocabulary covers this tokenizer)"
+            )
 
 
 def _add_extra_special_tokens(tokenizer, tokens: list[str]) -> None:
