@@ -100,6 +100,9 @@ def test_load_llm_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(IloraError, match="cannot load LLM"):
         load_llm("no-such-org/no-such-model-ilora", device="cpu")
+    monkeypatch.chdir(tmp_path)  # a plain name may be a hub id (gpt2): tried as one, and the error says where it was looked for
+    with pytest.raises(IloraError, match=rf"cannot load LLM 'my_llama': not a model directory \(nothing named 'my_llama' in the working directory {tmp_path}\), and not a hub id"):
+        load_llm("my_llama", device="cpu")
     for absent in (tmp_path / "absent", "./absent-ilora", "models/llama/absent"):  # a path, not a hub id: said plainly
         with pytest.raises(IloraError, match=r"absent(-ilora)?: no such directory \(an LLM is a model directory with config.json, or a hub id"):
             load_llm(absent, device="cpu")

@@ -238,7 +238,8 @@ def load_llm(
     else:
         placement = {}
     where = str(local) if local.is_dir() else source
-    unreachable = "not a model directory, and not a hub id that can be fetched or found in the local cache"
+    nothing_here = "" if local.exists() else f" (nothing named {source!r} in the working directory {Path.cwd()})"
+    unreachable = f"not a model directory{nothing_here}, and not a hub id that can be fetched or found in the local cache"
     if local.is_dir() and not (local / "config.json").is_file():
         raise IloraError(f"{local}: not a model directory: no config.json (save_pretrained writes it)")
     try:
