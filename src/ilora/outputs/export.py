@@ -252,6 +252,11 @@ def score_pool(teacher, prompts, pool: torch.Tensor, mask: torch.Tensor, k: int,
     return select_top_k(teacher.score_candidates(prompts, pool, gate), pool, mask, k, rows, first_row)
 
 
+def _id_tensors(history: np.ndarray, length: np.ndarray, fixed: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch's history ids, lengths and fixed candidates as checked int64 tensors (`id_tensor`)."""
+    return id_tensor(history, "history ids"), id_tensor(length, "history lengths"), id_tensor(fixed, "candidates")
+
+
 @torch.no_grad()
 def export_batch(
     bundle, history: np.ndarray, length: np.ndarray, fixed: np.ndarray, opts: ExportOptions, split: str = "", first_row: int = 0
@@ -263,7 +268,7 @@ def export_batch(
     when ``opts.pool_candidates > 0``.
     """
     teacher = bundle.teacher
-    history, length, fixed = (id_tensor(a, what) for a, what in ((history, "history ids"), (length, "history lengths"), (fixed, "candidates")))
+    history, length, fixed = _id_tensors(history, length, fixed)
     prompts = bundle.prompt_collator.build(history, length, fixed).to(opts.device)
     pool, mask = sample_pools(teacher, prompts.history, prompts.length, prompts.candidates, opts)
     top = score_pool(teacher, prompts, pool, mask, opts.top_k, opts.gate, f"{split} sample".strip(), first_row)
@@ -514,9 +519,7 @@ def check_export_window(bundle, name: str, split: Split, opts: ExportOptions) ->
         lo, hi, part, fixed = _shard(bundle, split, name, number, opts)
         prompt.append(bundle.prompt_collator.token_counts(part.history, part.length, fixed).numpy())
         for sl in batch_slices(hi - lo, opts.batch_size):
-            history, length, shown = (
-                id_tensor(a[sl], what).to(opts.device) for a, what in ((part.history, "history ids"), (part.length, "history lengths"), (fixed, "candidates"))
-            )
+            history, length, shown = (t.to(opts.device) for t in _id_tensors(part.history[sl], part.length[sl], fixed[sl]))
             pool, _ = sample_pools(bundle.teacher, history, length, shown, opts)  # padding repeats a pool item
             answer.append(title_length[pool.cpu()].max(1).values.numpy() + 1)  # title + eos
             batches.append(slice(lo + sl.start, lo + sl.stop))

@@ -6,6 +6,7 @@ continues where it stopped and a changed option reruns exactly the stages it aff
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
@@ -78,10 +79,14 @@ def data_stage_legacy(directory: Path):
     was (`data_stage_config`) stands for the same work while the dataset its run wrote there is
     the one the source gives today."""
 
+    @functools.cache
+    def written_sha256() -> str | None:  # read once, though a comparison asks for both records' forms
+        written = directory / "dataset"
+        return read_native(written).sha256() if (written / "dataset.json").is_file() else None
+
     def legacy(config):
         sha = config.get("source_sha256") if isinstance(config, dict) else None
-        written = directory / "dataset"
-        if sha is not None and (written / "dataset.json").is_file() and read_native(written).sha256() == sha:
+        if sha is not None and written_sha256() == sha:
             return {k: v for k, v in config.items() if k != "source_sha256"}
         return config
 
